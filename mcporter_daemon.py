@@ -1,0 +1,3212 @@
+#!/usr/bin/env python3
+"""Keep MCP stdio servers warm across CLI calls: one daemon per config, behind a Unix socket.
+
+A single-file, standard-library-only port of mcporter's keep-alive daemon (openclaw/mcporter,
+``src/daemon/``, wire protocol v2). Run ``python3 mcporter_daemon.py demo`` for a tour, or
+``--help`` for the commands. The lifecycle core (paths, locks, metadata, process identity,
+``DaemonHost``, ``DaemonClient``) has no MCP in it and may be vendored on its own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import sys
+import time
+
+try:  # POSIX only; on Windows the module imports and every command says why it cannot run.
+    import fcntl
+except ImportError:  # pragma: no cover - exercised on Windows only
+    fcntl = None  # type: ignore[assignment]
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs import time on the CLI's hot path; annotations are strings.
+    import subprocess
+    import threading
+    from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DAEMON_PROTOCOL_VERSION",
+    "MCP_PROTOCOL_VERSION",
+    "ConfigError",
+    "Config",
+    "DaemonClient",
+    "DaemonError",
+    "DaemonHost",
+    "DaemonPaths",
+    "DaemonStartError",
+    "DaemonTimeout",
+    "FileLock",
+    "LockTimeout",
+    "McpError",
+    "McpStdioClient",
+    "RemoteError",
+    "ServerSpec",
+    "TransportError",
+    "UnsafePathError",
+    "UsageError",
+    "ensure_private_dir",
+    "is_our_pid",
+    "load_config",
+    "main",
+    "pid_alive",
+    "process_start_time",
+    "read_metadata",
+    "state_base_dir",
+    "terminate_process",
+    "write_metadata",
+    "__version__",
+]
+
+# ##########################################################################################
+# Constants and errors: every tunable number and every error type the module raises.
+# ##########################################################################################
+
+DAEMON_PROTOCOL_VERSION = 2
+MCP_PROTOCOL_VERSION = "2025-11-25"
+_MCP_OLDEST_VERSION = "2024-11-05"
+
+_DEFAULT_PROBE_TIMEOUT = 2.0  # MCPORTER_DAEMON_PROBE_TIMEOUT_MS overrides
+_DEFAULT_CALL_TIMEOUT = 60.0  # MCPORTER_DAEMON_TIMEOUT_MS or --timeout override
+_DEFAULT_IDLE_BUDGET = 10.0  # client gives up on a daemon silent this long (progress resets it)
+_PROGRESS_CADENCES_MS = (25, 50, 100, 250)
+_CLIENT_PROGRESS_MS = 250
+_MAX_REQUEST_BYTES = 32 * 1024 * 1024
+_MAX_PENDING_BYTES = 64 * 1024 * 1024  # all half-read requests together, so abuse stays bounded
+_MAX_CONNECTIONS = 512
+_REQUEST_READ_DEADLINE = 10.0  # a client must deliver its request line within this
+_LOCK_TIMEOUT = 60.0
+_START_SLOW_NOTICE = 5.0
+_START_GIVE_UP = 45.0
+_STOP_WAIT = 5.0
+_TERM_GRACE = 1.0
+_MCP_CLOSE_GRACE = 2.0
+_SOCKET_CHECK_INTERVAL = 1.0
+_LOG_ROTATE_BYTES = 10 * 1024 * 1024
+_KEEPALIVE_NAMES = ("chrome-devtools", "mobile-mcp", "playwright", "cloudbase")
+_KEEPALIVE_COMMAND_HINTS = ("chrome-devtools-mcp", "@playwright/mcp", "mobile-mcp", "cloudbase-mcp")
+
+
+class DaemonError(Exception):
+    """Root of every error this module raises; ``exit_code`` is what the CLI exits with."""
+
+    exit_code = 1
+
+
+class UsageError(DaemonError):
+    """The command line is wrong."""
+
+    exit_code = 2
+
+
+class ConfigError(DaemonError, ValueError):
+    """The configuration cannot be read, parsed or used."""
+
+    exit_code = 2
+
+
+class UnsafePathError(DaemonError, PermissionError):
+    """A state directory or socket path is unsafe or unusable."""
+
+    exit_code = 2
+
+
+class DaemonTimeout(DaemonError, TimeoutError):
+    """Something did not happen within its deadline."""
+
+
+class LockTimeout(DaemonTimeout):
+    """A lock stayed held by another process past the bounded wait."""
+
+
+class TransportError(DaemonError, ConnectionError):
+    """The daemon could not be reached, or hung up without an answer."""
+
+
+class DaemonStartError(DaemonError):
+    """A launched daemon exited before it became ready; the message is its own error."""
+
+
+class RemoteError(DaemonError):
+    """The daemon answered ``ok: false``; ``code`` is its error code."""
+
+    def __init__(self, message: str, code: str = "error") -> None:
+        super().__init__(message)
+        self.code = code
+        if code in ("config", "unknown_server", "not_keep_alive", "command_not_found"):
+            self.exit_code = 2
+
+
+class McpError(DaemonError):
+    """An MCP server failed, answered with an error, or spoke a version we do not."""
+
+    def __init__(self, message: str, code: str = "mcp_error") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _require_posix() -> None:
+    if fcntl is None or not hasattr(socket, "AF_UNIX"):
+        raise DaemonError("mcporter_daemon needs a POSIX system (fcntl and AF_UNIX sockets)")
+
+
+def _env_seconds(name: str, default: float) -> float:
+    """A millisecond environment override, as seconds; junk falls back to the default."""
+    raw = os.environ.get(name, "").strip()
+    try:
+        value = float(raw) / 1000.0
+    except ValueError:
+        return default
+    return value if value > 0 else default
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+# ##########################################################################################
+# Paths and config: where the state lives, what the config says, and its fingerprint.
+# ##########################################################################################
+
+
+def _sun_path_limit() -> int:
+    """Usable AF_UNIX path bytes (the NUL excluded): 107 on Linux, 103 on macOS/BSD."""
+    return 107 if sys.platform.startswith("linux") else 103
+
+
+def state_base_dir() -> str:
+    """``MCPORTER_DAEMON_DIR``, else ``$XDG_STATE_HOME/mcporter/pydaemon``, else ``~/.mcporter/pydaemon``."""
+    explicit = os.environ.get("MCPORTER_DAEMON_DIR")
+    if explicit:
+        return os.path.abspath(os.path.expanduser(explicit))
+    xdg = os.environ.get("XDG_STATE_HOME")
+    if xdg:
+        return os.path.join(os.path.abspath(xdg), "mcporter", "pydaemon")
+    return os.path.join(os.path.expanduser("~"), ".mcporter", "pydaemon")
+
+
+def ensure_private_dir(path: str) -> str:
+    """Create ``path`` 0700 if missing; refuse one not owned by us or writable by others."""
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        st = os.stat(path)
+    except OSError as exc:
+        raise UnsafePathError(f"cannot create state directory {path}: {exc.strerror}") from exc
+    import stat as _stat
+
+    if not _stat.S_ISDIR(st.st_mode):
+        raise UnsafePathError(f"state path {path} is not a directory")
+    if st.st_uid != os.getuid():
+        raise UnsafePathError(
+            f"state directory {path} is owned by uid {st.st_uid}, not you (uid {os.getuid()}); "
+            "refusing to use it"
+        )
+    if st.st_mode & 0o022:
+        raise UnsafePathError(
+            f"state directory {path} has mode {st.st_mode & 0o777:04o} (writable by group or "
+            f"others); run: chmod 700 {path}"
+        )
+    return path
+
+
+def _fallback_socket_dir() -> str:
+    # Not $TMPDIR: launchd, shells and IDEs each see a different one.
+    return f"/tmp/mcporter-{os.getuid()}"
+
+
+def _socket_path_fits(path: str) -> bool:
+    return len(os.fsencode(path)) <= _sun_path_limit()
+
+
+class DaemonPaths:
+    """Every file of one daemon: socket, metadata, spawn lock, bind lock and log."""
+
+    __slots__ = ("base_dir", "key", "socket", "metadata", "lock", "bind", "log")
+
+    def __init__(self, base_dir: str, key: str) -> None:
+        self.base_dir = base_dir
+        self.key = key
+        stem = os.path.join(base_dir, f"daemon-{key}")
+        self.metadata = stem + ".json"
+        self.lock = stem + ".lock"
+        self.bind = stem + ".bind"
+        self.log = stem + ".log"
+        self.socket = stem + ".sock"
+        if not _socket_path_fits(self.socket):
+            self.socket = os.path.join(_fallback_socket_dir(), f"{key}.sock")
+
+    @classmethod
+    def for_key(cls, key: str, base_dir: Optional[str] = None) -> DaemonPaths:
+        """Paths for a caller-chosen key (vendoring: one key per singleton)."""
+        return cls(base_dir or state_base_dir(), key)
+
+    @classmethod
+    def for_config(cls, config_path: str, base_dir: Optional[str] = None) -> DaemonPaths:
+        """Paths for the daemon that serves ``config_path`` (key: 12 hex of its sha1)."""
+        key = hashlib.sha1(os.path.abspath(config_path).encode()).hexdigest()[:12]
+        return cls.for_key(key, base_dir)
+
+    def prepare(self) -> DaemonPaths:
+        """Create and safety-check the directories; fail clearly when the socket cannot fit."""
+        ensure_private_dir(self.base_dir)
+        sock_dir = os.path.dirname(self.socket)
+        if sock_dir != self.base_dir:
+            ensure_private_dir(sock_dir)
+        if not _socket_path_fits(self.socket):
+            raise UnsafePathError(
+                f"socket path {self.socket} is {len(os.fsencode(self.socket))} bytes; this "
+                f"system allows {_sun_path_limit()} (set MCPORTER_DAEMON_DIR to a shorter path)"
+            )
+        return self
+
+    def __repr__(self) -> str:
+        return f"DaemonPaths(socket={self.socket!r}, metadata={self.metadata!r})"
+
+
+def _strip_jsonc(text: str) -> str:
+    """Blank out comments and trailing commas, keeping every line and column in place."""
+    out: List[str] = []
+    i, n = 0, len(text)
+    in_string = False
+    while i < n:
+        ch = text[i]
+        if in_string:
+            out.append(ch)
+            if ch == "\\" and i + 1 < n:
+                out.append(text[i + 1])
+                i += 1
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+            out.append(ch)
+        elif text.startswith("//", i):
+            end = text.find("\n", i)
+            end = n if end < 0 else end
+            out.append(" " * (end - i))
+            i = end
+            continue
+        elif text.startswith("/*", i):
+            end = text.find("*/", i + 2)
+            end = n if end < 0 else end + 2
+            out.append("".join(c if c == "\n" else " " for c in text[i:end]))
+            i = end
+            continue
+        elif ch == ",":
+            j = i + 1
+            while j < n and text[j] in " \t\r\n":
+                j += 1
+            # A comment between the comma and the bracket is blanked later; look past it too.
+            out.append(" " if j < n and text[j] in "}]" else ch)
+        else:
+            out.append(ch)
+        i += 1
+    return "".join(out)
+
+
+def parse_jsonc(text: str, source: str) -> Any:
+    """Parse JSON with comments and trailing commas; errors name the line and column."""
+    cleaned = _strip_jsonc(text)
+    if "," in cleaned:  # a trailing comma hidden behind a comment is visible only now
+        cleaned = _strip_jsonc(cleaned)
+    try:
+        return json.loads(cleaned)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"{source}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
+        ) from None
+
+
+def _expand_placeholders(value: str, environ: Dict[str, str]) -> str:
+    """``${VAR}`` and ``${VAR:-fallback}``; an unset ``${VAR}`` becomes empty."""
+    out, i = [], 0
+    while True:
+        start = value.find("${", i)
+        end = value.find("}", start + 2) if start >= 0 else -1
+        if start < 0 or end < 0:
+            out.append(value[i:])
+            return "".join(out)
+        out.append(value[i:start])
+        name, sep, fallback = value[start + 2 : end].partition(":-")
+        got = environ.get(name, "")
+        out.append(got if got or not sep else fallback)
+        i = end + 1
+
+
+def _env_name_set(raw: Optional[str]) -> Tuple[bool, frozenset]:
+    """``*`` → (True, ∅); ``a,b`` → (False, {a, b})."""
+    names = frozenset(p.strip() for p in (raw or "").split(",") if p.strip())
+    return "*" in names, names
+
+
+class ServerSpec:
+    """One configured MCP server, resolved: argv, env, cwd, keep-alive and why."""
+
+    __slots__ = (
+        "name",
+        "command",
+        "env",
+        "cwd",
+        "url",
+        "keep_alive",
+        "keep_alive_reason",
+        "idle_timeout_ms",
+        "source",
+    )
+
+    def __init__(self, name: str, source: str) -> None:
+        self.name = name
+        self.source = source
+        self.command: List[str] = []
+        self.env: Dict[str, str] = {}
+        self.cwd: Optional[str] = None
+        self.url: Optional[str] = None
+        self.keep_alive = False
+        self.keep_alive_reason = "not selected"
+        self.idle_timeout_ms: Optional[int] = None
+
+    def __repr__(self) -> str:
+        return f"ServerSpec({self.name!r}, command={self.command!r}, keep_alive={self.keep_alive})"
+
+
+class Config:
+    """The merged configuration and everything that identifies it."""
+
+    __slots__ = ("path", "layers", "explicit", "servers", "daemon_idle_timeout_ms", "root")
+
+    def __init__(self, path: str, layers: List[Tuple[str, Optional[bytes]]], explicit: bool):
+        self.path = path  # the config path that names the daemon
+        self.layers = layers  # (path, bytes or None when absent), lowest precedence first
+        self.explicit = explicit
+        self.servers: Dict[str, ServerSpec] = {}
+        self.daemon_idle_timeout_ms: Optional[int] = None
+        self.root = ""
+
+    def keep_alive_servers(self) -> List[str]:
+        return [name for name, spec in self.servers.items() if spec.keep_alive]
+
+    def fingerprint(self) -> str:
+        return config_fingerprint(self.layers)
+
+
+def _read_optional(path: str) -> Optional[bytes]:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except FileNotFoundError:
+        return None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a config file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
+
+
+def _home_config_candidates() -> List[str]:
+    out = []
+    xdg = os.environ.get("XDG_CONFIG_HOME")
+    if xdg:
+        out += [os.path.join(xdg, "mcporter", "mcporter.json" + s) for s in ("", "c")]
+    home = os.path.join(os.path.expanduser("~"), ".mcporter", "mcporter.json")
+    return out + [home, home + "c"]
+
+
+def discover_config(
+    config: Optional[str] = None, root: Optional[str] = None
+) -> Tuple[str, List[Tuple[str, Optional[bytes]]], bool]:
+    """(naming path, layers, explicit) as mcporter discovers them."""
+    explicit = config or os.environ.get("MCPORTER_CONFIG")
+    if explicit:
+        path = os.path.abspath(os.path.expanduser(explicit))
+        data = _read_optional(path)
+        if data is None:
+            raise ConfigError(f"{path}: config file not found")
+        return path, [(path, data)], True
+    project = os.path.join(os.path.abspath(root or os.getcwd()), "config", "mcporter.json")
+    layers: List[Tuple[str, Optional[bytes]]] = []
+    home_path = None
+    for candidate in _home_config_candidates():
+        data = _read_optional(candidate)
+        if data is not None:
+            home_path = candidate
+            layers.append((candidate, data))
+            break
+    if home_path is None:
+        layers.append((_home_config_candidates()[-2], None))
+    project_data = _read_optional(project)
+    layers.append((project, project_data))
+    naming = project if project_data is not None or home_path is None else home_path
+    return naming, layers, False
+
+
+def config_fingerprint(layers: Iterable[Tuple[str, Optional[bytes]]]) -> str:
+    """Content hash naming a daemon's identity: layers, keep-alive env, protocol, script."""
+    h = hashlib.sha256()
+    for path, data in layers:
+        digest = "absent" if data is None else hashlib.sha256(data).hexdigest()
+        h.update(f"{path}\0{digest}\0".encode())
+    for name in ("MCPORTER_KEEPALIVE", "MCPORTER_DISABLE_KEEPALIVE"):
+        h.update(f"{name}={os.environ.get(name, '')}\0".encode())
+    h.update(f"protocol={DAEMON_PROTOCOL_VERSION}\0script={_script_version()}".encode())
+    return h.hexdigest()[:32]
+
+
+_SCRIPT_DIGEST: List[str] = []
+
+
+def _script_version() -> str:
+    """``__version__`` plus a digest of this file, so an edited script is a new identity."""
+    if not _SCRIPT_DIGEST:
+        try:
+            with open(os.path.abspath(__file__), "rb") as fh:
+                digest = hashlib.sha256(fh.read()).hexdigest()[:12]
+        except OSError:
+            digest = "unknown"
+        _SCRIPT_DIGEST.append(f"{__version__}+{digest}")
+    return _SCRIPT_DIGEST[0]
+
+
+def _type_error(source: str, where: str, expected: str, got: Any) -> ConfigError:
+    return ConfigError(f"{source}: {where} must be {expected}, not {type(got).__name__}")
+
+
+def _parse_lifecycle(spec: ServerSpec, raw: Any, where: str) -> Optional[bool]:
+    if raw is None:
+        return None
+    if isinstance(raw, str):
+        raw = {"mode": raw}
+    if not isinstance(raw, dict):
+        raise _type_error(spec.source, where, "a string or an object", raw)
+    mode = raw.get("mode", "keep-alive")
+    if mode not in ("keep-alive", "ephemeral"):
+        raise ConfigError(f"{spec.source}: {where}.mode must be 'keep-alive' or 'ephemeral'")
+    idle = raw.get("idleTimeoutMs")
+    if idle is not None:
+        if isinstance(idle, bool) or not isinstance(idle, (int, float)) or idle <= 0:
+            raise ConfigError(f"{spec.source}: {where}.idleTimeoutMs must be a positive number")
+        spec.idle_timeout_ms = int(idle)
+    return mode == "keep-alive"
+
+
+def _parse_command(spec: ServerSpec, entry: Dict[str, Any], where: str) -> None:
+    import shlex
+
+    command = entry.get("command")
+    if isinstance(command, str):
+        argv = shlex.split(command)  # split like a shell would, but never run one
+    elif isinstance(command, list) and all(isinstance(p, str) for p in command):
+        argv = list(command)
+    else:
+        raise _type_error(spec.source, f"{where}.command", "a string or a list of strings", command)
+    args = entry.get("args", [])
+    if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+        raise _type_error(spec.source, f"{where}.args", "a list of strings", args)
+    if not argv:
+        raise ConfigError(f"{spec.source}: {where}.command is empty")
+    spec.command = argv + args
+
+
+def _parse_server(name: str, entry: Any, source: str, base_dir: str, environ: Dict[str, str]) -> ServerSpec:
+    where = f"mcpServers.{name}"
+    if not isinstance(entry, dict):
+        raise _type_error(source, where, "an object", entry)
+    spec = ServerSpec(name, source)
+    url = entry.get("url") or entry.get("baseUrl")
+    if url:
+        if not isinstance(url, str):
+            raise _type_error(source, f"{where}.url", "a string", url)
+        spec.url = url
+        return spec
+    _parse_command(spec, entry, where)
+    env = entry.get("env", {})
+    if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
+        raise _type_error(source, f"{where}.env", "an object of strings", env)
+    spec.env = {str(k): _expand_placeholders(v, environ) for k, v in env.items()}
+    cwd = entry.get("cwd")
+    if cwd is not None:
+        if not isinstance(cwd, str):
+            raise _type_error(source, f"{where}.cwd", "a string", cwd)
+        spec.cwd = os.path.join(base_dir, os.path.expanduser(cwd))
+    explicit = _parse_lifecycle(spec, entry.get("lifecycle"), f"{where}.lifecycle")
+    _select_keep_alive(spec, explicit, environ)
+    return spec
+
+
+def _select_keep_alive(spec: ServerSpec, explicit: Optional[bool], environ: Dict[str, str]) -> None:
+    """Environment overrides win, then the config's lifecycle, then the known-server defaults."""
+    off_all, off = _env_name_set(environ.get("MCPORTER_DISABLE_KEEPALIVE"))
+    on_all, on = _env_name_set(environ.get("MCPORTER_KEEPALIVE"))
+    joined = " ".join(spec.command)
+    if off_all or spec.name in off:
+        spec.keep_alive, spec.keep_alive_reason = False, "MCPORTER_DISABLE_KEEPALIVE"
+    elif on_all or spec.name in on:
+        spec.keep_alive, spec.keep_alive_reason = True, "MCPORTER_KEEPALIVE"
+    elif explicit is not None:
+        spec.keep_alive, spec.keep_alive_reason = explicit, "lifecycle in config"
+    elif spec.name in _KEEPALIVE_NAMES or any(h in joined for h in _KEEPALIVE_COMMAND_HINTS):
+        spec.keep_alive, spec.keep_alive_reason = True, "known stateful server"
+    else:
+        spec.keep_alive, spec.keep_alive_reason = False, "ephemeral by default"
+
+
+def _parse_idle_ms(doc: Dict[str, Any], source: str) -> Optional[int]:
+    for key in ("daemonIdleTimeoutMs", "daemon_idle_timeout_ms"):
+        value = doc.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise ConfigError(f"{source}: {key} must be a positive number")
+        return int(value)
+    return None
+
+
+def load_config(config: Optional[str] = None, root: Optional[str] = None) -> Config:
+    """Discover, parse and merge the config layers (project overrides home per server)."""
+    path, layers, explicit = discover_config(config, root)
+    cfg = Config(path, layers, explicit)
+    cfg.root = os.path.abspath(root or os.getcwd())
+    environ = dict(os.environ)
+    for source, data in layers:
+        if data is None:
+            continue
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            raise ConfigError(f"{source}: config is not valid UTF-8") from None
+        doc = parse_jsonc(text, source) if text.strip() else {}
+        if not isinstance(doc, dict):
+            raise _type_error(source, "the top level", "an object", doc)
+        servers = doc.get("mcpServers", {})
+        if not isinstance(servers, dict):
+            raise _type_error(source, "mcpServers", "an object", servers)
+        base_dir = os.path.dirname(source)
+        for name, entry in servers.items():
+            cfg.servers[name] = _parse_server(name, entry, source, base_dir, environ)
+        idle = _parse_idle_ms(doc, source)
+        if idle is not None:
+            cfg.daemon_idle_timeout_ms = idle
+    return cfg
+
+
+# ##########################################################################################
+# Wire protocol: newline-delimited JSON frames, one request per connection (mcporter v2).
+# ##########################################################################################
+
+
+def encode_frame(obj: Dict[str, Any]) -> bytes:
+    return (json.dumps(obj, separators=(",", ":"), ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def progress_cadence_ms(requested: Any) -> Optional[int]:
+    """The fixed cadence for a request's progressIntervalMs: the largest step not above it."""
+    if isinstance(requested, bool) or not isinstance(requested, (int, float)) or requested <= 0:
+        return None
+    fitting = [c for c in _PROGRESS_CADENCES_MS if c <= requested]
+    return fitting[-1] if fitting else _PROGRESS_CADENCES_MS[0]
+
+
+class _FrameTooLarge(Exception):
+    pass
+
+
+def _read_line(
+    sock: socket.socket, limit: int, buf: bytearray, deadline: Optional[float] = None
+) -> Optional[bytes]:
+    """One ``\\n``-terminated line from ``sock``; None on EOF before a full line.
+
+    ``buf`` carries bytes past the line to the next call. The socket's own timeout is the
+    idle budget between chunks; ``deadline`` (monotonic) bounds the whole line.
+    """
+    while True:
+        nl = buf.find(b"\n")
+        if nl >= 0:
+            line = bytes(buf[:nl])
+            del buf[: nl + 1]
+            return line
+        if len(buf) > limit:
+            raise _FrameTooLarge()
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout("request line deadline passed")
+            sock.settimeout(left)
+        chunk = sock.recv(65536)
+        if not chunk:
+            return None
+        buf += chunk
+
+
+def exchange(
+    socket_path: str,
+    request: Dict[str, Any],
+    idle_timeout: float,
+    connect_timeout: Optional[float] = None,
+) -> Dict[str, Any]:
+    """Send one request, skip progress frames, return the response frame.
+
+    ``idle_timeout`` is an idle budget: every frame (progress included) resets it, so a long
+    call stays alive while a silent (hung) daemon still trips it.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(connect_timeout or idle_timeout)
+        try:
+            sock.connect(socket_path)
+        except socket.timeout:
+            raise DaemonTimeout(f"daemon at {socket_path} did not accept a connection") from None
+        except OSError as exc:
+            raise TransportError(f"cannot connect to {socket_path}: {exc.strerror or exc}") from None
+        sock.settimeout(idle_timeout)
+        return _send_and_receive(sock, socket_path, request, idle_timeout)
+    finally:
+        sock.close()
+
+
+def _send_and_receive(
+    sock: socket.socket, socket_path: str, request: Dict[str, Any], idle_timeout: float
+) -> Dict[str, Any]:
+    buf = bytearray()
+    try:
+        sock.sendall(encode_frame(request))
+        while True:
+            line = _read_line(sock, _MAX_REQUEST_BYTES * 4, buf)
+            if line is None:
+                raise TransportError(f"daemon at {socket_path} closed the connection without answering")
+            frame = json.loads(line)
+            if isinstance(frame, dict) and frame.get("type") == "progress":
+                continue
+            if not isinstance(frame, dict) or "ok" not in frame:
+                raise TransportError(f"daemon at {socket_path} sent a malformed frame")
+            return frame
+    except socket.timeout:
+        raise DaemonTimeout(
+            f"daemon at {socket_path} sent nothing for {idle_timeout:g}s (hung or overloaded)"
+        ) from None
+    except (ValueError, _FrameTooLarge):
+        raise TransportError(f"daemon at {socket_path} sent a malformed frame") from None
+    except OSError as exc:
+        raise TransportError(f"connection to {socket_path} failed: {exc.strerror or exc}") from None
+
+
+def result_or_raise(response: Dict[str, Any]) -> Any:
+    if response.get("ok"):
+        return response.get("result")
+    error = response.get("error") or {}
+    raise RemoteError(str(error.get("message") or "daemon error"), str(error.get("code") or "error"))
+
+
+# ##########################################################################################
+# Metadata and locks: the atomic metadata file and flock-based locks with bounded waits.
+# ##########################################################################################
+
+
+def read_metadata(path: str) -> Optional[Dict[str, Any]]:
+    """The metadata at ``path``; unreadable, torn or corrupt metadata reads as absent."""
+    try:
+        with open(path, "rb") as fh:
+            data = json.loads(fh.read())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or not _is_pid(data.get("pid")):
+        return None
+    if not isinstance(data.get("socketPath"), str):
+        return None
+    return data
+
+
+def _is_pid(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def write_metadata(path: str, data: Dict[str, Any]) -> None:
+    """Write atomically: temp file in the same directory, fsync, rename over."""
+    tmp = f"{path}.{os.getpid()}.{time.monotonic_ns()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(json.dumps(data, indent=2, sort_keys=True).encode() + b"\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def remove_metadata_if_owned(path: str, pid: int) -> bool:
+    """Remove the metadata only when it names ``pid``; a successor's file is left alone."""
+    meta = read_metadata(path)
+    if meta is None or meta.get("pid") != pid:
+        return False
+    _unlink_quietly(path)
+    return True
+
+
+class FileLock:
+    """An exclusive ``flock`` on its own file, with a bounded wait that names the holder.
+
+    The kernel drops the lock when its holder dies, so there is never a stale lock to clean,
+    and the file is never unlinked (that would split waiters across two inodes).
+    """
+
+    def __init__(self, path: str, timeout: float = _LOCK_TIMEOUT, what: str = "lock") -> None:
+        self.path = path
+        self.timeout = timeout
+        self.what = what
+        self._fd: Optional[int] = None
+
+    def acquire(self, timeout: Optional[float] = None) -> bool:
+        """Take the lock; False when ``timeout`` is 0 and it is held, else LockTimeout."""
+        _require_posix()
+        wait = self.timeout if timeout is None else timeout
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        deadline = time.monotonic() + wait
+        step = 0.002
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = self._holder(fd)
+                    os.close(fd)
+                    if wait <= 0:
+                        return False
+                    raise LockTimeout(
+                        f"timed out after {wait:g}s waiting for the {self.what} {self.path}"
+                        + (f" (held by pid {holder})" if holder else "")
+                    ) from None
+                time.sleep(step)
+                step = min(step * 2, 0.01)
+        self._fd = fd
+        # Truncate only while holding the lock (filelock #591); the pid is for error messages.
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return True
+
+    @staticmethod
+    def _holder(fd: int) -> Optional[int]:
+        try:
+            text = os.pread(fd, 32, 0).decode().strip()
+            return int(text) if text else None
+        except (OSError, ValueError):
+            return None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def __enter__(self) -> FileLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+# ##########################################################################################
+# Process identity: is a pid alive, is it the process we recorded, and ending it safely.
+# ##########################################################################################
+
+
+def pid_alive(pid: int) -> bool:
+    """Alive by ``kill(pid, 0)`` (EPERM counts: someone else's process) and not a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return _process_info(pid)[1] != "Z"
+
+
+def _linux_process_info(pid: int) -> Tuple[Optional[str], Optional[str]]:
+    """(start time, state) from /proc/<pid>/stat: fields 22 and 3, parsed after the last ')'."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read().decode("utf-8", "replace")
+    except OSError:
+        return None, None
+    fields = stat[stat.rfind(")") + 2 :].split()
+    if len(fields) < 20:
+        return None, None
+    return fields[19], fields[0]
+
+
+def _ps_process_info(pid: int) -> Tuple[Optional[str], Optional[str]]:
+    """(start time, state) from ``ps`` (1 s resolution), for systems without /proc."""
+    import subprocess
+
+    env = dict(os.environ, LC_ALL="C", TZ="UTC")
+    try:
+        out = subprocess.run(
+            ["ps", "-o", "state=", "-o", "lstart=", "-p", str(pid)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=5,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+    if not out:
+        return None, None
+    state, _, start = out.partition(" ")
+    return " ".join(start.split()) or None, state[:1] or None
+
+
+# The one platform seam for process facts: Linux reads /proc, everything else asks ps.
+_process_info = _linux_process_info if os.path.exists("/proc/self/stat") else _ps_process_info
+
+
+def process_start_time(pid: int) -> Optional[str]:
+    """An opaque token that changes when ``pid`` is reused; None when the pid is gone."""
+    return _process_info(pid)[0]
+
+
+def process_stopped(pid: int) -> bool:
+    """True when the OS reports ``pid`` stopped (SIGSTOP, state T): proof of a hang."""
+    return _process_info(pid)[1] in ("T", "t")
+
+
+def is_our_pid(pid: Any, start_time: Any) -> bool:
+    """Alive and the very process recorded: same pid and same start time. Else never signal it."""
+    if not _is_pid(pid) or not start_time:
+        return False
+    start, state = _process_info(pid)
+    return start is not None and str(start) == str(start_time) and state != "Z"
+
+
+def _child_pids(pid: int) -> List[int]:
+    """Direct children of ``pid`` (found before a kill, so reparenting cannot hide them)."""
+    if _process_info is _linux_process_info:
+        children = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat", "rb") as fh:
+                        stat = fh.read().decode("utf-8", "replace")
+                except OSError:
+                    continue
+                fields = stat[stat.rfind(")") + 2 :].split()
+                if len(fields) > 1 and fields[1] == str(pid):
+                    children.append(int(entry))
+        return children
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["ps", "-A", "-o", "pid=", "-o", "ppid="], capture_output=True, text=True, timeout=5
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [int(p) for p, pp in (ln.split() for ln in out.splitlines() if ln.strip()) if pp == str(pid)]
+
+
+def _signal(pid: int, sig: int, group: bool = False) -> None:
+    try:
+        if group:
+            os.killpg(pid, sig)
+        else:
+            os.kill(pid, sig)
+    except OSError:
+        pass
+
+
+def _wait_gone(pid: int, timeout: float, start_time: Optional[str] = None) -> bool:
+    """Poll until ``pid`` is gone (or no longer the recorded process); True when it is."""
+    deadline = time.monotonic() + timeout
+    step = 0.005
+    while True:
+        gone = not pid_alive(pid) or (start_time is not None and not is_our_pid(pid, start_time))
+        if gone or time.monotonic() >= deadline:
+            return gone
+        time.sleep(step)
+        step = min(step * 2, 0.05)
+
+
+def terminate_process(
+    pid: int, start_time: Optional[str], grace: float = _TERM_GRACE, group: bool = False
+) -> bool:
+    """SIGTERM, SIGCONT, grace, SIGKILL — only while ``pid`` is verified ours. True when gone."""
+    import signal
+
+    if not is_our_pid(pid, start_time):
+        return not pid_alive(pid) or True  # not ours (or gone): never signalled
+    # A group is signalled only while the pid still leads it (it was spawned as leader).
+    use_group = group and _safe_getpgid(pid) == pid
+    _signal(pid, signal.SIGTERM, use_group)
+    _signal(pid, signal.SIGCONT, use_group)  # a stopped process handles SIGTERM only once woken
+    if _wait_gone(pid, grace, start_time):
+        return True
+    if is_our_pid(pid, start_time):
+        _signal(pid, signal.SIGKILL, use_group)
+    return _wait_gone(pid, 2.0, start_time)
+
+
+def _safe_getpgid(pid: int) -> Optional[int]:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
+
+
+def terminate_daemon_tree(
+    pid: int, start_time: Optional[str], servers: Dict[str, Any], grace: float = _TERM_GRACE
+) -> None:
+    """End a verified-ours daemon and its MCP servers (recorded ones and live children)."""
+    victims: List[Tuple[int, Optional[str]]] = []
+    for entry in (servers or {}).values():
+        if isinstance(entry, dict) and is_our_pid(entry.get("pid"), entry.get("pidStartTime")):
+            victims.append((entry["pid"], str(entry["pidStartTime"])))
+    if is_our_pid(pid, start_time):
+        known = {v[0] for v in victims}
+        for child in _child_pids(pid):
+            if child not in known:
+                victims.append((child, process_start_time(child)))
+        terminate_process(pid, start_time, grace)
+    for child, child_start in victims:
+        terminate_process(child, child_start, grace, group=True)
+
+
+# ##########################################################################################
+# MCP stdio client: one spawned server, JSON-RPC over its stdin/stdout, answered promptly.
+# ##########################################################################################
+
+
+class _Pending:
+    __slots__ = ("event", "response")
+
+    def __init__(self, threading_mod: Any) -> None:
+        self.event = threading_mod.Event()
+        self.response: Optional[Dict[str, Any]] = None
+
+
+class McpStdioClient:
+    """A spawned MCP stdio server: handshake, requests with timeouts, prompt answers to its
+    own requests, and a shutdown that always ends the process group."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: List[str],
+        env: Optional[Dict[str, str]] = None,
+        cwd: Optional[str] = None,
+        log: Optional[Callable[[str], None]] = None,
+    ) -> None:
+        import threading
+
+        self.name = name
+        self.argv = list(argv)
+        self.env = env
+        self.cwd = cwd
+        self._log = log or (lambda line: None)
+        self._threading = threading
+        self._write_lock = threading.Lock()
+        self._state_lock = threading.Lock()
+        self._pending: Dict[int, _Pending] = {}
+        self._next_id = 1
+        self._proc: Optional[subprocess.Popen] = None
+        self._threads: List[threading.Thread] = []
+        self._exit_note = ""
+        self.server_info: Dict[str, Any] = {}
+        self.protocol_version = ""
+        self.tools_stale = True
+        self._notices: List[List[str]] = []  # one list per in-flight caller that wants notices
+
+    # -- process ---------------------------------------------------------------------------
+
+    @property
+    def pid(self) -> Optional[int]:
+        return self._proc.pid if self._proc else None
+
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self, timeout: float = 30.0) -> McpStdioClient:
+        """Spawn the server (never through a shell) and complete the MCP handshake."""
+        import subprocess
+
+        env = dict(os.environ)
+        env.update(self.env or {})
+        try:
+            self._proc = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=env,
+                cwd=self.cwd,
+                start_new_session=True,  # own process group: the shutdown can end its children
+                close_fds=True,
+            )
+        except FileNotFoundError:
+            raise McpError(
+                f"server '{self.name}': command not found: {self.argv[0]}", "command_not_found"
+            ) from None
+        except OSError as exc:
+            raise McpError(
+                f"server '{self.name}': cannot run {self.argv[0]}: {exc.strerror}", "command_not_found"
+            ) from None
+        self._spawn_thread(self._read_stdout, "stdout")
+        self._spawn_thread(self._drain_stderr, "stderr")
+        try:
+            self._initialize(timeout)
+        except BaseException:
+            self.close(grace=0.5)
+            raise
+        return self
+
+    def _spawn_thread(self, target: Callable[[], None], what: str) -> None:
+        t = self._threading.Thread(target=target, name=f"mcp-{self.name}-{what}", daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def _drain_stderr(self) -> None:
+        # Always drained: a full stderr pipe would block the server mid-call.
+        assert self._proc is not None and self._proc.stderr is not None
+        for raw in iter(self._proc.stderr.readline, b""):
+            line = raw.decode("utf-8", "replace").rstrip("\r\n")
+            self._exit_note = line or self._exit_note
+            self._log(line)
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def _read_stdout(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        for raw in iter(self._proc.stdout.readline, b""):
+            text = raw.decode("utf-8", "replace").rstrip("\n").rstrip("\r")
+            if not text.strip():
+                continue
+            try:
+                msg = json.loads(text)
+            except ValueError:
+                self._log(f"(skipped non-JSON stdout line: {text[:200]})")
+                continue
+            if isinstance(msg, dict):
+                self._dispatch(msg)
+            else:
+                self._log(f"(skipped non-object stdout message: {text[:200]})")
+        self._fail_pending()
+
+    def _dispatch(self, msg: Dict[str, Any]) -> None:
+        """Tell messages apart by shape; servers number their own requests from 0 too."""
+        if "method" in msg and "id" in msg:
+            self._answer_server_request(msg)
+        elif "method" in msg:
+            if msg["method"] == "notifications/tools/list_changed":
+                self.tools_stale = True
+        elif "id" in msg and ("result" in msg or "error" in msg):
+            with self._state_lock:
+                pending = self._pending.pop(msg["id"], None) if isinstance(msg["id"], int) else None
+            if pending is not None:  # a late answer to a timed-out request is ignored
+                pending.response = msg
+                pending.event.set()
+
+    def _answer_server_request(self, msg: Dict[str, Any]) -> None:
+        # Unanswered, a tool call hangs 60 s on TypeScript servers and forever on Python ones.
+        method = msg.get("method")
+        if method == "ping":
+            self._send({"jsonrpc": "2.0", "id": msg["id"], "result": {}})
+        elif method == "elicitation/create":
+            self._send({"jsonrpc": "2.0", "id": msg["id"], "result": {"action": "decline"}})
+            prompt = (msg.get("params") or {}).get("message") if isinstance(msg.get("params"), dict) else None
+            self._add_notice(
+                f"server '{self.name}' asked for input"
+                + (f" ({str(prompt)[:120]})" if prompt else "")
+                + "; declined (not interactive)"
+            )
+        else:
+            self._send(
+                {
+                    "jsonrpc": "2.0",
+                    "id": msg["id"],
+                    "error": {"code": -32601, "message": f"client does not support {method}"},
+                }
+            )
+
+    def _add_notice(self, text: str) -> None:
+        with self._state_lock:
+            for sink in self._notices:
+                sink.append(text)
+
+    def _fail_pending(self) -> None:
+        code = self._proc.poll() if self._proc else None
+        note = f" (exit code {code})" if code is not None else ""
+        with self._state_lock:
+            pending, self._pending = self._pending, {}
+        for p in pending.values():
+            p.response = {"error": {"message": f"server '{self.name}' exited{note}", "code": -32000}}
+            p.event.set()
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def _send(self, msg: Dict[str, Any]) -> None:
+        data = (json.dumps(msg, separators=(",", ":"), ensure_ascii=False) + "\n").encode()
+        assert self._proc is not None and self._proc.stdin is not None
+        with self._write_lock:  # one writer at a time, or two frames interleave
+            try:
+                self._proc.stdin.write(data)
+                self._proc.stdin.flush()
+            except (BrokenPipeError, ValueError, OSError):
+                pass  # the reader notices the exit and fails what is pending
+
+    def notify(self, method: str, params: Optional[Dict[str, Any]] = None) -> None:
+        msg: Dict[str, Any] = {"jsonrpc": "2.0", "method": method}
+        if params is not None:
+            msg["params"] = params
+        self._send(msg)
+
+    def request(
+        self,
+        method: str,
+        params: Optional[Dict[str, Any]] = None,
+        timeout: float = _DEFAULT_CALL_TIMEOUT,
+        notices: Optional[List[str]] = None,
+    ) -> Any:
+        """Send a request and wait for its answer; on timeout tell the server to cancel."""
+        if not self.alive():
+            raise McpError(f"server '{self.name}' is not running", "server_exited")
+        pending = _Pending(self._threading)
+        with self._state_lock:
+            rid = self._next_id
+            self._next_id += 1
+            self._pending[rid] = pending
+            if notices is not None:
+                self._notices.append(notices)
+        msg: Dict[str, Any] = {"jsonrpc": "2.0", "id": rid, "method": method}
+        if params is not None:
+            msg["params"] = params
+        try:
+            self._send(msg)
+            if not pending.event.wait(timeout):
+                with self._state_lock:
+                    self._pending.pop(rid, None)
+                if method != "initialize":
+                    self.notify("notifications/cancelled", {"requestId": rid, "reason": "client timeout"})
+                raise McpError(
+                    f"server '{self.name}': {method} timed out after {timeout:g}s", "operation_timeout"
+                )
+        finally:
+            if notices is not None:
+                with self._state_lock:
+                    self._notices = [n for n in self._notices if n is not notices]
+        response = pending.response or {}
+        if "error" in response:
+            err = response["error"] if isinstance(response["error"], dict) else {}
+            raise McpError(f"server '{self.name}': {err.get('message', 'error')}", "runtime_error")
+        return response.get("result")
+
+    # -- MCP methods ---------------------------------------------------------------------------
+
+    def _initialize(self, timeout: float) -> None:
+        result = self.request(
+            "initialize",
+            {
+                "protocolVersion": MCP_PROTOCOL_VERSION,
+                "capabilities": {},
+                "clientInfo": {"name": "mcporter-daemon", "version": __version__},
+            },
+            timeout=timeout,
+        )
+        version = str((result or {}).get("protocolVersion", ""))
+        if not (_MCP_OLDEST_VERSION <= version <= MCP_PROTOCOL_VERSION):
+            raise McpError(
+                f"server '{self.name}' speaks MCP {version or '(none)'}; this client supports "
+                f"{_MCP_OLDEST_VERSION} to {MCP_PROTOCOL_VERSION}",
+                "runtime_error",
+            )
+        self.protocol_version = version
+        self.server_info = (result or {}).get("serverInfo") or {}
+        self.notify("notifications/initialized")
+
+    def _paginate(self, method: str, key: str, timeout: float) -> List[Any]:
+        items: List[Any] = []
+        cursor = None
+        for _ in range(1000):  # a server that loops its cursor must not loop us forever
+            params = {"cursor": cursor} if cursor is not None else {}
+            result = self.request(method, params, timeout=timeout) or {}
+            items.extend(result.get(key) or [])
+            cursor = result.get("nextCursor")
+            if not cursor:
+                break
+        return items
+
+    def list_tools(self, timeout: float = _DEFAULT_CALL_TIMEOUT) -> List[Dict[str, Any]]:
+        self.tools_stale = False
+        return self._paginate("tools/list", "tools", timeout)
+
+    def call_tool(
+        self,
+        tool: str,
+        args: Optional[Dict[str, Any]] = None,
+        timeout: float = _DEFAULT_CALL_TIMEOUT,
+        notices: Optional[List[str]] = None,
+    ) -> Dict[str, Any]:
+        """``tools/call``; a result with ``isError: true`` is a normal result, not an error."""
+        params = {"name": tool, "arguments": args or {}}
+        return self.request("tools/call", params, timeout=timeout, notices=notices) or {}
+
+    def list_resources(self, timeout: float = _DEFAULT_CALL_TIMEOUT) -> List[Dict[str, Any]]:
+        return self._paginate("resources/list", "resources", timeout)
+
+    def read_resource(self, uri: str, timeout: float = _DEFAULT_CALL_TIMEOUT) -> Dict[str, Any]:
+        return self.request("resources/read", {"uri": uri}, timeout=timeout) or {}
+
+    def ping(self, timeout: float = 5.0) -> None:
+        self.request("ping", {}, timeout=timeout)
+
+    # -- shutdown --------------------------------------------------------------------------------
+
+    def close(self, grace: float = _MCP_CLOSE_GRACE) -> None:
+        """Close stdin; after ``grace`` SIGTERM the group; after ``grace`` more, SIGKILL it."""
+        import signal
+        import subprocess
+
+        proc = self._proc
+        if proc is None:
+            return
+        try:
+            if proc.stdin:
+                proc.stdin.close()
+        except OSError:
+            pass
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                proc.wait(grace)
+                break
+            except subprocess.TimeoutExpired:
+                _signal(proc.pid, sig, group=_safe_getpgid(proc.pid) == proc.pid)
+        else:
+            proc.wait()
+        for t in self._threads:
+            t.join(1.0)
+        self._fail_pending()
+
+
+# ##########################################################################################
+# Daemon host: bind guard, concurrent serving, idle timers, ownership-checked shutdown.
+# ##########################################################################################
+
+
+class DaemonLog:
+    """Timestamped lines to a file (0600, rotated at 10 MB, one old file kept) or stderr."""
+
+    def __init__(
+        self, path: Optional[str] = None, verbose: bool = False, servers: Iterable[str] = ()
+    ) -> None:
+        import threading
+
+        self.path = path
+        self.verbose = verbose
+        self.servers = frozenset(servers)
+        self._lock = threading.Lock()
+        self._fh: Any = None
+        if path:
+            self._open()
+
+    def _open(self) -> None:
+        assert self.path is not None
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.fchmod(fd, 0o600)
+        self._fh = os.fdopen(fd, "a", encoding="utf-8", errors="replace")
+
+    def traces(self, server: str) -> bool:
+        return self.verbose or server in self.servers
+
+    def event(self, message: str) -> None:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
+        self.write(f"{stamp}.{int(time.time() * 1000) % 1000:03d}Z [{os.getpid()}] {message}")
+
+    def write(self, line: str) -> None:
+        with self._lock:
+            fh = self._fh or sys.stderr
+            try:
+                fh.write(line + "\n")
+                fh.flush()
+                if self._fh is not None and self._fh.tell() > _LOG_ROTATE_BYTES:
+                    self._rotate()
+            except (OSError, ValueError):
+                pass  # a full disk must not take the daemon down
+
+    def _rotate(self) -> None:
+        assert self.path is not None
+        old = self._fh
+        os.replace(self.path, self.path + ".1")
+        self._open()
+        # When stderr is the log (a detached daemon), follow the rotation so tracebacks land too.
+        try:
+            if os.path.sameopenfile(old.fileno(), 2):
+                os.dup2(self._fh.fileno(), 2)
+        except OSError:
+            pass
+        old.close()
+
+
+class RequestContext:
+    """What a handler may use besides its params: ``notices`` reach the caller's stderr."""
+
+    __slots__ = ("notices", "method")
+
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self.notices: List[str] = []
+
+
+class HandlerError(DaemonError):
+    """Raised by a handler to answer ``ok: false`` with a chosen code."""
+
+    def __init__(self, message: str, code: str = "runtime_error") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class ProbeResult:
+    """What a ``status`` probe of the socket found: live, silent (timeout) or dead."""
+
+    __slots__ = ("kind", "status", "detail")
+
+    def __init__(self, kind: str, status: Optional[Dict[str, Any]] = None, detail: str = "") -> None:
+        self.kind = kind  # "live" | "silent" | "dead"
+        self.status = status or {}
+        self.detail = detail
+
+    @property
+    def pid(self) -> Optional[int]:
+        pid = self.status.get("pid")
+        return pid if _is_pid(pid) else None
+
+
+def probe_live_daemon(socket_path: str, timeout: float) -> ProbeResult:
+    """Live means: it answers ``status``, reports this socket path, and its pid is alive."""
+    if not os.path.exists(socket_path):
+        return ProbeResult("dead", detail="no socket file")
+    request = {"id": "probe", "method": "status", "params": {}, "protocolVersion": 2}
+    try:
+        response = exchange(socket_path, request, timeout)
+    except DaemonTimeout:
+        return ProbeResult("silent", detail=f"no answer within {timeout:g}s")
+    except TransportError as exc:
+        return ProbeResult("dead", detail=str(exc))
+    status = response.get("result") if response.get("ok") else None
+    if not isinstance(status, dict):
+        return ProbeResult("dead", detail="answered with an error")
+    if status.get("socketPath") != socket_path:
+        return ProbeResult("dead", detail="answers for another socket path")
+    pid = status.get("pid")
+    if not _is_pid(pid) or not pid_alive(pid):
+        return ProbeResult("dead", detail="its pid is not alive")
+    return ProbeResult("live", status)
+
+
+def plan_takeover(probe: str, fresh: bool, owner_ours: bool, owner_stopped: bool) -> str:
+    """The bind guard's decision, free of I/O.
+
+    ``probe`` is "live", "silent" (first probe timed out), "silent-twice" (the longer second
+    probe too) or "dead". Returns "reconcile", "stop-then-bind", "terminate-then-bind",
+    "probe-again" or "bind".
+    """
+    if owner_ours and owner_stopped:
+        return "terminate-then-bind"  # the OS says it is stopped: hung, whatever it answers
+    if probe == "live":
+        return "reconcile" if fresh else "stop-then-bind"
+    if probe == "silent":
+        # A timeout alone is no proof of a hang: a busy or loaded daemon is slow (mypy #18008).
+        return "probe-again"
+    if owner_ours:
+        return "terminate-then-bind"  # hung (silent twice) or unreachable: ours, so end it
+    return "bind"
+
+
+class DaemonHost:
+    """A singleton daemon: bind guard, then serve ``method -> handler`` until told to stop.
+
+    ``handlers`` map a method name to ``handler(params, ctx) -> result``; ``status`` and
+    ``stop`` are built in. ``fingerprint`` names the identity: a live daemon with the same one
+    is kept, one with another is stopped before this one binds.
+    """
+
+    def __init__(
+        self,
+        paths: DaemonPaths,
+        fingerprint: str,
+        handlers: Optional[Dict[str, Callable[[Dict[str, Any], RequestContext], Any]]] = None,
+        *,
+        idle_timeout: Optional[float] = None,
+        status_extra: Optional[Callable[[], Dict[str, Any]]] = None,
+        metadata_extra: Optional[Callable[[], Dict[str, Any]]] = None,
+        on_tick: Optional[Callable[[], None]] = None,
+        on_shutdown: Optional[Callable[[], None]] = None,
+        log: Optional[DaemonLog] = None,
+        probe_timeout: Optional[float] = None,
+    ) -> None:
+        import threading
+
+        self.paths = paths
+        self.fingerprint = fingerprint
+        self.handlers = dict(handlers or {})
+        self.idle_timeout = idle_timeout
+        self.status_extra = status_extra
+        self.metadata_extra = metadata_extra
+        self.on_tick = on_tick
+        self.on_shutdown = on_shutdown
+        self.log = log or DaemonLog()
+        self.probe_timeout = probe_timeout or _env_seconds(
+            "MCPORTER_DAEMON_PROBE_TIMEOUT_MS", _DEFAULT_PROBE_TIMEOUT
+        )
+        self.started_at = _now_ms()
+        self.pid = os.getpid()
+        self._threading = threading
+        self._lock = threading.Lock()
+        self._listener: Optional[socket.socket] = None
+        self._sock_id: Optional[Tuple[int, int]] = None
+        self._wake_r, self._wake_w = -1, -1
+        self._active = 0
+        self._connections = 0
+        self._pending_bytes = 0
+        self._last_activity = time.monotonic()
+        self._stop_reason: Optional[str] = None
+        self._files_released = False
+        self._metadata_dirty = False
+
+    # -- public ------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Bind (or find a live twin and exit 0), serve until stopped, clean up; exit code."""
+        _require_posix()
+        self.paths.prepare()
+        twin = self._bind_guard()
+        if twin is not None:
+            self.log.event(f"daemon already running (pid {twin}); not starting another")
+            return 0
+        self._install_signal_handlers()
+        try:
+            self._serve_forever()
+        finally:
+            self._shutdown()
+        return 0
+
+    def request_stop(self, reason: str) -> None:
+        """Ask the serving loop to shut down (safe from any thread or a signal handler)."""
+        if self._stop_reason is None:
+            self._stop_reason = reason
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+
+    def mark_metadata_dirty(self) -> None:
+        """The data behind ``metadata_extra`` changed; rewrite the metadata soon."""
+        self._metadata_dirty = True
+        self.request_wake()
+
+    def request_wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"w")
+        except OSError:
+            pass
+
+    def touch(self) -> None:
+        self._last_activity = time.monotonic()
+
+    # -- bind guard --------------------------------------------------------------------------
+
+    def _bind_guard(self) -> Optional[int]:
+        """Under the bind lock: keep a live fresh twin, or clear the way and bind. Twin pid or None."""
+        with FileLock(self.paths.bind, what="bind lock"):
+            meta = read_metadata(self.paths.metadata)
+            owner_pid = meta.get("pid") if meta else None
+            owner_start = meta.get("pidStartTime") if meta else None
+            owner_ours = is_our_pid(owner_pid, owner_start)
+            stopped = owner_ours and process_stopped(owner_pid)  # type: ignore[arg-type]
+            # A stopped owner is known hung: skip a probe that could only time out.
+            probe = (
+                ProbeResult("silent") if stopped else probe_live_daemon(self.paths.socket, self.probe_timeout)
+            )
+            kind = probe.kind
+            while True:
+                fresh = probe.status.get("fingerprint") == self.fingerprint
+                plan = plan_takeover(kind, fresh, owner_ours, stopped)
+                if plan != "probe-again":
+                    break
+                probe = probe_live_daemon(self.paths.socket, max(3 * self.probe_timeout, 1.0))
+                kind = probe.kind if probe.kind != "silent" else "silent-twice"
+                owner_ours = is_our_pid(owner_pid, owner_start)
+                stopped = owner_ours and process_stopped(owner_pid)  # type: ignore[arg-type]
+            if plan == "reconcile":
+                self._reconcile(probe.status, meta)
+                return probe.pid
+            if plan == "stop-then-bind":
+                self._stop_before_rebind(probe, meta)
+            elif plan == "terminate-then-bind":
+                why = "stopped (state T)" if stopped else probe.detail or "unreachable"
+                self.log.event(f"terminating hung daemon pid {owner_pid}: {why}")
+                assert meta is not None
+                terminate_daemon_tree(owner_pid, owner_start, meta.get("servers") or {})  # type: ignore[arg-type]
+            elif kind == "silent-twice":
+                self.log.event("socket accepts but never answers and its owner is unknown; rebinding")
+            self._reap_recorded_servers(meta)
+            self._bind()
+            self._write_metadata()
+            self.log.event(f"bound {self.paths.socket} (plan: {plan})")
+        return None
+
+    def _reconcile(self, status: Dict[str, Any], meta: Optional[Dict[str, Any]]) -> None:
+        """A live, fresh daemon runs: make the metadata match it if it does not."""
+        wanted = status.get("metadata")
+        if not isinstance(wanted, dict) or wanted.get("pid") != status.get("pid"):
+            return
+        if meta is None or meta.get("pid") != wanted["pid"] or meta.get("socketPath") != self.paths.socket:
+            write_metadata(self.paths.metadata, wanted)
+            self.log.event(f"reconciled metadata with live daemon pid {wanted['pid']}")
+
+    def _stop_before_rebind(self, probe: ProbeResult, meta: Optional[Dict[str, Any]]) -> None:
+        """A live but stale daemon: ask it to stop and wait for its pid before rebinding."""
+        pid = probe.pid
+        assert pid is not None
+        start = process_start_time(pid)
+        self.log.event(f"stopping stale daemon pid {pid} (fingerprint changed) before rebinding")
+        try:
+            exchange(self.paths.socket, {"id": "stop", "method": "stop", "params": {}}, self.probe_timeout)
+        except DaemonError as exc:
+            self.log.event(f"stale daemon pid {pid} did not take the stop request: {exc}")
+        if _wait_gone(pid, _STOP_WAIT, start):
+            return
+        servers = (meta or {}).get("servers") if (meta or {}).get("pid") == pid else {}
+        self.log.event(f"stale daemon pid {pid} did not exit within {_STOP_WAIT:g}s; terminating it")
+        terminate_daemon_tree(pid, start, servers or {})
+
+    def _reap_recorded_servers(self, meta: Optional[Dict[str, Any]]) -> None:
+        """A SIGKILLed owner could not close its MCP servers, and some ignore stdin EOF."""
+        if not meta or is_our_pid(meta.get("pid"), meta.get("pidStartTime")):
+            return  # a live owner closes its own servers
+        for name, entry in (meta.get("servers") or {}).items():
+            if isinstance(entry, dict) and is_our_pid(entry.get("pid"), entry.get("pidStartTime")):
+                self.log.event(f"ending MCP server '{name}' (pid {entry['pid']}) left by a dead daemon")
+                terminate_process(entry["pid"], str(entry["pidStartTime"]), _TERM_GRACE, group=True)
+
+    def _bind(self) -> None:
+        import stat as _stat
+
+        path = self.paths.socket
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            st = None
+        if st is not None:
+            if not _stat.S_ISSOCK(st.st_mode):
+                raise UnsafePathError(f"{path} exists and is not a socket; refusing to remove it")
+            os.unlink(path)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o077)
+        try:
+            listener.bind(path)
+        except OSError as exc:
+            listener.close()
+            raise DaemonError(f"cannot bind socket {path}: {exc.strerror or exc}") from None
+        finally:
+            os.umask(old_umask)
+        listener.listen(128)
+        st = os.stat(path)
+        self._sock_id = (st.st_dev, st.st_ino)
+        self._listener = listener
+
+    def _metadata(self) -> Dict[str, Any]:
+        data = {
+            "pid": self.pid,
+            "pidStartTime": process_start_time(self.pid),
+            "protocolVersion": DAEMON_PROTOCOL_VERSION,
+            "socketPath": self.paths.socket,
+            "startedAt": self.started_at,
+            "logPath": self.log.path,
+            "fingerprint": self.fingerprint,
+            "scriptVersion": _script_version(),
+            "servers": {},
+        }
+        if self.metadata_extra:
+            data.update(self.metadata_extra())
+        return data
+
+    def _write_metadata(self) -> None:
+        self._metadata_dirty = False
+        write_metadata(self.paths.metadata, self._metadata())
+
+    def _owns_socket(self) -> bool:
+        try:
+            st = os.stat(self.paths.socket)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == self._sock_id
+
+    def _sync_metadata(self) -> None:
+        """Repair missing or torn metadata, or record server changes — only while we own the
+        socket and nobody else is inside the bind guard (they would be writing it)."""
+        current = read_metadata(self.paths.metadata)
+        if not self._metadata_dirty and current is not None and current.get("pid") == self.pid:
+            return
+        other = current.get("pid") if current is not None else None
+        if _is_pid(other) and other != self.pid and pid_alive(other):
+            return  # a successor's metadata: never overwrite it
+        lock = FileLock(self.paths.bind, what="bind lock")
+        if not lock.acquire(timeout=0):
+            return
+        try:
+            if self._owns_socket() and self._stop_reason is None:
+                self._write_metadata()
+        finally:
+            lock.release()
+
+    # -- serving -----------------------------------------------------------------------------
+
+    def _install_signal_handlers(self) -> None:
+        import signal
+
+        self._wake_r, self._wake_w = os.pipe()
+        for fd in (self._wake_r, self._wake_w):
+            os.set_blocking(fd, False)
+        if self._threading.current_thread() is not self._threading.main_thread():
+            return  # signals can only be handled on the main thread; vendors stop us by request
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, lambda signum, _frame: self.request_stop(f"signal {signum}"))
+
+    def _serve_forever(self) -> None:
+        import select
+
+        assert self._listener is not None
+        next_check = time.monotonic() + _SOCKET_CHECK_INTERVAL
+        while self._stop_reason is None:
+            wait = max(0.0, next_check - time.monotonic())
+            try:
+                ready, _, _ = select.select([self._listener, self._wake_r], [], [], wait)
+            except InterruptedError:
+                continue
+            if self._wake_r in ready:
+                try:
+                    os.read(self._wake_r, 4096)
+                except OSError:
+                    pass
+            if self._listener in ready:
+                self._accept()
+            if time.monotonic() >= next_check or self._metadata_dirty:
+                next_check = time.monotonic() + _SOCKET_CHECK_INTERVAL
+                self._housekeeping()
+
+    def _accept(self) -> None:
+        assert self._listener is not None
+        try:
+            conn, _ = self._listener.accept()
+        except OSError:
+            return
+        with self._lock:
+            if self._connections >= _MAX_CONNECTIONS:
+                conn.close()
+                return
+            self._connections += 1
+        t = self._threading.Thread(target=self._serve_connection, args=(conn,), daemon=True)
+        t.start()
+
+    def _housekeeping(self) -> None:
+        if not self._owns_socket():
+            # Removed or replaced: nobody can reach us any more, so we must not linger.
+            self.request_stop("socket path lost (removed or replaced)")
+            return
+        self._sync_metadata()
+        if self.on_tick:
+            try:
+                self.on_tick()
+            except Exception as exc:  # a housekeeping bug must not kill the daemon
+                self.log.event(f"housekeeping error: {exc!r}")
+        self._maybe_idle_out()
+
+    def _maybe_idle_out(self) -> None:
+        """Idle shutdown re-checks activity under the bind lock, so a starter that just
+        probed us (holding that lock) can never be left without a daemon."""
+        if not self.idle_timeout or self._active:
+            return
+        if time.monotonic() - self._last_activity < self.idle_timeout:
+            return
+        lock = FileLock(self.paths.bind, what="bind lock")
+        if not lock.acquire(timeout=0):
+            return
+        try:
+            if self._active or time.monotonic() - self._last_activity < self.idle_timeout:
+                return
+            self._stop_reason = f"idle for {self.idle_timeout:g}s"
+            self._close_listener()  # before the lock is released: nobody reaches a dying daemon
+            self._release_files()
+        finally:
+            lock.release()
+
+    # -- one connection ----------------------------------------------------------------------
+
+    def _serve_connection(self, conn: socket.socket) -> None:
+        try:
+            self._serve_request(conn)
+        except Exception as exc:  # bad input must never crash the daemon
+            self.log.event(f"connection error: {exc!r}")
+        finally:
+            try:
+                conn.close()
+            except OSError:
+                pass
+            with self._lock:
+                self._connections -= 1
+
+    def _serve_request(self, conn: socket.socket) -> None:
+        try:
+            raw = self._read_request(conn)
+        except _FrameTooLarge:
+            self._send(
+                conn, _error_frame(None, f"request exceeds {_MAX_REQUEST_BYTES} bytes", "request_too_large")
+            )
+            return
+        except _Busy:
+            self._send(conn, _error_frame(None, "daemon busy: too much pending input", "busy"))
+            return
+        except (socket.timeout, OSError):
+            return  # silent, slow or vanished client: just drop it
+        if raw is None:
+            return
+        request, error = _parse_request(raw)
+        if error is not None:
+            self._send(conn, error)
+            return
+        assert request is not None
+        self._dispatch(conn, request)
+
+    def _read_request(self, conn: socket.socket) -> Optional[bytes]:
+        """The request line, or a complete JSON object sent without a newline (as mcporter's
+        own client does), within a deadline and under the size and pending-memory caps."""
+        deadline = time.monotonic() + _REQUEST_READ_DEADLINE
+        buf = bytearray()
+        try:
+            while True:
+                nl = buf.find(b"\n")
+                if nl >= 0:
+                    return bytes(buf[:nl])
+                if buf.rstrip().endswith(b"}") and not _more_pending(conn) and _is_json(buf):
+                    return bytes(buf)
+                if len(buf) > _MAX_REQUEST_BYTES:
+                    raise _FrameTooLarge()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise socket.timeout("request deadline")
+                conn.settimeout(left)
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return bytes(buf) if buf.strip() else None
+                with self._lock:
+                    if self._pending_bytes + len(chunk) > _MAX_PENDING_BYTES:
+                        raise _Busy()
+                    self._pending_bytes += len(chunk)
+                buf += chunk
+        finally:
+            with self._lock:
+                self._pending_bytes -= len(buf)
+
+    def _send(self, conn: socket.socket, frame: Dict[str, Any]) -> bool:
+        try:
+            conn.settimeout(5.0)
+            conn.sendall(encode_frame(frame))
+            return True
+        except OSError:
+            return False
+
+    def _dispatch(self, conn: socket.socket, request: Dict[str, Any]) -> None:
+        rid, method = request.get("id"), request["method"]
+        self.touch()
+        if self._stop_reason is not None:
+            self._send(conn, _error_frame(rid, "daemon is shutting down", "shutting_down"))
+            return
+        if method == "stop":
+            self._handle_stop(conn, rid)
+            return
+        handler = self._builtin_status if method == "status" else self.handlers.get(method)
+        if handler is None:
+            self._send(conn, _error_frame(rid, f"unknown method: {method}", "unknown_method"))
+            return
+        cadence = None
+        if request.get("protocolVersion") == DAEMON_PROTOCOL_VERSION:
+            cadence = progress_cadence_ms(request.get("progressIntervalMs"))
+        ctx = RequestContext(method)
+        with self._lock:
+            self._active += 1
+        try:
+            frame = self._run_handler(conn, rid, handler, request["params"], ctx, cadence)
+        finally:
+            with self._lock:
+                self._active -= 1
+            self.touch()
+        if ctx.notices:
+            frame["notices"] = ctx.notices
+        self._send(conn, frame)
+
+    def _run_handler(
+        self,
+        conn: socket.socket,
+        rid: Any,
+        handler: Callable[[Dict[str, Any], RequestContext], Any],
+        params: Dict[str, Any],
+        ctx: RequestContext,
+        cadence_ms: Optional[int],
+    ) -> Dict[str, Any]:
+        if cadence_ms is None:
+            return self._call(rid, handler, params, ctx)
+        # Progress frames at a fixed cadence prove we are alive while the work runs.
+        box: List[Dict[str, Any]] = []
+        done = self._threading.Event()
+
+        def work() -> None:
+            box.append(self._call(rid, handler, params, ctx))
+            done.set()
+
+        self._threading.Thread(target=work, daemon=True).start()
+        progress = encode_frame({"type": "progress", "id": rid})
+        while not done.wait(cadence_ms / 1000.0):
+            try:
+                conn.sendall(progress)
+            except OSError:
+                done.wait()  # the caller left; let the work finish, answer nobody
+                break
+        return box[0]
+
+    def _call(
+        self, rid: Any, handler: Callable[..., Any], params: Dict[str, Any], ctx: RequestContext
+    ) -> Dict[str, Any]:
+        try:
+            return {"id": rid, "ok": True, "result": handler(params, ctx)}
+        except (HandlerError, McpError, RemoteError) as exc:
+            return _error_frame(rid, str(exc), exc.code)
+        except DaemonError as exc:
+            return _error_frame(rid, str(exc), "runtime_error")
+        except Exception as exc:
+            self.log.event(f"handler {ctx.method} failed: {exc!r}")
+            return _error_frame(rid, f"{type(exc).__name__}: {exc}", "runtime_error")
+
+    def _builtin_status(self, params: Dict[str, Any], ctx: RequestContext) -> Dict[str, Any]:
+        status = {
+            "pid": self.pid,
+            "protocolVersion": DAEMON_PROTOCOL_VERSION,
+            "startedAt": self.started_at,
+            "socketPath": self.paths.socket,
+            "logPath": self.log.path,
+            "fingerprint": self.fingerprint,
+            "servers": [],
+        }
+        if self.status_extra:
+            status.update(self.status_extra())
+        status["metadata"] = self._metadata()  # lets a starter reconcile the file exactly
+        return status
+
+    def _handle_stop(self, conn: socket.socket, rid: Any) -> None:
+        # Metadata goes before the answer, so no later caller trusts a dying daemon (dmypy).
+        self._stop_reason = "stop request"
+        remove_metadata_if_owned(self.paths.metadata, self.pid)
+        self._send(conn, {"id": rid, "ok": True, "result": True})
+        self.request_stop("stop request")
+
+    # -- shutdown ----------------------------------------------------------------------------
+
+    def _close_listener(self) -> None:
+        if self._listener is not None:
+            try:
+                self._listener.close()
+            except OSError:
+                pass
+            self._listener = None
+
+    def _release_files(self) -> None:
+        """Remove the metadata and socket — each only while still this process's own."""
+        if self._files_released:
+            return
+        self._files_released = True
+        remove_metadata_if_owned(self.paths.metadata, self.pid)
+        if self._owns_socket():
+            _unlink_quietly(self.paths.socket)
+
+    def _wait_idle(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self._active and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def _shutdown(self) -> None:
+        reason = self._stop_reason or "serving loop ended"
+        self.log.event(f"shutting down: {reason}")
+        self._close_listener()
+        if reason == "stop request":
+            self._release_files()  # no lock: a stopper inside the bind guard waits for our exit
+        self._wait_idle(2.0)
+        if self.on_shutdown:
+            try:
+                self.on_shutdown()
+            except Exception as exc:
+                self.log.event(f"shutdown hook failed: {exc!r}")
+        self._wait_idle(1.0)
+        if not self._files_released:
+            # Someone inside the bind guard is taking over; the files are theirs to replace.
+            lock = FileLock(self.paths.bind, what="bind lock")
+            if lock.acquire(timeout=0):
+                try:
+                    self._release_files()
+                finally:
+                    lock.release()
+        self.log.event("daemon exited")
+
+
+class _Busy(Exception):
+    pass
+
+
+def _more_pending(conn: socket.socket) -> bool:
+    """True when more bytes are already waiting (the sender has not paused yet)."""
+    try:
+        return bool(conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return False
+
+
+def _is_json(buf: bytearray) -> bool:
+    try:
+        json.loads(buf)
+        return True
+    except ValueError:
+        return False
+
+
+def _error_frame(rid: Any, message: str, code: str) -> Dict[str, Any]:
+    return {"id": rid, "ok": False, "error": {"message": message, "code": code}}
+
+
+def _parse_request(raw: bytes) -> Tuple[Optional[Dict[str, Any]], Optional[Dict[str, Any]]]:
+    """(request, None) or (None, error frame): bad JSON, shapes and types answered, not raised."""
+    try:
+        req = json.loads(raw)
+    except ValueError:
+        return None, _error_frame(None, "request is not valid JSON", "invalid_json")
+    if not isinstance(req, dict):
+        return None, _error_frame(None, "request must be a JSON object", "bad_request")
+    rid = req.get("id")
+    if isinstance(rid, (dict, list)):
+        rid = None
+    if not isinstance(req.get("method"), str):
+        return None, _error_frame(rid, "request needs a string 'method'", "bad_request")
+    params = req.get("params")
+    if params is None:
+        params = {}
+    if not isinstance(params, dict):
+        return None, _error_frame(rid, "'params' must be an object", "bad_request")
+    version = req.get("protocolVersion")
+    if version is not None and (
+        isinstance(version, bool) or not isinstance(version, int) or version > DAEMON_PROTOCOL_VERSION
+    ):
+        return None, _error_frame(rid, f"unsupported protocolVersion {version!r}", "bad_request")
+    req["params"] = params
+    req["id"] = rid
+    return req, None
+
+
+# ##########################################################################################
+# Daemon client: verified status, ensure (spawn lock, detached launch), requests, stop.
+# ##########################################################################################
+
+
+class DaemonClient:
+    """Talks only to a daemon it verified; starts (or restarts) one when needed.
+
+    ``launch_argv`` runs the host in the foreground (e.g. ``[python, script, "start",
+    "--foreground"]``); it is started detached, in a new session, stderr to the log.
+    """
+
+    def __init__(
+        self,
+        paths: DaemonPaths,
+        fingerprint: str,
+        launch_argv: List[str],
+        *,
+        env: Optional[Dict[str, str]] = None,
+        cwd: Optional[str] = None,
+        probe_timeout: Optional[float] = None,
+        start_timeout: float = _START_GIVE_UP,
+        on_slow: Optional[Callable[[str], None]] = None,
+    ) -> None:
+        self.paths = paths
+        self.fingerprint = fingerprint
+        self.launch_argv = list(launch_argv)
+        self.env = env
+        self.cwd = cwd
+        self.probe_timeout = probe_timeout or _env_seconds(
+            "MCPORTER_DAEMON_PROBE_TIMEOUT_MS", _DEFAULT_PROBE_TIMEOUT
+        )
+        self.start_timeout = start_timeout
+        self.on_slow = on_slow or (lambda msg: print(msg, file=sys.stderr, flush=True))
+
+    # -- verification ------------------------------------------------------------------------
+
+    def verified_status(self) -> Optional[Dict[str, Any]]:
+        """The daemon's status when metadata, pid identity and its own answer all agree.
+
+        The result carries ``fresh``: whether its fingerprint is ours. None when unverified.
+        """
+        meta = read_metadata(self.paths.metadata)
+        if meta is None or meta.get("socketPath") != self.paths.socket:
+            return None
+        pid = meta["pid"]
+        start, state = _process_info(pid)
+        if start is None or str(start) != str(meta.get("pidStartTime")) or state in ("Z", "T", "t"):
+            return None  # dead, reused, or stopped (a stopped daemon is hung: replace it)
+        request = {"id": "status", "method": "status", "params": {}, "protocolVersion": 2}
+        try:
+            response = exchange(self.paths.socket, request, self.probe_timeout)
+        except DaemonError:
+            return None
+        status = response.get("result") if response.get("ok") else None
+        if not isinstance(status, dict):
+            return None
+        if status.get("pid") != pid or status.get("socketPath") != self.paths.socket:
+            return None
+        status["fresh"] = status.get("fingerprint") == self.fingerprint
+        return status
+
+    def ensure(self) -> Tuple[Dict[str, Any], bool]:
+        """(status of a verified fresh daemon, whether this call started it)."""
+        status = self.verified_status()
+        if status and status["fresh"]:
+            return status, False
+        self.paths.prepare()
+        with FileLock(self.paths.lock, what="spawn lock"):
+            status = self.verified_status()  # a racing caller may have started it meanwhile
+            if status and status["fresh"]:
+                return status, False
+            return self._launch_and_wait()
+
+    # -- launching -----------------------------------------------------------------------------
+
+    def _launch_and_wait(self) -> Tuple[Dict[str, Any], bool]:
+        import subprocess
+
+        log_fd = os.open(self.paths.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        offset = os.lseek(log_fd, 0, os.SEEK_END)
+        try:
+            proc = subprocess.Popen(
+                self.launch_argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=log_fd,
+                cwd=self.cwd,
+                env=self.env,
+                start_new_session=True,  # survives the caller's terminal and process group
+                close_fds=True,
+            )
+        except OSError as exc:
+            raise DaemonStartError(f"cannot launch daemon ({self.launch_argv[0]}): {exc.strerror}") from None
+        finally:
+            os.close(log_fd)
+        return self._wait_ready(proc, offset)
+
+    def _wait_ready(self, proc: subprocess.Popen, log_offset: int) -> Tuple[Dict[str, Any], bool]:
+        began = time.monotonic()
+        step, said_slow = 0.01, False
+        while True:
+            status = self.verified_status()
+            if status and status["fresh"]:
+                _reap_in_background(proc)
+                return status, True
+            code = proc.poll()
+            if code is not None:
+                status = self.verified_status()  # it may have found (and reconciled) a twin
+                if status and status["fresh"]:
+                    return status, code != 0
+                raise DaemonStartError(self._startup_error(log_offset, code))
+            elapsed = time.monotonic() - began
+            if elapsed > _START_SLOW_NOTICE and not said_slow:
+                said_slow = True
+                self.on_slow(f"daemon (pid {proc.pid}) is slow to start; still waiting…")
+            if elapsed > self.start_timeout:
+                _reap_in_background(proc)
+                raise DaemonTimeout(
+                    f"daemon (pid {proc.pid}) not ready after {self.start_timeout:g}s; "
+                    f"log {self.paths.log} ends: {self._log_tail(log_offset) or '(empty)'}"
+                )
+            time.sleep(step)
+            step = min(step * 1.5, 0.05)
+
+    def _log_tail(self, offset: int, lines: int = 3) -> str:
+        try:
+            with open(self.paths.log, "rb") as fh:
+                fh.seek(offset)
+                text = fh.read(65536).decode("utf-8", "replace")
+        except OSError:
+            return ""
+        kept = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        return " | ".join(kept[-lines:])
+
+    def _startup_error(self, offset: int, code: int) -> str:
+        tail = self._log_tail(offset, lines=1)
+        if tail:
+            return f"daemon failed to start: {_strip_log_prefix(tail)}"
+        return f"daemon exited with code {code} before it was ready (log: {self.paths.log})"
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def request(
+        self,
+        method: str,
+        params: Optional[Dict[str, Any]] = None,
+        *,
+        idle_timeout: float = _DEFAULT_IDLE_BUDGET,
+        progress_ms: Optional[int] = _CLIENT_PROGRESS_MS,
+        auto_start: bool = True,
+        notices: Optional[List[str]] = None,
+    ) -> Any:
+        """Send one request to a verified fresh daemon (starting it if allowed); on a
+        transport error restart once and retry once. Raises RemoteError for ``ok: false``."""
+        if auto_start:
+            self.ensure()
+        try:
+            response = self._send(method, params, idle_timeout, progress_ms)
+        except TransportError:
+            if not auto_start:
+                raise
+            self.ensure()
+            response = self._send(method, params, idle_timeout, progress_ms)
+        if auto_start and (response.get("error") or {}).get("code") == "shutting_down":
+            self.ensure()
+            response = self._send(method, params, idle_timeout, progress_ms)
+        if notices is not None:
+            notices.extend(str(n) for n in response.get("notices") or [])
+        return result_or_raise(response)
+
+    def _send(
+        self, method: str, params: Optional[Dict[str, Any]], idle: float, progress_ms: Optional[int]
+    ) -> Dict[str, Any]:
+        req: Dict[str, Any] = {
+            "id": f"{os.getpid()}-{time.monotonic_ns()}",
+            "method": method,
+            "params": params or {},
+            "protocolVersion": DAEMON_PROTOCOL_VERSION,
+        }
+        if progress_ms:
+            req["progressIntervalMs"] = progress_ms
+        return exchange(self.paths.socket, req, idle, connect_timeout=self.probe_timeout)
+
+    # -- stopping ------------------------------------------------------------------------------
+
+    def stop(self, timeout: float = _STOP_WAIT) -> str:
+        """Stop the daemon: ask, wait for its pid; if it will not go and is verified ours,
+        terminate it and its MCP servers. Returns what happened, in words."""
+        meta = read_metadata(self.paths.metadata) or {}
+        try:
+            status = exchange(
+                self.paths.socket,
+                {"id": "stop-status", "method": "status", "params": {}, "protocolVersion": 2},
+                self.probe_timeout,
+            ).get("result")
+        except DaemonError:
+            status = None
+        if (
+            isinstance(status, dict)
+            and status.get("socketPath") == self.paths.socket
+            and _is_pid(status.get("pid"))
+        ):
+            return self._stop_live(status, meta, timeout)
+        if meta and is_our_pid(meta.get("pid"), meta.get("pidStartTime")):
+            terminate_daemon_tree(meta["pid"], str(meta["pidStartTime"]), meta.get("servers") or {})
+            self._clear_stale_files()
+            return f"terminated unresponsive daemon (pid {meta['pid']})"
+        cleaned = self._clear_stale_files(meta)
+        return "no daemon running" + (" (removed stale files)" if cleaned else "")
+
+    def _stop_live(self, status: Dict[str, Any], meta: Dict[str, Any], timeout: float) -> str:
+        pid = status["pid"]
+        start = process_start_time(pid)
+        servers = dict(meta.get("servers") or {}) if meta.get("pid") == pid else {}
+        for entry in status.get("servers") or []:
+            if isinstance(entry, dict) and _is_pid(entry.get("pid")):
+                servers.setdefault(
+                    str(entry.get("name")),
+                    {"pid": entry["pid"], "pidStartTime": process_start_time(entry["pid"])},
+                )
+        try:
+            exchange(
+                self.paths.socket,
+                {"id": "stop", "method": "stop", "params": {}, "protocolVersion": 2},
+                self.probe_timeout,
+            )
+        except DaemonError:
+            pass  # it may have exited before answering; the pid tells
+        if _wait_gone(pid, timeout, start):
+            return f"stopped (pid {pid})"
+        terminate_daemon_tree(pid, start, servers)
+        self._clear_stale_files()
+        return f"daemon (pid {pid}) did not stop within {timeout:g}s; terminated it"
+
+    def _clear_stale_files(self, meta: Optional[Dict[str, Any]] = None) -> bool:
+        """Under the bind lock: end a dead daemon's recorded MCP servers, drop its files."""
+        if not os.path.isdir(self.paths.base_dir):
+            return False
+        cleaned = False
+        with FileLock(self.paths.bind, timeout=5.0, what="bind lock"):
+            meta = read_metadata(self.paths.metadata)
+            if meta and is_our_pid(meta.get("pid"), meta.get("pidStartTime")):
+                return False  # a live owner appeared meanwhile
+            for entry in ((meta or {}).get("servers") or {}).values():
+                if isinstance(entry, dict) and is_our_pid(entry.get("pid"), entry.get("pidStartTime")):
+                    terminate_process(entry["pid"], str(entry["pidStartTime"]), group=True)
+            if meta is not None or os.path.exists(self.paths.metadata):
+                _unlink_quietly(self.paths.metadata)
+                cleaned = True
+            if (
+                os.path.exists(self.paths.socket)
+                and probe_live_daemon(self.paths.socket, self.probe_timeout).kind == "dead"
+            ):
+                _unlink_quietly(self.paths.socket)
+                cleaned = True
+        return cleaned
+
+
+def _reap_in_background(proc: subprocess.Popen) -> None:
+    """A long-lived caller must not collect zombies: wait for the detached child off-thread."""
+    import threading
+
+    threading.Thread(target=proc.wait, name="daemon-reaper", daemon=True).start()
+
+
+def _strip_log_prefix(line: str) -> str:
+    """Drop our log line's timestamp and pid so the child's own error reads as one line."""
+    parts = line.split(" ", 2)
+    if len(parts) == 3 and parts[0].endswith("Z") and parts[1].startswith("["):
+        return parts[2]
+    return line
+
+
+# ##########################################################################################
+# MCP keep-alive service: the daemon's handlers, built on the public host API.
+# ##########################################################################################
+
+
+class _ServerSlot:
+    __slots__ = ("spec", "lock", "client", "last_used")
+
+    def __init__(self, spec: ServerSpec, lock: Any) -> None:
+        self.spec = spec
+        self.lock = lock
+        self.client: Optional[McpStdioClient] = None
+        self.last_used: Optional[int] = None
+
+
+def _param(params: Dict[str, Any], key: str, kind: Any, what: str, required: bool = True) -> Any:
+    value = params.get(key)
+    if value is None and not required:
+        return None
+    if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
+        raise HandlerError(f"param '{key}' must be {what}", "bad_request")
+    return value
+
+
+def _timeout_param(params: Dict[str, Any]) -> float:
+    ms = _param(params, "timeoutMs", (int, float), "a number of milliseconds", required=False)
+    return ms / 1000.0 if ms and ms > 0 else _DEFAULT_CALL_TIMEOUT
+
+
+class McpKeepAliveService:
+    """Keeps the config's keep-alive servers running inside a ``DaemonHost``."""
+
+    def __init__(self, config: Config, log: DaemonLog) -> None:
+        import threading
+
+        self.config = config
+        self.log = log
+        self.host: Optional[DaemonHost] = None
+        self._slots = {
+            name: _ServerSlot(spec, threading.Lock())
+            for name, spec in config.servers.items()
+            if spec.keep_alive and spec.url is None
+        }
+
+    def attach(self, host: DaemonHost) -> DaemonHost:
+        self.host = host
+        return host
+
+    def handlers(self) -> Dict[str, Callable[[Dict[str, Any], RequestContext], Any]]:
+        return {
+            "callTool": self.call_tool,
+            "listTools": self.list_tools,
+            "listResources": self.list_resources,
+            "readResource": self.read_resource,
+            "closeServer": self.close_server,
+        }
+
+    # -- servers -------------------------------------------------------------------------------
+
+    def _slot(self, params: Dict[str, Any]) -> _ServerSlot:
+        name = _param(params, "server", str, "a server name")
+        slot = self._slots.get(name)
+        if slot is None:
+            if name in self.config.servers:
+                raise HandlerError(
+                    f"server '{name}' is not managed by the daemon (not keep-alive)", "not_keep_alive"
+                )
+            raise HandlerError(f"unknown server '{name}'", "unknown_server")
+        return slot
+
+    def _client(self, slot: _ServerSlot) -> McpStdioClient:
+        """The live client for a slot, (re)starting the server when it is not running."""
+        with slot.lock:
+            if slot.client is not None and slot.client.alive():
+                return slot.client
+            if slot.client is not None:
+                self.log.event(f"server '{slot.spec.name}' exited; restarting it")
+                slot.client.close(grace=0.1)
+            name = slot.spec.name
+            client = McpStdioClient(
+                name,
+                slot.spec.command,
+                env=slot.spec.env,
+                cwd=slot.spec.cwd,
+                log=lambda line: self.log.write(f"[{name}] {line}"),
+            )
+            slot.client = None
+            client.start()
+            slot.client = client
+            self.log.event(f"server '{name}' started (pid {client.pid})")
+        if self.host:
+            self.host.mark_metadata_dirty()
+        return client
+
+    def _use(self, slot: _ServerSlot, ctx: RequestContext, action: Callable[[McpStdioClient], Any]) -> Any:
+        began = time.monotonic()
+        slot.last_used = _now_ms()
+        try:
+            result = action(self._client(slot))
+        except McpError as exc:
+            self._trace(slot, ctx, began, f"error: {exc}")
+            raise
+        slot.last_used = _now_ms()
+        self._trace(slot, ctx, began, "ok")
+        return result
+
+    def _trace(self, slot: _ServerSlot, ctx: RequestContext, began: float, outcome: str) -> None:
+        if self.log.traces(slot.spec.name):
+            ms = (time.monotonic() - began) * 1000
+            self.log.event(f"{ctx.method} {slot.spec.name}: {outcome} ({ms:.1f} ms)")
+
+    # -- handlers ------------------------------------------------------------------------------
+
+    def call_tool(self, params: Dict[str, Any], ctx: RequestContext) -> Any:
+        slot = self._slot(params)
+        tool = _param(params, "tool", str, "a tool name")
+        args = _param(params, "args", dict, "an object", required=False) or {}
+        timeout = _timeout_param(params)
+        return self._use(slot, ctx, lambda c: c.call_tool(tool, args, timeout, ctx.notices))
+
+    def list_tools(self, params: Dict[str, Any], ctx: RequestContext) -> Any:
+        slot = self._slot(params)
+        schema = bool(params.get("includeSchema"))
+        tools = self._use(slot, ctx, lambda c: c.list_tools(_timeout_param(params)))
+        keep = ("name", "description", "inputSchema", "outputSchema") if schema else ("name", "description")
+        return [{k: t[k] for k in keep if k in t} for t in tools if isinstance(t, dict)]
+
+    def list_resources(self, params: Dict[str, Any], ctx: RequestContext) -> Any:
+        slot = self._slot(params)
+        return {"resources": self._use(slot, ctx, lambda c: c.list_resources())}
+
+    def read_resource(self, params: Dict[str, Any], ctx: RequestContext) -> Any:
+        slot = self._slot(params)
+        uri = _param(params, "uri", str, "a resource URI")
+        return self._use(slot, ctx, lambda c: c.read_resource(uri))
+
+    def close_server(self, params: Dict[str, Any], ctx: RequestContext) -> Any:
+        slot = self._slot(params)
+        self._close(slot, "closeServer request")
+        return True
+
+    # -- lifecycle hooks -----------------------------------------------------------------------
+
+    def _close(self, slot: _ServerSlot, why: str) -> None:
+        with slot.lock:
+            client, slot.client = slot.client, None
+        if client is not None:
+            self.log.event(f"closing server '{slot.spec.name}' (pid {client.pid}): {why}")
+            client.close()
+            if self.host:
+                self.host.mark_metadata_dirty()
+
+    def tick(self) -> None:
+        """Per-server ``idleTimeoutMs``: close just that server once idle long enough."""
+        now = _now_ms()
+        for slot in self._slots.values():
+            idle_ms = slot.spec.idle_timeout_ms
+            client = slot.client
+            idle = idle_ms and client is not None and slot.last_used and now - slot.last_used >= idle_ms
+            if idle and not slot.lock.locked():  # a locked slot is starting or in use
+                self._close(slot, f"idle for {idle_ms} ms")
+
+    def shutdown(self) -> None:
+        """Close every server in parallel, so shutdown takes one grace period, not N."""
+        import threading
+
+        threads = [
+            threading.Thread(target=self._close, args=(slot, "daemon shutdown"), daemon=True)
+            for slot in self._slots.values()
+            if slot.client is not None
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(2 * _MCP_CLOSE_GRACE + 1)
+
+    def status_extra(self) -> Dict[str, Any]:
+        servers = []
+        for name, slot in self._slots.items():
+            client = slot.client
+            alive = client is not None and client.alive()
+            servers.append(
+                {
+                    "name": name,
+                    "connected": alive,
+                    "lastUsedAt": slot.last_used,
+                    "pid": client.pid if alive and client else None,
+                }
+            )
+        return {"configPath": self.config.path, "servers": servers}
+
+    def metadata_extra(self) -> Dict[str, Any]:
+        servers = {}
+        for name, slot in self._slots.items():
+            client = slot.client
+            if client is not None and client.alive() and client.pid:
+                servers[name] = {"pid": client.pid, "pidStartTime": process_start_time(client.pid)}
+        return {
+            "configPath": self.config.path,
+            "configLayers": [_layer_record(path, data) for path, data in self.config.layers],
+            "servers": servers,
+        }
+
+
+def _layer_record(path: str, data: Optional[bytes]) -> Dict[str, Any]:
+    try:
+        mtime_ms: Optional[float] = os.stat(path).st_mtime_ns / 1e6 if data is not None else None
+    except OSError:
+        mtime_ms = None
+    digest = hashlib.sha256(data).hexdigest() if data is not None else None
+    return {"path": path, "mtimeMs": mtime_ms, "sha256": digest}
+
+
+# ##########################################################################################
+# Demo MCP server: the module run as a tiny stateful MCP stdio server (``_demo-server``).
+# ##########################################################################################
+
+_DEMO_TOOLS = [
+    {
+        "name": "counter",
+        "description": "Add one to a counter kept in this server process.",
+        "inputSchema": {"type": "object", "properties": {}},
+    },
+    {
+        "name": "pid",
+        "description": "Return this server's process id.",
+        "inputSchema": {"type": "object", "properties": {}},
+    },
+    {
+        "name": "echo",
+        "description": "Return the given text.",
+        "inputSchema": {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]},
+    },
+    {
+        "name": "sleep",
+        "description": "Sleep for the given seconds, then answer.",
+        "inputSchema": {
+            "type": "object",
+            "properties": {"seconds": {"type": "number"}},
+            "required": ["seconds"],
+        },
+    },
+    {
+        "name": "fail",
+        "description": "Return a tool error (isError).",
+        "inputSchema": {"type": "object", "properties": {}},
+    },
+]
+
+
+def _demo_tool(name: str, args: Dict[str, Any], state: Dict[str, int]) -> Dict[str, Any]:
+    def text(value: Any, error: bool = False) -> Dict[str, Any]:
+        return {"content": [{"type": "text", "text": str(value)}], "isError": error}
+
+    if name == "counter":
+        state["count"] += 1
+        return text(state["count"])
+    if name == "pid":
+        return text(os.getpid())
+    if name == "echo":
+        return text(args.get("text", ""))
+    if name == "sleep":
+        seconds = float(args.get("seconds", 0))
+        time.sleep(max(0.0, min(seconds, 3600.0)))
+        return text(f"slept {args.get('seconds', 0)}")
+    if name == "fail":
+        return text("failed on purpose", error=True)
+    return text(f"unknown tool: {name}", error=True)
+
+
+def _demo_answer(msg: Dict[str, Any], state: Dict[str, int]) -> Optional[Dict[str, Any]]:
+    method, params = msg.get("method"), msg.get("params") or {}
+    if method == "initialize":
+        asked = str(params.get("protocolVersion", ""))
+        version = asked if _MCP_OLDEST_VERSION <= asked <= MCP_PROTOCOL_VERSION else MCP_PROTOCOL_VERSION
+        return {
+            "protocolVersion": version,
+            "capabilities": {"tools": {}, "resources": {}},
+            "serverInfo": {"name": "mcporter-daemon-demo", "version": __version__},
+        }
+    if method == "tools/list":
+        return {"tools": _DEMO_TOOLS}
+    if method == "tools/call":
+        return _demo_tool(str(params.get("name")), params.get("arguments") or {}, state)
+    if method == "resources/list":
+        return {"resources": [{"uri": "demo://counter", "name": "counter", "mimeType": "text/plain"}]}
+    if method == "resources/read":
+        return {
+            "contents": [{"uri": params.get("uri"), "mimeType": "text/plain", "text": str(state["count"])}]
+        }
+    if method == "ping":
+        return {}
+    return None
+
+
+def _demo_server_main() -> int:
+    """Serve MCP on stdin/stdout; each request on its own thread so ``sleep`` blocks nothing."""
+    import threading
+
+    state = {"count": 0}
+    write_lock = threading.Lock()
+    out = sys.stdout.buffer
+
+    def reply(msg: Dict[str, Any]) -> None:
+        result = _demo_answer(msg, state)
+        frame: Dict[str, Any] = {"jsonrpc": "2.0", "id": msg["id"]}
+        if result is None:
+            frame["error"] = {"code": -32601, "message": f"method not found: {msg.get('method')}"}
+        else:
+            frame["result"] = result
+        with write_lock:
+            out.write(json.dumps(frame).encode() + b"\n")
+            out.flush()
+
+    print(f"demo MCP server ready (pid {os.getpid()})", file=sys.stderr, flush=True)
+    for line in sys.stdin.buffer:
+        try:
+            msg = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(msg, dict) and "id" in msg and "method" in msg:
+            threading.Thread(target=reply, args=(msg,), daemon=True).start()
+    return 0
+
+
+# ##########################################################################################
+# Service-manager files: a launchd plist and a systemd user unit that run the foreground host.
+# ##########################################################################################
+
+
+def _service_argv(cfg: Config, paths: DaemonPaths) -> List[str]:
+    argv = [sys.executable, os.path.abspath(__file__)]
+    argv += ["--config", cfg.path] if cfg.explicit else ["--root", cfg.root]
+    return argv + ["start", "--foreground", "--log-file", paths.log]
+
+
+def _service_env() -> Dict[str, str]:
+    # launchd and systemd start with a bare PATH; servers run through npx or uvx need the user's.
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    for name in ("MCPORTER_DAEMON_DIR", "MCPORTER_KEEPALIVE", "MCPORTER_DISABLE_KEEPALIVE", "HOME"):
+        if os.environ.get(name):
+            env[name] = os.environ[name]
+    return env
+
+
+def launchd_plist(cfg: Config, paths: DaemonPaths, label: str) -> str:
+    """A LaunchAgent: never respawned after a deliberate exit 0 (another daemon already runs)."""
+    import plistlib
+
+    doc = {
+        "Label": label,
+        "ProgramArguments": _service_argv(cfg, paths),
+        "WorkingDirectory": cfg.root,
+        "EnvironmentVariables": _service_env(),
+        "RunAtLoad": True,
+        # KeepAlive=true would respawn an "already running, exit 0" instance every 10 s forever.
+        "KeepAlive": {"SuccessfulExit": False, "Crashed": True},
+        "ThrottleInterval": 10,
+        "StandardOutPath": paths.log + ".launchd",
+        "StandardErrorPath": paths.log + ".launchd",
+        "ProcessType": "Background",
+    }
+    return plistlib.dumps(doc).decode()
+
+
+def _systemd_quote(arg: str) -> str:
+    if arg and all(c.isalnum() or c in "/._-+=:,@" for c in arg):
+        return arg
+    return '"' + arg.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%").replace("$", "$$") + '"'
+
+
+def systemd_unit(cfg: Config, paths: DaemonPaths) -> str:
+    """A user unit: restarted on failure only; exit 0 (already running, idle) stays down."""
+    env_lines = "".join(f"Environment={_systemd_quote(f'{k}={v}')}\n" for k, v in _service_env().items())
+    return (
+        "[Unit]\n"
+        f"Description=mcporter keep-alive daemon for {cfg.path}\n\n"
+        "[Service]\n"
+        "Type=simple\n"
+        f"ExecStart={' '.join(_systemd_quote(a) for a in _service_argv(cfg, paths))}\n"
+        f"WorkingDirectory={_systemd_quote(cfg.root)}\n"
+        f"{env_lines}"
+        "Restart=on-failure\n"
+        "RestartSec=2\n\n"
+        "[Install]\n"
+        "WantedBy=default.target\n"
+    )
+
+
+# ##########################################################################################
+# CLI: argument parsing, the commands, output formatting and main().
+# ##########################################################################################
+
+_PROG = "mcporter-daemon"
+
+
+def _script_argv() -> List[str]:
+    return [sys.executable, os.path.abspath(__file__)]
+
+
+def _config_flags(args: Any) -> List[str]:
+    """The flags that make a child discover the same config layers as this process."""
+    flags = ["--config", os.path.abspath(args.config)] if args.config else []
+    return flags + ["--root", os.path.abspath(args.root or os.getcwd())]
+
+
+def _log_flags(args: Any) -> List[str]:
+    flags = ["--log"] if getattr(args, "log", False) else []
+    if getattr(args, "log_servers", None):
+        flags += ["--log-servers", args.log_servers]
+    return flags
+
+
+def _client(cfg: Config, args: Any) -> DaemonClient:
+    paths = DaemonPaths.for_config(cfg.path)
+    log_file = getattr(args, "log_file", None) or os.environ.get("MCPORTER_DAEMON_LOG_PATH") or paths.log
+    argv = _script_argv() + _config_flags(args) + ["start", "--foreground", "--log-file", log_file]
+    return DaemonClient(paths, cfg.fingerprint(), argv + _log_flags(args), cwd=cfg.root)
+
+
+def _load(args: Any) -> Config:
+    return load_config(args.config, args.root)
+
+
+def _require_keep_alive(cfg: Config) -> None:
+    if not cfg.keep_alive_servers():
+        raise ConfigError(
+            f"{cfg.path}: no keep-alive servers configured; nothing for a daemon to keep warm "
+            '(set "lifecycle": "keep-alive" on a server)'
+        )
+
+
+def _server_spec(cfg: Config, name: str) -> ServerSpec:
+    spec = cfg.servers.get(name)
+    if spec is None:
+        known = ", ".join(sorted(cfg.servers)) or "none"
+        raise ConfigError(f"unknown server '{name}' in {cfg.path} (configured: {known})")
+    if spec.url is not None:
+        raise ConfigError(
+            f"server '{name}' is an HTTP server ({spec.url}); this tool runs stdio servers only"
+        )
+    return spec
+
+
+def _timeout_seconds(args: Any) -> float:
+    if getattr(args, "timeout", None):
+        return float(args.timeout)
+    return _env_seconds("MCPORTER_DAEMON_TIMEOUT_MS", _DEFAULT_CALL_TIMEOUT)
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, ensure_ascii=False))
+
+
+def _print_notices(notices: List[str]) -> None:
+    for notice in notices:
+        print(f"[mcporter] {notice}", file=sys.stderr)
+
+
+def _run_ephemeral(spec: ServerSpec, action: Callable[[McpStdioClient], Any], timeout: float) -> Any:
+    """Spawn, handshake, act, shut down: a server that is not kept alive."""
+    client = McpStdioClient(spec.name, spec.command, env=spec.env, cwd=spec.cwd, log=lambda line: None)
+    client.start(timeout=timeout)
+    try:
+        return action(client)
+    finally:
+        client.close()
+
+
+def _via_daemon_or_ephemeral(
+    cfg: Config,
+    args: Any,
+    spec: ServerSpec,
+    method: str,
+    params: Dict[str, Any],
+    local: Callable[[McpStdioClient], Any],
+) -> Any:
+    timeout = _timeout_seconds(args)
+    if not spec.keep_alive:
+        return _run_ephemeral(spec, local, timeout)
+    notices: List[str] = []
+    params = dict(params, server=spec.name, timeoutMs=int(timeout * 1000))
+    try:
+        # The idle budget outlasts the call's own timeout only by the grace a hung daemon gets.
+        return _client(cfg, args).request(method, params, idle_timeout=_DEFAULT_IDLE_BUDGET, notices=notices)
+    finally:
+        _print_notices(notices)
+
+
+# -- commands ---------------------------------------------------------------------------------
+
+
+def cmd_start(args: Any) -> int:
+    cfg = _load(args)
+    _require_keep_alive(cfg)
+    if args.foreground:
+        return _run_foreground(cfg, args)
+    client = _client(cfg, args)
+    status, started = client.ensure()
+    print(f"{'started' if started else 'already running'} (pid {status['pid']})")
+    return 0
+
+
+def _run_foreground(cfg: Config, args: Any) -> int:
+    """The host in this process: what launchd, systemd and the detached launcher run."""
+    verbose = bool(args.log or args.log_servers or os.environ.get("MCPORTER_DAEMON_LOG") == "1")
+    servers_csv = args.log_servers or os.environ.get("MCPORTER_DAEMON_LOG_SERVERS") or ""
+    log_path = args.log_file or os.environ.get("MCPORTER_DAEMON_LOG_PATH") or None
+    paths = DaemonPaths.for_config(cfg.path).prepare()
+    log = DaemonLog(
+        log_path,
+        verbose=bool(verbose and not servers_csv),
+        servers=[s.strip() for s in servers_csv.split(",") if s.strip()],
+    )
+    service = McpKeepAliveService(cfg, log)
+    idle = cfg.daemon_idle_timeout_ms / 1000.0 if cfg.daemon_idle_timeout_ms else None
+    host = DaemonHost(
+        paths,
+        cfg.fingerprint(),
+        service.handlers(),
+        idle_timeout=idle,
+        status_extra=service.status_extra,
+        metadata_extra=service.metadata_extra,
+        on_tick=service.tick,
+        on_shutdown=service.shutdown,
+        log=log,
+    )
+    return service.attach(host).run()
+
+
+def cmd_stop(args: Any) -> int:
+    cfg = _load(args)
+    print(_client(cfg, args).stop(args.timeout))
+    return 0
+
+
+def cmd_restart(args: Any) -> int:
+    cfg = _load(args)
+    _require_keep_alive(cfg)
+    print(_client(cfg, args).stop(_STOP_WAIT))
+    args.foreground = False
+    return cmd_start(args)
+
+
+def cmd_status(args: Any) -> int:
+    cfg = _load(args)
+    client = _client(cfg, args)
+    status = client.verified_status()
+    if status is None:
+        out: Dict[str, Any] = {
+            "running": False,
+            "configPath": cfg.path,
+            "metadataPath": client.paths.metadata,
+        }
+    else:
+        out = {"running": True, "metadataPath": client.paths.metadata}
+        for key in (
+            "pid",
+            "socketPath",
+            "configPath",
+            "startedAt",
+            "protocolVersion",
+            "fresh",
+            "logPath",
+            "servers",
+        ):
+            out[key] = status.get(key)
+    if args.json:
+        _print_json(out)
+        return 0
+    if not out["running"]:
+        print(f"not running (config {cfg.path})")
+        return 0
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(out["startedAt"] / 1000))
+    print(
+        f"running (pid {out['pid']}), {'fresh' if out['fresh'] else 'stale: config changed'}, since {started}"
+    )
+    print(f"  config: {out['configPath']}\n  socket: {out['socketPath']}\n  log:    {out['logPath']}")
+    for s in out["servers"] or []:
+        state = f"connected (pid {s.get('pid')})" if s.get("connected") else "idle"
+        print(f"  - {s.get('name')}: {state}")
+    return 0
+
+
+def _parse_call_args(pairs: List[str], args_json: Optional[str]) -> Dict[str, Any]:
+    """``key=value`` values are JSON when they parse, else strings; ``--args`` is a JSON object."""
+    out: Dict[str, Any] = {}
+    if args_json:
+        try:
+            parsed = json.loads(args_json)
+        except ValueError as exc:
+            raise UsageError(f"--args is not valid JSON: {exc}") from None
+        if not isinstance(parsed, dict):
+            raise UsageError("--args must be a JSON object")
+        out.update(parsed)
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"argument '{pair}' is not key=value")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
+def _split_target(target: str) -> Tuple[str, str]:
+    server, dot, tool = target.partition(".")
+    if not dot or not server or not tool:
+        raise UsageError(f"'{target}' is not SERVER.TOOL")
+    return server, tool
+
+
+def _content_text(result: Dict[str, Any]) -> str:
+    parts = []
+    for item in result.get("content") or []:
+        if not isinstance(item, dict):
+            continue
+        kind = item.get("type")
+        if kind == "text":
+            parts.append(str(item.get("text", "")))
+        elif kind == "resource":
+            res = item.get("resource") or {}
+            parts.append(str(res.get("text") or f"[resource {res.get('uri')}]"))
+        else:
+            parts.append(f"[{kind} {item.get('mimeType') or item.get('uri') or ''}]".replace(" ]", "]"))
+    if not parts and result.get("structuredContent") is not None:
+        parts.append(json.dumps(result["structuredContent"], indent=2, ensure_ascii=False))
+    return "\n".join(parts)
+
+
+def cmd_call(args: Any) -> int:
+    server, tool = _split_target(args.target)
+    arguments = _parse_call_args(args.pairs, args.args)
+    cfg = _load(args)
+    spec = _server_spec(cfg, server)
+    timeout = _timeout_seconds(args)
+    result = _via_daemon_or_ephemeral(
+        cfg,
+        args,
+        spec,
+        "callTool",
+        {"tool": tool, "args": arguments},
+        lambda c: c.call_tool(tool, arguments, timeout),
+    )
+    if args.json:
+        _print_json(result)
+    else:
+        text = _content_text(result or {})
+        if text:
+            print(text)
+    return 1 if (result or {}).get("isError") else 0
+
+
+def _describe_params(schema: Any) -> str:
+    props = (schema or {}).get("properties") or {} if isinstance(schema, dict) else {}
+    required = set((schema or {}).get("required") or []) if isinstance(schema, dict) else set()
+    out = []
+    for name, prop in props.items():
+        kind = prop.get("type", "any") if isinstance(prop, dict) else "any"
+        out.append(
+            f"{name}{'' if name in required else '?'}: {kind if isinstance(kind, str) else '|'.join(kind)}"
+        )
+    return ", ".join(out)
+
+
+def cmd_list(args: Any) -> int:
+    cfg = _load(args)
+    if not args.server:
+        rows = [
+            {
+                "name": n,
+                "keepAlive": s.keep_alive,
+                "why": s.keep_alive_reason,
+                "command": s.command,
+                "url": s.url,
+            }
+            for n, s in cfg.servers.items()
+        ]
+        if args.json:
+            _print_json(rows)
+        for r in [] if args.json else rows:
+            mode = "http (unsupported)" if r["url"] else ("keep-alive" if r["keepAlive"] else "ephemeral")
+            print(f"{r['name']}: {mode} ({r['why']}) — {' '.join(r['command']) or r['url']}")
+        return 0
+    spec = _server_spec(cfg, args.server)
+    timeout = _timeout_seconds(args)
+    tools = _via_daemon_or_ephemeral(
+        cfg, args, spec, "listTools", {"includeSchema": True}, lambda c: c.list_tools(timeout)
+    )
+    if args.json:
+        _print_json(tools if args.schema else [{k: t.get(k) for k in ("name", "description")} for t in tools])
+        return 0
+    for t in tools:
+        desc = (t.get("description") or "").strip().splitlines()
+        print(
+            f"{spec.name}.{t.get('name')}({_describe_params(t.get('inputSchema'))})"
+            + (f" — {desc[0]}" if desc else "")
+        )
+        if args.schema:
+            print("    " + json.dumps(t.get("inputSchema") or {}, indent=2).replace("\n", "\n    "))
+    return 0
+
+
+def cmd_resources(args: Any) -> int:
+    cfg = _load(args)
+    spec = _server_spec(cfg, args.server)
+    timeout = _timeout_seconds(args)
+    if args.uri:
+        result = _via_daemon_or_ephemeral(
+            cfg, args, spec, "readResource", {"uri": args.uri}, lambda c: c.read_resource(args.uri, timeout)
+        )
+        if args.json:
+            _print_json(result)
+        for item in [] if args.json else (result or {}).get("contents") or []:
+            print(
+                item.get("text")
+                if "text" in item
+                else f"[binary {item.get('mimeType') or ''} {item.get('uri')}]"
+            )
+        return 0
+    result = _via_daemon_or_ephemeral(
+        cfg, args, spec, "listResources", {}, lambda c: {"resources": c.list_resources(timeout)}
+    )
+    resources = (result or {}).get("resources") or []
+    if args.json:
+        _print_json(resources)
+        return 0
+    for r in resources:
+        print(f"{r.get('uri')}  {r.get('name') or ''}" + (f" ({r['mimeType']})" if r.get("mimeType") else ""))
+    return 0
+
+
+def cmd_service(args: Any) -> int:
+    cfg = _load(args)
+    paths = DaemonPaths.for_config(cfg.path)
+    if args.kind == "launchd":
+        print(launchd_plist(cfg, paths, args.label or f"com.mcporter.daemon.{paths.key}"), end="")
+    else:
+        print(systemd_unit(cfg, paths), end="")
+    return 0
+
+
+def cmd_demo_server(args: Any) -> int:
+    return _demo_server_main()
+
+
+def cmd_demo(args: Any) -> int:
+    """A tour: a daemon keeps the built-in demo server warm across separate CLI processes."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    tmp = tempfile.mkdtemp(prefix="mcpd-demo-")
+    config = os.path.join(tmp, "mcporter.json")
+    with open(config, "w") as fh:
+        json.dump(
+            {
+                "mcpServers": {
+                    "demo": {
+                        "command": sys.executable,
+                        "args": [os.path.abspath(__file__), "_demo-server"],
+                        "lifecycle": "keep-alive",
+                    }
+                }
+            },
+            fh,
+            indent=2,
+        )
+    env = {k: v for k, v in os.environ.items() if k not in ("MCPORTER_CONFIG", "MCPORTER_DISABLE_KEEPALIVE")}
+    env["MCPORTER_DAEMON_DIR"] = os.path.join(tmp, "state")
+    paths_env = os.environ.get("MCPORTER_DAEMON_DIR")
+    os.environ["MCPORTER_DAEMON_DIR"] = env["MCPORTER_DAEMON_DIR"]
+    paths = DaemonPaths.for_config(config)
+
+    def run(*words: str) -> str:
+        print(f"$ {_PROG} {' '.join(words)}", flush=True)
+        done = subprocess.run(
+            _script_argv() + ["--config", config, *words], env=env, capture_output=True, text=True, timeout=60
+        )
+        out = (done.stdout + done.stderr).rstrip()
+        print("  " + out.replace("\n", "\n  ") if out else "  (no output)", flush=True)
+        if done.returncode not in (0,):
+            raise DaemonError(f"demo step '{' '.join(words)}' failed (exit {done.returncode}): {out}")
+        return done.stdout.strip()
+
+    print(f"Demo config {config}: one keep-alive server, 'demo', that counts calls in its own process.\n")
+    try:
+        run("start")
+        first = run("call", "demo.counter")
+        second = run("call", "demo.counter")
+        print(
+            f"\nTwo separate CLI processes saw the counter go {first} → {second}: the server stayed warm.\n"
+        )
+        status = json.loads(run("status", "--json"))
+        run("stop")
+        left = _demo_leftovers(status)
+        print("\nNothing left behind." if not left else f"\nLeft behind: {left}")
+        return 0 if not left else 1
+    finally:
+        _demo_cleanup(paths)
+        if paths_env is None:
+            os.environ.pop("MCPORTER_DAEMON_DIR", None)
+        else:
+            os.environ["MCPORTER_DAEMON_DIR"] = paths_env
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _demo_leftovers(status: Dict[str, Any]) -> List[str]:
+    pids = [status.get("pid")] + [s.get("pid") for s in status.get("servers") or []]
+    gone_by = time.monotonic() + 5
+    left = [p for p in pids if _is_pid(p)]
+    while left and time.monotonic() < gone_by:
+        left = [p for p in left if pid_alive(p)]
+        time.sleep(0.02)
+    return [f"pid {p}" for p in left]
+
+
+def _demo_cleanup(paths: DaemonPaths) -> None:
+    meta = read_metadata(paths.metadata)
+    if meta and is_our_pid(meta.get("pid"), meta.get("pidStartTime")):
+        terminate_daemon_tree(meta["pid"], str(meta["pidStartTime"]), meta.get("servers") or {})
+
+
+# -- parsing ----------------------------------------------------------------------------------
+
+
+def _build_parser() -> Any:
+    import argparse
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message: str) -> Any:  # one clear line, exit 2
+            raise UsageError(f"{message} (see {_PROG} --help)")
+
+    p = Parser(prog=_PROG, description="Keep MCP stdio servers warm behind one daemon per config.")
+    p.add_argument("--config", help="config file (default: discovered as mcporter does)")
+    p.add_argument("--root", help="project root holding config/mcporter.json (default: cwd)")
+    p.add_argument("--version", action="version", version=f"{_PROG} {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+
+    def start_flags(sp: Any) -> None:
+        sp.add_argument("--foreground", action="store_true", help="run the daemon in this process")
+        sp.add_argument("--log", action="store_true", help="trace every call in the log")
+        sp.add_argument("--log-file", help="log to this file (0600, rotated at 10 MB)")
+        sp.add_argument("--log-servers", help="trace calls of these servers (CSV)")
+
+    sp = sub.add_parser("start", help="start the daemon (detached unless --foreground)")
+    start_flags(sp)
+    sp.set_defaults(func=cmd_start)
+    sp = sub.add_parser("restart", help="stop, then start")
+    start_flags(sp)
+    sp.set_defaults(func=cmd_restart)
+    sp = sub.add_parser("stop", help="stop the daemon and its servers")
+    sp.add_argument("--timeout", type=float, default=_STOP_WAIT, help="seconds before signals (default 5)")
+    sp.set_defaults(func=cmd_stop)
+    sp = sub.add_parser("status", help="is a verified daemon running?")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_status)
+    sp = sub.add_parser("call", help="call SERVER.TOOL [key=value ...]")
+    sp.add_argument("target", metavar="SERVER.TOOL")
+    sp.add_argument("pairs", nargs="*", metavar="key=value")
+    sp.add_argument("--args", help="arguments as a JSON object")
+    sp.add_argument("--timeout", type=float, help="seconds (default 60, or MCPORTER_DAEMON_TIMEOUT_MS)")
+    sp.add_argument("--json", action="store_true", help="print the whole result as JSON")
+    sp.set_defaults(func=cmd_call)
+    sp = sub.add_parser("list", help="list servers, or one server's tools")
+    sp.add_argument("server", nargs="?")
+    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--schema", action="store_true", help="include full input schemas")
+    sp.add_argument("--timeout", type=float)
+    sp.set_defaults(func=cmd_list)
+    sp = sub.add_parser("resources", help="list a server's resources, or read one")
+    sp.add_argument("server")
+    sp.add_argument("uri", nargs="?")
+    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--timeout", type=float)
+    sp.set_defaults(func=cmd_resources)
+    sp = sub.add_parser("demo", help="a self-contained tour on the built-in demo server")
+    sp.set_defaults(func=cmd_demo)
+    sp = sub.add_parser("service", help="print a launchd plist or systemd user unit")
+    sp.add_argument("kind", choices=["launchd", "systemd"])
+    sp.add_argument("--label", help="launchd label (default com.mcporter.daemon.<key>)")
+    sp.set_defaults(func=cmd_service)
+    sp = sub.add_parser("_demo-server")  # the module as a tiny MCP server (used by demo and tests)
+    sp.set_defaults(func=cmd_demo_server)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run the CLI; returns the exit code (0 ok, 1 failed, 2 usage or configuration)."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        _require_posix()
+        args = _build_parser().parse_args(argv)
+        if not getattr(args, "func", None):
+            raise UsageError("a command is required")
+        return int(args.func(args) or 0)
+    except DaemonError as exc:
+        if os.environ.get("MCPORTER_DEBUG") == "1":
+            raise
+        print(f"{_PROG}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        if os.environ.get("MCPORTER_DEBUG") == "1":
+            raise
+        print(
+            f"{_PROG}: unexpected error: {type(exc).__name__}: {exc} (MCPORTER_DEBUG=1 shows more)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
