@@ -267,6 +267,23 @@ class DaemonPaths:
         return f"DaemonPaths(socket={self.socket!r}, metadata={self.metadata!r})"
 
 
+def _skip_blank(text: str, i: int) -> int:
+    """Index of the next character that is not white space or inside a comment."""
+    n = len(text)
+    while i < n:
+        if text[i] in " \t\r\n":
+            i += 1
+        elif text.startswith("//", i):
+            end = text.find("\n", i)
+            i = n if end < 0 else end
+        elif text.startswith("/*", i):
+            end = text.find("*/", i + 2)
+            i = n if end < 0 else end + 2
+        else:
+            break
+    return i
+
+
 def _strip_jsonc(text: str) -> str:
     """Blank out comments and trailing commas, keeping every line and column in place."""
     out: List[str] = []
@@ -284,24 +301,14 @@ def _strip_jsonc(text: str) -> str:
         elif ch == '"':
             in_string = True
             out.append(ch)
-        elif text.startswith("//", i):
-            end = text.find("\n", i)
-            end = n if end < 0 else end
-            out.append(" " * (end - i))
-            i = end
-            continue
-        elif text.startswith("/*", i):
-            end = text.find("*/", i + 2)
-            end = n if end < 0 else end + 2
+        elif text.startswith("//", i) or text.startswith("/*", i):
+            end = _skip_blank(text, i)
             out.append("".join(c if c == "\n" else " " for c in text[i:end]))
             i = end
             continue
         elif ch == ",":
-            j = i + 1
-            while j < n and text[j] in " \t\r\n":
-                j += 1
-            # A comment between the comma and the bracket is blanked later; look past it too.
-            out.append(" " if j < n and text[j] in "}]" else ch)
+            j = _skip_blank(text, i + 1)
+            out.append(" " if j < n and text[j] in "}]" else ch)  # one trailing comma only
         else:
             out.append(ch)
         i += 1
@@ -310,11 +317,8 @@ def _strip_jsonc(text: str) -> str:
 
 def parse_jsonc(text: str, source: str) -> Any:
     """Parse JSON with comments and trailing commas; errors name the line and column."""
-    cleaned = _strip_jsonc(text)
-    if "," in cleaned:  # a trailing comma hidden behind a comment is visible only now
-        cleaned = _strip_jsonc(cleaned)
     try:
-        return json.loads(cleaned)
+        return json.loads(_strip_jsonc(text))
     except json.JSONDecodeError as exc:
         raise ConfigError(
             f"{source}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
