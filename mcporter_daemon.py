@@ -66,6 +66,7 @@ __all__ = [
 # Constants and errors: every tunable number and every error type the module raises.
 # ##########################################################################################
 
+_PROG = "mcporter-daemon"
 DAEMON_PROTOCOL_VERSION = 2
 MCP_PROTOCOL_VERSION = "2025-11-25"
 _MCP_OLDEST_VERSION = "2024-11-05"
@@ -1324,7 +1325,10 @@ class DaemonLog:
 
     def _open(self) -> None:
         assert self.path is not None
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        except OSError as exc:
+            raise DaemonError(f"cannot open log file {self.path}: {exc.strerror}") from None
         os.fchmod(fd, 0o600)
         self._fh = os.fdopen(fd, "a", encoding="utf-8", errors="replace")
 
@@ -2135,7 +2139,9 @@ class DaemonClient:
                 status = self.verified_status()  # it may have found (and reconciled) a twin
                 if status and status["fresh"]:
                     return status, code != 0
-                raise DaemonStartError(self._startup_error(log_offset, code))
+                error = DaemonStartError(self._startup_error(log_offset, code))
+                error.exit_code = 2 if code == 2 else 1  # the child's usage/config verdict holds
+                raise error
             elapsed = time.monotonic() - began
             if elapsed > _START_SLOW_NOTICE and not said_slow:
                 said_slow = True
@@ -2294,8 +2300,9 @@ def _strip_log_prefix(line: str) -> str:
     """Drop our log line's timestamp and pid so the child's own error reads as one line."""
     parts = line.split(" ", 2)
     if len(parts) == 3 and parts[0].endswith("Z") and parts[1].startswith("["):
-        return parts[2]
-    return line
+        line = parts[2]
+    prefix = f"{_PROG}: "
+    return line[len(prefix) :] if line.startswith(prefix) else line
 
 
 # ##########################################################################################
@@ -2690,8 +2697,6 @@ def systemd_unit(cfg: Config, paths: DaemonPaths) -> str:
 # ##########################################################################################
 # CLI: argument parsing, the commands, output formatting and main().
 # ##########################################################################################
-
-_PROG = "mcporter-daemon"
 
 
 def _script_argv() -> List[str]:
