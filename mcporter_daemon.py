@@ -3046,6 +3046,131 @@ def cmd_service(args: Any) -> int:
     return 0
 
 
+class _Findings:
+    """Doctor's report: one line per finding, each with its fix; counts the failures."""
+
+    def __init__(self) -> None:
+        self.failures = 0
+
+    def ok(self, text: str) -> None:
+        print(f"ok    {text}")
+
+    def warn(self, text: str, fix: str) -> None:
+        print(f"warn  {text} — {fix}")
+
+    def fail(self, text: str, fix: str) -> None:
+        self.failures += 1
+        print(f"FAIL  {text} — fix: {fix}")
+
+
+def _doctor_paths(found: _Findings, paths: DaemonPaths) -> None:
+    base = paths.base_dir
+    if os.path.isdir(base):
+        try:
+            ensure_private_dir(base)
+            found.ok(f"state directory {base} is private")
+        except UnsafePathError as exc:
+            found.fail(
+                str(exc).split("; run:")[0],
+                f"chmod 700 {base}, or set MCPORTER_DAEMON_DIR to a directory you own",
+            )
+    else:
+        found.ok(f"state directory {base} will be created (mode 0700)")
+    stem_sock = os.path.join(base, f"daemon-{paths.key}.sock")
+    size, limit = len(os.fsencode(stem_sock)), _sun_path_limit()
+    if paths.socket == stem_sock:
+        found.ok(f"socket path is {size} bytes (limit {limit})")
+        return
+    fallback = os.path.dirname(paths.socket)
+    try:
+        if os.path.isdir(fallback):
+            ensure_private_dir(fallback)
+        found.ok(f"socket path would be {size} bytes (limit {limit}); using fallback {paths.socket}")
+    except UnsafePathError as exc:
+        found.fail(f"socket path too long and fallback unusable: {exc}", "use a shorter MCPORTER_DAEMON_DIR")
+
+
+def _doctor_config(found: _Findings, args: Any) -> Optional[Config]:
+    try:
+        cfg = _load(args)
+    except ConfigError as exc:
+        found.fail(str(exc), "correct the config file")
+        return None
+    for path, data in cfg.layers:
+        found.ok(f"config layer {path}: {'read' if data is not None else 'absent'}")
+    found.ok(f"daemon named by {cfg.path}")
+    if not cfg.keep_alive_servers():
+        found.warn(
+            "no keep-alive servers configured", 'set "lifecycle": "keep-alive" on a server to keep it warm'
+        )
+    return cfg
+
+
+def _doctor_servers(found: _Findings, cfg: Config) -> None:
+    import shutil
+
+    for name, spec in cfg.servers.items():
+        if spec.url:
+            found.warn(f"server '{name}' is HTTP ({spec.url})", "this tool runs stdio servers only")
+            continue
+        mode = "keep-alive" if spec.keep_alive else "ephemeral"
+        path = (spec.env or {}).get("PATH") or os.environ.get("PATH")
+        exe = spec.command[0]
+        resolved = (
+            shutil.which(exe, path=path) if os.sep not in exe else (exe if os.access(exe, os.X_OK) else None)
+        )
+        if resolved is None:
+            found.fail(
+                f"server '{name}' ({mode}): command '{exe}' not found",
+                "install it or fix its path in the config",
+            )
+        else:
+            found.ok(f"server '{name}': {mode} ({spec.keep_alive_reason}); command resolves to {resolved}")
+
+
+def _doctor_daemon(found: _Findings, cfg: Config, args: Any) -> None:
+    client = _client(cfg, args)
+    status = client.verified_status()
+    if status is not None:
+        if status["fresh"]:
+            found.ok(f"daemon running (pid {status['pid']}) and fresh")
+        else:
+            found.warn(
+                f"daemon running (pid {status['pid']}) but stale: config changed since it started",
+                "it restarts on the next call, or run: restart",
+            )
+        return
+    meta = read_metadata(client.paths.metadata)
+    if meta and is_our_pid(meta.get("pid"), meta.get("pidStartTime")):
+        found.fail(
+            f"daemon pid {meta['pid']} is alive but does not answer",
+            "run: stop (it is terminated after a check)",
+        )
+        return
+    found.ok("no daemon running (the next keep-alive call starts one)")
+    leftovers = [p for p in (client.paths.metadata, client.paths.socket) if os.path.exists(p)]
+    for name, entry in ((meta or {}).get("servers") or {}).items():
+        if isinstance(entry, dict) and is_our_pid(entry.get("pid"), entry.get("pidStartTime")):
+            leftovers.append(f"MCP server '{name}' pid {entry['pid']}")
+    if leftovers:
+        found.warn(f"leftovers of a dead daemon: {', '.join(leftovers)}", "run: stop (removes them)")
+
+
+def cmd_doctor(args: Any) -> int:
+    found = _Findings()
+    found.ok(f"Python {'.'.join(map(str, sys.version_info[:3]))} ({sys.executable})")
+    cfg = _doctor_config(found, args)
+    if cfg is not None:
+        _doctor_paths(found, DaemonPaths.for_config(cfg.path))
+        _doctor_servers(found, cfg)
+        try:
+            _doctor_daemon(found, cfg, args)
+        except DaemonError as exc:
+            found.fail(str(exc), "see the message")
+    print(f"\n{found.failures} problem(s) found." if found.failures else "\nAll checks passed.")
+    return 1 if found.failures else 0
+
+
 def cmd_demo_server(args: Any) -> int:
     return _demo_server_main()
 
@@ -3182,6 +3307,8 @@ def _build_parser() -> Any:
     sp.set_defaults(func=cmd_resources)
     sp = sub.add_parser("demo", help="a self-contained tour on the built-in demo server")
     sp.set_defaults(func=cmd_demo)
+    sp = sub.add_parser("doctor", help="check the environment and explain what it finds")
+    sp.set_defaults(func=cmd_doctor)
     sp = sub.add_parser("service", help="print a launchd plist or systemd user unit")
     sp.add_argument("kind", choices=["launchd", "systemd"])
     sp.add_argument("--label", help="launchd label (default com.mcporter.daemon.<key>)")
