@@ -32,32 +32,46 @@ __version__ = "0.1.0"
 __all__ = [
     "DAEMON_PROTOCOL_VERSION",
     "MCP_PROTOCOL_VERSION",
-    "ConfigError",
     "Config",
+    "config_fingerprint",
+    "ConfigError",
     "DaemonClient",
     "DaemonError",
     "DaemonHost",
+    "DaemonLog",
     "DaemonPaths",
     "DaemonStartError",
     "DaemonTimeout",
+    "discover_config",
+    "ensure_private_dir",
+    "exchange",
     "FileLock",
+    "HandlerError",
+    "is_our_pid",
+    "load_config",
     "LockTimeout",
+    "main",
     "McpError",
+    "McpKeepAliveService",
     "McpStdioClient",
+    "parse_jsonc",
+    "pid_alive",
+    "plan_takeover",
+    "probe_live_daemon",
+    "ProbeResult",
+    "process_start_time",
+    "process_stopped",
+    "read_metadata",
     "RemoteError",
+    "remove_metadata_if_owned",
+    "RequestContext",
     "ServerSpec",
+    "state_base_dir",
+    "terminate_daemon_tree",
+    "terminate_process",
     "TransportError",
     "UnsafePathError",
     "UsageError",
-    "ensure_private_dir",
-    "is_our_pid",
-    "load_config",
-    "main",
-    "pid_alive",
-    "process_start_time",
-    "read_metadata",
-    "state_base_dir",
-    "terminate_process",
     "write_metadata",
     "__version__",
 ]
@@ -226,7 +240,7 @@ def _socket_path_fits(path: str) -> bool:
 class DaemonPaths:
     """Every file of one daemon: socket, metadata, spawn lock, bind lock and log."""
 
-    __slots__ = ("base_dir", "key", "socket", "metadata", "lock", "bind", "log")
+    __slots__ = ("base_dir", "key", "socket", "metadata", "lock", "bind", "log", "_preferred")
 
     def __init__(self, base_dir: str, key: str) -> None:
         self.base_dir = base_dir
@@ -236,7 +250,7 @@ class DaemonPaths:
         self.lock = stem + ".lock"
         self.bind = stem + ".bind"
         self.log = stem + ".log"
-        self.socket = stem + ".sock"
+        self.socket = self._preferred = stem + ".sock"
         if not _socket_path_fits(self.socket):
             self.socket = os.path.join(_fallback_socket_dir(), f"{key}.sock")
 
@@ -254,14 +268,20 @@ class DaemonPaths:
     def prepare(self) -> DaemonPaths:
         """Create and safety-check the directories; fail clearly when the socket cannot fit."""
         ensure_private_dir(self.base_dir)
-        sock_dir = os.path.dirname(self.socket)
-        if sock_dir != self.base_dir:
-            ensure_private_dir(sock_dir)
+        if self.socket == self._preferred:
+            return self
+        too_long = (
+            f"socket path {self._preferred} is {len(os.fsencode(self._preferred))} bytes, over "
+            f"this system's AF_UNIX limit of {_sun_path_limit()}"
+        )
         if not _socket_path_fits(self.socket):
             raise UnsafePathError(
-                f"socket path {self.socket} is {len(os.fsencode(self.socket))} bytes; this "
-                f"system allows {_sun_path_limit()} (set MCPORTER_DAEMON_DIR to a shorter path)"
+                f"{too_long}, and so is the fallback {self.socket}; use a shorter key or directory"
             )
+        try:
+            ensure_private_dir(os.path.dirname(self.socket))
+        except UnsafePathError as exc:
+            raise UnsafePathError(f"{too_long}, and the fallback is unusable: {exc}") from None
         return self
 
     def __repr__(self) -> str:
