@@ -9,7 +9,6 @@ A single-file, standard-library-only port of mcporter's keep-alive daemon (openc
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import socket
@@ -20,6 +19,20 @@ try:  # POSIX only; on Windows the module imports and every command says why it 
     import fcntl
 except ImportError:  # pragma: no cover - exercised on Windows only
     fcntl = None  # type: ignore[assignment]
+
+# The builtin hash modules; hashlib would load OpenSSL (about 4 MB RSS and 2 ms per start) for
+# two hashes of a few kilobytes. Builds without them fall back to hashlib.
+try:
+    from _sha1 import sha1 as _sha1
+except ImportError:  # pragma: no cover - depends on how CPython was built
+    from hashlib import sha1 as _sha1
+try:
+    from _sha2 import sha256 as _sha256  # Python 3.12+
+except ImportError:
+    try:
+        from _sha256 import sha256 as _sha256  # Python 3.9-3.11
+    except ImportError:  # pragma: no cover - depends on how CPython was built
+        from hashlib import sha256 as _sha256
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs import time on the CLI's hot path; annotations are strings.
@@ -262,7 +275,7 @@ class DaemonPaths:
     @classmethod
     def for_config(cls, config_path: str, base_dir: Optional[str] = None) -> DaemonPaths:
         """Paths for the daemon that serves ``config_path`` (key: 12 hex of its sha1)."""
-        key = hashlib.sha1(os.path.abspath(config_path).encode()).hexdigest()[:12]
+        key = _sha1(os.path.abspath(config_path).encode()).hexdigest()[:12]
         return cls.for_key(key, base_dir)
 
     def prepare(self) -> DaemonPaths:
@@ -469,9 +482,9 @@ def discover_config(
 
 def config_fingerprint(layers: Iterable[Tuple[str, Optional[bytes]]]) -> str:
     """Content hash naming a daemon's identity: layers, keep-alive env, protocol, script."""
-    h = hashlib.sha256()
+    h = _sha256()
     for path, data in layers:
-        digest = "absent" if data is None else hashlib.sha256(data).hexdigest()
+        digest = "absent" if data is None else _sha256(data).hexdigest()
         h.update(f"{path}\0{digest}\0".encode())
     for name in ("MCPORTER_KEEPALIVE", "MCPORTER_DISABLE_KEEPALIVE"):
         h.update(f"{name}={os.environ.get(name, '')}\0".encode())
@@ -487,7 +500,7 @@ def _script_version() -> str:
     if not _SCRIPT_DIGEST:
         try:
             with open(os.path.abspath(__file__), "rb") as fh:
-                digest = hashlib.sha256(fh.read()).hexdigest()[:12]
+                digest = _sha256(fh.read()).hexdigest()[:12]
         except OSError:
             digest = "unknown"
         _SCRIPT_DIGEST.append(f"{__version__}+{digest}")
@@ -2534,7 +2547,7 @@ def _layer_record(path: str, data: Optional[bytes]) -> Dict[str, Any]:
         mtime_ms: Optional[float] = os.stat(path).st_mtime_ns / 1e6 if data is not None else None
     except OSError:
         mtime_ms = None
-    digest = hashlib.sha256(data).hexdigest() if data is not None else None
+    digest = _sha256(data).hexdigest() if data is not None else None
     return {"path": path, "mtimeMs": mtime_ms, "sha256": digest}
 
 
@@ -2728,7 +2741,8 @@ def _script_argv() -> List[str]:
     if not name.isidentifier() or not here.endswith(".py"):
         return [sys.executable, here]
     code = f"import sys; sys.path.insert(0, {os.path.dirname(here)!r}); from {name} import main; sys.exit(main(sys.argv[1:]))"
-    return [sys.executable, "-c", code]
+    # -S: the stdlib is all we need, and a site-packages .pth can cost tens of ms and MBs.
+    return [sys.executable, "-S", "-c", code]
 
 
 def _config_flags(args: Any) -> List[str]:
