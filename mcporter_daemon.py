@@ -106,6 +106,7 @@ _CLIENT_PROGRESS_MS = 250
 _MAX_REQUEST_BYTES = 32 * 1024 * 1024
 _MAX_PENDING_BYTES = 64 * 1024 * 1024  # all half-read requests together, so abuse stays bounded
 _MAX_CONNECTIONS = 512
+_SPARE_WORKERS = 4  # idle threads kept to serve the next connections without a thread start
 _REQUEST_READ_DEADLINE = 10.0  # a client must deliver its request line within this
 _LOCK_TIMEOUT = 60.0
 _START_SLOW_NOTICE = 5.0
@@ -1494,6 +1495,7 @@ class DaemonHost:
         log: Optional[DaemonLog] = None,
         probe_timeout: Optional[float] = None,
     ) -> None:
+        import queue
         import threading
 
         self.paths = paths
@@ -1522,6 +1524,10 @@ class DaemonHost:
         self._stop_reason: Optional[str] = None
         self._files_released = False
         self._metadata_dirty = False
+        self._metadata_cache: Optional[Dict[str, Any]] = None
+        self._metadata_generation = 0
+        self._spare_workers = 0
+        self._handoff = queue.SimpleQueue()  # accepted connections for spare worker threads
 
     # -- public ------------------------------------------------------------------------------
 
@@ -1551,6 +1557,8 @@ class DaemonHost:
 
     def mark_metadata_dirty(self) -> None:
         """The data behind ``metadata_extra`` changed; rewrite the metadata soon."""
+        self._metadata_generation += 1
+        self._metadata_cache = None
         self._metadata_dirty = True
         self.request_wake()
 
@@ -1666,6 +1674,11 @@ class DaemonHost:
         self._listener = listener
 
     def _metadata(self) -> Dict[str, Any]:
+        """The metadata record, cached: ``status`` includes it and must stay cheap."""
+        cached = self._metadata_cache
+        if cached is not None:
+            return cached
+        generation = self._metadata_generation
         data = {
             "pid": self.pid,
             "pidStartTime": process_start_time(self.pid),
@@ -1679,6 +1692,8 @@ class DaemonHost:
         }
         if self.metadata_extra:
             data.update(self.metadata_extra())
+        if generation == self._metadata_generation:  # not marked dirty while we built it
+            self._metadata_cache = data
         return data
 
     def _write_metadata(self) -> None:
@@ -1756,8 +1771,21 @@ class DaemonHost:
                 conn.close()
                 return
             self._connections += 1
-        t = self._threading.Thread(target=self._serve_connection, args=(conn,), daemon=True)
-        t.start()
+            if self._spare_workers:  # a waiting worker is cheaper than a new thread
+                self._spare_workers -= 1
+                self._handoff.put(conn)
+                return
+        self._threading.Thread(target=self._worker, args=(conn,), daemon=True).start()
+
+    def _worker(self, conn: socket.socket) -> None:
+        """Serve a connection, then wait as a spare for the next (a few spares at most)."""
+        while True:
+            self._serve_connection(conn)
+            with self._lock:
+                if self._spare_workers >= _SPARE_WORKERS or self._stop_reason is not None:
+                    return
+                self._spare_workers += 1
+            conn = self._handoff.get()
 
     def _housekeeping(self) -> None:
         if not self._owns_socket():
