@@ -2904,9 +2904,23 @@ def _run_foreground(cfg: Config, args: Any) -> int:
 
 
 def cmd_stop(args: Any) -> int:
-    cfg = _load(args)
-    print(_client(cfg, args).stop(args.timeout))
+    try:
+        client = _client(_load(args), args)
+    except ConfigError:
+        # Stopping needs only the config's path: a broken or deleted config must not
+        # strand the daemon it started.
+        explicit = args.config or os.environ.get("MCPORTER_CONFIG")
+        path = os.path.abspath(os.path.expanduser(explicit)) if explicit else _naming_path(args.root)
+        client = DaemonClient(DaemonPaths.for_config(path), "", [])
+    print(client.stop(args.timeout))
     return 0
+
+
+def _naming_path(root: Optional[str]) -> str:
+    try:
+        return discover_config(None, root)[0]
+    except ConfigError:  # an unreadable layer: the project path names the daemon
+        return os.path.join(os.path.abspath(root or os.getcwd()), "config", "mcporter.json")
 
 
 def cmd_restart(args: Any) -> int:
