@@ -176,6 +176,8 @@ class McpError(DaemonError):
     def __init__(self, message: str, code: str = "mcp_error") -> None:
         super().__init__(message)
         self.code = code
+        if code == "command_not_found":
+            self.exit_code = 2  # a configuration problem, wherever the server runs
 
 
 def _require_posix() -> None:
@@ -223,6 +225,8 @@ def ensure_private_dir(path: str) -> str:
     try:
         os.makedirs(path, mode=0o700, exist_ok=True)
         st = os.stat(path)
+    except FileExistsError:
+        raise UnsafePathError(f"state path {path} exists and is not a directory") from None
     except OSError as exc:
         raise UnsafePathError(f"cannot create state directory {path}: {exc.strerror}") from exc
     import stat as _stat
@@ -561,8 +565,11 @@ def _parse_server(name: str, entry: Any, source: str, base_dir: str, environ: Di
         return spec
     _parse_command(spec, entry, where)
     env = entry.get("env", {})
-    if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
-        raise _type_error(source, f"{where}.env", "an object of strings", env)
+    if not isinstance(env, dict):
+        raise _type_error(source, f"{where}.env", "an object", env)
+    for key, value in env.items():
+        if not isinstance(value, str):
+            raise _type_error(source, f"{where}.env.{key}", "a string", value)
     spec.env = {str(k): _expand_placeholders(v, environ) for k, v in env.items()}
     cwd = entry.get("cwd")
     if cwd is not None:
@@ -691,9 +698,8 @@ def exchange(
     """
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.settimeout(connect_timeout or idle_timeout)
         try:
-            sock.connect(socket_path)
+            _connect(sock, socket_path, connect_timeout or idle_timeout)
         except socket.timeout:
             raise DaemonTimeout(f"daemon at {socket_path} did not accept a connection") from None
         except OSError as exc:
@@ -702,6 +708,23 @@ def exchange(
         return _send_and_receive(sock, socket_path, request, idle_timeout)
     finally:
         sock.close()
+
+
+def _connect(sock: socket.socket, path: str, timeout: float) -> None:
+    """Connect within ``timeout``. A full listen queue answers EAGAIN at once on a socket with
+    a timeout; wait for room instead, since the queue drains as the daemon accepts."""
+    deadline = time.monotonic() + timeout
+    delay = 0.001
+    sock.settimeout(timeout)
+    while True:
+        try:
+            sock.connect(path)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise socket.timeout("listen queue stayed full") from None
+            time.sleep(delay)
+            delay = min(delay * 2, 0.02)
 
 
 def _send_and_receive(
@@ -1668,7 +1691,7 @@ class DaemonHost:
             raise DaemonError(f"cannot bind socket {path}: {exc.strerror or exc}") from None
         finally:
             os.umask(old_umask)
-        listener.listen(128)
+        listener.listen(socket.SOMAXCONN)  # a burst of callers must queue, not be refused
         st = os.stat(path)
         self._sock_id = (st.st_dev, st.st_ino)
         self._listener = listener
@@ -1861,12 +1884,10 @@ class DaemonHost:
         own client does), within a deadline and under the size and pending-memory caps."""
         deadline = time.monotonic() + _REQUEST_READ_DEADLINE
         buf = bytearray()
+        ends_object = False  # the last non-blank byte so far is "}": maybe a whole request
         try:
             while True:
-                nl = buf.find(b"\n")
-                if nl >= 0:
-                    return bytes(buf[:nl])
-                if buf.rstrip().endswith(b"}") and not _more_pending(conn) and _is_json(buf):
+                if ends_object and not _more_pending(conn) and _is_json(buf):
                     return bytes(buf)
                 if len(buf) > _MAX_REQUEST_BYTES:
                     raise _FrameTooLarge()
@@ -1877,11 +1898,16 @@ class DaemonHost:
                 chunk = conn.recv(65536)
                 if not chunk:
                     return bytes(buf) if buf.strip() else None
+                nl = chunk.find(b"\n")  # only the new bytes: rescanning buf would be quadratic
+                if nl >= 0:
+                    return bytes(buf) + chunk[:nl]
                 with self._lock:
                     if self._pending_bytes + len(chunk) > _MAX_PENDING_BYTES:
                         raise _Busy()
                     self._pending_bytes += len(chunk)
                 buf += chunk
+                tail = chunk.rstrip()
+                ends_object = tail.endswith(b"}") if tail else ends_object
         finally:
             with self._lock:
                 self._pending_bytes -= len(buf)
@@ -2053,7 +2079,7 @@ def _is_json(buf: bytearray) -> bool:
     try:
         json.loads(buf)
         return True
-    except ValueError:
+    except (ValueError, RecursionError):
         return False
 
 
@@ -2065,7 +2091,7 @@ def _parse_request(raw: bytes) -> Tuple[Optional[Dict[str, Any]], Optional[Dict[
     """(request, None) or (None, error frame): bad JSON, shapes and types answered, not raised."""
     try:
         req = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
         return None, _error_frame(None, "request is not valid JSON", "invalid_json")
     if not isinstance(req, dict):
         return None, _error_frame(None, "request must be a JSON object", "bad_request")
