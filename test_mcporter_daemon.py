@@ -1034,3 +1034,1039 @@ def test_demo_command_runs_and_cleans_up(h):
         f"{pid} {' '.join(proc_cmdline(pid))}" for pid in left
     ]
     assert list(demo_tmp.iterdir()) == [], "`demo` left files behind"
+
+
+# ---- issue 3: hung, busy and foreign processes; socket loss; bad input; errors; safety ----
+
+PROBE_DEFAULT_S = 2.0  # the daemon's default probe timeout (MCPORTER_DAEMON_PROBE_TIMEOUT_MS)
+NOBODY_UID = 65534
+# Exec argv[1:] as uid/gid 65534 with no supplementary groups (the wrapper runs as root).
+AS_NOBODY = (
+    "import os, sys; os.setgroups([]); os.setgid(65534); os.setuid(65534); "
+    "os.execv(sys.argv[1], sys.argv[1:])"
+)
+CONNECT_PROBE = (
+    "import socket, sys\n"
+    "s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n"
+    "try:\n"
+    "    s.connect(sys.argv[1])\n"
+    "    print('connected')\n"
+    "except OSError as exc:\n"
+    "    print(type(exc).__name__, exc.errno)\n"
+)
+
+
+def run_argv(h, argv, env, cwd=None, timeout=CLI_TIMEOUT):
+    """Run ``argv`` to completion with piped output; tracked for cleanup like ``h.cli``."""
+    p = spawn([str(a) for a in argv], env, cwd or h.tmp, subprocess.PIPE, subprocess.PIPE)
+    h.popens.append(p)
+    h.track(p.pid)
+    return communicate_text(p, [str(a) for a in argv], timeout)
+
+
+def cli_with_env(h, *args, **env_extra):
+    """``h.cli`` with extra environment variables for the CLI (and what it launches)."""
+    return run_argv(h, h.argv(*args), h.env(**env_extra))
+
+
+def spawn_to_files(h, argv, env):
+    """Start a long-running process with stdout/stderr in files (read with ``read_file``)."""
+    n = len(h.popens)
+    out = open(str(h.tmp / f"s{n}.out"), "w+")  # noqa: SIM115 - closed at cleanup
+    err = open(str(h.tmp / f"s{n}.err"), "w+")  # noqa: SIM115 - closed at cleanup
+    p = spawn([str(a) for a in argv], env, h.tmp, out, err)
+    p.out_file, p.err_file = out, err
+    p.out_path, p.err_path = out.name, err.name
+    h.popens.append(p)
+    h.track(p.pid)
+    return p
+
+
+def vm_rss_kib(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def assert_prompt_error(r, rc, *needles, within=2.0):
+    """An immediate failure: exit ``rc`` within ``within`` s, one stderr line naming the cause."""
+    lines = [ln for ln in r.err.splitlines() if ln.strip()]
+    print(f"  error after {r.elapsed:.3f}s (exit {r.rc}): {lines[0] if lines else '(no stderr)'}")
+    assert r.rc == rc, r
+    assert "Traceback" not in r.err, r
+    assert len(lines) == 1, f"expected exactly one line on stderr: {r!r}"
+    for needle in needles:
+        assert needle in lines[0], f"{needle!r} not named in the error: {r!r}"
+    assert r.elapsed < within, f"error took {r.elapsed:.2f}s, over {within}s: {r!r}"
+
+
+def read_frames_until_close(s, timeout):
+    """Every frame the daemon sends on ``s`` until it closes the connection."""
+    deadline = time.monotonic() + timeout
+    buf = b""
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"connection neither answered nor closed within {timeout}s: {buf[:200]!r}")
+        s.settimeout(left)
+        try:
+            chunk = s.recv(65536)
+        except ConnectionResetError:
+            chunk = b""
+        except socket.timeout:
+            continue
+        if not chunk:
+            break
+        buf += chunk
+    return [json.loads(line) for line in buf.split(b"\n") if line.strip()]
+
+
+def send_raw_bytes(path, payload, timeout=15.0):
+    """``payload`` as is on a fresh connection; the frames answered before the daemon closed it."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.settimeout(timeout)
+        s.connect(str(path))
+        try:
+            s.sendall(payload)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the daemon may stop reading (oversized request) and close first
+        return read_frames_until_close(s, timeout)
+    finally:
+        s.close()
+
+
+def assert_error_or_closed(frames, what, code=None, rid="any"):
+    """At most one frame; if one, ``ok: false`` with a string ``error.code`` (``code`` if given)."""
+    assert len(frames) <= 1, f"{what}: more than one frame: {frames!r}"
+    if code is not None:
+        assert frames, f"{what}: connection closed without the {code!r} error"
+    if not frames:
+        return
+    frame = frames[0]
+    assert isinstance(frame, dict) and frame.get("ok") is False, f"{what}: {frame!r}"
+    err = frame.get("error") or {}
+    assert isinstance(err.get("code"), str) and err["code"], f"{what}: no error.code in {frame!r}"
+    assert isinstance(err.get("message"), str) and err["message"], f"{what}: no message in {frame!r}"
+    if code is not None:
+        assert err["code"] == code, f"{what}: code {err['code']!r}, expected {code!r}: {frame!r}"
+    if rid != "any":
+        assert frame.get("id") == rid, f"{what}: id {frame.get('id')!r}, expected {rid!r}"
+
+
+def write_flag(path, text):
+    tmp = str(path) + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, str(path))
+
+
+def socket_ino(path):
+    try:
+        return os.stat(str(path)).st_ino
+    except OSError:
+        return None
+
+
+class StatusLatencyPoller:
+    """Polls ``status`` on another thread, recording each round trip and the daemon's VmRSS."""
+
+    def __init__(self, sock, daemon):
+        self.sock, self.daemon = sock, daemon
+        self.latencies, self.failures, self.rss = [], [], []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="status-poller", daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            t0 = time.monotonic()
+            try:
+                resp, _, _ = raw_request(self.sock, "status", {}, idle=5.0)
+                if resp.get("ok") is not True or resp["result"]["pid"] != self.daemon:
+                    self.failures.append(repr(resp))
+            except Exception as exc:
+                self.failures.append(repr(exc))
+            self.latencies.append(time.monotonic() - t0)
+            self.rss.append(vm_rss_kib(self.daemon) or 0)
+            self._stop.wait(0.01)  # polling cadence
+
+    def start(self):
+        self._thread.start()
+        return self
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(10)
+
+    def summary(self):
+        lat = sorted(self.latencies)
+        return (
+            f"{len(lat)} status requests, max {lat[-1] * 1000:.1f} ms, median {lat[len(lat) // 2] * 1000:.1f} ms"
+            if lat
+            else "no status requests"
+        )
+
+    def assert_responsive(self, limit=1.0, min_polls=10):
+        assert not self.failures, f"status failed meanwhile: {self.failures[:5]}"
+        assert len(self.latencies) >= min_polls, f"only {len(self.latencies)} status polls ran"
+        assert max(self.latencies) < limit, f"status took up to {max(self.latencies):.3f}s"
+
+
+# ---- 1. a stopped (SIGSTOP) daemon is reclaimed within the probe timeout + 0.5 s ----
+
+
+def test_stopped_daemon_reclaimed_within_probe_timeout(h):
+    assert call_ok(h, "demo.counter") == "1"
+    old_pid = running_status(h)["pid"]
+    old_server = h.server_pid_from_status()
+    assert old_server and pid_alive(old_server)
+    h.sigstop(old_pid)
+
+    r = h.cli("call", "demo.counter")
+    limit = PROBE_DEFAULT_S + 0.5
+    print(f"\n  stopped daemon reclaimed: next `call` took {r.elapsed:.3f}s (limit {limit:.1f}s)")
+    assert r.rc == 0 and r.out.strip() == "1", r
+    assert r.elapsed < limit, f"call after SIGSTOP took {r.elapsed:.2f}s, over {limit}s"
+    # By the time the call answered, the hung daemon and its MCP server were ended.
+    assert not pid_alive(old_pid), f"stopped daemon {old_pid} still exists"
+    assert not pid_alive(old_server), f"stopped daemon's MCP server {old_server} still exists"
+
+    # Waking whatever might be left changes nothing: one daemon, one server, the new ones.
+    try:
+        h.sigcont(old_pid)
+    except ProcessLookupError:
+        pass  # already reaped
+    new_pid = running_status(h)["pid"]
+    assert new_pid != old_pid
+    assert call_ok(h, "demo.counter") == "2"
+    assert h.meta()["pid"] == new_pid
+    assert_one_daemon_tree(h, new_pid)
+
+
+# ---- 2. a busy daemon answers status at once and is never replaced ----
+
+
+def test_busy_daemon_answers_status_and_is_not_replaced(h):
+    r = h.cli("start")
+    assert r.rc == 0, r
+    daemon = started_pid(r)
+    assert call_ok(h, "demo.counter") == "1"  # the MCP server is warm
+    server = h.server_pid_from_status()
+    sock = h.socket_path
+    ino = socket_ino(sock)
+
+    in_flight = threading.Event()
+    box = {}
+
+    def long_call():
+        params = {"server": "demo", "tool": "sleep", "args": {"seconds": 5}, "timeoutMs": 30000}
+        try:
+            box["resp"] = raw_request(
+                sock, "callTool", params, idle=10.0, progress_ms=250, on_frame=lambda n: in_flight.set()
+            )
+        except BaseException as exc:  # reported by the main thread
+            box["error"] = exc
+        finally:
+            in_flight.set()
+
+    t = threading.Thread(target=long_call, name="busy-call", daemon=True)
+    t.start()
+    assert in_flight.wait(10), "the sleep call never started"
+    assert "error" not in box, box
+
+    latencies = []
+
+    def measure_status(n):
+        for _ in range(n):
+            t0 = time.monotonic()
+            resp, _, _ = raw_request(sock, "status", {}, idle=5.0)
+            latencies.append(time.monotonic() - t0)
+            assert resp.get("ok") is True and resp["result"]["pid"] == daemon, resp
+
+    measure_status(10)
+    r_start = h.cli("start")
+    fg = h.popen("start", "--foreground")
+    wait_until(lambda: fg.poll() is not None, 30, message="`start --foreground` to exit")
+    measure_status(10)
+    still_busy = t.is_alive()
+
+    print(
+        f"\n  status during a 5 s call: max {max(latencies) * 1000:.1f} ms, "
+        f"median {sorted(latencies)[len(latencies) // 2] * 1000:.1f} ms over {len(latencies)} requests"
+    )
+    assert still_busy, "the sleep call ended before the concurrent starts were checked"
+    assert max(latencies) < 0.5, f"status took up to {max(latencies):.3f}s while busy"
+    assert r_start.rc == 0, r_start
+    assert f"already running (pid {daemon})" in r_start.out, r_start
+    fg_err = read_file(fg.err_path)
+    assert fg.returncode == 0, f"`start --foreground` exited {fg.returncode}: {fg_err}"
+    assert f"daemon already running (pid {daemon}); not starting another" in fg_err, fg_err
+
+    t.join(30)
+    assert not t.is_alive(), "the sleep call never finished"
+    assert "error" not in box, f"sleep call failed: {box.get('error')!r}"
+    resp = box["resp"][0]
+    assert resp.get("ok") is True, resp
+    assert [c.get("text") for c in resp["result"]["content"]] == ["slept 5"], resp
+
+    assert running_status(h)["pid"] == daemon
+    assert h.meta()["pid"] == daemon
+    assert socket_ino(sock) == ino, "the busy daemon's socket was replaced"
+    assert h.server_pid_from_status() == server
+    assert_one_daemon_tree(h, daemon)
+
+
+# ---- 3. one missed probe is no proof of a hang (vendored host, slow status) ----
+
+SLOW_HOST_SCRIPT = """\
+import os, sys, time
+sys.path.insert(0, {here!r})
+import mcporter_daemon
+
+base, flag = sys.argv[1], sys.argv[2]
+paths = mcporter_daemon.DaemonPaths.for_key("slowhost", base)
+
+
+def slow_extra():
+    # While the flag file exists, status answers only after the delay it holds.
+    try:
+        with open(flag) as f:
+            time.sleep(float(f.read()))
+    except FileNotFoundError:
+        pass
+    return {{}}
+
+
+def echo(params, ctx):
+    return {{"pid": os.getpid(), "text": params.get("text")}}
+
+
+host = mcporter_daemon.DaemonHost(paths, "fp-1", {{"echo": echo}}, status_extra=slow_extra)
+sys.exit(host.run())
+"""
+
+
+def start_slow_host(h, probe_ms=300):
+    """Write the slow-status host script once; start one instance of it."""
+    script = h.tmp / "slow_host.py"
+    if not script.exists():
+        script.write_text(SLOW_HOST_SCRIPT.format(here=str(HERE)))
+    flag = h.tmp / "slow.flag"
+    env = h.env(MCPORTER_DAEMON_PROBE_TIMEOUT_MS=str(probe_ms))
+    return spawn_to_files(h, [sys.executable, script, h.state_dir, flag], env), flag
+
+
+def slow_host_socket(h):
+    return h.state_dir / "daemon-slowhost.sock"
+
+
+def wait_slow_host_serving(h, pid):
+    sock = slow_host_socket(h)
+
+    def answers():
+        try:
+            resp, _, _ = raw_request(sock, "echo", {"text": "hi"}, idle=5.0)
+        except (OSError, EOFError):
+            return None
+        return resp.get("ok") and resp["result"]["pid"] == pid
+
+    wait_until(answers, 20, message=f"slow host {pid} to serve")
+
+
+def test_alive_daemon_missing_one_probe_is_not_replaced(h):
+    first, flag = start_slow_host(h)
+    wait_slow_host_serving(h, first.pid)
+    sock = slow_host_socket(h)
+    ino = socket_ino(sock)
+
+    write_flag(flag, "0.6")  # slower than the 0.3 s probe, faster than the 1 s second probe
+    t0 = time.monotonic()
+    resp, _, _ = raw_request(sock, "status", {}, idle=5.0)
+    slow_status = time.monotonic() - t0
+    assert resp.get("ok") is True and resp["result"]["pid"] == first.pid, resp
+    assert slow_status >= 0.5, f"the flag did not slow status down ({slow_status:.3f}s)"
+
+    second, _ = start_slow_host(h)
+    t0 = time.monotonic()
+    wait_until(lambda: second.poll() is not None, 20, message="second host instance to exit")
+    took = time.monotonic() - t0
+    err = read_file(second.err_path)
+    print(
+        f"\n  status answered in {slow_status:.3f}s (probe 0.3 s); second instance exited after {took:.2f}s"
+    )
+    assert second.returncode == 0, f"second instance exited {second.returncode}: {err}"
+    assert f"daemon already running (pid {first.pid}); not starting another" in err, err
+
+    assert first.poll() is None, f"slow daemon was ended: {read_file(first.err_path)}"
+    assert not pid_stopped(first.pid)
+    assert socket_ino(sock) == ino, "the slow daemon's socket was replaced"
+    meta = json.loads((h.state_dir / "daemon-slowhost.json").read_text())
+    assert meta["pid"] == first.pid, meta
+    os.unlink(str(flag))
+    resp, _, _ = raw_request(sock, "echo", {"text": "still here"}, idle=5.0)
+    assert resp.get("ok") is True and resp["result"] == {"pid": first.pid, "text": "still here"}, resp
+
+    resp, _, _ = raw_request(sock, "stop", {}, idle=5.0)
+    assert resp.get("ok") is True, resp
+    wait_until(lambda: first.poll() is not None, 10, message="slow host to stop")
+    assert first.returncode == 0, read_file(first.err_path)
+
+
+def test_daemon_silent_on_both_probes_is_replaced(h):
+    # The contrast to the test above: silent on the first AND the longer second probe is hung.
+    first, flag = start_slow_host(h)
+    wait_slow_host_serving(h, first.pid)
+    write_flag(flag, "30")  # status now takes longer than both probes (0.3 s, then 1 s)
+
+    t0 = time.monotonic()
+    second, _ = start_slow_host(h)
+    wait_until(lambda: first.poll() is not None, 20, message=f"hung host {first.pid} to be ended")
+    took = time.monotonic() - t0
+    os.unlink(str(flag))
+    print(f"\n  host silent on both probes replaced after {took:.2f}s")
+    wait_slow_host_serving(h, second.pid)
+    assert second.poll() is None, read_file(second.err_path)
+    meta = json.loads((h.state_dir / "daemon-slowhost.json").read_text())
+    assert meta["pid"] == second.pid, meta
+    resp, _, _ = raw_request(slow_host_socket(h), "stop", {}, idle=5.0)
+    assert resp.get("ok") is True, resp
+    wait_until(lambda: second.poll() is not None, 10, message="replacement host to stop")
+
+
+# ---- 4. a live process that is not ours is never signalled ----
+
+BYSTANDER_SCRIPT = """\
+import signal, sys, time
+
+log = sys.argv[1]
+
+
+def note(signum, frame):
+    with open(log, "a") as f:
+        f.write(signal.Signals(signum).name + "\\n")
+
+
+for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCONT, signal.SIGQUIT,
+            signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM):
+    signal.signal(sig, note)
+open(log, "a").close()  # ready: every catchable signal is now recorded
+while True:
+    time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("start_time", ["wrong", "missing"])
+def test_foreign_pid_in_metadata_is_never_signalled(h, start_time):
+    sig_log = h.tmp / "bystander.signals"
+    script = h.tmp / "bystander.py"
+    script.write_text(BYSTANDER_SCRIPT)
+    bystander = spawn_to_files(h, [sys.executable, script, sig_log], h.env())
+    wait_until(sig_log.exists, 10, message="bystander to install its signal handlers")
+    before = proc_stat(bystander.pid)
+
+    def plant():
+        entry = {"pid": bystander.pid}
+        if start_time == "wrong":
+            entry["pidStartTime"] = str(before.start + 1)
+        meta = dict(
+            entry,
+            protocolVersion=2,
+            socketPath=str(h.socket_path),
+            configPath=str(h.cfg),
+            fingerprint="0" * 32,
+            startedAt=int(time.time() * 1000),
+            servers={"demo": dict(entry)},
+        )
+        h.meta_path.write_text(json.dumps(meta))
+        if h.socket_path.exists():
+            h.socket_path.unlink()
+        stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # a dead socket file: refused
+        stale.bind(str(h.socket_path))
+        stale.close()
+
+    def assert_untouched(when):
+        now = proc_stat(bystander.pid)
+        assert now is not None and now.state not in ("Z", "X"), f"bystander died {when}"
+        assert now.state not in ("T", "t"), f"bystander was stopped {when}"
+        assert now.start == before.start, f"bystander pid reused {when}"
+        assert bystander.poll() is None
+        assert sig_log.read_text() == "", f"bystander was signalled {when}: {sig_log.read_text()!r}"
+
+    plant()
+    r = h.cli("stop")
+    assert r.rc == 0, r
+    assert "no daemon running" in r.out, r
+    assert_untouched("by `stop`")
+
+    plant()
+    assert call_ok(h, "demo.counter") == "1"
+    assert_untouched("by the next daemon's bind guard")
+    daemon = running_status(h)["pid"]
+    assert daemon != bystander.pid
+    assert h.meta()["pid"] == daemon
+    assert_one_daemon_tree(h, daemon)
+
+
+# ---- 5. the next daemon ends an MCP server that ignores stdin EOF ----
+
+
+def test_next_daemon_ends_eof_ignoring_server_of_sigkilled_daemon(h):
+    eof_flag = h.tmp / "server-saw-eof"
+    code = (
+        "import sys, runpy, time\n"
+        "sys.argv = ['mcporter_daemon.py', '_demo-server']\n"
+        "try:\n"
+        f"    runpy.run_path({str(MODULE_PATH)!r}, run_name='__main__')\n"
+        "finally:\n"
+        f"    open({str(eof_flag)!r}, 'w').close()\n"
+        "    time.sleep(3600)\n"
+    )
+    h.write_config(
+        {
+            "mcpServers": {
+                "demo": {"command": sys.executable, "args": ["-c", code, h.tag], "lifecycle": "keep-alive"}
+            }
+        }
+    )
+    assert call_ok(h, "demo.counter") == "1"
+    old_pid = running_status(h)["pid"]
+    old_server = h.server_pid_from_status()
+    assert h.meta()["servers"]["demo"]["pid"] == old_server
+
+    os.kill(old_pid, signal.SIGKILL)
+    wait_until(lambda: not pid_alive(old_pid), 5, message="SIGKILLed daemon to die")
+    # The server got EOF on stdin and ignores it: it outlives its daemon.
+    wait_until(eof_flag.exists, 10, message="the MCP server to see stdin EOF")
+    assert pid_alive(old_server), "the EOF-ignoring server exited by itself; the test proves nothing"
+
+    assert call_ok(h, "demo.counter") == "1"
+    # Ended by the next daemon before it bound, so already gone when the call answers.
+    assert not pid_alive(old_server), f"orphaned MCP server {old_server} still running"
+    log = h.path("log").read_text()
+    assert f"ending MCP server 'demo' (pid {old_server}) left by a dead daemon" in log, log[-2000:]
+    new_pid = running_status(h)["pid"]
+    assert new_pid != old_pid
+    assert_one_daemon_tree(h, new_pid)
+
+
+# ---- 6. a daemon whose socket path was removed or replaced exits within 5 s ----
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_daemon_exits_when_its_socket_path_is_lost(h, how):
+    assert call_ok(h, "demo.counter") == "1"
+    daemon = running_status(h)["pid"]
+    server = h.server_pid_from_status()
+    assert server and pid_alive(server)
+    listener = None
+    try:
+        t0 = time.monotonic()
+        h.socket_path.unlink()
+        if how == "replaced":
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener.bind(str(h.socket_path))
+            listener.listen(16)
+            ours = socket_ino(h.socket_path)
+        wait_until(
+            lambda: not pid_alive(daemon) and not pid_alive(server),
+            10,
+            message=f"daemon {daemon} and MCP server {server} to exit after losing the socket",
+        )
+        took = time.monotonic() - t0
+        print(f"\n  socket {how}: daemon and its MCP server gone after {took:.2f}s (limit 5 s)")
+        assert took < 5.0, f"daemon lingered {took:.2f}s after its socket was {how}"
+        assert not h.meta_path.exists(), "the exiting daemon left its metadata behind"
+        if how == "replaced":
+            assert socket_ino(h.socket_path) == ours, "the exiting daemon removed another listener's socket"
+
+        # The next call works. A listener that accepts but never answers is taken over after
+        # two silent probes (its owner unknown); a short probe timeout keeps that quick.
+        r = cli_with_env(h, "call", "demo.counter", MCPORTER_DAEMON_PROBE_TIMEOUT_MS="300")
+        print(f"  next call took {r.elapsed:.2f}s")
+        assert r.rc == 0 and r.out.strip() == "1", r
+    finally:
+        if listener is not None:
+            listener.close()
+    new_pid = running_status(h)["pid"]
+    assert new_pid != daemon
+    assert h.meta()["pid"] == new_pid
+    assert_one_daemon_tree(h, new_pid)
+
+
+# ---- 7. bad input on the socket never crashes or wedges the daemon ----
+
+
+def test_bad_socket_input_is_answered_and_bounded(h):
+    r = h.cli("start")
+    assert r.rc == 0, r
+    daemon = started_pid(r)
+    assert call_ok(h, "demo.echo", "text=warm") == "warm"
+    sock = h.socket_path
+    rss_before = vm_rss_kib(daemon)
+
+    poller = StatusLatencyPoller(sock, daemon)
+    idle_conns = []
+    try:
+        poller.start()
+        # Slow clients: some send nothing, some half a line; they must not block anyone.
+        opened = time.monotonic()
+        for i in range(40):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            idle_conns.append(s)
+            s.settimeout(5)
+            s.connect(str(sock))
+            if i % 2:
+                s.sendall(b'{"id": "half", "method": "sta')
+
+        def req(obj):
+            return (json.dumps(obj) + "\n").encode()
+
+        cases = [
+            ("non-JSON", b"this is not json\n", "invalid_json", None),
+            ("invalid UTF-8", b"\xff\xfe\x00\xc3(\n", "invalid_json", None),
+            ("empty line", b"\n", None, None),
+            ("JSON array", b"[1, 2, 3]\n", "bad_request", None),
+            ("JSON string", b'"status"\n', "bad_request", None),
+            ("JSON null", b"null\n", "bad_request", None),
+            ("deep nesting", b"[" * 200000 + b"]" * 200000 + b"\n", None, "any"),
+            ("unknown method", req({"id": "u1", "method": "no.such", "params": {}}), "unknown_method", "u1"),
+            ("method not a string", req({"id": "m1", "method": 5}), "bad_request", "m1"),
+            ("params a list", req({"id": "p1", "method": "status", "params": [1]}), "bad_request", "p1"),
+            (
+                "bad protocolVersion",
+                req({"id": "v1", "method": "status", "protocolVersion": "2"}),
+                "bad_request",
+                "v1",
+            ),
+            (
+                "callTool server=5 args='x'",
+                req({"id": "t1", "method": "callTool", "params": {"server": 5, "tool": "echo", "args": "x"}}),
+                "bad_request",
+                "t1",
+            ),
+            (
+                "callTool args='x'",
+                req(
+                    {
+                        "id": "t2",
+                        "method": "callTool",
+                        "params": {"server": "demo", "tool": "echo", "args": "x"},
+                    }
+                ),
+                "bad_request",
+                "t2",
+            ),
+            (
+                "callTool tool=list",
+                req({"id": "t3", "method": "callTool", "params": {"server": "demo", "tool": ["echo"]}}),
+                "bad_request",
+                "t3",
+            ),
+            (
+                "callTool timeoutMs string",
+                req(
+                    {
+                        "id": "t4",
+                        "method": "callTool",
+                        "params": {"server": "demo", "tool": "echo", "args": {}, "timeoutMs": "soon"},
+                    }
+                ),
+                "bad_request",
+                "t4",
+            ),
+            (
+                "readResource uri=7",
+                req({"id": "t5", "method": "readResource", "params": {"server": "demo", "uri": 7}}),
+                "bad_request",
+                "t5",
+            ),
+            (
+                "listTools server=null",
+                req({"id": "t6", "method": "listTools", "params": {"server": None}}),
+                "bad_request",
+                "t6",
+            ),
+            (
+                "unknown server",
+                req({"id": "t7", "method": "callTool", "params": {"server": "nope", "tool": "x"}}),
+                "unknown_server",
+                "t7",
+            ),
+            ("id an object", req({"id": {"a": 1}, "method": "no.such"}), "unknown_method", None),
+            (
+                "missing id, bad params",
+                req({"method": "callTool", "params": {"server": 5}}),
+                "bad_request",
+                None,
+            ),
+        ]
+        for what, payload, code, rid in cases:  # rid: the id the error must carry ("any": unchecked)
+            assert_error_or_closed(send_raw_bytes(sock, payload), what, code=code, rid=rid)
+
+        # A valid request without an id (and without protocolVersion) gets exactly one answer.
+        frames = send_raw_bytes(sock, b'{"method": "status"}\n')
+        assert len(frames) == 1 and frames[0].get("ok") is True and frames[0].get("id") is None, frames
+
+        # 40 MiB on one line: answered request_too_large, connection closed.
+        big = b'{"id": "big", "method": "status", "params": {"pad": "' + b"a" * (40 << 20) + b'"}}\n'
+        t0 = time.monotonic()
+        frames = send_raw_bytes(sock, big, timeout=60.0)
+        big_took = time.monotonic() - t0
+        del big
+        assert_error_or_closed(frames, "40 MiB request", code="request_too_large")
+        rss_after_big = vm_rss_kib(daemon)
+
+        # The slow clients are dropped once the 10 s request deadline passes.
+        for s in idle_conns:
+            left = opened + 10.0 + 5.0 - time.monotonic()
+            assert_error_or_closed(read_frames_until_close(s, max(left, 0.1)), "slow client")
+        dropped_after = time.monotonic() - opened
+    finally:
+        poller.stop()
+        for s in idle_conns:
+            s.close()
+
+    rss_after = vm_rss_kib(daemon)
+    peak = max(poller.rss + [rss_after_big or 0])
+    print(f"\n  status during abuse: {poller.summary()}")
+    print(
+        f"  daemon VmRSS: before {rss_before / 1024:.1f} MiB, peak while abused {peak / 1024:.1f} MiB, "
+        f"after {rss_after / 1024:.1f} MiB; 40 MiB request refused in {big_took:.2f}s; "
+        f"slow clients dropped by {dropped_after:.1f}s"
+    )
+    poller.assert_responsive(1.0)
+    assert peak - rss_before < 200 * 1024, f"RSS grew {(peak - rss_before) / 1024:.0f} MiB"
+
+    assert pid_alive(daemon)
+    assert running_status(h)["pid"] == daemon
+    assert call_ok(h, "demo.echo", "text=still serving") == "still serving"
+    assert_one_daemon_tree(h, daemon)
+
+
+def test_connection_burst_is_served(h):
+    # 200 clients connect at once, each as the module's own client does (a connect with a
+    # timeout, i.e. non-blocking underneath), then each sends one line.
+    r = h.cli("start")
+    assert r.rc == 0, r
+    daemon = started_pid(r)
+    sock = h.socket_path
+    poller = StatusLatencyPoller(sock, daemon).start()
+    conns, refused = [], []
+    try:
+        for i in range(200):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(15)
+            try:
+                s.connect(str(sock))
+            except OSError as exc:
+                refused.append(f"{type(exc).__name__}: {exc}")
+                s.close()
+                continue
+            conns.append((i, s))
+        for i, s in conns:
+            line = {"id": f"b{i}", "method": "status"} if i % 2 == 0 else None
+            s.sendall((json.dumps(line) + "\n").encode() if line else b"{oops\n")
+        for i, s in conns:
+            frames = read_frames_until_close(s, 15)
+            if i % 2 == 0:
+                assert len(frames) == 1 and frames[0].get("ok") is True, (i, frames)
+                assert frames[0]["id"] == f"b{i}" and frames[0]["result"]["pid"] == daemon, frames
+            else:
+                assert_error_or_closed(frames, f"burst garbage {i}", code="invalid_json")
+    finally:
+        poller.stop()
+        for _, s in conns:
+            s.close()
+    print(f"\n  200-connection burst: {len(refused)} connects refused; status meanwhile: {poller.summary()}")
+    assert not refused, f"{len(refused)} of 200 connects refused, e.g. {refused[0]}"
+    poller.assert_responsive(1.0, min_polls=1)
+    assert running_status(h)["pid"] == daemon
+
+
+# ---- 8. errors that surface at once: one line, within 2 s ----
+
+BAD_JSON_CONFIG = '{\n  "mcpServers": {\n    "demo": {"command": "x" "args": []}\n  }\n}\n'
+
+
+def test_invalid_json_config_names_line_and_column(h):
+    h.cfg.write_text(BAD_JSON_CONFIG)
+    try:
+        json.loads(BAD_JSON_CONFIG)
+    except ValueError as exc:
+        where = (exc.lineno, exc.colno)
+    r = h.cli("call", "demo.echo", "text=x")
+    assert_prompt_error(r, 2, str(h.cfg), f"line {where[0]}", f"column {where[1]}")
+    assert h.daemon_pids() == set(), "a daemon started on a config it cannot parse"
+
+
+@pytest.mark.parametrize(
+    "servers, named",
+    [
+        ({"demo": {"command": 5, "lifecycle": "keep-alive"}}, "mcpServers.demo.command"),
+        ({"demo": {"command": "x", "args": "--flag", "lifecycle": "keep-alive"}}, "mcpServers.demo.args"),
+        ({"demo": {"command": "x", "env": {"A": 1}, "lifecycle": "keep-alive"}}, "mcpServers.demo.env"),
+        ({"demo": {"command": "x", "lifecycle": 7}}, "mcpServers.demo.lifecycle"),
+        ([], "mcpServers"),
+    ],
+    ids=["command-int", "args-str", "env-int", "lifecycle-int", "servers-list"],
+)
+def test_config_with_wrong_types_is_one_line_error(h, servers, named):
+    h.write_config({"mcpServers": servers})
+    r = h.cli("call", "demo.echo", "text=x")
+    assert_prompt_error(r, 2, str(h.cfg), named)
+    assert h.daemon_pids() == set()
+
+
+@pytest.mark.parametrize("lifecycle", ["keep-alive", "ephemeral"])
+def test_missing_server_command_is_named_at_once(h, lifecycle):
+    missing = f"/nonexistent/mcp-server-{uuid.uuid4().hex[:8]}"
+    h.write_config({"mcpServers": {"demo": {"command": missing, "lifecycle": lifecycle}}})
+    r = h.cli("call", "demo.echo", "text=x")
+    assert_prompt_error(r, 2, missing, "not found")
+
+
+@pytest.mark.parametrize("unsafe", ["mode-0777", "other-owner"])
+def test_unsafe_state_dir_is_refused(h, unsafe):
+    if unsafe == "other-owner":
+        if os.getuid() != 0:
+            pytest.skip("giving the state dir another owner needs root")
+        os.chown(str(h.state_dir), NOBODY_UID, NOBODY_UID)
+        needles = (str(h.state_dir), f"owned by uid {NOBODY_UID}")
+    else:
+        os.chmod(str(h.state_dir), 0o777)
+        needles = (str(h.state_dir), "0777")
+    r = h.cli("call", "demo.echo", "text=x")
+    assert_prompt_error(r, 2, *needles)
+    assert h.daemon_pids() == set()
+    assert not h.socket_path.exists()
+
+
+def test_daemon_child_start_failure_is_shown_at_once(h):
+    bad_log = "/nonexistent/dir/x.log"
+    r = cli_with_env(h, "call", "demo.echo", "text=x", MCPORTER_DAEMON_LOG_PATH=bad_log)
+    assert_prompt_error(r, 1, f"cannot open log file {bad_log}")
+    assert h.daemon_pids() == set()
+
+
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (("call", "nodot"), "'nodot' is not SERVER.TOOL"),
+        (("call", "demo.echo", "novalue"), "'novalue' is not key=value"),
+        (("call", "demo.echo", "--args", "{bad"), "--args is not valid JSON"),
+        (("call", "nope.echo"), "unknown server 'nope'"),
+        (("frobnicate",), "frobnicate"),
+    ],
+    ids=["no-dot", "no-equals", "bad-args-json", "unknown-server", "unknown-command"],
+)
+def test_usage_errors_are_one_line_exit_2(h, args, named):
+    r = h.cli(*args)
+    assert_prompt_error(r, 2, named)
+    assert h.daemon_pids() == set()
+
+
+# -- run as another user (root only) --
+
+
+def nobody_python():
+    """An interpreter uid 65534 can run (pyenv under a 0700 /root is not one), or skip."""
+    if os.getuid() != 0:
+        pytest.skip("running as another user (uid 65534) needs root")
+    for cand in (sys.executable, "/usr/bin/python3", "/usr/local/bin/python3"):
+        if not os.path.exists(cand):
+            continue
+        done = subprocess.run(
+            [sys.executable, "-c", AS_NOBODY, cand, "-c", "pass"], capture_output=True, timeout=30
+        )
+        if done.returncode == 0:
+            return cand
+    pytest.skip("no Python interpreter that uid 65534 can run")
+
+
+def run_as_nobody_with_long_dir(h, fallback):
+    """``call`` as uid 65534 with a 150-byte MCPORTER_DAEMON_DIR, after making the fallback
+    socket dir /tmp/mcporter-65534 unusable (``fallback``: "file" or "dir-0777")."""
+    py = nobody_python()
+    fb = f"/tmp/mcporter-{NOBODY_UID}"
+    if os.path.lexists(fb):
+        pytest.skip(f"{fb} exists already; not ours to change")
+    top = tempfile.mkdtemp(prefix="md3n", dir="/tmp")
+    made_fb = False
+    try:
+        os.chmod(top, 0o755)
+        long_dir = os.path.join(top, "n" * (150 - len(top) - 1))
+        assert len(os.fsencode(long_dir)) == 150
+        os.mkdir(long_dir, 0o700)
+        os.chown(long_dir, NOBODY_UID, NOBODY_UID)
+        cfg = os.path.join(long_dir, "mcporter.json")
+        with open(cfg, "w") as f:
+            json.dump(h.config_data(), f)
+        os.chown(cfg, NOBODY_UID, NOBODY_UID)
+        if fallback == "file":
+            with open(fb, "x"):
+                pass
+        else:
+            os.mkdir(fb)
+            os.chown(fb, NOBODY_UID, NOBODY_UID)
+            os.chmod(fb, 0o777)
+        made_fb = True
+        key = hashlib.sha1(cfg.encode()).hexdigest()[:12]
+        preferred = os.path.join(long_dir, f"daemon-{key}.sock")
+        argv = [
+            sys.executable,
+            "-c",
+            AS_NOBODY,
+            py,
+            MODULE_PATH,
+            "--config",
+            cfg,
+            "call",
+            "demo.echo",
+            "text=x",
+        ]
+        r = run_argv(h, argv, h.env(MCPORTER_DAEMON_DIR=long_dir, HOME=long_dir), cwd=long_dir)
+        return r, preferred, fb
+    finally:
+        if made_fb:
+            if os.path.isdir(fb) and not os.path.islink(fb):
+                shutil.rmtree(fb, ignore_errors=True)
+            else:
+                os.unlink(fb)
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def test_socket_path_too_long_without_fallback_is_named(h):
+    r, preferred, fb = run_as_nobody_with_long_dir(h, "file")
+    assert_prompt_error(r, 2, preferred, "limit of 107", fb)
+
+
+# ---- 9. permissions: private files, other users locked out ----
+
+
+def test_state_files_private_under_permissive_umask(h):
+    state = h.state_dir / "made-by-daemon"  # created by the module, not by the harness
+    env = h.env(MCPORTER_DAEMON_DIR=str(state))
+    argv = ["/bin/sh", "-c", 'umask 000 && exec "$@"', "sh"] + h.argv("call", "demo.counter")
+    r = run_argv(h, argv, env)
+    assert r.rc == 0 and r.out.strip() == "1", r
+    sock = state / f"daemon-{h.key}.sock"
+    files = {"socket": sock, "metadata": state / f"daemon-{h.key}.json", "log": state / f"daemon-{h.key}.log"}
+    modes = {name: stat.S_IMODE(p.stat().st_mode) for name, p in files.items()}
+    dir_mode = stat.S_IMODE(state.stat().st_mode)
+    print(
+        f"\n  modes under umask 000: dir {dir_mode:04o}, "
+        + ", ".join(f"{k} {v:04o}" for k, v in modes.items())
+    )
+    assert dir_mode == 0o700, f"state dir is {dir_mode:04o}"
+    assert stat.S_ISSOCK(sock.stat().st_mode)
+    for name, mode in modes.items():
+        assert mode & 0o077 == 0, f"{name} {files[name]} is mode {mode:04o}"
+    assert modes["metadata"] == 0o600 and modes["log"] == 0o600, modes
+
+    # Another user cannot connect; the same probe as us can (so the probe itself works).
+    r = run_argv(h, [sys.executable, "-c", CONNECT_PROBE, sock], env)
+    assert r.rc == 0 and r.out.strip() == "connected", r
+    py = nobody_python()
+    r = run_argv(h, [sys.executable, "-c", AS_NOBODY, py, "-c", CONNECT_PROBE, sock], env, cwd="/")
+    assert r.rc == 0, r
+    assert r.out.strip().startswith("PermissionError"), f"uid {NOBODY_UID} could connect: {r!r}"
+    r = run_argv(h, h.argv("stop"), env)
+    assert r.rc == 0, r
+
+
+# ---- 10. a long MCPORTER_DAEMON_DIR uses the /tmp/mcporter-<uid>/ fallback ----
+
+
+def test_long_state_dir_uses_tmp_fallback_socket(h):
+    uid = os.getuid()
+    fb = f"/tmp/mcporter-{uid}"
+    existed = os.path.exists(fb)
+    long_dir = str(h.state_dir / ("L" * (150 - len(str(h.state_dir)) - 1)))
+    assert len(os.fsencode(long_dir)) == 150
+    env = h.env(MCPORTER_DAEMON_DIR=long_dir)
+    expected = f"{fb}/{h.key}.sock"
+    try:
+        r = run_argv(h, h.argv("call", "demo.counter"), env)
+        assert r.rc == 0 and r.out.strip() == "1", r
+        r = run_argv(h, h.argv("call", "demo.counter"), env)
+        assert r.rc == 0 and r.out.strip() == "2", r
+        meta = json.loads(Path(long_dir, f"daemon-{h.key}.json").read_text())
+        assert meta["socketPath"] == expected, meta
+        r = run_argv(h, h.argv("status", "--json"), env)
+        st = json.loads(r.out)
+        assert st["running"] is True and st["socketPath"] == expected, st
+        assert stat.S_ISSOCK(os.stat(expected).st_mode)
+        assert not os.path.exists(os.path.join(long_dir, f"daemon-{h.key}.sock"))
+        fb_st = os.stat(fb)
+        assert fb_st.st_uid == uid and stat.S_IMODE(fb_st.st_mode) & 0o077 == 0, oct(fb_st.st_mode)
+        daemon, server = st["pid"], st["servers"][0]["pid"]
+        h.track(daemon)
+        h.track(server)
+
+        r = run_argv(h, h.argv("stop"), env)
+        assert r.rc == 0, r
+        assert not pid_alive(daemon) and not pid_alive(server)
+        assert not os.path.exists(expected), "stop left the fallback socket behind"
+        assert not Path(long_dir, f"daemon-{h.key}.json").exists()
+    finally:
+        if os.path.exists(expected):
+            os.unlink(expected)
+        if not existed:
+            try:
+                os.rmdir(fb)  # only if empty: others may use it meanwhile
+            except OSError:
+                pass
+
+
+def test_unsafe_fallback_socket_dir_is_refused(h):
+    r, _, fb = run_as_nobody_with_long_dir(h, "dir-0777")
+    assert_prompt_error(r, 2, fb, "0777")
+
+
+# ---- 11. nothing from a request reaches a shell ----
+
+
+def test_request_content_never_reaches_a_shell(h):
+    marks = [h.tmp / f"pwned-{uuid.uuid4().hex}" for _ in range(8)]
+    text = (
+        f"$(touch {marks[0]}); `touch {marks[1]}`; | touch {marks[2]} & touch {marks[3]}; "
+        f"> {marks[4]} ${{HOME}} $HOME * ' \" \\"
+    )
+    r = h.cli("call", "demo.echo", f"text={text}")
+    assert r.rc == 0, r
+    assert r.out == text + "\n", r
+    r = h.cli("call", "demo.echo", "--args", json.dumps({"text": text}))
+    assert r.rc == 0 and r.out == text + "\n", r
+
+    bad_server = f"demo;touch {marks[5]}"
+    r = h.cli("call", f"{bad_server}.echo")
+    if "." not in bad_server:
+        assert_prompt_error(r, 2, f"unknown server '{bad_server}'")
+    assert r.rc == 2 and "Traceback" not in r.err, r
+    bad_tool = f"echo;touch {marks[6]}"
+    r = h.cli("call", f"demo.{bad_tool}")
+    assert r.rc == 1 and "Traceback" not in r.err, r
+    assert f"unknown tool: {bad_tool}" in r.out, r
+    r = h.cli("call", f"demo.$(touch {marks[7]})")
+    assert r.rc == 1 and "Traceback" not in r.err, r
+
+    sock = Path(h.meta()["socketPath"])
+    resp, _, _ = raw_request(sock, "callTool", {"server": f"$(touch {marks[5]})", "tool": "echo"}, idle=10.0)
+    assert resp.get("ok") is False and resp["error"]["code"] == "unknown_server", resp
+    params = {"server": "demo", "tool": "echo", "args": {"text": text}, "command": ["touch", str(marks[4])]}
+    resp, _, _ = raw_request(sock, "callTool", params, idle=10.0)
+    assert resp.get("ok") is True and resp["result"]["content"][0]["text"] == text, resp
+
+    created = [str(m) for m in marks if m.exists()]
+    assert not created, f"request content reached a shell: {created}"
+    # Only the configured command runs: the daemon's sole child is the demo server.
+    daemon = running_status(h)["pid"]
+    children = {pid for pid in all_pids() if (proc_stat(pid) or ProcStat(0, "", 0, 0)).ppid == daemon}
+    children = {pid for pid in children if pid_alive(pid)}
+    assert children == h.server_pids(), f"daemon children {children} are not just the demo server"
+    assert_one_daemon_tree(h, daemon)
