@@ -2398,13 +2398,14 @@ def _strip_log_prefix(line: str) -> str:
 
 
 class _ServerSlot:
-    __slots__ = ("spec", "lock", "client", "last_used")
+    __slots__ = ("spec", "lock", "client", "last_used", "in_use")
 
     def __init__(self, spec: ServerSpec, lock: Any) -> None:
         self.spec = spec
         self.lock = lock
         self.client: Optional[McpStdioClient] = None
         self.last_used: Optional[int] = None
+        self.in_use = 0  # requests running on it: never idle while any is
 
 
 def _param(params: Dict[str, Any], key: str, kind: Any, what: str, required: bool = True) -> Any:
@@ -2430,6 +2431,7 @@ class McpKeepAliveService:
         self.config = config
         self.log = log
         self.host: Optional[DaemonHost] = None
+        self._counts = threading.Lock()  # not slot.lock: that is held through a server's start-up
         self._slots = {
             name: _ServerSlot(spec, threading.Lock())
             for name, spec in config.servers.items()
@@ -2488,13 +2490,17 @@ class McpKeepAliveService:
 
     def _use(self, slot: _ServerSlot, ctx: RequestContext, action: Callable[[McpStdioClient], Any]) -> Any:
         began = time.monotonic()
-        slot.last_used = _now_ms()
+        with self._counts:
+            slot.in_use += 1
         try:
             result = action(self._client(slot))
         except McpError as exc:
             self._trace(slot, ctx, began, f"error: {exc}")
             raise
-        slot.last_used = _now_ms()
+        finally:
+            with self._counts:
+                slot.in_use -= 1
+                slot.last_used = _now_ms()  # idle time counts from the end of the last use
         self._trace(slot, ctx, began, "ok")
         return result
 
@@ -2551,7 +2557,7 @@ class McpKeepAliveService:
             idle_ms = slot.spec.idle_timeout_ms
             client = slot.client
             idle = idle_ms and client is not None and slot.last_used and now - slot.last_used >= idle_ms
-            if idle and not slot.lock.locked():  # a locked slot is starting or in use
+            if idle and not slot.in_use and not slot.lock.locked():  # locked: starting up
                 self._close(slot, f"idle for {idle_ms} ms")
 
     def shutdown(self) -> None:
@@ -2731,7 +2737,16 @@ def _service_argv(cfg: Config, paths: DaemonPaths) -> List[str]:
 def _service_env() -> Dict[str, str]:
     # launchd and systemd start with a bare PATH; servers run through npx or uvx need the user's.
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
-    for name in ("MCPORTER_DAEMON_DIR", "MCPORTER_KEEPALIVE", "MCPORTER_DISABLE_KEEPALIVE", "HOME"):
+    # The variables that decide the state dir, the config layers and keep-alive selection:
+    # without them the service daemon would bind where the CLI never looks.
+    for name in (
+        "HOME",
+        "XDG_STATE_HOME",
+        "XDG_CONFIG_HOME",
+        "MCPORTER_DAEMON_DIR",
+        "MCPORTER_KEEPALIVE",
+        "MCPORTER_DISABLE_KEEPALIVE",
+    ):
         if os.environ.get(name):
             env[name] = os.environ[name]
     return env
@@ -2757,22 +2772,29 @@ def launchd_plist(cfg: Config, paths: DaemonPaths, label: str) -> str:
     return plistlib.dumps(doc).decode()
 
 
-def _systemd_quote(arg: str) -> str:
+def _systemd_quote(arg: str, expands_dollar: bool = True) -> str:
+    """Quote one word for a unit file: ``%`` specifiers always, ``$`` only where systemd
+    expands variables (ExecStart=, not Environment=)."""
+    escaped = arg.replace("%", "%%")
+    if expands_dollar:
+        escaped = escaped.replace("$", "$$")
     if arg and all(c.isalnum() or c in "/._-+=:,@" for c in arg):
-        return arg
-    return '"' + arg.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%").replace("$", "$$") + '"'
+        return escaped
+    return '"' + escaped.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def systemd_unit(cfg: Config, paths: DaemonPaths) -> str:
     """A user unit: restarted on failure only; exit 0 (already running, idle) stays down."""
-    env_lines = "".join(f"Environment={_systemd_quote(f'{k}={v}')}\n" for k, v in _service_env().items())
+    env_lines = "".join(
+        f"Environment={_systemd_quote(f'{k}={v}', expands_dollar=False)}\n" for k, v in _service_env().items()
+    )
     return (
         "[Unit]\n"
         f"Description=mcporter keep-alive daemon for {cfg.path}\n\n"
         "[Service]\n"
         "Type=simple\n"
         f"ExecStart={' '.join(_systemd_quote(a) for a in _service_argv(cfg, paths))}\n"
-        f"WorkingDirectory={_systemd_quote(cfg.root)}\n"
+        f"WorkingDirectory={cfg.root.replace('%', '%%')}\n"  # read literally: no quotes
         f"{env_lines}"
         "Restart=on-failure\n"
         "RestartSec=2\n\n"
@@ -3080,6 +3102,8 @@ def _describe_params(schema: Any) -> str:
 
 
 def cmd_list(args: Any) -> int:
+    import shlex
+
     cfg = _load(args)
     if not args.server:
         rows = [
@@ -3096,7 +3120,8 @@ def cmd_list(args: Any) -> int:
             _print_json(rows)
         for r in [] if args.json else rows:
             mode = "http (unsupported)" if r["url"] else ("keep-alive" if r["keepAlive"] else "ephemeral")
-            print(f"{r['name']}: {mode} ({r['why']}) — {' '.join(r['command']) or r['url']}")
+            command = shlex.join(r["command"]).replace("\n", "\\n")  # one line per server
+            print(f"{r['name']}: {mode} ({r['why']}) — {command or r['url']}")
         return 0
     spec = _server_spec(cfg, args.server)
     timeout = _timeout_seconds(args)
