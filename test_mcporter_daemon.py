@@ -20,10 +20,12 @@ is really gone instead of lingering as a zombie that ``kill(pid, 0)`` still
 reports as alive, as it would be on a system with a normal init.
 """
 
+import calendar
 import ctypes
 import hashlib
 import json
 import os
+import plistlib
 import re
 import shutil
 import signal
@@ -2070,3 +2072,1010 @@ def test_request_content_never_reaches_a_shell(h):
     children = {pid for pid in children if pid_alive(pid)}
     assert children == h.server_pids(), f"daemon children {children} are not just the demo server"
     assert_one_daemon_tree(h, daemon)
+
+
+# ---- operations (issue 4): service files, logging, doctor, list/resources, idle ----------
+
+OPS_STAMP = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3})Z \[(\d+)\] (.*)$")
+OPS_TRACE = re.compile(r"^callTool (\S+): ok \(\d+(\.\d+)? ms\)$")
+OPS_LOG_BOUND = 10 * 1024 * 1024
+_OPS_ENV_DROP = (
+    "XDG_CONFIG_HOME",
+    "XDG_STATE_HOME",
+    "MCPORTER_DAEMON_LOG",
+    "MCPORTER_DAEMON_LOG_PATH",
+    "MCPORTER_DAEMON_LOG_SERVERS",
+    "MCPORTER_DAEMON_TIMEOUT_MS",
+    "MCPORTER_DEBUG",
+)
+
+
+def ops_home(h):
+    home = h.tmp / "home"
+    home.mkdir(exist_ok=True)
+    return home
+
+
+def ops_env(h, **extra):
+    """The harness environment without ambient logging/timeout/XDG settings, and a private HOME
+    (so home config discovery sees only what a test puts there)."""
+    env = h.env()
+    for name in _OPS_ENV_DROP:
+        env.pop(name, None)
+    env["HOME"] = str(ops_home(h))
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def ops_cli(h, *args, env=None, cwd=None, timeout=CLI_TIMEOUT, config=True):
+    """Run the CLI to completion; ``config=False`` leaves out ``--config`` (discovery, ``--root``)."""
+    argv = h.argv(*args) if config else [sys.executable, str(MODULE_PATH)] + [str(a) for a in args]
+    p = spawn(argv, env if env is not None else ops_env(h), cwd or h.tmp, subprocess.PIPE, subprocess.PIPE)
+    h.popens.append(p)
+    h.track(p.pid)
+    return communicate_text(p, argv, timeout)
+
+
+def ops_popen(h, argv, env, cwd):
+    """Start a long-running process (a service manager's daemon); output goes to files."""
+    n = len(h.popens)
+    out = open(str(h.tmp / f"ops{n}.out"), "w+")  # noqa: SIM115 - closed at cleanup
+    err = open(str(h.tmp / f"ops{n}.err"), "w+")  # noqa: SIM115 - closed at cleanup
+    p = spawn([str(a) for a in argv], env, cwd, out, err)
+    p.out_file, p.err_file = out, err
+    p.out_path, p.err_path = out.name, err.name
+    h.popens.append(p)
+    h.track(p.pid)
+    return p
+
+
+def ops_ok(result):
+    assert result.rc == 0, result
+    return result.out.strip()
+
+
+def ops_status(h, *prefix, env=None):
+    """``status --json`` for the config named by ``prefix`` (default: the harness config)."""
+    if prefix:
+        r = ops_cli(h, *prefix, "status", "--json", env=env, config=False)
+    else:
+        r = ops_cli(h, "status", "--json", env=env)
+    data = json.loads(ops_ok(r))
+    if data.get("running"):
+        h.track(data.get("pid"))
+        for s in data.get("servers") or []:
+            h.track(s.get("pid"))
+    return data
+
+
+def ops_server_pid(status, name):
+    for s in status.get("servers") or []:
+        if s.get("name") == name:
+            return s.get("pid")
+    return None
+
+
+def ops_wait_serving(h, proc, *prefix, env=None):
+    """Wait until ``proc`` is the verified daemon; fail at once if it exits first."""
+
+    def serving():
+        if proc.poll() is not None:
+            raise AssertionError(
+                f"daemon process exited {proc.returncode} before serving: {Path(proc.err_path).read_text()}"
+            )
+        return ops_status(h, *prefix, env=env).get("pid") == proc.pid
+
+    wait_until(serving, 20, interval=0.05, message=f"pid {proc.pid} to serve")
+
+
+def ops_wait_exit(proc, timeout):
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"pid {proc.pid} did not exit within {timeout}s") from None
+
+
+def ops_log_lines(path):
+    try:
+        return Path(path).read_text(errors="replace").splitlines()
+    except FileNotFoundError:
+        return []
+
+
+def ops_events(lines):
+    """(pid, message) of every timestamped line; the stamp must be a real, recent UTC time."""
+    out = []
+    for line in lines:
+        m = OPS_STAMP.match(line)
+        if m:
+            stamp = calendar.timegm(time.strptime(m.group(1)[:19], "%Y-%m-%dT%H:%M:%S"))
+            assert abs(stamp - time.time()) < 3600, f"log time stamp is off: {line}"
+            out.append((int(m.group(2)), m.group(3)))
+    return out
+
+
+def ops_traced_servers(lines):
+    return [m.group(1) for _, msg in ops_events(lines) for m in [OPS_TRACE.match(msg)] if m]
+
+
+def ops_flag_value(argv, flag):
+    assert argv.count(flag) == 1, f"{flag} should appear once in {argv}"
+    return argv[argv.index(flag) + 1]
+
+
+def ops_has_run(argv, run):
+    return any(argv[i : i + len(run)] == run for i in range(len(argv)))
+
+
+def ops_mode(path):
+    return stat.S_IMODE(os.stat(str(path)).st_mode)
+
+
+def ops_listeners(path):
+    """How many listening AF_UNIX sockets are bound to ``path`` right now (/proc/net/unix)."""
+    n = 0
+    with open("/proc/net/unix") as f:
+        next(f)
+        for line in f:
+            parts = line.rstrip("\n").split(None, 7)
+            if len(parts) == 8 and parts[7] == path and int(parts[3], 16) & 0x10000:
+                n += 1
+    return n
+
+
+def ops_config(h, servers=None, **top):
+    """The harness's demo server plus ``servers`` (name -> entry), and top-level keys."""
+    data = h.config_data()
+    data["mcpServers"].update(servers or {})
+    data.update(top)
+    h.write_config(data)
+    return data
+
+
+def ops_demo_entry(h, lifecycle="keep-alive"):
+    entry = dict(h.demo_server_entry())
+    if lifecycle is None:
+        entry.pop("lifecycle")
+    else:
+        entry["lifecycle"] = lifecycle
+    return entry
+
+
+def ops_root_project(h, name="proj", data=None):
+    """A project root with ``config/mcporter.json``; the harness now names that config."""
+    root = h.tmp / name
+    (root / "config").mkdir(parents=True, exist_ok=True)
+    h.cfg = root / "config" / "mcporter.json"
+    h.write_config(data)
+    return root
+
+
+# -- systemd unit syntax (systemd.syntax(7), systemd.service(5), load-fragment.c) -----------
+
+
+def ops_parse_unit(text):
+    sections, current = {}, None
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            current = sections.setdefault(line[1:-1], [])
+            continue
+        key, sep, value = line.partition("=")
+        assert sep and current is not None, f"not a unit file line: {raw!r}"
+        current.append((key.strip(), value.strip()))
+    return sections
+
+
+def ops_unit_value(sections, section, key):
+    values = [v for k, v in sections.get(section, []) if k == key]
+    assert len(values) == 1, f"[{section}] {key}= appears {len(values)} times"
+    return values[0]
+
+
+def ops_systemd_words(value):
+    """Split like extract_first_word(EXTRACT_UNQUOTE|EXTRACT_CUNESCAPE): quotes, C escapes."""
+    escapes = {"n": "\n", "t": "\t", "r": "\r", "s": " "}
+    words, cur, quote, have, i = [], [], None, False, 0
+    while i < len(value):
+        c = value[i]
+        if c == "\\" and i + 1 < len(value):
+            nxt = value[i + 1]
+            cur.append(escapes.get(nxt, nxt))
+            have, i = True, i + 2
+            continue
+        if quote:
+            if c == quote:
+                quote = None
+            else:
+                cur.append(c)
+        elif c in "\"'":
+            quote, have = c, True
+        elif c.isspace():
+            if have:
+                words.append("".join(cur))
+                cur, have = [], False
+        else:
+            cur.append(c)
+            have = True
+        i += 1
+    assert quote is None, f"unterminated quote in {value!r}"
+    if have:
+        words.append("".join(cur))
+    return words
+
+
+def ops_systemd_specifiers(word, dollars):
+    """Resolve ``%%`` (every setting) and ``$$`` (ExecStart only); anything else that systemd
+    would expand (``%h``, ``$VAR``, ``${VAR}``) must not be there."""
+    out, i = [], 0
+    while i < len(word):
+        c, nxt = word[i], word[i + 1 : i + 2]
+        if c == "%":
+            assert nxt == "%", f"unescaped specifier %{nxt} in {word!r}"
+            out.append("%")
+            i += 2
+            continue
+        if c == "$" and dollars:
+            if nxt == "$":
+                out.append("$")
+                i += 2
+                continue
+            assert not (nxt == "{" or nxt.isalnum() or nxt == "_"), f"unescaped variable in {word!r}"
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
+def ops_exec_start(sections):
+    words = ops_systemd_words(ops_unit_value(sections, "Service", "ExecStart"))
+    return [ops_systemd_specifiers(w, dollars=True) for w in words]
+
+
+def ops_unit_environment(sections):
+    env = {}
+    for key, value in sections.get("Service", []):
+        if key == "Environment":
+            for word in ops_systemd_words(value):
+                name, _, val = ops_systemd_specifiers(word, dollars=False).partition("=")
+                env[name] = val
+    return env
+
+
+def ops_working_directory(sections):
+    # A path setting is taken verbatim (no unquoting), with specifiers resolved.
+    return ops_systemd_specifiers(ops_unit_value(sections, "Service", "WorkingDirectory"), dollars=False)
+
+
+# ---- 1. service files ----------------------------------------------------------------------
+
+
+def test_service_launchd_plist_runs_the_foreground_host(h):
+    h.cfg = h.tmp / "my proj" / "mcporter.json"
+    h.cfg.parent.mkdir()
+    h.write_config()
+    r = ops_cli(h, "service", "launchd", "--label", "com.example.mcpd-test")
+    plist = plistlib.loads(ops_ok(r).encode())
+    assert plist["Label"] == "com.example.mcpd-test"
+    argv = plist["ProgramArguments"]
+    assert argv[0] == sys.executable, argv
+    assert os.path.isabs(argv[1]) and Path(argv[1]).resolve() == MODULE_PATH, argv
+    assert ops_flag_value(argv, "--config") == str(h.cfg)
+    assert "--root" not in argv
+    assert ops_has_run(argv, ["start", "--foreground"]), argv
+    assert plist["KeepAlive"] == {"SuccessfulExit": False, "Crashed": True}
+    assert type(plist["ThrottleInterval"]) is int and plist["ThrottleInterval"] > 0
+    assert plist["RunAtLoad"] is True
+    for key in ("StandardOutPath", "StandardErrorPath"):
+        assert os.path.isabs(plist[key]) and Path(plist[key]).parent.is_dir(), (key, plist[key])
+    env = plist["EnvironmentVariables"]
+    assert env["MCPORTER_DAEMON_DIR"] == str(h.state_dir)
+
+    # The default label is per config, so two configs can both be installed.
+    default = plistlib.loads(ops_ok(ops_cli(h, "service", "launchd")).encode())["Label"]
+    other_cfg = h.tmp / "other.json"
+    other_cfg.write_text(h.cfg.read_text())
+    other = plistlib.loads(
+        ops_ok(ops_cli(h, "--config", other_cfg, "service", "launchd", config=False)).encode()
+    )["Label"]
+    assert default and other and default != other and " " not in default
+
+    # Run it as launchd would: exactly ProgramArguments, EnvironmentVariables, WorkingDirectory.
+    run_env = dict(env, **{MARKER_VAR: h.tag})
+    first = ops_popen(h, argv, run_env, plist["WorkingDirectory"])
+    ops_wait_serving(h, first)
+    assert call_ok(h, "demo.counter") == "1"
+    # A second instance while the first runs exits 0 at once: KeepAlive SuccessfulExit=false
+    # then leaves it down instead of respawning it every ThrottleInterval.
+    second = ops_popen(h, argv, run_env, plist["WorkingDirectory"])
+    assert ops_wait_exit(second, 15) == 0, Path(second.err_path).read_text()
+    assert first.poll() is None
+    log = ops_log_lines(ops_flag_value(argv, "--log-file"))
+    assert (second.pid, f"daemon already running (pid {first.pid}); not starting another") in ops_events(log)
+    assert call_ok(h, "demo.counter") == "2"
+    assert_one_daemon_tree(h, first.pid)
+    # `stop` is a deliberate outcome: exit 0, so launchd does not respawn it.
+    ops_ok(h.cli("stop"))
+    assert ops_wait_exit(first, 10) == 0
+    wait_until(lambda: not h.server_pids(), 5, message="MCP server to exit")
+    h.expect_no_leftovers = True
+
+
+def test_service_files_name_the_root_or_the_config(h):
+    root = ops_root_project(h)
+    elsewhere = h.tmp / "elsewhere"
+    elsewhere.mkdir()
+    # Discovered config: the service must rediscover the same layers, so it names the root.
+    r = ops_cli(h, "--root", root, "service", "launchd", config=False, cwd=elsewhere)
+    plist = plistlib.loads(ops_ok(r).encode())
+    argv = plist["ProgramArguments"]
+    assert ops_flag_value(argv, "--root") == str(root)
+    assert "--config" not in argv
+    assert ops_has_run(argv, ["start", "--foreground"])
+    assert plist["WorkingDirectory"] == str(root)
+    r = ops_cli(h, "--root", root, "service", "systemd", config=False, cwd=elsewhere)
+    unit = ops_parse_unit(ops_ok(r))
+    words = ops_exec_start(unit)
+    assert ops_flag_value(words, "--root") == str(root)
+    assert "--config" not in words
+    # MCPORTER_CONFIG is an explicit config: the service file must carry it as --config.
+    env = ops_env(h, MCPORTER_CONFIG=h.cfg)
+    plist = plistlib.loads(ops_ok(ops_cli(h, "service", "launchd", env=env, config=False)).encode())
+    assert ops_flag_value(plist["ProgramArguments"], "--config") == str(h.cfg)
+    assert "MCPORTER_CONFIG" not in plist["EnvironmentVariables"]
+
+
+def test_service_systemd_unit_runs_the_foreground_host(h):
+    root = ops_root_project(h)
+    env = ops_env(h)
+    prefix = ("--root", root)
+    r = ops_cli(h, *prefix, "service", "systemd", env=env, config=False, cwd=h.tmp)
+    unit = ops_parse_unit(ops_ok(r))
+    words = ops_exec_start(unit)
+    assert words[0] == sys.executable, words
+    assert os.path.isabs(words[1]) and Path(words[1]).resolve() == MODULE_PATH, words
+    assert ops_flag_value(words, "--root") == str(root)
+    assert ops_has_run(words, ["start", "--foreground"]), words
+    assert ops_unit_value(unit, "Service", "Restart") == "on-failure"
+    assert ops_unit_value(unit, "Service", "Type") in ("simple", "exec")
+    unit_env = ops_unit_environment(unit)
+    assert unit_env["MCPORTER_DAEMON_DIR"] == str(h.state_dir)
+    assert unit_env["HOME"] == env["HOME"]
+    cwd = ops_working_directory(unit)
+    assert cwd == str(root)
+
+    # Run ExecStart as systemd would: only the unit's Environment=, in WorkingDirectory=.
+    run_env = dict(unit_env, **{MARKER_VAR: h.tag})
+    first = ops_popen(h, words, run_env, cwd)
+    ops_wait_serving(h, first, *prefix, env=env)
+    assert ops_ok(ops_cli(h, *prefix, "call", "demo.counter", env=env, config=False)) == "1"
+    second = ops_popen(h, words, run_env, cwd)
+    assert ops_wait_exit(second, 15) == 0, Path(second.err_path).read_text()
+    assert first.poll() is None
+    assert ops_ok(ops_cli(h, *prefix, "call", "demo.counter", env=env, config=False)) == "2"
+    server = ops_server_pid(ops_status(h, *prefix, env=env), "demo")
+    assert server and pid_alive(server)
+    # `systemctl stop` sends SIGTERM: a clean exit 0 with its MCP server and files gone.
+    first.send_signal(signal.SIGTERM)
+    assert ops_wait_exit(first, 10) == 0, Path(first.err_path).read_text()
+    wait_until(lambda: not pid_alive(server), 5, message="MCP server to exit")
+    assert not h.socket_path.exists() and not h.meta_path.exists()
+    h.expect_no_leftovers = True
+
+
+def test_service_daemon_is_found_under_xdg_locations(h):
+    """A user whose shell sets XDG_STATE_HOME and XDG_CONFIG_HOME: the service manager's daemon
+    must use the same state dir and config layers as the CLI, or the CLI never finds it."""
+    xdg_config = h.tmp / "xdg-config"
+    (xdg_config / "mcporter").mkdir(parents=True)
+    (xdg_config / "mcporter" / "mcporter.json").write_text(json.dumps({"mcpServers": {}}))
+    root = ops_root_project(h)
+    env = ops_env(h, XDG_STATE_HOME=h.state_dir / "xdg", XDG_CONFIG_HOME=xdg_config)
+    env.pop("MCPORTER_DAEMON_DIR")
+    prefix = ("--root", root)
+    unit = ops_parse_unit(ops_ok(ops_cli(h, *prefix, "service", "systemd", env=env, config=False)))
+    words = ops_exec_start(unit)
+    run_env = dict(ops_unit_environment(unit), **{MARKER_VAR: h.tag})
+    daemon = ops_popen(h, words, run_env, ops_working_directory(unit))
+    ops_wait_serving(h, daemon, *prefix, env=env)
+    assert ops_status(h, *prefix, env=env)["fresh"] is True
+    assert ops_ok(ops_cli(h, *prefix, "call", "demo.counter", env=env, config=False)) == "1"
+    assert daemon.poll() is None and ops_status(h, *prefix, env=env)["pid"] == daemon.pid
+
+
+def test_service_systemd_exec_start_quotes_special_paths(h):
+    root = ops_root_project(h, name="my proj 100% $HOME")
+    r = ops_cli(h, "--root", root, "service", "systemd", config=False)
+    words = ops_exec_start(ops_parse_unit(ops_ok(r)))
+    assert words[0] == sys.executable
+    assert ops_flag_value(words, "--root") == str(root)
+    assert ops_has_run(words, ["start", "--foreground"])
+
+
+def test_service_systemd_working_directory_with_a_space(h):
+    # systemd takes path settings verbatim: quotes become part of the path (not absolute).
+    root = ops_root_project(h, name="My Projects")
+    r = ops_cli(h, "--root", root, "service", "systemd", config=False)
+    cwd = ops_working_directory(ops_parse_unit(ops_ok(r)))
+    assert cwd == str(root), f"WorkingDirectory= reads as {cwd!r} under systemd, not {str(root)!r}"
+
+
+def test_service_systemd_environment_values_survive_systemd(h):
+    # Environment= is unquoted and %-resolved, but never $-expanded: "$$" would stay "$$".
+    state = h.state_dir / "state 100% $x"
+    r = ops_cli(h, "service", "systemd", env=ops_env(h, MCPORTER_DAEMON_DIR=state))
+    env = ops_unit_environment(ops_parse_unit(ops_ok(r)))
+    assert env["MCPORTER_DAEMON_DIR"] == str(state)
+
+
+# ---- 2. logging ------------------------------------------------------------------------------
+
+
+def test_log_servers_flag_traces_only_chosen_servers(h):
+    ops_config(h, {"other": ops_demo_entry(h)})
+    daemon = started_pid(h.cli("start", "--log-servers", "demo"))
+    assert call_ok(h, "demo.counter") == "1"
+    assert call_ok(h, "other.counter") == "1"
+    assert call_ok(h, "demo.echo", "text=hi") == "hi"
+    st = running_status(h)
+    demo, other = ops_server_pid(st, "demo"), ops_server_pid(st, "other")
+    log = h.path("log")
+    assert Path(st["logPath"]) == log
+    ops_ok(h.cli("stop"))
+
+    lines = ops_log_lines(log)
+    events = ops_events(lines)
+    assert ops_traced_servers(lines) == ["demo", "demo"], lines
+    assert any(pid == daemon and msg.startswith("bound ") for pid, msg in events), lines
+    assert (daemon, "shutting down: stop request") in events, lines
+    # Each MCP server's stderr reaches the log under its name.
+    assert f"[demo] demo MCP server ready (pid {demo})" in lines, lines
+    assert f"[other] demo MCP server ready (pid {other})" in lines, lines
+    assert ops_mode(log) == 0o600
+
+
+def test_log_flag_and_log_file_trace_every_server(h):
+    ops_config(h, {"other": ops_demo_entry(h)})
+    custom = h.tmp / "logs" / "daemon.log"
+    custom.parent.mkdir()
+    daemon = started_pid(h.cli("start", "--log", "--log-file", custom))
+    call_ok(h, "demo.counter")
+    call_ok(h, "other.counter")
+    assert Path(running_status(h)["logPath"]) == custom
+    lines = ops_log_lines(custom)
+    assert sorted(ops_traced_servers(lines)) == ["demo", "other"], lines
+    assert any(pid == daemon and msg.startswith("bound ") for pid, msg in ops_events(lines)), lines
+    assert ops_mode(custom) == 0o600
+
+
+def test_log_environment_variables(h):
+    ops_config(h, {"other": ops_demo_entry(h)})
+    custom = h.tmp / "env.log"
+    env = ops_env(h, MCPORTER_DAEMON_LOG_PATH=custom, MCPORTER_DAEMON_LOG_SERVERS="other")
+    # An auto-starting call passes the environment's choices on to the daemon it launches.
+    assert ops_ok(ops_cli(h, "call", "demo.counter", env=env)) == "1"
+    assert ops_ok(ops_cli(h, "call", "other.counter", env=env)) == "1"
+    st = ops_status(h, env=env)
+    assert Path(st["logPath"]) == custom
+    lines = ops_log_lines(custom)
+    assert ops_traced_servers(lines) == ["other"], lines
+    assert f"[demo] demo MCP server ready (pid {ops_server_pid(st, 'demo')})" in lines, lines
+    assert ops_mode(custom) == 0o600
+
+
+def test_log_env_verbose_foreground_logs_to_stderr(h):
+    env = ops_env(h, MCPORTER_DAEMON_LOG="1")
+    fg = ops_popen(h, h.argv("start", "--foreground"), env, h.tmp)
+    ops_wait_serving(h, fg)
+    assert call_ok(h, "demo.counter") == "1"
+    server = h.server_pid_from_status()
+
+    def traced():
+        lines = ops_log_lines(fg.err_path)
+        return lines if "demo" in ops_traced_servers(lines) else None
+
+    lines = wait_until(traced, 5, message="a call trace on the foreground daemon's stderr")
+    events = ops_events(lines)
+    assert any(pid == fg.pid and msg.startswith("bound ") for pid, msg in events), lines
+    assert f"[demo] demo MCP server ready (pid {server})" in lines, lines
+    assert not h.path("log").exists() or "callTool" not in h.path("log").read_text()
+    fg.send_signal(signal.SIGTERM)
+    assert ops_wait_exit(fg, 10) == 0
+    assert (fg.pid, "shutting down: signal 15") in ops_events(ops_log_lines(fg.err_path))
+
+
+def test_log_records_lifecycle_events_with_reasons(h):
+    log = h.path("log")
+    a = started_pid(h.cli("start"))
+    data = h.config_data()
+    data["mcpServers"]["demo"]["env"] = {"MD_OPS_EDIT": "1"}
+    h.write_config(data)
+    assert call_ok(h, "demo.counter") == "1"
+    b = running_status(h)["pid"]
+    assert b != a
+    h.sigstop(b)
+    assert call_ok(h, "demo.counter") == "1"
+    c = running_status(h)["pid"]
+    assert c not in (a, b)
+    ops_ok(h.cli("stop"))
+
+    events = ops_events(ops_log_lines(log))
+
+    def first(pid, prefix):
+        for i, (p, msg) in enumerate(events):
+            if p == pid and msg.startswith(prefix):
+                return i
+        raise AssertionError(f"no log line from pid {pid} starting {prefix!r}:\n{events!r}")
+
+    # A stale daemon is stopped, with the reason, before its successor binds.
+    stale = first(b, f"stopping stale daemon pid {a} (fingerprint changed)")
+    assert stale < first(a, "shutting down: stop request") < first(b, "bound ")
+    # A stopped (hung) daemon is terminated, with the reason, before its successor binds.
+    assert first(c, f"terminating hung daemon pid {b}: stopped") < first(c, "bound ")
+    assert first(c, "shutting down: stop request") < first(c, "daemon exited")
+    assert first(a, "bound ") < stale
+
+
+def test_daemon_log_rotates_at_10_mb_keeping_one_old_file(tmp_path):
+    md = _import_module()
+    path = tmp_path / "daemon.log"
+    log = md.DaemonLog(str(path))
+    filler = "x" * 1000
+    n = (25 * OPS_LOG_BOUND) // (10 * 1010)  # about 25 MB: two rotations
+    for i in range(n):
+        log.write(f"{i:08d} {filler}")
+    log.event("after the rotations")
+    assert path.stat().st_size <= OPS_LOG_BOUND
+    old = Path(str(path) + ".1")
+    assert old.exists()
+    assert OPS_LOG_BOUND - 2048 < old.stat().st_size <= OPS_LOG_BOUND + 2048
+    assert not Path(str(path) + ".2").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["daemon.log", "daemon.log.1"]
+    assert ops_mode(path) == 0o600 and ops_mode(old) == 0o600
+    # No line is lost or split across the last rotation.
+    seq = [int(ln[:8]) for ln in old.read_text().splitlines() + path.read_text().splitlines()[:-1]]
+    assert seq == list(range(seq[0], n)), "lines lost across the rotation"
+    assert path.read_text().splitlines()[-1].endswith("after the rotations")
+
+
+def test_daemon_log_rotates_under_a_real_daemon(h):
+    # A server that writes 11 MB to stderr at start: the daemon's log must stay bounded.
+    code = (
+        "import sys, runpy\n"
+        "line = 'e' * 1023 + '\\n'\n"
+        "for _ in range(11 * 1024):\n"
+        "    sys.stderr.write(line)\n"
+        "sys.stderr.flush()\n"
+        "sys.argv = ['mcporter_daemon.py', '_demo-server']\n"
+        f"runpy.run_path({str(MODULE_PATH)!r}, run_name='__main__')\n"
+    )
+    chatty = {"command": sys.executable, "args": ["-c", code, h.tag], "lifecycle": "keep-alive"}
+    h.write_config({"mcpServers": {"chatty": chatty}})
+    daemon = started_pid(h.cli("start"))
+    assert call_ok(h, "chatty.counter") == "1"
+    log, old = h.path("log"), Path(str(h.path("log")) + ".1")
+    assert old.exists(), "no rotation after 11 MB of server stderr"
+    assert not Path(str(log) + ".2").exists()
+    assert log.stat().st_size <= OPS_LOG_BOUND
+    assert ops_mode(log) == 0o600 and ops_mode(old) == 0o600
+    server = h.server_pid_from_status("chatty")
+    assert f"[chatty] demo MCP server ready (pid {server})" in ops_log_lines(log)
+    # The detached daemon's own stderr follows the rotation (tracebacks land in the live log).
+    assert os.readlink(f"/proc/{daemon}/fd/2") == str(log)
+    ops_ok(h.cli("stop"))
+    assert (daemon, "shutting down: stop request") in ops_events(ops_log_lines(log))
+
+
+# ---- 3. doctor -------------------------------------------------------------------------------
+
+
+def ops_doctor(h, *args, env=None, config=True):
+    r = ops_cli(h, *args, "doctor", env=env, config=config)
+    findings = [ln for ln in r.out.splitlines() if ln.strip()]
+    summary = findings.pop() if findings else ""
+    fails = sum(ln.startswith("FAIL") for ln in findings)
+    assert summary == (f"{fails} problem(s) found." if fails else "All checks passed."), r
+    for line in findings:
+        assert line.startswith(("ok    ", "warn  ", "FAIL  ")), f"not a finding line: {line!r}\n{r}"
+        if line.startswith("FAIL"):
+            assert " — fix: " in line, line
+        if line.startswith("warn"):
+            assert " — " in line, line
+    return r, findings
+
+
+def ops_finding(findings, kind, *parts):
+    hits = [ln for ln in findings if ln.startswith(kind) and all(p in ln for p in parts)]
+    assert hits, f"no {kind!r} finding with {parts!r} in:\n" + "\n".join(findings)
+    return hits[0]
+
+
+def test_doctor_healthy_setup(h):
+    r, found = ops_doctor(h)
+    assert r.rc == 0, r
+    assert r.out.rstrip().endswith("All checks passed.")
+    assert not [ln for ln in found if not ln.startswith("ok")], r
+    ops_finding(found, "ok", "Python {}.{}.{}".format(*sys.version_info[:3]))
+    ops_finding(found, "ok", str(h.state_dir))
+    ops_finding(found, "ok", "socket path", f"{len(str(h.socket_path))} bytes", "limit 107")
+    ops_finding(found, "ok", "config layer", str(h.cfg), "read")
+    ops_finding(found, "ok", "server 'demo'", "keep-alive", "lifecycle in config", sys.executable)
+    ops_finding(found, "ok", "no daemon running")
+    assert h.daemon_pids() == set(), "doctor must not start a daemon"
+
+    assert call_ok(h, "demo.counter") == "1"
+    daemon = running_status(h)["pid"]
+    r, found = ops_doctor(h)
+    assert r.rc == 0, r
+    ops_finding(found, "ok", f"daemon running (pid {daemon})", "fresh")
+
+
+def test_doctor_explains_discovery_and_keep_alive_reasons(h):
+    home = ops_home(h)
+    (home / ".mcporter").mkdir()
+    home_cfg = home / ".mcporter" / "mcporter.json"
+    home_cfg.write_text(json.dumps({"mcpServers": {"homeonly": ops_demo_entry(h, None)}}))
+    servers = {
+        "demo": ops_demo_entry(h),
+        "eph": ops_demo_entry(h, "ephemeral"),
+        "plain": ops_demo_entry(h, None),
+        "playwright": ops_demo_entry(h, None),
+        "forced": ops_demo_entry(h, None),
+        "web": {"url": "http://127.0.0.1:9/mcp"},
+    }
+    root = ops_root_project(h, data={"mcpServers": servers})
+    env = ops_env(h, MCPORTER_KEEPALIVE="forced")
+    r, found = ops_doctor(h, "--root", root, env=env, config=False)
+    assert r.rc == 0, r
+    ops_finding(found, "ok", "config layer", str(home_cfg), "read")
+    ops_finding(found, "ok", "config layer", str(h.cfg), "read")
+    ops_finding(found, "ok", "daemon named by", str(h.cfg))
+    ops_finding(found, "ok", "server 'demo'", "keep-alive", "lifecycle in config")
+    ops_finding(found, "ok", "server 'eph'", "ephemeral", "lifecycle in config")
+    ops_finding(found, "ok", "server 'plain'", "ephemeral", "by default")
+    ops_finding(found, "ok", "server 'homeonly'", "ephemeral")
+    ops_finding(found, "ok", "server 'playwright'", "keep-alive", "known stateful server")
+    ops_finding(found, "ok", "server 'forced'", "keep-alive", "MCPORTER_KEEPALIVE")
+    ops_finding(found, "warn", "server 'web'", "HTTP")
+
+
+def test_doctor_unsafe_state_dir(h):
+    os.chmod(str(h.state_dir), 0o777)
+    r, found = ops_doctor(h)
+    assert r.rc == 1, r
+    line = ops_finding(found, "FAIL", str(h.state_dir))
+    assert "0777" in line and "chmod 700" in line, line
+    assert r.out.rstrip().endswith("1 problem(s) found.")
+
+
+def test_doctor_invalid_config_json(h):
+    h.cfg.write_text('{\n  "mcpServers": {\n    "demo": {"command": }\n  }\n}\n')
+    r, found = ops_doctor(h)
+    assert r.rc == 1, r
+    line = ops_finding(found, "FAIL", str(h.cfg), "line 3")
+    assert "column" in line, line
+    ops_finding(found, "ok", "Python")
+
+
+def test_doctor_missing_keep_alive_command(h):
+    ops_config(
+        h,
+        {
+            "ghost": {"command": "mcporter-ops-no-such-command-9f2c", "lifecycle": "keep-alive"},
+            "gone": {"command": str(h.tmp / "no" / "such" / "server"), "lifecycle": "keep-alive"},
+        },
+    )
+    r, found = ops_doctor(h)
+    assert r.rc == 1, r
+    ops_finding(found, "FAIL", "server 'ghost'", "mcporter-ops-no-such-command-9f2c", "not found")
+    ops_finding(found, "FAIL", "server 'gone'", str(h.tmp / "no" / "such" / "server"), "not found")
+    ops_finding(found, "ok", "server 'demo'", "keep-alive")
+    assert r.out.rstrip().endswith("2 problem(s) found.")
+
+
+def test_doctor_stale_daemon(h):
+    assert call_ok(h, "demo.counter") == "1"
+    daemon = running_status(h)["pid"]
+    data = h.config_data()
+    data["mcpServers"]["demo"]["env"] = {"MD_OPS_EDIT": "1"}
+    h.write_config(data)
+    r, found = ops_doctor(h)
+    line = ops_finding(found, "warn", f"pid {daemon}", "stale")
+    assert "restart" in line, line
+    assert r.rc == 0, r
+    # Doctor only looks: the stale daemon is still the one running.
+    assert h.daemon_pids() == {daemon}
+    assert running_status(h)["fresh"] is False
+
+
+def test_doctor_unresponsive_daemon(h):
+    assert call_ok(h, "demo.counter") == "1"
+    daemon = running_status(h)["pid"]
+    h.sigstop(daemon)
+    r, found = ops_doctor(h)
+    assert r.rc == 1, r
+    line = ops_finding(found, "FAIL", f"pid {daemon}", "does not answer")
+    assert "stop" in line
+    # The advice works: stop ends it, and doctor is happy again.
+    out = ops_ok(h.cli("stop"))
+    assert str(daemon) in out, out
+    wait_until(lambda: not pid_alive(daemon), 5, message="hung daemon to be terminated")
+    r, found = ops_doctor(h)
+    assert r.rc == 0, r
+
+
+def test_doctor_reports_leftovers_of_a_killed_daemon(h):
+    h.use_stubborn_server()
+    assert call_ok(h, "demo.counter") == "1"
+    daemon = running_status(h)["pid"]
+    server = h.server_pid_from_status()
+    os.kill(daemon, signal.SIGKILL)
+    wait_until(lambda: not pid_alive(daemon), 5, message="SIGKILLed daemon to die")
+    assert pid_alive(server)
+    r, found = ops_doctor(h)
+    ops_finding(found, "ok", "no daemon running")
+    ops_finding(found, "warn", "leftovers", str(h.meta_path), str(h.socket_path), f"pid {server}")
+    ops_ok(h.cli("stop"))
+    wait_until(lambda: not pid_alive(server), 5, message="leftover MCP server to be ended")
+    r, found = ops_doctor(h)
+    assert r.rc == 0 and not [ln for ln in found if not ln.startswith("ok")], r
+    assert not h.meta_path.exists() and not h.socket_path.exists()
+
+
+def test_doctor_too_long_state_dir_uses_fallback(h):
+    long_dir = h.state_dir / ("d" * 110)
+    env = ops_env(h, MCPORTER_DAEMON_DIR=long_dir)
+    preferred = long_dir / f"daemon-{h.key}.sock"
+    fallback = f"/tmp/mcporter-{os.getuid()}/{h.key}.sock"
+    assert len(os.fsencode(str(preferred))) > 107
+    r, found = ops_doctor(h, env=env)
+    assert r.rc == 0, r
+    ops_finding(found, "ok", f"{len(os.fsencode(str(preferred)))} bytes", "limit 107", fallback)
+    try:
+        assert ops_ok(ops_cli(h, "call", "demo.counter", env=env)) == "1"
+        st = ops_status(h, env=env)
+        assert st["socketPath"] == fallback
+        r, found = ops_doctor(h, env=env)
+        ops_finding(found, "ok", f"daemon running (pid {st['pid']})")
+        ops_ok(ops_cli(h, "stop", env=env))
+        assert not os.path.exists(fallback)
+    finally:
+        if h.daemon_pids():
+            ops_cli(h, "stop", env=env)
+        if os.path.exists(fallback):
+            os.unlink(fallback)
+
+
+# ---- 4. resources, list, ephemeral calls, timeouts, closeServer ----------------------------
+
+
+def test_resources_list_and_read(h):
+    ops_config(h, {"eph": ops_demo_entry(h, "ephemeral")})
+    r = ops_cli(h, "resources", "demo")
+    assert ops_ok(r).splitlines() == ["demo://counter  counter (text/plain)"], r
+    assert call_ok(h, "demo.counter") == "1"
+    assert call_ok(h, "demo.counter") == "2"
+    assert ops_ok(ops_cli(h, "resources", "demo", "demo://counter")) == "2"
+    listed = json.loads(ops_ok(ops_cli(h, "resources", "demo", "--json")))
+    assert [x["uri"] for x in listed] == ["demo://counter"]
+    read = json.loads(ops_ok(ops_cli(h, "resources", "demo", "demo://counter", "--json")))
+    assert [c.get("text") for c in read["contents"]] == ["2"], read
+    # An ephemeral server is a fresh process each time: its counter reads 0.
+    assert ops_ok(ops_cli(h, "resources", "eph", "demo://counter")) == "0"
+    r = ops_cli(h, "resources", "nosuch")
+    assert r.rc == 2 and "nosuch" in r.err and "Traceback" not in r.err, r
+
+
+def test_list_servers_with_keep_alive_and_why(h):
+    def entry(lifecycle=None):
+        e = {"command": sys.executable, "args": [str(MODULE_PATH), "_demo-server"]}
+        return dict(e, lifecycle=lifecycle) if lifecycle else e
+
+    servers = {
+        "demo": entry("keep-alive"),
+        "eph": entry("ephemeral"),
+        "plain": entry(),
+        "playwright": entry(),
+        "web": {"url": "http://127.0.0.1:9/mcp"},
+    }
+    h.write_config({"mcpServers": servers})
+    lines = ops_ok(ops_cli(h, "list")).splitlines()
+    by_name = {ln.split(":", 1)[0]: ln for ln in lines}
+    assert sorted(by_name) == ["demo", "eph", "plain", "playwright", "web"], lines
+    assert "keep-alive (lifecycle in config)" in by_name["demo"]
+    assert "ephemeral (lifecycle in config)" in by_name["eph"]
+    assert "ephemeral (ephemeral by default)" in by_name["plain"]
+    assert "keep-alive (known stateful server)" in by_name["playwright"]
+    assert "http" in by_name["web"] and "unsupported" in by_name["web"]
+    rows = {row["name"]: row for row in json.loads(ops_ok(ops_cli(h, "list", "--json")))}
+    assert rows["demo"]["keepAlive"] is True and rows["eph"]["keepAlive"] is False
+    assert rows["playwright"]["why"] == "known stateful server"
+    assert h.daemon_pids() == set(), "listing servers must not start a daemon"
+    assert not h.meta_path.exists()
+
+
+def test_list_server_tools(h):
+    lines = ops_ok(ops_cli(h, "list", "demo")).splitlines()
+    assert lines == [
+        "demo.counter() — Add one to a counter kept in this server process.",
+        "demo.pid() — Return this server's process id.",
+        "demo.echo(text: string) — Return the given text.",
+        "demo.sleep(seconds: number) — Sleep for the given seconds, then answer.",
+        "demo.fail() — Return a tool error (isError).",
+    ], lines
+    schema_out = ops_ok(ops_cli(h, "list", "demo", "--schema"))
+    assert schema_out.splitlines()[0] == lines[0]
+    assert '"required": [' in schema_out and '"seconds"' in schema_out, schema_out
+    plain = json.loads(ops_ok(ops_cli(h, "list", "demo", "--json")))
+    assert plain[2] == {"name": "echo", "description": "Return the given text."}, plain
+    full = json.loads(ops_ok(ops_cli(h, "list", "demo", "--json", "--schema")))
+    echo = [t for t in full if t["name"] == "echo"][0]
+    assert echo["inputSchema"] == {
+        "type": "object",
+        "properties": {"text": {"type": "string"}},
+        "required": ["text"],
+    }
+
+
+def test_call_ephemeral_server_starts_no_daemon(h):
+    h.write_config({"mcpServers": {"eph": ops_demo_entry(h, "ephemeral")}})
+    assert call_ok(h, "eph.counter") == "1"
+    assert call_ok(h, "eph.counter") == "1", "an ephemeral server must not keep state"
+    pid = int(call_ok(h, "eph.pid"))
+    assert not pid_alive(pid), f"ephemeral server {pid} outlived its call"
+    assert h.server_pids() == set()
+    assert h.daemon_pids() == set()
+    assert not h.meta_path.exists() and not h.socket_path.exists()
+    assert h.status()["running"] is False
+    h.expect_no_leftovers = True
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_call_timeout_fails_fast(h, how):
+    ops_config(h, {"eph": ops_demo_entry(h, "ephemeral")})
+    daemon = started_pid(h.cli("start"))
+    env = ops_env(h, MCPORTER_DAEMON_TIMEOUT_MS="1000") if how == "env" else ops_env(h)
+    flags = ("--timeout", "1") if how == "flag" else ()
+    for server in ("demo", "eph"):
+        r = ops_cli(h, "call", *flags, f"{server}.sleep", "seconds=5", env=env, timeout=20)
+        assert r.rc == 1, r
+        assert r.elapsed < 4.5, r
+        assert "timed out" in r.err and "Traceback" not in r.err, r
+        assert len(r.err.strip().splitlines()) == 1, r
+    # The daemon survived the timeout and still serves.
+    assert call_ok(h, "demo.counter") == "1"
+    assert running_status(h)["pid"] == daemon
+    wait_until(lambda: len(h.server_pids()) == 1, 10, message="the ephemeral server to exit")
+
+
+def test_close_server_request_closes_just_that_server(h):
+    ops_config(h, {"other": ops_demo_entry(h)})
+    assert call_ok(h, "demo.counter") == "1"
+    assert call_ok(h, "demo.counter") == "2"
+    assert call_ok(h, "other.counter") == "1"
+    st = running_status(h)
+    daemon, demo, other = st["pid"], ops_server_pid(st, "demo"), ops_server_pid(st, "other")
+    resp, _, _ = raw_request(h.socket_path, "closeServer", {"server": "demo"}, idle=10.0)
+    assert resp.get("ok") is True, resp
+    wait_until(lambda: not pid_alive(demo), 5, message=f"closed server {demo} to exit")
+    assert pid_alive(other) and pid_alive(daemon)
+    st = running_status(h)
+    assert st["pid"] == daemon
+    assert [s["connected"] for s in st["servers"] if s["name"] == "demo"] == [False]
+    wait_until(lambda: "demo" not in (h.meta() or {}).get("servers", {}), 5, message="metadata update")
+    assert call_ok(h, "demo.counter") == "1"
+    new = ops_server_pid(running_status(h), "demo")
+    assert new and new != demo
+    assert call_ok(h, "other.counter") == "2"
+    resp, _, _ = raw_request(h.socket_path, "closeServer", {"server": "nosuch"}, idle=10.0)
+    assert resp.get("ok") is False and resp["error"]["code"] == "unknown_server", resp
+
+
+# ---- 5. idle timeouts --------------------------------------------------------------------------
+
+
+def test_server_idle_timeout_closes_just_that_server(h):
+    demo = ops_demo_entry(h, {"mode": "keep-alive", "idleTimeoutMs": 500})
+    ops_config(h, {"demo": demo, "other": ops_demo_entry(h)})
+    assert call_ok(h, "other.counter") == "1"
+    server = int(call_ok(h, "demo.pid"))
+    h.track(server)
+    st = running_status(h)
+    daemon, other = st["pid"], ops_server_pid(st, "other")
+    assert other and pid_alive(other)
+    wait_until(lambda: not pid_alive(server), 5, message=f"idle server {server} to be closed")
+    assert pid_alive(daemon) and pid_alive(other)
+    st = running_status(h)
+    assert st["pid"] == daemon
+    assert {s["name"]: s["connected"] for s in st["servers"]} == {"demo": False, "other": True}
+    wait_until(lambda: "demo" not in (h.meta() or {}).get("servers", {}), 5, message="metadata update")
+    assert f"closing server 'demo' (pid {server}): idle" in h.path("log").read_text()
+    assert call_ok(h, "demo.counter") == "1"
+    assert int(call_ok(h, "demo.pid")) != server
+    assert call_ok(h, "other.counter") == "2"
+
+
+def test_server_idle_timeout_spares_a_server_in_use(h):
+    demo = ops_demo_entry(h, {"mode": "keep-alive", "idleTimeoutMs": 500})
+    ops_config(h, {"demo": demo})
+    assert call_ok(h, "demo.counter") == "1"
+    server = h.server_pid_from_status()
+    # A call that runs far longer than the idle timeout is activity, not idleness.
+    r = h.cli("call", "demo.sleep", "seconds=2.5")
+    assert r.rc == 0 and r.out.strip() == "slept 2.5", r
+    assert call_ok(h, "demo.counter") == "2", "the server was closed while in use"
+    assert h.server_pid_from_status() == server
+
+
+def test_daemon_idle_timeout_shuts_daemon_down(h):
+    ops_config(h, daemonIdleTimeoutMs=1000)
+    daemon = started_pid(h.cli("start"))
+    assert call_ok(h, "demo.counter") == "1"
+    server = h.server_pid_from_status()
+    wait_until(lambda: not pid_alive(daemon), 6, message=f"idle daemon {daemon} to exit")
+    wait_until(lambda: not pid_alive(server), 5, message="its MCP server to exit")
+    assert not h.socket_path.exists() and not h.meta_path.exists()
+    assert h.status()["running"] is False
+    assert (daemon, "shutting down: idle for 1s") in ops_events(ops_log_lines(h.path("log")))
+    h.expect_no_leftovers = True
+
+
+def test_idle_shutdown_racing_starters_never_strands_a_caller(h):
+    """Callers strike around the idle deadline and while the idle daemon shuts down; every one
+    is served, and at no moment do two daemons serve (listen on the socket path) at once. A
+    daemon that gave up its socket and is closing its servers is exiting, not serving."""
+    ops_config(h, daemonIdleTimeoutMs=400)
+    sock = str(h.socket_path)
+    peak = [0]
+    done = threading.Event()
+
+    def watch():
+        while not done.is_set():
+            peak[0] = max(peak[0], ops_listeners(sock))
+            done.wait(0.003)
+
+    watcher = threading.Thread(target=watch, name="listener-watch", daemon=True)
+    watcher.start()
+    # Moments to strike, in seconds after the previous burst: around the 400 ms idle deadline and
+    # across the host's 1 s housekeeping tick that acts on it. Each burst is three commands 40 ms
+    # apart. These delays are the race's input, not a synchronisation.
+    offsets = [0.30, 0.38, 0.42, 0.5, 0.8, 1.0, 1.2, 1.4]
+    results = []
+    try:
+        end, i, last = time.monotonic() + 10, 0, time.monotonic()
+        while time.monotonic() < end:
+            if i % 3 == 1 and h.meta_path.exists():
+                # While the daemon shuts down: as soon as it gives up its metadata.
+                wait_until(lambda: not h.meta_path.exists(), 5, interval=0.002, message="idle shutdown")
+                t0 = time.monotonic()
+            else:
+                t0 = last + offsets[i % len(offsets)]
+            procs = []
+            for j, word in enumerate(["call", "call", "start" if i % 2 else "call"]):
+                time.sleep(max(0.0, t0 + 0.04 * j - time.monotonic()))
+                procs.append(h.popen_piped(*(["start"] if word == "start" else ["call", "demo.counter"])))
+            results += [communicate_text(p, p.text_args, CLI_TIMEOUT) for p in procs]
+            last = time.monotonic()
+            h.daemon_pids()
+            i += 1
+    finally:
+        done.set()
+        watcher.join(5)
+    assert [r for r in results if r.rc != 0] == []
+    for r in results:
+        if "start" in r.args:
+            started_pid(r)
+        else:
+            assert r.out.strip().isdigit(), r
+    assert peak[0] == 1, f"{peak[0]} daemons listened on {sock} at the same time (0: watcher saw none)"
+    events = ops_events(ops_log_lines(h.path("log")))
+    idled = [pid for pid, msg in events if msg.startswith("shutting down: idle")]
+    assert len(idled) >= 3, f"the race was not exercised: only {len(idled)} idle shutdowns"
+    # Nothing is left once the last daemon idles out.
+    wait_until(
+        lambda: not (h.daemon_pids() or h.server_pids() or h.socket_path.exists() or h.meta_path.exists()),
+        10,
+        message="the last daemon to idle out and leave nothing behind",
+    )
+    h.expect_no_leftovers = True
