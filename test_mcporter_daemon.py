@@ -25,18 +25,22 @@ import ctypes
 import hashlib
 import json
 import os
+import platform
 import plistlib
+import py_compile
 import re
 import shutil
 import signal
 import socket
 import stat
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -3079,3 +3083,219 @@ def test_idle_shutdown_racing_starters_never_strands_a_caller(h):
         message="the last daemon to idle out and leave nothing behind",
     )
     h.expect_no_leftovers = True
+
+
+# ---- benchmark (python3 -m pytest -m bench -s) ------------------------------
+
+
+def bench_times(run, n):
+    """Run ``run`` n times; seconds of each run."""
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        run()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def bench_pct(values, pct):
+    if len(values) < 2:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[pct - 1]
+
+
+def bench_ms(values):
+    return f"median {statistics.median(values) * 1000:.1f} ms, p90 {bench_pct(values, 90) * 1000:.1f} ms"
+
+
+def bench_run_ok(argv, env, cwd):
+    done = subprocess.run(argv, env=env, cwd=str(cwd), capture_output=True, timeout=60)
+    assert done.returncode == 0, done
+
+
+def bench_stop(h, md):
+    """Stop this test's daemon in-process and wait until it and its servers are gone."""
+    md.DaemonClient(md.DaemonPaths(str(h.state_dir), h.key), "", []).stop(5.0)
+    wait_until(lambda: not h.daemon_pids() and not h.server_pids(), 10, message="daemon to stop")
+
+
+def bench_rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return -1
+
+
+def bench_server_startup(h, md):
+    """The MCP server's own start-up (spawn + initialize), which a cold call cannot avoid."""
+    entry = h.demo_server_entry()
+
+    def once():
+        c = md.McpStdioClient("demo", [entry["command"], *entry["args"]]).start()
+        c.close(grace=0.5)
+
+    return bench_times(once, 5)
+
+
+def bench_cli_calls(h, md):
+    env, argv_script = h.env(), h.argv("call", "demo.counter")
+    argv_module = [sys.executable, "-m", "mcporter_daemon", "--config", str(h.cfg), "call", "demo.counter"]
+    bare = [sys.executable, "-c", "import mcporter_daemon"]
+    bench_run_ok(bare, env, HERE)  # warm the bytecode cache first
+    rows = {"bare": bench_times(lambda: bench_run_ok(bare, env, HERE), 30)}
+
+    def cold():
+        bench_stop(h, md)
+        t0 = time.perf_counter()
+        bench_run_ok(argv_script, env, HERE)
+        return time.perf_counter() - t0
+
+    rows["cold"] = [cold() for _ in range(30)]
+    rows["warm_script"] = bench_times(lambda: bench_run_ok(argv_script, env, HERE), 30)
+    rows["warm_module"] = bench_times(lambda: bench_run_ok(argv_module, env, HERE), 30)
+    return rows
+
+
+def bench_status_round_trips(h, md):
+    sock = str(h.socket_path)
+    req = {"id": "b", "method": "status", "params": {}, "protocolVersion": 2}
+    for _ in range(50):
+        md.exchange(sock, req, 2.0)
+    return bench_times(lambda: md.exchange(sock, req, 2.0), 1000)
+
+
+def bench_parallel_clients(h, md, clients=16, per_client=50):
+    sock = str(h.socket_path)
+    req = {
+        "id": "p",
+        "method": "callTool",
+        "params": {"server": "demo", "tool": "counter"},
+        "protocolVersion": 2,
+    }
+
+    def worker(_):
+        errors = 0
+        for _ in range(per_client):
+            try:
+                if not md.exchange(sock, req, 10.0).get("ok"):
+                    errors += 1
+            except Exception:
+                errors += 1
+        return errors
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        errors = sum(pool.map(worker, range(clients)))
+    return clients * per_client / (time.perf_counter() - t0), errors
+
+
+def bench_race(h, md, n):
+    """Seconds from launching n ``start --foreground`` at once to one verified survivor."""
+    bench_stop(h, md)
+    t0 = time.perf_counter()
+    procs = [h.popen("start", "--foreground") for _ in range(n)]
+
+    def settled():
+        running = [p for p in procs if p.poll() is None]
+        if len(running) != 1:
+            return False
+        meta = h.meta()
+        return meta is not None and meta.get("pid") == running[0].pid and h.socket_path.exists()
+
+    wait_until(settled, 30, interval=0.005, message=f"{n}-way race to settle")
+    elapsed = time.perf_counter() - t0
+    assert all(p.returncode == 0 for p in procs if p.poll() is not None)
+    return elapsed
+
+
+def bench_sigstop_replacement(h, md):
+    call_ok(h, "demo.counter")
+    old = h.meta()["pid"]
+    h.sigstop(old)
+    t0 = time.perf_counter()
+    call_ok(h, "demo.counter")
+    elapsed = time.perf_counter() - t0
+    wait_until(lambda: not pid_alive(old), 10, message="stopped daemon to be terminated")
+    return elapsed
+
+
+def bench_rss(h, md):
+    call_ok(h, "demo.counter")
+    pid = h.meta()["pid"]
+    sock = str(h.socket_path)
+    req = {
+        "id": "r",
+        "method": "callTool",
+        "params": {"server": "demo", "tool": "counter"},
+        "protocolVersion": 2,
+    }
+    idle = bench_rss_kib(pid)
+    for _ in range(1000):
+        assert md.exchange(sock, req, 10.0)["ok"]
+    after_1k = bench_rss_kib(pid)
+    for _ in range(1000):
+        assert md.exchange(sock, req, 10.0)["ok"]
+    return idle, after_1k, bench_rss_kib(pid)
+
+
+@pytest.mark.bench
+def test_benchmark(h, monkeypatch):
+    md = _import_module()
+    monkeypatch.setenv("MCPORTER_DAEMON_DIR", str(h.state_dir))
+    # Measure what users have: the bytecode cache on (some sandboxes turn it off).
+    monkeypatch.delenv("PYTHONDONTWRITEBYTECODE", raising=False)
+    py_compile.compile(str(MODULE_PATH), doraise=True)  # as after any first run on a user's machine
+    server = bench_server_startup(h, md)
+    cli = bench_cli_calls(h, md)
+    call_ok(h, "demo.counter")
+    status = bench_status_round_trips(h, md)
+    rps, errors = bench_parallel_clients(h, md)
+    races = {n: bench_race(h, md, n) for n in (2, 4, 8)}
+    bench_stop(h, md)
+    sigstop = bench_sigstop_replacement(h, md)
+    bench_stop(h, md)
+    idle, after_1k, after_2k = bench_rss(h, md)
+    bench_stop(h, md)
+
+    source = MODULE_PATH.read_text()
+    compile_s = bench_times(lambda: compile(source, str(MODULE_PATH), "exec"), 10)
+    bare, warm_s, warm_m = (statistics.median(cli[k]) for k in ("bare", "warm_script", "warm_module"))
+    rows = [
+        ("MCP server start-up alone (spawn + initialize)", bench_ms(server), "(not ours)"),
+        ("cold call, CLI process, no daemon running", bench_ms(cli["cold"]), "≤ 300 ms + server start-up"),
+        ("warm call, `python3 mcporter_daemon.py call`", bench_ms(cli["warm_script"]), ""),
+        ("warm call, `python3 -m mcporter_daemon call`", bench_ms(cli["warm_module"]), ""),
+        ('bare `python3 -c "import mcporter_daemon"`', bench_ms(cli["bare"]), ""),
+        ("warm call ÷ bare import (-m / script)", f"{warm_m / bare:.2f}× / {warm_s / bare:.2f}×", "≤ 1.5×"),
+        (
+            "compiling the module (a script run pays it)",
+            bench_ms(compile_s),
+            "(why the script form is slower)",
+        ),
+        (
+            "status round trip in one process (1,000)",
+            f"p50 {statistics.median(status) * 1e6:.0f} µs, p99 {bench_pct(status, 99) * 1e6:.0f} µs",
+            "p50 ≤ 200 µs",
+        ),
+        ("16 parallel clients × 50 calls", f"{rps:.0f} req/s, {errors} errors", "0 errors"),
+        *[
+            (f"{n}-way start --foreground race settled", f"{races[n] * 1000:.0f} ms", "≤ 1 s (8-way)")
+            for n in races
+        ],
+        ("SIGSTOP'd daemon replaced (next call done)", f"{sigstop * 1000:.0f} ms", "≤ probe 2 s + 0.5 s"),
+        (
+            "daemon RSS idle / after 1,000 / 2,000 calls",
+            f"{idle / 1024:.1f} / {after_1k / 1024:.1f} / {after_2k / 1024:.1f} MiB",
+            "≤ 15 MB, no growth",
+        ),
+    ]
+    width = max(len(r[0]) for r in rows)
+    print(
+        f"\n\nmcporter_daemon benchmark, {time.strftime('%Y-%m-%d')}: {platform.system()} {platform.machine()}, "
+        f"{os.cpu_count()} cores, Python {platform.python_version()}\n"
+    )
+    print(f"{'measurement'.ljust(width)}  {'result'.ljust(34)}  target")
+    for name, result, target in rows:
+        print(f"{name.ljust(width)}  {result.ljust(34)}  {target}")
+    assert errors == 0
