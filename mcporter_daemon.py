@@ -736,7 +736,10 @@ def _send_and_receive(
         while True:
             line = _read_line(sock, _MAX_REQUEST_BYTES * 4, buf)
             if line is None:
-                raise TransportError(f"daemon at {socket_path} closed the connection without answering")
+                if not buf.strip():
+                    raise TransportError(f"daemon at {socket_path} closed the connection without answering")
+                # mcporter's own daemon ends its last frame with EOF instead of a newline.
+                line, buf[:] = bytes(buf), b""
             frame = json.loads(line)
             if isinstance(frame, dict) and frame.get("type") == "progress":
                 continue
@@ -749,6 +752,8 @@ def _send_and_receive(
         ) from None
     except (ValueError, _FrameTooLarge):
         raise TransportError(f"daemon at {socket_path} sent a malformed frame") from None
+    except DaemonError:
+        raise  # TransportError is an OSError too; do not wrap our own message twice
     except OSError as exc:
         raise TransportError(f"connection to {socket_path} failed: {exc.strerror or exc}") from None
 
@@ -2067,12 +2072,16 @@ class _Busy(Exception):
 
 def _more_pending(conn: socket.socket) -> bool:
     """True when more bytes are already waiting (the sender has not paused yet)."""
+    timeout = conn.gettimeout()
+    # On a socket with a timeout CPython polls for readability before recv, so MSG_DONTWAIT
+    # alone would wait out the whole timeout (10 s for every newline-less mcporter request).
+    conn.setblocking(False)
     try:
-        return bool(conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
-    except (BlockingIOError, InterruptedError):
+        return bool(conn.recv(1, socket.MSG_PEEK))
+    except OSError:  # BlockingIOError: nothing waiting
         return False
-    except OSError:
-        return False
+    finally:
+        conn.settimeout(timeout)
 
 
 def _is_json(buf: bytearray) -> bool:
