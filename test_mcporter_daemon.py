@@ -22,6 +22,7 @@ reports as alive, as it would be on a system with a normal init.
 
 import calendar
 import ctypes
+import fcntl
 import hashlib
 import json
 import os
@@ -39,6 +40,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -3299,3 +3301,782 @@ def test_benchmark(h, monkeypatch):
     for name, result, target in rows:
         print(f"{name.ljust(width)}  {result.ljust(34)}  {target}")
     assert errors == 0
+
+
+# ---- real MCP servers and the real mcporter CLI (installed once, cached) ---
+#
+# The servers people actually run (npm's server-memory and server-everything,
+# FastMCP servers of the `mcp` package's 1.x and 2.x lines) and mcporter itself
+# are installed once into a cache directory and reused by later runs. They run
+# as external processes; nothing from them is imported here. Where the machine
+# cannot install them (no node/npm, no venv/pip, no registry) the tests skip
+# with the reason, unless MCPORTER_DAEMON_TEST_REAL_SERVERS=require (CI), where
+# that is a failure.
+
+REAL_SERVERS_VAR = "MCPORTER_DAEMON_TEST_REAL_SERVERS"
+REAL_CACHE_VAR = "MCPORTER_DAEMON_TEST_CACHE"
+INSTALL_TIMEOUT = 600.0
+# Runs a command in a session of its own, so a timed-out install can be ended
+# with everything it started (one process group), not just its first process.
+_SETSID_EXEC = "import os, sys; os.setsid(); os.execvp(sys.argv[1], sys.argv[1:])"
+
+# A stdio server that writes a line of junk on stdout before the handshake,
+# then becomes the real server (same pid) — as servers that print a banner do.
+JUNK_STDOUT_WRAPPER = (
+    "import os, sys\n"
+    "sys.stdout.write('server banner on stdout, not JSON\\n')\n"
+    "sys.stdout.flush()\n"
+    "os.execv(sys.argv[1], sys.argv[1:])\n"
+)
+JUNK_LINE = "server banner on stdout, not JSON"
+
+# A FastMCP server for either SDK line: state in the process, server-to-client
+# requests mid-call (elicitation, sampling, roots), a junk stdout line at
+# start-up with --junk, and a tool list longer than one would page (FastMCP
+# itself never paginates; see PAGED_SERVER for an SDK server that does).
+FASTMCP_SERVER = '''\
+import os
+import sys
+
+try:  # mcp 1.x
+    from mcp.server.fastmcp import Context, FastMCP
+except ImportError:  # mcp 2.x renamed FastMCP to MCPServer
+    from mcp.server.mcpserver import Context
+    from mcp.server.mcpserver import MCPServer as FastMCP
+from mcp.types import SamplingMessage, TextContent
+from pydantic import BaseModel
+
+if "--junk" in sys.argv:
+    print("fastmcp junk: not JSON, printed before the handshake", flush=True)
+
+mcp = FastMCP("fastmcp-test")
+state = {"n": 0}
+
+
+@mcp.tool()
+def counter() -> str:
+    """Count calls: the state lives in this process."""
+    state["n"] += 1
+    return str(state["n"])
+
+
+@mcp.tool()
+def pid() -> str:
+    """This server's process id."""
+    return str(os.getpid())
+
+
+class Colour(BaseModel):
+    colour: str
+
+
+@mcp.tool()
+async def ask(ctx: Context) -> str:
+    """Ask the client for input mid-call (elicitation/create)."""
+    result = await ctx.elicit(message="Pick a colour", schema=Colour)
+    return "elicitation: " + result.action
+
+
+@mcp.tool()
+async def sample(ctx: Context) -> str:
+    """Ask the client's model mid-call (sampling/createMessage)."""
+    try:
+        await ctx.session.create_message(
+            messages=[SamplingMessage(role="user", content=TextContent(type="text", text="hi"))],
+            max_tokens=5,
+        )
+    except Exception as exc:
+        return "sampling refused: " + str(exc)
+    return "sampling answered"
+
+
+@mcp.tool()
+async def roots(ctx: Context) -> str:
+    """Ask the client for its roots mid-call (roots/list)."""
+    try:
+        await ctx.session.list_roots()
+    except Exception as exc:
+        return "roots refused: " + str(exc)
+    return "roots answered"
+
+
+def _filler(i):
+    def tool() -> str:
+        return str(i)
+
+    return tool
+
+
+for i in range(60):
+    mcp.add_tool(_filler(i), name="filler_%02d" % i, description="filler tool %d" % i)
+
+mcp.run()
+'''
+FASTMCP_TOOLS = ["counter", "pid", "ask", "sample", "roots"] + [f"filler_{i:02d}" for i in range(60)]
+
+# An SDK low-level server that pages tools/list and resources/list (3 a page),
+# written against each line's public low-level API.
+PAGED_SERVER = """\
+import anyio
+import mcp.types as types
+from mcp.server.lowlevel import Server
+from mcp.server.stdio import stdio_server
+
+PAGE = 3
+NAMES = ["paged_%02d" % i for i in range(10)]
+SCHEMA = {"type": "object", "properties": {}}
+
+
+def page(cursor):
+    start = int(cursor or 0)
+    end = start + PAGE
+    return NAMES[start:end], (str(end) if end < len(NAMES) else None)
+
+
+def tools_page(cursor):
+    names, nxt = page(cursor)
+    tools = [types.Tool(name=n, description="paged tool " + n, inputSchema=SCHEMA) for n in names]
+    return types.ListToolsResult(tools=tools, nextCursor=nxt)
+
+
+def resources_page(cursor):
+    names, nxt = page(cursor)
+    resources = [types.Resource(uri="paged://item/" + n, name=n) for n in names]
+    return types.ListResourcesResult(resources=resources, nextCursor=nxt)
+
+
+def called(name):
+    return [types.TextContent(type="text", text="called " + name)]
+
+
+if hasattr(Server, "list_tools"):  # mcp 1.x: handlers by decorator
+    server = Server("paged")
+
+    @server.list_tools()
+    async def list_tools(req: types.ListToolsRequest) -> types.ListToolsResult:
+        return tools_page(req.params.cursor if req.params else None)
+
+    @server.list_resources()
+    async def list_resources(req: types.ListResourcesRequest) -> types.ListResourcesResult:
+        return resources_page(req.params.cursor if req.params else None)
+
+    @server.call_tool()
+    async def call_tool(name, arguments):
+        return called(name)
+
+else:  # mcp 2.x: handlers passed to the constructor
+
+    async def on_list_tools(ctx, params):
+        return tools_page(params.cursor if params else None)
+
+    async def on_list_resources(ctx, params):
+        return resources_page(params.cursor if params else None)
+
+    async def on_call_tool(ctx, params):
+        return types.CallToolResult(content=called(params.name))
+
+    server = Server(
+        "paged", on_list_tools=on_list_tools, on_list_resources=on_list_resources, on_call_tool=on_call_tool
+    )
+
+
+async def main():
+    async with stdio_server() as (read, write):
+        await server.run(read, write, server.create_initialization_options())
+
+
+anyio.run(main)
+"""
+PAGED_NAMES = [f"paged_{i:02d}" for i in range(10)]
+
+
+def real_cache_dir():
+    configured = os.environ.get(REAL_CACHE_VAR)
+    if configured:
+        return Path(configured).expanduser().resolve()
+    return Path.home() / ".cache" / "mcporter-daemon-tests"
+
+
+def real_unavailable(reason):
+    """Skip with ``reason``, or fail when the real servers are required (CI)."""
+    if os.environ.get(REAL_SERVERS_VAR) == "require":
+        pytest.fail(f"{REAL_SERVERS_VAR}=require, but: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def run_install(what, argv, cwd, timeout=INSTALL_TIMEOUT):
+    """Run one install step in a session of its own; None on success, else one line saying why."""
+    env = dict(os.environ, npm_config_update_notifier="false", PIP_DISABLE_PIP_VERSION_CHECK="1")
+    args = [sys.executable, "-c", _SETSID_EXEC] + [str(a) for a in argv]
+    p = spawn(args, env, cwd, subprocess.PIPE, subprocess.STDOUT)
+    try:
+        out, _ = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        try:
+            p.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        return f"{what} did not finish within {timeout:g}s"
+    if p.returncode != 0:
+        lines = out.decode("utf-8", "replace").strip().splitlines()
+        return f"{what} failed (exit {p.returncode}): {' | '.join(lines[-4:])}"
+    return None
+
+
+def cached_install(name, install, check):
+    """Install into ``<cache>/<name>`` once, under a lock shared by concurrent test runs.
+
+    ``install(dest)`` returns None or an error line; ``check(dest)`` returns the
+    installed versions (a dict) or None when the install is unusable. A folder
+    without its completion marker (an interrupted install) is redone.
+    """
+    cache = real_cache_dir()
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        real_unavailable(f"cannot create the test cache {cache}: {exc}")
+    dest = cache / name
+    marker = dest / ".mcporter-daemon-tests-installed.json"
+    with open(str(cache / f".{name}.lock"), "a+") as lock:
+        deadline = time.monotonic() + 2 * INSTALL_TIMEOUT
+        while True:
+            try:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    real_unavailable(f"another run kept {cache / name} locked too long")
+                time.sleep(0.2)
+        if marker.exists():
+            versions = check(dest)
+            if versions:
+                return versions
+        shutil.rmtree(str(dest), ignore_errors=True)
+        dest.mkdir(parents=True)
+        error = install(dest)
+        if error:
+            real_unavailable(error)
+        versions = check(dest)
+        if not versions:
+            real_unavailable(f"{name}: installed into {dest}, but it does not run")
+        marker.write_text(json.dumps(versions))
+        return versions
+
+
+def npm_package_version(prefix, package):
+    try:
+        data = json.loads((prefix / "node_modules" / package / "package.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return data.get("version")
+
+
+def require_node():
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if not node or not npm:
+        real_unavailable("node and npm are needed for the npm MCP servers and mcporter (not on PATH)")
+    return node, npm
+
+
+@pytest.fixture(scope="session")
+def npm_servers():
+    """@modelcontextprotocol/server-memory and server-everything, from npm."""
+    node, npm = require_node()
+    packages = ["@modelcontextprotocol/server-memory", "@modelcontextprotocol/server-everything"]
+
+    def install(dest):
+        return run_install(
+            "npm install " + " ".join(packages),
+            [npm, "install", "--prefix", dest, "--no-audit", "--no-fund", "--loglevel=error"] + packages,
+            dest,
+        )
+
+    def check(dest):
+        versions = {p: npm_package_version(dest, p) for p in packages}
+        return versions if all(versions.values()) else None
+
+    versions = cached_install("npm", install, check)
+    prefix = real_cache_dir() / "npm"
+    pkg = prefix / "node_modules" / "@modelcontextprotocol"
+    return types.SimpleNamespace(
+        node=node,
+        npx=shutil.which("npx") or "npx",
+        prefix=prefix,
+        everything_js=pkg / "server-everything" / "dist" / "index.js",
+        everything_docs=pkg / "server-everything" / "dist" / "docs",
+        versions=versions,
+    )
+
+
+@pytest.fixture(scope="session")
+def mcporter_cli():
+    """The mcporter CLI from npm (the TypeScript original), run with node."""
+    node, npm = require_node()
+
+    def install(dest):
+        # @latest: npm would otherwise pick an older release whose `engines` fits this node.
+        return run_install(
+            "npm install mcporter@latest",
+            [
+                npm,
+                "install",
+                "--prefix",
+                dest,
+                "--no-audit",
+                "--no-fund",
+                "--loglevel=error",
+                "mcporter@latest",
+            ],
+            dest,
+        )
+
+    def check(dest):
+        cli = dest / "node_modules" / "mcporter" / "dist" / "cli.js"
+        version = npm_package_version(dest, "mcporter")
+        try:
+            out = subprocess.run([node, str(cli), "--version"], capture_output=True, text=True, timeout=60)
+            node_version = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        if not version or version not in out.stdout:
+            return None
+        return {"mcporter": version, "node": node_version.stdout.strip()}
+
+    versions = cached_install("mcporter", install, check)
+    cli = real_cache_dir() / "mcporter" / "node_modules" / "mcporter" / "dist" / "cli.js"
+    return types.SimpleNamespace(argv=[node, str(cli)], versions=versions)
+
+
+def venv_base_python():
+    """An interpreter for the SDK venvs: `mcp` needs Python 3.10+, while this suite also runs on 3.9."""
+    names = ("python3", "python3.13", "python3.12", "python3.11", "python3.10")
+    for candidate in [sys.executable] + [shutil.which(n) for n in names]:
+        if not candidate:
+            continue
+        try:
+            out = subprocess.run(
+                [candidate, "-c", "import sys, venv; print(sys.version_info >= (3, 10))"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if out.stdout.strip() == "True":
+            return candidate
+    return None
+
+
+@pytest.fixture(scope="session", params=["1", "2"], ids=["mcp1", "mcp2"])
+def mcp_sdk(request):
+    """A venv holding the newest `mcp` of one major line (1.x or 2.x), from PyPI."""
+    line = request.param
+    spec = "mcp<2" if line == "1" else "mcp>=2,<3"
+
+    base = venv_base_python()
+    if base is None:
+        real_unavailable("the mcp SDK needs Python 3.10+ with venv; none found (sys.executable, python3)")
+
+    def install(dest):
+        error = run_install(f"{base} -m venv", [base, "-m", "venv", dest], dest, timeout=120)
+        if error:
+            return error
+        return run_install(
+            f"pip install '{spec}'", [dest / "bin" / "python", "-m", "pip", "install", "-q", spec], dest
+        )
+
+    def check(dest):
+        code = "import importlib.metadata as m, mcp.server; print(m.version('mcp'))"
+        try:
+            out = subprocess.run(
+                [str(dest / "bin" / "python"), "-c", code], capture_output=True, text=True, timeout=60
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        version = out.stdout.strip()
+        return {"mcp": version} if out.returncode == 0 and version.startswith(line + ".") else None
+
+    versions = cached_install(f"mcp{line}", install, check)
+    return types.SimpleNamespace(
+        line=line, python=str(real_cache_dir() / f"mcp{line}" / "bin" / "python"), versions=versions
+    )
+
+
+# ---- helpers for real servers ---------------------------------------------
+
+
+def real_call(h, *args, **kw):
+    """`call` that must succeed quickly: a server request left unanswered would hang it."""
+    r = h.cli("call", *args, timeout=kw.pop("timeout", 60))
+    assert r.rc == 0, r
+    return r
+
+
+def list_json(h, server, schema=False):
+    r = h.cli("list", server, "--json", *(["--schema"] if schema else []))
+    assert r.rc == 0, r
+    return json.loads(r.out)
+
+
+def daemon_log_text(h):
+    try:
+        return h.path("log").read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def server_pid_of(status, name):
+    for s in status.get("servers") or []:
+        if s.get("name") == name:
+            return s.get("pid")
+    return None
+
+
+def processes_of_test(h):
+    """Every live process that inherited this test's environment marker:
+    daemons, MCP servers and whatever they spawned (npx's sh and node, say)."""
+    found = procs_with_env_marker(h.tag)
+    for pid in found:
+        h.track(pid)
+    return found
+
+
+def describe_pids(pids):
+    return [f"{pid} {' '.join(proc_cmdline(pid))[:160]}" for pid in sorted(pids)]
+
+
+def wait_no_processes_left(h, timeout):
+    try:
+        wait_until(lambda: not processes_of_test(h), timeout, message="this test's processes to exit")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; still running: {describe_pids(processes_of_test(h))}") from None
+
+
+def assert_stop_leaves_nothing(h):
+    """`stop` ends the daemon and every process under it, and removes its socket and metadata."""
+    st = running_status(h)
+    daemon = st["pid"]
+    servers = [s["pid"] for s in st["servers"] if s.get("pid")]
+    before = processes_of_test(h)
+    assert daemon in before, describe_pids(before)
+    r = h.cli("stop")
+    assert r.rc == 0, r
+    assert not pid_alive(daemon), f"daemon {daemon} still running after stop"
+    for pid in servers:
+        assert not pid_alive(pid), f"MCP server {pid} still running after stop: {describe_pids([pid])}"
+    # Grandchildren (npx's sh and node) go with their parents, a moment later at most.
+    wait_no_processes_left(h, 5)
+    assert not Path(st["socketPath"]).exists()
+    assert not Path(st["metadataPath"]).exists()
+    assert h.status()["running"] is False
+    h.expect_no_leftovers = True
+
+
+def fastmcp_entry(h, sdk, script_text, *args):
+    script = h.tmp / f"server_mcp{sdk.line}_{uuid.uuid4().hex[:6]}.py"
+    script.write_text(script_text)
+    return {
+        "command": sdk.python,
+        "args": [str(script)] + list(args) + [h.tag],
+        "lifecycle": "keep-alive",
+    }
+
+
+# ---- npm: @modelcontextprotocol/server-memory -------------------------------
+
+
+def test_real_memory_server_keeps_its_graph_across_cli_calls(h, npm_servers):
+    # Launched the way configs usually do it: npx, which runs npm → sh → node.
+    memory = {
+        "command": npm_servers.npx,
+        "args": ["--prefix", str(npm_servers.prefix), "--no", "mcp-server-memory", h.tag],
+        "env": {"MEMORY_FILE_PATH": str(h.tmp / "memory.jsonl")},
+        "lifecycle": "keep-alive",
+    }
+    h.write_config({"mcpServers": {"memory": memory}})
+
+    r = h.cli("list", "memory")
+    assert r.rc == 0, r
+    assert "memory.create_entities(entities: array)" in r.out, r
+    assert "memory.read_graph()" in r.out, r
+    tools = list_json(h, "memory")
+    names = [t["name"] for t in tools]
+    assert {"create_entities", "read_graph", "search_nodes"} <= set(names), names
+    assert all(set(t) <= {"name", "description"} for t in tools), tools
+    schemas = {t["name"]: t for t in list_json(h, "memory", schema=True)}
+    assert "entities" in schemas["create_entities"]["inputSchema"]["properties"], schemas["create_entities"]
+
+    entity = "Entity-" + uuid.uuid4().hex[:8]
+    args = {"entities": [{"name": entity, "entityType": "test", "observations": ["kept warm"]}]}
+    real_call(h, "memory.create_entities", "--args", json.dumps(args))
+    first = running_status(h)
+    server = server_pid_of(first, "memory")
+    assert server and pid_alive(server), first
+
+    # Another CLI process sees the entity, served by the same daemon and server process.
+    r = real_call(h, "memory.read_graph")
+    assert entity in r.out and "kept warm" in r.out, r
+    r = real_call(h, "memory.search_nodes", f"query={entity}", "--json")
+    assert entity in json.dumps(json.loads(r.out)), r
+    second = running_status(h)
+    assert second["pid"] == first["pid"]
+    assert server_pid_of(second, "memory") == server
+    # Its stderr chatter is drained into the daemon log.
+    assert "Knowledge Graph MCP Server running on stdio" in daemon_log_text(h)
+
+    assert_stop_leaves_nothing(h)
+
+
+# ---- npm: @modelcontextprotocol/server-everything --------------------------
+
+
+def test_real_everything_server_tools_resources_and_junk_stdout(h, npm_servers):
+    everything = {
+        "command": sys.executable,
+        "args": ["-c", JUNK_STDOUT_WRAPPER, npm_servers.node, str(npm_servers.everything_js), "stdio", h.tag],
+        "lifecycle": "keep-alive",
+    }
+    h.write_config({"mcpServers": {"everything": everything}})
+
+    r = real_call(h, "everything.echo", "message=hello real server")
+    assert r.out.strip() == "Echo: hello real server", r
+    server = server_pid_of(running_status(h), "everything")
+    assert server and pid_alive(server)
+    # The junk line came first on stdout and was skipped; the handshake went on.
+    assert JUNK_LINE in daemon_log_text(h)
+
+    tools = {t["name"]: t for t in list_json(h, "everything", schema=True)}
+    assert "echo" in tools, sorted(tools)
+    assert tools["echo"]["inputSchema"]["required"] == ["message"], tools["echo"]
+    add = "get-sum" if "get-sum" in tools else "add"  # renamed in 2026 releases
+    assert add in tools, sorted(tools)
+    r = real_call(h, f"everything.{add}", "a=2", "b=3")
+    assert "5" in r.out, r
+    r = h.cli("list", "everything")
+    assert r.rc == 0 and "everything.echo(message: string)" in r.out, r
+
+    # Every resource it has (one per file in its docs folder), across however many pages.
+    r = h.cli("resources", "everything", "--json")
+    assert r.rc == 0, r
+    uris = sorted(res["uri"] for res in json.loads(r.out))
+    docs = sorted(
+        f"demo://resource/static/document/{p.name}"
+        for p in npm_servers.everything_docs.iterdir()
+        if p.is_file()
+    )
+    assert docs and uris == docs
+    r = h.cli("resources", "everything", docs[0])
+    assert r.rc == 0 and r.out.strip(), r
+
+    # Still the same server process: state kept across all those CLI processes.
+    assert server_pid_of(running_status(h), "everything") == server
+    assert_stop_leaves_nothing(h)
+
+
+# ---- PyPI: FastMCP servers of mcp 1.x and 2.x ------------------------------
+
+
+def test_real_fastmcp_server_state_requests_and_junk(h, mcp_sdk):
+    h.write_config({"mcpServers": {"fast": fastmcp_entry(h, mcp_sdk, FASTMCP_SERVER, "--junk")}})
+
+    assert real_call(h, "fast.counter").out.strip() == "1"
+    assert real_call(h, "fast.counter").out.strip() == "2"
+    pid = int(real_call(h, "fast.pid").out)
+    assert server_pid_of(running_status(h), "fast") == pid
+    assert "fastmcp junk: not JSON" in daemon_log_text(h)
+
+    # Server-to-client requests mid-call are answered at once, so calls never hang.
+    r = real_call(h, "fast.ask", timeout=30)
+    assert r.out.strip() == "elicitation: decline", r
+    assert "[mcporter]" in r.err and "declined" in r.err, r
+    assert r.elapsed < 10, r
+    r = real_call(h, "fast.sample", timeout=30)
+    assert r.out.startswith("sampling refused:"), r
+    assert r.elapsed < 10, r
+    r = real_call(h, "fast.roots", timeout=30)
+    assert r.out.startswith("roots refused:"), r
+    assert r.elapsed < 10, r
+    # ... and the server carried on with its state.
+    assert real_call(h, "fast.counter").out.strip() == "3"
+
+    r = h.cli("list", "fast")
+    assert r.rc == 0, r
+    assert sorted(ln.split("(")[0] for ln in r.out.splitlines()) == sorted(f"fast.{n}" for n in FASTMCP_TOOLS)
+    tools = list_json(h, "fast", schema=True)
+    assert sorted(t["name"] for t in tools) == sorted(FASTMCP_TOOLS)
+    assert all(t["inputSchema"]["type"] == "object" for t in tools), tools
+
+    st = running_status(h)
+    assert server_pid_of(st, "fast") == pid
+    assert_stop_leaves_nothing(h)
+
+
+def test_real_sdk_server_paginated_lists_are_followed(h, mcp_sdk):
+    h.write_config({"mcpServers": {"paged": fastmcp_entry(h, mcp_sdk, PAGED_SERVER)}})
+
+    # The server sends 3 a page with nextCursor; all 10 arrive, in order.
+    assert [t["name"] for t in list_json(h, "paged")] == PAGED_NAMES
+    r = h.cli("resources", "paged", "--json")
+    assert r.rc == 0, r
+    assert [res["uri"] for res in json.loads(r.out)] == [f"paged://item/{n}" for n in PAGED_NAMES]
+    assert real_call(h, "paged.paged_09").out.strip() == "called paged_09"
+    assert_stop_leaves_nothing(h)
+
+
+# ---- interop with mcporter itself ------------------------------------------
+
+
+def mcporter_style_request(path, request, timeout=15.0):
+    """Send ``request`` as mcporter 0.12's client does: compact JSON, no newline, no
+    half-close, then read until the daemon closes. Returns (seconds, raw bytes)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.settimeout(timeout)
+        s.connect(str(path))
+        started = time.monotonic()
+        s.sendall(json.dumps(request, separators=(",", ":")).encode())
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                return time.monotonic() - started, data
+            data += chunk
+    finally:
+        s.close()
+
+
+def test_mcporter_style_request_is_answered_at_once(h):
+    """Runs without node: the framing of mcporter's client, against our daemon."""
+    assert call_ok(h, "demo.counter") == "1"
+    st = running_status(h)
+    elapsed, data = mcporter_style_request(h.socket_path, {"id": "m-1", "method": "status", "params": {}})
+    response = json.loads(data)  # exactly one JSON object, nothing else before the close
+    assert response["id"] == "m-1" and response["ok"] is True, response
+    assert response["result"]["pid"] == st["pid"]
+    assert response["result"]["socketPath"] == str(h.socket_path)
+    # No protocolVersion: no progress frames even for a call, just the one answer.
+    params = {"server": "demo", "tool": "counter", "args": {}}
+    call_elapsed, data = mcporter_style_request(
+        h.socket_path, {"id": "m-2", "method": "callTool", "params": params}
+    )
+    response = json.loads(data)
+    assert response["ok"] is True and response["result"]["content"][0]["text"] == "2", response
+    assert elapsed < 2 and call_elapsed < 2, (
+        f"answers took {elapsed:.1f}s and {call_elapsed:.1f}s: the daemon waited for a newline "
+        "or half-close that mcporter's client never sends"
+    )
+
+
+@pytest.fixture
+def hx(tmp_path):
+    """A harness whose daemon directory X/daemon is shared with mcporter.
+
+    mcporter puts its files in ``$MCPORTER_DAEMON_DIR/daemon/``; this module in
+    ``$MCPORTER_DAEMON_DIR`` itself. So with ours at X/daemon and mcporter at X,
+    both use the same socket and metadata paths for one config file.
+    """
+    harness = Harness(tmp_path)
+    shared = harness.state_dir
+    harness.state_dir = shared / "daemon"
+    harness.shared_dir = shared
+    (harness.tmp / "home").mkdir()
+    try:
+        yield harness
+    finally:
+        try:
+            harness.cleanup()
+        finally:
+            shutil.rmtree(str(shared), ignore_errors=True)
+
+
+def run_mcporter(h, cli, *args, **kw):
+    """Run mcporter with the shared directory and this test's config (its global --config first)."""
+    argv = cli.argv + ["--config", str(h.cfg)] + [str(a) for a in args]
+    env = h.env(MCPORTER_DAEMON_DIR=str(h.shared_dir), HOME=str(h.tmp / "home"))
+    p = spawn(argv, env, h.tmp, subprocess.PIPE, subprocess.PIPE)
+    h.popens.append(p)
+    h.track(p.pid)
+    return communicate_text(p, argv, kw.pop("timeout", 60))
+
+
+def test_mcporter_cli_sees_and_stops_our_daemon(hx, mcporter_cli):
+    h = hx
+    assert call_ok(h, "demo.counter") == "1"
+    st = running_status(h)
+    daemon, server = st["pid"], server_pid_of(st, "demo")
+    assert Path(st["socketPath"]) == h.socket_path  # X/daemon/daemon-<key>.sock, mcporter's path too
+
+    status = run_mcporter(h, mcporter_cli, "daemon", "status")
+    assert status.rc == 0, status
+    assert f"Daemon pid {daemon} — socket: {h.socket_path}" in status.out, status
+    assert "- demo: connected" in status.out, status
+
+    stop = run_mcporter(h, mcporter_cli, "daemon", "stop")
+    assert stop.rc == 0, stop
+    assert "Daemon stopped" in stop.out, stop
+    # mcporter does not wait; the daemon goes by itself, with its MCP server.
+    wait_until(lambda: not pid_alive(daemon), 10, message=f"daemon {daemon} to exit")
+    wait_until(lambda: not pid_alive(server), 5, message=f"MCP server {server} to exit")
+    wait_no_processes_left(h, 5)
+    assert not h.socket_path.exists()
+    assert not h.meta_path.exists()
+    assert h.status()["running"] is False
+    r = run_mcporter(h, mcporter_cli, "daemon", "status")
+    assert r.rc == 0 and "Daemon is not running." in r.out, r
+    h.expect_no_leftovers = True
+    # Each answer comes at once, not when the daemon's request-read deadline (10 s) runs out:
+    # mcporter's client sends its request without a newline and never half-closes.
+    for r in (status, stop):
+        assert r.elapsed < 5, f"mcporter waited {r.elapsed:.1f}s for our daemon's answer: {r!r}"
+
+
+def test_our_foreground_daemon_replaces_live_mcporter_daemon(hx, mcporter_cli):
+    h = hx
+    r = run_mcporter(h, mcporter_cli, "daemon", "start")
+    assert r.rc == 0, r
+    assert "Daemon started" in r.out, r
+    theirs = json.loads(h.meta_path.read_text())["pid"]
+    h.track(theirs)
+    assert pid_alive(theirs)
+    r = run_mcporter(h, mcporter_cli, "call", "demo.counter")
+    assert r.rc == 0 and r.out.strip() == "1", r
+    their_servers = h.server_pids()  # the demo server mcporter's daemon spawned
+    assert their_servers and all(proc_stat(p).ppid == theirs for p in their_servers), describe_pids(
+        their_servers
+    )
+
+    fg = h.popen("start", "--foreground")
+
+    def ours_bound():
+        meta = h.meta()
+        return meta is not None and meta.get("pid") == fg.pid
+
+    try:
+        wait_until(ours_bound, 30, message=f"our daemon {fg.pid} to bind")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; its stderr: {read_file(fg.err_path)!r}") from None
+    # Stop-before-rebind: the live mcporter daemon was stopped, not orphaned beside ours.
+    assert not pid_alive(theirs), (
+        f"mcporter daemon {theirs} left running beside ours: {describe_pids([theirs])}; "
+        f"our daemon's log: {read_file(fg.err_path)!r}"
+    )
+    wait_until(
+        lambda: not any(pid_alive(p) for p in their_servers),
+        5,
+        message=f"mcporter's MCP server {describe_pids(their_servers)} to exit",
+    )
+    assert call_ok(h, "demo.counter") == "1"
+    assert running_status(h)["pid"] == fg.pid
+    assert_one_daemon_tree(h, fg.pid)
+
+    r = h.cli("stop")
+    assert r.rc == 0, r
+    assert fg.wait(timeout=10) == 0, read_file(fg.err_path)
+    wait_no_processes_left(h, 5)
+    assert not h.socket_path.exists()
+    assert not h.meta_path.exists()
+    h.expect_no_leftovers = True
