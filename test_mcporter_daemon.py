@@ -490,6 +490,13 @@ def started_pid(result):
     return int(m.group(2))
 
 
+def start_daemon(h):
+    """``start`` the daemon (detached) and return its pid."""
+    r = h.cli("start")
+    assert r.rc == 0, r
+    return started_pid(r)
+
+
 def assert_one_daemon_tree(h, daemon_pid, servers=1, timeout=10):
     """Exactly one daemon process (``daemon_pid``) and ``servers`` MCP servers, all its children."""
     wait_until(
@@ -875,9 +882,7 @@ def test_killed_mcp_server_is_restarted(h):
 
 @pytest.mark.parametrize("how", ["sigcont", "sigterm"])
 def test_superseded_daemon_never_removes_replacement_files(h, how):
-    r = h.cli("start")
-    assert r.rc == 0, r
-    a = started_pid(r)
+    a = start_daemon(h)
     assert call_ok(h, "demo.counter") == "1"
     a_server = h.server_pid_from_status()
     h.meta()
@@ -886,9 +891,8 @@ def test_superseded_daemon_never_removes_replacement_files(h, how):
     h.socket_path.unlink()
     h.meta_path.unlink()
     r = h.cli("start")
-    assert r.rc == 0, r
+    assert r.rc == 0 and "started" in r.out, r
     b = started_pid(r)
-    assert "started" in r.out, r
     assert b != a
     b_inode = h.socket_path.stat().st_ino
 
@@ -941,9 +945,7 @@ def test_stop_leaves_nothing(h):
 
 
 def test_progress_frames_keep_long_call_alive_but_silence_trips_budget(h):
-    r = h.cli("start")
-    assert r.rc == 0, r
-    daemon = started_pid(r)
+    daemon = start_daemon(h)
     sock = Path(h.meta()["socketPath"])
     params = {"server": "demo", "tool": "sleep", "args": {"seconds": 3}, "timeoutMs": 20000}
 
@@ -986,9 +988,7 @@ def test_progress_frames_keep_long_call_alive_but_silence_trips_budget(h):
 
 def test_module_client_idle_budget(h, monkeypatch):
     md = _import_module()
-    r = h.cli("start")
-    assert r.rc == 0, r
-    daemon = started_pid(r)
+    daemon = start_daemon(h)
     monkeypatch.setenv("MCPORTER_DAEMON_DIR", str(h.state_dir))
     client = md.DaemonClient(md.DaemonPaths.for_config(str(h.cfg)), "unused-fingerprint", [])
     params = {"server": "demo", "tool": "sleep", "args": {"seconds": 3}, "timeoutMs": 20000}
@@ -1260,9 +1260,7 @@ def test_stopped_daemon_reclaimed_within_probe_timeout(h):
 
 
 def test_busy_daemon_answers_status_and_is_not_replaced(h):
-    r = h.cli("start")
-    assert r.rc == 0, r
-    daemon = started_pid(r)
+    daemon = start_daemon(h)
     assert call_ok(h, "demo.counter") == "1"  # the MCP server is warm
     server = h.server_pid_from_status()
     sock = h.socket_path
@@ -1610,9 +1608,7 @@ def test_daemon_exits_when_its_socket_path_is_lost(h, how):
 
 
 def test_bad_socket_input_is_answered_and_bounded(h):
-    r = h.cli("start")
-    assert r.rc == 0, r
-    daemon = started_pid(r)
+    daemon = start_daemon(h)
     assert call_ok(h, "demo.echo", "text=warm") == "warm"
     sock = h.socket_path
     rss_before = vm_rss_kib(daemon)
@@ -1759,9 +1755,7 @@ def test_bad_socket_input_is_answered_and_bounded(h):
 def test_connection_burst_is_served(h):
     # 200 clients connect at once, each as the module's own client does (a connect with a
     # timeout, i.e. non-blocking underneath), then each sends one line.
-    r = h.cli("start")
-    assert r.rc == 0, r
-    daemon = started_pid(r)
+    daemon = start_daemon(h)
     sock = h.socket_path
     poller = StatusLatencyPoller(sock, daemon).start()
     conns, refused = [], []
