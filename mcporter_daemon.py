@@ -1662,9 +1662,14 @@ class DaemonHost:
             self.log.event(f"stale daemon pid {pid} did not take the stop request: {exc}")
         if _wait_gone(pid, _STOP_WAIT, start):
             return
-        servers = (meta or {}).get("servers") if (meta or {}).get("pid") == pid else {}
+        meta = meta or {}
+        if meta.get("pid") != pid or not is_our_pid(pid, meta.get("pidStartTime")):
+            # Only the metadata's pid + start time proves it ours (§7); a daemon we cannot
+            # verify is left alone. It loses its socket now and exits when it notices.
+            self.log.event(f"stale daemon pid {pid} did not exit and cannot be verified; rebinding anyway")
+            return
         self.log.event(f"stale daemon pid {pid} did not exit within {_STOP_WAIT:g}s; terminating it")
-        terminate_daemon_tree(pid, start, servers or {})
+        terminate_daemon_tree(pid, str(meta["pidStartTime"]), meta.get("servers") or {})
 
     def _reap_recorded_servers(self, meta: Optional[Dict[str, Any]]) -> None:
         """A SIGKILLed owner could not close its MCP servers, and some ignore stdin EOF."""
@@ -2340,13 +2345,6 @@ class DaemonClient:
     def _stop_live(self, status: Dict[str, Any], meta: Dict[str, Any], timeout: float) -> str:
         pid = status["pid"]
         start = process_start_time(pid)
-        servers = dict(meta.get("servers") or {}) if meta.get("pid") == pid else {}
-        for entry in status.get("servers") or []:
-            if isinstance(entry, dict) and _is_pid(entry.get("pid")):
-                servers.setdefault(
-                    str(entry.get("name")),
-                    {"pid": entry["pid"], "pidStartTime": process_start_time(entry["pid"])},
-                )
         try:
             exchange(
                 self.paths.socket,
@@ -2357,7 +2355,14 @@ class DaemonClient:
             pass  # it may have exited before answering; the pid tells
         if _wait_gone(pid, timeout, start):
             return f"stopped (pid {pid})"
-        terminate_daemon_tree(pid, start, servers)
+        # Signals only with proof (§7): the metadata read before the stop names this very
+        # process (a stopping daemon removes the file, so it had to be read first).
+        if meta.get("pid") != pid or not is_our_pid(pid, meta.get("pidStartTime")):
+            raise DaemonError(
+                f"daemon (pid {pid}) did not stop within {timeout:g}s and cannot be verified as ours; "
+                "not signalled"
+            )
+        terminate_daemon_tree(pid, str(meta["pidStartTime"]), meta.get("servers") or {})
         self._clear_stale_files()
         return f"daemon (pid {pid}) did not stop within {timeout:g}s; terminated it"
 
