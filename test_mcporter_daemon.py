@@ -1044,6 +1044,50 @@ def test_demo_command_runs_and_cleans_up(h):
     assert list(demo_tmp.iterdir()) == [], "`demo` left files behind"
 
 
+# ---- the README's vendoring example ----------------------------------------
+
+
+def readme_vendoring_example():
+    """Exactly the first ```python block under the README's "Vendoring" heading."""
+    readme = (HERE / "README.md").read_text()
+    section = readme.split("\n## Vendoring\n", 1)[1].split("\n## ", 1)[0]
+    match = re.search(r"```python\n(.*?)```", section, re.S)
+    assert match, "README's Vendoring section has no python block"
+    return match.group(1)
+
+
+def test_readme_vendoring_example_runs_as_is(h):
+    work = h.tmp / "vendor"
+    work.mkdir()
+    shutil.copy(str(MODULE_PATH), str(work / "mcporter_daemon.py"))
+    (work / "example.py").write_text(readme_vendoring_example())
+    tmp = h.tmp / "vendor-tmp"  # the example keeps its state under tempfile.gettempdir()
+    tmp.mkdir()
+    marker = "vendor-" + uuid.uuid4().hex
+    h.extra_markers.append(marker)
+    env = h.env(TMPDIR=str(tmp))
+    env[MARKER_VAR] = marker  # inherited by the daemon the example starts
+    env.pop("MCPORTER_DAEMON_DIR")
+    args = [sys.executable, "example.py"]
+    p = spawn(args, env, work, subprocess.PIPE, subprocess.PIPE)
+    h.popens.append(p)
+    r = communicate_text(p, args, 60)
+    assert r.rc == 0, r
+    lines = r.out.splitlines()
+    m = re.match(r"hello, vendor from daemon pid (\d+)$", lines[0]) if lines else None
+    assert m, r
+    daemon = int(m.group(1))
+    assert daemon != p.pid, "the answer must come from a separate daemon process"
+    assert lines[1:] == [f"stopped (pid {daemon})"], r
+    wait_until(lambda: not pid_alive(daemon), 5, message="the example's daemon to exit")
+    assert not procs_with_env_marker(marker), "the example left processes behind"
+    assert list(tmp.iterdir()) == [], "the example left files behind"
+    assert sorted(x.name for x in work.iterdir() if x.name != "__pycache__") == [
+        "example.py",
+        "mcporter_daemon.py",
+    ]
+
+
 # ---- issue 3: hung, busy and foreign processes; socket loss; bad input; errors; safety ----
 
 PROBE_DEFAULT_S = 2.0  # the daemon's default probe timeout (MCPORTER_DAEMON_PROBE_TIMEOUT_MS)
