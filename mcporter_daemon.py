@@ -27,10 +27,10 @@ try:
 except ImportError:  # pragma: no cover - depends on how CPython was built
     from hashlib import sha1 as _sha1
 try:
-    from _sha2 import sha256 as _sha256  # Python 3.12+
+    from _sha256 import sha256 as _sha256  # Python 3.9-3.11
 except ImportError:
-    try:
-        from _sha256 import sha256 as _sha256  # Python 3.9-3.11
+    try:  # Python 3.12+ renamed it; by name, since checkers running on 3.11 do not know it
+        _sha256 = __import__("_sha2").sha256
     except ImportError:  # pragma: no cover - depends on how CPython was built
         from hashlib import sha256 as _sha256
 

@@ -311,10 +311,14 @@ class Harness:
 
     def popen(self, *args, **kw):
         """Start the CLI; stdout/stderr go to files (a daemon may run for long)."""
+        return self.popen_argv(self.argv(*args), self.env(**kw))
+
+    def popen_argv(self, argv, env, cwd=None):
+        """Start any long-running process, tracked for cleanup, output in files."""
         n = len(self.popens)
         out = open(str(self.tmp / f"p{n}.out"), "w+")  # noqa: SIM115 - closed at cleanup
         err = open(str(self.tmp / f"p{n}.err"), "w+")  # noqa: SIM115 - closed at cleanup
-        p = spawn(self.argv(*args), self.env(**kw), self.tmp, out, err)
+        p = spawn([str(a) for a in argv], env, cwd or self.tmp, out, err)
         p.out_file, p.err_file = out, err
         p.out_path, p.err_path = out.name, err.name
         self.popens.append(p)
@@ -1131,19 +1135,6 @@ def cli_with_env(h, *args, **env_extra):
     return run_argv(h, h.argv(*args), h.env(**env_extra))
 
 
-def spawn_to_files(h, argv, env):
-    """Start a long-running process with stdout/stderr in files (read with ``read_file``)."""
-    n = len(h.popens)
-    out = open(str(h.tmp / f"s{n}.out"), "w+")  # noqa: SIM115 - closed at cleanup
-    err = open(str(h.tmp / f"s{n}.err"), "w+")  # noqa: SIM115 - closed at cleanup
-    p = spawn([str(a) for a in argv], env, h.tmp, out, err)
-    p.out_file, p.err_file = out, err
-    p.out_path, p.err_path = out.name, err.name
-    h.popens.append(p)
-    h.track(p.pid)
-    return p
-
-
 def vm_rss_kib(pid):
     try:
         with open(f"/proc/{pid}/status") as f:
@@ -1418,7 +1409,7 @@ def start_slow_host(h, probe_ms=300):
         script.write_text(SLOW_HOST_SCRIPT.format(here=str(HERE)))
     flag = h.tmp / "slow.flag"
     env = h.env(MCPORTER_DAEMON_PROBE_TIMEOUT_MS=str(probe_ms))
-    return spawn_to_files(h, [sys.executable, script, h.state_dir, flag], env), flag
+    return h.popen_argv([sys.executable, script, h.state_dir, flag], env), flag
 
 
 def slow_host_socket(h):
@@ -1525,7 +1516,7 @@ def test_foreign_pid_in_metadata_is_never_signalled(h, start_time):
     sig_log = h.tmp / "bystander.signals"
     script = h.tmp / "bystander.py"
     script.write_text(BYSTANDER_SCRIPT)
-    bystander = spawn_to_files(h, [sys.executable, script, sig_log], h.env())
+    bystander = h.popen_argv([sys.executable, script, sig_log], h.env())
     wait_until(sig_log.exists, 10, message="bystander to install its signal handlers")
     before = proc_stat(bystander.pid)
 
@@ -2170,19 +2161,6 @@ def ops_cli(h, *args, env=None, cwd=None, timeout=CLI_TIMEOUT, config=True):
     return communicate_text(p, argv, timeout)
 
 
-def ops_popen(h, argv, env, cwd):
-    """Start a long-running process (a service manager's daemon); output goes to files."""
-    n = len(h.popens)
-    out = open(str(h.tmp / f"ops{n}.out"), "w+")  # noqa: SIM115 - closed at cleanup
-    err = open(str(h.tmp / f"ops{n}.err"), "w+")  # noqa: SIM115 - closed at cleanup
-    p = spawn([str(a) for a in argv], env, cwd, out, err)
-    p.out_file, p.err_file = out, err
-    p.out_path, p.err_path = out.name, err.name
-    h.popens.append(p)
-    h.track(p.pid)
-    return p
-
-
 def ops_ok(result):
     assert result.rc == 0, result
     return result.out.strip()
@@ -2437,12 +2415,12 @@ def test_service_launchd_plist_runs_the_foreground_host(h):
 
     # Run it as launchd would: exactly ProgramArguments, EnvironmentVariables, WorkingDirectory.
     run_env = dict(env, **{MARKER_VAR: h.tag})
-    first = ops_popen(h, argv, run_env, plist["WorkingDirectory"])
+    first = h.popen_argv(argv, run_env, plist["WorkingDirectory"])
     ops_wait_serving(h, first)
     assert call_ok(h, "demo.counter") == "1"
     # A second instance while the first runs exits 0 at once: KeepAlive SuccessfulExit=false
     # then leaves it down instead of respawning it every ThrottleInterval.
-    second = ops_popen(h, argv, run_env, plist["WorkingDirectory"])
+    second = h.popen_argv(argv, run_env, plist["WorkingDirectory"])
     assert ops_wait_exit(second, 15) == 0, Path(second.err_path).read_text()
     assert first.poll() is None
     log = ops_log_lines(ops_flag_value(argv, "--log-file"))
@@ -2501,10 +2479,10 @@ def test_service_systemd_unit_runs_the_foreground_host(h):
 
     # Run ExecStart as systemd would: only the unit's Environment=, in WorkingDirectory=.
     run_env = dict(unit_env, **{MARKER_VAR: h.tag})
-    first = ops_popen(h, words, run_env, cwd)
+    first = h.popen_argv(words, run_env, cwd)
     ops_wait_serving(h, first, *prefix, env=env)
     assert ops_ok(ops_cli(h, *prefix, "call", "demo.counter", env=env, config=False)) == "1"
-    second = ops_popen(h, words, run_env, cwd)
+    second = h.popen_argv(words, run_env, cwd)
     assert ops_wait_exit(second, 15) == 0, Path(second.err_path).read_text()
     assert first.poll() is None
     assert ops_ok(ops_cli(h, *prefix, "call", "demo.counter", env=env, config=False)) == "2"
@@ -2531,7 +2509,7 @@ def test_service_daemon_is_found_under_xdg_locations(h):
     unit = ops_parse_unit(ops_ok(ops_cli(h, *prefix, "service", "systemd", env=env, config=False)))
     words = ops_exec_start(unit)
     run_env = dict(ops_unit_environment(unit), **{MARKER_VAR: h.tag})
-    daemon = ops_popen(h, words, run_env, ops_working_directory(unit))
+    daemon = h.popen_argv(words, run_env, ops_working_directory(unit))
     ops_wait_serving(h, daemon, *prefix, env=env)
     assert ops_status(h, *prefix, env=env)["fresh"] is True
     assert ops_ok(ops_cli(h, *prefix, "call", "demo.counter", env=env, config=False)) == "1"
@@ -2620,7 +2598,7 @@ def test_log_environment_variables(h):
 
 def test_log_env_verbose_foreground_logs_to_stderr(h):
     env = ops_env(h, MCPORTER_DAEMON_LOG="1")
-    fg = ops_popen(h, h.argv("start", "--foreground"), env, h.tmp)
+    fg = h.popen_argv(h.argv("start", "--foreground"), env, h.tmp)
     ops_wait_serving(h, fg)
     assert call_ok(h, "demo.counter") == "1"
     server = h.server_pid_from_status()
