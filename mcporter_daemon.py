@@ -457,13 +457,18 @@ def _home_config_candidates() -> List[str]:
     return out + [home, home + "c"]
 
 
+def _explicit_config_path(config: Optional[str]) -> Optional[str]:
+    """``--config``, else ``MCPORTER_CONFIG``, made absolute; None when neither is set."""
+    explicit = config or os.environ.get("MCPORTER_CONFIG")
+    return os.path.abspath(os.path.expanduser(explicit)) if explicit else None
+
+
 def discover_config(
     config: Optional[str] = None, root: Optional[str] = None
 ) -> Tuple[str, List[Tuple[str, Optional[bytes]]], bool]:
     """(naming path, layers, explicit) as mcporter discovers them."""
-    explicit = config or os.environ.get("MCPORTER_CONFIG")
-    if explicit:
-        path = os.path.abspath(os.path.expanduser(explicit))
+    path = _explicit_config_path(config)
+    if path:
         data = _read_optional(path)
         if data is None:
             raise ConfigError(f"{path}: config file not found")
@@ -2971,8 +2976,7 @@ def cmd_stop(args: Any) -> int:
     except ConfigError:
         # Stopping needs only the config's path: a broken or deleted config must not
         # strand the daemon it started.
-        explicit = args.config or os.environ.get("MCPORTER_CONFIG")
-        path = os.path.abspath(os.path.expanduser(explicit)) if explicit else _naming_path(args.root)
+        path = _explicit_config_path(args.config) or _naming_path(args.root)
         client = DaemonClient(DaemonPaths.for_config(path), "", [])
     print(client.stop(args.timeout))
     return 0
@@ -3225,9 +3229,8 @@ def _doctor_paths(found: _Findings, paths: DaemonPaths) -> None:
             )
     else:
         found.ok(f"state directory {base} will be created (mode 0700)")
-    stem_sock = os.path.join(base, f"daemon-{paths.key}.sock")
-    size, limit = len(os.fsencode(stem_sock)), _sun_path_limit()
-    if paths.socket == stem_sock:
+    size, limit = len(os.fsencode(paths._preferred)), _sun_path_limit()
+    if paths.socket == paths._preferred:
         found.ok(f"socket path is {size} bytes (limit {limit})")
         return
     fallback = os.path.dirname(paths.socket)

@@ -101,22 +101,22 @@ def pid_stopped(pid):
     return st is not None and st.state in ("T", "t")
 
 
-def proc_cmdline(pid):
+def _proc_strings(pid, name):
+    """The NUL-separated strings of /proc/<pid>/<name> (cmdline, environ); [] when gone."""
     try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
+        with open(f"/proc/{pid}/{name}", "rb") as f:
             raw = f.read()
     except OSError:
         return []
     return [a.decode("utf-8", "replace") for a in raw.split(b"\0") if a]
+
+
+def proc_cmdline(pid):
+    return _proc_strings(pid, "cmdline")
 
 
 def proc_environ(pid):
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            raw = f.read()
-    except OSError:
-        return []
-    return [a.decode("utf-8", "replace") for a in raw.split(b"\0") if a]
+    return _proc_strings(pid, "environ")
 
 
 def all_pids():
@@ -3147,14 +3147,6 @@ def bench_stop(h, md):
     wait_until(lambda: not h.daemon_pids() and not h.server_pids(), 10, message="daemon to stop")
 
 
-def bench_rss_kib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return -1
-
-
 def bench_server_startup(h, md):
     """The MCP server's own start-up (spawn + initialize), which a cold call cannot avoid."""
     entry = h.demo_server_entry()
@@ -3258,13 +3250,13 @@ def bench_rss(h, md):
         "params": {"server": "demo", "tool": "counter"},
         "protocolVersion": 2,
     }
-    idle = bench_rss_kib(pid)
+    idle = vm_rss_kib(pid)
     for _ in range(1000):
         assert md.exchange(sock, req, 10.0)["ok"]
-    after_1k = bench_rss_kib(pid)
+    after_1k = vm_rss_kib(pid)
     for _ in range(1000):
         assert md.exchange(sock, req, 10.0)["ok"]
-    return idle, after_1k, bench_rss_kib(pid)
+    return idle, after_1k, vm_rss_kib(pid)
 
 
 @pytest.mark.bench
