@@ -250,16 +250,18 @@ class Harness:
 
     # -- config and paths --
 
-    def demo_server_entry(self):
+    def demo_server_entry(self, eof_flag=None):
         """The built-in demo server, run through ``python -c`` so that the tag shows in its
         command line. A stubborn one ignores stdin EOF (as some real MCP servers do): it
-        only goes away when signalled."""
+        only goes away when signalled. ``eof_flag``: a file it creates when it sees EOF."""
         code = (
             "import sys, runpy, time\n"
             "sys.argv = ['mcporter_daemon.py', '_demo-server']\n"
             "try:\n"
             f"    runpy.run_path({str(MODULE_PATH)!r}, run_name='__main__')\n"
             "finally:\n"
+            f"    if {eof_flag is not None!r}:\n"
+            f"        open({str(eof_flag)!r}, 'w').close()\n"
             f"    if {self.stubborn!r}:\n"
             "        time.sleep(3600)\n"
         )
@@ -830,13 +832,18 @@ def test_damaged_metadata_is_repaired(h, damage):
 # ---- crashes and hangs ------------------------------------------------------
 
 
-@pytest.mark.parametrize("server", ["exits-on-eof", "ignores-eof"])
-def test_sigkilled_daemon_is_replaced(h, server):
-    if server == "ignores-eof":
+def warm_daemon(h, stubborn=False):
+    """A daemon with its MCP server warm (one that ignores stdin EOF if ``stubborn``):
+    (daemon pid, server pid)."""
+    if stubborn:
         h.use_stubborn_server()
     assert call_ok(h, "demo.counter") == "1"
-    old_pid = running_status(h)["pid"]
-    old_server = h.server_pid_from_status()
+    return running_status(h)["pid"], h.server_pid_from_status()
+
+
+@pytest.mark.parametrize("server", ["exits-on-eof", "ignores-eof"])
+def test_sigkilled_daemon_is_replaced(h, server):
+    old_pid, old_server = warm_daemon(h, stubborn=server == "ignores-eof")
     os.kill(old_pid, signal.SIGKILL)
     wait_until(lambda: not pid_alive(old_pid), 5, message="SIGKILLed daemon to die")
 
@@ -851,11 +858,7 @@ def test_sigkilled_daemon_is_replaced(h, server):
 
 @pytest.mark.parametrize("server", ["exits-on-eof", "ignores-eof"])
 def test_stopped_daemon_is_replaced_and_terminated(h, server):
-    if server == "ignores-eof":
-        h.use_stubborn_server()
-    assert call_ok(h, "demo.counter") == "1"
-    old_pid = running_status(h)["pid"]
-    old_server = h.server_pid_from_status()
+    old_pid, old_server = warm_daemon(h, stubborn=server == "ignores-eof")
     h.sigstop(old_pid)
 
     assert call_ok(h, "demo.counter") == "1"
@@ -1568,25 +1571,9 @@ def test_foreign_pid_in_metadata_is_never_signalled(h, start_time):
 
 def test_next_daemon_ends_eof_ignoring_server_of_sigkilled_daemon(h):
     eof_flag = h.tmp / "server-saw-eof"
-    code = (
-        "import sys, runpy, time\n"
-        "sys.argv = ['mcporter_daemon.py', '_demo-server']\n"
-        "try:\n"
-        f"    runpy.run_path({str(MODULE_PATH)!r}, run_name='__main__')\n"
-        "finally:\n"
-        f"    open({str(eof_flag)!r}, 'w').close()\n"
-        "    time.sleep(3600)\n"
-    )
-    h.write_config(
-        {
-            "mcpServers": {
-                "demo": {"command": sys.executable, "args": ["-c", code, h.tag], "lifecycle": "keep-alive"}
-            }
-        }
-    )
-    assert call_ok(h, "demo.counter") == "1"
-    old_pid = running_status(h)["pid"]
-    old_server = h.server_pid_from_status()
+    h.stubborn = True
+    h.write_config({"mcpServers": {"demo": h.demo_server_entry(eof_flag=eof_flag)}})
+    old_pid, old_server = warm_daemon(h)
     assert h.meta()["servers"]["demo"]["pid"] == old_server
 
     os.kill(old_pid, signal.SIGKILL)
@@ -3116,6 +3103,15 @@ def test_idle_shutdown_racing_starters_never_strands_a_caller(h):
 # ---- benchmark (python3 -m pytest -m bench -s) ------------------------------
 
 
+# One demo.counter call over the raw protocol, as the parallel and RSS measurements send it.
+BENCH_COUNTER_REQUEST = {
+    "id": "bench",
+    "method": "callTool",
+    "params": {"server": "demo", "tool": "counter"},
+    "protocolVersion": 2,
+}
+
+
 def bench_times(run, n):
     """Run ``run`` n times; seconds of each run."""
     out = []
@@ -3187,12 +3183,7 @@ def bench_status_round_trips(h, md):
 
 def bench_parallel_clients(h, md, clients=16, per_client=50):
     sock = str(h.socket_path)
-    req = {
-        "id": "p",
-        "method": "callTool",
-        "params": {"server": "demo", "tool": "counter"},
-        "protocolVersion": 2,
-    }
+    req = BENCH_COUNTER_REQUEST
 
     def worker(_):
         errors = 0
@@ -3244,12 +3235,7 @@ def bench_rss(h, md):
     call_ok(h, "demo.counter")
     pid = h.meta()["pid"]
     sock = str(h.socket_path)
-    req = {
-        "id": "r",
-        "method": "callTool",
-        "params": {"server": "demo", "tool": "counter"},
-        "protocolVersion": 2,
-    }
+    req = BENCH_COUNTER_REQUEST
     idle = vm_rss_kib(pid)
     for _ in range(1000):
         assert md.exchange(sock, req, 10.0)["ok"]
