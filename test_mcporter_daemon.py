@@ -1100,9 +1100,8 @@ def test_readme_vendoring_example_runs_as_is(h):
 PROBE_DEFAULT_S = 2.0  # the daemon's default probe timeout (MCPORTER_DAEMON_PROBE_TIMEOUT_MS)
 NOBODY_UID = 65534
 # Exec argv[1:] as uid/gid 65534 with no supplementary groups (the wrapper runs as root).
-# Two full CI rehearsals each saw one exec here fail with EACCES right after the same exec had
-# worked (cause not found; never reproduced alone), so a failed exec is retried a few times and
-# a final failure names the interpreter and the error.
+# A failed exec is retried a few times, then named with its interpreter and error; see
+# nobody_python for why the interpreter is a system one where there is one.
 AS_NOBODY = (
     "import os, sys, time\n"
     "os.setgroups([]); os.setgid(65534); os.setuid(65534)\n"
@@ -1907,19 +1906,39 @@ def test_usage_errors_are_one_line_exit_2(h, args, named):
 # -- run as another user (root only) --
 
 
+def world_executable(path):
+    """True when any user can reach and run ``path``: o+x on the file and every directory above it."""
+    real = os.path.realpath(path)
+    parts = [real] + [str(d) for d in Path(real).parents]
+    try:
+        return all(os.stat(d).st_mode & stat.S_IXOTH for d in parts)
+    except OSError:
+        return False
+
+
 def nobody_python():
-    """An interpreter uid 65534 can run (pyenv under a 0700 /root is not one), or skip."""
+    """An interpreter uid 65534 can run our module with, or skip.
+
+    A system interpreter comes first: CI's pyenv Python lives under /root, which is 0700 here
+    and was seen to turn unreachable for uid 65534 between one test and the next, so it is
+    only a last resort, and only when every directory above it is world-searchable."""
     if os.getuid() != 0:
         pytest.skip("running as another user (uid 65534) needs root")
-    for cand in (sys.executable, "/usr/bin/python3", "/usr/local/bin/python3"):
-        if not os.path.exists(cand):
+    tried = []
+    for cand in ("/usr/bin/python3", "/usr/local/bin/python3", sys.executable):
+        if not os.path.exists(cand) or not world_executable(cand):
+            tried.append(f"{cand}: not reachable by other users")
             continue
         done = subprocess.run(
-            [sys.executable, "-c", AS_NOBODY, cand, "-c", "pass"], capture_output=True, timeout=30
+            [sys.executable, "-c", AS_NOBODY, cand, str(MODULE_PATH), "--version"],
+            capture_output=True,
+            text=True,
+            timeout=30,
         )
         if done.returncode == 0:
             return cand
-    pytest.skip("no Python interpreter that uid 65534 can run")
+        tried.append(f"{cand}: {done.stderr.strip()[-200:]}")
+    pytest.skip("no Python that uid 65534 can run our module with: " + "; ".join(tried))
 
 
 def run_as_nobody_with_long_dir(h, fallback):
