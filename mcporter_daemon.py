@@ -3323,10 +3323,6 @@ def cmd_doctor(args: Any) -> int:
     return 1 if found.failures else 0
 
 
-def cmd_demo_server(args: Any) -> int:
-    return _demo_server_main()
-
-
 def cmd_demo(args: Any) -> int:
     """A tour: a daemon keeps the built-in demo server warm across separate CLI processes."""
     import shutil
@@ -3465,8 +3461,6 @@ def _build_parser() -> Any:
     sp.add_argument("kind", choices=["launchd", "systemd"])
     sp.add_argument("--label", help="launchd label (default com.mcporter.daemon.<key>)")
     sp.set_defaults(func=cmd_service)
-    sp = sub.add_parser("_demo-server")  # the module as a tiny MCP server (used by demo and tests)
-    sp.set_defaults(func=cmd_demo_server)
     return p
 
 
@@ -3475,6 +3469,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         _require_posix()
+        if argv[:1] == ["_demo-server"]:
+            # Internal, so kept out of the parser (and out of its "choose from" list).
+            return _demo_server_main()
         args = _build_parser().parse_args(argv)
         if not getattr(args, "func", None):
             raise UsageError("a command is required")

@@ -1900,6 +1900,7 @@ def test_daemon_child_start_failure_is_shown_at_once(h):
 def test_usage_errors_are_one_line_exit_2(h, args, named):
     r = h.cli(*args)
     assert_prompt_error(r, 2, named)
+    assert "_demo-server" not in r.err, "the internal command is offered to users"
     assert h.daemon_pids() == set()
 
 
