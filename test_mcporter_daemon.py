@@ -23,6 +23,7 @@ reports as alive, as it would be on a system with a normal init.
 import calendar
 import ctypes
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -1099,19 +1100,15 @@ def test_readme_vendoring_example_runs_as_is(h):
 
 PROBE_DEFAULT_S = 2.0  # the daemon's default probe timeout (MCPORTER_DAEMON_PROBE_TIMEOUT_MS)
 NOBODY_UID = 65534
-# Exec argv[1:] as uid/gid 65534 with no supplementary groups (the wrapper runs as root).
-# A failed exec is retried a few times, then named with its interpreter and error; see
-# nobody_python for why the interpreter is a system one where there is one.
+# Exec argv[1:] as uid/gid 65534 with no supplementary groups (the wrapper runs as root); a
+# failed exec names the interpreter and the error (nobody_python says which interpreter).
 AS_NOBODY = (
-    "import os, sys, time\n"
+    "import os, sys\n"
     "os.setgroups([]); os.setgid(65534); os.setuid(65534)\n"
-    "for attempt in range(10):\n"
-    "    try:\n"
-    "        os.execv(sys.argv[1], sys.argv[1:])\n"
-    "    except OSError as exc:\n"
-    "        error = exc\n"
-    "        time.sleep(0.05)\n"
-    "sys.exit(f'as uid 65534, cannot exec {sys.argv[1]!r}: {error!r}')\n"
+    "try:\n"
+    "    os.execv(sys.argv[1], sys.argv[1:])\n"
+    "except OSError as exc:\n"
+    "    sys.exit(f'as uid 65534, cannot exec {sys.argv[1]!r}: {exc!r}')\n"
 )
 CONNECT_PROBE = (
     "import socket, sys\n"
@@ -1917,6 +1914,7 @@ def world_executable(path):
         return False
 
 
+@functools.cache
 def nobody_python():
     """An interpreter uid 65534 can run our module with, or skip.
 
@@ -1927,8 +1925,10 @@ def nobody_python():
         pytest.skip("running as another user (uid 65534) needs root")
     tried = []
     for cand in ("/usr/bin/python3", "/usr/local/bin/python3", sys.executable):
-        if not os.path.exists(cand) or not world_executable(cand):
-            tried.append(f"{cand}: not reachable by other users")
+        if not os.path.exists(cand):
+            continue
+        if not world_executable(cand):
+            tried.append(f"{cand}: a directory above it is closed to other users")
             continue
         done = subprocess.run(
             [sys.executable, "-c", AS_NOBODY, cand, str(MODULE_PATH), "--version"],
