@@ -115,6 +115,9 @@ _STOP_WAIT = 5.0
 _TERM_GRACE = 1.0
 _MCP_CLOSE_GRACE = 2.0
 _SOCKET_CHECK_INTERVAL = 1.0
+_STOPPING_WAIT = 15.0  # a stopping daemon gets this long to close its servers before it is ended
+_ACCEPT_BACKOFF_MAX = 1.0  # out of fds: retry accept() no faster than this, instead of spinning
+_STOP_REQUEST = "stop request"  # the shutdown reason of a `stop` (its files go without the lock)
 _LOG_ROTATE_BYTES = 10 * 1024 * 1024
 _KEEPALIVE_NAMES = ("chrome-devtools", "mobile-mcp", "playwright", "cloudbase")
 _KEEPALIVE_COMMAND_HINTS = ("chrome-devtools-mcp", "@playwright/mcp", "mobile-mcp", "cloudbase-mcp")
@@ -1450,12 +1453,12 @@ class HandlerError(DaemonError):
 
 
 class ProbeResult:
-    """What a ``status`` probe of the socket found: live, silent (timeout) or dead."""
+    """What a ``status`` probe of the socket found: live, stopping, silent (timeout) or dead."""
 
     __slots__ = ("kind", "status", "detail")
 
     def __init__(self, kind: str, status: Optional[Dict[str, Any]] = None, detail: str = "") -> None:
-        self.kind = kind  # "live" | "silent" | "dead"
+        self.kind = kind  # "live" | "stopping" | "silent" | "dead"
         self.status = status or {}
         self.detail = detail
 
@@ -1478,6 +1481,12 @@ def probe_live_daemon(socket_path: str, timeout: float) -> ProbeResult:
         return ProbeResult("dead", detail=str(exc))
     status = response.get("result") if response.get("ok") else None
     if not isinstance(status, dict):
+        error = response.get("error") if isinstance(response.get("error"), dict) else {}
+        pid = error.get("pid")
+        if error.get("code") == "shutting_down" and _is_pid(pid) and pid_alive(pid):
+            # Still closing its servers: it owns them until its pid is gone (stop is a barrier).
+            stopping = {"pid": pid, "pidStartTime": error.get("pidStartTime")}
+            return ProbeResult("stopping", stopping, detail="shutting down")
         return ProbeResult("dead", detail="answered with an error")
     if status.get("socketPath") != socket_path:
         return ProbeResult("dead", detail="answers for another socket path")
@@ -1490,12 +1499,14 @@ def probe_live_daemon(socket_path: str, timeout: float) -> ProbeResult:
 def plan_takeover(probe: str, fresh: bool, owner_ours: bool, owner_stopped: bool) -> str:
     """The bind guard's decision, free of I/O.
 
-    ``probe`` is "live", "silent" (first probe timed out), "silent-twice" (the longer second
-    probe too) or "dead". Returns "reconcile", "stop-then-bind", "terminate-then-bind",
-    "probe-again" or "bind".
+    ``probe`` is "live", "stopping" (answers "shutting down"), "silent" (first probe timed
+    out), "silent-twice" (the longer second probe too) or "dead". Returns "reconcile",
+    "stop-then-bind", "wait-then-bind", "terminate-then-bind", "probe-again" or "bind".
     """
     if owner_ours and owner_stopped:
         return "terminate-then-bind"  # the OS says it is stopped: hung, whatever it answers
+    if probe == "stopping":
+        return "wait-then-bind"  # its servers are still closing: never two copies at once
     if probe == "live":
         return "reconcile" if fresh else "stop-then-bind"
     if probe == "silent":
@@ -1557,10 +1568,14 @@ class DaemonHost:
         self._stop_reason: Optional[str] = None
         self._files_released = False
         self._metadata_dirty = False
+        self._metadata_failing = False
         self._metadata_cache: Optional[Dict[str, Any]] = None
         self._metadata_generation = 0
         self._spare_workers = 0
         self._handoff = queue.SimpleQueue()  # accepted connections for spare worker threads
+        self._tick = threading.Event()  # wakes the housekeeping thread early
+        self._drained = threading.Event()  # servers closed: the serving loop may end
+        self._inflight: Dict[int, _Exchange] = {}  # by id(conn): requests still owed an answer
 
     # -- public ------------------------------------------------------------------------------
 
@@ -1572,17 +1587,21 @@ class DaemonHost:
         if twin is not None:
             self.log.event(f"daemon already running (pid {twin}); not starting another")
             return 0
-        self._install_signal_handlers()
+        restore = self._install_signal_handlers()
         try:
             self._serve_forever()
         finally:
-            self._shutdown()
+            try:
+                self._finish()
+            finally:
+                restore()  # an embedding program gets its SIGINT (KeyboardInterrupt) back
         return 0
 
     def request_stop(self, reason: str) -> None:
         """Ask the serving loop to shut down (safe from any thread or a signal handler)."""
         if self._stop_reason is None:
             self._stop_reason = reason
+        self._tick.set()
         try:
             os.write(self._wake_w, b"x")
         except OSError:
@@ -1593,7 +1612,7 @@ class DaemonHost:
         self._metadata_generation += 1
         self._metadata_cache = None
         self._metadata_dirty = True
-        self.request_wake()
+        self._tick.set()
 
     def request_wake(self) -> None:
         try:
@@ -1633,6 +1652,8 @@ class DaemonHost:
                 return probe.pid
             if plan == "stop-then-bind":
                 self._stop_before_rebind(probe, meta)
+            elif plan == "wait-then-bind":
+                self._wait_for_stopping(probe, meta)
             elif plan == "terminate-then-bind":
                 why = "stopped (state T)" if stopped else probe.detail or "unreachable"
                 self.log.event(f"terminating hung daemon pid {owner_pid}: {why}")
@@ -1675,6 +1696,20 @@ class DaemonHost:
             return
         self.log.event(f"stale daemon pid {pid} did not exit within {_STOP_WAIT:g}s; terminating it")
         terminate_daemon_tree(pid, str(meta["pidStartTime"]), meta.get("servers") or {})
+
+    def _wait_for_stopping(self, probe: ProbeResult, meta: Optional[Dict[str, Any]]) -> None:
+        """A daemon answering "shutting down" still owns its servers: wait for its pid to
+        go (bounded), so two copies of one server (one browser profile) never run at once."""
+        pid, start = probe.status["pid"], probe.status.get("pidStartTime")
+        self.log.event(f"daemon pid {pid} is shutting down; waiting for it to exit before binding")
+        if _wait_gone(pid, _STOPPING_WAIT, str(start) if start else None):
+            return
+        # It answered on our private socket with this very pid and start time: ours.
+        if not is_our_pid(pid, start):
+            return
+        servers = (meta or {}).get("servers") if (meta or {}).get("pid") == pid else None
+        self.log.event(f"daemon pid {pid} still shutting down after {_STOPPING_WAIT:g}s; terminating it")
+        terminate_daemon_tree(pid, str(start), servers or {})
 
     def _reap_recorded_servers(self, meta: Optional[Dict[str, Any]]) -> None:
         """A SIGKILLed owner could not close its MCP servers, and some ignore stdin EOF."""
@@ -1734,9 +1769,26 @@ class DaemonHost:
             self._metadata_cache = data
         return data
 
-    def _write_metadata(self) -> None:
-        self._metadata_dirty = False
-        write_metadata(self.paths.metadata, self._metadata())
+    def _write_metadata(self) -> bool:
+        """Write the record; a failure (disk full, quota, EMFILE) is logged and retried by
+        housekeeping, never fatal: the daemon still serves, and the old record stays whole."""
+        generation = self._metadata_generation
+        try:
+            write_metadata(self.paths.metadata, self._metadata())
+        except OSError as exc:
+            if not self._metadata_failing:
+                self.log.event(
+                    f"cannot write metadata {self.paths.metadata}: {exc.strerror or exc}; retrying"
+                )
+            self._metadata_failing = True
+            self._metadata_dirty = True
+            return False
+        if self._metadata_failing:
+            self.log.event("metadata written again")
+        self._metadata_failing = False
+        if generation == self._metadata_generation:  # else marked dirty meanwhile: write again
+            self._metadata_dirty = False
+        return True
 
     def _owns_socket(self) -> bool:
         try:
@@ -1765,26 +1817,51 @@ class DaemonHost:
 
     # -- serving -----------------------------------------------------------------------------
 
-    def _install_signal_handlers(self) -> None:
+    def _install_signal_handlers(self) -> Callable[[], None]:
+        """Wake pipe and signal handlers; returns what undoes both (a vendored host may run
+        again, and its embedding program wants its own SIGINT handling back)."""
         import signal
 
         self._wake_r, self._wake_w = os.pipe()
         for fd in (self._wake_r, self._wake_w):
             os.set_blocking(fd, False)
-        if self._threading.current_thread() is not self._threading.main_thread():
-            return  # signals can only be handled on the main thread; vendors stop us by request
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sig, lambda signum, _frame: self.request_stop(f"signal {signum}"))
+        saved: Dict[int, Any] = {}
+        if self._threading.current_thread() is self._threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                saved[sig] = signal.signal(sig, lambda signum, _frame: self.request_stop(f"signal {signum}"))
+        # (Outside the main thread Python forbids handlers; vendors stop us by request.)
+
+        def restore() -> None:
+            for sig, handler in saved.items():
+                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+            for fd in (self._wake_r, self._wake_w):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            self._wake_r, self._wake_w = -1, -1
+
+        return restore
 
     def _serve_forever(self) -> None:
+        """Accept until the servers are closed. A stopping daemon keeps answering (with
+        "shutting down" and its pid) until then, so a starter waits for it instead of binding
+        a second copy of its servers beside it (stop is a barrier)."""
         import select
 
         assert self._listener is not None
-        next_check = time.monotonic() + _SOCKET_CHECK_INTERVAL
-        while self._stop_reason is None:
-            wait = max(0.0, next_check - time.monotonic())
+        self._threading.Thread(target=self._housekeeping_loop, name="housekeeping", daemon=True).start()
+        stopper = None
+        backoff, resume_at = 0.0, 0.0
+        while not self._drained.is_set():
+            if self._stop_reason is not None and stopper is None:
+                stopper = self._threading.Thread(target=self._wind_down, name="wind-down", daemon=True)
+                stopper.start()
+            now = time.monotonic()
+            watch = [self._wake_r] if now < resume_at else [self._listener, self._wake_r]
+            wait = max(0.0, resume_at - now) if now < resume_at else _SOCKET_CHECK_INTERVAL
             try:
-                ready, _, _ = select.select([self._listener, self._wake_r], [], [], wait)
+                ready, _, _ = select.select(watch, [], [], wait)
             except InterruptedError:
                 continue
             if self._wake_r in ready:
@@ -1793,27 +1870,41 @@ class DaemonHost:
                 except OSError:
                     pass
             if self._listener in ready:
-                self._accept()
-            if time.monotonic() >= next_check or self._metadata_dirty:
-                next_check = time.monotonic() + _SOCKET_CHECK_INTERVAL
-                self._housekeeping()
+                if self._accept():
+                    backoff = 0.0
+                else:
+                    backoff = accept_backoff(backoff)
+                    resume_at = time.monotonic() + backoff
 
-    def _accept(self) -> None:
+    def _accept(self) -> bool:
+        """Accept one connection; False when out of resources (EMFILE and kin: back off)."""
+        import errno
+
         assert self._listener is not None
         try:
             conn, _ = self._listener.accept()
-        except OSError:
-            return
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                self.log.event(f"cannot accept: {exc.strerror}; backing off")
+                return False
+            return True  # the client gave up (ECONNABORTED) or a spurious wake-up
         with self._lock:
             if self._connections >= _MAX_CONNECTIONS:
                 conn.close()
-                return
+                return True
             self._connections += 1
             if self._spare_workers:  # a waiting worker is cheaper than a new thread
                 self._spare_workers -= 1
                 self._handoff.put(conn)
-                return
-        self._threading.Thread(target=self._worker, args=(conn,), daemon=True).start()
+                return True
+        try:
+            self._threading.Thread(target=self._worker, args=(conn,), daemon=True).start()
+        except RuntimeError:  # no thread to be had: refuse this one, keep serving
+            conn.close()
+            with self._lock:
+                self._connections -= 1
+            return False
+        return True
 
     def _worker(self, conn: socket.socket) -> None:
         """Serve a connection, then wait as a spare for the next (a few spares at most)."""
@@ -1824,6 +1915,21 @@ class DaemonHost:
                     return
                 self._spare_workers += 1
             conn = self._handoff.get()
+
+    # -- housekeeping (its own thread: never on the accept path) ------------------------------
+
+    def _housekeeping_loop(self) -> None:
+        """Socket ownership, metadata repair, hooks and idle expiry, once a second or when
+        woken. A slow hook (a server taking seconds to close) must not delay `status`."""
+        while self._stop_reason is None:
+            self._tick.wait(_SOCKET_CHECK_INTERVAL)
+            self._tick.clear()
+            if self._stop_reason is not None:
+                return
+            try:
+                self._housekeeping()
+            except Exception as exc:  # a housekeeping failure must not take the daemon down
+                self.log.event(f"housekeeping error: {exc!r}")
 
     def _housekeeping(self) -> None:
         if not self._owns_socket():
@@ -1841,19 +1947,14 @@ class DaemonHost:
     def _maybe_idle_out(self) -> None:
         """Idle shutdown re-checks activity under the bind lock, so a starter that just
         probed us (holding that lock) can never be left without a daemon."""
-        if not self.idle_timeout or self._active:
-            return
-        if time.monotonic() - self._last_activity < self.idle_timeout:
+        if not idle_expired(self.idle_timeout, self._active, time.monotonic() - self._last_activity):
             return
         lock = FileLock(self.paths.bind, what="bind lock")
         if not lock.acquire(timeout=0):
             return
         try:
-            if self._active or time.monotonic() - self._last_activity < self.idle_timeout:
-                return
-            self._stop_reason = f"idle for {self.idle_timeout:g}s"
-            self._close_listener()  # before the lock is released: nobody reaches a dying daemon
-            self._release_files()
+            if idle_expired(self.idle_timeout, self._active, time.monotonic() - self._last_activity):
+                self.request_stop(f"idle for {self.idle_timeout:g}s")
         finally:
             lock.release()
 
@@ -1935,11 +2036,18 @@ class DaemonHost:
         except OSError:
             return False
 
+    def _shutting_down_frame(self, rid: Any) -> Dict[str, Any]:
+        # The pid and start time let a starter or a second `stop` wait for this very
+        # process to exit before anything takes its place.
+        frame = _error_frame(rid, "daemon is shutting down", "shutting_down")
+        frame["error"].update(pid=self.pid, pidStartTime=self._metadata().get("pidStartTime"))
+        return frame
+
     def _dispatch(self, conn: socket.socket, request: Dict[str, Any]) -> None:
         rid, method = request.get("id"), request["method"]
         self.touch()
         if self._stop_reason is not None:
-            self._send(conn, _error_frame(rid, "daemon is shutting down", "shutting_down"))
+            self._send(conn, self._shutting_down_frame(rid))
             return
         if method == "stop":
             self._handle_stop(conn, rid)
@@ -1952,43 +2060,47 @@ class DaemonHost:
         if request.get("protocolVersion") == DAEMON_PROTOCOL_VERSION:
             cadence = progress_cadence_ms(request.get("progressIntervalMs"))
         ctx = RequestContext(method)
+        ex = _Exchange(conn, rid, self._threading.Lock())
         with self._lock:
             self._active += 1
+            self._inflight[id(conn)] = ex
         try:
-            frame = self._run_handler(conn, rid, handler, request["params"], ctx, cadence)
+            frame = self._run_handler(ex, handler, request["params"], ctx, cadence)
         finally:
             with self._lock:
                 self._active -= 1
+                self._inflight.pop(id(conn), None)
             self.touch()
+        reason = self._stop_reason
+        if reason is not None and not frame.get("ok"):
+            # Its server was closed under it: say why, once, so the caller does not retry.
+            frame = _error_frame(rid, f"daemon stopped ({reason}) before {method} finished", "daemon_stopped")
         if ctx.notices:
             frame["notices"] = ctx.notices
-        self._send(conn, frame)
+        ex.answer(self, frame)
 
     def _run_handler(
         self,
-        conn: socket.socket,
-        rid: Any,
+        ex: _Exchange,
         handler: Callable[[Dict[str, Any], RequestContext], Any],
         params: Dict[str, Any],
         ctx: RequestContext,
         cadence_ms: Optional[int],
     ) -> Dict[str, Any]:
         if cadence_ms is None:
-            return self._call(rid, handler, params, ctx)
+            return self._call(ex.rid, handler, params, ctx)
         # Progress frames at a fixed cadence prove we are alive while the work runs.
         box: List[Dict[str, Any]] = []
         done = self._threading.Event()
 
         def work() -> None:
-            box.append(self._call(rid, handler, params, ctx))
+            box.append(self._call(ex.rid, handler, params, ctx))
             done.set()
 
         self._threading.Thread(target=work, daemon=True).start()
-        progress = encode_frame({"type": "progress", "id": rid})
+        progress = encode_frame({"type": "progress", "id": ex.rid})
         while not done.wait(cadence_ms / 1000.0):
-            try:
-                conn.sendall(progress)
-            except OSError:
+            if not ex.progress(progress):
                 done.wait()  # the caller left; let the work finish, answer nobody
                 break
         return box[0]
@@ -2023,12 +2135,60 @@ class DaemonHost:
 
     def _handle_stop(self, conn: socket.socket, rid: Any) -> None:
         # Metadata goes before the answer, so no later caller trusts a dying daemon (dmypy).
-        self._stop_reason = "stop request"
+        self._stop_reason = _STOP_REQUEST
         remove_metadata_if_owned(self.paths.metadata, self.pid)
         self._send(conn, {"id": rid, "ok": True, "result": True})
-        self.request_stop("stop request")
+        self.request_stop(_STOP_REQUEST)
 
     # -- shutdown ----------------------------------------------------------------------------
+
+    def _wind_down(self) -> None:
+        """Off the accept thread: let in-flight work finish briefly, then close the servers.
+        Until this ends, new requests are answered "shutting down" with our pid."""
+        try:
+            self.log.event(f"shutting down: {self._stop_reason}")
+            self._wait_idle(2.0)
+            if self.on_shutdown:
+                try:
+                    self.on_shutdown()
+                except Exception as exc:
+                    self.log.event(f"shutdown hook failed: {exc!r}")
+            self._wait_idle(1.0)
+        finally:
+            self._drained.set()
+            self.request_wake()
+
+    def _finish(self) -> None:
+        """The last steps, on the serving thread: stop listening, answer every request still
+        owed an answer, drop the files that are still ours."""
+        if self._stop_reason is None:
+            self._stop_reason = "serving loop ended"
+        if not self._drained.is_set():  # the loop died: still close the servers
+            self._wind_down()
+        self._close_listener()
+        with self._lock:
+            owed, self._inflight = list(self._inflight.values()), {}
+        for ex in owed:
+            ex.answer(
+                self,
+                _error_frame(
+                    ex.rid, f"daemon stopped ({self._stop_reason}) before it finished", "daemon_stopped"
+                ),
+            )
+        if self._stop_reason == _STOP_REQUEST:
+            self._release_files()  # no lock: a stopper inside the bind guard waits for our exit
+        else:
+            # Someone inside the bind guard is taking over; the files are theirs to replace.
+            lock = FileLock(self.paths.bind, what="bind lock")
+            try:
+                if lock.acquire(timeout=0):
+                    try:
+                        self._release_files()
+                    finally:
+                        lock.release()
+            except OSError as exc:
+                self.log.event(f"cannot remove state files: {exc}")
+        self.log.event("daemon exited")
 
     def _close_listener(self) -> None:
         if self._listener is not None:
@@ -2052,28 +2212,45 @@ class DaemonHost:
         while self._active and time.monotonic() < deadline:
             time.sleep(0.01)
 
-    def _shutdown(self) -> None:
-        reason = self._stop_reason or "serving loop ended"
-        self.log.event(f"shutting down: {reason}")
-        self._close_listener()
-        if reason == "stop request":
-            self._release_files()  # no lock: a stopper inside the bind guard waits for our exit
-        self._wait_idle(2.0)
-        if self.on_shutdown:
+
+class _Exchange:
+    """One request's connection: progress frames and exactly one answer, whoever sends it
+    (its handler, or shutdown for a handler that never returned)."""
+
+    __slots__ = ("conn", "rid", "lock", "answered")
+
+    def __init__(self, conn: socket.socket, rid: Any, lock: Any) -> None:
+        self.conn = conn
+        self.rid = rid
+        self.lock = lock
+        self.answered = False
+
+    def progress(self, frame: bytes) -> bool:
+        with self.lock:
+            if self.answered:
+                return True
             try:
-                self.on_shutdown()
-            except Exception as exc:
-                self.log.event(f"shutdown hook failed: {exc!r}")
-        self._wait_idle(1.0)
-        if not self._files_released:
-            # Someone inside the bind guard is taking over; the files are theirs to replace.
-            lock = FileLock(self.paths.bind, what="bind lock")
-            if lock.acquire(timeout=0):
-                try:
-                    self._release_files()
-                finally:
-                    lock.release()
-        self.log.event("daemon exited")
+                self.conn.sendall(frame)
+                return True
+            except OSError:
+                return False
+
+    def answer(self, host: DaemonHost, frame: Dict[str, Any]) -> bool:
+        with self.lock:
+            if self.answered:
+                return False
+            self.answered = True
+            return host._send(self.conn, frame)
+
+
+def accept_backoff(previous: float) -> float:
+    """The next pause before retrying accept() while out of fds: doubling, capped."""
+    return min(max(previous * 2, 0.05), _ACCEPT_BACKOFF_MAX)
+
+
+def idle_expired(idle_timeout: Optional[float], active: int, idle_for: float) -> bool:
+    """Whether an idle daemon should shut down: a timeout set, nothing running, quiet long enough."""
+    return bool(idle_timeout) and not active and idle_for >= idle_timeout  # type: ignore[operator]
 
 
 class _Busy(Exception):
@@ -2323,53 +2500,50 @@ class DaemonClient:
     # -- stopping ------------------------------------------------------------------------------
 
     def stop(self, timeout: float = _STOP_WAIT) -> str:
-        """Stop the daemon: ask, wait for its pid; if it will not go and is verified ours,
-        terminate it and its MCP servers. Returns what happened, in words."""
+        """Stop the daemon and return after its pid is gone; if it is still there when
+        ``timeout`` has passed and the metadata proves it ours, terminate it and its MCP
+        servers. A daemon already stopping (a concurrent ``stop``) is waited for. Returns
+        what happened, in words."""
+        deadline = time.monotonic() + timeout
         meta = read_metadata(self.paths.metadata) or {}
-        try:
-            status = exchange(
-                self.paths.socket,
-                {"id": "stop-status", "method": "status", "params": {}, "protocolVersion": 2},
-                self.probe_timeout,
-            ).get("result")
-        except DaemonError:
-            status = None
-        if (
-            isinstance(status, dict)
-            and status.get("socketPath") == self.paths.socket
-            and _is_pid(status.get("pid"))
-        ):
-            return self._stop_live(status, meta, timeout)
-        if meta and is_our_pid(meta.get("pid"), meta.get("pidStartTime")):
-            terminate_daemon_tree(meta["pid"], str(meta["pidStartTime"]), meta.get("servers") or {})
-            self._clear_stale_files()
-            return f"terminated unresponsive daemon (pid {meta['pid']})"
-        cleaned = self._clear_stale_files(meta)
-        return "no daemon running" + (" (removed stale files)" if cleaned else "")
-
-    def _stop_live(self, status: Dict[str, Any], meta: Dict[str, Any], timeout: float) -> str:
-        pid = status["pid"]
+        recorded = meta.get("pid")
+        recorded_ours = is_our_pid(recorded, meta.get("pidStartTime"))
+        probe = probe_live_daemon(self.paths.socket, min(self.probe_timeout, timeout))
+        pid = stop_target(probe.kind, probe.pid, recorded, recorded_ours)
+        if pid is None:
+            cleaned = self._clear_stale_files(meta)
+            return "no daemon running" + (" (removed stale files)" if cleaned else "")
         start = process_start_time(pid)
-        try:
-            exchange(
-                self.paths.socket,
-                {"id": "stop", "method": "stop", "params": {}, "protocolVersion": 2},
-                self.probe_timeout,
-            )
-        except DaemonError:
-            pass  # it may have exited before answering; the pid tells
-        if _wait_gone(pid, timeout, start):
+        if probe.kind in ("live", "silent"):  # silent may only be slow: ask, then wait it out
+            left = max(deadline - time.monotonic(), 0.05)
+            try:
+                exchange(
+                    self.paths.socket,
+                    {"id": "stop", "method": "stop", "params": {}, "protocolVersion": 2},
+                    left,
+                    connect_timeout=min(left, self.probe_timeout),
+                )
+            except DaemonError:
+                pass  # it may have exited before answering; the pid tells
+        gone = _wait_gone(pid, max(deadline - time.monotonic(), 0.0), start)
+        verified = recorded == pid and is_our_pid(pid, meta.get("pidStartTime"))
+        plan = plan_stop_escalation(probe.kind, verified, gone)
+        if plan == "stopped":
             return f"stopped (pid {pid})"
-        # Signals only with proof (§7): the metadata read before the stop names this very
-        # process (a stopping daemon removes the file, so it had to be read first).
-        if meta.get("pid") != pid or not is_our_pid(pid, meta.get("pidStartTime")):
+        if plan == "still-stopping":
+            raise DaemonTimeout(f"daemon (pid {pid}) is still shutting down after {timeout:g}s")
+        if plan == "refuse":
+            # Signals only with proof (§7): the metadata read before the stop names this very
+            # process (a stopping daemon removes the file, so it had to be read first).
             raise DaemonError(
                 f"daemon (pid {pid}) did not stop within {timeout:g}s and cannot be verified as ours; "
                 "not signalled"
             )
         terminate_daemon_tree(pid, str(meta["pidStartTime"]), meta.get("servers") or {})
         self._clear_stale_files()
-        return f"daemon (pid {pid}) did not stop within {timeout:g}s; terminated it"
+        if probe.kind in ("live", "stopping"):
+            return f"daemon (pid {pid}) did not stop within {timeout:g}s; terminated it"
+        return f"terminated unresponsive daemon (pid {pid})"
 
     def _clear_stale_files(self, meta: Optional[Dict[str, Any]] = None) -> bool:
         """Under the bind lock: end a dead daemon's recorded MCP servers, drop its files."""
@@ -2395,6 +2569,25 @@ class DaemonClient:
         return cleaned
 
 
+def stop_target(kind: str, answered: Optional[int], recorded: Any, recorded_ours: bool) -> Optional[int]:
+    """Which pid a ``stop`` waits for: the one that answered (live or stopping), else the
+    metadata's pid when it is verified ours (silent, or its socket is gone); else none."""
+    if kind in ("live", "stopping"):
+        return answered
+    return recorded if recorded_ours else None
+
+
+def plan_stop_escalation(kind: str, verified: bool, gone: bool) -> str:
+    """After ``stop`` waited out its timeout: "stopped", "terminate" (verified ours by the
+    metadata), "still-stopping" (another stop is ending it) or "refuse" (never signal an
+    unverified pid)."""
+    if gone:
+        return "stopped"
+    if verified:
+        return "terminate"
+    return "still-stopping" if kind == "stopping" else "refuse"
+
+
 def _reap_in_background(proc: subprocess.Popen) -> None:
     """A long-lived caller must not collect zombies: wait for the detached child off-thread."""
     import threading
@@ -2417,14 +2610,25 @@ def _strip_log_prefix(line: str) -> str:
 
 
 class _ServerSlot:
-    __slots__ = ("spec", "lock", "client", "last_used", "in_use")
+    __slots__ = ("spec", "lock", "client", "starting", "last_used", "in_use")
 
     def __init__(self, spec: ServerSpec, lock: Any) -> None:
         self.spec = spec
-        self.lock = lock
+        self.lock = lock  # held while its server starts or closes: one copy at a time
         self.client: Optional[McpStdioClient] = None
+        self.starting: Optional[McpStdioClient] = None  # mid-handshake: shutdown must end it too
         self.last_used: Optional[int] = None
         self.in_use = 0  # requests running on it: never idle while any is
+
+
+def server_idle_expired(
+    idle_ms: Optional[int], has_client: bool, starting: bool, in_use: int, last_used: Optional[int], now: int
+) -> bool:
+    """Whether a kept server's own ``idleTimeoutMs`` has run out: it runs, nothing uses it
+    or is starting it, and its last use ended at least ``idle_ms`` ago."""
+    if not idle_ms or not has_client or starting or in_use or last_used is None:
+        return False
+    return now - last_used >= idle_ms
 
 
 def _param(params: Dict[str, Any], key: str, kind: Any, what: str, required: bool = True) -> Any:
@@ -2451,6 +2655,7 @@ class McpKeepAliveService:
         self.log = log
         self.host: Optional[DaemonHost] = None
         self._counts = threading.Lock()  # not slot.lock: that is held through a server's start-up
+        self._stopping = False  # set by shutdown: no server starts after it
         self._slots = {
             name: _ServerSlot(spec, threading.Lock())
             for name, spec in config.servers.items()
@@ -2485,13 +2690,17 @@ class McpKeepAliveService:
 
     def _client(self, slot: _ServerSlot) -> McpStdioClient:
         """The live client for a slot, (re)starting the server when it is not running."""
+        name = slot.spec.name
         with slot.lock:
-            if slot.client is not None and slot.client.alive():
-                return slot.client
-            if slot.client is not None:
-                self.log.event(f"server '{slot.spec.name}' exited; restarting it")
-                slot.client.close(grace=0.1)
-            name = slot.spec.name
+            old = slot.client
+            if old is not None and old.alive():
+                return old
+            self._refuse_if_stopping(name)
+            if old is not None:
+                self.log.event(f"server '{name}' exited; restarting it")
+                with self._counts:
+                    slot.client = None
+                old.close(grace=0.1)
             client = McpStdioClient(
                 name,
                 slot.spec.command,
@@ -2499,13 +2708,27 @@ class McpKeepAliveService:
                 cwd=slot.spec.cwd,
                 log=lambda line: self.log.write(f"[{name}] {line}"),
             )
-            slot.client = None
-            client.start()
-            slot.client = client
+            with self._counts:
+                slot.starting = client
+            try:
+                client.start()
+            finally:
+                with self._counts:
+                    slot.starting = None
+                    stopping = self._stopping
+                    if not stopping:
+                        slot.client = client
+            if stopping:  # shutdown began during the handshake and could not see this one
+                client.close(grace=0.1)
+                self._refuse_if_stopping(name)
             self.log.event(f"server '{name}' started (pid {client.pid})")
         if self.host:
             self.host.mark_metadata_dirty()
         return client
+
+    def _refuse_if_stopping(self, name: str) -> None:
+        if self._stopping:
+            raise HandlerError(f"daemon stopped before server '{name}' could start", "daemon_stopped")
 
     def _use(self, slot: _ServerSlot, ctx: RequestContext, action: Callable[[McpStdioClient], Any]) -> Any:
         began = time.monotonic()
@@ -2561,8 +2784,12 @@ class McpKeepAliveService:
     # -- lifecycle hooks -----------------------------------------------------------------------
 
     def _close(self, slot: _ServerSlot, why: str) -> None:
-        with slot.lock:
-            client, slot.client = slot.client, None
+        with slot.lock:  # a caller that wants it back waits: never two copies of one server
+            with self._counts:
+                client, slot.client = slot.client, None
+            self._end(slot, client, why)
+
+    def _end(self, slot: _ServerSlot, client: Optional[McpStdioClient], why: str) -> None:
         if client is not None:
             self.log.event(f"closing server '{slot.spec.name}' (pid {client.pid}): {why}")
             client.close()
@@ -2570,23 +2797,56 @@ class McpKeepAliveService:
                 self.host.mark_metadata_dirty()
 
     def tick(self) -> None:
-        """Per-server ``idleTimeoutMs``: close just that server once idle long enough."""
-        now = _now_ms()
-        for slot in self._slots.values():
-            idle_ms = slot.spec.idle_timeout_ms
-            client = slot.client
-            idle = idle_ms and client is not None and slot.last_used and now - slot.last_used >= idle_ms
-            if idle and not slot.in_use and not slot.lock.locked():  # locked: starting up
-                self._close(slot, f"idle for {idle_ms} ms")
-
-    def shutdown(self) -> None:
-        """Close every server in parallel, so shutdown takes one grace period, not N."""
+        """Per-server ``idleTimeoutMs``: close just that server once idle long enough. Each
+        close runs on a thread of its own, so a slow one delays nothing else."""
         import threading
 
+        for slot in self._slots.values():
+            if self._idle(slot):
+                threading.Thread(target=self._close_if_idle, args=(slot,), daemon=True).start()
+
+    def _idle(self, slot: _ServerSlot) -> bool:
+        with self._counts:
+            return self._idle_unlocked(slot) and not slot.lock.locked()  # locked: starting/closing
+
+    def _close_if_idle(self, slot: _ServerSlot) -> None:
+        if not slot.lock.acquire(blocking=False):
+            return  # starting or closing already: look again on the next tick
+        try:
+            with self._counts:  # a call may have begun since tick() looked
+                client = slot.client if self._idle_unlocked(slot) else None
+                if client is not None:
+                    slot.client = None
+            self._end(slot, client, f"idle for {slot.spec.idle_timeout_ms} ms")
+        finally:
+            slot.lock.release()
+
+    def _idle_unlocked(self, slot: _ServerSlot) -> bool:
+        return server_idle_expired(
+            slot.spec.idle_timeout_ms,
+            slot.client is not None,
+            slot.starting is not None,
+            slot.in_use,
+            slot.last_used,
+            _now_ms(),
+        )
+
+    def shutdown(self) -> None:
+        """Close every server in parallel (one grace period, not N), including any still in
+        its handshake: a half-started server must not outlive the daemon."""
+        import threading
+
+        with self._counts:
+            self._stopping = True
+            victims = []
+            for slot in self._slots.values():
+                for client in (slot.client, slot.starting):
+                    if client is not None:
+                        victims.append((slot, client))
+                slot.client = None
         threads = [
-            threading.Thread(target=self._close, args=(slot, "daemon shutdown"), daemon=True)
-            for slot in self._slots.values()
-            if slot.client is not None
+            threading.Thread(target=self._end, args=(slot, client, "daemon shutdown"), daemon=True)
+            for slot, client in victims
         ]
         for t in threads:
             t.start()
