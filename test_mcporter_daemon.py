@@ -1096,6 +1096,25 @@ def test_readme_vendoring_example_runs_as_is(h):
     ]
 
 
+def readme_test_command():
+    """The one command in the first ```sh block of the README's "Tests" section."""
+    section = (HERE / "README.md").read_text().split("\n## Tests\n", 1)[1].split("\n## ", 1)[0]
+    match = re.search(r"```sh\n(.*?)```", section, re.S)
+    assert match, "README's Tests section has no sh block"
+    lines = [ln for ln in match.group(1).splitlines() if ln.strip()]
+    assert len(lines) == 1, f"the test command should be one line: {lines}"
+    return lines[0]
+
+
+def test_ci_runs_the_readme_test_command():
+    """A fresh machine runs exactly what the README tells a new user, and that line installs
+    what the suite needs (a bare venv has no pytest)."""
+    command = readme_test_command()
+    assert "pip install" in command and "pytest" in command.split("&&")[0], command
+    ci_lines = [ln.strip() for ln in (HERE / ".ci" / "run").read_text().splitlines()]
+    assert command in ci_lines, f".ci/run does not run the README's command: {command}"
+
+
 # ---- issue 3: hung, busy and foreign processes; socket loss; bad input; errors; safety ----
 
 PROBE_DEFAULT_S = 2.0  # the daemon's default probe timeout (MCPORTER_DAEMON_PROBE_TIMEOUT_MS)
@@ -3118,6 +3137,385 @@ def test_idle_shutdown_racing_starters_never_strands_a_caller(h):
         message="the last daemon to idle out and leave nothing behind",
     )
     h.expect_no_leftovers = True
+
+
+# ---- host lifecycle: stop as a barrier, housekeeping off the accept path, one answer ----------
+
+
+def slow_server_entry(h, before_handshake=0.0, ignore_term=False):
+    """The demo server, tagged, that ignores stdin EOF (so closing it takes the full grace),
+    optionally sleeps before its handshake and optionally ignores SIGTERM too."""
+    code = (
+        "import signal, sys, runpy, time\n"
+        f"if {ignore_term!r}:\n"
+        "    signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        f"time.sleep({before_handshake!r})\n"
+        "sys.argv = ['mcporter_daemon.py', '_demo-server']\n"
+        "try:\n"
+        f"    runpy.run_path({str(MODULE_PATH)!r}, run_name='__main__')\n"
+        "finally:\n"
+        "    time.sleep(3600)\n"
+    )
+    return {"command": sys.executable, "args": ["-c", code, h.tag], "lifecycle": "keep-alive"}
+
+
+class ServerCopyWatch:
+    """Samples this test's MCP server processes on a thread; remembers the most seen at once."""
+
+    def __init__(self, h):
+        self.h, self.most, self.seen_together = h, 0, set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="server-watch", daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            now = {pid for pid in self.h.server_pids() if (st := proc_stat(pid)) and st.state != "Z"}
+            if len(now) > self.most:
+                self.most, self.seen_together = len(now), now
+            self._stop.wait(0.005)
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(5)
+        return self.most
+
+
+def shutting_down(h):
+    """The daemon's answer is "shutting down" (it is still closing its servers)."""
+    try:
+        resp, _, _ = raw_request(h.socket_path, "status", {}, idle=2.0)
+    except (OSError, EOFError):
+        return False
+    return (resp.get("error") or {}).get("code") == "shutting_down"
+
+
+def test_starter_waits_for_a_stopping_daemon(h):
+    """Stop is a barrier: a call arriving while the old daemon still closes its server gets a
+    new daemon only after the old pid is gone, so two copies of the server never run."""
+    h.write_config({"mcpServers": {"demo": slow_server_entry(h)}})
+    assert call_ok(h, "demo.counter") == "1"
+    old = running_status(h)["pid"]
+    watch = ServerCopyWatch(h)
+    resp, _, _ = raw_request(h.socket_path, "stop", {}, idle=5.0)
+    assert resp.get("ok") is True, resp
+    assert shutting_down(h), "the stopping daemon should answer 'shutting down' while it closes its server"
+    r = h.cli("call", "demo.counter")
+    most = watch.stop()
+    assert r.rc == 0 and r.out.strip() == "1", r
+    assert not pid_alive(old), "the old daemon should be gone before its successor serves"
+    assert most == 1, f"two copies of the MCP server ran at once: {sorted(watch.seen_together)}"
+    assert running_status(h)["pid"] != old
+
+
+def test_second_stop_waits_for_the_same_daemon(h):
+    h.write_config({"mcpServers": {"demo": slow_server_entry(h)}})
+    call_ok(h, "demo.counter")
+    daemon = running_status(h)["pid"]
+    first = h.popen("stop")
+    wait_until(lambda: shutting_down(h), 10, message="the daemon to be shutting down")
+    r = h.cli("stop")
+    assert r.rc == 0, r
+    assert r.out.strip() == f"stopped (pid {daemon})", r
+    assert not pid_alive(daemon), "the second stop returned while the daemon still ran"
+    assert ops_wait_exit(first, 15) == 0, read_file(first.err_path)
+    assert read_file(first.out_path).strip() == f"stopped (pid {daemon})"
+
+
+def test_stop_during_server_start_leaves_no_orphan(h):
+    """A stop while a server is still in its handshake ends that server, and the caller that
+    was waiting for it gets one line saying the daemon stopped — no retry, no new daemon."""
+    h.write_config({"mcpServers": {"demo": slow_server_entry(h, before_handshake=60)}})
+    h.expect_no_leftovers = True
+    caller = h.popen("call", "demo.counter")
+    wait_until(lambda: h.server_pids(), 20, message="the server to be starting")
+    (server,) = h.server_pids()
+    r = h.cli("stop")
+    assert r.rc == 0 and r.out.startswith("stopped (pid "), r
+    wait_until(lambda: not pid_alive(server), 3, message=f"the half-started server {server} to be gone")
+    assert ops_wait_exit(caller, 20) == 1
+    err = read_file(caller.err_path).strip()
+    assert len(err.splitlines()) == 1 and "daemon stopped" in err, err
+    assert h.daemon_pids() == set(), "the caller must not start a new daemon after stop"
+    assert not h.meta_path.exists() and not h.socket_path.exists()
+
+
+def test_slow_server_close_never_delays_status(h):
+    """A per-server idle close that takes seconds runs beside the accept loop: status stays fast."""
+    entry = slow_server_entry(h, ignore_term=True)  # EOF and SIGTERM ignored: ~4 s to close
+    entry["lifecycle"] = {"mode": "keep-alive", "idleTimeoutMs": 200}
+    h.write_config({"mcpServers": {"demo": entry}})
+    assert call_ok(h, "demo.counter") == "1"
+    daemon = running_status(h)["pid"]
+    (server,) = h.server_pids()
+    poller = StatusLatencyPoller(str(h.socket_path), daemon).start()
+    try:
+        wait_until(lambda: not pid_alive(server), 15, message="the idle server to be closed")
+    finally:
+        poller.stop()
+    print(poller.summary())
+    poller.assert_responsive(limit=1.0, min_polls=20)
+
+
+def spawn_limited(h, argv, limits, env=None, stderr=subprocess.PIPE):
+    """Start ``argv`` with resource limits set in the child (fault injection), tracked."""
+    import resource
+
+    def preexec():
+        for which, value in limits.items():
+            resource.setrlimit(which, (value, resource.getrlimit(which)[1]))  # soft: a test may lift it
+
+    with _SPAWN_LOCK:
+        p = subprocess.Popen(
+            [str(a) for a in argv],
+            env=env or h.env(),
+            cwd=str(h.tmp),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            preexec_fn=preexec,
+        )
+        _POPENS.append(p)
+    h.popens.append(p)
+    h.track(p.pid)
+    return p
+
+
+class StderrLines:
+    """Collects a child's stderr lines on a thread (a pipe: no file size limit applies)."""
+
+    def __init__(self, stream):
+        self.lines = []
+        threading.Thread(target=self._run, args=(stream,), daemon=True).start()
+
+    def _run(self, stream):
+        for raw in iter(stream.readline, b""):
+            self.lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
+
+    def text(self):
+        return "\n".join(self.lines)
+
+
+def test_metadata_write_failure_is_logged_and_retried(h):
+    """A full disk (RLIMIT_FSIZE) during a metadata rewrite: the daemon logs it, keeps serving
+    and writes the record once it can."""
+    import resource
+
+    probe = h.popen("start", "--foreground")
+    wait_until(lambda: h.meta() is not None, 20, message="a first daemon's metadata")
+    size = h.meta_path.stat().st_size  # without servers; a rewrite listing the server is larger
+    assert h.cli("stop").rc == 0
+    ops_wait_exit(probe, 10)
+
+    daemon = spawn_limited(h, h.argv("start", "--foreground"), {resource.RLIMIT_FSIZE: size + 8})
+    log = StderrLines(daemon.stderr)
+    wait_until(lambda: (h.meta() or {}).get("pid") == daemon.pid, 20, message="the limited daemon's metadata")
+    assert call_ok(h, "demo.counter") == "1"
+    wait_until(lambda: "File too large" in log.text(), 10, message="the rewrite to fail")
+    assert call_ok(h, "demo.counter") == "2", "the daemon must keep serving (same server)"
+    assert daemon.poll() is None and running_status(h)["pid"] == daemon.pid, log.text()
+    assert "cannot write metadata" in log.text() and "Traceback" not in log.text(), log.text()
+
+    hard = resource.prlimit(daemon.pid, resource.RLIMIT_FSIZE)[1]
+    resource.prlimit(daemon.pid, resource.RLIMIT_FSIZE, (hard, hard))  # space freed
+    wait_until(lambda: "demo" in ((h.meta() or {}).get("servers") or {}), 10, message="the retried rewrite")
+    assert "metadata written again" in log.text()
+
+
+def cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_accept_survives_fd_exhaustion_without_spinning(h):
+    """Out of fds (RLIMIT_NOFILE), accept() backs off instead of spinning, and the daemon
+    serves again once descriptors are free."""
+    import resource
+
+    daemon = spawn_limited(
+        h, h.argv("start", "--foreground"), {resource.RLIMIT_NOFILE: 48}, stderr=subprocess.DEVNULL
+    )
+    wait_until(lambda: (h.meta() or {}).get("pid") == daemon.pid, 20, message="the limited daemon to serve")
+    hogs = []
+    try:
+        for _ in range(80):  # idle connections: each accepted one holds a daemon fd
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(5)
+            s.connect(str(h.socket_path))
+            hogs.append(s)
+        wait_until(
+            lambda: len(os.listdir(f"/proc/{daemon.pid}/fd")) >= 46,
+            10,
+            message="the daemon to run out of fds",
+        )
+        before, t0 = cpu_seconds(daemon.pid), time.monotonic()
+        time.sleep(1.5)  # a window to measure CPU over, not a settle wait
+        used = cpu_seconds(daemon.pid) - before
+        window = time.monotonic() - t0
+        assert used < 0.3 * window, (
+            f"daemon used {used:.2f}s CPU in {window:.2f}s while out of fds (spinning)"
+        )
+    finally:
+        for s in hogs:
+            s.close()
+    st = running_status(h)
+    assert st["pid"] == daemon.pid and daemon.poll() is None
+    assert call_ok(h, "demo.counter") == "1"
+
+
+VENDORED_RERUN_SCRIPT = """\
+import os, signal, sys, threading
+sys.path.insert(0, {here!r})
+import mcporter_daemon
+
+base = sys.argv[1]
+
+
+def fds():
+    return len(os.listdir("/proc/self/fd"))
+
+
+def run_once(n):
+    paths = mcporter_daemon.DaemonPaths.for_key("rerun", base)
+    host = mcporter_daemon.DaemonHost(paths, "fp", {{"ping": lambda params, ctx: "pong"}})
+
+    def stop_when_serving():
+        while mcporter_daemon.read_metadata(paths.metadata) is None:
+            threading.Event().wait(0.01)
+        host.request_stop("test")
+
+    threading.Thread(target=stop_when_serving, daemon=True).start()
+    assert host.run() == 0
+
+
+before = fds()
+for n in range(3):
+    run_once(n)
+print("fds", before, fds())
+print("sigint", signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+try:
+    os.kill(os.getpid(), signal.SIGINT)
+    signal.sigtimedwait([], 0) if hasattr(signal, "sigtimedwait") else None
+    print("no KeyboardInterrupt")
+except KeyboardInterrupt:
+    print("KeyboardInterrupt")
+"""
+
+
+def test_vendored_host_run_restores_signals_and_closes_its_pipe(h):
+    script = h.tmp / "rerun.py"
+    script.write_text(VENDORED_RERUN_SCRIPT.format(here=str(HERE)))
+    args = [sys.executable, str(script), str(h.state_dir)]
+    p = spawn(args, h.env(), h.tmp, subprocess.PIPE, subprocess.PIPE)
+    h.popens.append(p)
+    r = communicate_text(p, args, 60)
+    assert r.rc == 0, r
+    lines = r.out.splitlines()
+    fds = lines[0].split()
+    assert fds[1] == fds[2], f"each run leaked descriptors: {lines[0]}"
+    assert lines[1:] == ["sigint True", "KeyboardInterrupt"], r
+
+
+def test_stop_waits_out_its_timeout_before_escalating(h):
+    """A daemon that cannot answer at once (here: SIGSTOPped for a while) is asked to stop
+    and given the whole --timeout; it is signalled only after that."""
+    call_ok(h, "demo.counter")
+    daemon = running_status(h)["pid"]
+    h.sigstop(daemon)
+    env = dict(MCPORTER_DAEMON_PROBE_TIMEOUT_MS="200")
+    stopper = h.popen("stop", "--timeout", "20", **env)
+    # Well past the 200 ms status probe: the old client had SIGKILLed it by now.
+    time.sleep(2.0)  # a window in which nothing may happen, not a settle wait
+    assert pid_alive(daemon) and pid_stopped(daemon), "stop signalled a daemon before its timeout"
+    assert stopper.poll() is None
+    h.sigcont(daemon)
+    assert ops_wait_exit(stopper, 20) == 0, read_file(stopper.err_path)
+    assert read_file(stopper.out_path).strip() == f"stopped (pid {daemon})"
+    log = read_file(h.path("log"))
+    assert f"[{daemon}] shutting down: stop request" in log, log[-2000:]
+
+
+# -- pure lifecycle decisions, in-process --
+
+
+@pytest.mark.parametrize(
+    "kind, answered, recorded, recorded_ours, expected",
+    [
+        ("live", 10, 10, True, 10),
+        ("live", 10, 11, False, 10),  # it answered on our socket: wait for the one that answered
+        ("live", 10, None, False, 10),
+        ("stopping", 10, None, False, 10),  # a concurrent stop removed the metadata already
+        ("stopping", 10, 10, True, 10),
+        ("silent", None, 10, True, 10),  # slow or hung, but the metadata proves it ours
+        ("silent", None, 10, False, None),  # a pid we cannot verify is no target
+        ("silent", None, None, False, None),
+        ("dead", None, 10, True, 10),  # its socket is gone but the process lives on
+        ("dead", None, 10, False, None),
+        ("dead", None, None, False, None),
+    ],
+)
+def test_stop_target_table(kind, answered, recorded, recorded_ours, expected):
+    assert _import_module().stop_target(kind, answered, recorded, recorded_ours) == expected
+
+
+@pytest.mark.parametrize("kind", ["live", "stopping", "silent", "dead"])
+@pytest.mark.parametrize("verified", [True, False])
+@pytest.mark.parametrize("gone", [True, False])
+def test_plan_stop_escalation_table(kind, verified, gone):
+    expected = {
+        # gone: nothing to do, whatever else is true
+        (True, True): "stopped",
+        (True, False): "stopped",
+        # still there after the timeout: signal only what the metadata proves ours
+        (False, True): "terminate",
+        (False, False): "still-stopping" if kind == "stopping" else "refuse",
+    }[(gone, verified)]
+    assert _import_module().plan_stop_escalation(kind, verified, gone) == expected
+
+
+@pytest.mark.parametrize(
+    "idle_timeout, active, idle_for, expected",
+    [
+        (None, 0, 1e9, False),  # no idle timeout configured
+        (0, 0, 1e9, False),
+        (10.0, 0, 9.99, False),
+        (10.0, 0, 10.0, True),
+        (10.0, 0, 50.0, True),
+        (10.0, 1, 50.0, False),  # a request still running is activity
+        (10.0, 3, 10.0, False),
+    ],
+)
+def test_idle_expired_table(idle_timeout, active, idle_for, expected):
+    assert _import_module().idle_expired(idle_timeout, active, idle_for) is expected
+
+
+@pytest.mark.parametrize("idle_ms", [None, 0, 1000])
+@pytest.mark.parametrize("has_client", [True, False])
+@pytest.mark.parametrize("starting", [True, False])
+@pytest.mark.parametrize("in_use", [0, 1])
+@pytest.mark.parametrize("last_used", [None, 0, 500])
+def test_server_idle_expired_table(idle_ms, has_client, starting, in_use, last_used):
+    now = 1500  # 1500 ms after 0, 1000 ms after 500
+    expected = bool(
+        idle_ms
+        and has_client
+        and not starting
+        and not in_use
+        and last_used is not None
+        and now - last_used >= idle_ms
+    )
+    if (idle_ms, has_client, starting, in_use, last_used) == (1000, True, False, 0, 500):
+        assert expected, "exactly idle_ms ago counts as expired"
+    assert (
+        _import_module().server_idle_expired(idle_ms, has_client, starting, in_use, last_used, now)
+        is expected
+    )
+
+
+@pytest.mark.parametrize("previous, expected", [(0.0, 0.05), (0.05, 0.1), (0.4, 0.8), (0.8, 1.0), (1.0, 1.0)])
+def test_accept_backoff_table(previous, expected):
+    assert _import_module().accept_backoff(previous) == pytest.approx(expected)
 
 
 # ---- benchmark (python3 -m pytest -m bench -s) ------------------------------
