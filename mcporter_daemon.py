@@ -422,7 +422,7 @@ class ServerSpec:
 class Config:
     """The merged configuration and everything that identifies it."""
 
-    __slots__ = ("path", "layers", "explicit", "servers", "daemon_idle_timeout_ms", "root")
+    __slots__ = ("path", "layers", "explicit", "servers", "daemon_idle_timeout_ms", "root", "imports")
 
     def __init__(self, path: str, layers: List[Tuple[str, Optional[bytes]]], explicit: bool):
         self.path = path  # the config path that names the daemon
@@ -431,12 +431,13 @@ class Config:
         self.servers: Dict[str, ServerSpec] = {}
         self.daemon_idle_timeout_ms: Optional[int] = None
         self.root = ""
+        self.imports: List[Any] = []  # _ImportedFile: editor configs that were read
 
     def keep_alive_servers(self) -> List[str]:
         return [name for name, spec in self.servers.items() if spec.keep_alive]
 
     def fingerprint(self) -> str:
-        return config_fingerprint(self.layers)
+        return config_fingerprint(list(self.layers) + [f.layer() for f in self.imports])
 
 
 def _read_optional(path: str) -> Optional[bytes]:
@@ -617,32 +618,274 @@ def _parse_idle_ms(doc: Dict[str, Any], source: str) -> Optional[int]:
     return None
 
 
+# -- imports: servers defined in editor and agent configs, found as mcporter 0.12.3 finds them --
+
+IMPORT_KINDS = ("cursor", "claude-code", "claude-desktop", "codex", "windsurf", "opencode", "vscode")
+
+
+def import_order(configured: Any) -> List[str]:
+    """A layer's ``imports``: its kinds first, then the other defaults; ``[]`` turns imports off."""
+    if configured is None:
+        return list(IMPORT_KINDS)
+    kinds = [k for k in configured if k in IMPORT_KINDS]
+    if not configured:
+        return []
+    return kinds + [k for k in IMPORT_KINDS if k not in kinds]
+
+
+def _effective_import_order(docs: List[Dict[str, Any]]) -> List[str]:
+    """mcporter reads imports once per layer, first seen wins, and the same files each time:
+    the first layer that does not turn imports off decides the order."""
+    for doc in docs or [{}]:
+        order = import_order(doc.get("imports"))
+        if order:
+            return order
+    return []
+
+
+def import_candidates(kind: str, root: str, home: str, environ: Dict[str, str], platform: str) -> List[str]:
+    """mcporter's candidate paths for one kind, project-relative (under ``root``) first.
+
+    The one place editor-config locations differ by platform (``platform`` is sys.platform)."""
+    j = os.path.join
+    xdg = environ.get("XDG_CONFIG_HOME")
+    mac = platform == "darwin"
+    if kind == "cursor":
+        paths = [j(root, ".cursor", "mcp.json"), j(home, ".cursor", "mcp.json")]
+        paths += [
+            j(home, "AppData", "Roaming", "Cursor", "User", "mcp.json"),
+            j(home, "Library", "Application Support", "Cursor", "User", "mcp.json"),
+        ]
+        paths += [j(xdg, "Cursor", "User", "mcp.json")] if xdg else []
+    elif kind == "claude-code":
+        paths = [j(base, ".claude", name) for base in (root, home) for name in _CLAUDE_CODE_FILES]
+        paths.append(j(home, ".claude.json"))
+    elif kind == "claude-desktop":
+        paths = [
+            j(home, "Library", "Application Support", "Claude", "settings.json")
+            if mac
+            else j(home, ".config", "Claude", "settings.json")
+        ]
+    elif kind == "codex":
+        paths = [j(root, ".codex", "config.toml"), j(home, ".codex", "config.toml")]
+    elif kind == "windsurf":
+        paths = [
+            j(home, ".codeium", "windsurf", "mcp_config.json"),
+            j(home, ".codeium", "windsurf-next", "mcp_config.json"),
+            j(home, ".windsurf", "mcp_config.json"),
+            j(home, ".config", ".codeium", "windsurf", "mcp_config.json"),
+        ]
+    elif kind == "opencode":
+        paths = _opencode_candidates(root, home, environ)
+    elif kind == "vscode":
+        user = j(home, "Library", "Application Support") if mac else j(home, ".config")
+        paths = [j(root, ".vscode", "mcp.json")] + [j(user, app, "User", "mcp.json") for app in _VSCODE_APPS]
+    else:
+        paths = []
+    return list(dict.fromkeys(p for p in paths if p))
+
+
+_CLAUDE_CODE_FILES = ("settings.local.json", "settings.json", "mcp.json")
+_VSCODE_APPS = ("Code", "Code - Insiders")
+
+
+def _opencode_candidates(root: str, home: str, environ: Dict[str, str]) -> List[str]:
+    j = os.path.join
+    config_home = environ.get("XDG_CONFIG_HOME") or j(environ.get("HOME") or home, ".config")
+    paths = [environ.get("OPENCODE_CONFIG") or "", j(root, "opencode.jsonc"), j(root, "opencode.json")]
+    override = environ.get("OPENCODE_CONFIG_DIR")
+    if override:
+        paths += [j(override, "opencode.jsonc"), j(override, "opencode.json")]
+    workdir = environ.get("OPENAI_WORKDIR")
+    paths += [j(root, ".openai", "config.json"), j(workdir, ".openai", "config.json") if workdir else ""]
+    paths.append(j(config_home, "openai", "config.json"))
+    user_dir = (
+        j(environ["XDG_CONFIG_HOME"], "opencode")
+        if environ.get("XDG_CONFIG_HOME")
+        else j(home, ".config", "opencode")
+    )
+    return paths + [j(user_dir, "opencode.jsonc"), j(user_dir, "opencode.json")]
+
+
+def extract_import_entries(doc: Any, kind: str, path: str, root: str) -> Dict[str, Dict[str, Any]]:
+    """The server entries of one editor config, in mcporter's reading of each format:
+    ``mcpServers``, VS Code's ``servers``, opencode's ``mcp``, a root-level map for legacy
+    files, and Claude Code's entries scoped to this project in ``~/.claude.json``."""
+    out: Dict[str, Dict[str, Any]] = {}
+    if not isinstance(doc, dict):
+        return out
+    if kind == "codex":
+        _add_import_entries(doc.get("mcp_servers"), out)
+        return out
+    keys = ("mcp",) if kind == "opencode" else ("mcpServers", "servers", "mcp")
+    containers = [doc[k] for k in keys if isinstance(doc.get(k), dict)]
+    root_style = kind != "opencode" and (
+        kind != "claude-code"
+        or path.endswith(".claude.json")
+        or path.endswith(os.path.join(".claude", "mcp.json"))
+    )
+    if not containers and root_style:
+        containers = [doc]
+    for container in containers:
+        _add_import_entries(container, out)
+    projects = doc.get("projects")
+    if isinstance(projects, dict):
+        here = os.path.abspath(root)
+        for key, project in projects.items():
+            if isinstance(project, dict) and os.path.abspath(os.path.expanduser(str(key))) == here:
+                scoped: Dict[str, Dict[str, Any]] = {}
+                _add_import_entries(project.get("mcpServers"), scoped)
+                for name, entry in scoped.items():
+                    out.setdefault(name, entry)
+    return out
+
+
+def _add_import_entries(container: Any, out: Dict[str, Dict[str, Any]]) -> None:
+    if not isinstance(container, dict):
+        return
+    for name, value in container.items():
+        entry = _convert_import_entry(value) if name not in out else None
+        if entry is not None:
+            out[str(name)] = entry
+
+
+def _convert_import_entry(value: Any) -> Optional[Dict[str, Any]]:
+    """An editor's server entry as a config entry; None when it names no command or URL."""
+    if not isinstance(value, dict):
+        return None
+    entry: Dict[str, Any] = {}
+    for key in ("baseUrl", "base_url", "url", "serverUrl", "server_url"):
+        if isinstance(value.get(key), str) and value[key]:
+            entry["url"] = value[key]
+            break
+    command = value.get("command", value.get("executable"))
+    if (
+        isinstance(command, str)
+        and command
+        or (isinstance(command, list) and command and all(isinstance(c, str) for c in command))
+    ):
+        entry["command"] = command
+    args = value.get("args")
+    if isinstance(args, list) and all(isinstance(a, str) for a in args):
+        entry["args"] = args
+    env = value.get("env")
+    if isinstance(env, dict):
+        entry["env"] = {str(k): v for k, v in ((k, _env_string(v)) for k, v in env.items()) if v is not None}
+    return entry if "url" in entry or "command" in entry else None
+
+
+def _env_string(value: Any) -> Optional[str]:
+    """An env value as JavaScript's String() writes it (true, 3, 1.5); others are dropped."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(int(value)) if float(value).is_integer() else repr(value)
+    return None
+
+
+def _read_import_file(path: str, kind: str, root: str) -> Tuple[Optional[Dict[str, Dict[str, Any]]], str]:
+    """(entries or None when absent, a note). Unparsable files count as empty, as in mcporter."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except OSError:  # absent, a directory, unreadable: nothing to import from it
+        return None, ""
+    text = data.decode("utf-8-sig", "replace")
+    if not text.strip():
+        return {}, ""
+    if path.endswith(".toml"):
+        try:
+            import tomllib  # type: ignore[import-not-found]  # Python 3.11+
+        except ImportError:
+            return {}, "skipped: reading Codex TOML needs Python 3.11+ (tomllib)"
+        try:
+            doc = tomllib.loads(text)
+        except ValueError as exc:
+            return {}, f"ignored: {exc}"
+    else:
+        try:
+            doc = parse_jsonc(text, path)
+        except ConfigError as exc:
+            return {}, f"ignored: {exc}"
+    return extract_import_entries(doc, kind, path, root), ""
+
+
+class _ImportedFile:
+    """One editor config that was read: its path, kind, entries and a note for doctor."""
+
+    __slots__ = ("path", "kind", "entries", "note")
+
+    def __init__(self, path: str, kind: str, entries: Dict[str, Dict[str, Any]], note: str) -> None:
+        self.path, self.kind, self.entries, self.note = path, kind, entries, note
+
+    def layer(self) -> Tuple[str, bytes]:
+        """Its fingerprint layer: the entries it contributes, not its bytes, so a `touch` or
+        an edit elsewhere in a busy file (``~/.claude.json``) does not restart the daemon."""
+        return (f"import:{self.kind}:{self.path}", json.dumps(self.entries, sort_keys=True).encode())
+
+
+def read_imports(order: List[str], root: str, environ: Dict[str, str]) -> List[_ImportedFile]:
+    home = os.path.expanduser("~")
+    found = []
+    for kind in order:
+        for path in import_candidates(kind, root, home, environ, sys.platform):
+            entries, note = _read_import_file(path, kind, root)
+            if entries is not None:
+                found.append(_ImportedFile(path, kind, entries, note))
+    return found
+
+
 def load_config(config: Optional[str] = None, root: Optional[str] = None) -> Config:
     """Discover, parse and merge the config layers (project overrides home per server)."""
     path, layers, explicit = discover_config(config, root)
     cfg = Config(path, layers, explicit)
     cfg.root = os.path.abspath(root or os.getcwd())
     environ = dict(os.environ)
-    for source, data in layers:
-        if data is None:
-            continue
-        try:
-            text = data.decode("utf-8-sig")
-        except UnicodeDecodeError:
-            raise ConfigError(f"{source}: config is not valid UTF-8") from None
-        doc = parse_jsonc(text, source) if text.strip() else {}
-        if not isinstance(doc, dict):
-            raise _type_error(source, "the top level", "an object", doc)
+    docs = [(source, _parse_layer(source, data)) for source, data in layers if data is not None]
+    # Imported servers first: every mcporter config entry wins over them (first seen wins
+    # among imports), and one that cannot be used is skipped, as mcporter skips it.
+    cfg.imports = read_imports(_effective_import_order([doc for _, doc in docs]), cfg.root, environ)
+    for imported in cfg.imports:
+        for name, entry in imported.entries.items():
+            if name not in cfg.servers:
+                try:
+                    spec = _parse_server(name, entry, imported.path, os.path.dirname(imported.path), environ)
+                except ConfigError:
+                    continue
+                cfg.servers[name] = spec
+    for source, doc in docs:
         servers = doc.get("mcpServers", {})
         if not isinstance(servers, dict):
             raise _type_error(source, "mcpServers", "an object", servers)
         base_dir = os.path.dirname(source)
         for name, entry in servers.items():
+            cfg.servers.pop(name, None)  # a config entry takes an import's place and its order
             cfg.servers[name] = _parse_server(name, entry, source, base_dir, environ)
         idle = _parse_idle_ms(doc, source)
         if idle is not None:
             cfg.daemon_idle_timeout_ms = idle
     return cfg
+
+
+def _parse_layer(source: str, data: bytes) -> Dict[str, Any]:
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{source}: config is not valid UTF-8") from None
+    doc = parse_jsonc(text, source) if text.strip() else {}
+    if not isinstance(doc, dict):
+        raise _type_error(source, "the top level", "an object", doc)
+    imports = doc.get("imports")
+    if imports is not None and (
+        not isinstance(imports, list) or not all(isinstance(k, str) for k in imports)
+    ):
+        raise _type_error(source, "imports", "a list of strings", imports)
+    unknown = [k for k in imports or [] if k not in IMPORT_KINDS]
+    if unknown:
+        raise ConfigError(f"{source}: unknown import kind {unknown[0]!r} (known: {', '.join(IMPORT_KINDS)})")
+    return doc
 
 
 # ##########################################################################################
@@ -2876,7 +3119,11 @@ class McpKeepAliveService:
                 servers[name] = {"pid": client.pid, "pidStartTime": process_start_time(client.pid)}
         return {
             "configPath": self.config.path,
-            "configLayers": [_layer_record(path, data) for path, data in self.config.layers],
+            "configLayers": [_layer_record(path, data) for path, data in self.config.layers]
+            + [
+                {"path": f.path, "importKind": f.kind, "servers": sorted(f.entries)}
+                for f in self.config.imports
+            ],
             "servers": servers,
         }
 
@@ -3391,6 +3638,7 @@ def cmd_list(args: Any) -> int:
                 "why": s.keep_alive_reason,
                 "command": s.command,
                 "url": s.url,
+                "source": s.source,
             }
             for n, s in cfg.servers.items()
         ]
@@ -3399,7 +3647,7 @@ def cmd_list(args: Any) -> int:
         for r in [] if args.json else rows:
             mode = "http (unsupported)" if r["url"] else ("keep-alive" if r["keepAlive"] else "ephemeral")
             command = shlex.join(r["command"]).replace("\n", "\\n")  # one line per server
-            print(f"{r['name']}: {mode} ({r['why']}) — {command or r['url']}")
+            print(f"{r['name']}: {mode} ({r['why']}) — {command or r['url']}  [{r['source']}]")
         return 0
     spec = _server_spec(cfg, args.server)
     timeout = _timeout_seconds(args)
@@ -3510,6 +3758,15 @@ def _doctor_config(found: _Findings, args: Any) -> Optional[Config]:
         return None
     for path, data in cfg.layers:
         found.ok(f"config layer {path}: {'read' if data is not None else 'absent'}")
+    for imported in cfg.imports:
+        names = ", ".join(sorted(imported.entries)) or "no servers"
+        line = f"import {imported.kind} {imported.path}: {names}"
+        if imported.note.startswith("skipped"):
+            found.warn(f"{line} ({imported.note})", "run under Python 3.11+ to read it")
+        elif imported.note:
+            found.warn(f"{line} ({imported.note})", "fix the file, or ignore it if it is not an MCP config")
+        else:
+            found.ok(line)
     found.ok(f"daemon named by {cfg.path}")
     if not cfg.keep_alive_servers():
         found.warn(

@@ -241,6 +241,8 @@ class Harness:
         self.state_dir = Path(tempfile.mkdtemp(prefix="md", dir="/tmp"))
         self.tag = "mdtag-" + uuid.uuid4().hex
         self.cfg = self.tmp / "mcporter.json"
+        self.home = self.tmp / "home"
+        self.home.mkdir()
         self.seen = set()  # (pid, start time) of every process seen, for identity-checked cleanup
         self.stopped = set()
         self.popens = []
@@ -303,6 +305,9 @@ class Harness:
         ):
             env.pop(k, None)
         env["MCPORTER_DAEMON_DIR"] = str(self.state_dir)
+        # A private HOME: editor configs (~/.cursor/mcp.json, ~/.claude.json …) are imported.
+        env["HOME"] = str(self.home)
+        env.pop("XDG_CONFIG_HOME", None)
         env[MARKER_VAR] = self.tag
         env.update(extra)
         return env
@@ -3137,6 +3142,261 @@ def test_idle_shutdown_racing_starters_never_strands_a_caller(h):
         message="the last daemon to idle out and leave nothing behind",
     )
     h.expect_no_leftovers = True
+
+
+# ---- config imports: servers from editor and agent configs (mcporter's imports) -------------
+
+
+def demo_import_entry(h, shape="mcpServers"):
+    """The tagged demo server as an editor config writes it (no lifecycle: editors have none)."""
+    entry = {k: v for k, v in h.demo_server_entry().items() if k != "lifecycle"}
+    if shape == "opencode":  # opencode: one command list, under "mcp"
+        return {"type": "local", "command": [entry["command"]] + entry["args"]}
+    return entry
+
+
+def write_json(path, data):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2))
+    return path
+
+
+def list_rows(h, **env):
+    return {
+        row["name"]: row for row in json.loads(ops_ok(ops_cli(h, "list", "--json", env=ops_env(h, **env))))
+    }
+
+
+def test_imports_read_each_editor_format(h):
+    home, root = ops_home(h), h.tmp
+    files = {
+        "cur": write_json(root / ".cursor" / "mcp.json", {"mcpServers": {"cur": demo_import_entry(h)}}),
+        "cc": write_json(
+            home / ".claude.json",
+            {
+                "numStartups": 7,
+                "projects": {
+                    str(root): {"mcpServers": {"cc": demo_import_entry(h)}},
+                    "/elsewhere": {"mcpServers": {"other-project": demo_import_entry(h)}},
+                },
+            },
+        ),
+        "ccs": write_json(home / ".claude" / "settings.json", {"mcpServers": {"ccs": demo_import_entry(h)}}),
+        "cd": write_json(
+            home / ".config" / "Claude" / "settings.json", {"mcpServers": {"cd": demo_import_entry(h)}}
+        ),
+        "ws": write_json(
+            home / ".codeium" / "windsurf" / "mcp_config.json", {"mcpServers": {"ws": demo_import_entry(h)}}
+        ),
+        "oc": write_json(root / "opencode.json", {"mcp": {"oc": demo_import_entry(h, "opencode")}}),
+        "vs": write_json(
+            root / ".vscode" / "mcp.json", {"servers": {"vs": dict(demo_import_entry(h), type="stdio")}}
+        ),
+    }
+    codex = home / ".codex" / "config.toml"
+    codex.parent.mkdir(parents=True)
+    entry = demo_import_entry(h)
+    codex.write_text(
+        "[mcp_servers.cx]\n"
+        f"command = {json.dumps(entry['command'])}\n"
+        f"args = [{', '.join(json.dumps(a) for a in entry['args'])}]\n"
+    )
+    rows = list_rows(h)
+    for name, path in files.items():
+        assert name in rows, (name, sorted(rows))
+        assert rows[name]["source"] == str(path), rows[name]
+        assert rows[name]["keepAlive"] is False, "an imported server is ephemeral unless selected"
+    assert "other-project" not in rows, "Claude Code entries of another project must not be imported"
+    if sys.version_info >= (3, 11):
+        assert rows["cx"]["source"] == str(codex)
+    else:
+        assert "cx" not in rows
+        doctor = ops_cli(h, "doctor")
+        assert "tomllib" in doctor.out + doctor.err, doctor
+    assert call_ok(h, "cur.echo", "text=imported") == "imported"
+    assert h.daemon_pids() == set(), "an ephemeral imported server needs no daemon"
+    text = ops_ok(ops_cli(h, "list"))
+    assert f"[{files['vs']}]" in text, text
+
+
+def test_imports_precedence_and_switches(h):
+    home, root = ops_home(h), h.tmp
+    write_json(
+        root / ".cursor" / "mcp.json",
+        {"mcpServers": {"dup": demo_import_entry(h), "cur": demo_import_entry(h)}},
+    )
+    vscode = write_json(root / ".vscode" / "mcp.json", {"servers": {"dup": demo_import_entry(h)}})
+    cursor = root / ".cursor" / "mcp.json"
+    assert list_rows(h)["dup"]["source"] == str(cursor), "among imports the first seen (cursor) wins"
+
+    data = h.config_data()
+    data["imports"] = ["vscode"]
+    h.write_config(data)
+    assert list_rows(h)["dup"]["source"] == str(vscode), "a layer's imports list puts its kinds first"
+
+    data["mcpServers"]["cur"] = h.demo_server_entry()
+    h.write_config(data)
+    rows = list_rows(h)
+    assert rows["cur"]["source"] == str(h.cfg) and rows["cur"]["keepAlive"] is True, "config entries win"
+
+    data["imports"] = []
+    h.write_config(data)
+    assert sorted(list_rows(h)) == ["cur", "demo"], '"imports": [] turns imports off'
+
+    data["imports"] = ["nope"]
+    h.write_config(data)
+    r = ops_cli(h, "list")
+    assert r.rc == 2 and "nope" in r.err and len(r.err.strip().splitlines()) == 1, r
+    del home
+
+
+def test_imported_file_edits_make_the_daemon_stale_but_touch_does_not(h):
+    cursor = write_json(h.tmp / ".cursor" / "mcp.json", {"mcpServers": {"cur": demo_import_entry(h)}})
+    env = dict(MCPORTER_KEEPALIVE="cur")
+    r = ops_cli(h, "call", "cur.counter", env=ops_env(h, **env))
+    assert ops_ok(r) == "1"
+    first = ops_status(h, env=ops_env(h, **env))
+    assert first["running"] and first["fresh"], first
+    stamp = cursor.stat().st_mtime_ns
+    os.utime(str(cursor), ns=(stamp + 5_000_000_000, stamp + 5_000_000_000))
+    again = ops_status(h, env=ops_env(h, **env))
+    assert again["pid"] == first["pid"] and again["fresh"], "a touch is not a change"
+    doc = json.loads(cursor.read_text())
+    doc["mcpServers"]["cur"]["env"] = {"EDITED": "1"}
+    write_json(cursor, doc)
+    stale = ops_status(h, env=ops_env(h, **env))
+    assert stale["pid"] == first["pid"] and stale["fresh"] is False, stale
+    assert ops_ok(ops_cli(h, "call", "cur.counter", env=ops_env(h, **env))) == "1", (
+        "a new daemon, a new server"
+    )
+    assert ops_status(h, env=ops_env(h, **env))["pid"] != first["pid"]
+
+
+def test_doctor_lists_the_import_files_it_read(h):
+    cursor = write_json(h.tmp / ".cursor" / "mcp.json", {"mcpServers": {"cur": demo_import_entry(h)}})
+    broken = ops_home(h) / ".cursor" / "mcp.json"
+    broken.parent.mkdir(parents=True)
+    broken.write_text("{ not json")
+    r = ops_cli(h, "doctor")
+    text = r.out + r.err
+    assert f"import cursor {cursor}: cur" in text, text
+    assert f"import cursor {broken}" in text and "ignored" in text, text
+
+
+@pytest.mark.parametrize(
+    "configured, expected",
+    [
+        (None, ["cursor", "claude-code", "claude-desktop", "codex", "windsurf", "opencode", "vscode"]),
+        ([], []),
+        (["vscode"], ["vscode", "cursor", "claude-code", "claude-desktop", "codex", "windsurf", "opencode"]),
+        (
+            ["codex", "cursor"],
+            ["codex", "cursor", "claude-code", "claude-desktop", "windsurf", "opencode", "vscode"],
+        ),
+    ],
+)
+def test_import_order_table(configured, expected):
+    assert _import_module().import_order(configured) == expected
+
+
+@pytest.mark.parametrize(
+    "kind, platform, expected",
+    [
+        (
+            "cursor",
+            "linux",
+            [
+                "/r/.cursor/mcp.json",
+                "/h/.cursor/mcp.json",
+                "/h/AppData/Roaming/Cursor/User/mcp.json",
+                "/h/Library/Application Support/Cursor/User/mcp.json",
+            ],
+        ),
+        (
+            "claude-code",
+            "linux",
+            [
+                "/r/.claude/settings.local.json",
+                "/r/.claude/settings.json",
+                "/r/.claude/mcp.json",
+                "/h/.claude/settings.local.json",
+                "/h/.claude/settings.json",
+                "/h/.claude/mcp.json",
+                "/h/.claude.json",
+            ],
+        ),
+        ("claude-desktop", "linux", ["/h/.config/Claude/settings.json"]),
+        ("claude-desktop", "darwin", ["/h/Library/Application Support/Claude/settings.json"]),
+        ("codex", "linux", ["/r/.codex/config.toml", "/h/.codex/config.toml"]),
+        (
+            "windsurf",
+            "linux",
+            [
+                "/h/.codeium/windsurf/mcp_config.json",
+                "/h/.codeium/windsurf-next/mcp_config.json",
+                "/h/.windsurf/mcp_config.json",
+                "/h/.config/.codeium/windsurf/mcp_config.json",
+            ],
+        ),
+        (
+            "opencode",
+            "linux",
+            [
+                "/r/opencode.jsonc",
+                "/r/opencode.json",
+                "/r/.openai/config.json",
+                "/h/.config/openai/config.json",
+                "/h/.config/opencode/opencode.jsonc",
+                "/h/.config/opencode/opencode.json",
+            ],
+        ),
+        (
+            "vscode",
+            "linux",
+            [
+                "/r/.vscode/mcp.json",
+                "/h/.config/Code/User/mcp.json",
+                "/h/.config/Code - Insiders/User/mcp.json",
+            ],
+        ),
+        (
+            "vscode",
+            "darwin",
+            [
+                "/r/.vscode/mcp.json",
+                "/h/Library/Application Support/Code/User/mcp.json",
+                "/h/Library/Application Support/Code - Insiders/User/mcp.json",
+            ],
+        ),
+    ],
+)
+def test_import_candidates_table(kind, platform, expected):
+    assert _import_module().import_candidates(kind, "/r", "/h", {"HOME": "/h"}, platform) == expected
+
+
+CMD = {"command": "srv", "args": ["-x"]}
+
+
+@pytest.mark.parametrize(
+    "doc, kind, path, expected",
+    [
+        ({"mcpServers": {"a": CMD}}, "cursor", "/r/.cursor/mcp.json", ["a"]),
+        ({"servers": {"a": CMD}}, "vscode", "/r/.vscode/mcp.json", ["a"]),
+        ({"mcp": {"a": {"command": ["srv"]}}}, "opencode", "/r/opencode.json", ["a"]),
+        ({"mcpServers": {"a": CMD}}, "opencode", "/r/opencode.json", []),  # opencode reads "mcp" only
+        ({"a": CMD}, "cursor", "/r/.cursor/mcp.json", ["a"]),  # a root-level map, legacy style
+        ({"a": CMD}, "claude-code", "/h/.claude/settings.json", []),  # settings need a container
+        ({"a": CMD}, "claude-code", "/h/.claude.json", ["a"]),
+        ({"projects": {"/r": {"mcpServers": {"p": CMD}}}}, "claude-code", "/h/.claude.json", ["p"]),
+        ({"projects": {"/other": {"mcpServers": {"p": CMD}}}}, "claude-code", "/h/.claude.json", []),
+        ({"mcpServers": {"a": {"args": ["x"]}}}, "cursor", "/r/.cursor/mcp.json", []),  # no command, no url
+        ({"mcpServers": {"a": {"url": "http://127.0.0.1:9/"}}}, "cursor", "/r/.cursor/mcp.json", ["a"]),
+        ({"mcp_servers": {"c": CMD}}, "codex", "/h/.codex/config.toml", ["c"]),
+        ([1, 2], "cursor", "/r/.cursor/mcp.json", []),
+    ],
+)
+def test_extract_import_entries_table(doc, kind, path, expected):
+    assert sorted(_import_module().extract_import_entries(doc, kind, path, "/r")) == expected
 
 
 # ---- host lifecycle: stop as a barrier, housekeeping off the accept path, one answer ----------
