@@ -80,11 +80,13 @@ __all__ = [
     "RequestContext",
     "ServerSpec",
     "state_base_dir",
+    "status_matches",
     "terminate_daemon_tree",
     "terminate_process",
     "TransportError",
     "UnsafePathError",
     "UsageError",
+    "validate_metadata",
     "write_metadata",
     "__version__",
 ]
@@ -776,17 +778,39 @@ def result_or_raise(response: Dict[str, Any]) -> Any:
 
 
 def read_metadata(path: str) -> Optional[Dict[str, Any]]:
-    """The metadata at ``path``; unreadable, torn or corrupt metadata reads as absent."""
+    """The metadata at ``path``; unreadable, torn, corrupt or malformed metadata reads as absent."""
     try:
         with open(path, "rb") as fh:
             data = json.loads(fh.read())
     except (OSError, ValueError):
         return None
-    if not isinstance(data, dict) or not _is_pid(data.get("pid")):
+    return validate_metadata(data)
+
+
+def validate_metadata(data: Any) -> Optional[Dict[str, Any]]:
+    """``data`` when it is a well-formed record, else None (free of I/O).
+
+    Well-formed: ``pid`` an int > 0, ``pidStartTime`` a non-empty string, ``socketPath`` a
+    string, ``servers`` a dict whose every entry has such a ``pid`` and ``pidStartTime``.
+    A record with any malformed part is rejected whole rather than trimmed: readers then see
+    no record, so nothing it names is trusted or signalled, and the serving daemon (which
+    owns the socket) sees it absent and rewrites it within a housekeeping round.
+    """
+    if not isinstance(data, dict) or not _is_identity(data.get("pid"), data.get("pidStartTime")):
         return None
     if not isinstance(data.get("socketPath"), str):
         return None
+    servers = data.get("servers")
+    if not isinstance(servers, dict):
+        return None
+    for entry in servers.values():
+        if not isinstance(entry, dict) or not _is_identity(entry.get("pid"), entry.get("pidStartTime")):
+            return None
     return data
+
+
+def _is_identity(pid: Any, start_time: Any) -> bool:
+    return _is_pid(pid) and isinstance(start_time, str) and bool(start_time)
 
 
 def _is_pid(value: Any) -> bool:
@@ -1506,6 +1530,34 @@ def plan_takeover(probe: str, fresh: bool, owner_ours: bool, owner_stopped: bool
     return "bind"
 
 
+def status_matches(
+    meta: Optional[Dict[str, Any]],
+    status: Any,
+    socket_path: str,
+    proc_facts: Tuple[Optional[str], Optional[str]],
+) -> bool:
+    """Whether a ``status`` answer comes from the daemon a record names (§9), free of I/O.
+
+    ``meta`` is a validated record or None; ``status`` the answer's result (None when there
+    was no answer yet); ``proc_facts`` the (start time, state) the OS reports now for the
+    record's pid. A stopped daemon is hung, so it never verifies: it is to be replaced.
+    """
+    if not record_is_live(meta, socket_path, proc_facts) or not isinstance(status, dict):
+        return False
+    assert meta is not None
+    return status.get("pid") == meta["pid"] and status.get("socketPath") == socket_path
+
+
+def record_is_live(
+    meta: Optional[Dict[str, Any]], socket_path: str, proc_facts: Tuple[Optional[str], Optional[str]]
+) -> bool:
+    """The half of ``status_matches`` that needs no answer: worth asking the socket at all?"""
+    if meta is None or meta["socketPath"] != socket_path:
+        return False
+    start, state = proc_facts
+    return start is not None and str(start) == meta["pidStartTime"] and state not in ("Z", "T", "t")
+
+
 class DaemonHost:
     """A singleton daemon: bind guard, then serve ``method -> handler`` until told to stop.
 
@@ -1751,9 +1803,9 @@ class DaemonHost:
         current = read_metadata(self.paths.metadata)
         if not self._metadata_dirty and current is not None and current.get("pid") == self.pid:
             return
-        other = current.get("pid") if current is not None else None
-        if _is_pid(other) and other != self.pid and pid_alive(other):
-            return  # a successor's metadata: never overwrite it
+        # A record naming another pid is wrong while we own the socket inode, whether that pid
+        # is alive or not: a successor replaces the socket under the bind lock before writing
+        # its record, so the check below (under that lock) never overwrites a successor's.
         lock = FileLock(self.paths.bind, what="bind lock")
         if not lock.acquire(timeout=0):
             return
@@ -2177,24 +2229,42 @@ class DaemonClient:
         The result carries ``fresh``: whether its fingerprint is ours. None when unverified.
         """
         meta = read_metadata(self.paths.metadata)
-        if meta is None or meta.get("socketPath") != self.paths.socket:
+        facts = _process_info(meta["pid"]) if meta is not None else (None, None)
+        if not record_is_live(meta, self.paths.socket, facts):
+            return None  # dead, reused, or stopped: no round trip needed to know
+        status = self._ask_status()
+        if not status_matches(meta, status, self.paths.socket, facts):
             return None
-        pid = meta["pid"]
-        start, state = _process_info(pid)
-        if start is None or str(start) != str(meta.get("pidStartTime")) or state in ("Z", "T", "t"):
-            return None  # dead, reused, or stopped (a stopped daemon is hung: replace it)
+        assert status is not None
+        status["fresh"] = status.get("fingerprint") == self.fingerprint
+        return status
+
+    def serving_status(self) -> Optional[Dict[str, Any]]:
+        """``verified_status``, or else the daemon answering on the socket when its answer
+        verifies against the record it carries (its own pid and start time).
+
+        For reports only (``status``, ``doctor``): a damaged metadata file must not hide a
+        daemon that serves, while the lifecycle still trusts only the file."""
+        status = self.verified_status()
+        if status is not None:
+            return status
+        status = self._ask_status()
+        meta = validate_metadata(status.get("metadata")) if status else None
+        facts = _process_info(meta["pid"]) if meta is not None else (None, None)
+        if not status_matches(meta, status, self.paths.socket, facts):
+            return None
+        assert status is not None
+        status["fresh"] = status.get("fingerprint") == self.fingerprint
+        return status
+
+    def _ask_status(self) -> Optional[Dict[str, Any]]:
         request = {"id": "status", "method": "status", "params": {}, "protocolVersion": 2}
         try:
             response = exchange(self.paths.socket, request, self.probe_timeout)
         except DaemonError:
             return None
         status = response.get("result") if response.get("ok") else None
-        if not isinstance(status, dict):
-            return None
-        if status.get("pid") != pid or status.get("socketPath") != self.paths.socket:
-            return None
-        status["fresh"] = status.get("fingerprint") == self.fingerprint
-        return status
+        return status if isinstance(status, dict) else None
 
     def ensure(self) -> Tuple[Dict[str, Any], bool]:
         """(status of a verified fresh daemon, whether this call started it)."""
@@ -2612,8 +2682,9 @@ class McpKeepAliveService:
         servers = {}
         for name, slot in self._slots.items():
             client = slot.client
-            if client is not None and client.alive() and client.pid:
-                servers[name] = {"pid": client.pid, "pidStartTime": process_start_time(client.pid)}
+            start = process_start_time(client.pid) if client is not None and client.alive() else None
+            if client is not None and client.pid and start:  # one that just exited has no start time
+                servers[name] = {"pid": client.pid, "pidStartTime": start}
         return {
             "configPath": self.config.path,
             "configLayers": [_layer_record(path, data) for path, data in self.config.layers],
@@ -3000,7 +3071,7 @@ def cmd_restart(args: Any) -> int:
 def cmd_status(args: Any) -> int:
     cfg = _load(args)
     client = _client(cfg, args)
-    status = client.verified_status()
+    status = client.serving_status()
     if status is None:
         out: Dict[str, Any] = {
             "running": False,
@@ -3282,7 +3353,7 @@ def _doctor_servers(found: _Findings, cfg: Config) -> None:
 
 def _doctor_daemon(found: _Findings, cfg: Config, args: Any) -> None:
     client = _client(cfg, args)
-    status = client.verified_status()
+    status = client.serving_status()
     if status is not None:
         if status["fresh"]:
             found.ok(f"daemon running (pid {status['pid']}) and fresh")
