@@ -282,7 +282,8 @@ class DaemonPaths:
     @classmethod
     def for_config(cls, config_path: str, base_dir: Optional[str] = None) -> DaemonPaths:
         """Paths for the daemon that serves ``config_path`` (key: 12 hex of its sha1)."""
-        key = _sha1(os.path.abspath(config_path).encode()).hexdigest()[:12]
+        # fsencode: a path is bytes, and a non-UTF-8 one arrives surrogate-escaped.
+        key = _sha1(os.fsencode(os.path.abspath(config_path))).hexdigest()[:12]
         return cls.for_key(key, base_dir)
 
     def prepare(self) -> DaemonPaths:
@@ -495,11 +496,12 @@ def discover_config(
 def config_fingerprint(layers: Iterable[Tuple[str, Optional[bytes]]]) -> str:
     """Content hash naming a daemon's identity: layers, keep-alive env, protocol, script."""
     h = _sha256()
+    # Paths and environment values are bytes to the OS; fsencode keeps non-UTF-8 ones hashable.
     for path, data in layers:
         digest = "absent" if data is None else _sha256(data).hexdigest()
-        h.update(f"{path}\0{digest}\0".encode())
+        h.update(os.fsencode(path) + f"\0{digest}\0".encode())
     for name in ("MCPORTER_KEEPALIVE", "MCPORTER_DISABLE_KEEPALIVE"):
-        h.update(f"{name}={os.environ.get(name, '')}\0".encode())
+        h.update(f"{name}=".encode() + os.fsencode(os.environ.get(name, "")) + b"\0")
     h.update(f"protocol={DAEMON_PROTOCOL_VERSION}\0script={_script_version()}".encode())
     return h.hexdigest()[:32]
 
@@ -650,7 +652,7 @@ def load_config(config: Optional[str] = None, root: Optional[str] = None) -> Con
 
 
 def encode_frame(obj: Dict[str, Any]) -> bytes:
-    return (json.dumps(obj, separators=(",", ":"), ensure_ascii=False) + "\n").encode("utf-8")
+    return (json.dumps(obj, separators=(",", ":"), ensure_ascii=True) + "\n").encode("utf-8")
 
 
 def progress_cadence_ms(requested: Any) -> Optional[int]:
