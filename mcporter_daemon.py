@@ -222,17 +222,22 @@ def state_base_dir() -> str:
     return os.path.join(os.path.expanduser("~"), ".mcporter", "pydaemon")
 
 
-def ensure_private_dir(path: str) -> str:
-    """Create ``path`` 0700 if missing; refuse one not owned by us or writable by others."""
+def ensure_private_dir(path: str, refuse_symlink: bool = False) -> str:
+    """Create ``path`` 0700 if missing; refuse one not owned by us or writable by others.
+
+    ``refuse_symlink`` is for directories in a shared place such as /tmp, where anyone may
+    plant a link to a directory of ours before we create it (tmux checks with lstat too)."""
     try:
         os.makedirs(path, mode=0o700, exist_ok=True)
-        st = os.stat(path)
+        st = os.lstat(path) if refuse_symlink else os.stat(path)
     except FileExistsError:
         raise UnsafePathError(f"state path {path} exists and is not a directory") from None
     except OSError as exc:
         raise UnsafePathError(f"cannot create state directory {path}: {exc.strerror}") from exc
     import stat as _stat
 
+    if _stat.S_ISLNK(st.st_mode):
+        raise UnsafePathError(f"state path {path} is a symbolic link; refusing to use it")
     if not _stat.S_ISDIR(st.st_mode):
         raise UnsafePathError(f"state path {path} is not a directory")
     if st.st_uid != os.getuid():
@@ -251,6 +256,13 @@ def ensure_private_dir(path: str) -> str:
 def _fallback_socket_dir() -> str:
     # Not $TMPDIR: launchd, shells and IDEs each see a different one.
     return f"/tmp/mcporter-{os.getuid()}"
+
+
+def _fallback_key(base_dir: str, key: str) -> str:
+    """The fallback socket's name: one /tmp directory serves every state dir, and two state
+    dirs with the same config must never share (adopt, or stop) one daemon."""
+    raw = os.fsencode(os.path.abspath(base_dir)) + b"\0" + os.fsencode(key)
+    return _sha1(raw).hexdigest()[:16]
 
 
 def _socket_path_fits(path: str) -> bool:
@@ -272,7 +284,7 @@ class DaemonPaths:
         self.log = stem + ".log"
         self.socket = self._preferred = stem + ".sock"
         if not _socket_path_fits(self.socket):
-            self.socket = os.path.join(_fallback_socket_dir(), f"{key}.sock")
+            self.socket = os.path.join(_fallback_socket_dir(), f"{_fallback_key(base_dir, key)}.sock")
 
     @classmethod
     def for_key(cls, key: str, base_dir: Optional[str] = None) -> DaemonPaths:
@@ -300,7 +312,7 @@ class DaemonPaths:
                 f"{too_long}, and so is the fallback {self.socket}; use a shorter key or directory"
             )
         try:
-            ensure_private_dir(os.path.dirname(self.socket))
+            ensure_private_dir(os.path.dirname(self.socket), refuse_symlink=True)
         except UnsafePathError as exc:
             raise UnsafePathError(f"{too_long}, and the fallback is unusable: {exc}") from None
         return self
@@ -3308,8 +3320,8 @@ def _doctor_paths(found: _Findings, paths: DaemonPaths) -> None:
         return
     fallback = os.path.dirname(paths.socket)
     try:
-        if os.path.isdir(fallback):
-            ensure_private_dir(fallback)
+        if os.path.lexists(fallback):
+            ensure_private_dir(fallback, refuse_symlink=True)
         found.ok(f"socket path would be {size} bytes (limit {limit}); using fallback {paths.socket}")
     except UnsafePathError as exc:
         found.fail(f"socket path too long and fallback unusable: {exc}", "use a shorter MCPORTER_DAEMON_DIR")
