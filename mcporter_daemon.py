@@ -1055,7 +1055,7 @@ def terminate_process(
     import signal
 
     if not is_our_pid(pid, start_time):
-        return not pid_alive(pid) or True  # not ours (or gone): never signalled
+        return not pid_alive(pid)  # not ours: never signalled, so gone only if already gone
     # A group is signalled only while the pid still leads it (it was spawned as leader).
     use_group = group and _safe_getpgid(pid) == pid
     _signal(pid, signal.SIGTERM, use_group)
