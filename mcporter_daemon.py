@@ -1412,6 +1412,13 @@ class McpStdioClient:
 # ##########################################################################################
 
 
+def _log_prefix() -> str:
+    """``<UTC time>Z [<pid>] ``; one clock read, so the milliseconds belong to the second."""
+    seconds, millis = divmod(int(time.time() * 1000), 1000)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+    return f"{stamp}.{millis:03d}Z [{os.getpid()}] "
+
+
 class DaemonLog:
     """Timestamped lines to a file (0600, rotated at 10 MB, one old file kept) or stderr."""
 
@@ -1441,8 +1448,7 @@ class DaemonLog:
         return self.verbose or server in self.servers
 
     def event(self, message: str) -> None:
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
-        self.write(f"{stamp}.{int(time.time() * 1000) % 1000:03d}Z [{os.getpid()}] {message}")
+        self.write(_log_prefix() + message)
 
     def write(self, line: str) -> None:
         with self._lock:
@@ -2327,9 +2333,11 @@ class DaemonClient:
             code = proc.poll()
             if code is not None:
                 status = self.verified_status()  # it may have found (and reconciled) a twin
-                if status and status["fresh"]:
-                    return status, code != 0
-                error = DaemonStartError(self._startup_error(log_offset, code))
+                # Exit 0 is the child's verdict that the live twin serves the config as it
+                # read it, which may be newer than ours.
+                if status and (status["fresh"] or code == 0):
+                    return status, False
+                error = DaemonStartError(self._startup_error(log_offset, code, proc.pid))
                 error.exit_code = 2 if code == 2 else 1  # the child's usage/config verdict holds
                 raise error
             elapsed = time.monotonic() - began
@@ -2340,23 +2348,25 @@ class DaemonClient:
                 _reap_in_background(proc)
                 raise DaemonTimeout(
                     f"daemon (pid {proc.pid}) not ready after {self.start_timeout:g}s; "
-                    f"log {self.paths.log} ends: {self._log_tail(log_offset) or '(empty)'}"
+                    f"log {self.paths.log} ends: {self._log_tail(log_offset, proc.pid) or '(empty)'}"
                 )
             time.sleep(step)
             step = min(step * 1.5, 0.05)
 
-    def _log_tail(self, offset: int, lines: int = 3) -> str:
+    def _log_tail(self, offset: int, pid: int, lines: int = 3) -> str:
+        """The last ``lines`` lines ``pid`` wrote since ``offset``: other daemons append to
+        the same log, and their lines must never pass for the child's own error."""
         try:
             with open(self.paths.log, "rb") as fh:
                 fh.seek(offset)
-                text = fh.read(65536).decode("utf-8", "replace")
+                text = fh.read(1 << 20).decode("utf-8", "replace")
         except OSError:
             return ""
-        kept = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        kept = [ln.strip() for ln in text.splitlines() if _log_line_pid(ln) == pid]
         return " | ".join(kept[-lines:])
 
-    def _startup_error(self, offset: int, code: int) -> str:
-        tail = self._log_tail(offset, lines=1)
+    def _startup_error(self, offset: int, code: int, pid: int) -> str:
+        tail = self._log_tail(offset, pid, lines=1)
         if tail:
             return f"daemon failed to start: {_strip_log_prefix(tail)}"
         return f"daemon exited with code {code} before it was ready (log: {self.paths.log})"
@@ -2484,6 +2494,15 @@ def _reap_in_background(proc: subprocess.Popen) -> None:
     import threading
 
     threading.Thread(target=proc.wait, name="daemon-reaper", daemon=True).start()
+
+
+def _log_line_pid(line: str) -> Optional[int]:
+    """The pid of a log line (``<stamp>Z [<pid>] message``); None for an unstamped line."""
+    parts = line.split(" ", 2)
+    if len(parts) < 2 or not parts[0].endswith("Z") or not parts[1].startswith("["):
+        return None
+    digits = parts[1][1:].rstrip("]")
+    return int(digits) if digits.isdigit() and parts[1].endswith("]") else None
 
 
 def _strip_log_prefix(line: str) -> str:
@@ -3549,9 +3568,28 @@ def _build_parser() -> Any:
     return p
 
 
+def _host_line(text: str) -> str:
+    """A foreground host's own line: stamped like its log when stderr is a file, since
+    that file is the log other daemons append to and a launching client reads by pid."""
+    return text if sys.stderr.isatty() else _log_prefix() + text
+
+
+def _surrogate_safe_stdout() -> None:
+    """Print non-UTF-8 paths (surrogate-escaped) as the bytes they are, not as a crash."""
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None:
+        try:
+            reconfigure(errors="surrogateescape")
+        except (ValueError, OSError):
+            pass
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 1 failed, 2 usage or configuration)."""
     argv = sys.argv[1:] if argv is None else argv
+    # Usage errors included: a launched child's argv carries --foreground from the start.
+    as_host = "--foreground" in argv
+    _surrogate_safe_stdout()
     try:
         _require_posix()
         if argv[:1] == ["_demo-server"]:
@@ -3564,17 +3602,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     except DaemonError as exc:
         if os.environ.get("MCPORTER_DEBUG") == "1":
             raise
-        print(f"{_PROG}: {exc}", file=sys.stderr)
+        line = f"{_PROG}: {exc}"
+        print(_host_line(line) if as_host else line, file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
         if os.environ.get("MCPORTER_DEBUG") == "1":
             raise
-        print(
-            f"{_PROG}: unexpected error: {type(exc).__name__}: {exc} (MCPORTER_DEBUG=1 shows more)",
-            file=sys.stderr,
-        )
+        line = f"{_PROG}: unexpected error: {type(exc).__name__}: {exc} (MCPORTER_DEBUG=1 shows more)"
+        print(_host_line(line) if as_host else line, file=sys.stderr)
         return 1
 
 
