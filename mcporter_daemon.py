@@ -2968,12 +2968,15 @@ def _load(args: Any) -> Config:
     return load_config(args.config, args.root)
 
 
-def _require_keep_alive(cfg: Config) -> None:
-    if not cfg.keep_alive_servers():
-        raise ConfigError(
-            f"{cfg.path}: no keep-alive servers configured; nothing for a daemon to keep warm "
-            '(set "lifecycle": "keep-alive" on a server)'
-        )
+def _nothing_to_keep_warm(cfg: Config) -> Optional[str]:
+    """Why no daemon is needed, or None. Not an error: mcporter exits 0 here too, and a
+    service manager must not respawn a daemon that has nothing to do."""
+    if cfg.keep_alive_servers():
+        return None
+    return (
+        f"{cfg.path}: no keep-alive servers configured; nothing for a daemon to keep warm "
+        '(set "lifecycle": "keep-alive" on a server)'
+    )
 
 
 def _server_spec(cfg: Config, name: str) -> ServerSpec:
@@ -3038,7 +3041,13 @@ def _via_daemon_or_ephemeral(
 
 def cmd_start(args: Any) -> int:
     cfg = _load(args)
-    _require_keep_alive(cfg)
+    idle = _nothing_to_keep_warm(cfg)
+    if idle is not None:
+        if args.foreground:
+            print(_host_line(idle), file=sys.stderr)
+        else:
+            print(idle)
+        return 0
     if args.foreground:
         return _run_foreground(cfg, args)
     client = _client(cfg, args)
@@ -3095,8 +3104,7 @@ def _naming_path(root: Optional[str]) -> str:
 
 def cmd_restart(args: Any) -> int:
     cfg = _load(args)
-    _require_keep_alive(cfg)
-    print(_client(cfg, args).stop(_STOP_WAIT))
+    print(_client(cfg, args).stop(_STOP_WAIT))  # a daemon left with nothing to do goes too
     args.foreground = False
     return cmd_start(args)
 
