@@ -467,6 +467,7 @@ def _home_config_candidates() -> List[str]:
     out = []
     xdg = os.environ.get("XDG_CONFIG_HOME")
     if xdg:
+        xdg = os.path.abspath(xdg)  # layer paths are part of the fingerprint: never cwd-relative
         out += [os.path.join(xdg, "mcporter", "mcporter.json" + s) for s in ("", "c")]
     home = os.path.join(os.path.expanduser("~"), ".mcporter", "mcporter.json")
     return out + [home, home + "c"]
@@ -2327,9 +2328,11 @@ class DaemonClient:
         step, said_slow = 0.01, False
         while True:
             status = self.verified_status()
-            if status and status["fresh"]:
+            # Our own child is accepted whatever its fingerprint: the config may have changed
+            # since this process read it, and a fingerprint that no longer exists never shows.
+            if status and (status["fresh"] or status["pid"] == proc.pid):
                 _reap_in_background(proc)
-                return status, True
+                return status, status["pid"] == proc.pid  # another pid: a twin, adopted
             code = proc.poll()
             if code is not None:
                 status = self.verified_status()  # it may have found (and reconciled) a twin
@@ -2944,10 +2947,21 @@ def _script_argv() -> List[str]:
     return [sys.executable, "-S", "-c", code]
 
 
-def _config_flags(args: Any) -> List[str]:
-    """The flags that make a child discover the same config layers as this process."""
-    flags = ["--config", os.path.abspath(args.config)] if args.config else []
-    return flags + ["--root", os.path.abspath(args.root or os.getcwd())]
+def _config_flags(cfg: Config) -> List[str]:
+    """The flags that make a child discover the same config layers as this process: the
+    resolved paths (``~`` expanded, made absolute here), since the child runs in the root."""
+    flags = ["--config", cfg.path] if cfg.explicit else []
+    return flags + ["--root", cfg.root]
+
+
+def _child_env(paths: DaemonPaths) -> Dict[str, str]:
+    """This environment, with the relative paths the child would resolve from another cwd
+    made absolute as this process resolved them (the state dir, the home config dir)."""
+    env = dict(os.environ)
+    env["MCPORTER_DAEMON_DIR"] = paths.base_dir
+    if env.get("XDG_CONFIG_HOME"):
+        env["XDG_CONFIG_HOME"] = os.path.abspath(env["XDG_CONFIG_HOME"])
+    return env
 
 
 def _log_flags(args: Any) -> List[str]:
@@ -2960,8 +2974,10 @@ def _log_flags(args: Any) -> List[str]:
 def _client(cfg: Config, args: Any) -> DaemonClient:
     paths = DaemonPaths.for_config(cfg.path)
     log_file = getattr(args, "log_file", None) or os.environ.get("MCPORTER_DAEMON_LOG_PATH") or paths.log
-    argv = _script_argv() + _config_flags(args) + ["start", "--foreground", "--log-file", log_file]
-    return DaemonClient(paths, cfg.fingerprint(), argv + _log_flags(args), cwd=cfg.root)
+    argv = _script_argv() + _config_flags(cfg) + ["start", "--foreground", "--log-file", log_file]
+    return DaemonClient(
+        paths, cfg.fingerprint(), argv + _log_flags(args), env=_child_env(paths), cwd=cfg.root
+    )
 
 
 def _load(args: Any) -> Config:
