@@ -2269,6 +2269,9 @@ class DaemonClient:
         status = self.verified_status()
         if status is not None:
             return status
+        recorded = read_metadata(self.paths.metadata)
+        if recorded is not None and process_stopped(recorded["pid"]):
+            return None  # hung (state T): asking would only wait out the probe timeout
         status = self._ask_status()
         meta = validate_metadata(status.get("metadata")) if status else None
         facts = _process_info(meta["pid"]) if meta is not None else (None, None)
