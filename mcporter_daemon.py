@@ -80,11 +80,13 @@ __all__ = [
     "RequestContext",
     "ServerSpec",
     "state_base_dir",
+    "status_matches",
     "terminate_daemon_tree",
     "terminate_process",
     "TransportError",
     "UnsafePathError",
     "UsageError",
+    "validate_metadata",
     "write_metadata",
     "__version__",
 ]
@@ -223,17 +225,22 @@ def state_base_dir() -> str:
     return os.path.join(os.path.expanduser("~"), ".mcporter", "pydaemon")
 
 
-def ensure_private_dir(path: str) -> str:
-    """Create ``path`` 0700 if missing; refuse one not owned by us or writable by others."""
+def ensure_private_dir(path: str, refuse_symlink: bool = False) -> str:
+    """Create ``path`` 0700 if missing; refuse one not owned by us or writable by others.
+
+    ``refuse_symlink`` is for directories in a shared place such as /tmp, where anyone may
+    plant a link to a directory of ours before we create it (tmux checks with lstat too)."""
     try:
         os.makedirs(path, mode=0o700, exist_ok=True)
-        st = os.stat(path)
+        st = os.lstat(path) if refuse_symlink else os.stat(path)
     except FileExistsError:
         raise UnsafePathError(f"state path {path} exists and is not a directory") from None
     except OSError as exc:
         raise UnsafePathError(f"cannot create state directory {path}: {exc.strerror}") from exc
     import stat as _stat
 
+    if _stat.S_ISLNK(st.st_mode):
+        raise UnsafePathError(f"state path {path} is a symbolic link; refusing to use it")
     if not _stat.S_ISDIR(st.st_mode):
         raise UnsafePathError(f"state path {path} is not a directory")
     if st.st_uid != os.getuid():
@@ -252,6 +259,13 @@ def ensure_private_dir(path: str) -> str:
 def _fallback_socket_dir() -> str:
     # Not $TMPDIR: launchd, shells and IDEs each see a different one.
     return f"/tmp/mcporter-{os.getuid()}"
+
+
+def _fallback_key(base_dir: str, key: str) -> str:
+    """The fallback socket's name: one /tmp directory serves every state dir, and two state
+    dirs with the same config must never share (adopt, or stop) one daemon."""
+    raw = os.fsencode(os.path.abspath(base_dir)) + b"\0" + os.fsencode(key)
+    return _sha1(raw).hexdigest()[:16]
 
 
 def _socket_path_fits(path: str) -> bool:
@@ -273,7 +287,7 @@ class DaemonPaths:
         self.log = stem + ".log"
         self.socket = self._preferred = stem + ".sock"
         if not _socket_path_fits(self.socket):
-            self.socket = os.path.join(_fallback_socket_dir(), f"{key}.sock")
+            self.socket = os.path.join(_fallback_socket_dir(), f"{_fallback_key(base_dir, key)}.sock")
 
     @classmethod
     def for_key(cls, key: str, base_dir: Optional[str] = None) -> DaemonPaths:
@@ -283,7 +297,8 @@ class DaemonPaths:
     @classmethod
     def for_config(cls, config_path: str, base_dir: Optional[str] = None) -> DaemonPaths:
         """Paths for the daemon that serves ``config_path`` (key: 12 hex of its sha1)."""
-        key = _sha1(os.path.abspath(config_path).encode()).hexdigest()[:12]
+        # fsencode: a path is bytes, and a non-UTF-8 one arrives surrogate-escaped.
+        key = _sha1(os.fsencode(os.path.abspath(config_path))).hexdigest()[:12]
         return cls.for_key(key, base_dir)
 
     def prepare(self) -> DaemonPaths:
@@ -300,7 +315,7 @@ class DaemonPaths:
                 f"{too_long}, and so is the fallback {self.socket}; use a shorter key or directory"
             )
         try:
-            ensure_private_dir(os.path.dirname(self.socket))
+            ensure_private_dir(os.path.dirname(self.socket), refuse_symlink=True)
         except UnsafePathError as exc:
             raise UnsafePathError(f"{too_long}, and the fallback is unusable: {exc}") from None
         return self
@@ -456,6 +471,7 @@ def _home_config_candidates() -> List[str]:
     out = []
     xdg = os.environ.get("XDG_CONFIG_HOME")
     if xdg:
+        xdg = os.path.abspath(xdg)  # layer paths are part of the fingerprint: never cwd-relative
         out += [os.path.join(xdg, "mcporter", "mcporter.json" + s) for s in ("", "c")]
     home = os.path.join(os.path.expanduser("~"), ".mcporter", "mcporter.json")
     return out + [home, home + "c"]
@@ -497,11 +513,12 @@ def discover_config(
 def config_fingerprint(layers: Iterable[Tuple[str, Optional[bytes]]]) -> str:
     """Content hash naming a daemon's identity: layers, keep-alive env, protocol, script."""
     h = _sha256()
+    # Paths and environment values are bytes to the OS; fsencode keeps non-UTF-8 ones hashable.
     for path, data in layers:
         digest = "absent" if data is None else _sha256(data).hexdigest()
-        h.update(f"{path}\0{digest}\0".encode())
+        h.update(os.fsencode(path) + f"\0{digest}\0".encode())
     for name in ("MCPORTER_KEEPALIVE", "MCPORTER_DISABLE_KEEPALIVE"):
-        h.update(f"{name}={os.environ.get(name, '')}\0".encode())
+        h.update(f"{name}=".encode() + os.fsencode(os.environ.get(name, "")) + b"\0")
     h.update(f"protocol={DAEMON_PROTOCOL_VERSION}\0script={_script_version()}".encode())
     return h.hexdigest()[:32]
 
@@ -894,7 +911,7 @@ def _parse_layer(source: str, data: bytes) -> Dict[str, Any]:
 
 
 def encode_frame(obj: Dict[str, Any]) -> bytes:
-    return (json.dumps(obj, separators=(",", ":"), ensure_ascii=False) + "\n").encode("utf-8")
+    return (json.dumps(obj, separators=(",", ":"), ensure_ascii=True) + "\n").encode("utf-8")
 
 
 def progress_cadence_ms(requested: Any) -> Optional[int]:
@@ -1022,17 +1039,39 @@ def result_or_raise(response: Dict[str, Any]) -> Any:
 
 
 def read_metadata(path: str) -> Optional[Dict[str, Any]]:
-    """The metadata at ``path``; unreadable, torn or corrupt metadata reads as absent."""
+    """The metadata at ``path``; unreadable, torn, corrupt or malformed metadata reads as absent."""
     try:
         with open(path, "rb") as fh:
             data = json.loads(fh.read())
     except (OSError, ValueError):
         return None
-    if not isinstance(data, dict) or not _is_pid(data.get("pid")):
+    return validate_metadata(data)
+
+
+def validate_metadata(data: Any) -> Optional[Dict[str, Any]]:
+    """``data`` when it is a well-formed record, else None (free of I/O).
+
+    Well-formed: ``pid`` an int > 0, ``pidStartTime`` a non-empty string, ``socketPath`` a
+    string, ``servers`` a dict whose every entry has such a ``pid`` and ``pidStartTime``.
+    A record with any malformed part is rejected whole rather than trimmed: readers then see
+    no record, so nothing it names is trusted or signalled, and the serving daemon (which
+    owns the socket) sees it absent and rewrites it within a housekeeping round.
+    """
+    if not isinstance(data, dict) or not _is_identity(data.get("pid"), data.get("pidStartTime")):
         return None
     if not isinstance(data.get("socketPath"), str):
         return None
+    servers = data.get("servers")
+    if not isinstance(servers, dict):
+        return None
+    for entry in servers.values():
+        if not isinstance(entry, dict) or not _is_identity(entry.get("pid"), entry.get("pidStartTime")):
+            return None
     return data
+
+
+def _is_identity(pid: Any, start_time: Any) -> bool:
+    return _is_pid(pid) and isinstance(start_time, str) and bool(start_time)
 
 
 def _is_pid(value: Any) -> bool:
@@ -1263,7 +1302,7 @@ def terminate_process(
     import signal
 
     if not is_our_pid(pid, start_time):
-        return not pid_alive(pid) or True  # not ours (or gone): never signalled
+        return not pid_alive(pid)  # not ours: never signalled, so gone only if already gone
     # A group is signalled only while the pid still leads it (it was spawned as leader).
     use_group = group and _safe_getpgid(pid) == pid
     _signal(pid, signal.SIGTERM, use_group)
@@ -1620,6 +1659,13 @@ class McpStdioClient:
 # ##########################################################################################
 
 
+def _log_prefix() -> str:
+    """``<UTC time>Z [<pid>] ``; one clock read, so the milliseconds belong to the second."""
+    seconds, millis = divmod(int(time.time() * 1000), 1000)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+    return f"{stamp}.{millis:03d}Z [{os.getpid()}] "
+
+
 class DaemonLog:
     """Timestamped lines to a file (0600, rotated at 10 MB, one old file kept) or stderr."""
 
@@ -1649,8 +1695,7 @@ class DaemonLog:
         return self.verbose or server in self.servers
 
     def event(self, message: str) -> None:
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
-        self.write(f"{stamp}.{int(time.time() * 1000) % 1000:03d}Z [{os.getpid()}] {message}")
+        self.write(_log_prefix() + message)
 
     def write(self, line: str) -> None:
         with self._lock:
@@ -1758,6 +1803,34 @@ def plan_takeover(probe: str, fresh: bool, owner_ours: bool, owner_stopped: bool
     if owner_ours:
         return "terminate-then-bind"  # hung (silent twice) or unreachable: ours, so end it
     return "bind"
+
+
+def status_matches(
+    meta: Optional[Dict[str, Any]],
+    status: Any,
+    socket_path: str,
+    proc_facts: Tuple[Optional[str], Optional[str]],
+) -> bool:
+    """Whether a ``status`` answer comes from the daemon a record names (§9), free of I/O.
+
+    ``meta`` is a validated record or None; ``status`` the answer's result (None when there
+    was no answer yet); ``proc_facts`` the (start time, state) the OS reports now for the
+    record's pid. A stopped daemon is hung, so it never verifies: it is to be replaced.
+    """
+    if not record_is_live(meta, socket_path, proc_facts) or not isinstance(status, dict):
+        return False
+    assert meta is not None
+    return status.get("pid") == meta["pid"] and status.get("socketPath") == socket_path
+
+
+def record_is_live(
+    meta: Optional[Dict[str, Any]], socket_path: str, proc_facts: Tuple[Optional[str], Optional[str]]
+) -> bool:
+    """The half of ``status_matches`` that needs no answer: worth asking the socket at all?"""
+    if meta is None or meta["socketPath"] != socket_path:
+        return False
+    start, state = proc_facts
+    return start is not None and str(start) == meta["pidStartTime"] and state not in ("Z", "T", "t")
 
 
 class DaemonHost:
@@ -2046,9 +2119,9 @@ class DaemonHost:
         current = read_metadata(self.paths.metadata)
         if not self._metadata_dirty and current is not None and current.get("pid") == self.pid:
             return
-        other = current.get("pid") if current is not None else None
-        if _is_pid(other) and other != self.pid and pid_alive(other):
-            return  # a successor's metadata: never overwrite it
+        # A record naming another pid is wrong while we own the socket inode, whether that pid
+        # is alive or not: a successor replaces the socket under the bind lock before writing
+        # its record, so the check below (under that lock) never overwrites a successor's.
         lock = FileLock(self.paths.bind, what="bind lock")
         if not lock.acquire(timeout=0):
             return
@@ -2597,24 +2670,45 @@ class DaemonClient:
         The result carries ``fresh``: whether its fingerprint is ours. None when unverified.
         """
         meta = read_metadata(self.paths.metadata)
-        if meta is None or meta.get("socketPath") != self.paths.socket:
+        facts = _process_info(meta["pid"]) if meta is not None else (None, None)
+        if not record_is_live(meta, self.paths.socket, facts):
+            return None  # dead, reused, or stopped: no round trip needed to know
+        status = self._ask_status()
+        if not status_matches(meta, status, self.paths.socket, facts):
             return None
-        pid = meta["pid"]
-        start, state = _process_info(pid)
-        if start is None or str(start) != str(meta.get("pidStartTime")) or state in ("Z", "T", "t"):
-            return None  # dead, reused, or stopped (a stopped daemon is hung: replace it)
+        assert status is not None
+        status["fresh"] = status.get("fingerprint") == self.fingerprint
+        return status
+
+    def serving_status(self) -> Optional[Dict[str, Any]]:
+        """``verified_status``, or else the daemon answering on the socket when its answer
+        verifies against the record it carries (its own pid and start time).
+
+        For reports only (``status``, ``doctor``): a damaged metadata file must not hide a
+        daemon that serves, while the lifecycle still trusts only the file."""
+        status = self.verified_status()
+        if status is not None:
+            return status
+        recorded = read_metadata(self.paths.metadata)
+        if recorded is not None and process_stopped(recorded["pid"]):
+            return None  # hung (state T): asking would only wait out the probe timeout
+        status = self._ask_status()
+        meta = validate_metadata(status.get("metadata")) if status else None
+        facts = _process_info(meta["pid"]) if meta is not None else (None, None)
+        if not status_matches(meta, status, self.paths.socket, facts):
+            return None
+        assert status is not None
+        status["fresh"] = status.get("fingerprint") == self.fingerprint
+        return status
+
+    def _ask_status(self) -> Optional[Dict[str, Any]]:
         request = {"id": "status", "method": "status", "params": {}, "protocolVersion": 2}
         try:
             response = exchange(self.paths.socket, request, self.probe_timeout)
         except DaemonError:
             return None
         status = response.get("result") if response.get("ok") else None
-        if not isinstance(status, dict):
-            return None
-        if status.get("pid") != pid or status.get("socketPath") != self.paths.socket:
-            return None
-        status["fresh"] = status.get("fingerprint") == self.fingerprint
-        return status
+        return status if isinstance(status, dict) else None
 
     def ensure(self) -> Tuple[Dict[str, Any], bool]:
         """(status of a verified fresh daemon, whether this call started it)."""
@@ -2657,15 +2751,19 @@ class DaemonClient:
         step, said_slow = 0.01, False
         while True:
             status = self.verified_status()
-            if status and status["fresh"]:
+            # Our own child is accepted whatever its fingerprint: the config may have changed
+            # since this process read it, and a fingerprint that no longer exists never shows.
+            if status and (status["fresh"] or status["pid"] == proc.pid):
                 _reap_in_background(proc)
-                return status, True
+                return status, status["pid"] == proc.pid  # another pid: a twin, adopted
             code = proc.poll()
             if code is not None:
                 status = self.verified_status()  # it may have found (and reconciled) a twin
-                if status and status["fresh"]:
-                    return status, code != 0
-                error = DaemonStartError(self._startup_error(log_offset, code))
+                # Exit 0 is the child's verdict that the live twin serves the config as it
+                # read it, which may be newer than ours.
+                if status and (status["fresh"] or code == 0):
+                    return status, False
+                error = DaemonStartError(self._startup_error(log_offset, code, proc.pid))
                 error.exit_code = 2 if code == 2 else 1  # the child's usage/config verdict holds
                 raise error
             elapsed = time.monotonic() - began
@@ -2676,23 +2774,25 @@ class DaemonClient:
                 _reap_in_background(proc)
                 raise DaemonTimeout(
                     f"daemon (pid {proc.pid}) not ready after {self.start_timeout:g}s; "
-                    f"log {self.paths.log} ends: {self._log_tail(log_offset) or '(empty)'}"
+                    f"log {self.paths.log} ends: {self._log_tail(log_offset, proc.pid) or '(empty)'}"
                 )
             time.sleep(step)
             step = min(step * 1.5, 0.05)
 
-    def _log_tail(self, offset: int, lines: int = 3) -> str:
+    def _log_tail(self, offset: int, pid: int, lines: int = 3) -> str:
+        """The last ``lines`` lines ``pid`` wrote since ``offset``: other daemons append to
+        the same log, and their lines must never pass for the child's own error."""
         try:
             with open(self.paths.log, "rb") as fh:
                 fh.seek(offset)
-                text = fh.read(65536).decode("utf-8", "replace")
+                text = fh.read(1 << 20).decode("utf-8", "replace")
         except OSError:
             return ""
-        kept = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        kept = [ln.strip() for ln in text.splitlines() if _log_line_pid(ln) == pid]
         return " | ".join(kept[-lines:])
 
-    def _startup_error(self, offset: int, code: int) -> str:
-        tail = self._log_tail(offset, lines=1)
+    def _startup_error(self, offset: int, code: int, pid: int) -> str:
+        tail = self._log_tail(offset, pid, lines=1)
         if tail:
             return f"daemon failed to start: {_strip_log_prefix(tail)}"
         return f"daemon exited with code {code} before it was ready (log: {self.paths.log})"
@@ -2836,6 +2936,15 @@ def _reap_in_background(proc: subprocess.Popen) -> None:
     import threading
 
     threading.Thread(target=proc.wait, name="daemon-reaper", daemon=True).start()
+
+
+def _log_line_pid(line: str) -> Optional[int]:
+    """The pid of a log line (``<stamp>Z [<pid>] message``); None for an unstamped line."""
+    parts = line.split(" ", 2)
+    if len(parts) < 2 or not parts[0].endswith("Z") or not parts[1].startswith("["):
+        return None
+    digits = parts[1][1:].rstrip("]")
+    return int(digits) if digits.isdigit() and parts[1].endswith("]") else None
 
 
 def _strip_log_prefix(line: str) -> str:
@@ -3115,8 +3224,9 @@ class McpKeepAliveService:
         servers = {}
         for name, slot in self._slots.items():
             client = slot.client
-            if client is not None and client.alive() and client.pid:
-                servers[name] = {"pid": client.pid, "pidStartTime": process_start_time(client.pid)}
+            start = process_start_time(client.pid) if client is not None and client.alive() else None
+            if client is not None and client.pid and start:  # one that just exited has no start time
+                servers[name] = {"pid": client.pid, "pidStartTime": start}
         return {
             "configPath": self.config.path,
             "configLayers": [_layer_record(path, data) for path, data in self.config.layers]
@@ -3347,10 +3457,21 @@ def _script_argv() -> List[str]:
     return [sys.executable, "-S", "-c", code]
 
 
-def _config_flags(args: Any) -> List[str]:
-    """The flags that make a child discover the same config layers as this process."""
-    flags = ["--config", os.path.abspath(args.config)] if args.config else []
-    return flags + ["--root", os.path.abspath(args.root or os.getcwd())]
+def _config_flags(cfg: Config) -> List[str]:
+    """The flags that make a child discover the same config layers as this process: the
+    resolved paths (``~`` expanded, made absolute here), since the child runs in the root."""
+    flags = ["--config", cfg.path] if cfg.explicit else []
+    return flags + ["--root", cfg.root]
+
+
+def _child_env(paths: DaemonPaths) -> Dict[str, str]:
+    """This environment, with the relative paths the child would resolve from another cwd
+    made absolute as this process resolved them (the state dir, the home config dir)."""
+    env = dict(os.environ)
+    env["MCPORTER_DAEMON_DIR"] = paths.base_dir
+    if env.get("XDG_CONFIG_HOME"):
+        env["XDG_CONFIG_HOME"] = os.path.abspath(env["XDG_CONFIG_HOME"])
+    return env
 
 
 def _log_flags(args: Any) -> List[str]:
@@ -3363,20 +3484,25 @@ def _log_flags(args: Any) -> List[str]:
 def _client(cfg: Config, args: Any) -> DaemonClient:
     paths = DaemonPaths.for_config(cfg.path)
     log_file = getattr(args, "log_file", None) or os.environ.get("MCPORTER_DAEMON_LOG_PATH") or paths.log
-    argv = _script_argv() + _config_flags(args) + ["start", "--foreground", "--log-file", log_file]
-    return DaemonClient(paths, cfg.fingerprint(), argv + _log_flags(args), cwd=cfg.root)
+    argv = _script_argv() + _config_flags(cfg) + ["start", "--foreground", "--log-file", log_file]
+    return DaemonClient(
+        paths, cfg.fingerprint(), argv + _log_flags(args), env=_child_env(paths), cwd=cfg.root
+    )
 
 
 def _load(args: Any) -> Config:
     return load_config(args.config, args.root)
 
 
-def _require_keep_alive(cfg: Config) -> None:
-    if not cfg.keep_alive_servers():
-        raise ConfigError(
-            f"{cfg.path}: no keep-alive servers configured; nothing for a daemon to keep warm "
-            '(set "lifecycle": "keep-alive" on a server)'
-        )
+def _nothing_to_keep_warm(cfg: Config) -> Optional[str]:
+    """Why no daemon is needed, or None. Not an error: mcporter exits 0 here too, and a
+    service manager must not respawn a daemon that has nothing to do."""
+    if cfg.keep_alive_servers():
+        return None
+    return (
+        f"{cfg.path}: no keep-alive servers configured; nothing for a daemon to keep warm "
+        '(set "lifecycle": "keep-alive" on a server)'
+    )
 
 
 def _server_spec(cfg: Config, name: str) -> ServerSpec:
@@ -3441,7 +3567,13 @@ def _via_daemon_or_ephemeral(
 
 def cmd_start(args: Any) -> int:
     cfg = _load(args)
-    _require_keep_alive(cfg)
+    idle = _nothing_to_keep_warm(cfg)
+    if idle is not None:
+        if args.foreground:
+            print(_host_line(idle), file=sys.stderr)
+        else:
+            print(idle)
+        return 0
     if args.foreground:
         return _run_foreground(cfg, args)
     client = _client(cfg, args)
@@ -3498,8 +3630,7 @@ def _naming_path(root: Optional[str]) -> str:
 
 def cmd_restart(args: Any) -> int:
     cfg = _load(args)
-    _require_keep_alive(cfg)
-    print(_client(cfg, args).stop(_STOP_WAIT))
+    print(_client(cfg, args).stop(_STOP_WAIT))  # a daemon left with nothing to do goes too
     args.foreground = False
     return cmd_start(args)
 
@@ -3507,7 +3638,7 @@ def cmd_restart(args: Any) -> int:
 def cmd_status(args: Any) -> int:
     cfg = _load(args)
     client = _client(cfg, args)
-    status = client.verified_status()
+    status = client.serving_status()
     if status is None:
         out: Dict[str, Any] = {
             "running": False,
@@ -3743,8 +3874,8 @@ def _doctor_paths(found: _Findings, paths: DaemonPaths) -> None:
         return
     fallback = os.path.dirname(paths.socket)
     try:
-        if os.path.isdir(fallback):
-            ensure_private_dir(fallback)
+        if os.path.lexists(fallback):
+            ensure_private_dir(fallback, refuse_symlink=True)
         found.ok(f"socket path would be {size} bytes (limit {limit}); using fallback {paths.socket}")
     except UnsafePathError as exc:
         found.fail(f"socket path too long and fallback unusable: {exc}", "use a shorter MCPORTER_DAEMON_DIR")
@@ -3799,7 +3930,7 @@ def _doctor_servers(found: _Findings, cfg: Config) -> None:
 
 def _doctor_daemon(found: _Findings, cfg: Config, args: Any) -> None:
     client = _client(cfg, args)
-    status = client.verified_status()
+    status = client.serving_status()
     if status is not None:
         if status["fresh"]:
             found.ok(f"daemon running (pid {status['pid']}) and fresh")
@@ -3981,9 +4112,28 @@ def _build_parser() -> Any:
     return p
 
 
+def _host_line(text: str) -> str:
+    """A foreground host's own line: stamped like its log when stderr is a file, since
+    that file is the log other daemons append to and a launching client reads by pid."""
+    return text if sys.stderr.isatty() else _log_prefix() + text
+
+
+def _surrogate_safe_stdout() -> None:
+    """Print non-UTF-8 paths (surrogate-escaped) as the bytes they are, not as a crash."""
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None:
+        try:
+            reconfigure(errors="surrogateescape")
+        except (ValueError, OSError):
+            pass
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 1 failed, 2 usage or configuration)."""
     argv = sys.argv[1:] if argv is None else argv
+    # Usage errors included: a launched child's argv carries --foreground from the start.
+    as_host = "--foreground" in argv
+    _surrogate_safe_stdout()
     try:
         _require_posix()
         if argv[:1] == ["_demo-server"]:
@@ -3996,17 +4146,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     except DaemonError as exc:
         if os.environ.get("MCPORTER_DEBUG") == "1":
             raise
-        print(f"{_PROG}: {exc}", file=sys.stderr)
+        line = f"{_PROG}: {exc}"
+        print(_host_line(line) if as_host else line, file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
         if os.environ.get("MCPORTER_DEBUG") == "1":
             raise
-        print(
-            f"{_PROG}: unexpected error: {type(exc).__name__}: {exc} (MCPORTER_DEBUG=1 shows more)",
-            file=sys.stderr,
-        )
+        line = f"{_PROG}: unexpected error: {type(exc).__name__}: {exc} (MCPORTER_DEBUG=1 shows more)"
+        print(_host_line(line) if as_host else line, file=sys.stderr)
         return 1
 
 

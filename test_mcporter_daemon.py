@@ -376,7 +376,8 @@ class Harness:
             return None
         if isinstance(data, dict):
             self.track(data.get("pid"))
-            for info in (data.get("servers") or {}).values():
+            servers = data.get("servers")
+            for info in servers.values() if isinstance(servers, dict) else ():
                 if isinstance(info, dict):
                     self.track(info.get("pid"))
         return data
@@ -1968,7 +1969,8 @@ def nobody_python():
 
 def run_as_nobody_with_long_dir(h, fallback):
     """``call`` as uid 65534 with a 150-byte MCPORTER_DAEMON_DIR, after making the fallback
-    socket dir /tmp/mcporter-65534 unusable (``fallback``: "file" or "dir-0777")."""
+    socket dir /tmp/mcporter-65534 unusable (``fallback``: "file", "dir-0777", or "symlink" to
+    a private directory of uid 65534, which would pass every check made through the link)."""
     py = nobody_python()
     fb = f"/tmp/mcporter-{NOBODY_UID}"
     if os.path.lexists(fb):
@@ -1988,6 +1990,11 @@ def run_as_nobody_with_long_dir(h, fallback):
         if fallback == "file":
             with open(fb, "x"):
                 pass
+        elif fallback == "symlink":
+            target = os.path.join(top, "planted")
+            os.mkdir(target, 0o700)
+            os.chown(target, NOBODY_UID, NOBODY_UID)
+            os.symlink(target, fb)
         else:
             os.mkdir(fb)
             os.chown(fb, NOBODY_UID, NOBODY_UID)
@@ -2060,6 +2067,13 @@ def test_state_files_private_under_permissive_umask(h):
 # ---- 10. a long MCPORTER_DAEMON_DIR uses the /tmp/mcporter-<uid>/ fallback ----
 
 
+def fallback_socket_path(state_dir, key):
+    """The /tmp fallback socket of ``state_dir`` and config ``key``: keyed by both, so two state
+    dirs never share a daemon."""
+    raw = os.fsencode(os.path.abspath(str(state_dir))) + b"\0" + key.encode()
+    return f"/tmp/mcporter-{os.getuid()}/{hashlib.sha1(raw).hexdigest()[:16]}.sock"
+
+
 def test_long_state_dir_uses_tmp_fallback_socket(h):
     uid = os.getuid()
     fb = f"/tmp/mcporter-{uid}"
@@ -2067,7 +2081,7 @@ def test_long_state_dir_uses_tmp_fallback_socket(h):
     long_dir = str(h.state_dir / ("L" * (150 - len(str(h.state_dir)) - 1)))
     assert len(os.fsencode(long_dir)) == 150
     env = h.env(MCPORTER_DAEMON_DIR=long_dir)
-    expected = f"{fb}/{h.key}.sock"
+    expected = fallback_socket_path(long_dir, h.key)
     try:
         r = run_argv(h, h.argv("call", "demo.counter"), env)
         assert r.rc == 0 and r.out.strip() == "1", r
@@ -2890,7 +2904,7 @@ def test_doctor_too_long_state_dir_uses_fallback(h):
     long_dir = h.state_dir / ("d" * 110)
     env = ops_env(h, MCPORTER_DAEMON_DIR=long_dir)
     preferred = long_dir / f"daemon-{h.key}.sock"
-    fallback = f"/tmp/mcporter-{os.getuid()}/{h.key}.sock"
+    fallback = fallback_socket_path(long_dir, h.key)
     assert len(os.fsencode(str(preferred))) > 107
     r, found = ops_doctor(h, env=env)
     assert r.rc == 0, r
@@ -3776,6 +3790,455 @@ def test_server_idle_expired_table(idle_ms, has_client, starting, in_use, last_u
 @pytest.mark.parametrize("previous, expected", [(0.0, 0.05), (0.05, 0.1), (0.4, 0.8), (0.8, 1.0), (1.0, 1.0)])
 def test_accept_backoff_table(previous, expected):
     assert _import_module().accept_backoff(previous) == pytest.approx(expected)
+
+
+# ---- issue 8: what a launched daemon resolves; metadata of any shape; byte paths; edges ----
+
+
+def held_flock(path):
+    """Hold an exclusive flock on ``path`` (a spawn or bind lock) until the context ends."""
+
+    class Held:
+        def __enter__(self):
+            self.fd = os.open(str(path), os.O_RDWR | os.O_CREAT, 0o600)
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+            return self
+
+        def __exit__(self, *exc):
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+
+    return Held()
+
+
+def holds_open(pid, path):
+    """True when ``pid`` has ``path`` open (it reached the lock it now waits for)."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == str(path):
+                return True
+        except OSError:
+            pass
+    return False
+
+
+def write_meta_raw(h, data):
+    """Replace the metadata atomically, so a reader sees the planted record whole."""
+    tmp = h.tmp / "planted.json.tmp"
+    tmp.write_text(json.dumps(data))
+    os.replace(str(tmp), str(h.meta_path))
+
+
+def start_bystander(h):
+    """A live process that is not a daemon and records every catchable signal it gets."""
+    sig_log = h.tmp / "bystander.signals"
+    script = h.tmp / "bystander.py"
+    script.write_text(BYSTANDER_SCRIPT)
+    proc = h.popen_argv([sys.executable, script, sig_log], h.env())
+    wait_until(sig_log.exists, 10, message="bystander to install its signal handlers")
+    return proc, sig_log, proc_stat(proc.pid).start
+
+
+def assert_bystander_untouched(proc, sig_log, start):
+    now = proc_stat(proc.pid)
+    assert now is not None and now.state not in ("Z", "X", "T", "t") and now.start == start, now
+    assert sig_log.read_text() == "", f"bystander was signalled: {sig_log.read_text()!r}"
+
+
+RESOLUTION_CASES = [
+    "tilde-config",
+    "relative-config-with-root",
+    "relative-env-config-with-root",
+    "relative-daemon-dir",
+    "relative-xdg-state-home",
+]
+
+
+@pytest.mark.parametrize("case", RESOLUTION_CASES)
+def test_launched_daemon_resolves_what_its_client_resolved(h, case):
+    root = h.tmp / "elsewhere"  # the child runs here, so a cwd-relative path would move
+    root.mkdir()
+    env = ops_env(h)
+    args = ["--config", str(h.cfg), "--root", str(root)]
+    if case == "tilde-config":
+        h.cfg = ops_home(h) / "cfg.json"
+        h.write_config()
+        args = ["--config", "~/cfg.json"]
+    elif case == "relative-config-with-root":
+        args = ["--config", h.cfg.name, "--root", str(root)]
+    elif case == "relative-env-config-with-root":
+        env["MCPORTER_CONFIG"] = h.cfg.name
+        args = ["--root", str(root)]
+    elif case == "relative-daemon-dir":
+        env["MCPORTER_DAEMON_DIR"] = os.path.relpath(str(h.state_dir), str(h.tmp))
+    else:
+        env.pop("MCPORTER_DAEMON_DIR")
+        env["XDG_STATE_HOME"] = "xdg-state"
+
+    def run(*words):
+        return ops_cli(h, *args, *words, env=env, cwd=h.tmp, config=False, timeout=20)
+
+    first = run("call", "demo.counter")
+    assert first.rc == 0 and first.out.strip() == "1", first
+    assert first.elapsed < 10, first
+    assert ops_ok(run("call", "demo.counter")) == "2"
+    st = json.loads(ops_ok(run("status", "--json")))
+    assert st["running"] is True and st["fresh"] is True, st
+    h.track(st["pid"])
+    assert os.path.isabs(st["socketPath"]) and os.path.isabs(st["configPath"]), st
+    state = (
+        h.tmp / "xdg-state" / "mcporter" / "pydaemon" if case == "relative-xdg-state-home" else h.state_dir
+    )
+    assert st["metadataPath"].startswith(str(state) + "/"), st
+    r = run("stop")
+    assert r.rc == 0 and f"stopped (pid {st['pid']})" in r.out, r
+    assert not pid_alive(st["pid"])
+
+
+def test_config_edited_while_its_daemon_launches_is_served_at_once(h):
+    # The spawn lock holds the caller after it read the config and before it launches.
+    with held_flock(h.path("lock")):
+        caller = h.popen("call", "demo.counter")
+        wait_until(lambda: holds_open(caller.pid, h.path("lock")), 10, message="caller at the spawn lock")
+        data = h.config_data()
+        data["note"] = "edited after the caller read it"
+        h.write_config(data)
+    released = time.monotonic()
+    rc = ops_wait_exit(caller, 20)
+    waited = time.monotonic() - released
+    assert rc == 0 and read_file(caller.out_path).strip() == "1", read_file(caller.err_path)
+    assert waited < 10, f"served {waited:.1f}s after the launch"
+    assert call_ok(h, "demo.counter") == "2"  # the launched daemon serves the edited config
+    st = running_status(h)
+    assert st["fresh"] is True
+    assert_one_daemon_tree(h, st["pid"])
+
+
+def malformed(meta, shape, other_pid=None):
+    bad = json.loads(json.dumps(meta))
+    if shape == "no-start-time":
+        del bad["pidStartTime"]
+    elif shape == "start-time-number":
+        bad["pidStartTime"] = int(bad["pidStartTime"])
+    elif shape == "servers-list":
+        bad["servers"] = [dict(entry, name=name) for name, entry in meta["servers"].items()]
+    elif shape == "servers-string":
+        bad["servers"] = "demo"
+    elif shape == "server-pid-string":
+        bad["servers"]["demo"]["pid"] = str(bad["servers"]["demo"]["pid"])
+    elif shape == "pid-string":
+        bad["pid"] = str(bad["pid"])
+    elif shape == "live-non-daemon":
+        bad["pid"], bad["pidStartTime"] = other_pid, str(proc_stat(other_pid).start)
+    else:
+        raise AssertionError(shape)
+    return bad
+
+
+def metadata_repaired(h, daemon, server):
+    meta = h.meta()
+    st = proc_stat(daemon)
+    return (
+        isinstance(meta, dict)
+        and meta.get("pid") == daemon
+        and st is not None
+        and meta.get("pidStartTime") == str(st.start)
+        and isinstance(meta.get("servers"), dict)
+        and (meta["servers"].get("demo") or {}).get("pid") == server
+    )
+
+
+SERVING_SHAPES = [
+    "no-start-time",
+    "start-time-number",
+    "servers-list",
+    "server-pid-string",
+    "pid-string",
+    "live-non-daemon",
+]
+
+
+@pytest.mark.parametrize("shape", SERVING_SHAPES)
+def test_malformed_metadata_of_a_serving_daemon_reads_as_absent_and_is_repaired(h, shape):
+    bystander, sig_log, bystander_start = start_bystander(h)
+    assert call_ok(h, "demo.counter") == "1"
+    daemon = running_status(h)["pid"]
+    good = h.meta()
+    server = good["servers"]["demo"]["pid"]
+    bad = malformed(good, shape, bystander.pid)
+
+    # While the bind lock is held the daemon cannot repair the record, so these see it as planted.
+    with held_flock(h.path("bind")):
+        write_meta_raw(h, bad)
+        st = h.status()
+        assert st["running"] is True and st["pid"] == daemon, st
+        r = h.cli("doctor")
+        assert "Traceback" not in r.err and "unexpected error" not in r.err, r
+        assert f"daemon running (pid {daemon})" in r.out, r
+    released = time.monotonic()
+    wait_until(lambda: metadata_repaired(h, daemon, server), 5, message="the daemon to repair its record")
+    assert time.monotonic() - released < 3.0, "repair took longer than a housekeeping round or two"
+
+    write_meta_raw(h, bad)
+    assert call_ok(h, "demo.counter") == "2"
+    write_meta_raw(h, bad)
+    r = h.cli("stop")
+    assert r.rc == 0 and f"stopped (pid {daemon})" in r.out, r
+    wait_until(lambda: not pid_alive(daemon) and not pid_alive(server), 10, message="daemon tree gone")
+    assert_bystander_untouched(bystander, sig_log, bystander_start)
+
+
+@pytest.mark.parametrize("shape", ["servers-list", "servers-string"])
+def test_malformed_metadata_of_a_dead_daemon_never_crashes_a_command(h, shape):
+    assert call_ok(h, "demo.counter") == "1"
+    daemon = running_status(h)["pid"]
+    good = h.meta()
+    server = good["servers"]["demo"]["pid"]
+    os.kill(daemon, signal.SIGKILL)
+    wait_until(lambda: not pid_alive(daemon) and not pid_alive(server), 10, message="daemon tree gone")
+
+    for words in (("status", "--json"), ("doctor",), ("stop",)):
+        write_meta_raw(h, malformed(good, shape))
+        r = h.cli(*words)
+        assert "Traceback" not in r.err and "unexpected error" not in r.err, r
+        if words[0] == "stop":
+            assert r.rc == 0 and "no daemon running" in r.out, r
+        if words[0] == "status":
+            assert json.loads(r.out)["running"] is False, r
+    write_meta_raw(h, malformed(good, shape))
+    assert call_ok(h, "demo.counter") == "1"
+    st = running_status(h)
+    assert st["pid"] != daemon
+    assert metadata_repaired(h, st["pid"], h.server_pid_from_status())
+    assert_one_daemon_tree(h, st["pid"])
+
+
+def test_non_utf8_config_path_and_state_dir_work(h):
+    state = os.fsdecode(os.fsencode(str(h.state_dir)) + b"/state-\xff")
+    h.cfg = Path(os.fsdecode(os.fsencode(str(h.tmp)) + b"/cfg-\xfe.json"))
+    h.write_config()
+    env = h.env(MCPORTER_DAEMON_DIR=state)
+
+    def run(*words):
+        return run_argv(h, h.argv(*words), env, timeout=20)
+
+    for expected in ("1", "2"):
+        r = run("call", "demo.counter")
+        assert r.rc == 0 and r.out.strip() == expected, r
+    r = run("status", "--json")
+    assert r.rc == 0, r
+    st = json.loads(r.out)
+    assert st["running"] is True and st["fresh"] is True, st
+    daemon, server = st["pid"], st["servers"][0]["pid"]
+    h.track(daemon)
+    h.track(server)
+    assert os.path.isdir(state) and any(n.endswith(".sock") for n in os.listdir(state))
+    r = run("stop")
+    assert r.rc == 0 and f"stopped (pid {daemon})" in r.out, r
+    assert not pid_alive(daemon) and not pid_alive(server)
+
+
+def test_two_state_dirs_never_share_a_fallback_socket_daemon(h):
+    dirs = [str(h.state_dir / (c * (150 - len(str(h.state_dir)) - 1))) for c in "AB"]
+    envs = [h.env(MCPORTER_DAEMON_DIR=d) for d in dirs]
+    sockets = [fallback_socket_path(d, h.key) for d in dirs]
+
+    def run(i, *words):
+        return run_argv(h, h.argv(*words), envs[i], timeout=20)
+
+    try:
+        assert ops_ok(run(0, "call", "demo.counter")) == "1"
+        assert json.loads(ops_ok(run(1, "status", "--json")))["running"] is False
+        assert ops_ok(run(1, "call", "demo.counter")) == "1", (
+            "the second state dir adopted the first's daemon"
+        )
+        a, b = (json.loads(ops_ok(run(i, "status", "--json"))) for i in (0, 1))
+        assert a["pid"] != b["pid"] and {a["socketPath"], b["socketPath"]} == set(sockets), (a, b)
+        h.track(a["pid"])
+        h.track(b["pid"])
+        assert "stopped" in ops_ok(run(1, "stop"))
+        assert pid_alive(a["pid"]) and not pid_alive(b["pid"])
+        assert ops_ok(run(0, "call", "demo.counter")) == "2"
+        assert "stopped" in ops_ok(run(0, "stop"))
+    finally:
+        for path in sockets:
+            if os.path.exists(path):
+                os.unlink(path)
+
+
+def test_fallback_socket_dir_that_is_a_symlink_is_refused(h):
+    r, _, fb = run_as_nobody_with_long_dir(h, "symlink")
+    assert_prompt_error(r, 2, fb, "symbolic link")
+
+
+def test_terminate_process_reports_a_refused_live_pid_as_not_gone(h):
+    md = _import_module()
+    proc = h.popen_argv([sys.executable, "-c", "import time; time.sleep(120)"], h.env())
+    start = str(proc_stat(proc.pid).start)
+    assert md.terminate_process(proc.pid, start + "1", grace=0.1) is False
+    assert md.terminate_process(proc.pid, None, grace=0.1) is False
+    assert pid_alive(proc.pid), "an unverified pid was signalled"
+    assert md.terminate_process(proc.pid, start, grace=2.0) is True
+    proc.wait(timeout=10)
+    assert md.terminate_process(proc.pid, start, grace=0.1) is True
+
+
+def test_log_line_time_stamp_comes_from_one_clock_read(tmp_path, monkeypatch):
+    md = _import_module()
+    monkeypatch.setattr(md.time, "time", lambda: 86400.5)  # 1970-01-02T00:00:00.500Z
+    log = md.DaemonLog(str(tmp_path / "x.log"))
+    log.event("hello")
+    line = (tmp_path / "x.log").read_text().splitlines()[-1]
+    assert line == f"1970-01-02T00:00:00.500Z [{os.getpid()}] hello", line
+
+
+def test_start_that_adopts_a_running_daemon_says_already_running(h):
+    daemon = start_daemon(h)
+    good = h.meta()
+    # The client launches a child only when it cannot verify the daemon: hide the record
+    # while the bind lock keeps both the daemon (repair) and the child (bind guard) waiting.
+    with held_flock(h.path("bind")):
+        h.meta_path.unlink()
+        starter = h.popen("start")
+        wait_until(lambda: len(h.daemon_pids()) == 2, 10, message="the launched child")
+        child = (h.daemon_pids() - {daemon}).pop()
+        write_meta_raw(h, good)
+        rc = ops_wait_exit(starter, 20)
+    out = read_file(starter.out_path)
+    assert rc == 0 and out.strip() == f"already running (pid {daemon})", out + read_file(starter.err_path)
+    wait_until(lambda: not pid_alive(child), 10, message="the launched child to exit")
+    assert_one_daemon_tree(h, daemon, servers=0)
+
+
+NOISE_WRITER = """\
+import os, sys, time
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+while True:
+    os.write(fd, b"2026-01-01T00:00:00.000Z [%d] noise from another daemon\\n" % os.getpid())
+    time.sleep(0.001)
+"""
+
+
+def test_start_error_quotes_the_launched_childs_own_line(h):
+    log = h.path("log")
+    noise = h.popen_argv([sys.executable, "-c", NOISE_WRITER, log], h.env())
+    wait_until(lambda: log.exists() and b"noise" in log.read_bytes(), 10, message="another writer")
+    bad_log = "/nonexistent/dir/x.log"
+    r = cli_with_env(h, "call", "demo.echo", "text=x", MCPORTER_DAEMON_LOG_PATH=bad_log)
+    assert "noise" not in r.err, r
+    assert_prompt_error(r, 1, f"cannot open log file {bad_log}")
+    noise.kill()
+
+
+def test_start_with_no_keep_alive_server_says_why_and_exits_0(h):
+    h.write_config({"mcpServers": {"demo": ops_demo_entry(h, lifecycle="ephemeral")}})
+    r = h.cli("start")
+    assert r.rc == 0 and "no keep-alive servers" in r.out, r
+    r = h.cli("start", "--foreground")
+    assert r.rc == 0 and "no keep-alive servers" in r.err, r
+    r = h.cli("restart")
+    assert r.rc == 0 and "no keep-alive servers" in r.out, r
+    assert h.daemon_pids() == set() and not h.socket_path.exists()
+
+
+# -- the pure decisions, in process --
+
+GOOD_RECORD = {
+    "pid": 4242,
+    "pidStartTime": "777",
+    "socketPath": "/s/daemon.sock",
+    "servers": {"demo": {"pid": 4343, "pidStartTime": "778"}},
+    "fingerprint": "f",
+}
+
+
+def _record(**changes):
+    data = json.loads(json.dumps(GOOD_RECORD))
+    for key, value in changes.items():
+        if value is KeyError:
+            data.pop(key, None)
+        else:
+            data[key] = value
+    return data
+
+
+@pytest.mark.parametrize(
+    "data, valid",
+    [
+        (_record(), True),
+        (_record(servers={}), True),
+        (_record(extra=[1, 2]), True),
+        (None, False),
+        ([GOOD_RECORD], False),
+        ("text", False),
+        (_record(pid=KeyError), False),
+        (_record(pid="4242"), False),
+        (_record(pid=True), False),
+        (_record(pid=0), False),
+        (_record(pid=-1), False),
+        (_record(pid=4242.0), False),
+        (_record(pidStartTime=KeyError), False),
+        (_record(pidStartTime=777), False),
+        (_record(pidStartTime=""), False),
+        (_record(pidStartTime=None), False),
+        (_record(socketPath=KeyError), False),
+        (_record(socketPath=None), False),
+        (_record(socketPath=["/s"]), False),
+        (_record(servers=KeyError), False),
+        (_record(servers=[{"name": "demo", "pid": 4343, "pidStartTime": "778"}]), False),
+        (_record(servers="demo"), False),
+        (_record(servers={"demo": None}), False),
+        (_record(servers={"demo": {"pid": "4343", "pidStartTime": "778"}}), False),
+        (_record(servers={"demo": {"pid": 4343}}), False),
+        (_record(servers={"demo": {"pid": 4343, "pidStartTime": 778}}), False),
+    ],
+)
+def test_validate_metadata_table(data, valid):
+    md = _import_module()
+    assert (md.validate_metadata(data) is not None) is valid
+    if valid:
+        assert md.validate_metadata(data) == data
+
+
+SOCK = GOOD_RECORD["socketPath"]
+MATCH_METAS = {
+    "record": (GOOD_RECORD, True),
+    "none": (None, False),
+    "other-socket": (_record(socketPath="/x"), False),
+}
+MATCH_STATUSES = {
+    "same": ({"pid": 4242, "socketPath": SOCK}, True),
+    "none": (None, False),
+    "other-pid": ({"pid": 4243, "socketPath": SOCK}, False),
+    "other-socket": ({"pid": 4242, "socketPath": "/x"}, False),
+    "pid-string": ({"pid": "4242", "socketPath": SOCK}, False),
+    "not-a-dict": ([4242, SOCK], False),
+}
+MATCH_FACTS = {
+    "running": (("777", "S"), True),
+    "busy": (("777", "R"), True),
+    "gone": ((None, None), False),
+    "reused": (("999", "S"), False),
+    "zombie": (("777", "Z"), False),
+    "stopped": (("777", "T"), False),
+    "traced": (("777", "t"), False),
+}
+
+
+@pytest.mark.parametrize("fact", sorted(MATCH_FACTS))
+@pytest.mark.parametrize("answer", sorted(MATCH_STATUSES))
+@pytest.mark.parametrize("meta", sorted(MATCH_METAS))
+def test_status_matches_table(meta, answer, fact):
+    md = _import_module()
+    record, record_ok = MATCH_METAS[meta]
+    status, status_ok = MATCH_STATUSES[answer]
+    facts, facts_ok = MATCH_FACTS[fact]
+    assert md.record_is_live(record, SOCK, facts) is (record_ok and facts_ok)
+    assert md.status_matches(record, status, SOCK, facts) is (record_ok and facts_ok and status_ok)
 
 
 # ---- benchmark (python3 -m pytest -m bench -s) ------------------------------
