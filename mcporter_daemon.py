@@ -3212,6 +3212,8 @@ def _demo_answer(msg: Dict[str, Any], state: Dict[str, int]) -> Optional[Dict[st
         return _demo_tool(str(params.get("name")), params.get("arguments") or {}, state)
     if method == "resources/list":
         return {"resources": [{"uri": "demo://counter", "name": "counter", "mimeType": "text/plain"}]}
+    if method == "resources/read" and params.get("uri") == "demo://pixel":
+        return {"contents": [{"uri": "demo://pixel", "mimeType": "image/png", "blob": _DEMO_PNG}]}
     if method == "resources/read":
         return {
             "contents": [{"uri": params.get("uri"), "mimeType": "text/plain", "text": str(state["count"])}]
