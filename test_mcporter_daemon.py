@@ -4640,6 +4640,38 @@ def test_real_everything_server_tools_resources_and_junk_stdout(h, npm_servers):
     assert_stop_leaves_nothing(h)
 
 
+def test_real_everything_server_typed_arguments_links_and_images(h, npm_servers):
+    everything = {
+        "command": npm_servers.node,
+        "args": [str(npm_servers.everything_js), "stdio", h.tag],
+        "lifecycle": "keep-alive",
+    }
+    h.write_config({"mcpServers": {"everything": everything}})
+    # `message` is a string: 123 goes as written, as mcporter sends it.
+    assert real_call(h, "everything.echo", "message=123").out.strip() == "Echo: 123"
+    # `count` is a number: parsed. Each link prints as its URI (with its name).
+    result = json.loads(real_call(h, "everything.get-resource-links", "count=3", "--json").out)
+    links = [b for b in result["content"] if b["type"] == "resource_link"]
+    assert len(links) == 3, result
+    lines = real_call(h, "everything.get-resource-links", "count=3").out.splitlines()
+    for link in links:
+        assert f"{link['uri']} ({link['name']})" in lines, (link, lines)
+    r = h.cli("call", "everything.get-resource-links", "count=many")
+    assert r.rc == 2 and "'count'" in r.err and "number" in r.err, r
+    # The image is written to a file whose path is printed; its bytes are the decoded data.
+    blocks = json.loads(real_call(h, "everything.get-tiny-image", "--json").out)["content"]
+    data = base64.b64decode([b for b in blocks if b["type"] == "image"][0]["data"])
+    shots = h.tmp / "shots"
+    lines = real_call(h, "everything.get-tiny-image", "--save-images", shots).out.splitlines()
+    saved = [Path(ln) for ln in lines if ln.startswith(str(shots))]
+    assert [p.name for p in saved] == ["get-tiny-image-1.png"], lines
+    assert saved[0].read_bytes() == data and data.startswith(PNG_MAGIC)
+    assert "[image image/png, " not in "\n".join(lines)
+    r = real_call(h, "everything.get-tiny-image")
+    assert f"[image image/png, {len(data)} bytes]" in r.out.splitlines(), r
+    assert_stop_leaves_nothing(h)
+
+
 # ---- PyPI: FastMCP servers of mcp 1.x and 2.x ------------------------------
 
 
