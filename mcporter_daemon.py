@@ -133,6 +133,11 @@ class DaemonError(Exception):
     data: Any = None
 
 
+def _rpc_code(value: Any) -> Optional[int]:
+    """A JSON-RPC error code, or None for anything that is not one (JSON-RPC codes are integers)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 class UsageError(DaemonError):
     """The command line is wrong."""
 
@@ -173,7 +178,7 @@ class RemoteError(DaemonError):
     def __init__(self, message: str, code: str = "error", rpc_code: Any = None, data: Any = None) -> None:
         super().__init__(message)
         self.code = code
-        self.rpc_code = rpc_code if isinstance(rpc_code, int) and not isinstance(rpc_code, bool) else None
+        self.rpc_code = _rpc_code(rpc_code)
         self.data = data
         if code in ("config", "unknown_server", "not_keep_alive", "command_not_found", "invalid_arguments"):
             self.exit_code = 2
@@ -185,7 +190,7 @@ class McpError(DaemonError):
     def __init__(self, message: str, code: str = "mcp_error", rpc_code: Any = None, data: Any = None) -> None:
         super().__init__(message)
         self.code = code
-        self.rpc_code = rpc_code if isinstance(rpc_code, int) and not isinstance(rpc_code, bool) else None
+        self.rpc_code = _rpc_code(rpc_code)
         self.data = data
         if code == "command_not_found":
             self.exit_code = 2  # a configuration problem, wherever the server runs
@@ -1091,8 +1096,8 @@ def _answered_error(server: str, response: Dict[str, Any]) -> McpError:
     message = str(err.get("message") or "error")
     if message.startswith(f"server '{server}'"):
         return McpError(message, "runtime_error")
-    code = err.get("code")
-    shown = f" (JSON-RPC error {code})" if isinstance(code, int) and not isinstance(code, bool) else ""
+    code = _rpc_code(err.get("code"))
+    shown = f" (JSON-RPC error {code})" if code is not None else ""
     return McpError(f"server '{server}': {message}{shown}", "runtime_error", code, err.get("data"))
 
 
