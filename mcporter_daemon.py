@@ -126,9 +126,18 @@ _KEEPALIVE_COMMAND_HINTS = ("chrome-devtools-mcp", "@playwright/mcp", "mobile-mc
 
 
 class DaemonError(Exception):
-    """Root of every error this module raises; ``exit_code`` is what the CLI exits with."""
+    """Root of every error this module raises; ``exit_code`` is what the CLI exits with.
+
+    ``rpc_code`` and ``data`` are a JSON-RPC error's own, when an MCP server answered with one."""
 
     exit_code = 1
+    rpc_code: Optional[int] = None
+    data: Any = None
+
+
+def _rpc_code(value: Any) -> Optional[int]:
+    """A JSON-RPC error code, or None for anything that is not one (JSON-RPC codes are integers)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 class UsageError(DaemonError):
@@ -168,19 +177,23 @@ class DaemonStartError(DaemonError):
 class RemoteError(DaemonError):
     """The daemon answered ``ok: false``; ``code`` is its error code."""
 
-    def __init__(self, message: str, code: str = "error") -> None:
+    def __init__(self, message: str, code: str = "error", rpc_code: Any = None, data: Any = None) -> None:
         super().__init__(message)
         self.code = code
-        if code in ("config", "unknown_server", "not_keep_alive", "command_not_found"):
+        self.rpc_code = _rpc_code(rpc_code)
+        self.data = data
+        if code in ("config", "unknown_server", "not_keep_alive", "command_not_found", "invalid_arguments"):
             self.exit_code = 2
 
 
 class McpError(DaemonError):
     """An MCP server failed, answered with an error, or spoke a version we do not."""
 
-    def __init__(self, message: str, code: str = "mcp_error") -> None:
+    def __init__(self, message: str, code: str = "mcp_error", rpc_code: Any = None, data: Any = None) -> None:
         super().__init__(message)
         self.code = code
+        self.rpc_code = _rpc_code(rpc_code)
+        self.data = data
         if code == "command_not_found":
             self.exit_code = 2  # a configuration problem, wherever the server runs
 
@@ -1030,7 +1043,12 @@ def result_or_raise(response: Dict[str, Any]) -> Any:
     if response.get("ok"):
         return response.get("result")
     error = response.get("error") or {}
-    raise RemoteError(str(error.get("message") or "daemon error"), str(error.get("code") or "error"))
+    raise RemoteError(
+        str(error.get("message") or "daemon error"),
+        str(error.get("code") or "error"),
+        error.get("rpcCode"),
+        error.get("data"),
+    )
 
 
 # ##########################################################################################
@@ -1352,6 +1370,19 @@ class _Pending:
         self.response: Optional[Dict[str, Any]] = None
 
 
+def _answered_error(server: str, response: Dict[str, Any]) -> McpError:
+    """The McpError for an error answer: the server's JSON-RPC code and data kept, its code in the
+    one line. A failure this client made up itself (the process exited) already names the
+    server, and its code is no server's: prefixing it again read "server 'x': server 'x' exited"."""
+    err = response["error"] if isinstance(response["error"], dict) else {}
+    message = str(err.get("message") or "error")
+    if message.startswith(f"server '{server}'"):
+        return McpError(message, "runtime_error")
+    code = _rpc_code(err.get("code"))
+    shown = f" (JSON-RPC error {code})" if code is not None else ""
+    return McpError(f"server '{server}': {message}{shown}", "runtime_error", code, err.get("data"))
+
+
 class McpStdioClient:
     """A spawned MCP stdio server: handshake, requests with timeouts, prompt answers to its
     own requests, and a shutdown that always ends the process group."""
@@ -1563,8 +1594,7 @@ class McpStdioClient:
                     self._notices = [n for n in self._notices if n is not notices]
         response = pending.response or {}
         if "error" in response:
-            err = response["error"] if isinstance(response["error"], dict) else {}
-            raise McpError(f"server '{self.name}': {err.get('message', 'error')}", "runtime_error")
+            raise _answered_error(self.name, response)
         return response.get("result")
 
     # -- MCP methods ---------------------------------------------------------------------------
@@ -2427,7 +2457,10 @@ class DaemonHost:
         try:
             return {"id": rid, "ok": True, "result": handler(params, ctx)}
         except (HandlerError, McpError, RemoteError) as exc:
-            return _error_frame(rid, str(exc), exc.code)
+            frame = _error_frame(rid, str(exc), exc.code)
+            if exc.rpc_code is not None:  # a server's JSON-RPC error reaches the caller whole
+                frame["error"].update(rpcCode=exc.rpc_code, data=exc.data)
+            return frame
         except DaemonError as exc:
             return _error_frame(rid, str(exc), "runtime_error")
         except Exception as exc:
@@ -2957,12 +2990,143 @@ def _strip_log_prefix(line: str) -> str:
 
 
 # ##########################################################################################
+# Tool arguments: ``key=value`` pairs typed by the tool's inputSchema (daemon and ephemeral).
+# ##########################################################################################
+
+_EXPECTED = {
+    "integer": "an integer",
+    "number": "a number",
+    "boolean": "a boolean (true or false)",
+    "array": "a JSON array",
+    "object": "a JSON object",
+    "null": "null",
+}
+
+
+def _json_or_string(raw: str) -> Any:
+    """The rule without a schema, as before schemas were read: JSON when it parses, else text."""
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw
+
+
+def _schema_types(prop: Any) -> List[str]:
+    """The JSON types a property accepts: its ``type`` (one name or a list), else those of its
+    ``anyOf``/``oneOf`` branches (how pydantic writes ``Optional[int]``); [] when it says none."""
+    if not isinstance(prop, dict):
+        return []
+    kind = prop.get("type")
+    if isinstance(kind, str):
+        return [kind]
+    if isinstance(kind, list):
+        return [k for k in kind if isinstance(k, str)]
+    found: List[str] = []
+    for key in ("anyOf", "oneOf"):
+        branches = prop.get(key)
+        for branch in branches if isinstance(branches, list) else []:
+            found += [k for k in _schema_types(branch) if k not in found]
+    return found
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")  # Python's json would take NaN and Infinity
+
+
+def _parse_as(kind: str, raw: str) -> Tuple[bool, Any]:
+    """(True, value) when ``raw`` is a value of JSON type ``kind``, else (False, None)."""
+    if kind == "string":
+        return True, raw
+    if kind == "boolean":
+        word = raw.strip().lower()
+        return (True, word == "true") if word in ("true", "false") else (False, None)
+    try:
+        value = json.loads(raw, parse_constant=_reject_constant)
+    except ValueError:
+        return False, None
+    if kind == "null":
+        return value is None, None
+    if isinstance(value, bool):
+        return False, None
+    if kind == "integer" and isinstance(value, float) and value.is_integer():
+        return True, int(value)  # 3.0 is an integer in JSON Schema; send it as one
+    wanted = {"integer": int, "number": (int, float), "array": list, "object": dict}.get(kind)
+    return (True, value) if wanted and isinstance(value, wanted) else (False, None)
+
+
+def _same_json(a: Any, b: Any) -> bool:
+    return isinstance(a, bool) == isinstance(b, bool) and a == b  # True == 1 in Python, not in JSON
+
+
+def _in_enum(value: Any, allowed: List[Any]) -> bool:
+    return any(_same_json(value, v) for v in allowed)
+
+
+def coerce_argument(name: str, raw: str, prop: Any) -> Any:
+    """The value to send for ``name=raw`` given the property's schema (None: no schema).
+
+    A ``string`` property (also in a list such as ["string", "null"]) takes the text as
+    written; other types are parsed, and text that does not parse is a UsageError naming the
+    parameter and the type; a value outside an ``enum`` is a UsageError naming the choices."""
+    types = _schema_types(prop)
+    known = [k for k in types if k == "string" or k in _EXPECTED]
+    allowed = prop.get("enum") if isinstance(prop, dict) and isinstance(prop.get("enum"), list) else None
+    if not known:
+        value = raw if allowed is not None and raw in allowed else _json_or_string(raw)
+    elif "string" in known:
+        value = raw
+    else:
+        for kind in known:
+            ok, value = _parse_as(kind, raw)
+            if ok:
+                break
+        else:
+            shown = raw if len(raw) <= 40 else raw[:37] + "..."
+            expected = " or ".join(_EXPECTED[k] for k in known)
+            raise UsageError(f"parameter '{name}' expects {expected}, got {shown!r}")
+    if allowed is not None and not _in_enum(value, allowed):
+        choices = ", ".join(v if isinstance(v, str) else json.dumps(v) for v in allowed)
+        raise UsageError(f"parameter '{name}' must be one of: {choices} (got {raw!r})")
+    return value
+
+
+def coerce_arguments(raw: Dict[str, str], input_schema: Any) -> Dict[str, Any]:
+    """``coerce_argument`` for each pair, by the properties of a tool's ``inputSchema``."""
+    props = input_schema.get("properties") if isinstance(input_schema, dict) else None
+    props = props if isinstance(props, dict) else {}
+    return {key: coerce_argument(key, value, props.get(key)) for key, value in raw.items()}
+
+
+def tool_input_schema(tools: List[Any], tool: str) -> Optional[Dict[str, Any]]:
+    for t in tools:
+        if isinstance(t, dict) and t.get("name") == tool and isinstance(t.get("inputSchema"), dict):
+            return t["inputSchema"]
+    return None
+
+
+def call_arguments(
+    typed: Dict[str, Any], raw: Dict[str, str], tool: str, list_tools: Callable[[], List[Any]]
+) -> Dict[str, Any]:
+    """``typed`` (from ``--args``) with the ``key=value`` pairs coerced on top; the tool list is
+    asked for only when there are pairs to coerce."""
+    if not raw:
+        return typed
+    try:
+        tools = list_tools()
+    except McpError as exc:
+        if exc.rpc_code is None:
+            raise
+        tools = []  # it answered tools/list with an error: no schemas, values typed as before
+    return dict(typed, **coerce_arguments(raw, tool_input_schema(tools, tool)))
+
+
+# ##########################################################################################
 # MCP keep-alive service: the daemon's handlers, built on the public host API.
 # ##########################################################################################
 
 
 class _ServerSlot:
-    __slots__ = ("spec", "lock", "client", "starting", "last_used", "in_use")
+    __slots__ = ("spec", "lock", "client", "starting", "last_used", "in_use", "tools", "tools_of")
 
     def __init__(self, spec: ServerSpec, lock: Any) -> None:
         self.spec = spec
@@ -2971,6 +3135,8 @@ class _ServerSlot:
         self.starting: Optional[McpStdioClient] = None  # mid-handshake: shutdown must end it too
         self.last_used: Optional[int] = None
         self.in_use = 0  # requests running on it: never idle while any is
+        self.tools: List[Dict[str, Any]] = []  # tools/list of the process ``tools_of`` (a cache)
+        self.tools_of: Optional[McpStdioClient] = None
 
 
 def server_idle_expired(
@@ -3106,16 +3272,41 @@ class McpKeepAliveService:
     # -- handlers ------------------------------------------------------------------------------
 
     def call_tool(self, params: Dict[str, Any], ctx: RequestContext) -> Any:
+        """``callTool``; besides mcporter's typed ``args``, ``rawArgs`` (text pairs from a
+        command line) are typed here by the tool's cached schema: one request per call."""
         slot = self._slot(params)
         tool = _param(params, "tool", str, "a tool name")
         args = _param(params, "args", dict, "an object", required=False) or {}
+        raw = _param(params, "rawArgs", dict, "an object of strings", required=False) or {}
+        if not all(isinstance(v, str) for v in raw.values()):
+            raise HandlerError("param 'rawArgs' must be an object of strings", "bad_request")
         timeout = _timeout_param(params)
-        return self._use(slot, ctx, lambda c: c.call_tool(tool, args, timeout, ctx.notices))
+
+        def call(c: McpStdioClient) -> Any:
+            full = call_arguments(args, raw, tool, lambda: self._tools(slot, c, timeout))
+            return c.call_tool(tool, full, timeout, ctx.notices)
+
+        try:
+            return self._use(slot, ctx, call)
+        except UsageError as exc:
+            raise HandlerError(str(exc), "invalid_arguments") from None
+
+    def _tools(self, slot: _ServerSlot, client: McpStdioClient, timeout: float) -> List[Dict[str, Any]]:
+        """This server process's tools/list, kept until it announces a change (``tools_stale``)
+        or is replaced: typing a warm call's arguments costs no round trip to the server."""
+        with self._counts:
+            if slot.tools_of is client and not client.tools_stale:
+                return slot.tools
+            slot.tools_of = None  # a failed re-list must not revive the old list
+        tools = client.list_tools(timeout)  # clears tools_stale first: a change meanwhile re-lists
+        with self._counts:
+            slot.tools, slot.tools_of = tools, client
+        return tools
 
     def list_tools(self, params: Dict[str, Any], ctx: RequestContext) -> Any:
         slot = self._slot(params)
         schema = bool(params.get("includeSchema"))
-        tools = self._use(slot, ctx, lambda c: c.list_tools(_timeout_param(params)))
+        tools = self._use(slot, ctx, lambda c: self._tools(slot, c, _timeout_param(params)))
         keep = ("name", "description", "inputSchema", "outputSchema") if schema else ("name", "description")
         return [{k: t[k] for k in keep if k in t} for t in tools if isinstance(t, dict)]
 
@@ -3281,7 +3472,66 @@ _DEMO_TOOLS = [
         "description": "Return a tool error (isError).",
         "inputSchema": {"type": "object", "properties": {}},
     },
+    {
+        "name": "typed",
+        "description": "Return the arguments as JSON, to show how each was typed.",
+        "inputSchema": {
+            "type": "object",
+            "properties": {
+                "text": {"type": "string"},
+                "count": {"type": "integer"},
+                "ratio": {"type": "number"},
+                "flag": {"type": "boolean"},
+                "tags": {"type": "array", "items": {"type": "string"}},
+                "meta": {"type": "object"},
+                "mode": {"type": "string", "enum": ["fast", "slow"]},
+                "note": {"type": ["string", "null"]},
+            },
+        },
+    },
+    {
+        "name": "media",
+        "description": "Return text, an image and an audio clip.",
+        "inputSchema": {"type": "object", "properties": {}},
+    },
+    {
+        "name": "links",
+        "description": "Return resource links and embedded resources (text and blob).",
+        "inputSchema": {"type": "object", "properties": {}},
+    },
+    {
+        "name": "structured",
+        "description": "Return structuredContent and no text.",
+        "inputSchema": {"type": "object", "properties": {}},
+    },
 ]
+# A 1x1 PNG (70 bytes) and a 52-byte WAV of silence, for the media tool.
+_DEMO_PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg=="
+_DEMO_WAV = "UklGRiwAAABXQVZFZm10IBAAAAABAAEAQB8AAEAfAAABAAgAZGF0YQgAAACAgICAgICAgA=="
+_DEMO_CONTENT: Dict[str, Dict[str, Any]] = {
+    "media": {
+        "content": [
+            {"type": "text", "text": "a pixel and a beep:"},
+            {"type": "image", "data": _DEMO_PNG, "mimeType": "image/png"},
+            {"type": "audio", "data": _DEMO_WAV, "mimeType": "audio/wav"},
+        ]
+    },
+    "links": {
+        "content": [
+            {"type": "resource_link", "uri": "demo://counter", "name": "counter", "mimeType": "text/plain"},
+            {"type": "resource_link", "uri": "demo://unnamed"},
+            {
+                "type": "resource",
+                "resource": {"uri": "demo://note", "mimeType": "text/plain", "text": "a note"},
+            },
+            {
+                "type": "resource",
+                "resource": {"uri": "demo://pixel", "mimeType": "image/png", "blob": _DEMO_PNG},
+            },
+        ]
+    },
+    "structured": {"content": [], "structuredContent": {"answer": 42, "items": ["a", "b"]}},
+}
 
 
 def _demo_tool(name: str, args: Dict[str, Any], state: Dict[str, int]) -> Dict[str, Any]:
@@ -3301,6 +3551,10 @@ def _demo_tool(name: str, args: Dict[str, Any], state: Dict[str, int]) -> Dict[s
         return text(f"slept {args.get('seconds', 0)}")
     if name == "fail":
         return text("failed on purpose", error=True)
+    if name == "typed":
+        return text(json.dumps(args, sort_keys=True))
+    if name in _DEMO_CONTENT:
+        return _DEMO_CONTENT[name]
     return text(f"unknown tool: {name}", error=True)
 
 
@@ -3320,6 +3574,8 @@ def _demo_answer(msg: Dict[str, Any], state: Dict[str, int]) -> Optional[Dict[st
         return _demo_tool(str(params.get("name")), params.get("arguments") or {}, state)
     if method == "resources/list":
         return {"resources": [{"uri": "demo://counter", "name": "counter", "mimeType": "text/plain"}]}
+    if method == "resources/read" and params.get("uri") == "demo://pixel":
+        return {"contents": [{"uri": "demo://pixel", "mimeType": "image/png", "blob": _DEMO_PNG}]}
     if method == "resources/read":
         return {
             "contents": [{"uri": params.get("uri"), "mimeType": "text/plain", "text": str(state["count"])}]
@@ -3675,26 +3931,43 @@ def cmd_status(args: Any) -> int:
     return 0
 
 
-def _parse_call_args(pairs: List[str], args_json: Optional[str]) -> Dict[str, Any]:
-    """``key=value`` values are JSON when they parse, else strings; ``--args`` is a JSON object."""
-    out: Dict[str, Any] = {}
+def _pair_value(key: str, value: str) -> str:
+    """``@path`` is the file's text; ``@@...`` escapes a value that starts with ``@``."""
+    if value.startswith("@@"):
+        return value[1:]
+    if not value.startswith("@"):
+        return value
+    path = os.path.expanduser(value[1:])
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.read()
+    except OSError as exc:
+        raise UsageError(f"argument '{key}': cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"argument '{key}': {path} is not UTF-8 text") from None
+
+
+def _parse_call_args(pairs: List[str], args_json: Optional[str]) -> Tuple[Dict[str, Any], Dict[str, str]]:
+    """(``--args`` as given, ``key=value`` pairs as text): the pairs are typed later, by the
+    tool's schema, where the tool list is at hand. ``--args -`` reads the object from stdin."""
+    typed: Dict[str, Any] = {}
     if args_json:
+        text = sys.stdin.read() if args_json == "-" else args_json
+        where = "stdin (--args -)" if args_json == "-" else "--args"
         try:
-            parsed = json.loads(args_json)
+            parsed = json.loads(text)
         except ValueError as exc:
-            raise UsageError(f"--args is not valid JSON: {exc}") from None
+            raise UsageError(f"{where} is not valid JSON: {exc}") from None
         if not isinstance(parsed, dict):
-            raise UsageError("--args must be a JSON object")
-        out.update(parsed)
+            raise UsageError(f"{where} must be a JSON object")
+        typed.update(parsed)
+    raw: Dict[str, str] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise UsageError(f"argument '{pair}' is not key=value")
-        try:
-            out[key] = json.loads(value)
-        except ValueError:
-            out[key] = value
-    return out
+        raw[key] = _pair_value(key, value)
+    return typed, raw
 
 
 def _split_target(target: str) -> Tuple[str, str]:
@@ -3704,45 +3977,176 @@ def _split_target(target: str) -> Tuple[str, str]:
     return server, tool
 
 
-def _content_text(result: Dict[str, Any]) -> str:
-    parts = []
-    for item in result.get("content") or []:
+# Extensions mimetypes lacks on some Pythons (audio/wav before 3.12?) or spells oddly (.jpe).
+_MEDIA_EXTENSIONS = {
+    "image/png": ".png",
+    "image/jpeg": ".jpg",
+    "image/gif": ".gif",
+    "image/webp": ".webp",
+    "image/svg+xml": ".svg",
+    "audio/wav": ".wav",
+    "audio/x-wav": ".wav",
+    "audio/mpeg": ".mp3",
+    "audio/ogg": ".ogg",
+}
+
+
+def _base64_size(data: Any) -> int:
+    """Decoded size of base64 text, without decoding it (an image can be megabytes)."""
+    if not isinstance(data, str):
+        return 0
+    n = len(data) - sum(data.count(ws) for ws in ("\n", "\r", " "))
+    pad = 2 if data.rstrip().endswith("==") else 1 if data.rstrip().endswith("=") else 0
+    return max(0, n * 3 // 4 - pad)
+
+
+def _blob_line(kind: str, mime: Any, data: Any, uri: Any = None) -> str:
+    words = " ".join(str(w) for w in (kind, uri, mime) if w)
+    return f"[{words}, {_base64_size(data)} bytes]"
+
+
+def _resource_text(res: Any) -> str:
+    """An embedded or read resource: its text, or a line naming a blob with its URI and size."""
+    res = res if isinstance(res, dict) else {}
+    if isinstance(res.get("text"), str):
+        return res["text"]
+    if "blob" in res:
+        return _blob_line("blob", res.get("mimeType"), res.get("blob"), res.get("uri"))
+    return f"[resource {res.get('uri')}]"
+
+
+def _block_text(item: Dict[str, Any]) -> str:
+    kind = item.get("type")
+    if kind == "text":
+        return str(item.get("text", ""))
+    if kind in ("image", "audio"):
+        return _blob_line(str(kind), item.get("mimeType"), item.get("data"))
+    if kind == "resource_link":
+        name = item.get("name")
+        return f"{item.get('uri')} ({name})" if name else str(item.get("uri"))
+    if kind == "resource":
+        return _resource_text(item.get("resource"))
+    return f"[{kind} {item.get('mimeType') or item.get('uri') or ''}]".replace(" ]", "]")
+
+
+def content_lines(result: Dict[str, Any], saved: Optional[Dict[int, str]] = None) -> List[str]:
+    """What ``call`` prints for a result: one entry per content block (a saved one as the path
+    it went to), then ``structuredContent`` as JSON when no block was text."""
+    saved = saved or {}
+    blocks = result.get("content")
+    out: List[str] = []
+    has_text = False
+    for i, item in enumerate(blocks if isinstance(blocks, list) else []):
+        if isinstance(item, dict):
+            has_text = has_text or item.get("type") == "text"
+            out.append(saved[i] if i in saved else _block_text(item))
+    if not has_text and result.get("structuredContent") is not None:
+        out.append(json.dumps(result["structuredContent"], indent=2, ensure_ascii=False))
+    return out
+
+
+def _media_extension(mime: Any) -> str:
+    mime = str(mime or "").split(";")[0].strip().lower()
+    if mime in _MEDIA_EXTENSIONS:
+        return _MEDIA_EXTENSIONS[mime]
+    import mimetypes
+
+    return mimetypes.guess_extension(mime) or ".bin"
+
+
+def _safe_stem(name: str) -> str:
+    stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in name).lstrip(".")
+    return stem or "result"
+
+
+def _write_new_file(directory: str, stem: str, ext: str, data: bytes) -> str:
+    """Write ``data`` to a file that did not exist: stem+ext, else stem-2+ext, stem-3+ext, ..."""
+    for n in range(1, 10000):
+        path = os.path.join(directory, f"{stem}{ext}" if n == 1 else f"{stem}-{n}{ext}")
+        try:
+            with open(path, "xb") as fh:  # exclusive: never overwrite, even racing another call
+                fh.write(data)
+            return path
+        except FileExistsError:
+            continue
+    raise DaemonError(f"no free file name for {stem}{ext} in {directory}")
+
+
+def save_media(result: Dict[str, Any], directory: str, tool: str) -> Dict[int, str]:
+    """Write each image and audio block to a new file in ``directory``; {block index: path}."""
+    import base64
+    import binascii
+
+    blocks = result.get("content")
+    media = [
+        (i, item)
+        for i, item in enumerate(blocks if isinstance(blocks, list) else [])
+        if isinstance(item, dict)
+        and item.get("type") in ("image", "audio")
+        and isinstance(item.get("data"), str)
+    ]
+    if not media:
+        return {}
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as exc:
+        raise DaemonError(f"--save-images: cannot create {directory}: {exc.strerror or exc}") from None
+    saved = {}
+    for i, item in media:
+        try:
+            data = base64.b64decode(item["data"])
+        except (binascii.Error, ValueError):
+            continue  # not base64: it stays named by its type and size
+        try:
+            saved[i] = _write_new_file(
+                directory, f"{_safe_stem(tool)}-{i}", _media_extension(item.get("mimeType")), data
+            )
+        except OSError as exc:
+            raise DaemonError(f"--save-images: cannot write in {directory}: {exc.strerror or exc}") from None
+    return saved
+
+
+def resource_bytes(result: Dict[str, Any]) -> bytes:
+    """A read resource's contents as bytes: text as UTF-8, a blob decoded."""
+    import base64
+
+    out = bytearray()
+    contents = result.get("contents")
+    for item in contents if isinstance(contents, list) else []:
         if not isinstance(item, dict):
             continue
-        kind = item.get("type")
-        if kind == "text":
-            parts.append(str(item.get("text", "")))
-        elif kind == "resource":
-            res = item.get("resource") or {}
-            parts.append(str(res.get("text") or f"[resource {res.get('uri')}]"))
-        else:
-            parts.append(f"[{kind} {item.get('mimeType') or item.get('uri') or ''}]".replace(" ]", "]"))
-    if not parts and result.get("structuredContent") is not None:
-        parts.append(json.dumps(result["structuredContent"], indent=2, ensure_ascii=False))
-    return "\n".join(parts)
+        if isinstance(item.get("text"), str):
+            out += item["text"].encode("utf-8", "replace")
+        elif isinstance(item.get("blob"), str):
+            out += base64.b64decode(item["blob"])
+    return bytes(out)
 
 
 def cmd_call(args: Any) -> int:
     server, tool = _split_target(args.target)
-    arguments = _parse_call_args(args.pairs, args.args)
+    typed, raw = _parse_call_args(args.pairs, args.args)
     cfg = _load(args)
     spec = _server_spec(cfg, server)
     timeout = _timeout_seconds(args)
-    result = _via_daemon_or_ephemeral(
-        cfg,
-        args,
-        spec,
-        "callTool",
-        {"tool": tool, "args": arguments},
-        lambda c: c.call_tool(tool, arguments, timeout),
-    )
+    # The daemon types the pairs itself with its cached tool list: one request, no extra trip.
+    params: Dict[str, Any] = {"tool": tool, "args": typed}
+    if raw:
+        params["rawArgs"] = raw
+
+    def ephemeral(c: McpStdioClient) -> Any:
+        return c.call_tool(tool, call_arguments(typed, raw, tool, lambda: c.list_tools(timeout)), timeout)
+
+    result = _via_daemon_or_ephemeral(cfg, args, spec, "callTool", params, ephemeral) or {}
+    saved = save_media(result, args.save_images, tool) if args.save_images else {}
     if args.json:
         _print_json(result)
+        for path in saved.values():
+            print(f"[mcporter] saved {path}", file=sys.stderr)
     else:
-        text = _content_text(result or {})
-        if text:
-            print(text)
-    return 1 if (result or {}).get("isError") else 0
+        lines = content_lines(result, saved)
+        if lines:
+            print("\n".join(lines))
+    return 1 if result.get("isError") else 0
 
 
 def _describe_params(schema: Any) -> str:
@@ -3803,18 +4207,19 @@ def cmd_resources(args: Any) -> int:
     cfg = _load(args)
     spec = _server_spec(cfg, args.server)
     timeout = _timeout_seconds(args)
+    if args.output and not args.uri:
+        raise UsageError("resources -o FILE needs the URI of the resource to write")
     if args.uri:
         result = _via_daemon_or_ephemeral(
             cfg, args, spec, "readResource", {"uri": args.uri}, lambda c: c.read_resource(args.uri, timeout)
         )
-        if args.json:
+        if args.output:
+            _write_output(args.output, resource_bytes(result or {}))
+        elif args.json:
             _print_json(result)
-        for item in [] if args.json else (result or {}).get("contents") or []:
-            print(
-                item.get("text")
-                if "text" in item
-                else f"[binary {item.get('mimeType') or ''} {item.get('uri')}]"
-            )
+        else:
+            for item in (result or {}).get("contents") or []:
+                print(_resource_text(item))
         return 0
     result = _via_daemon_or_ephemeral(
         cfg, args, spec, "listResources", {}, lambda c: {"resources": c.list_resources(timeout)}
@@ -3826,6 +4231,21 @@ def cmd_resources(args: Any) -> int:
     for r in resources:
         print(f"{r.get('uri')}  {r.get('name') or ''}" + (f" ({r['mimeType']})" if r.get("mimeType") else ""))
     return 0
+
+
+def _write_output(path: str, data: bytes) -> None:
+    """``-o FILE``: the bytes as they are (``-`` is stdout); a line on stderr says where they went."""
+    if path == "-":
+        sys.stdout.flush()
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+        return
+    try:
+        with open(path, "wb") as fh:
+            fh.write(data)
+    except OSError as exc:
+        raise DaemonError(f"cannot write {path}: {exc.strerror or exc}") from None
+    print(f"wrote {len(data)} bytes to {path}")
 
 
 def cmd_service(args: Any) -> int:
@@ -4085,9 +4505,10 @@ def _build_parser() -> Any:
     sp = sub.add_parser("call", help="call SERVER.TOOL [key=value ...]")
     sp.add_argument("target", metavar="SERVER.TOOL")
     sp.add_argument("pairs", nargs="*", metavar="key=value")
-    sp.add_argument("--args", help="arguments as a JSON object")
+    sp.add_argument("--args", help="arguments as a JSON object ('-' reads it from stdin)")
     sp.add_argument("--timeout", type=float, help="seconds (default 60, or MCPORTER_DAEMON_TIMEOUT_MS)")
     sp.add_argument("--json", action="store_true", help="print the whole result as JSON")
+    sp.add_argument("--save-images", metavar="DIR", help="write image and audio blocks to files in DIR")
     sp.set_defaults(func=cmd_call)
     sp = sub.add_parser("list", help="list servers, or one server's tools")
     sp.add_argument("server", nargs="?")
@@ -4099,6 +4520,9 @@ def _build_parser() -> Any:
     sp.add_argument("server")
     sp.add_argument("uri", nargs="?")
     sp.add_argument("--json", action="store_true")
+    sp.add_argument(
+        "-o", "--output", metavar="FILE", help="write the resource read to FILE (text, or a blob decoded)"
+    )
     sp.add_argument("--timeout", type=float)
     sp.set_defaults(func=cmd_resources)
     sp = sub.add_parser("demo", help="a self-contained tour on the built-in demo server")
@@ -4134,6 +4558,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     # Usage errors included: a launched child's argv carries --foreground from the start.
     as_host = "--foreground" in argv
     _surrogate_safe_stdout()
+    args = None
     try:
         _require_posix()
         if argv[:1] == ["_demo-server"]:
@@ -4142,10 +4567,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         args = _build_parser().parse_args(argv)
         if not getattr(args, "func", None):
             raise UsageError("a command is required")
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # here, not at exit: a closed pipe must surface where it is handled
+        return code
+    except BrokenPipeError:
+        return _stdout_closed()
     except DaemonError as exc:
         if os.environ.get("MCPORTER_DEBUG") == "1":
             raise
+        if exc.rpc_code is not None and getattr(args, "json", False):
+            _print_json({"error": {"message": str(exc), "code": exc.rpc_code, "data": exc.data}})
         line = f"{_PROG}: {exc}"
         print(_host_line(line) if as_host else line, file=sys.stderr)
         return exc.exit_code
@@ -4157,6 +4588,19 @@ def main(argv: Optional[List[str]] = None) -> int:
         line = f"{_PROG}: unexpected error: {type(exc).__name__}: {exc} (MCPORTER_DEBUG=1 shows more)"
         print(_host_line(line) if as_host else line, file=sys.stderr)
         return 1
+
+
+def _stdout_closed() -> int:
+    """The reader of our output went away (``| head -1``): end quietly, as ``cat`` would. What
+    is still buffered goes to /dev/null, so the flush at exit cannot raise again (the recipe in
+    Python's signal docs). 141 is a shell's status for a death by SIGPIPE."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+    return 128 + 13
 
 
 if __name__ == "__main__":

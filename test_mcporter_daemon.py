@@ -20,6 +20,7 @@ is really gone instead of lingering as a zombie that ``kill(pid, 0)`` still
 reports as alive, as it would be on a system with a normal init.
 """
 
+import base64
 import calendar
 import ctypes
 import fcntl
@@ -2980,6 +2981,11 @@ def test_list_server_tools(h):
         "demo.echo(text: string) — Return the given text.",
         "demo.sleep(seconds: number) — Sleep for the given seconds, then answer.",
         "demo.fail() — Return a tool error (isError).",
+        "demo.typed(text?: string, count?: integer, ratio?: number, flag?: boolean, tags?: array, meta?: object,"
+        " mode?: string, note?: string|null) — Return the arguments as JSON, to show how each was typed.",
+        "demo.media() — Return text, an image and an audio clip.",
+        "demo.links() — Return resource links and embedded resources (text and blob).",
+        "demo.structured() — Return structuredContent and no text.",
     ], lines
     schema_out = ops_ok(ops_cli(h, "list", "demo", "--schema"))
     assert schema_out.splitlines()[0] == lines[0]
@@ -4241,6 +4247,341 @@ def test_status_matches_table(meta, answer, fact):
     assert md.status_matches(record, status, SOCK, facts) is (record_ok and facts_ok and status_ok)
 
 
+# ---- issue 9: arguments by schema, every content type, diagnostics ------------------------
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+# A stdlib MCP server for the schema cache and error paths. Its tools/list reads the type of
+# show's `value` from a file at each listing (and never announces a change by itself), and
+# counts the listings; `changed` announces list_changed; `boom` answers with a JSON-RPC
+# error; `die` exits mid-call.
+SCHEMA_SERVER = r"""
+import json, os, sys
+
+schema_file = sys.argv[1]
+lists = 0
+
+
+def send(obj):
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def tool(name):
+    return {"name": name, "inputSchema": {"type": "object", "properties": {}}}
+
+
+for line in sys.stdin:
+    try:
+        msg = json.loads(line)
+    except ValueError:
+        continue
+    method, rid, params = msg.get("method"), msg.get("id"), msg.get("params") or {}
+    if rid is None:
+        continue
+    if method == "initialize":
+        result = {
+            "protocolVersion": params.get("protocolVersion"),
+            "capabilities": {"tools": {"listChanged": True}},
+            "serverInfo": {"name": "schema-test", "version": "0"},
+        }
+    elif method == "tools/list":
+        lists += 1
+        with open(schema_file) as f:
+            kind = f.read().strip()
+        show = {"name": "show", "inputSchema": {"type": "object", "properties": {"value": {"type": kind}}}}
+        result = {"tools": [show] + [tool(n) for n in ("lists", "changed", "boom", "die")]}
+    elif method == "tools/call":
+        name, args = params.get("name"), params.get("arguments") or {}
+        if name == "boom":
+            error = {"code": -32099, "message": "boom happened", "data": {"why": "testing"}}
+            send({"jsonrpc": "2.0", "id": rid, "error": error})
+            continue
+        if name == "die":
+            sys.stderr.write("dying on purpose\n")
+            sys.stderr.flush()
+            os._exit(3)
+        if name == "changed":
+            send({"jsonrpc": "2.0", "method": "notifications/tools/list_changed"})
+        text = {"show": json.dumps(args.get("value")), "lists": str(lists)}.get(name, name)
+        result = {"content": [{"type": "text", "text": text}]}
+    elif method == "ping":
+        result = {}
+    else:
+        send({"jsonrpc": "2.0", "id": rid, "error": {"code": -32601, "message": "no such method"}})
+        continue
+    send({"jsonrpc": "2.0", "id": rid, "result": result})
+"""
+
+
+def schema_server(h, kind="string", lifecycle="keep-alive"):
+    """Configure the schema test server as `t` (beside the demo server); returns its type file."""
+    script = h.tmp / "schema_server.py"
+    script.write_text(SCHEMA_SERVER)
+    kind_file = h.tmp / "value-type"
+    kind_file.write_text(kind)
+    entry = {"command": sys.executable, "args": [str(script), str(kind_file), h.tag], "lifecycle": lifecycle}
+    ops_config(h, {"t": entry})
+    return kind_file
+
+
+def cli_stdin(h, text, *args):
+    """``h.cli`` with ``text`` on the CLI's stdin."""
+    argv = h.argv(*args)
+    with _SPAWN_LOCK:
+        p = subprocess.Popen(
+            argv,
+            env=h.env(),
+            cwd=str(h.tmp),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        _POPENS.append(p)
+    h.popens.append(p)
+    h.track(p.pid)
+    started = time.monotonic()
+    out, err = p.communicate(text.encode(), timeout=CLI_TIMEOUT)
+    return Result(argv, p.returncode, out.decode(), err.decode(), time.monotonic() - started)
+
+
+def one_error_line(r, rc, *needles):
+    lines = [ln for ln in r.err.splitlines() if ln.strip()]
+    assert r.rc == rc and len(lines) == 1 and "Traceback" not in r.err, r
+    for needle in needles:
+        assert needle in lines[0], f"{needle!r} not in the error: {r!r}"
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "prop, raw, expected",
+    [
+        (None, "123", 123),
+        (None, "abc", "abc"),
+        ({}, "[1]", [1]),
+        ({"type": "widget"}, "5", 5),
+        ({"type": "string"}, "123", "123"),
+        ({"type": "string"}, "007", "007"),
+        ({"type": "string"}, "true", "true"),
+        ({"type": "string"}, '{"a": 1}', '{"a": 1}'),
+        ({"type": "integer"}, "7", 7),
+        ({"type": "integer"}, "-3.0", -3),
+        ({"type": "number"}, "0.5", 0.5),
+        ({"type": "number"}, "1e3", 1000.0),
+        ({"type": "number"}, "12", 12),
+        ({"type": "boolean"}, "true", True),
+        ({"type": "boolean"}, "False", False),
+        ({"type": "array"}, '["a", 1]', ["a", 1]),
+        ({"type": "object"}, '{"k": 1}', {"k": 1}),
+        ({"type": ["string", "null"]}, "null", "null"),
+        ({"type": ["string", "null"]}, "42", "42"),
+        ({"type": ["integer", "null"]}, "null", None),
+        ({"type": ["integer", "null"]}, "4", 4),
+        ({"type": ["integer", "boolean"]}, "true", True),
+        ({"anyOf": [{"type": "integer"}, {"type": "null"}]}, "5", 5),
+        ({"enum": ["a", "b"]}, "a", "a"),
+        ({"enum": [1, 2]}, "2", 2),
+        ({"type": "string", "enum": ["1", "2"]}, "1", "1"),
+        ({"type": "integer", "enum": [1, 2]}, "2", 2),
+    ],
+)
+def test_coerce_argument_table(prop, raw, expected):
+    md = _import_module()
+    value = md.coerce_argument("p", raw, prop)
+    assert value == expected and type(value) is type(expected), (prop, raw, value)
+
+
+@pytest.mark.parametrize(
+    "prop, raw, message",
+    [
+        ({"type": "integer"}, "abc", "parameter 'p' expects an integer, got 'abc'"),
+        ({"type": "integer"}, "3.5", "expects an integer"),
+        ({"type": "integer"}, "true", "expects an integer"),
+        ({"type": "number"}, "NaN", "expects a number"),
+        ({"type": "number"}, '"1"', "expects a number"),
+        ({"type": "boolean"}, "yes", "expects a boolean (true or false)"),
+        ({"type": "array"}, "a,b", "expects a JSON array"),
+        ({"type": "object"}, "[]", "expects a JSON object"),
+        ({"type": ["integer", "boolean"]}, "x", "expects an integer or a boolean (true or false)"),
+        ({"type": "string", "enum": ["fast", "slow"]}, "medium", "parameter 'p' must be one of: fast, slow"),
+        ({"type": "integer", "enum": [1, 2]}, "3", "must be one of: 1, 2"),
+        ({"enum": [True]}, "1", "must be one of: true"),
+    ],
+)
+def test_coerce_argument_errors_table(prop, raw, message):
+    md = _import_module()
+    with pytest.raises(md.UsageError) as info:
+        md.coerce_argument("p", raw, prop)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("lifecycle", ["keep-alive", "ephemeral"])
+def test_call_arguments_follow_the_schema(h, lifecycle):
+    ops_config(h, {"eph": ops_demo_entry(h, "ephemeral")})
+    server = "demo" if lifecycle == "keep-alive" else "eph"
+    out = call_ok(
+        h,
+        f"{server}.typed",
+        "text=123",
+        "count=7",
+        "ratio=0.5",
+        "flag=true",
+        'tags=["a","b"]',
+        'meta={"k": 1}',
+        "mode=slow",
+        "note=null",
+    )
+    assert json.loads(out) == {
+        "text": "123",
+        "count": 7,
+        "ratio": 0.5,
+        "flag": True,
+        "tags": ["a", "b"],
+        "meta": {"k": 1},
+        "mode": "slow",
+        "note": "null",
+    }, out
+    assert call_ok(h, f"{server}.echo", "text=007") == "007"
+    assert call_ok(h, f"{server}.echo", "text=true") == "true"
+    # Not in the schema: the old rule, JSON when it parses.
+    assert json.loads(call_ok(h, f"{server}.typed", "extra=5", "other=x")) == {"extra": 5, "other": "x"}
+    # key=@path is the file's text, typed like any value; @@ escapes a leading @.
+    (h.tmp / "n.txt").write_text("12\n")
+    (h.tmp / "t.txt").write_text("line one\nline two\n")
+    out = call_ok(h, f"{server}.typed", "count=@n.txt", f"text=@{h.tmp / 't.txt'}", "note=@@me")
+    assert json.loads(out) == {"count": 12, "text": "line one\nline two\n", "note": "@me"}, out
+    # --args - reads an object from stdin; the pairs are typed on top of it.
+    r = cli_stdin(
+        h, '{"count": 1, "meta": {"from": "stdin"}}', "call", f"{server}.typed", "count=2", "--args", "-"
+    )
+    assert r.rc == 0 and json.loads(r.out) == {"count": 2, "meta": {"from": "stdin"}}, r
+    # A value that does not parse, or is outside its enum: one line, exit 2, naming it.
+    one_error_line(h.cli("call", f"{server}.typed", "count=abc"), 2, "'count'", "integer", "'abc'")
+    one_error_line(h.cli("call", f"{server}.typed", "flag=yes"), 2, "'flag'", "boolean")
+    one_error_line(h.cli("call", f"{server}.typed", "tags=a,b"), 2, "'tags'", "array")
+    one_error_line(h.cli("call", f"{server}.typed", "mode=medium"), 2, "'mode'", "fast, slow", "medium")
+    one_error_line(h.cli("call", f"{server}.typed", "count=@missing.txt"), 2, "missing.txt")
+    one_error_line(cli_stdin(h, "[1]", "call", f"{server}.typed", "--args", "-"), 2, "JSON object")
+    if lifecycle == "keep-alive":
+        assert call_ok(h, "demo.counter") == "1", "a usage error must not cost the server its state"
+
+
+def test_schema_cache_is_per_server_process_and_follows_list_changed(h):
+    kind_file = schema_server(h, "string")
+    assert call_ok(h, "t.show", "value=5") == '"5"'
+    assert call_ok(h, "t.lists") == "1"
+    assert call_ok(h, "t.show", "value=6") == '"6"'
+    assert call_ok(h, "t.lists") == "1", "a warm call must not list the tools again"
+    r = h.cli("list", "t", "--json", "--schema")
+    assert r.rc == 0 and json.loads(r.out)[0]["inputSchema"]["properties"]["value"] == {"type": "string"}, r
+    assert call_ok(h, "t.lists") == "1", "listTools is answered from the same cache"
+    # The server changes its schema without saying so: the cache still holds the old one.
+    kind_file.write_text("number")
+    assert call_ok(h, "t.show", "value=7") == '"7"'
+    # ... until it announces notifications/tools/list_changed.
+    assert call_ok(h, "t.changed") == "changed"
+    assert call_ok(h, "t.show", "value=8") == "8"
+    assert call_ok(h, "t.lists") == "2"
+    # A restarted server is listed afresh: its schema may differ from the old process's.
+    kind_file.write_text("string")
+    old = ops_server_pid(running_status(h), "t")
+    os.kill(old, signal.SIGKILL)
+    wait_until(lambda: not pid_alive(old), 10, message=f"server {old} to die")
+    assert call_ok(h, "t.show", "value=9") == '"9"'
+    assert ops_server_pid(running_status(h), "t") not in (None, old)
+    assert call_ok(h, "t.lists") == "1"
+
+
+def test_call_prints_every_content_type(h):
+    md = _import_module()
+    assert call_ok(h, "demo.media").splitlines() == [
+        "a pixel and a beep:",
+        "[image image/png, 70 bytes]",
+        "[audio audio/wav, 52 bytes]",
+    ]
+    assert call_ok(h, "demo.links").splitlines() == [
+        "demo://counter (counter)",
+        "demo://unnamed",
+        "a note",
+        "[blob demo://pixel image/png, 70 bytes]",
+    ]
+    assert json.loads(call_ok(h, "demo.structured")) == {"answer": 42, "items": ["a", "b"]}
+    for tool in ("media", "links", "structured"):
+        assert json.loads(call_ok(h, f"demo.{tool}", "--json")) == md._DEMO_CONTENT[tool]
+
+
+def test_save_images_writes_new_files_and_prints_their_paths(h):
+    md = _import_module()
+    out_dir = h.tmp / "shots"
+    out_dir.mkdir()
+    (out_dir / "media-1.png").write_bytes(b"not to be overwritten")
+    first = call_ok(h, "demo.media", "--save-images", out_dir).splitlines()
+    second = call_ok(h, "demo.media", "--save-images", out_dir).splitlines()
+    assert first[0] == second[0] == "a pixel and a beep:"
+    paths = [Path(p) for p in first[1:] + second[1:]]
+    assert [p.suffix for p in paths] == [".png", ".wav", ".png", ".wav"], paths
+    assert len(set(paths)) == 4 and all(p.parent == out_dir for p in paths), paths
+    assert all(p.name.startswith("media-") for p in paths), paths
+    png, wav = base64.b64decode(md._DEMO_PNG), base64.b64decode(md._DEMO_WAV)
+    assert [p.read_bytes() for p in paths] == [png, wav, png, wav]
+    assert (out_dir / "media-1.png").read_bytes() == b"not to be overwritten"
+    # A new directory is made; --json prints the result unchanged and names the files on stderr.
+    r = h.cli("call", "demo.media", "--json", "--save-images", h.tmp / "new" / "dir")
+    assert r.rc == 0 and json.loads(r.out) == md._DEMO_CONTENT["media"], r
+    assert sorted(p.name for p in (h.tmp / "new" / "dir").iterdir()) == ["media-1.png", "media-2.wav"]
+
+
+def test_resources_output_file_writes_text_or_decoded_blob(h):
+    md = _import_module()
+    assert call_ok(h, "demo.counter") == "1"
+    r = h.cli("resources", "demo", "demo://pixel", "-o", h.tmp / "pixel.png")
+    assert r.rc == 0 and "70 bytes" in r.out, r
+    assert (h.tmp / "pixel.png").read_bytes() == base64.b64decode(md._DEMO_PNG)
+    r = h.cli("resources", "demo", "demo://counter", "-o", h.tmp / "counter.txt")
+    assert r.rc == 0 and (h.tmp / "counter.txt").read_text() == "1", r
+    r = h.cli("resources", "demo", "demo://pixel")
+    assert r.rc == 0 and r.out.strip() == "[blob demo://pixel image/png, 70 bytes]", r
+    one_error_line(h.cli("resources", "demo", "-o", h.tmp / "x"), 2, "URI")
+
+
+@pytest.mark.parametrize("lifecycle", ["keep-alive", "ephemeral"])
+def test_jsonrpc_error_keeps_code_and_data_and_names_the_server_once(h, lifecycle):
+    schema_server(h, lifecycle=lifecycle)
+    line = one_error_line(h.cli("call", "t.boom"), 1, "boom happened", "-32099")
+    assert line.count("server 't'") == 1, line
+    r = h.cli("call", "t.boom", "--json")
+    assert r.rc == 1, r
+    error = json.loads(r.out)["error"]
+    assert error["code"] == -32099 and error["data"] == {"why": "testing"}, r
+    assert "boom happened" in error["message"]
+    line = one_error_line(h.cli("call", "t.die"), 1, "exited")
+    assert line.count("server 't'") == 1, line
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("list",),
+        ("list", "demo"),
+        ("call", "demo.echo", "text=" + "x" * 100000),
+        ("call", "demo.media", "--json"),
+    ],
+    ids=["list", "list-tools", "call-big", "call-json"],
+)
+def test_output_into_a_closed_pipe_ends_quietly(h, args):
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first byte, as `| head -c 0` would be
+    try:
+        p = spawn(h.argv(*args), h.env(), h.tmp, write_end, subprocess.PIPE)
+    finally:
+        os.close(write_end)
+    h.popens.append(p)
+    h.track(p.pid)
+    _, err = p.communicate(timeout=CLI_TIMEOUT)
+    assert p.returncode in (0, 141, -signal.SIGPIPE), (p.returncode, err)
+    assert err == b"", err
+
+
 # ---- benchmark (python3 -m pytest -m bench -s) ------------------------------
 
 
@@ -5019,6 +5360,38 @@ def test_real_everything_server_tools_resources_and_junk_stdout(h, npm_servers):
 
     # Still the same server process: state kept across all those CLI processes.
     assert server_pid_of(running_status(h), "everything") == server
+    assert_stop_leaves_nothing(h)
+
+
+def test_real_everything_server_typed_arguments_links_and_images(h, npm_servers):
+    everything = {
+        "command": npm_servers.node,
+        "args": [str(npm_servers.everything_js), "stdio", h.tag],
+        "lifecycle": "keep-alive",
+    }
+    h.write_config({"mcpServers": {"everything": everything}})
+    # `message` is a string: 123 goes as written, as mcporter sends it.
+    assert real_call(h, "everything.echo", "message=123").out.strip() == "Echo: 123"
+    # `count` is a number: parsed. Each link prints as its URI (with its name).
+    result = json.loads(real_call(h, "everything.get-resource-links", "count=3", "--json").out)
+    links = [b for b in result["content"] if b["type"] == "resource_link"]
+    assert len(links) == 3, result
+    lines = real_call(h, "everything.get-resource-links", "count=3").out.splitlines()
+    for link in links:
+        assert f"{link['uri']} ({link['name']})" in lines, (link, lines)
+    r = h.cli("call", "everything.get-resource-links", "count=many")
+    assert r.rc == 2 and "'count'" in r.err and "number" in r.err, r
+    # The image is written to a file whose path is printed; its bytes are the decoded data.
+    blocks = json.loads(real_call(h, "everything.get-tiny-image", "--json").out)["content"]
+    data = base64.b64decode([b for b in blocks if b["type"] == "image"][0]["data"])
+    shots = h.tmp / "shots"
+    lines = real_call(h, "everything.get-tiny-image", "--save-images", shots).out.splitlines()
+    saved = [Path(ln) for ln in lines if ln.startswith(str(shots))]
+    assert [p.name for p in saved] == ["get-tiny-image-1.png"], lines
+    assert saved[0].read_bytes() == data and data.startswith(PNG_MAGIC)
+    assert "[image image/png, " not in "\n".join(lines)
+    r = real_call(h, "everything.get-tiny-image")
+    assert f"[image image/png, {len(data)} bytes]" in r.out.splitlines(), r
     assert_stop_leaves_nothing(h)
 
 
