@@ -2667,13 +2667,15 @@ _DEMO_TOOLS = [
 ]
 
 
-def _demo_tool(name: str, args: Dict[str, Any], state: Dict[str, int]) -> Dict[str, Any]:
+def _demo_tool(name: str, args: Dict[str, Any], state: Dict[str, Any]) -> Dict[str, Any]:
     def text(value: Any, error: bool = False) -> Dict[str, Any]:
         return {"content": [{"type": "text", "text": str(value)}], "isError": error}
 
     if name == "counter":
-        state["count"] += 1
-        return text(state["count"])
+        with state["lock"]:  # each request runs on its own thread: read what this one added
+            state["count"] += 1
+            count = state["count"]
+        return text(count)
     if name == "pid":
         return text(os.getpid())
     if name == "echo":
@@ -2687,7 +2689,7 @@ def _demo_tool(name: str, args: Dict[str, Any], state: Dict[str, int]) -> Dict[s
     return text(f"unknown tool: {name}", error=True)
 
 
-def _demo_answer(msg: Dict[str, Any], state: Dict[str, int]) -> Optional[Dict[str, Any]]:
+def _demo_answer(msg: Dict[str, Any], state: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     method, params = msg.get("method"), msg.get("params") or {}
     if method == "initialize":
         asked = str(params.get("protocolVersion", ""))
@@ -2716,7 +2718,7 @@ def _demo_server_main() -> int:
     """Serve MCP on stdin/stdout; each request on its own thread so ``sleep`` blocks nothing."""
     import threading
 
-    state = {"count": 0}
+    state: Dict[str, Any] = {"count": 0, "lock": threading.Lock()}
     write_lock = threading.Lock()
     out = sys.stdout.buffer
 
