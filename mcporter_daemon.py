@@ -56,12 +56,15 @@ __all__ = [
     "DaemonStartError",
     "DaemonTimeout",
     "discover_config",
+    "encode_answer",
+    "end_server_group",
     "ensure_private_dir",
     "exchange",
     "FileLock",
     "HandlerError",
     "is_our_pid",
     "load_config",
+    "leaderless_group_is_ours",
     "LockTimeout",
     "main",
     "McpError",
@@ -114,6 +117,9 @@ _START_GIVE_UP = 45.0
 _STOP_WAIT = 5.0
 _TERM_GRACE = 1.0
 _MCP_CLOSE_GRACE = 2.0
+_MCP_WRITE_DEADLINE = 2.0  # for frames not tied to a call (notifications, answers to the server)
+_WRITE_SLICE = 0.1  # a blocked writer re-checks this often whether close() wants the pipe
+_CLIENT_DEADLINE_GRACE = 3.0  # past a call's own timeout, for the daemon to deliver its error
 _SOCKET_CHECK_INTERVAL = 1.0
 _LOG_ROTATE_BYTES = 10 * 1024 * 1024
 _KEEPALIVE_NAMES = ("chrome-devtools", "mobile-mcp", "playwright", "cloudbase")
@@ -154,6 +160,11 @@ class LockTimeout(DaemonTimeout):
 
 class TransportError(DaemonError, ConnectionError):
     """The daemon could not be reached, or hung up without an answer."""
+
+
+class _NotDelivered(TransportError):
+    """The request never reached a daemon (refused, no socket, send failed): safe to send again.
+    Any other TransportError came after the request was sent, when its handler may have run."""
 
 
 class DaemonStartError(DaemonError):
@@ -648,7 +659,21 @@ def load_config(config: Optional[str] = None, root: Optional[str] = None) -> Con
 
 
 def encode_frame(obj: Dict[str, Any]) -> bytes:
-    return (json.dumps(obj, separators=(",", ":"), ensure_ascii=False) + "\n").encode("utf-8")
+    # ASCII-safe: a lone surrogate (JS servers cut strings mid-pair) has no UTF-8 encoding.
+    return (json.dumps(obj, separators=(",", ":"), ensure_ascii=True) + "\n").encode("ascii")
+
+
+def encode_answer(frame: Dict[str, Any]) -> bytes:
+    """``frame`` encoded, or an error frame naming why it cannot be: every caller gets an answer."""
+    try:
+        return encode_frame(frame)
+    except (TypeError, ValueError, RecursionError) as exc:
+        problem = f"{type(exc).__name__}: {exc}"[:300]
+        return encode_frame(
+            _error_frame(
+                frame.get("id"), f"the result cannot be sent as JSON ({problem})", "unencodable_result"
+            )
+        )
 
 
 def progress_cadence_ms(requested: Any) -> Optional[int]:
@@ -664,12 +689,16 @@ class _FrameTooLarge(Exception):
 
 
 def _read_line(
-    sock: socket.socket, limit: int, buf: bytearray, deadline: Optional[float] = None
+    sock: socket.socket,
+    limit: int,
+    buf: bytearray,
+    deadline: Optional[float] = None,
+    idle: Optional[float] = None,
 ) -> Optional[bytes]:
     """One ``\\n``-terminated line from ``sock``; None on EOF before a full line.
 
-    ``buf`` carries bytes past the line to the next call. The socket's own timeout is the
-    idle budget between chunks; ``deadline`` (monotonic) bounds the whole line.
+    ``buf`` carries bytes past the line to the next call. The socket's own timeout (or
+    ``idle``) is the idle budget between chunks; ``deadline`` (monotonic) bounds the whole line.
     """
     while True:
         nl = buf.find(b"\n")
@@ -683,7 +712,7 @@ def _read_line(
             left = deadline - time.monotonic()
             if left <= 0:
                 raise socket.timeout("request line deadline passed")
-            sock.settimeout(left)
+            sock.settimeout(min(left, idle) if idle else left)
         chunk = sock.recv(65536)
         if not chunk:
             return None
@@ -695,11 +724,13 @@ def exchange(
     request: Dict[str, Any],
     idle_timeout: float,
     connect_timeout: Optional[float] = None,
+    overall_timeout: Optional[float] = None,
 ) -> Dict[str, Any]:
     """Send one request, skip progress frames, return the response frame.
 
     ``idle_timeout`` is an idle budget: every frame (progress included) resets it, so a long
-    call stays alive while a silent (hung) daemon still trips it.
+    call stays alive while a silent (hung) daemon still trips it. ``overall_timeout`` bounds
+    the whole wait, progress or not. _NotDelivered when the request never reached a daemon.
     """
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -708,9 +739,10 @@ def exchange(
         except socket.timeout:
             raise DaemonTimeout(f"daemon at {socket_path} did not accept a connection") from None
         except OSError as exc:
-            raise TransportError(f"cannot connect to {socket_path}: {exc.strerror or exc}") from None
+            raise _NotDelivered(f"cannot connect to {socket_path}: {exc.strerror or exc}") from None
         sock.settimeout(idle_timeout)
-        return _send_and_receive(sock, socket_path, request, idle_timeout)
+        deadline = time.monotonic() + overall_timeout if overall_timeout else None
+        return _send_and_receive(sock, socket_path, request, idle_timeout, deadline)
     finally:
         sock.close()
 
@@ -733,18 +765,28 @@ def _connect(sock: socket.socket, path: str, timeout: float) -> None:
 
 
 def _send_and_receive(
-    sock: socket.socket, socket_path: str, request: Dict[str, Any], idle_timeout: float
+    sock: socket.socket,
+    socket_path: str,
+    request: Dict[str, Any],
+    idle_timeout: float,
+    deadline: Optional[float] = None,
 ) -> Dict[str, Any]:
     buf = bytearray()
+    frames = 0
     try:
         sock.sendall(encode_frame(request))
+    except OSError as exc:
+        # The daemon reads only whole lines, so a request not all sent never ran.
+        raise _NotDelivered(f"cannot send to {socket_path}: {exc.strerror or exc}") from None
+    try:
         while True:
-            line = _read_line(sock, _MAX_REQUEST_BYTES * 4, buf)
+            line = _read_line(sock, _MAX_REQUEST_BYTES * 4, buf, deadline, idle_timeout)
             if line is None:
                 if not buf.strip():
                     raise TransportError(f"daemon at {socket_path} closed the connection without answering")
                 # mcporter's own daemon ends its last frame with EOF instead of a newline.
                 line, buf[:] = bytes(buf), b""
+            frames += 1
             frame = json.loads(line)
             if isinstance(frame, dict) and frame.get("type") == "progress":
                 continue
@@ -752,6 +794,8 @@ def _send_and_receive(
                 raise TransportError(f"daemon at {socket_path} sent a malformed frame")
             return frame
     except socket.timeout:
+        if deadline is not None and time.monotonic() >= deadline:
+            raise DaemonTimeout(f"daemon at {socket_path} gave no answer in time (still working)") from None
         raise DaemonTimeout(
             f"daemon at {socket_path} sent nothing for {idle_timeout:g}s (hung or overloaded)"
         ) from None
@@ -759,6 +803,13 @@ def _send_and_receive(
         raise TransportError(f"daemon at {socket_path} sent a malformed frame") from None
     except DaemonError:
         raise  # TransportError is an OSError too; do not wrap our own message twice
+    except ConnectionResetError:
+        if frames or buf:
+            raise TransportError(f"connection to {socket_path} was reset") from None
+        # A reset, not EOF, before any frame: the kernel resets a connection whose peer closed
+        # with our bytes unread (a listener closed with it still queued, a daemon killed before
+        # it read the line), so the request never reached a handler.
+        raise _NotDelivered(f"daemon at {socket_path} closed without reading the request") from None
     except OSError as exc:
         raise TransportError(f"connection to {socket_path} failed: {exc.strerror or exc}") from None
 
@@ -1930,7 +1981,8 @@ class DaemonHost:
     def _send(self, conn: socket.socket, frame: Dict[str, Any]) -> bool:
         try:
             conn.settimeout(5.0)
-            conn.sendall(encode_frame(frame))
+            # Encoded before sending: a result JSON cannot carry still gets an (error) answer.
+            conn.sendall(encode_answer(frame))
             return True
         except OSError:
             return False
@@ -2288,27 +2340,38 @@ class DaemonClient:
         progress_ms: Optional[int] = _CLIENT_PROGRESS_MS,
         auto_start: bool = True,
         notices: Optional[List[str]] = None,
+        overall_timeout: Optional[float] = None,
     ) -> Any:
-        """Send one request to a verified fresh daemon (starting it if allowed); on a
-        transport error restart once and retry once. Raises RemoteError for ``ok: false``."""
+        """Send one request to a verified fresh daemon (starting it if allowed). Raises
+        RemoteError for ``ok: false``, DaemonTimeout past ``overall_timeout`` (progress or not).
+
+        A delivered request runs at most once: it is sent again (after ``ensure``) only when it
+        never reached a daemon, or was answered ``shutting_down`` (its handler never ran).
+        """
         if auto_start:
             self.ensure()
+        send = (method, params, idle_timeout, progress_ms, overall_timeout)
         try:
-            response = self._send(method, params, idle_timeout, progress_ms)
-        except TransportError:
+            response = self._send(*send)
+        except _NotDelivered:
             if not auto_start:
                 raise
             self.ensure()
-            response = self._send(method, params, idle_timeout, progress_ms)
+            response = self._send(*send)
         if auto_start and (response.get("error") or {}).get("code") == "shutting_down":
             self.ensure()
-            response = self._send(method, params, idle_timeout, progress_ms)
+            response = self._send(*send)
         if notices is not None:
             notices.extend(str(n) for n in response.get("notices") or [])
         return result_or_raise(response)
 
     def _send(
-        self, method: str, params: Optional[Dict[str, Any]], idle: float, progress_ms: Optional[int]
+        self,
+        method: str,
+        params: Optional[Dict[str, Any]],
+        idle: float,
+        progress_ms: Optional[int],
+        overall: Optional[float] = None,
     ) -> Dict[str, Any]:
         req: Dict[str, Any] = {
             "id": f"{os.getpid()}-{time.monotonic_ns()}",
@@ -2318,7 +2381,9 @@ class DaemonClient:
         }
         if progress_ms:
             req["progressIntervalMs"] = progress_ms
-        return exchange(self.paths.socket, req, idle, connect_timeout=self.probe_timeout)
+        return exchange(
+            self.paths.socket, req, idle, connect_timeout=self.probe_timeout, overall_timeout=overall
+        )
 
     # -- stopping ------------------------------------------------------------------------------
 
@@ -2893,7 +2958,12 @@ def _timeout_seconds(args: Any) -> float:
 
 
 def _print_json(value: Any) -> None:
-    print(json.dumps(value, indent=2, ensure_ascii=False))
+    print(_printable(json.dumps(value, indent=2, ensure_ascii=False)))
+
+
+def _printable(text: str) -> str:
+    """Lone surrogates (servers cut strings mid-pair) have no UTF-8 form: print them escaped."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _print_notices(notices: List[str]) -> None:
@@ -2925,8 +2995,15 @@ def _via_daemon_or_ephemeral(
     notices: List[str] = []
     params = dict(params, server=spec.name, timeoutMs=int(timeout * 1000))
     try:
-        # The idle budget outlasts the call's own timeout only by the grace a hung daemon gets.
-        return _client(cfg, args).request(method, params, idle_timeout=_DEFAULT_IDLE_BUDGET, notices=notices)
+        # The idle budget catches a hung daemon; the overall one a daemon whose progress frames
+        # outlive the call (its own timeout fires first, so its error arrives within the grace).
+        return _client(cfg, args).request(
+            method,
+            params,
+            idle_timeout=_DEFAULT_IDLE_BUDGET,
+            notices=notices,
+            overall_timeout=timeout + _CLIENT_DEADLINE_GRACE,
+        )
     finally:
         _print_notices(notices)
 
@@ -3105,7 +3182,7 @@ def cmd_call(args: Any) -> int:
     else:
         text = _content_text(result or {})
         if text:
-            print(text)
+            print(_printable(text))
     return 1 if (result or {}).get("isError") else 0
 
 
