@@ -957,15 +957,21 @@ def pid_alive(pid: int) -> bool:
     return _process_info(pid)[1] != "Z"
 
 
-def _linux_process_info(pid: int) -> Tuple[Optional[str], Optional[str]]:
-    """(start time, state) from /proc/<pid>/stat: fields 22 and 3, parsed after the last ')'."""
+def _linux_stat_fields(pid: Any) -> Optional[List[str]]:
+    """/proc/<pid>/stat from field 3 (state) on, split after the last ')' (a name may hold one)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as fh:
             stat = fh.read().decode("utf-8", "replace")
     except OSError:
-        return None, None
+        return None
     fields = stat[stat.rfind(")") + 2 :].split()
-    if len(fields) < 20:
+    return fields if len(fields) >= 20 else None
+
+
+def _linux_process_info(pid: int) -> Tuple[Optional[str], Optional[str]]:
+    """(start time, state) from /proc/<pid>/stat: fields 22 and 3."""
+    fields = _linux_stat_fields(pid)
+    if fields is None:
         return None, None
     return fields[19], fields[0]
 
@@ -991,8 +997,67 @@ def _ps_process_info(pid: int) -> Tuple[Optional[str], Optional[str]]:
     return " ".join(start.split()) or None, state[:1] or None
 
 
+def _linux_group_members(pgid: int) -> List[Tuple[int, int, Optional[float]]]:
+    """(pid, session id, start order) of each live (non-zombie) process in group ``pgid``."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        fields = _linux_stat_fields(entry)
+        if fields is not None and fields[2] == str(pgid) and fields[0] not in ("Z", "X"):
+            members.append((int(entry), int(fields[3]), _linux_start_order(fields[19])))
+    return members
+
+
+def _ps_group_members(pgid: int) -> List[Tuple[int, int, Optional[float]]]:
+    """The same from ``ps`` (``sess`` is the session id on the BSDs; lstart comes last: it has spaces)."""
+    import subprocess
+
+    env = dict(os.environ, LC_ALL="C", TZ="UTC")
+    try:
+        out = subprocess.run(
+            ["ps", "-A", "-o", "pid=", "-o", "pgid=", "-o", "sess=", "-o", "state=", "-o", "lstart="],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=5,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    members = []
+    for line in out.splitlines():
+        parts = line.split(None, 4)
+        if len(parts) == 5 and parts[1] == str(pgid) and not parts[3].startswith("Z"):
+            try:
+                members.append((int(parts[0]), int(parts[2]), _ps_start_order(" ".join(parts[4].split()))))
+            except ValueError:
+                continue
+    return members
+
+
+def _linux_start_order(token: Any) -> Optional[float]:
+    """A start time token as a number that orders processes by start (clock ticks since boot)."""
+    try:
+        return float(token)
+    except (TypeError, ValueError):
+        return None
+
+
+def _ps_start_order(token: Any) -> Optional[float]:
+    """ps's lstart (UTC, 1 s resolution) as epoch seconds."""
+    import calendar
+
+    try:
+        return float(calendar.timegm(time.strptime(str(token), "%a %b %d %H:%M:%S %Y")))
+    except ValueError:
+        return None
+
+
 # The one platform seam for process facts: Linux reads /proc, everything else asks ps.
-_process_info = _linux_process_info if os.path.exists("/proc/self/stat") else _ps_process_info
+_ON_PROC = os.path.exists("/proc/self/stat")
+_process_info = _linux_process_info if _ON_PROC else _ps_process_info
+_group_members = _linux_group_members if _ON_PROC else _ps_group_members
+_start_order = _linux_start_order if _ON_PROC else _ps_start_order
 
 
 def process_start_time(pid: int) -> Optional[str]:
@@ -1087,13 +1152,65 @@ def _safe_getpgid(pid: int) -> Optional[int]:
         return None
 
 
+def leaderless_group_is_ours(
+    pgid: int,
+    leader_start: Optional[float],
+    leader_alive: bool,
+    members: List[Tuple[int, int, Optional[float]]],
+) -> bool:
+    """May the survivors of a recorded MCP server's group be ended without its leader?
+
+    ``members`` are (pid, session id, start order) of the live processes in group ``pgid``.
+    Only with proof they are that server's: its leader (pid ``pgid``) is gone — and Linux hands
+    out no pid still in use as a group id, so no stranger took it — every member is in the
+    session the server led (it was spawned with start_new_session) and none started before it.
+    """
+    if leader_alive or leader_start is None or not members:
+        return False
+    return all(sid == pgid and start is not None and start >= leader_start for _pid, sid, start in members)
+
+
+def _end_leaderless_group(pgid: int, leader_start: Optional[str], grace: float) -> None:
+    """SIGTERM, grace, SIGKILL what is left of a dead server's group, re-proving it each time."""
+    import signal
+
+    order = _start_order(leader_start)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        members = _group_members(pgid)
+        if not leaderless_group_is_ours(pgid, order, pid_alive(pgid), members):
+            return  # gone, or no proof it is the server's
+        _signal(pgid, sig, group=True)
+        _signal(pgid, signal.SIGCONT, group=True)  # a stopped member handles SIGTERM only once woken
+        deadline = time.monotonic() + grace
+        while _group_members(pgid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+
+def end_server_group(pid: Any, start_time: Any, grace: float = _TERM_GRACE) -> None:
+    """End a recorded MCP server and its whole process group (it was spawned as the leader),
+    also when the leader already exited and left children behind."""
+    if not _is_pid(pid) or not start_time:
+        return
+    if is_our_pid(pid, start_time):
+        terminate_process(pid, str(start_time), grace, group=True)
+    # The leader may go first (stdin EOF, or our SIGTERM) while a member ignores SIGTERM.
+    _end_leaderless_group(pid, str(start_time), grace)
+
+
+def _recorded_server_left(entry: Any) -> bool:
+    """A metadata server record whose leader or group members still run."""
+    if not isinstance(entry, dict) or not _is_pid(entry.get("pid")) or not entry.get("pidStartTime"):
+        return False
+    return is_our_pid(entry["pid"], entry["pidStartTime"]) or bool(_group_members(entry["pid"]))
+
+
 def terminate_daemon_tree(
     pid: int, start_time: Optional[str], servers: Dict[str, Any], grace: float = _TERM_GRACE
 ) -> None:
     """End a verified-ours daemon and its MCP servers (recorded ones and live children)."""
     victims: List[Tuple[int, Optional[str]]] = []
     for entry in (servers or {}).values():
-        if isinstance(entry, dict) and is_our_pid(entry.get("pid"), entry.get("pidStartTime")):
+        if _recorded_server_left(entry):
             victims.append((entry["pid"], str(entry["pidStartTime"])))
     if is_our_pid(pid, start_time):
         known = {v[0] for v in victims}
@@ -1102,7 +1219,7 @@ def terminate_daemon_tree(
                 victims.append((child, process_start_time(child)))
         terminate_process(pid, start_time, grace)
     for child, child_start in victims:
-        terminate_process(child, child_start, grace, group=True)
+        end_server_group(child, child_start, grace)
 
 
 # ##########################################################################################
@@ -1143,8 +1260,15 @@ class McpStdioClient:
         self._pending: Dict[int, _Pending] = {}
         self._next_id = 1
         self._proc: Optional[subprocess.Popen] = None
+        self._stdin_fd = -1
         self._threads: List[threading.Thread] = []
         self._exit_note = ""
+        self._exited = threading.Event()  # the leader exited (seen without reaping it)
+        self._exit_code: Optional[int] = None
+        self._broken = ""  # why the stream to the server can no longer be trusted
+        self._closing = False
+        self._close_lock = threading.Lock()  # one group shutdown at a time (close, watcher)
+        self._reaped = False
         self.server_info: Dict[str, Any] = {}
         self.protocol_version = ""
         self.tools_stale = True
@@ -1157,7 +1281,45 @@ class McpStdioClient:
         return self._proc.pid if self._proc else None
 
     def alive(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+        return self._proc is not None and not self._broken and not self._leader_exited()
+
+    def _leader_exited(self) -> bool:
+        """Checked without reaping: a reaped leader's pid (the group id) could be reused by a
+        stranger while we still signal the group. poll() and wait() would reap it."""
+        proc = self._proc
+        if self._exited.is_set() or proc is None:
+            return self._exited.is_set()
+        try:
+            info = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT | os.WNOHANG)
+        except ChildProcessError:  # reaped already (by us, or by an embedder's waitpid(-1))
+            info = None
+            self._exited.set()
+        if info is not None:
+            self._note_exit(info)
+        return self._exited.is_set()
+
+    def _note_exit(self, info: Any) -> None:
+        self._exit_code = info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+        self._exited.set()
+
+    def _watch_exit(self) -> None:
+        """Fail pending calls when the server exits, not at stdout EOF (a grandchild may hold
+        stdout open), then end what is left of its group."""
+        assert self._proc is not None
+        try:
+            info: Any = os.waitid(os.P_PID, self._proc.pid, os.WEXITED | os.WNOWAIT)
+        except ChildProcessError:
+            info = None
+        if info is not None:
+            self._note_exit(info)
+        self._exited.set()
+        self._fail_pending()
+        # Non-blocking: a running close() ends the group itself (and joins this thread).
+        if not self._closing and self._close_lock.acquire(blocking=False):
+            try:
+                self._end_group(0.0, _MCP_CLOSE_GRACE)
+            finally:
+                self._close_lock.release()
 
     def start(self, timeout: float = 30.0) -> McpStdioClient:
         """Spawn the server (never through a shell) and complete the MCP handshake."""
@@ -1184,8 +1346,13 @@ class McpStdioClient:
             raise McpError(
                 f"server '{self.name}': cannot run {self.argv[0]}: {exc.strerror}", "command_not_found"
             ) from None
+        assert self._proc.stdin is not None
+        self._stdin_fd = self._proc.stdin.fileno()
+        os.set_blocking(self._stdin_fd, False)  # writes wait in poll(), with a deadline
         self._spawn_thread(self._read_stdout, "stdout")
         self._spawn_thread(self._drain_stderr, "stderr")
+        watcher = self._threading.Thread(target=self._watch_exit, name=f"mcp-{self.name}-exit", daemon=True)
+        watcher.start()
         try:
             self._initialize(timeout)
         except BaseException:
@@ -1266,26 +1433,72 @@ class McpStdioClient:
             for sink in self._notices:
                 sink.append(text)
 
-    def _fail_pending(self) -> None:
-        code = self._proc.poll() if self._proc else None
-        note = f" (exit code {code})" if code is not None else ""
+    def _fail_pending(self, why: str = "") -> None:
+        if not why:
+            code = self._exit_code if self._leader_exited() else None
+            why = "exited" + (f" (exit code {code})" if code is not None else "")
         with self._state_lock:
             pending, self._pending = self._pending, {}
         for p in pending.values():
-            p.response = {"error": {"message": f"server '{self.name}' exited{note}", "code": -32000}}
+            p.response = {"error": {"message": f"server '{self.name}' {why}", "code": -32000}}
             p.event.set()
 
     # -- writing -----------------------------------------------------------------------------
 
-    def _send(self, msg: Dict[str, Any]) -> None:
-        data = (json.dumps(msg, separators=(",", ":"), ensure_ascii=False) + "\n").encode()
-        assert self._proc is not None and self._proc.stdin is not None
-        with self._write_lock:  # one writer at a time, or two frames interleave
+    def _send(self, msg: Dict[str, Any], deadline: Optional[float] = None) -> bool:
+        """Write one frame by ``deadline``; True once all of it is written.
+
+        False when it could not be: nothing written (the stream is intact), or cut off part-way
+        — then the server is broken (it would read our next frame as the rest of this one) and
+        is ended, so the next call starts a fresh one.
+        """
+        # ASCII-safe: a lone surrogate in a string cannot be encoded as UTF-8.
+        data = (json.dumps(msg, separators=(",", ":"), ensure_ascii=True) + "\n").encode()
+        if deadline is None:
+            deadline = time.monotonic() + _MCP_WRITE_DEADLINE
+        # One writer at a time, or two frames interleave; bounded, as the holder may be stuck.
+        if not self._write_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            return False
+        try:
+            written = self._write_until(data, deadline)
+        finally:
+            self._write_lock.release()
+        if 0 < written < len(data) and not self._closing:
+            self._break(f"stopped reading its input ({written} of {len(data)} bytes of a frame written)")
+        return written == len(data)
+
+    def _write_until(self, data: bytes, deadline: float) -> int:
+        """Bytes of ``data`` written to the server's stdin by ``deadline`` (caller holds the lock)."""
+        import select
+
+        view = memoryview(data)
+        written = 0
+        poller = select.poll()  # not select(): a busy daemon's fds can pass FD_SETSIZE
+        poller.register(self._stdin_fd, select.POLLOUT)
+        while written < len(data) and not self._closing:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            if not poller.poll(min(left, _WRITE_SLICE) * 1000):
+                continue
             try:
-                self._proc.stdin.write(data)
-                self._proc.stdin.flush()
-            except (BrokenPipeError, ValueError, OSError):
-                pass  # the reader notices the exit and fails what is pending
+                written += os.write(self._stdin_fd, view[written:])
+            except BlockingIOError:
+                continue
+            except OSError:
+                break  # EPIPE: the server is gone; the exit watcher fails what is pending
+        return written
+
+    def _break(self, why: str) -> None:
+        """The stream to the server is corrupt: fail what is pending and end it in the background."""
+        if self._broken:
+            return
+        self._broken = why
+        self._log(f"(server '{self.name}' {why}; ending it)")
+        self._fail_pending(why)
+        self._threading.Thread(
+            target=self.close, kwargs={"grace": 0.5}, name=f"mcp-{self.name}-close", daemon=True
+        ).start()
 
     def notify(self, method: str, params: Optional[Dict[str, Any]] = None) -> None:
         msg: Dict[str, Any] = {"jsonrpc": "2.0", "method": method}
@@ -1301,6 +1514,7 @@ class McpStdioClient:
         notices: Optional[List[str]] = None,
     ) -> Any:
         """Send a request and wait for its answer; on timeout tell the server to cancel."""
+        deadline = time.monotonic() + timeout
         if not self.alive():
             raise McpError(f"server '{self.name}' is not running", "server_exited")
         pending = _Pending(self._threading)
@@ -1314,8 +1528,17 @@ class McpStdioClient:
         if params is not None:
             msg["params"] = params
         try:
-            self._send(msg)
-            if not pending.event.wait(timeout):
+            if not self._send(msg, deadline) and not pending.event.is_set():
+                with self._state_lock:
+                    self._pending.pop(rid, None)
+                if self._leader_exited():
+                    raise McpError(f"server '{self.name}' exited", "server_exited")
+                raise McpError(
+                    f"server '{self.name}': {method} timed out after {timeout:g}s "
+                    f"(the server is not reading its input)",
+                    "operation_timeout",
+                )
+            if not pending.event.wait(max(0.0, deadline - time.monotonic())):
                 with self._state_lock:
                     self._pending.pop(rid, None)
                 if method != "initialize":
@@ -1395,29 +1618,60 @@ class McpStdioClient:
     # -- shutdown --------------------------------------------------------------------------------
 
     def close(self, grace: float = _MCP_CLOSE_GRACE) -> None:
-        """Close stdin; after ``grace`` SIGTERM the group; after ``grace`` more, SIGKILL it."""
+        """Close stdin; after ``grace`` SIGTERM the group; after ``grace`` more, SIGKILL it.
+        The whole group goes, also when its leader exits on EOF first and a child lives on."""
+        if self._proc is None:
+            return
+        self._closing = True  # a blocked writer lets go of the pipe within _WRITE_SLICE
+        with self._close_lock:
+            self._close_stdin()
+            self._end_group(grace, grace)
+        for t in self._threads:
+            t.join(1.0)
+        self._fail_pending()
+
+    def _close_stdin(self) -> None:
+        # Under the write lock: a writer still using the fd number after close could write
+        # into whatever file reuses that number.
+        got = self._write_lock.acquire(timeout=2 * _WRITE_SLICE + 1.0)
+        try:
+            if got and self._proc is not None and self._proc.stdin is not None:
+                self._proc.stdin.close()
+        except OSError:
+            pass
+        finally:
+            if got:
+                self._write_lock.release()
+
+    def _group_gone(self) -> bool:
+        assert self._proc is not None
+        return self._leader_exited() and not _group_members(self._proc.pid)
+
+    def _end_group(self, exit_wait: float, grace: float) -> None:
+        """Wait ``exit_wait`` for the leader to exit; then SIGTERM, ``grace``, SIGKILL the group
+        while any member remains; only then reap the leader (caller holds the close lock)."""
         import signal
         import subprocess
 
         proc = self._proc
-        if proc is None:
+        if proc is None or self._reaped:
             return
-        try:
-            if proc.stdin:
-                proc.stdin.close()
-        except OSError:
-            pass
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                proc.wait(grace)
+        self._exited.wait(exit_wait)
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 2.0)):
+            if self._group_gone():
                 break
-            except subprocess.TimeoutExpired:
-                _signal(proc.pid, sig, group=_safe_getpgid(proc.pid) == proc.pid)
-        else:
-            proc.wait()
-        for t in self._threads:
-            t.join(1.0)
-        self._fail_pending()
+            # Safe while the leader is unreaped: its pid, the group id, cannot be reused.
+            _signal(proc.pid, sig, group=True)
+            if sig == signal.SIGTERM:
+                _signal(proc.pid, signal.SIGCONT, group=True)  # stopped members handle it once woken
+            deadline = time.monotonic() + wait
+            while not self._group_gone() and time.monotonic() < deadline:
+                time.sleep(0.01)
+        try:
+            proc.wait(2.0)
+            self._reaped = True
+        except subprocess.TimeoutExpired:
+            pass  # unkillable (D state): leave it unreaped rather than wait forever
 
 
 # ##########################################################################################
@@ -1732,9 +1986,9 @@ class DaemonHost:
         if not meta or is_our_pid(meta.get("pid"), meta.get("pidStartTime")):
             return  # a live owner closes its own servers
         for name, entry in (meta.get("servers") or {}).items():
-            if isinstance(entry, dict) and is_our_pid(entry.get("pid"), entry.get("pidStartTime")):
+            if _recorded_server_left(entry):
                 self.log.event(f"ending MCP server '{name}' (pid {entry['pid']}) left by a dead daemon")
-                terminate_process(entry["pid"], str(entry["pidStartTime"]), _TERM_GRACE, group=True)
+                end_server_group(entry["pid"], entry["pidStartTime"], _TERM_GRACE)
 
     def _bind(self) -> None:
         import stat as _stat
@@ -2446,8 +2700,8 @@ class DaemonClient:
             if meta and is_our_pid(meta.get("pid"), meta.get("pidStartTime")):
                 return False  # a live owner appeared meanwhile
             for entry in ((meta or {}).get("servers") or {}).values():
-                if isinstance(entry, dict) and is_our_pid(entry.get("pid"), entry.get("pidStartTime")):
-                    terminate_process(entry["pid"], str(entry["pidStartTime"]), group=True)
+                if _recorded_server_left(entry):
+                    end_server_group(entry["pid"], entry["pidStartTime"])
             if meta is not None or os.path.exists(self.paths.metadata):
                 _unlink_quietly(self.paths.metadata)
                 cleaned = True
@@ -2554,7 +2808,7 @@ class McpKeepAliveService:
             if slot.client is not None and slot.client.alive():
                 return slot.client
             if slot.client is not None:
-                self.log.event(f"server '{slot.spec.name}' exited; restarting it")
+                self.log.event(f"server '{slot.spec.name}' exited or broke; restarting it")
                 slot.client.close(grace=0.1)
             name = slot.spec.name
             client = McpStdioClient(
