@@ -1058,6 +1058,8 @@ _ON_PROC = os.path.exists("/proc/self/stat")
 _process_info = _linux_process_info if _ON_PROC else _ps_process_info
 _group_members = _linux_group_members if _ON_PROC else _ps_group_members
 _start_order = _linux_start_order if _ON_PROC else _ps_start_order
+# Exit checks that do not reap; macOS has os.waitid only from Python 3.13.
+_HAS_WAITID = hasattr(os, "waitid") and hasattr(os, "WNOWAIT")
 
 
 def process_start_time(pid: int) -> Optional[str]:
@@ -1269,6 +1271,7 @@ class McpStdioClient:
         self._closing = False
         self._close_lock = threading.Lock()  # one group shutdown at a time (close, watcher)
         self._reaped = False
+        self._group_ended = False
         self.server_info: Dict[str, Any] = {}
         self.protocol_version = ""
         self.tools_stale = True
@@ -1289,6 +1292,8 @@ class McpStdioClient:
         proc = self._proc
         if self._exited.is_set() or proc is None:
             return self._exited.is_set()
+        if not _HAS_WAITID:
+            return self._reap_if_exited(proc.poll())
         try:
             info = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT | os.WNOHANG)
         except ChildProcessError:  # reaped already (by us, or by an embedder's waitpid(-1))
@@ -1296,6 +1301,16 @@ class McpStdioClient:
             self._exited.set()
         if info is not None:
             self._note_exit(info)
+        return self._exited.is_set()
+
+    def _reap_if_exited(self, code: Optional[int]) -> bool:
+        """Without waitid (macOS before Python 3.13) only a reaping check exists. POSIX still
+        keeps a group id from reuse while any member lives, so only an emptied group is at
+        risk, and _group_gone asks the kernel (killpg) before each signal."""
+        if code is not None:
+            self._exit_code = code
+            self._reaped = True
+            self._exited.set()
         return self._exited.is_set()
 
     def _note_exit(self, info: Any) -> None:
@@ -1306,10 +1321,14 @@ class McpStdioClient:
         """Fail pending calls when the server exits, not at stdout EOF (a grandchild may hold
         stdout open), then end what is left of its group."""
         assert self._proc is not None
+        info: Any = None
         try:
-            info: Any = os.waitid(os.P_PID, self._proc.pid, os.WEXITED | os.WNOWAIT)
+            if _HAS_WAITID:
+                info = os.waitid(os.P_PID, self._proc.pid, os.WEXITED | os.WNOWAIT)
+            else:
+                self._reap_if_exited(self._proc.wait())
         except ChildProcessError:
-            info = None
+            pass
         if info is not None:
             self._note_exit(info)
         self._exited.set()
@@ -1645,7 +1664,17 @@ class McpStdioClient:
 
     def _group_gone(self) -> bool:
         assert self._proc is not None
-        return self._leader_exited() and not _group_members(self._proc.pid)
+        if not self._leader_exited():
+            return False
+        try:
+            os.killpg(self._proc.pid, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:
+            pass
+        # Zombies (our unreaped leader among them) keep the group in the kernel's eyes: ask
+        # who in it still runs.
+        return not _group_members(self._proc.pid)
 
     def _end_group(self, exit_wait: float, grace: float) -> None:
         """Wait ``exit_wait`` for the leader to exit; then SIGTERM, ``grace``, SIGKILL the group
@@ -1654,7 +1683,7 @@ class McpStdioClient:
         import subprocess
 
         proc = self._proc
-        if proc is None or self._reaped:
+        if proc is None or self._group_ended:
             return
         self._exited.wait(exit_wait)
         for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 2.0)):
@@ -1666,7 +1695,8 @@ class McpStdioClient:
                 _signal(proc.pid, signal.SIGCONT, group=True)  # stopped members handle it once woken
             deadline = time.monotonic() + wait
             while not self._group_gone() and time.monotonic() < deadline:
-                time.sleep(0.01)
+                time.sleep(0.01 if _ON_PROC else 0.1)  # ps is a process start per look
+        self._group_ended = True
         try:
             proc.wait(2.0)
             self._reaped = True
