@@ -118,6 +118,7 @@ _STOP_WAIT = 5.0
 _TERM_GRACE = 1.0
 _MCP_CLOSE_GRACE = 2.0
 _MCP_WRITE_DEADLINE = 2.0  # for frames not tied to a call (notifications, answers to the server)
+_CANCEL_WRITE_DEADLINE = 0.5
 _WRITE_SLICE = 0.1  # a blocked writer re-checks this often whether close() wants the pipe
 _CLIENT_DEADLINE_GRACE = 3.0  # past a call's own timeout, for the daemon to deliver its error
 _SOCKET_CHECK_INTERVAL = 1.0
@@ -1519,11 +1520,13 @@ class McpStdioClient:
             target=self.close, kwargs={"grace": 0.5}, name=f"mcp-{self.name}-close", daemon=True
         ).start()
 
-    def notify(self, method: str, params: Optional[Dict[str, Any]] = None) -> None:
+    def notify(
+        self, method: str, params: Optional[Dict[str, Any]] = None, deadline: Optional[float] = None
+    ) -> None:
         msg: Dict[str, Any] = {"jsonrpc": "2.0", "method": method}
         if params is not None:
             msg["params"] = params
-        self._send(msg)
+        self._send(msg, deadline)
 
     def request(
         self,
@@ -1561,7 +1564,9 @@ class McpStdioClient:
                 with self._state_lock:
                     self._pending.pop(rid, None)
                 if method != "initialize":
-                    self.notify("notifications/cancelled", {"requestId": rid, "reason": "client timeout"})
+                    # Briefly: the caller's timeout has passed, and a stuck writer may hold the lock.
+                    cancel = {"requestId": rid, "reason": "client timeout"}
+                    self.notify("notifications/cancelled", cancel, time.monotonic() + _CANCEL_WRITE_DEADLINE)
                 raise McpError(
                     f"server '{self.name}': {method} timed out after {timeout:g}s", "operation_timeout"
                 )
