@@ -3319,7 +3319,7 @@ def test_lone_surrogate_result_is_answered_once(h):
 
 
 SET_HOST_SCRIPT = """\
-import sys
+import os, sys
 sys.path.insert(0, {here!r})
 import mcporter_daemon
 
@@ -3332,19 +3332,30 @@ def bag(params, ctx):
     return {{1, 2}}  # not JSON
 
 
-host = mcporter_daemon.DaemonHost(mcporter_daemon.DaemonPaths.for_key("sethost", base), "fp-set", {{"bag": bag}})
+def crash(params, ctx):
+    with open(runs, "a") as f:
+        f.write("ran\\n")
+    os._exit(1)  # after the request was delivered: the caller must not send it again
+
+
+handlers = {{"bag": bag, "crash": crash}}
+host = mcporter_daemon.DaemonHost(mcporter_daemon.DaemonPaths.for_key("sethost", base), "fp-set", handlers)
 sys.exit(host.run())
 """
 
 
-def test_unencodable_handler_result_gets_an_error_and_runs_once(h):
-    md = _import_module()
-    script, runs = h.tmp / "set_host.py", h.tmp / "set-runs"
+def set_host_client(h, md, runs):
+    """A client that auto-starts the vendored set/crash host (tagged, so cleanup finds it)."""
+    script = h.tmp / "set_host.py"
     script.write_text(SET_HOST_SCRIPT.format(here=str(HERE)))
     paths = md.DaemonPaths.for_key("sethost", str(h.state_dir))
-    client = md.DaemonClient(
-        paths, "fp-set", [sys.executable, str(script), str(h.state_dir), str(runs), h.tag]
-    )
+    return md.DaemonClient(paths, "fp-set", [sys.executable, str(script), str(h.state_dir), str(runs), h.tag])
+
+
+def test_unencodable_handler_result_gets_an_error_and_runs_once(h):
+    md = _import_module()
+    runs = h.tmp / "set-runs"
+    client = set_host_client(h, md, runs)
     try:
         with pytest.raises(md.RemoteError) as info:
             client.request("bag", {}, idle_timeout=10.0)
@@ -3354,6 +3365,36 @@ def test_unencodable_handler_result_gets_an_error_and_runs_once(h):
     finally:
         h.server_pids()
         client.stop()
+
+
+def test_delivered_request_is_not_sent_again_when_the_daemon_dies(h):
+    md = _import_module()
+    runs = h.tmp / "crash-runs"
+    client = set_host_client(h, md, runs)
+    client.ensure()
+    first = h.server_pids()
+    with pytest.raises(md.TransportError) as info:
+        client.request("crash", {}, idle_timeout=10.0)
+    assert "without answering" in str(info.value), info.value
+    assert runs.read_text().splitlines() == ["ran"], "a delivered request was sent again"
+    assert len(first) == 1 and not (h.server_pids() - first), "a second host was started to resend it"
+
+
+@pytest.mark.parametrize(
+    "leader_alive, leader_start, members, ours",
+    [
+        (False, 100.0, [(11, 10, 100.0), (12, 10, 150.0)], True),  # leader gone, its session, younger
+        (True, 100.0, [(11, 10, 150.0)], False),  # the leader runs: its own shutdown applies
+        (False, None, [(11, 10, 150.0)], False),  # no recorded start time: no proof
+        (False, 100.0, [], False),  # nothing left
+        (False, 100.0, [(11, 10, 150.0), (12, 99, 150.0)], False),  # a member of another session
+        (False, 100.0, [(11, 10, 99.0)], False),  # older than the leader: not its child
+        (False, 100.0, [(11, 10, None)], False),  # start time unknown
+    ],
+)
+def test_leaderless_group_is_ours_table(leader_alive, leader_start, members, ours):
+    md = _import_module()
+    assert md.leaderless_group_is_ours(10, leader_start, leader_alive, members) is ours
 
 
 class _YieldingState(dict):
