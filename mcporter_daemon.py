@@ -796,7 +796,9 @@ def _send_and_receive(
             return frame
     except socket.timeout:
         if deadline is not None and time.monotonic() >= deadline:
-            raise DaemonTimeout(f"daemon at {socket_path} gave no answer in time (still working)") from None
+            raise DaemonTimeout(
+                f"no answer from the daemon at {socket_path} within the call's time limit (still working)"
+            ) from None
         raise DaemonTimeout(
             f"daemon at {socket_path} sent nothing for {idle_timeout:g}s (hung or overloaded)"
         ) from None
