@@ -1462,7 +1462,7 @@ class McpStdioClient:
         with self._state_lock:
             pending, self._pending = self._pending, {}
         for p in pending.values():
-            p.response = {"error": {"message": f"server '{self.name}' {why}", "code": -32000}}
+            p.response = {"error": {"message": why, "code": -32000}}  # request() names the server
             p.event.set()
 
     # -- writing -----------------------------------------------------------------------------
