@@ -56,12 +56,15 @@ __all__ = [
     "DaemonStartError",
     "DaemonTimeout",
     "discover_config",
+    "encode_answer",
+    "end_server_group",
     "ensure_private_dir",
     "exchange",
     "FileLock",
     "HandlerError",
     "is_our_pid",
     "load_config",
+    "leaderless_group_is_ours",
     "LockTimeout",
     "main",
     "McpError",
@@ -116,6 +119,10 @@ _START_GIVE_UP = 45.0
 _STOP_WAIT = 5.0
 _TERM_GRACE = 1.0
 _MCP_CLOSE_GRACE = 2.0
+_MCP_WRITE_DEADLINE = 2.0  # for frames not tied to a call (notifications, answers to the server)
+_CANCEL_WRITE_DEADLINE = 0.5
+_WRITE_SLICE = 0.1  # a blocked writer re-checks this often whether close() wants the pipe
+_CLIENT_DEADLINE_GRACE = 3.0  # past a call's own timeout, for the daemon to deliver its error
 _SOCKET_CHECK_INTERVAL = 1.0
 _STOPPING_WAIT = 15.0  # a stopping daemon gets this long to close its servers before it is ended
 _ACCEPT_BACKOFF_MAX = 1.0  # out of fds: retry accept() no faster than this, instead of spinning
@@ -168,6 +175,11 @@ class LockTimeout(DaemonTimeout):
 
 class TransportError(DaemonError, ConnectionError):
     """The daemon could not be reached, or hung up without an answer."""
+
+
+class _NotDelivered(TransportError):
+    """The request never reached a daemon (refused, no socket, send failed): safe to send again.
+    Any other TransportError came after the request was sent, when its handler may have run."""
 
 
 class DaemonStartError(DaemonError):
@@ -924,7 +936,21 @@ def _parse_layer(source: str, data: bytes) -> Dict[str, Any]:
 
 
 def encode_frame(obj: Dict[str, Any]) -> bytes:
-    return (json.dumps(obj, separators=(",", ":"), ensure_ascii=True) + "\n").encode("utf-8")
+    # ASCII-safe: a lone surrogate (JS servers cut strings mid-pair) has no UTF-8 encoding.
+    return (json.dumps(obj, separators=(",", ":"), ensure_ascii=True) + "\n").encode("ascii")
+
+
+def encode_answer(frame: Dict[str, Any]) -> bytes:
+    """``frame`` encoded, or an error frame naming why it cannot be: every caller gets an answer."""
+    try:
+        return encode_frame(frame)
+    except (TypeError, ValueError, RecursionError) as exc:
+        problem = f"{type(exc).__name__}: {exc}"[:300]
+        return encode_frame(
+            _error_frame(
+                frame.get("id"), f"the result cannot be sent as JSON ({problem})", "unencodable_result"
+            )
+        )
 
 
 def progress_cadence_ms(requested: Any) -> Optional[int]:
@@ -940,12 +966,16 @@ class _FrameTooLarge(Exception):
 
 
 def _read_line(
-    sock: socket.socket, limit: int, buf: bytearray, deadline: Optional[float] = None
+    sock: socket.socket,
+    limit: int,
+    buf: bytearray,
+    deadline: Optional[float] = None,
+    idle: Optional[float] = None,
 ) -> Optional[bytes]:
     """One ``\\n``-terminated line from ``sock``; None on EOF before a full line.
 
-    ``buf`` carries bytes past the line to the next call. The socket's own timeout is the
-    idle budget between chunks; ``deadline`` (monotonic) bounds the whole line.
+    ``buf`` carries bytes past the line to the next call. The socket's own timeout (or
+    ``idle``) is the idle budget between chunks; ``deadline`` (monotonic) bounds the whole line.
     """
     while True:
         nl = buf.find(b"\n")
@@ -959,7 +989,7 @@ def _read_line(
             left = deadline - time.monotonic()
             if left <= 0:
                 raise socket.timeout("request line deadline passed")
-            sock.settimeout(left)
+            sock.settimeout(min(left, idle) if idle else left)
         chunk = sock.recv(65536)
         if not chunk:
             return None
@@ -971,11 +1001,13 @@ def exchange(
     request: Dict[str, Any],
     idle_timeout: float,
     connect_timeout: Optional[float] = None,
+    overall_timeout: Optional[float] = None,
 ) -> Dict[str, Any]:
     """Send one request, skip progress frames, return the response frame.
 
     ``idle_timeout`` is an idle budget: every frame (progress included) resets it, so a long
-    call stays alive while a silent (hung) daemon still trips it.
+    call stays alive while a silent (hung) daemon still trips it. ``overall_timeout`` bounds
+    the whole wait, progress or not. _NotDelivered when the request never reached a daemon.
     """
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -984,9 +1016,10 @@ def exchange(
         except socket.timeout:
             raise DaemonTimeout(f"daemon at {socket_path} did not accept a connection") from None
         except OSError as exc:
-            raise TransportError(f"cannot connect to {socket_path}: {exc.strerror or exc}") from None
+            raise _NotDelivered(f"cannot connect to {socket_path}: {exc.strerror or exc}") from None
         sock.settimeout(idle_timeout)
-        return _send_and_receive(sock, socket_path, request, idle_timeout)
+        deadline = time.monotonic() + overall_timeout if overall_timeout else None
+        return _send_and_receive(sock, socket_path, request, idle_timeout, deadline)
     finally:
         sock.close()
 
@@ -1009,18 +1042,28 @@ def _connect(sock: socket.socket, path: str, timeout: float) -> None:
 
 
 def _send_and_receive(
-    sock: socket.socket, socket_path: str, request: Dict[str, Any], idle_timeout: float
+    sock: socket.socket,
+    socket_path: str,
+    request: Dict[str, Any],
+    idle_timeout: float,
+    deadline: Optional[float] = None,
 ) -> Dict[str, Any]:
     buf = bytearray()
+    frames = 0
     try:
         sock.sendall(encode_frame(request))
+    except OSError as exc:
+        # The daemon reads only whole lines, so a request not all sent never ran.
+        raise _NotDelivered(f"cannot send to {socket_path}: {exc.strerror or exc}") from None
+    try:
         while True:
-            line = _read_line(sock, _MAX_REQUEST_BYTES * 4, buf)
+            line = _read_line(sock, _MAX_REQUEST_BYTES * 4, buf, deadline, idle_timeout)
             if line is None:
                 if not buf.strip():
                     raise TransportError(f"daemon at {socket_path} closed the connection without answering")
                 # mcporter's own daemon ends its last frame with EOF instead of a newline.
                 line, buf[:] = bytes(buf), b""
+            frames += 1
             frame = json.loads(line)
             if isinstance(frame, dict) and frame.get("type") == "progress":
                 continue
@@ -1028,6 +1071,10 @@ def _send_and_receive(
                 raise TransportError(f"daemon at {socket_path} sent a malformed frame")
             return frame
     except socket.timeout:
+        if deadline is not None and time.monotonic() >= deadline:
+            raise DaemonTimeout(
+                f"no answer from the daemon at {socket_path} within the call's time limit (still working)"
+            ) from None
         raise DaemonTimeout(
             f"daemon at {socket_path} sent nothing for {idle_timeout:g}s (hung or overloaded)"
         ) from None
@@ -1035,6 +1082,13 @@ def _send_and_receive(
         raise TransportError(f"daemon at {socket_path} sent a malformed frame") from None
     except DaemonError:
         raise  # TransportError is an OSError too; do not wrap our own message twice
+    except ConnectionResetError:
+        if frames or buf:
+            raise TransportError(f"connection to {socket_path} was reset") from None
+        # A reset, not EOF, before any frame: the kernel resets a connection whose peer closed
+        # with our bytes unread (a listener closed with it still queued, a daemon killed before
+        # it read the line), so the request never reached a handler.
+        raise _NotDelivered(f"daemon at {socket_path} closed without reading the request") from None
     except OSError as exc:
         raise TransportError(f"connection to {socket_path} failed: {exc.strerror or exc}") from None
 
@@ -1209,15 +1263,21 @@ def pid_alive(pid: int) -> bool:
     return _process_info(pid)[1] != "Z"
 
 
-def _linux_process_info(pid: int) -> Tuple[Optional[str], Optional[str]]:
-    """(start time, state) from /proc/<pid>/stat: fields 22 and 3, parsed after the last ')'."""
+def _linux_stat_fields(pid: Any) -> Optional[List[str]]:
+    """/proc/<pid>/stat from field 3 (state) on, split after the last ')' (a name may hold one)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as fh:
             stat = fh.read().decode("utf-8", "replace")
     except OSError:
-        return None, None
+        return None
     fields = stat[stat.rfind(")") + 2 :].split()
-    if len(fields) < 20:
+    return fields if len(fields) >= 20 else None
+
+
+def _linux_process_info(pid: int) -> Tuple[Optional[str], Optional[str]]:
+    """(start time, state) from /proc/<pid>/stat: fields 22 and 3."""
+    fields = _linux_stat_fields(pid)
+    if fields is None:
         return None, None
     return fields[19], fields[0]
 
@@ -1243,8 +1303,69 @@ def _ps_process_info(pid: int) -> Tuple[Optional[str], Optional[str]]:
     return " ".join(start.split()) or None, state[:1] or None
 
 
+def _linux_group_members(pgid: int) -> List[Tuple[int, int, Optional[float]]]:
+    """(pid, session id, start order) of each live (non-zombie) process in group ``pgid``."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        fields = _linux_stat_fields(entry)
+        if fields is not None and fields[2] == str(pgid) and fields[0] not in ("Z", "X"):
+            members.append((int(entry), int(fields[3]), _linux_start_order(fields[19])))
+    return members
+
+
+def _ps_group_members(pgid: int) -> List[Tuple[int, int, Optional[float]]]:
+    """The same from ``ps`` (``sess`` is the session id on the BSDs; lstart comes last: it has spaces)."""
+    import subprocess
+
+    env = dict(os.environ, LC_ALL="C", TZ="UTC")
+    try:
+        out = subprocess.run(
+            ["ps", "-A", "-o", "pid=", "-o", "pgid=", "-o", "sess=", "-o", "state=", "-o", "lstart="],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=5,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    members = []
+    for line in out.splitlines():
+        parts = line.split(None, 4)
+        if len(parts) == 5 and parts[1] == str(pgid) and not parts[3].startswith("Z"):
+            try:
+                members.append((int(parts[0]), int(parts[2]), _ps_start_order(" ".join(parts[4].split()))))
+            except ValueError:
+                continue
+    return members
+
+
+def _linux_start_order(token: Any) -> Optional[float]:
+    """A start time token as a number that orders processes by start (clock ticks since boot)."""
+    try:
+        return float(token)
+    except (TypeError, ValueError):
+        return None
+
+
+def _ps_start_order(token: Any) -> Optional[float]:
+    """ps's lstart (UTC, 1 s resolution) as epoch seconds."""
+    import calendar
+
+    try:
+        return float(calendar.timegm(time.strptime(str(token), "%a %b %d %H:%M:%S %Y")))
+    except ValueError:
+        return None
+
+
 # The one platform seam for process facts: Linux reads /proc, everything else asks ps.
-_process_info = _linux_process_info if os.path.exists("/proc/self/stat") else _ps_process_info
+_ON_PROC = os.path.exists("/proc/self/stat")
+_process_info = _linux_process_info if _ON_PROC else _ps_process_info
+_group_members = _linux_group_members if _ON_PROC else _ps_group_members
+_start_order = _linux_start_order if _ON_PROC else _ps_start_order
+# Exit checks that do not reap; macOS has os.waitid only from Python 3.13.
+_HAS_WAITID = hasattr(os, "waitid") and hasattr(os, "WNOWAIT")
 
 
 def process_start_time(pid: int) -> Optional[str]:
@@ -1339,13 +1460,65 @@ def _safe_getpgid(pid: int) -> Optional[int]:
         return None
 
 
+def leaderless_group_is_ours(
+    pgid: int,
+    leader_start: Optional[float],
+    leader_alive: bool,
+    members: List[Tuple[int, int, Optional[float]]],
+) -> bool:
+    """May the survivors of a recorded MCP server's group be ended without its leader?
+
+    ``members`` are (pid, session id, start order) of the live processes in group ``pgid``.
+    Only with proof they are that server's: its leader (pid ``pgid``) is gone — and Linux hands
+    out no pid still in use as a group id, so no stranger took it — every member is in the
+    session the server led (it was spawned with start_new_session) and none started before it.
+    """
+    if leader_alive or leader_start is None or not members:
+        return False
+    return all(sid == pgid and start is not None and start >= leader_start for _pid, sid, start in members)
+
+
+def _end_leaderless_group(pgid: int, leader_start: Optional[str], grace: float) -> None:
+    """SIGTERM, grace, SIGKILL what is left of a dead server's group, re-proving it each time."""
+    import signal
+
+    order = _start_order(leader_start)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        members = _group_members(pgid)
+        if not leaderless_group_is_ours(pgid, order, pid_alive(pgid), members):
+            return  # gone, or no proof it is the server's
+        _signal(pgid, sig, group=True)
+        _signal(pgid, signal.SIGCONT, group=True)  # a stopped member handles SIGTERM only once woken
+        deadline = time.monotonic() + grace
+        while _group_members(pgid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+
+def end_server_group(pid: Any, start_time: Any, grace: float = _TERM_GRACE) -> None:
+    """End a recorded MCP server and its whole process group (it was spawned as the leader),
+    also when the leader already exited and left children behind."""
+    if not _is_pid(pid) or not start_time:
+        return
+    if is_our_pid(pid, start_time):
+        terminate_process(pid, str(start_time), grace, group=True)
+    # The leader may go first (stdin EOF, or our SIGTERM) while a member ignores SIGTERM.
+    _end_leaderless_group(pid, str(start_time), grace)
+
+
+def _recorded_server_left(entry: Any) -> bool:
+    """A metadata server record whose leader or group members still run."""
+    if not isinstance(entry, dict) or not _is_pid(entry.get("pid")) or not entry.get("pidStartTime"):
+        return False
+    return is_our_pid(entry["pid"], entry["pidStartTime"]) or bool(_group_members(entry["pid"]))
+
+
 def terminate_daemon_tree(
     pid: int, start_time: Optional[str], servers: Dict[str, Any], grace: float = _TERM_GRACE
 ) -> None:
     """End a verified-ours daemon and its MCP servers (recorded ones and live children)."""
     victims: List[Tuple[int, Optional[str]]] = []
     for entry in (servers or {}).values():
-        if isinstance(entry, dict) and is_our_pid(entry.get("pid"), entry.get("pidStartTime")):
+        if _recorded_server_left(entry):
             victims.append((entry["pid"], str(entry["pidStartTime"])))
     if is_our_pid(pid, start_time):
         known = {v[0] for v in victims}
@@ -1354,7 +1527,7 @@ def terminate_daemon_tree(
                 victims.append((child, process_start_time(child)))
         terminate_process(pid, start_time, grace)
     for child, child_start in victims:
-        terminate_process(child, child_start, grace, group=True)
+        end_server_group(child, child_start, grace)
 
 
 # ##########################################################################################
@@ -1408,8 +1581,16 @@ class McpStdioClient:
         self._pending: Dict[int, _Pending] = {}
         self._next_id = 1
         self._proc: Optional[subprocess.Popen] = None
+        self._stdin_fd = -1
         self._threads: List[threading.Thread] = []
         self._exit_note = ""
+        self._exited = threading.Event()  # the leader exited (seen without reaping it)
+        self._exit_code: Optional[int] = None
+        self._broken = ""  # why the stream to the server can no longer be trusted
+        self._closing = False
+        self._close_lock = threading.Lock()  # one group shutdown at a time (close, watcher)
+        self._reaped = False
+        self._group_ended = False
         self.server_info: Dict[str, Any] = {}
         self.protocol_version = ""
         self.tools_stale = True
@@ -1422,7 +1603,61 @@ class McpStdioClient:
         return self._proc.pid if self._proc else None
 
     def alive(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+        return self._proc is not None and not self._broken and not self._leader_exited()
+
+    def _leader_exited(self) -> bool:
+        """Checked without reaping: a reaped leader's pid (the group id) could be reused by a
+        stranger while we still signal the group. poll() and wait() would reap it."""
+        proc = self._proc
+        if self._exited.is_set() or proc is None:
+            return self._exited.is_set()
+        if not _HAS_WAITID:
+            return self._reap_if_exited(proc.poll())
+        try:
+            info = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT | os.WNOHANG)
+        except ChildProcessError:  # reaped already (by us, or by an embedder's waitpid(-1))
+            info = None
+            self._exited.set()
+        if info is not None:
+            self._note_exit(info)
+        return self._exited.is_set()
+
+    def _reap_if_exited(self, code: Optional[int]) -> bool:
+        """Without waitid (macOS before Python 3.13) only a reaping check exists. POSIX still
+        keeps a group id from reuse while any member lives, so only an emptied group is at
+        risk, and _group_gone asks the kernel (killpg) before each signal."""
+        if code is not None:
+            self._exit_code = code
+            self._reaped = True
+            self._exited.set()
+        return self._exited.is_set()
+
+    def _note_exit(self, info: Any) -> None:
+        self._exit_code = info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+        self._exited.set()
+
+    def _watch_exit(self) -> None:
+        """Fail pending calls when the server exits, not at stdout EOF (a grandchild may hold
+        stdout open), then end what is left of its group."""
+        assert self._proc is not None
+        info: Any = None
+        try:
+            if _HAS_WAITID:
+                info = os.waitid(os.P_PID, self._proc.pid, os.WEXITED | os.WNOWAIT)
+            else:
+                self._reap_if_exited(self._proc.wait())
+        except ChildProcessError:
+            pass
+        if info is not None:
+            self._note_exit(info)
+        self._exited.set()
+        self._fail_pending()
+        # Non-blocking: a running close() ends the group itself (and joins this thread).
+        if not self._closing and self._close_lock.acquire(blocking=False):
+            try:
+                self._end_group(0.0, _MCP_CLOSE_GRACE)
+            finally:
+                self._close_lock.release()
 
     def start(self, timeout: float = 30.0) -> McpStdioClient:
         """Spawn the server (never through a shell) and complete the MCP handshake."""
@@ -1449,8 +1684,13 @@ class McpStdioClient:
             raise McpError(
                 f"server '{self.name}': cannot run {self.argv[0]}: {exc.strerror}", "command_not_found"
             ) from None
+        assert self._proc.stdin is not None
+        self._stdin_fd = self._proc.stdin.fileno()
+        os.set_blocking(self._stdin_fd, False)  # writes wait in poll(), with a deadline
         self._spawn_thread(self._read_stdout, "stdout")
         self._spawn_thread(self._drain_stderr, "stderr")
+        watcher = self._threading.Thread(target=self._watch_exit, name=f"mcp-{self.name}-exit", daemon=True)
+        watcher.start()
         try:
             self._initialize(timeout)
         except BaseException:
@@ -1531,32 +1771,80 @@ class McpStdioClient:
             for sink in self._notices:
                 sink.append(text)
 
-    def _fail_pending(self) -> None:
-        code = self._proc.poll() if self._proc else None
-        note = f" (exit code {code})" if code is not None else ""
+    def _fail_pending(self, why: str = "") -> None:
+        if not why:
+            code = self._exit_code if self._leader_exited() else None
+            why = "exited" + (f" (exit code {code})" if code is not None else "")
         with self._state_lock:
             pending, self._pending = self._pending, {}
         for p in pending.values():
-            p.response = {"error": {"message": f"server '{self.name}' exited{note}", "code": -32000}}
+            p.response = {"error": {"message": why, "code": -32000}}  # request() names the server
             p.event.set()
 
     # -- writing -----------------------------------------------------------------------------
 
-    def _send(self, msg: Dict[str, Any]) -> None:
-        data = (json.dumps(msg, separators=(",", ":"), ensure_ascii=False) + "\n").encode()
-        assert self._proc is not None and self._proc.stdin is not None
-        with self._write_lock:  # one writer at a time, or two frames interleave
-            try:
-                self._proc.stdin.write(data)
-                self._proc.stdin.flush()
-            except (BrokenPipeError, ValueError, OSError):
-                pass  # the reader notices the exit and fails what is pending
+    def _send(self, msg: Dict[str, Any], deadline: Optional[float] = None) -> bool:
+        """Write one frame by ``deadline``; True once all of it is written.
 
-    def notify(self, method: str, params: Optional[Dict[str, Any]] = None) -> None:
+        False when it could not be: nothing written (the stream is intact), or cut off part-way
+        — then the server is broken (it would read our next frame as the rest of this one) and
+        is ended, so the next call starts a fresh one.
+        """
+        # ASCII-safe: a lone surrogate in a string cannot be encoded as UTF-8.
+        data = (json.dumps(msg, separators=(",", ":"), ensure_ascii=True) + "\n").encode()
+        if deadline is None:
+            deadline = time.monotonic() + _MCP_WRITE_DEADLINE
+        # One writer at a time, or two frames interleave; bounded, as the holder may be stuck.
+        if not self._write_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            return False
+        try:
+            written = self._write_until(data, deadline)
+        finally:
+            self._write_lock.release()
+        if 0 < written < len(data) and not self._closing:
+            self._break(f"stopped reading its input ({written} of {len(data)} bytes of a frame written)")
+        return written == len(data)
+
+    def _write_until(self, data: bytes, deadline: float) -> int:
+        """Bytes of ``data`` written to the server's stdin by ``deadline`` (caller holds the lock)."""
+        import select
+
+        view = memoryview(data)
+        written = 0
+        poller = select.poll()  # not select(): a busy daemon's fds can pass FD_SETSIZE
+        poller.register(self._stdin_fd, select.POLLOUT)
+        while written < len(data) and not self._closing:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            if not poller.poll(min(left, _WRITE_SLICE) * 1000):
+                continue
+            try:
+                written += os.write(self._stdin_fd, view[written:])
+            except BlockingIOError:
+                continue
+            except OSError:
+                break  # EPIPE: the server is gone; the exit watcher fails what is pending
+        return written
+
+    def _break(self, why: str) -> None:
+        """The stream to the server is corrupt: fail what is pending and end it in the background."""
+        if self._broken:
+            return
+        self._broken = why
+        self._log(f"(server '{self.name}' {why}; ending it)")
+        self._fail_pending(why)
+        self._threading.Thread(
+            target=self.close, kwargs={"grace": 0.5}, name=f"mcp-{self.name}-close", daemon=True
+        ).start()
+
+    def notify(
+        self, method: str, params: Optional[Dict[str, Any]] = None, deadline: Optional[float] = None
+    ) -> None:
         msg: Dict[str, Any] = {"jsonrpc": "2.0", "method": method}
         if params is not None:
             msg["params"] = params
-        self._send(msg)
+        self._send(msg, deadline)
 
     def request(
         self,
@@ -1566,6 +1854,7 @@ class McpStdioClient:
         notices: Optional[List[str]] = None,
     ) -> Any:
         """Send a request and wait for its answer; on timeout tell the server to cancel."""
+        deadline = time.monotonic() + timeout
         if not self.alive():
             raise McpError(f"server '{self.name}' is not running", "server_exited")
         pending = _Pending(self._threading)
@@ -1579,12 +1868,23 @@ class McpStdioClient:
         if params is not None:
             msg["params"] = params
         try:
-            self._send(msg)
-            if not pending.event.wait(timeout):
+            if not self._send(msg, deadline) and not pending.event.is_set():
+                with self._state_lock:
+                    self._pending.pop(rid, None)
+                if self._leader_exited():
+                    raise McpError(f"server '{self.name}' exited", "server_exited")
+                raise McpError(
+                    f"server '{self.name}': {method} timed out after {timeout:g}s "
+                    f"(the server is not reading its input)",
+                    "operation_timeout",
+                )
+            if not pending.event.wait(max(0.0, deadline - time.monotonic())):
                 with self._state_lock:
                     self._pending.pop(rid, None)
                 if method != "initialize":
-                    self.notify("notifications/cancelled", {"requestId": rid, "reason": "client timeout"})
+                    # Briefly: the caller's timeout has passed, and a stuck writer may hold the lock.
+                    cancel = {"requestId": rid, "reason": "client timeout"}
+                    self.notify("notifications/cancelled", cancel, time.monotonic() + _CANCEL_WRITE_DEADLINE)
                 raise McpError(
                     f"server '{self.name}': {method} timed out after {timeout:g}s", "operation_timeout"
                 )
@@ -1659,29 +1959,71 @@ class McpStdioClient:
     # -- shutdown --------------------------------------------------------------------------------
 
     def close(self, grace: float = _MCP_CLOSE_GRACE) -> None:
-        """Close stdin; after ``grace`` SIGTERM the group; after ``grace`` more, SIGKILL it."""
+        """Close stdin; after ``grace`` SIGTERM the group; after ``grace`` more, SIGKILL it.
+        The whole group goes, also when its leader exits on EOF first and a child lives on."""
+        if self._proc is None:
+            return
+        self._closing = True  # a blocked writer lets go of the pipe within _WRITE_SLICE
+        with self._close_lock:
+            self._close_stdin()
+            self._end_group(grace, grace)
+        for t in self._threads:
+            t.join(1.0)
+        self._fail_pending()
+
+    def _close_stdin(self) -> None:
+        # Under the write lock: a writer still using the fd number after close could write
+        # into whatever file reuses that number.
+        got = self._write_lock.acquire(timeout=2 * _WRITE_SLICE + 1.0)
+        try:
+            if got and self._proc is not None and self._proc.stdin is not None:
+                self._proc.stdin.close()
+        except OSError:
+            pass
+        finally:
+            if got:
+                self._write_lock.release()
+
+    def _group_gone(self) -> bool:
+        assert self._proc is not None
+        if not self._leader_exited():
+            return False
+        try:
+            os.killpg(self._proc.pid, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:
+            pass
+        # Zombies (our unreaped leader among them) keep the group in the kernel's eyes: ask
+        # who in it still runs.
+        return not _group_members(self._proc.pid)
+
+    def _end_group(self, exit_wait: float, grace: float) -> None:
+        """Wait ``exit_wait`` for the leader to exit; then SIGTERM, ``grace``, SIGKILL the group
+        while any member remains; only then reap the leader (caller holds the close lock)."""
         import signal
         import subprocess
 
         proc = self._proc
-        if proc is None:
+        if proc is None or self._group_ended:
             return
-        try:
-            if proc.stdin:
-                proc.stdin.close()
-        except OSError:
-            pass
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                proc.wait(grace)
+        self._exited.wait(exit_wait)
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 2.0)):
+            if self._group_gone():
                 break
-            except subprocess.TimeoutExpired:
-                _signal(proc.pid, sig, group=_safe_getpgid(proc.pid) == proc.pid)
-        else:
-            proc.wait()
-        for t in self._threads:
-            t.join(1.0)
-        self._fail_pending()
+            # Safe while the leader is unreaped: its pid, the group id, cannot be reused.
+            _signal(proc.pid, sig, group=True)
+            if sig == signal.SIGTERM:
+                _signal(proc.pid, signal.SIGCONT, group=True)  # stopped members handle it once woken
+            deadline = time.monotonic() + wait
+            while not self._group_gone() and time.monotonic() < deadline:
+                time.sleep(0.01 if _ON_PROC else 0.1)  # ps is a process start per look
+        self._group_ended = True
+        try:
+            proc.wait(2.0)
+            self._reaped = True
+        except subprocess.TimeoutExpired:
+            pass  # unkillable (D state): leave it unreaped rather than wait forever
 
 
 # ##########################################################################################
@@ -2062,9 +2404,9 @@ class DaemonHost:
         if not meta or is_our_pid(meta.get("pid"), meta.get("pidStartTime")):
             return  # a live owner closes its own servers
         for name, entry in (meta.get("servers") or {}).items():
-            if isinstance(entry, dict) and is_our_pid(entry.get("pid"), entry.get("pidStartTime")):
+            if _recorded_server_left(entry):
                 self.log.event(f"ending MCP server '{name}' (pid {entry['pid']}) left by a dead daemon")
-                terminate_process(entry["pid"], str(entry["pidStartTime"]), _TERM_GRACE, group=True)
+                end_server_group(entry["pid"], entry["pidStartTime"], _TERM_GRACE)
 
     def _bind(self) -> None:
         import stat as _stat
@@ -2377,7 +2719,8 @@ class DaemonHost:
     def _send(self, conn: socket.socket, frame: Dict[str, Any]) -> bool:
         try:
             conn.settimeout(5.0)
-            conn.sendall(encode_frame(frame))
+            # Encoded before sending: a result JSON cannot carry still gets an (error) answer.
+            conn.sendall(encode_answer(frame))
             return True
         except OSError:
             return False
@@ -2841,27 +3184,38 @@ class DaemonClient:
         progress_ms: Optional[int] = _CLIENT_PROGRESS_MS,
         auto_start: bool = True,
         notices: Optional[List[str]] = None,
+        overall_timeout: Optional[float] = None,
     ) -> Any:
-        """Send one request to a verified fresh daemon (starting it if allowed); on a
-        transport error restart once and retry once. Raises RemoteError for ``ok: false``."""
+        """Send one request to a verified fresh daemon (starting it if allowed). Raises
+        RemoteError for ``ok: false``, DaemonTimeout past ``overall_timeout`` (progress or not).
+
+        A delivered request runs at most once: it is sent again (after ``ensure``) only when it
+        never reached a daemon, or was answered ``shutting_down`` (its handler never ran).
+        """
         if auto_start:
             self.ensure()
+        send = (method, params, idle_timeout, progress_ms, overall_timeout)
         try:
-            response = self._send(method, params, idle_timeout, progress_ms)
-        except TransportError:
+            response = self._send(*send)
+        except _NotDelivered:
             if not auto_start:
                 raise
             self.ensure()
-            response = self._send(method, params, idle_timeout, progress_ms)
+            response = self._send(*send)
         if auto_start and (response.get("error") or {}).get("code") == "shutting_down":
             self.ensure()
-            response = self._send(method, params, idle_timeout, progress_ms)
+            response = self._send(*send)
         if notices is not None:
             notices.extend(str(n) for n in response.get("notices") or [])
         return result_or_raise(response)
 
     def _send(
-        self, method: str, params: Optional[Dict[str, Any]], idle: float, progress_ms: Optional[int]
+        self,
+        method: str,
+        params: Optional[Dict[str, Any]],
+        idle: float,
+        progress_ms: Optional[int],
+        overall: Optional[float] = None,
     ) -> Dict[str, Any]:
         req: Dict[str, Any] = {
             "id": f"{os.getpid()}-{time.monotonic_ns()}",
@@ -2871,7 +3225,9 @@ class DaemonClient:
         }
         if progress_ms:
             req["progressIntervalMs"] = progress_ms
-        return exchange(self.paths.socket, req, idle, connect_timeout=self.probe_timeout)
+        return exchange(
+            self.paths.socket, req, idle, connect_timeout=self.probe_timeout, overall_timeout=overall
+        )
 
     # -- stopping ------------------------------------------------------------------------------
 
@@ -2931,8 +3287,8 @@ class DaemonClient:
             if meta and is_our_pid(meta.get("pid"), meta.get("pidStartTime")):
                 return False  # a live owner appeared meanwhile
             for entry in ((meta or {}).get("servers") or {}).values():
-                if isinstance(entry, dict) and is_our_pid(entry.get("pid"), entry.get("pidStartTime")):
-                    terminate_process(entry["pid"], str(entry["pidStartTime"]), group=True)
+                if _recorded_server_left(entry):
+                    end_server_group(entry["pid"], entry["pidStartTime"])
             if meta is not None or os.path.exists(self.paths.metadata):
                 _unlink_quietly(self.paths.metadata)
                 cleaned = True
@@ -3215,7 +3571,7 @@ class McpKeepAliveService:
                 return old
             self._refuse_if_stopping(name)
             if old is not None:
-                self.log.event(f"server '{name}' exited; restarting it")
+                self.log.event(f"server '{name}' exited or broke; restarting it")
                 with self._counts:
                     slot.client = None
                 old.close(grace=0.1)
@@ -3534,13 +3890,15 @@ _DEMO_CONTENT: Dict[str, Dict[str, Any]] = {
 }
 
 
-def _demo_tool(name: str, args: Dict[str, Any], state: Dict[str, int]) -> Dict[str, Any]:
+def _demo_tool(name: str, args: Dict[str, Any], state: Dict[str, Any]) -> Dict[str, Any]:
     def text(value: Any, error: bool = False) -> Dict[str, Any]:
         return {"content": [{"type": "text", "text": str(value)}], "isError": error}
 
     if name == "counter":
-        state["count"] += 1
-        return text(state["count"])
+        with state["lock"]:  # each request runs on its own thread: read what this one added
+            state["count"] += 1
+            count = state["count"]
+        return text(count)
     if name == "pid":
         return text(os.getpid())
     if name == "echo":
@@ -3558,7 +3916,7 @@ def _demo_tool(name: str, args: Dict[str, Any], state: Dict[str, int]) -> Dict[s
     return text(f"unknown tool: {name}", error=True)
 
 
-def _demo_answer(msg: Dict[str, Any], state: Dict[str, int]) -> Optional[Dict[str, Any]]:
+def _demo_answer(msg: Dict[str, Any], state: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     method, params = msg.get("method"), msg.get("params") or {}
     if method == "initialize":
         asked = str(params.get("protocolVersion", ""))
@@ -3589,7 +3947,7 @@ def _demo_server_main() -> int:
     """Serve MCP on stdin/stdout; each request on its own thread so ``sleep`` blocks nothing."""
     import threading
 
-    state = {"count": 0}
+    state: Dict[str, Any] = {"count": 0, "lock": threading.Lock()}
     write_lock = threading.Lock()
     out = sys.stdout.buffer
 
@@ -3780,7 +4138,12 @@ def _timeout_seconds(args: Any) -> float:
 
 
 def _print_json(value: Any) -> None:
-    print(json.dumps(value, indent=2, ensure_ascii=False))
+    print(_printable(json.dumps(value, indent=2, ensure_ascii=False)))
+
+
+def _printable(text: str) -> str:
+    """Lone surrogates (servers cut strings mid-pair) have no UTF-8 form: print them escaped."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _print_notices(notices: List[str]) -> None:
@@ -3812,8 +4175,15 @@ def _via_daemon_or_ephemeral(
     notices: List[str] = []
     params = dict(params, server=spec.name, timeoutMs=int(timeout * 1000))
     try:
-        # The idle budget outlasts the call's own timeout only by the grace a hung daemon gets.
-        return _client(cfg, args).request(method, params, idle_timeout=_DEFAULT_IDLE_BUDGET, notices=notices)
+        # The idle budget catches a hung daemon; the overall one a daemon whose progress frames
+        # outlive the call (its own timeout fires first, so its error arrives within the grace).
+        return _client(cfg, args).request(
+            method,
+            params,
+            idle_timeout=_DEFAULT_IDLE_BUDGET,
+            notices=notices,
+            overall_timeout=timeout + _CLIENT_DEADLINE_GRACE,
+        )
     finally:
         _print_notices(notices)
 
@@ -4145,7 +4515,7 @@ def cmd_call(args: Any) -> int:
     else:
         lines = content_lines(result, saved)
         if lines:
-            print("\n".join(lines))
+            print(_printable("\n".join(lines)))
     return 1 if result.get("isError") else 0
 
 

@@ -4582,6 +4582,309 @@ def test_output_into_a_closed_pipe_ends_quietly(h, args):
     assert err == b"", err
 
 
+# ---- issue 8: process groups, exits mid-call, write deadlines, at most once ----------------
+
+# A small MCP stdio server that misbehaves on purpose. argv: tag, mode, runs file.
+# mode "deaf" stops reading stdin once it has listed its tools; tools: pid, echo, die (exits while a
+# grandchild, tagged, holds its stdout), lone (a lone surrogate in the text; counts its runs).
+MISBEHAVING_SERVER = r"""
+import json, os, subprocess, sys, time
+
+tag, mode, runs = sys.argv[1], sys.argv[2], sys.argv[3]
+
+
+def send(obj):
+    sys.stdout.write(json.dumps(obj) + "\n")  # ensure_ascii: "\ud83d" stays an escape
+    sys.stdout.flush()
+
+
+for line in sys.stdin:
+    msg = json.loads(line)
+    if "id" not in msg:
+        continue
+    method, params = msg.get("method"), msg.get("params") or {}
+    if method == "initialize":
+        send({"jsonrpc": "2.0", "id": msg["id"], "result": {
+            "protocolVersion": params.get("protocolVersion"), "capabilities": {"tools": {}},
+            "serverInfo": {"name": "misbehaving", "version": "1"}}})
+        continue
+    if method == "tools/list":
+        send({"jsonrpc": "2.0", "id": msg["id"], "result": {"tools": []}})
+        if mode == "deaf":
+            time.sleep(3600)  # never reads stdin again (after the daemon cached its tool list)
+        continue
+    name = params.get("name")
+    if name == "die":
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)", tag])
+        with open(runs, "w") as f:
+            f.write(str(child.pid))
+        os._exit(3)
+    if name == "lone":
+        with open(runs, "a") as f:
+            f.write("ran\n")
+    text = {"pid": str(os.getpid()), "lone": "cut \ud83d here"}.get(name, json.dumps(params.get("arguments")))
+    send({"jsonrpc": "2.0", "id": msg["id"], "result": {"content": [{"type": "text", "text": text}]}})
+"""
+
+
+def misbehaving_entry(h, mode="normal", runs=None, lifecycle="keep-alive"):
+    script = h.tmp / "misbehaving_server.py"
+    script.write_text(MISBEHAVING_SERVER)
+    runs = runs or h.tmp / f"runs-{mode}"
+    return {"command": sys.executable, "args": [str(script), h.tag, mode, str(runs)], "lifecycle": lifecycle}
+
+
+def sh_wrapped_demo_entry(h, lifecycle="keep-alive"):
+    """The demo server started as ``sh -c 'sleep 300 & exec server'``: the group leader (the
+    server, by exec) exits on stdin EOF while the sleep it started lives on."""
+    demo = h.demo_server_entry()
+    script = 'sleep 300 & exec "$0" "$@"'
+    return {
+        "command": "/bin/sh",
+        "args": ["-c", script, demo["command"]] + demo["args"],
+        "lifecycle": lifecycle,
+    }
+
+
+def group_pids(pgid):
+    """Live (non-zombie) processes in process group ``pgid``."""
+    found = set()
+    for pid in all_pids():
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                data = f.read().decode("utf-8", "replace")
+        except OSError:
+            continue
+        fields = data[data.rfind(")") + 2 :].split()
+        if len(fields) > 2 and fields[2] == str(pgid) and fields[0] not in ("Z", "X"):
+            found.add(pid)
+    return found
+
+
+def tracked_group(h, leader):
+    """The leader's group (leader and the sleep it started), tracked for cleanup."""
+    members = wait_until(
+        lambda: len(group_pids(leader)) == 2 and group_pids(leader), 10, message="group of 2"
+    )
+    for pid in members:
+        h.track(pid)
+    return members
+
+
+@pytest.mark.parametrize("how", ["stop", "ephemeral", "idle-close", "bind-guard-reap"])
+def test_server_process_group_is_gone_even_when_leader_exits_first(h, how):
+    lifecycle = {"ephemeral": "ephemeral", "idle-close": {"mode": "keep-alive", "idleTimeoutMs": 500}}
+    h.write_config({"mcpServers": {"demo": sh_wrapped_demo_entry(h, lifecycle.get(how, "keep-alive"))}})
+    if how == "ephemeral":
+        call = h.popen("call", "demo.sleep", "seconds=3")
+        leader = wait_until(lambda: h.server_pids(), 10, message="the ephemeral server to run").pop()
+        members = tracked_group(h, leader)
+        assert call.wait(timeout=20) == 0, read_file(call.err_path)
+    else:
+        leader = int(call_ok(h, "demo.pid"))
+        members = tracked_group(h, leader)
+        daemon = running_status(h)["pid"]
+        if how == "stop":
+            r = h.cli("stop")
+            assert r.rc == 0, r
+        elif how == "bind-guard-reap":
+            os.kill(daemon, signal.SIGKILL)
+            # The leader exits on stdin EOF first; the sleep it started lives on.
+            wait_until(lambda: not pid_alive(leader), 10, message="the leader to exit on stdin EOF")
+            assert group_pids(leader), "the sleep died with its leader; the test proves nothing"
+            assert call_ok(h, "demo.counter") == "1"
+            h.status()
+    wait_until(lambda: not group_pids(leader), 5, message=f"group {sorted(members)} to be gone")
+
+
+def test_server_dying_mid_call_fails_the_call_at_once(h):
+    runs = h.tmp / "grandchild.pid"
+    ops_config(h, {"dying": misbehaving_entry(h, runs=runs)})
+    first = int(call_ok(h, "dying.pid"))
+    r = h.cli("call", "--timeout", "8", "dying.die", timeout=30)
+    grandchild = int(runs.read_text())
+    h.track(grandchild)
+    assert r.rc == 1, r
+    assert "exited" in r.err and "Traceback" not in r.err, r
+    assert r.elapsed < 3.0, f"a dead server's call took {r.elapsed:.2f}s to fail: {r!r}"
+    # Its group goes with it, and the next call starts a new server.
+    wait_until(lambda: not pid_alive(grandchild), 5, message="the grandchild holding stdout to be ended")
+    second = int(call_ok(h, "dying.pid"))
+    assert second != first
+    assert call_ok(h, "demo.counter") == "1"
+
+
+def test_server_that_stops_reading_fails_calls_within_their_timeout(h):
+    ops_config(h, {"deaf": misbehaving_entry(h, "deaf")})
+    assert call_ok(h, "demo.counter") == "1"
+    big = "x" * 100_000  # two of them: more than a pipe holds, each under the argv limit
+    t0 = time.monotonic()
+    first = h.popen("call", "--timeout", "2", "deaf.echo", f"a={big}", f"b={big}")
+    deaf = wait_until(lambda: ops_server_pid(h.status(), "deaf"), 10, message="the deaf server to start")
+    second = h.popen("call", "--timeout", "2", "deaf.echo", "text=small")
+    t1 = time.monotonic()
+    # Another server of the same daemon is served meanwhile.
+    r = h.cli("call", "demo.counter")
+    assert r.rc == 0 and r.out.strip() == "2" and r.elapsed < 2.0, r
+    for p, began in ((first, t0), (second, t1)):
+        try:
+            rc = p.wait(timeout=12)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"call still waiting after {time.monotonic() - began:.1f}s (timeout 2 s)")
+        elapsed = time.monotonic() - began
+        err = read_file(p.err_path)
+        assert rc == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert elapsed < 2 + 2.0, f"call failed after {elapsed:.2f}s (timeout 2 s): {err}"
+    # The half-written frame broke that server: it is ended, and the next call starts another.
+    wait_until(lambda: not pid_alive(deaf), 5, message=f"broken server {deaf} to be ended")
+    r = h.cli("call", "--timeout", "1", "deaf.echo", "text=small")
+    assert r.rc == 1 and "timed out" in r.err, r
+    assert ops_server_pid(h.status(), "deaf") not in (None, deaf)
+
+
+HANG_HOST_SCRIPT = """\
+import sys, time
+sys.path.insert(0, {here!r})
+import mcporter_daemon
+
+cfg = mcporter_daemon.load_config(sys.argv[1])
+
+
+def hang(params, ctx):
+    time.sleep(3600)  # progress frames flow the whole time
+
+
+host = mcporter_daemon.DaemonHost(
+    mcporter_daemon.DaemonPaths.for_config(cfg.path), cfg.fingerprint(), {{"callTool": hang}}
+)
+sys.exit(host.run())
+"""
+
+
+def test_progress_frames_never_extend_a_call_past_its_timeout(h):
+    script = h.tmp / "hang_host.py"
+    script.write_text(HANG_HOST_SCRIPT.format(here=str(HERE)))
+    host = h.popen_argv([sys.executable, script, h.cfg, h.tag], h.env())
+    wait_until(lambda: h.status().get("pid") == host.pid, 20, message="the hanging host to serve")
+    r = h.cli("call", "--timeout", "1", "demo.counter", timeout=15)
+    assert r.rc == 1 and "Traceback" not in r.err, r
+    assert r.elapsed < 1 + 3 + 1.5, f"waited {r.elapsed:.2f}s for a 1 s call: {r!r}"
+    assert host.poll() is None, "the host must survive its caller giving up"
+
+
+def test_lone_surrogate_result_is_answered_once(h):
+    runs = h.tmp / "lone-runs"
+    ops_config(h, {"odd": misbehaving_entry(h, runs=runs)})
+    r = h.cli("call", "odd.lone", timeout=30)
+    assert r.rc == 0, r
+    assert r.out.strip() == "cut \\ud83d here", r
+    r = h.cli("call", "--json", "odd.lone", timeout=30)
+    assert r.rc == 0 and "\\ud83d" in r.out, r
+    assert runs.read_text().splitlines() == ["ran", "ran"], "a tool ran more than once per call"
+
+
+SET_HOST_SCRIPT = """\
+import os, sys
+sys.path.insert(0, {here!r})
+import mcporter_daemon
+
+base, runs = sys.argv[1], sys.argv[2]
+
+
+def bag(params, ctx):
+    with open(runs, "a") as f:
+        f.write("ran\\n")
+    return {{1, 2}}  # not JSON
+
+
+def crash(params, ctx):
+    with open(runs, "a") as f:
+        f.write("ran\\n")
+    os._exit(1)  # after the request was delivered: the caller must not send it again
+
+
+handlers = {{"bag": bag, "crash": crash}}
+host = mcporter_daemon.DaemonHost(mcporter_daemon.DaemonPaths.for_key("sethost", base), "fp-set", handlers)
+sys.exit(host.run())
+"""
+
+
+def set_host_client(h, md, runs):
+    """A client that auto-starts the vendored set/crash host (tagged, so cleanup finds it)."""
+    script = h.tmp / "set_host.py"
+    script.write_text(SET_HOST_SCRIPT.format(here=str(HERE)))
+    paths = md.DaemonPaths.for_key("sethost", str(h.state_dir))
+    return md.DaemonClient(paths, "fp-set", [sys.executable, str(script), str(h.state_dir), str(runs), h.tag])
+
+
+def test_unencodable_handler_result_gets_an_error_and_runs_once(h):
+    md = _import_module()
+    runs = h.tmp / "set-runs"
+    client = set_host_client(h, md, runs)
+    try:
+        with pytest.raises(md.RemoteError) as info:
+            client.request("bag", {}, idle_timeout=10.0)
+        assert info.value.code == "unencodable_result" and "set" in str(info.value), info.value
+        assert runs.read_text().splitlines() == ["ran"], "the handler ran more than once"
+        assert client.request("status", {}, idle_timeout=10.0)["pid"] in h.server_pids()
+    finally:
+        h.server_pids()
+        client.stop()
+
+
+def test_delivered_request_is_not_sent_again_when_the_daemon_dies(h):
+    md = _import_module()
+    runs = h.tmp / "crash-runs"
+    client = set_host_client(h, md, runs)
+    client.ensure()
+    first = h.server_pids()
+    with pytest.raises(md.TransportError) as info:
+        client.request("crash", {}, idle_timeout=10.0)
+    assert "without answering" in str(info.value), info.value
+    assert runs.read_text().splitlines() == ["ran"], "a delivered request was sent again"
+    assert len(first) == 1 and not (h.server_pids() - first), "a second host was started to resend it"
+
+
+@pytest.mark.parametrize(
+    "leader_alive, leader_start, members, ours",
+    [
+        (False, 100.0, [(11, 10, 100.0), (12, 10, 150.0)], True),  # leader gone, its session, younger
+        (True, 100.0, [(11, 10, 150.0)], False),  # the leader runs: its own shutdown applies
+        (False, None, [(11, 10, 150.0)], False),  # no recorded start time: no proof
+        (False, 100.0, [], False),  # nothing left
+        (False, 100.0, [(11, 10, 150.0), (12, 99, 150.0)], False),  # a member of another session
+        (False, 100.0, [(11, 10, 99.0)], False),  # older than the leader: not its child
+        (False, 100.0, [(11, 10, None)], False),  # start time unknown
+    ],
+)
+def test_leaderless_group_is_ours_table(leader_alive, leader_start, members, ours):
+    md = _import_module()
+    assert md.leaderless_group_is_ours(10, leader_start, leader_alive, members) is ours
+
+
+class _YieldingState(dict):
+    """The demo server's state, handing the GIL over on every read: on Python 3.10+ threads
+    switch only at calls and backward jumps, so an unlocked read-modify-write race would
+    otherwise stay hidden (in-process, since only that can widen the window)."""
+
+    def __getitem__(self, key):
+        value = super().__getitem__(key)
+        time.sleep(0.0005)
+        return value
+
+
+def test_demo_counter_is_atomic_under_concurrent_calls():
+    md = _import_module()
+    state = _YieldingState(count=0, lock=threading.Lock())
+
+    def one(_):
+        return int(md._demo_tool("counter", {}, state)["content"][0]["text"])
+
+    with ThreadPoolExecutor(16) as pool:
+        values = list(pool.map(one, range(200)))
+    assert sorted(values) == list(range(1, 201)), f"{len(values) - len(set(values))} duplicate counts"
+
+
 # ---- benchmark (python3 -m pytest -m bench -s) ------------------------------
 
 
