@@ -5804,7 +5804,7 @@ def hx(tmp_path):
     shared = harness.state_dir
     harness.state_dir = shared / "daemon"
     harness.shared_dir = shared
-    (harness.tmp / "home").mkdir()
+    (harness.tmp / "home").mkdir(exist_ok=True)
     try:
         yield harness
     finally:
