@@ -109,6 +109,9 @@ _DEFAULT_IDLE_BUDGET = 10.0  # client gives up on a daemon silent this long (pro
 _PROGRESS_CADENCES_MS = (25, 50, 100, 250)
 _CLIENT_PROGRESS_MS = 250
 _MAX_REQUEST_BYTES = 32 * 1024 * 1024
+_RECV_CHUNK = 65536  # a large frame is read 1 MiB at a time once it proves large
+_SEND_CHUNK = 1024 * 1024  # a large frame is encoded and sent this much at a time (bounded RSS)
+_SEND_IDLE = 5.0  # a reader that takes no bytes for this long is dropped, however large the frame
 _MAX_PENDING_BYTES = 64 * 1024 * 1024  # all half-read requests together, so abuse stays bounded
 _MAX_CONNECTIONS = 512
 _SPARE_WORKERS = 4  # idle threads kept to serve the next connections without a thread start
@@ -940,6 +943,43 @@ def encode_frame(obj: Dict[str, Any]) -> bytes:
     return (json.dumps(obj, separators=(",", ":"), ensure_ascii=True) + "\n").encode("ascii")
 
 
+def encode_answer_pieces(frame: Dict[str, Any]) -> Iterable[bytes]:
+    """``encode_answer`` in pieces of at most about ``_SEND_CHUNK`` bytes (newline included)."""
+    if not _looks_large(frame):
+        yield encode_answer(frame)
+        return
+    encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True)
+    try:
+        chunks = list(encoder.iterencode(frame))  # str pieces; the one big string stays one
+    except (TypeError, ValueError, RecursionError):
+        yield encode_answer(frame)
+        return
+    for chunk in chunks:
+        for i in range(0, len(chunk), _SEND_CHUNK):
+            yield chunk[i : i + _SEND_CHUNK].encode("ascii")
+    yield b"\n"
+
+
+def _looks_large(frame: Dict[str, Any]) -> bool:
+    """Whether a result is worth streaming: any content block carrying a long string."""
+    result = frame.get("result")
+    blocks = result.get("content") if isinstance(result, dict) else None
+    if not isinstance(blocks, list):
+        return False
+    for block in blocks:
+        if isinstance(block, dict):
+            for key in ("data", "text", "blob"):
+                value = block.get(key)
+                if isinstance(value, str) and len(value) > _SEND_CHUNK:
+                    return True
+            inner = block.get("resource")
+            if isinstance(inner, dict) and any(
+                isinstance(inner.get(k), str) and len(inner[k]) > _SEND_CHUNK for k in ("text", "blob")
+            ):
+                return True
+    return False
+
+
 def encode_answer(frame: Dict[str, Any]) -> bytes:
     """``frame`` encoded, or an error frame naming why it cannot be: every caller gets an answer."""
     try:
@@ -977,12 +1017,14 @@ def _read_line(
     ``buf`` carries bytes past the line to the next call. The socket's own timeout (or
     ``idle``) is the idle budget between chunks; ``deadline`` (monotonic) bounds the whole line.
     """
+    scanned = 0  # bytes already searched for a newline: rescanning them would be quadratic
     while True:
-        nl = buf.find(b"\n")
+        nl = buf.find(b"\n", scanned)
         if nl >= 0:
             line = bytes(buf[:nl])
             del buf[: nl + 1]
             return line
+        scanned = len(buf)
         if len(buf) > limit:
             raise _FrameTooLarge()
         if deadline is not None:
@@ -990,7 +1032,7 @@ def _read_line(
             if left <= 0:
                 raise socket.timeout("request line deadline passed")
             sock.settimeout(min(left, idle) if idle else left)
-        chunk = sock.recv(65536)
+        chunk = sock.recv(_RECV_CHUNK if len(buf) < _RECV_CHUNK else _RECV_CHUNK * 16)
         if not chunk:
             return None
         buf += chunk
@@ -1716,19 +1758,30 @@ class McpStdioClient:
     def _read_stdout(self) -> None:
         assert self._proc is not None and self._proc.stdout is not None
         for raw in iter(self._proc.stdout.readline, b""):
-            text = raw.decode("utf-8", "replace").rstrip("\n").rstrip("\r")
-            if not text.strip():
-                continue
-            try:
-                msg = json.loads(text)
-            except ValueError:
-                self._log(f"(skipped non-JSON stdout line: {text[:200]})")
-                continue
-            if isinstance(msg, dict):
+            # One copy of a large line at a time: the bytes go before parsing, the text before
+            # dispatching, the message before the next (maybe long) wait for a line.
+            text = raw.decode("utf-8", "replace")
+            del raw
+            msg = self._parse_line(text)
+            del text
+            if msg is not None:
                 self._dispatch(msg)
-            else:
-                self._log(f"(skipped non-object stdout message: {text[:200]})")
+            del msg
         self._fail_pending()
+
+    def _parse_line(self, text: str) -> Optional[Dict[str, Any]]:
+        """A JSON object from one stdout line; blank lines are skipped, junk is logged."""
+        if not text.strip():
+            return None
+        try:
+            msg = json.loads(text)  # a trailing \r\n is white space to JSON
+        except ValueError:
+            self._log(f"(skipped non-JSON stdout line: {text[:200].strip()})")
+            return None
+        if not isinstance(msg, dict):
+            self._log(f"(skipped non-object stdout message: {text[:200].strip()})")
+            return None
+        return msg
 
     def _dispatch(self, msg: Dict[str, Any]) -> None:
         """Tell messages apart by shape; servers number their own requests from 0 too."""
@@ -2717,10 +2770,12 @@ class DaemonHost:
                 self._pending_bytes -= len(buf)
 
     def _send(self, conn: socket.socket, frame: Dict[str, Any]) -> bool:
+        """Send one answer frame, encoded as it goes: a 50 MiB result costs no second full
+        copy, and a slow reader gets time per chunk rather than 5 s for the whole frame."""
         try:
-            conn.settimeout(5.0)
-            # Encoded before sending: a result JSON cannot carry still gets an (error) answer.
-            conn.sendall(encode_answer(frame))
+            conn.settimeout(_SEND_IDLE)
+            for piece in encode_answer_pieces(frame):
+                conn.sendall(piece)
             return True
         except OSError:
             return False
@@ -4138,7 +4193,12 @@ def _timeout_seconds(args: Any) -> float:
 
 
 def _print_json(value: Any) -> None:
-    print(_printable(json.dumps(value, indent=2, ensure_ascii=False)))
+    """Indented JSON, written as it is encoded: no second full copy of a large result."""
+    out = sys.stdout
+    for chunk in json.JSONEncoder(indent=2, ensure_ascii=False).iterencode(value):
+        for i in range(0, len(chunk), _SEND_CHUNK):
+            out.write(_printable(chunk[i : i + _SEND_CHUNK]))
+    out.write("\n")
 
 
 def _printable(text: str) -> str:
