@@ -3299,11 +3299,7 @@ class McpKeepAliveService:
     def _check_health(self, slot: _ServerSlot, client: McpStdioClient) -> None:
         name = slot.spec.name
         try:
-            error = None
-            try:
-                client.ping(timeout=_PING_TIMEOUT)
-            except McpError as exc:
-                error = str(exc)
+            error = self._ping_error(client)
             with self._counts:
                 if slot.client is not client:
                     return  # closed or replaced while the ping was out: its result says nothing
@@ -3328,6 +3324,18 @@ class McpKeepAliveService:
         finally:
             with self._counts:
                 slot.pinging = False
+
+    @staticmethod
+    def _ping_error(client: McpStdioClient) -> Optional[str]:
+        """Why a ping failed, or None. An error answer is an answer: a server that does not
+        know ``ping`` (some older SDKs) is alive, not wedged."""
+        try:
+            client.ping(timeout=_PING_TIMEOUT)
+        except McpError as exc:
+            if exc.code == "runtime_error" and client.alive():
+                return None
+            return str(exc)
+        return None
 
     def _restart(
         self,
