@@ -3048,8 +3048,8 @@ def ping_due(
 ) -> bool:
     """Whether a kept server should be pinged now: it runs and nothing is using, starting,
     closing or pinging it, and it has been quiet for ``interval_ms``. After a failed ping
-    the next one goes at once, so a wedged server is restarted after two ping timeouts,
-    not two intervals."""
+    the next goes on the next tick (within a second), so a wedged server is restarted
+    after two ping timeouts, not two intervals."""
     if not interval_ms or not alive or busy:
         return False
     if failures:
@@ -3297,33 +3297,38 @@ class McpKeepAliveService:
             return client
 
     def _check_health(self, slot: _ServerSlot, client: McpStdioClient) -> None:
-        name = slot.spec.name
         try:
-            error = self._ping_error(client)
-            with self._counts:
-                if slot.client is not client:
-                    return  # closed or replaced while the ping was out: its result says nothing
-                slot.last_ping_at = _now_ms()
-                slot.last_ping_ok = error is None
-                slot.failures, restart = after_ping(slot.failures, error is None)
-                failures = slot.failures
-                if error is not None:
-                    slot.last_error = f"ping failed: {error}"
-            if error is None:
-                return
-            self.log.event(
-                f"ping of server '{name}' (pid {client.pid}) failed ({failures} in a row): {error}"
-            )
-            if restart:
-                why = f"failed {failures} pings in a row (last: {error})"
-                self._restart(slot, why, expected=client, grace=_WEDGED_CLOSE_GRACE)
-        except (McpError, HandlerError) as exc:  # the new copy did not start: the next call retries
-            with self._counts:
-                slot.last_error = str(exc)
-            self.log.event(f"restart of server '{name}' failed: {exc}")
+            why = self._record_ping(slot, client, self._ping_error(client))
+            if why is not None:
+                self._restart_wedged(slot, client, why)
         finally:
             with self._counts:
                 slot.pinging = False
+
+    def _record_ping(self, slot: _ServerSlot, client: McpStdioClient, error: Optional[str]) -> Optional[str]:
+        """Note a ping's outcome in the slot; returns why to restart the server, or None."""
+        with self._counts:
+            if slot.client is not client:
+                return None  # closed or replaced while the ping was out: its result says nothing
+            slot.last_ping_at = _now_ms()
+            slot.last_ping_ok = error is None
+            slot.failures, restart = after_ping(slot.failures, error is None)
+            failures = slot.failures
+            if error is not None:
+                slot.last_error = f"ping failed: {error}"
+        if error is None:
+            return None
+        name = slot.spec.name
+        self.log.event(f"ping of server '{name}' (pid {client.pid}) failed ({failures} in a row): {error}")
+        return f"failed {failures} pings in a row (last: {error})" if restart else None
+
+    def _restart_wedged(self, slot: _ServerSlot, client: McpStdioClient, why: str) -> None:
+        try:
+            self._restart(slot, why, expected=client, grace=_WEDGED_CLOSE_GRACE)
+        except Exception as exc:  # the new copy did not start: the next call tries again
+            with self._counts:
+                slot.last_error = str(exc)
+            self.log.event(f"restart of server '{slot.spec.name}' failed: {exc}")
 
     @staticmethod
     def _ping_error(client: McpStdioClient) -> Optional[str]:
@@ -3407,9 +3412,10 @@ class McpKeepAliveService:
             t.start()
         for t in threads:
             t.join(2 * _MCP_CLOSE_GRACE + 1)
+        deadline = time.monotonic() + 2 * _MCP_CLOSE_GRACE + 1
         for slot in self._slots.values():
             # A close begun by an idle close or a restart must end its process before we exit.
-            if slot.lock.acquire(timeout=2 * _MCP_CLOSE_GRACE + 1):
+            if slot.lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
                 slot.lock.release()
 
     def status_extra(self) -> Dict[str, Any]:

@@ -3418,7 +3418,7 @@ def test_prompts_and_templates_on_the_demo_server(h):
     [
         (1000, True, False, 0, 0, 1000, True),  # quiet for the whole interval
         (1000, True, False, 0, 0, 999, False),  # not yet
-        (1000, True, False, 1, 900, 1000, True),  # a failed ping is retried at once
+        (1000, True, False, 1, 900, 1000, True),  # a failed ping is retried without waiting out the interval
         (1000, True, True, 1, 0, 5000, False),  # in use, starting, closing or already pinged
         (1000, False, False, 0, 0, 5000, False),  # not running: the next call starts it
         (0, True, False, 0, 0, 10**9, False),  # healthCheckMs 0: never
