@@ -4172,7 +4172,7 @@ def _list_templates(cfg: Config, args: Any, spec: ServerSpec, timeout: float) ->
         {},
         lambda c: {"resourceTemplates": c.list_resource_templates(timeout)},
     )
-    templates = (result or {}).get("resourceTemplates") or []
+    templates = [t for t in (result or {}).get("resourceTemplates") or [] if isinstance(t, dict)]
     if args.json:
         _print_json(templates)
         return 0
