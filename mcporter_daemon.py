@@ -131,6 +131,10 @@ _STOPPING_WAIT = 15.0  # a stopping daemon gets this long to close its servers b
 _ACCEPT_BACKOFF_MAX = 1.0  # out of fds: retry accept() no faster than this, instead of spinning
 _STOP_REQUEST = "stop request"  # the shutdown reason of a `stop` (its files go without the lock)
 _LOG_ROTATE_BYTES = 10 * 1024 * 1024
+_DEFAULT_HEALTH_CHECK_MS = 30_000  # a kept server idle this long is pinged (lifecycle.healthCheckMs)
+_PING_TIMEOUT = 5.0
+_PING_FAILURES_TO_RESTART = 2  # one lost ping may be a hiccup; two in a row is a wedged server
+_WEDGED_CLOSE_GRACE = 1.0  # it stopped answering: shorter grace steps than a normal close
 _KEEPALIVE_NAMES = ("chrome-devtools", "mobile-mcp", "playwright", "cloudbase")
 _KEEPALIVE_COMMAND_HINTS = ("chrome-devtools-mcp", "@playwright/mcp", "mobile-mcp", "cloudbase-mcp")
 
@@ -444,6 +448,7 @@ class ServerSpec:
         "keep_alive",
         "keep_alive_reason",
         "idle_timeout_ms",
+        "health_check_ms",
         "source",
     )
 
@@ -457,6 +462,7 @@ class ServerSpec:
         self.keep_alive = False
         self.keep_alive_reason = "not selected"
         self.idle_timeout_ms: Optional[int] = None
+        self.health_check_ms = _DEFAULT_HEALTH_CHECK_MS  # 0: never pinged
 
     def __repr__(self) -> str:
         return f"ServerSpec({self.name!r}, command={self.command!r}, keep_alive={self.keep_alive})"
@@ -585,6 +591,11 @@ def _parse_lifecycle(spec: ServerSpec, raw: Any, where: str) -> Optional[bool]:
         if isinstance(idle, bool) or not isinstance(idle, (int, float)) or idle <= 0:
             raise ConfigError(f"{spec.source}: {where}.idleTimeoutMs must be a positive number")
         spec.idle_timeout_ms = int(idle)
+    health = raw.get("healthCheckMs")
+    if health is not None:
+        if isinstance(health, bool) or not isinstance(health, (int, float)) or health < 0:
+            raise ConfigError(f"{spec.source}: {where}.healthCheckMs must be a number >= 0 (0: no pings)")
+        spec.health_check_ms = int(health)
     return mode == "keep-alive"
 
 
@@ -2008,6 +2019,19 @@ class McpStdioClient:
 
     def ping(self, timeout: float = 5.0) -> None:
         self.request("ping", {}, timeout=timeout)
+
+    def list_prompts(self, timeout: float = _DEFAULT_CALL_TIMEOUT) -> List[Dict[str, Any]]:
+        return self._paginate("prompts/list", "prompts", timeout)
+
+    def get_prompt(
+        self, name: str, args: Optional[Dict[str, str]] = None, timeout: float = _DEFAULT_CALL_TIMEOUT
+    ) -> Dict[str, Any]:
+        """``prompts/get``; MCP prompt arguments are strings."""
+        params = {"name": name, "arguments": args or {}}
+        return self.request("prompts/get", params, timeout=timeout) or {}
+
+    def list_resource_templates(self, timeout: float = _DEFAULT_CALL_TIMEOUT) -> List[Dict[str, Any]]:
+        return self._paginate("resources/templates/list", "resourceTemplates", timeout)
 
     # -- shutdown --------------------------------------------------------------------------------
 
@@ -3537,7 +3561,23 @@ def call_arguments(
 
 
 class _ServerSlot:
-    __slots__ = ("spec", "lock", "client", "starting", "last_used", "in_use", "tools", "tools_of")
+    __slots__ = (
+        "spec",
+        "lock",
+        "client",
+        "starting",
+        "last_used",
+        "in_use",
+        "started_at",
+        "pinging",
+        "failures",
+        "last_ping_at",
+        "last_ping_ok",
+        "last_error",
+        "restarts",
+        "tools",
+        "tools_of",
+    )
 
     def __init__(self, spec: ServerSpec, lock: Any) -> None:
         self.spec = spec
@@ -3548,6 +3588,28 @@ class _ServerSlot:
         self.in_use = 0  # requests running on it: never idle while any is
         self.tools: List[Dict[str, Any]] = []  # tools/list of the process ``tools_of`` (a cache)
         self.tools_of: Optional[McpStdioClient] = None
+        # Health, guarded by the service's counts lock like the fields above.
+        self.started_at: Optional[int] = None
+        self.pinging = False  # a ping is out: one at a time per server
+        self.failures = 0  # consecutive failed pings of the current process
+        self.last_ping_at: Optional[int] = None
+        self.last_ping_ok: Optional[bool] = None
+        self.last_error: Optional[str] = None
+        self.restarts = 0
+
+    def health(self) -> Dict[str, Any]:
+        return {
+            "lastPingAt": self.last_ping_at,
+            "lastPingOk": self.last_ping_ok,
+            "pingFailures": self.failures,
+            "lastError": self.last_error,
+            "restarts": self.restarts,
+        }
+
+    def last_active(self) -> Optional[int]:
+        """When this server last did anything: started, served a call, or answered a ping."""
+        times = [t for t in (self.started_at, self.last_used, self.last_ping_at) if t is not None]
+        return max(times) if times else None
 
 
 def server_idle_expired(
@@ -3558,6 +3620,27 @@ def server_idle_expired(
     if not idle_ms or not has_client or starting or in_use or last_used is None:
         return False
     return now - last_used >= idle_ms
+
+
+def ping_due(
+    interval_ms: int, alive: bool, busy: bool, failures: int, last_active: Optional[int], now: int
+) -> bool:
+    """Whether a kept server should be pinged now: it runs and nothing is using, starting,
+    closing or pinging it, and it has been quiet for ``interval_ms``. After a failed ping
+    the next goes on the next tick (within a second), so a wedged server is restarted
+    after two ping timeouts, not two intervals."""
+    if not interval_ms or not alive or busy:
+        return False
+    if failures:
+        return True
+    return last_active is not None and now - last_active >= interval_ms
+
+
+def after_ping(failures: int, ok: bool) -> Tuple[int, bool]:
+    """(consecutive failures after this ping, whether to restart the server now)."""
+    if ok:
+        return 0, False
+    return failures + 1, failures + 1 >= _PING_FAILURES_TO_RESTART
 
 
 def _param(params: Dict[str, Any], key: str, kind: Any, what: str, required: bool = True) -> Any:
@@ -3602,6 +3685,10 @@ class McpKeepAliveService:
             "listResources": self.list_resources,
             "readResource": self.read_resource,
             "closeServer": self.close_server,
+            "restartServer": self.restart_server,
+            "listPrompts": self.list_prompts,
+            "getPrompt": self.get_prompt,
+            "listResourceTemplates": self.list_resource_templates,
         }
 
     # -- servers -------------------------------------------------------------------------------
@@ -3629,6 +3716,9 @@ class McpKeepAliveService:
                 self.log.event(f"server '{name}' exited or broke; restarting it")
                 with self._counts:
                     slot.client = None
+                    if old.protocol_version:  # it had served; a failed start keeps its own error
+                        slot.restarts += 1
+                        slot.last_error = f"exited (pid {old.pid})"
                 old.close(grace=0.1)
             client = McpStdioClient(
                 name,
@@ -3639,14 +3729,22 @@ class McpKeepAliveService:
             )
             with self._counts:
                 slot.starting = client
+            started = False
             try:
                 client.start()
+                started = True
+            except McpError as exc:
+                with self._counts:
+                    slot.last_error = str(exc)
+                raise
             finally:
                 with self._counts:
                     slot.starting = None
                     stopping = self._stopping
-                    if not stopping:
+                    if started and not stopping:  # a failed start is never kept as the server
                         slot.client = client
+                        slot.started_at = _now_ms()
+                        slot.failures = 0  # a new process starts with a clean record
             if stopping:  # shutdown began during the handshake and could not see this one
                 client.close(grace=0.1)
                 self._refuse_if_stopping(name)
@@ -3735,6 +3833,30 @@ class McpKeepAliveService:
         self._close(slot, "closeServer request")
         return True
 
+    def restart_server(self, params: Dict[str, Any], ctx: RequestContext) -> Any:
+        """Close the server and start a new one at once: it is kept warm for the next call."""
+        slot = self._slot(params)
+        was_running = slot.client is not None and slot.client.alive()  # for the caller's wording only
+        client = self._restart(slot, "restartServer request")
+        return {"server": slot.spec.name, "pid": client.pid if client else None, "wasRunning": was_running}
+
+    def list_prompts(self, params: Dict[str, Any], ctx: RequestContext) -> Any:
+        slot = self._slot(params)
+        timeout = _timeout_param(params)
+        return {"prompts": self._use(slot, ctx, lambda c: c.list_prompts(timeout))}
+
+    def get_prompt(self, params: Dict[str, Any], ctx: RequestContext) -> Any:
+        slot = self._slot(params)
+        name = _param(params, "name", str, "a prompt name")
+        args = _param(params, "args", dict, "an object", required=False) or {}
+        timeout = _timeout_param(params)
+        return self._use(slot, ctx, lambda c: c.get_prompt(name, args, timeout))
+
+    def list_resource_templates(self, params: Dict[str, Any], ctx: RequestContext) -> Any:
+        slot = self._slot(params)
+        timeout = _timeout_param(params)
+        return {"resourceTemplates": self._use(slot, ctx, lambda c: c.list_resource_templates(timeout))}
+
     # -- lifecycle hooks -----------------------------------------------------------------------
 
     def _close(self, slot: _ServerSlot, why: str) -> None:
@@ -3743,21 +3865,111 @@ class McpKeepAliveService:
                 client, slot.client = slot.client, None
             self._end(slot, client, why)
 
-    def _end(self, slot: _ServerSlot, client: Optional[McpStdioClient], why: str) -> None:
+    def _end(
+        self, slot: _ServerSlot, client: Optional[McpStdioClient], why: str, grace: float = _MCP_CLOSE_GRACE
+    ) -> None:
         if client is not None:
             self.log.event(f"closing server '{slot.spec.name}' (pid {client.pid}): {why}")
-            client.close()
+            client.close(grace)
             if self.host:
                 self.host.mark_metadata_dirty()
 
     def tick(self) -> None:
-        """Per-server ``idleTimeoutMs``: close just that server once idle long enough. Each
-        close runs on a thread of its own, so a slow one delays nothing else."""
+        """Per-server ``idleTimeoutMs``: close just that server once idle long enough; and
+        ping a server quiet for its ``healthCheckMs``. Each close and each ping runs on a
+        thread of its own, so a slow close or a wedged server delays nothing else."""
         import threading
 
         for slot in self._slots.values():
             if self._idle(slot):
                 threading.Thread(target=self._close_if_idle, args=(slot,), daemon=True).start()
+            client = self._claim_ping(slot)
+            if client is not None:
+                threading.Thread(target=self._check_health, args=(slot, client), daemon=True).start()
+
+    # -- health: pings and restarts ------------------------------------------------------------
+
+    def _claim_ping(self, slot: _ServerSlot) -> Optional[McpStdioClient]:
+        """The client to ping now, marked as being pinged; None when no ping is due."""
+        with self._counts:
+            client = slot.client
+            busy = slot.pinging or slot.starting is not None or slot.in_use > 0 or slot.lock.locked()
+            alive = client is not None and client.alive()
+            if not ping_due(
+                slot.spec.health_check_ms, alive, busy, slot.failures, slot.last_active(), _now_ms()
+            ):
+                return None
+            slot.pinging = True
+            return client
+
+    def _check_health(self, slot: _ServerSlot, client: McpStdioClient) -> None:
+        try:
+            why = self._record_ping(slot, client, self._ping_error(client))
+            if why is not None:
+                self._restart_wedged(slot, client, why)
+        finally:
+            with self._counts:
+                slot.pinging = False
+
+    def _record_ping(self, slot: _ServerSlot, client: McpStdioClient, error: Optional[str]) -> Optional[str]:
+        """Note a ping's outcome in the slot; returns why to restart the server, or None."""
+        with self._counts:
+            if slot.client is not client:
+                return None  # closed or replaced while the ping was out: its result says nothing
+            slot.last_ping_at = _now_ms()
+            slot.last_ping_ok = error is None
+            slot.failures, restart = after_ping(slot.failures, error is None)
+            failures = slot.failures
+            if error is not None:
+                slot.last_error = f"ping failed: {error}"
+        if error is None:
+            return None
+        name = slot.spec.name
+        self.log.event(f"ping of server '{name}' (pid {client.pid}) failed ({failures} in a row): {error}")
+        return f"failed {failures} pings in a row (last: {error})" if restart else None
+
+    def _restart_wedged(self, slot: _ServerSlot, client: McpStdioClient, why: str) -> None:
+        try:
+            self._restart(slot, why, expected=client, grace=_WEDGED_CLOSE_GRACE)
+        except Exception as exc:  # the new copy did not start: the next call tries again
+            with self._counts:
+                slot.last_error = str(exc)
+            self.log.event(f"restart of server '{slot.spec.name}' failed: {exc}")
+
+    @staticmethod
+    def _ping_error(client: McpStdioClient) -> Optional[str]:
+        """Why a ping failed, or None. An error answer is an answer: a server that does not
+        know ``ping`` (some older SDKs) is alive, not wedged."""
+        try:
+            client.ping(timeout=_PING_TIMEOUT)
+        except McpError as exc:
+            if exc.code == "runtime_error" and client.alive():
+                return None
+            return str(exc)
+        return None
+
+    def _restart(
+        self,
+        slot: _ServerSlot,
+        why: str,
+        expected: Optional[McpStdioClient] = None,
+        grace: float = _MCP_CLOSE_GRACE,
+    ) -> Optional[McpStdioClient]:
+        """Close the server, then start a new one at once. The close completes under
+        ``slot.lock`` before the start takes it, so two copies never run together. With
+        ``expected``, only that process is restarted: None when it was closed or replaced
+        meanwhile (an idle close must not be undone by a late health verdict)."""
+        with slot.lock:
+            with self._counts:
+                client = slot.client
+                if expected is not None and client is not expected:
+                    return None
+                slot.client = None
+                if client is not None:
+                    slot.restarts += 1
+            if client is not None:
+                self._end(slot, client, f"restarting: {why}", grace)
+        return self._client(slot)
 
     def _idle(self, slot: _ServerSlot) -> bool:
         with self._counts:
@@ -3806,18 +4018,26 @@ class McpKeepAliveService:
             t.start()
         for t in threads:
             t.join(2 * _MCP_CLOSE_GRACE + 1)
+        deadline = time.monotonic() + 2 * _MCP_CLOSE_GRACE + 1
+        for slot in self._slots.values():
+            # A close begun by an idle close or a restart must end its process before we exit.
+            if slot.lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                slot.lock.release()
 
     def status_extra(self) -> Dict[str, Any]:
         servers = []
         for name, slot in self._slots.items():
             client = slot.client
             alive = client is not None and client.alive()
+            with self._counts:
+                health = slot.health()
             servers.append(
                 {
                     "name": name,
                     "connected": alive,
                     "lastUsedAt": slot.last_used,
                     "pid": client.pid if alive and client else None,
+                    "health": health,
                 }
             )
         return {"configPath": self.config.path, "servers": servers}
@@ -3945,6 +4165,60 @@ _DEMO_CONTENT: Dict[str, Dict[str, Any]] = {
 }
 
 
+_DEMO_PROMPTS = [
+    {
+        "name": "greet",
+        "description": "Ask for a greeting.",
+        "arguments": [
+            {"name": "name", "description": "Who to greet", "required": True},
+            {"name": "style", "description": "formal or casual"},
+        ],
+    },
+    {"name": "counter-report", "description": "Report the counter, quoting its resource."},
+]
+_DEMO_TEMPLATES = [
+    {
+        "uriTemplate": "demo://echo/{text}",
+        "name": "echo",
+        "description": "Reads back the text in its URI.",
+        "mimeType": "text/plain",
+    },
+    {"uriTemplate": "demo://counter/{format}", "name": "counter-as", "description": "The counter."},
+]
+
+
+def _demo_page(items: List[Dict[str, Any]], key: str, params: Dict[str, Any]) -> Dict[str, Any]:
+    """One item per page, so a client must follow ``nextCursor`` to see them all."""
+    cursor = params.get("cursor")
+    i = int(cursor) if isinstance(cursor, str) and cursor.isdigit() else 0
+    page: Dict[str, Any] = {key: items[i : i + 1]}
+    if i + 1 < len(items):
+        page["nextCursor"] = str(i + 1)
+    return page
+
+
+def _demo_prompt(name: str, args: Dict[str, Any], state: Dict[str, int]) -> Dict[str, Any]:
+    """``prompts/get``; a bad name or a missing argument raises ValueError (-32602)."""
+    if name == "greet":
+        if not args.get("name"):
+            raise ValueError("prompt 'greet' needs the argument 'name'")
+        style = args.get("style") or "casual"
+        text = f"Write a {style} greeting for {args['name']}."
+        return {
+            "description": "A greeting",
+            "messages": [{"role": "user", "content": {"type": "text", "text": text}}],
+        }
+    if name == "counter-report":
+        counter = {"uri": "demo://counter", "mimeType": "text/plain", "text": str(state["count"])}
+        return {
+            "messages": [
+                {"role": "user", "content": {"type": "text", "text": "What is the counter at?"}},
+                {"role": "assistant", "content": {"type": "resource", "resource": counter}},
+            ]
+        }
+    raise ValueError(f"unknown prompt: {name}")
+
+
 def _demo_tool(name: str, args: Dict[str, Any], state: Dict[str, Any]) -> Dict[str, Any]:
     def text(value: Any, error: bool = False) -> Dict[str, Any]:
         return {"content": [{"type": "text", "text": str(value)}], "isError": error}
@@ -3978,7 +4252,7 @@ def _demo_answer(msg: Dict[str, Any], state: Dict[str, Any]) -> Optional[Dict[st
         version = asked if _MCP_OLDEST_VERSION <= asked <= MCP_PROTOCOL_VERSION else MCP_PROTOCOL_VERSION
         return {
             "protocolVersion": version,
-            "capabilities": {"tools": {}, "resources": {}},
+            "capabilities": {"tools": {}, "resources": {}, "prompts": {}},
             "serverInfo": {"name": "mcporter-daemon-demo", "version": __version__},
         }
     if method == "tools/list":
@@ -3990,9 +4264,15 @@ def _demo_answer(msg: Dict[str, Any], state: Dict[str, Any]) -> Optional[Dict[st
     if method == "resources/read" and params.get("uri") == "demo://pixel":
         return {"contents": [{"uri": "demo://pixel", "mimeType": "image/png", "blob": _DEMO_PNG}]}
     if method == "resources/read":
-        return {
-            "contents": [{"uri": params.get("uri"), "mimeType": "text/plain", "text": str(state["count"])}]
-        }
+        uri = str(params.get("uri"))
+        text = uri[len("demo://echo/") :] if uri.startswith("demo://echo/") else str(state["count"])
+        return {"contents": [{"uri": params.get("uri"), "mimeType": "text/plain", "text": text}]}
+    if method == "resources/templates/list":
+        return _demo_page(_DEMO_TEMPLATES, "resourceTemplates", params)
+    if method == "prompts/list":
+        return _demo_page(_DEMO_PROMPTS, "prompts", params)
+    if method == "prompts/get":
+        return _demo_prompt(str(params.get("name")), params.get("arguments") or {}, state)
     if method == "ping":
         return {}
     return None
@@ -4007,12 +4287,16 @@ def _demo_server_main() -> int:
     out = sys.stdout.buffer
 
     def reply(msg: Dict[str, Any]) -> None:
-        result = _demo_answer(msg, state)
         frame: Dict[str, Any] = {"jsonrpc": "2.0", "id": msg["id"]}
-        if result is None:
-            frame["error"] = {"code": -32601, "message": f"method not found: {msg.get('method')}"}
+        try:
+            result = _demo_answer(msg, state)
+        except ValueError as exc:  # bad params: invalid params, as MCP SDKs answer
+            frame["error"] = {"code": -32602, "message": str(exc)}
         else:
-            frame["result"] = result
+            if result is None:
+                frame["error"] = {"code": -32601, "message": f"method not found: {msg.get('method')}"}
+            else:
+                frame["result"] = result
         with write_lock:
             out.write(json.dumps(frame).encode() + b"\n")
             out.flush()
@@ -4316,6 +4600,8 @@ def _naming_path(root: Optional[str]) -> str:
 
 def cmd_restart(args: Any) -> int:
     cfg = _load(args)
+    if args.server:
+        return _restart_server(cfg, args)
     print(_client(cfg, args).stop(_STOP_WAIT))  # a daemon left with nothing to do goes too
     args.foreground = False
     return cmd_start(args)
@@ -4357,7 +4643,56 @@ def cmd_status(args: Any) -> int:
     print(f"  config: {out['configPath']}\n  socket: {out['socketPath']}\n  log:    {out['logPath']}")
     for s in out["servers"] or []:
         state = f"connected (pid {s.get('pid')})" if s.get("connected") else "idle"
-        print(f"  - {s.get('name')}: {state}")
+        print(f"  - {s.get('name')}: {state}{_health_text(s.get('health'))}")
+    return 0
+
+
+def _health_text(health: Any) -> str:
+    """``; last ping 12:00:01 ok; restarts 1; last error: …`` (empty for a daemon without health)."""
+    if not isinstance(health, dict):
+        return ""
+    at = health.get("lastPingAt")
+    if isinstance(at, (int, float)):
+        when = time.strftime("%H:%M:%S", time.localtime(at / 1000))
+        ping = f"last ping {when} {'ok' if health.get('lastPingOk') else 'failed'}"
+    else:
+        ping = "not pinged yet"
+    text = f"; {ping}; restarts {health.get('restarts') or 0}"
+    error = health.get("lastError")
+    return text + (f"; last error: {str(error).splitlines()[0][:200]}" if error else "")
+
+
+def _kept_server(cfg: Config, name: str) -> ServerSpec:
+    """The spec of a server the daemon keeps; any other is a usage error (exit 2)."""
+    spec = _server_spec(cfg, name)
+    if not spec.keep_alive:
+        raise ConfigError(
+            f"server '{name}' is not kept alive by the daemon ({spec.keep_alive_reason}); "
+            "only keep-alive servers can be closed or restarted"
+        )
+    return spec
+
+
+def cmd_close(args: Any) -> int:
+    cfg = _load(args)
+    spec = _kept_server(cfg, args.server)
+    client = _client(cfg, args)
+    status = client.verified_status()
+    if status is None:  # closing must never start a daemon just to close nothing
+        print(f"no daemon running for {cfg.path}; server '{spec.name}' is not running")
+        return 0
+    client.request("closeServer", {"server": spec.name}, auto_start=False)
+    print(f"closed server '{spec.name}' (daemon pid {status.get('pid')}); the next call starts it again")
+    return 0
+
+
+def _restart_server(cfg: Config, args: Any) -> int:
+    spec = _kept_server(cfg, args.server)
+    result = _client(cfg, args).request("restartServer", {"server": spec.name}) or {}
+    if result.get("wasRunning"):
+        print(f"restarted server '{spec.name}' (pid {result.get('pid')})")
+    else:
+        print(f"started server '{spec.name}' (pid {result.get('pid')}); it was not running")
     return 0
 
 
@@ -4639,6 +4974,10 @@ def cmd_resources(args: Any) -> int:
     timeout = _timeout_seconds(args)
     if args.output and not args.uri:
         raise UsageError("resources -o FILE needs the URI of the resource to write")
+    if args.templates:
+        if args.uri:
+            raise UsageError("resources --templates lists templates; it takes no URI")
+        return _list_templates(cfg, args, spec, timeout)
     if args.uri:
         result = _via_daemon_or_ephemeral(
             cfg, args, spec, "readResource", {"uri": args.uri}, lambda c: c.read_resource(args.uri, timeout)
@@ -4676,6 +5015,94 @@ def _write_output(path: str, data: bytes) -> None:
     except OSError as exc:
         raise DaemonError(f"cannot write {path}: {exc.strerror or exc}") from None
     print(f"wrote {len(data)} bytes to {path}")
+
+
+def _list_templates(cfg: Config, args: Any, spec: ServerSpec, timeout: float) -> int:
+    result = _via_daemon_or_ephemeral(
+        cfg,
+        args,
+        spec,
+        "listResourceTemplates",
+        {},
+        lambda c: {"resourceTemplates": c.list_resource_templates(timeout)},
+    )
+    templates = [t for t in (result or {}).get("resourceTemplates") or [] if isinstance(t, dict)]
+    if args.json:
+        _print_json(templates)
+        return 0
+    for t in templates:
+        desc = str(t.get("description") or "").strip().splitlines()
+        print(
+            f"{t.get('uriTemplate')}  {t.get('name') or ''}"
+            + (f" ({t['mimeType']})" if t.get("mimeType") else "")
+            + (f" — {desc[0]}" if desc else "")
+        )
+    return 0
+
+
+def _parse_prompt_args(pairs: List[str]) -> Dict[str, str]:
+    """``key=value`` pairs, values kept as written: MCP prompt arguments are strings."""
+    out: Dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"argument '{pair}' is not key=value")
+        out[key] = value
+    return out
+
+
+def _prompt_lines(prompt: Dict[str, Any]) -> List[str]:
+    """``name(arg, optional?) — description`` and one line per argument."""
+    arguments = [a for a in prompt.get("arguments") or [] if isinstance(a, dict)]
+    sig = ", ".join(f"{a.get('name')}{'' if a.get('required') else '?'}" for a in arguments)
+    desc = str(prompt.get("description") or "").strip().splitlines()
+    lines = [f"{prompt.get('name')}({sig})" + (f" — {desc[0]}" if desc else "")]
+    for a in arguments:
+        about = str(a.get("description") or "").strip().splitlines()
+        marker = " (required)" if a.get("required") else ""
+        lines.append(f"    {a.get('name')}{marker}" + (f": {about[0]}" if about else ""))
+    return lines
+
+
+def _message_text(message: Dict[str, Any]) -> str:
+    """``role: text``; a content other than text is named by its type (and mime type or URI)."""
+    content = message.get("content")
+    blocks = content if isinstance(content, list) else [content]
+    return f"{message.get('role', '?')}: {chr(10).join(content_lines({'content': blocks}))}"
+
+
+def cmd_prompts(args: Any) -> int:
+    cfg = _load(args)
+    spec = _server_spec(cfg, args.server)
+    timeout = _timeout_seconds(args)
+    if not args.name:
+        if args.pairs:
+            raise UsageError("arguments need a prompt name: prompts SERVER NAME key=value ...")
+        result = _via_daemon_or_ephemeral(
+            cfg, args, spec, "listPrompts", {}, lambda c: {"prompts": c.list_prompts(timeout)}
+        )
+        prompts = [p for p in (result or {}).get("prompts") or [] if isinstance(p, dict)]
+        if args.json:
+            _print_json(prompts)
+        for p in [] if args.json else prompts:
+            print("\n".join(_prompt_lines(p)))
+        return 0
+    arguments = _parse_prompt_args(args.pairs)
+    result = _via_daemon_or_ephemeral(
+        cfg,
+        args,
+        spec,
+        "getPrompt",
+        {"name": args.name, "args": arguments},
+        lambda c: c.get_prompt(args.name, arguments, timeout),
+    )
+    if args.json:
+        _print_json(result)
+        return 0
+    for message in (result or {}).get("messages") or []:
+        if isinstance(message, dict):
+            print(_message_text(message))
+    return 0
 
 
 def cmd_service(args: Any) -> int:
@@ -4923,9 +5350,13 @@ def _build_parser() -> Any:
     sp = sub.add_parser("start", help="start the daemon (detached unless --foreground)")
     start_flags(sp)
     sp.set_defaults(func=cmd_start)
-    sp = sub.add_parser("restart", help="stop, then start")
+    sp = sub.add_parser("restart", help="stop, then start; or restart one kept SERVER inside the daemon")
+    sp.add_argument("server", nargs="?", metavar="SERVER", help="restart just this kept server")
     start_flags(sp)
     sp.set_defaults(func=cmd_restart)
+    sp = sub.add_parser("close", help="close one kept SERVER inside the daemon")
+    sp.add_argument("server", metavar="SERVER")
+    sp.set_defaults(func=cmd_close)
     sp = sub.add_parser("stop", help="stop the daemon and its servers")
     sp.add_argument("--timeout", type=float, default=_STOP_WAIT, help="seconds before signals (default 5)")
     sp.set_defaults(func=cmd_stop)
@@ -4949,12 +5380,20 @@ def _build_parser() -> Any:
     sp = sub.add_parser("resources", help="list a server's resources, or read one")
     sp.add_argument("server")
     sp.add_argument("uri", nargs="?")
+    sp.add_argument("--templates", action="store_true", help="list resource templates")
     sp.add_argument("--json", action="store_true")
     sp.add_argument(
         "-o", "--output", metavar="FILE", help="write the resource read to FILE (text, or a blob decoded)"
     )
     sp.add_argument("--timeout", type=float)
     sp.set_defaults(func=cmd_resources)
+    sp = sub.add_parser("prompts", help="list a server's prompts, or get one")
+    sp.add_argument("server", metavar="SERVER")
+    sp.add_argument("name", nargs="?", metavar="NAME")
+    sp.add_argument("pairs", nargs="*", metavar="key=value")
+    sp.add_argument("--json", action="store_true", help="print the whole result as JSON")
+    sp.add_argument("--timeout", type=float)
+    sp.set_defaults(func=cmd_prompts)
     sp = sub.add_parser("demo", help="a self-contained tour on the built-in demo server")
     sp.set_defaults(func=cmd_demo)
     sp = sub.add_parser("doctor", help="check the environment and explain what it finds")

@@ -3164,6 +3164,344 @@ def test_idle_shutdown_racing_starters_never_strands_a_caller(h):
     h.expect_no_leftovers = True
 
 
+# ---- issue 10: server health (pings, restarts), close/restart SERVER, prompts and templates ----
+
+
+def health_entry(h, check_ms, mode="keep-alive"):
+    """The demo server with its own ping interval (``lifecycle.healthCheckMs``)."""
+    return ops_demo_entry(h, {"mode": mode, "healthCheckMs": check_ms})
+
+
+def server_status(h, name):
+    for s in ops_status(h).get("servers") or []:
+        if s.get("name") == name:
+            return s
+    raise AssertionError(f"server {name!r} not in status")
+
+
+def log_messages(h):
+    return [msg for _, msg in ops_events(ops_log_lines(h.path("log")))]
+
+
+def test_idle_server_is_pinged_and_status_shows_health(h):
+    ops_config(h, {"demo": health_entry(h, 200), "quiet": health_entry(h, 0)})
+    assert call_ok(h, "demo.counter") == "1"
+    assert call_ok(h, "quiet.counter") == "1"
+    server = h.server_pid_from_status("demo")
+    used = server_status(h, "demo")["lastUsedAt"]
+
+    def pinged_after_use():
+        s = server_status(h, "demo")
+        health = s["health"]
+        return health["lastPingOk"] is True and health["lastPingAt"] > used and s
+
+    s = wait_until(pinged_after_use, 10, interval=0.05, message="an ok ping of the idle server")
+    assert s["pid"] == server and s["connected"] is True
+    assert s["lastUsedAt"] == used, "a ping is not a use: it must not hold off idleTimeoutMs"
+    assert s["health"]["restarts"] == 0 and s["health"]["lastError"] is None, s
+    quiet = server_status(h, "quiet")["health"]
+    assert quiet["lastPingAt"] is None and quiet["lastPingOk"] is None, "healthCheckMs 0 turns pings off"
+    lines = ops_ok(ops_cli(h, "status")).splitlines()
+    demo_line = [ln for ln in lines if ln.startswith("  - demo:")]
+    assert len(demo_line) == 1 and re.search(
+        rf"connected \(pid {server}\); last ping \d\d:\d\d:\d\d ok; restarts 0$", demo_line[0]
+    ), lines
+    assert [ln for ln in lines if ln.startswith("  - quiet:")][0].endswith("; not pinged yet; restarts 0")
+    # Pings left the server's state alone: same process, same counter.
+    assert call_ok(h, "demo.counter") == "2"
+    assert h.server_pid_from_status("demo") == server
+
+
+def test_wedged_server_is_restarted_after_two_failed_pings(h):
+    ops_config(h, {"demo": health_entry(h, 300), "other": health_entry(h, 0)})
+    assert call_ok(h, "demo.counter") == "1"
+    assert call_ok(h, "other.counter") == "1"
+    st = running_status(h)
+    daemon, wedged, other = st["pid"], ops_server_pid(st, "demo"), ops_server_pid(st, "other")
+    h.sigstop(wedged)
+    wedged_at = time.monotonic()
+
+    # While its pings time out, the daemon serves others at once: pings are off housekeeping.
+    wait_until(
+        lambda: server_status(h, "demo")["health"]["pingFailures"] >= 1,
+        15,
+        interval=0.05,
+        message="the first failed ping",
+    )
+    began = time.monotonic()
+    assert call_ok(h, "other.counter") == "2"
+    other_call = time.monotonic() - began
+
+    def restarted():
+        s = server_status(h, "demo")
+        return s["connected"] and s["pid"] not in (None, wedged) and s
+
+    s = wait_until(restarted, 40, interval=0.05, message="the wedged server to be restarted")
+    took = time.monotonic() - wedged_at
+    print(f"\nwedge-to-restart: {took:.2f} s (healthCheckMs 300, ping timeout 5 s, two pings)")
+    print(f"call to another server during the wedge: {other_call * 1000:.0f} ms")
+    assert other_call < 3.0, f"a call to another server waited {other_call:.2f}s behind a wedged one"
+    h.track(s["pid"])
+    assert s["health"]["restarts"] == 1, s
+    assert "ping" in s["health"]["lastError"] and "timed out" in s["health"]["lastError"], s
+    wait_until(lambda: not pid_alive(wedged), 10, message=f"wedged server {wedged} to be ended")
+    messages = log_messages(h)
+    for n in (1, 2):
+        assert any(
+            m.startswith(f"ping of server 'demo' (pid {wedged}) failed ({n} in a row)") for m in messages
+        ), messages
+    assert any(
+        m.startswith(f"closing server 'demo' (pid {wedged}): restarting: failed 2 pings in a row")
+        for m in messages
+    ), messages
+    # One copy at a time, the daemon untouched, the other server untouched.
+    assert running_status(h)["pid"] == daemon
+    assert h.server_pids() == {s["pid"], other}
+    assert call_ok(h, "demo.counter") == "1", "the restarted server is a new process"
+    assert call_ok(h, "other.counter") == "3"
+
+
+def test_close_and_restart_server_commands(h):
+    ops_config(h, {"other": ops_demo_entry(h), "eph": ops_demo_entry(h, "ephemeral")})
+    # No daemon: close says so, exits 0 and starts none.
+    r = ops_cli(h, "close", "demo")
+    assert r.rc == 0 and "no daemon running" in r.out, r
+    assert h.daemon_pids() == set() and not h.meta_path.exists()
+
+    assert call_ok(h, "demo.counter") == "1"
+    assert call_ok(h, "demo.counter") == "2"
+    assert call_ok(h, "other.counter") == "1"
+    st = running_status(h)
+    daemon, first, other = st["pid"], ops_server_pid(st, "demo"), ops_server_pid(st, "other")
+
+    r = ops_cli(h, "close", "demo")
+    assert r.rc == 0 and f"closed server 'demo' (daemon pid {daemon})" in r.out, r
+    wait_until(lambda: not pid_alive(first), 5, message=f"closed server {first} to exit")
+    st = running_status(h)
+    assert st["pid"] == daemon and ops_server_pid(st, "other") == other
+    assert [s["connected"] for s in st["servers"] if s["name"] == "demo"] == [False]
+    assert call_ok(h, "demo.counter") == "1", "the next call starts a new server"
+    second = h.server_pid_from_status("demo")
+    assert second and second != first
+
+    r = ops_cli(h, "restart", "demo")
+    assert r.rc == 0, r
+    m = re.fullmatch(r"restarted server 'demo' \(pid (\d+)\)", r.out.strip())
+    assert m, r
+    third = int(m.group(1))
+    h.track(third)
+    assert third != second and not pid_alive(second), "restart ends the old server before it answers"
+    # Restart starts the new copy at once: it runs before any call.
+    st = running_status(h)
+    assert st["pid"] == daemon and ops_server_pid(st, "demo") == third
+    assert server_status(h, "demo")["health"]["restarts"] == 1
+    assert h.server_pids() == {third, other}
+    assert call_ok(h, "demo.counter") == "1"
+    assert call_ok(h, "other.counter") == "2", "the other server was left alone"
+    assert f"closing server 'demo' (pid {second}): restarting: restartServer request" in log_messages(h)
+
+    # Closed, then restarted: it starts, and says it was not running.
+    assert ops_cli(h, "close", "demo").rc == 0
+    wait_until(lambda: not pid_alive(third), 5, message=f"closed server {third} to exit")
+    r = ops_cli(h, "restart", "demo")
+    assert r.rc == 0 and "it was not running" in r.out, r
+    assert running_status(h)["pid"] == daemon
+
+    for args in (("close", "eph"), ("restart", "eph"), ("close", "nosuch"), ("restart", "nosuch")):
+        r = ops_cli(h, *args)
+        assert r.rc == 2 and len(r.err.strip().splitlines()) == 1 and args[1] in r.err, r
+        assert "Traceback" not in r.err
+    assert running_status(h)["pid"] == daemon
+
+    # Without SERVER, restart still restarts the whole daemon.
+    r = ops_cli(h, "restart")
+    assert r.rc == 0, r
+    assert started_pid(r) != daemon
+
+
+# A server of an older SDK that answers every request but initialize with an error, ping too.
+NO_PING_SERVER = """\
+import json, sys
+for line in sys.stdin:
+    msg = json.loads(line)
+    if "id" not in msg:
+        continue
+    if msg.get("method") == "initialize":
+        out = {"result": {"protocolVersion": "2024-11-05", "capabilities": {}, "serverInfo": {"name": "np"}}}
+    else:
+        out = {"error": {"code": -32601, "message": "Method not found"}}
+    sys.stdout.write(json.dumps(dict(out, jsonrpc="2.0", id=msg["id"])) + "\\n")
+    sys.stdout.flush()
+"""
+
+
+def test_error_answer_to_ping_is_alive_not_wedged(h):
+    script = h.tmp / "no_ping_server.py"
+    script.write_text(NO_PING_SERVER)
+    entry = {
+        "command": sys.executable,
+        "args": [str(script), h.tag],
+        "lifecycle": {"mode": "keep-alive", "healthCheckMs": 100},
+    }
+    h.write_config({"mcpServers": {"old": entry}})
+    r = h.cli("restart", "old")
+    assert r.rc == 0, r
+    server = server_status(h, "old")["pid"]
+    h.track(server)
+    seen = set()
+
+    def three_pings():
+        health = server_status(h, "old")["health"]
+        seen.add(health["lastPingAt"])
+        return len(seen - {None}) >= 3 and health
+
+    health = wait_until(three_pings, 15, interval=0.05, message="three pings of a server without ping")
+    assert health["lastPingOk"] is True and health["restarts"] == 0, health
+    assert server_status(h, "old")["pid"] == server
+
+
+DEMO_PROMPT_LINES = [
+    "greet(name, style?) — Ask for a greeting.",
+    "    name (required): Who to greet",
+    "    style: formal or casual",
+    "counter-report() — Report the counter, quoting its resource.",
+]
+DEMO_TEMPLATE_LINES = [
+    "demo://echo/{text}  echo (text/plain) — Reads back the text in its URI.",
+    "demo://counter/{format}  counter-as — The counter.",
+]
+
+
+def test_prompts_and_templates_on_the_demo_server(h):
+    ops_config(h, {"eph": ops_demo_entry(h, "ephemeral")})
+    # The demo server pages one item per page: every list below followed nextCursor.
+    assert ops_ok(ops_cli(h, "prompts", "demo")).splitlines() == DEMO_PROMPT_LINES
+    listed = json.loads(ops_ok(ops_cli(h, "prompts", "demo", "--json")))
+    assert [p["name"] for p in listed] == ["greet", "counter-report"]
+    assert listed[0]["arguments"][0] == {"name": "name", "description": "Who to greet", "required": True}
+    r = ops_cli(h, "prompts", "demo", "greet", "name=Ada", "style=formal")
+    assert ops_ok(r) == "user: Write a formal greeting for Ada.", r
+    # Prompt arguments are strings, sent as written.
+    assert (
+        ops_ok(ops_cli(h, "prompts", "demo", "greet", "name=42")) == "user: Write a casual greeting for 42."
+    )
+    got = json.loads(ops_ok(ops_cli(h, "prompts", "demo", "greet", "name=Ada", "--json")))
+    assert got["description"] == "A greeting" and got["messages"][0]["role"] == "user", got
+    # Through the daemon: the kept server's state shows in the prompt.
+    assert call_ok(h, "demo.counter") == "1"
+    r = ops_cli(h, "prompts", "demo", "counter-report")
+    assert ops_ok(r).splitlines() == ["user: What is the counter at?", "assistant: 1"], r
+    r = ops_cli(h, "prompts", "demo", "greet")
+    assert r.rc == 1 and "'name'" in r.err and len(r.err.strip().splitlines()) == 1, r
+
+    assert ops_ok(ops_cli(h, "resources", "demo", "--templates")).splitlines() == DEMO_TEMPLATE_LINES
+    templates = json.loads(ops_ok(ops_cli(h, "resources", "demo", "--templates", "--json")))
+    assert [t["uriTemplate"] for t in templates] == ["demo://echo/{text}", "demo://counter/{format}"]
+    assert ops_ok(ops_cli(h, "resources", "demo", "demo://echo/hello")) == "hello"
+
+    # The new wire methods, as a raw client sends them.
+    resp, _, _ = raw_request(h.socket_path, "listPrompts", {"server": "demo"}, idle=10.0)
+    assert resp["ok"] and [p["name"] for p in resp["result"]["prompts"]] == ["greet", "counter-report"], resp
+    params = {"server": "demo", "name": "greet", "args": {"name": "Bo"}}
+    resp, _, _ = raw_request(h.socket_path, "getPrompt", params, idle=10.0)
+    assert resp["ok"] and resp["result"]["messages"][0]["content"]["text"].endswith("for Bo."), resp
+    resp, _, _ = raw_request(h.socket_path, "listResourceTemplates", {"server": "demo"}, idle=10.0)
+    assert resp["ok"] and len(resp["result"]["resourceTemplates"]) == 2, resp
+
+    # An ephemeral server: a fresh process each time, no daemon needed.
+    assert ops_ok(ops_cli(h, "prompts", "eph")).splitlines() == DEMO_PROMPT_LINES
+    r = ops_cli(h, "prompts", "eph", "counter-report")
+    assert ops_ok(r).splitlines() == ["user: What is the counter at?", "assistant: 0"], r
+    assert ops_ok(ops_cli(h, "resources", "eph", "--templates")).splitlines() == DEMO_TEMPLATE_LINES
+
+    for args in (("prompts", "nosuch"), ("resources", "demo", "demo://x", "--templates")):
+        r = ops_cli(h, *args)
+        assert r.rc == 2 and len(r.err.strip().splitlines()) == 1 and "Traceback" not in r.err, r
+
+
+@pytest.mark.parametrize(
+    "interval_ms, alive, busy, failures, last_active, now, due",
+    [
+        (1000, True, False, 0, 0, 1000, True),  # quiet for the whole interval
+        (1000, True, False, 0, 0, 999, False),  # not yet
+        (1000, True, False, 1, 900, 1000, True),  # a failed ping is retried without waiting out the interval
+        (1000, True, True, 1, 0, 5000, False),  # in use, starting, closing or already pinged
+        (1000, False, False, 0, 0, 5000, False),  # not running: the next call starts it
+        (0, True, False, 0, 0, 10**9, False),  # healthCheckMs 0: never
+        (1000, True, False, 0, None, 5000, False),  # no activity recorded yet
+    ],
+)
+def test_ping_due_table(interval_ms, alive, busy, failures, last_active, now, due):
+    md = _import_module()
+    assert md.ping_due(interval_ms, alive, busy, failures, last_active, now) is due
+
+
+@pytest.mark.parametrize(
+    "failures, ok, expected",
+    [
+        (0, True, (0, False)),
+        (1, True, (0, False)),  # an answer clears the record
+        (0, False, (1, False)),  # one lost ping may be a hiccup
+        (1, False, (2, True)),  # two in a row: restart
+        (5, False, (6, True)),
+    ],
+)
+def test_after_ping_table(failures, ok, expected):
+    assert _import_module().after_ping(failures, ok) == expected
+
+
+def test_real_everything_server_prompts_templates_and_pings(h, npm_servers):
+    everything = {
+        "command": npm_servers.node,
+        "args": [str(npm_servers.everything_js), "stdio", h.tag],
+        "lifecycle": {"mode": "keep-alive", "healthCheckMs": 300},
+    }
+    h.write_config({"mcpServers": {"everything": everything}})
+    r = h.cli("prompts", "everything", timeout=60)
+    assert r.rc == 0, r
+    lines = r.out.splitlines()
+    assert "simple-prompt() — A prompt with no arguments" in lines, lines
+    args_prompt = [ln for ln in lines if ln.startswith("args-prompt(")]
+    assert args_prompt and args_prompt[0].startswith("args-prompt(city, state?)"), lines
+    assert "    city (required): Name of the city" in lines, lines
+    r = h.cli("prompts", "everything", "args-prompt", "city=Paris", "state=Texas")
+    assert r.rc == 0 and r.out.strip() == "user: What's weather in Paris, Texas?", r
+    # A blob resource in a message is named, not dumped.
+    r = h.cli("prompts", "everything", "resource-prompt", "resourceType=Blob", "resourceId=2")
+    assert r.rc == 0, r
+    out = r.out.strip().splitlines()
+    assert re.fullmatch(r"user: \[blob demo://resource/dynamic/blob/2 \S+, \d+ bytes\]", out[-1]), out
+    got = json.loads(h.cli("prompts", "everything", "simple-prompt", "--json").out)
+    assert got["messages"][0]["content"]["text"] == "This is a simple prompt without arguments.", got
+
+    r = h.cli("resources", "everything", "--templates", "--json")
+    assert r.rc == 0, r
+    uris = {t["uriTemplate"] for t in json.loads(r.out)}
+    assert {
+        "demo://resource/dynamic/text/{resourceId}",
+        "demo://resource/dynamic/blob/{resourceId}",
+    } <= uris, uris
+    r = h.cli("resources", "everything", "--templates")
+    assert (
+        r.rc == 0 and "demo://resource/dynamic/text/{resourceId}  Dynamic Text Resource (text/plain)" in r.out
+    ), r
+    r = h.cli("resources", "everything", "demo://resource/dynamic/text/3")
+    assert r.rc == 0 and r.out.strip(), r
+
+    server = server_pid_of(running_status(h), "everything")
+    used = server_status(h, "everything")["lastUsedAt"]
+    wait_until(
+        lambda: (server_status(h, "everything")["health"]["lastPingAt"] or 0) > used,
+        10,
+        interval=0.05,
+        message="a ping of the idle real server",
+    )
+    health = server_status(h, "everything")["health"]
+    assert health["lastPingOk"] is True and health["restarts"] == 0, health
+    assert server_pid_of(running_status(h), "everything") == server
+    assert_stop_leaves_nothing(h)
+
+
 # ---- config imports: servers from editor and agent configs (mcporter's imports) -------------
 
 
