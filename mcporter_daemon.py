@@ -111,6 +111,9 @@ _CLIENT_PROGRESS_MS = 250
 _MAX_REQUEST_BYTES = 32 * 1024 * 1024
 _RECV_CHUNK = 65536  # a large frame is read 1 MiB at a time once it proves large
 _SEND_CHUNK = 1024 * 1024  # a large frame is encoded and sent this much at a time (bounded RSS)
+_STDERR_TAIL_LINES = 3  # a dead server's error carries its last stderr lines
+_STDERR_LINE_CHARS = 300
+_STDERR_EOF_WAIT = 0.3  # for a dying server's last stderr lines (a grandchild may hold the pipe)
 _SEND_IDLE = 5.0  # a reader that takes no bytes for this long is dropped, however large the frame
 _MAX_PENDING_BYTES = 64 * 1024 * 1024  # all half-read requests together, so abuse stays bounded
 _MAX_CONNECTIONS = 512
@@ -1609,6 +1612,17 @@ def _answered_error(server: str, response: Dict[str, Any]) -> McpError:
     return McpError(f"server '{server}': {message}{shown}", "runtime_error", code, err.get("data"))
 
 
+def _server_log_line(params: Any) -> str:
+    """A server's ``notifications/message`` as one log line: level, logger, data."""
+    params = params if isinstance(params, dict) else {}
+    data = params.get("data")
+    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+    logger = params.get("logger")
+    return (
+        f"({params.get('level', 'info')}{f' {logger}' if isinstance(logger, str) and logger else ''}) {text}"
+    )
+
+
 class McpStdioClient:
     """A spawned MCP stdio server: handshake, requests with timeouts, prompt answers to its
     own requests, and a shutdown that always ends the process group."""
@@ -1636,7 +1650,7 @@ class McpStdioClient:
         self._proc: Optional[subprocess.Popen] = None
         self._stdin_fd = -1
         self._threads: List[threading.Thread] = []
-        self._exit_note = ""
+        self._stderr_tail: List[str] = []
         self._exited = threading.Event()  # the leader exited (seen without reaping it)
         self._exit_code: Optional[int] = None
         self._broken = ""  # why the stream to the server can no longer be trusted
@@ -1761,8 +1775,18 @@ class McpStdioClient:
         assert self._proc is not None and self._proc.stderr is not None
         for raw in iter(self._proc.stderr.readline, b""):
             line = raw.decode("utf-8", "replace").rstrip("\r\n")
-            self._exit_note = line or self._exit_note
+            if line.strip():
+                # The last few lines say why a server died ("API_KEY not set"), bounded.
+                self._stderr_tail = (self._stderr_tail + [line[:_STDERR_LINE_CHARS]])[-_STDERR_TAIL_LINES:]
             self._log(line)
+
+    def stderr_tail(self, wait: float = 0.0) -> str:
+        """The server's last stderr lines, joined; ``wait`` lets the drain reach EOF first (a
+        dying server's last words may still be in the pipe)."""
+        for t in self._threads:
+            if t.name.endswith("-stderr"):
+                t.join(wait)
+        return " | ".join(self._stderr_tail)
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -1801,6 +1825,8 @@ class McpStdioClient:
         elif "method" in msg:
             if msg["method"] == "notifications/tools/list_changed":
                 self.tools_stale = True
+            elif msg["method"] == "notifications/message":
+                self._log(_server_log_line(msg.get("params")))
         elif "id" in msg and ("result" in msg or "error" in msg):
             with self._state_lock:
                 pending = self._pending.pop(msg["id"], None) if isinstance(msg["id"], int) else None
@@ -1836,13 +1862,19 @@ class McpStdioClient:
                 sink.append(text)
 
     def _fail_pending(self, why: str = "") -> None:
-        if not why:
-            code = self._exit_code if self._leader_exited() else None
-            why = "exited" + (f" (exit code {code})" if code is not None else "")
         with self._state_lock:
             pending, self._pending = self._pending, {}
+        if not pending:
+            return
+        if not why:
+            tail = self.stderr_tail(wait=_STDERR_EOF_WAIT)
+            self._exited.wait(_STDERR_EOF_WAIT)  # stdout closes a moment before the exit shows
+            code = self._exit_code if self._leader_exited() else None
+            why = "exited" + (f" (exit code {code})" if code is not None else "")
+            if tail:
+                why += f"; stderr: {tail}"
         for p in pending.values():
-            p.response = {"error": {"message": why, "code": -32000}}  # request() names the server
+            p.response = {"error": {"message": why}}  # no JSON-RPC code: no server sent this one
             p.event.set()
 
     # -- writing -----------------------------------------------------------------------------

@@ -5223,6 +5223,141 @@ def test_demo_counter_is_atomic_under_concurrent_calls():
     assert sorted(values) == list(range(1, 201)), f"{len(values) - len(set(values))} duplicate counts"
 
 
+# ---- diagnostics and large results: a dead server's last words, server logs, big payloads ----
+
+# A stdlib MCP server for these tests. argv: mode. "dying" writes to stderr and exits during
+# start-up; "logging" sends notifications/message during a call; "blob" returns an image of
+# `kib` KiB of seeded random bytes (the test makes the same bytes to compare).
+DIAG_SERVER = r"""
+import base64, json, random, sys
+
+mode = sys.argv[1]
+if mode == "dying":
+    sys.stderr.write("loading settings\nfatal: API_KEY not set\n")
+    sys.stderr.flush()
+    sys.exit(3)
+
+
+def send(obj):
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+for line in sys.stdin:
+    msg = json.loads(line)
+    if "id" not in msg:
+        continue
+    method, params = msg.get("method"), msg.get("params") or {}
+    if method == "initialize":
+        result = {"protocolVersion": params.get("protocolVersion"), "capabilities": {"tools": {}, "logging": {}},
+                  "serverInfo": {"name": "diag", "version": "1"}}
+    elif method == "tools/list":
+        result = {"tools": []}
+    elif method == "tools/call" and mode == "logging":
+        send({"jsonrpc": "2.0", "method": "notifications/message",
+              "params": {"level": "warning", "logger": "db", "data": "pool is 90% full"}})
+        send({"jsonrpc": "2.0", "method": "notifications/message",
+              "params": {"level": "info", "data": {"rows": 3}}})
+        result = {"content": [{"type": "text", "text": "logged"}]}
+    elif method == "tools/call" and mode == "blob":
+        kib = int((params.get("arguments") or {}).get("kib", 1))
+        data = random.Random(kib).randbytes(kib * 1024)
+        result = {"content": [{"type": "image", "mimeType": "image/png", "data": base64.b64encode(data).decode()}]}
+    else:
+        result = {}
+    send({"jsonrpc": "2.0", "id": msg["id"], "result": result})
+"""
+
+
+def diag_entry(h, mode, lifecycle="keep-alive"):
+    script = h.tmp / "diag_server.py"
+    script.write_text(DIAG_SERVER)
+    entry = {"command": sys.executable, "args": [str(script), mode, h.tag]}
+    if lifecycle:
+        entry["lifecycle"] = lifecycle
+    return entry
+
+
+@pytest.mark.parametrize("lifecycle", ["keep-alive", "ephemeral"])
+def test_server_that_dies_at_start_is_reported_with_its_stderr(h, lifecycle):
+    ops_config(h, {"dying": diag_entry(h, "dying", lifecycle)})
+    r = h.cli("call", "dying.anything")
+    assert r.rc == 1, r
+    err = r.err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "exited (exit code 3)" in err and "fatal: API_KEY not set" in err, err
+    assert err.count("server 'dying'") == 1, f"doubled prefix: {err}"
+    assert r.elapsed < 5, r
+
+
+def test_server_log_notifications_reach_the_daemon_log(h):
+    ops_config(h, {"talk": diag_entry(h, "logging")})
+    assert call_ok(h, "talk.anything") == "logged"
+    log = read_file(h.path("log"))
+    assert "[talk] (warning db) pool is 90% full" in log, log[-2000:]
+    assert '[talk] (info) {"rows": 3}' in log, log[-2000:]
+
+
+@pytest.mark.parametrize("how", ["json", "save-images"])
+def test_large_result_arrives_intact(h, how):
+    """A result larger than the daemon's 1 MiB send pieces (so it is streamed) arrives byte for
+    byte, through --json and through --save-images."""
+    import base64
+    import random
+
+    kib = 3 * 1024 + 7
+    expected = random.Random(kib).randbytes(kib * 1024)
+    ops_config(h, {"big": diag_entry(h, "blob")})
+    if how == "json":
+        r = h.cli("call", "big.blob", f"kib={kib}", "--json")
+        assert r.rc == 0, r.err
+        block = json.loads(r.out)["content"][0]
+        assert block["mimeType"] == "image/png"
+        assert base64.b64decode(block["data"]) == expected
+    else:
+        shots = h.tmp / "shots"
+        r = h.cli("call", "big.blob", f"kib={kib}", "--save-images", shots)
+        assert r.rc == 0, r
+        (path,) = r.out.split()
+        assert Path(path).read_bytes() == expected
+    assert call_ok(h, "big.blob", "kib=1") == f"[image image/png, {1024} bytes]"
+
+
+def test_slow_reader_still_gets_a_large_answer_whole(h):
+    """A caller that takes its time reading a large answer (a busy machine, a slow pipe) gets
+    all of it: the daemon bounds how long no byte moves, not the whole transfer."""
+    kib = 8 * 1024
+    ops_config(h, {"big": diag_entry(h, "blob")})
+    assert call_ok(h, "big.blob", "kib=1")  # the daemon and its server run
+    req = {
+        "id": "slow",
+        "method": "callTool",
+        "params": {"server": "big", "tool": "blob", "args": {"kib": kib}},
+    }
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    s.settimeout(30)
+    try:
+        s.connect(str(h.socket_path))
+        s.sendall((json.dumps(req) + "\n").encode())
+        chunks, began = [], time.monotonic()
+        while True:
+            chunk = s.recv(16 * 1024)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            time.sleep(0.01)  # a slow reader: paces the transfer over more than 5 s
+    finally:
+        s.close()
+    took = time.monotonic() - began
+    data = b"".join(chunks)
+    assert data.endswith(b"\n"), f"answer cut off after {len(data)} bytes and {took:.1f}s"
+    frame = json.loads(data)
+    assert frame["ok"] is True, frame.get("error")
+    assert len(frame["result"]["content"][0]["data"]) == 4 * ((kib * 1024 + 2) // 3)  # base64 length
+    assert took > 5.0, f"the read took only {took:.1f}s; the test must outlast the old 5 s send limit"
+
+
 # ---- benchmark (python3 -m pytest -m bench -s) ------------------------------
 
 
@@ -5368,6 +5503,33 @@ def bench_rss(h, md):
     return idle, after_1k, vm_rss_kib(pid)
 
 
+def vm_status_kib(pid, field):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise AssertionError(f"no {field} for pid {pid}")
+
+
+def bench_large_results(h, md, sizes_mib=(1, 10, 50)):
+    """End-to-end CLI call returning an image of each size, through the daemon; the daemon's
+    peak RSS (VmHWM, sizes rising so each peak is that size's) and its RSS after small calls."""
+    ops_config(h, {"big": diag_entry(h, "blob")})
+    call_ok(h, "big.blob", "kib=1")
+    pid = h.meta()["pid"]
+    idle = vm_status_kib(pid, "VmRSS")
+    out = []
+    for mib in sizes_mib:
+        argv = h.argv("call", "big.blob", f"kib={mib * 1024}")
+        times = bench_times(lambda argv=argv: bench_run_ok(argv, h.env(), h.tmp), 3 if mib < 50 else 2)
+        out.append((mib, statistics.median(times), vm_status_kib(pid, "VmHWM")))
+    for _ in range(3):
+        call_ok(h, "big.blob", "kib=1")
+    after = vm_status_kib(pid, "VmRSS")
+    h.write_config()
+    return idle, out, after
+
+
 @pytest.mark.bench
 def test_benchmark(h, monkeypatch):
     md = _import_module()
@@ -5385,6 +5547,8 @@ def test_benchmark(h, monkeypatch):
     sigstop = bench_sigstop_replacement(h, md)
     bench_stop(h, md)
     idle, after_1k, after_2k = bench_rss(h, md)
+    bench_stop(h, md)
+    large_idle, large, large_after = bench_large_results(h, md)
     bench_stop(h, md)
 
     source = MODULE_PATH.read_text()
@@ -5417,6 +5581,19 @@ def test_benchmark(h, monkeypatch):
             "daemon RSS idle / after 1,000 / 2,000 calls",
             f"{idle / 1024:.1f} / {after_1k / 1024:.1f} / {after_2k / 1024:.1f} MiB",
             "≤ 15 MB, no growth",
+        ),
+        *[
+            (
+                f"{mib} MiB image result, CLI call end to end",
+                f"{secs:.2f} s, daemon peak {hwm / 1024:.0f} MiB ({(hwm - large_idle) / 1024 / mib:.1f}× payload)",
+                "≤ 1.5 s and ≤ 3× (50 MiB)" if mib == 50 else "linear in size",
+            )
+            for mib, secs, hwm in large
+        ],
+        (
+            "daemon RSS before / after large results",
+            f"{large_idle / 1024:.1f} / {large_after / 1024:.1f} MiB",
+            "back near idle",
         ),
     ]
     width = max(len(r[0]) for r in rows)
