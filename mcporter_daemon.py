@@ -856,7 +856,7 @@ def _read_import_file(path: str, kind: str, root: str) -> Tuple[Optional[Dict[st
         return {}, ""
     if path.endswith(".toml"):
         try:
-            import tomllib  # type: ignore[import-not-found]  # Python 3.11+
+            import tomllib  # type: ignore[import-not-found]  # novermin (3.11+; guarded)
         except ImportError:
             return {}, "skipped: reading Codex TOML needs Python 3.11+ (tomllib)"
         try:
