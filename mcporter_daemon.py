@@ -23,11 +23,11 @@ except ImportError:  # pragma: no cover - exercised on Windows only
 # The builtin hash modules; hashlib would load OpenSSL (about 4 MB RSS and 2 ms per start) for
 # two hashes of a few kilobytes. Builds without them fall back to hashlib.
 try:
-    from _sha1 import sha1 as _sha1
+    from _sha1 import sha1 as _sha1  # type: ignore[import-not-found]
 except ImportError:  # pragma: no cover - depends on how CPython was built
     from hashlib import sha1 as _sha1
 try:
-    from _sha256 import sha256 as _sha256  # Python 3.9-3.11
+    from _sha256 import sha256 as _sha256  # type: ignore[import-not-found]  # Python 3.9-3.11
 except ImportError:
     try:  # Python 3.12+ renamed it; by name, since checkers running on 3.11 do not know it
         _sha256 = __import__("_sha2").sha256
@@ -39,6 +39,8 @@ if TYPE_CHECKING:  # typing costs import time on the CLI's hot path; annotations
     import subprocess
     import threading
     from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+
+    from typing_extensions import TypeGuard  # novermin (checkers only; never imported)
 
 __version__ = "0.1.0"
 
@@ -1202,7 +1204,7 @@ def _is_identity(pid: Any, start_time: Any) -> bool:
     return _is_pid(pid) and isinstance(start_time, str) and bool(start_time)
 
 
-def _is_pid(value: Any) -> bool:
+def _is_pid(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
@@ -2020,7 +2022,7 @@ class McpStdioClient:
         items: List[Any] = []
         cursor = None
         for _ in range(1000):  # a server that loops its cursor must not loop us forever
-            params = {"cursor": cursor} if cursor is not None else {}
+            params: Dict[str, Any] = {"cursor": cursor} if cursor is not None else {}
             result = self.request(method, params, timeout=timeout) or {}
             items.extend(result.get(key) or [])
             cursor = result.get("nextCursor")
@@ -2250,7 +2252,7 @@ def probe_live_daemon(socket_path: str, timeout: float) -> ProbeResult:
         return ProbeResult("dead", detail=str(exc))
     status = response.get("result") if response.get("ok") else None
     if not isinstance(status, dict):
-        error = response.get("error") if isinstance(response.get("error"), dict) else {}
+        error: Dict[str, Any] = response["error"] if isinstance(response.get("error"), dict) else {}
         pid = error.get("pid")
         if error.get("code") == "shutting_down" and _is_pid(pid) and pid_alive(pid):
             # Still closing its servers: it owns them until its pid is gone (stop is a barrier).
@@ -2369,7 +2371,7 @@ class DaemonHost:
         self._metadata_cache: Optional[Dict[str, Any]] = None
         self._metadata_generation = 0
         self._spare_workers = 0
-        self._handoff = queue.SimpleQueue()  # accepted connections for spare worker threads
+        self._handoff: queue.SimpleQueue[socket.socket] = queue.SimpleQueue()  # for spare workers
         self._tick = threading.Event()  # wakes the housekeeping thread early
         self._drained = threading.Event()  # servers closed: the serving loop may end
         self._inflight: Dict[int, _Exchange] = {}  # by id(conn): requests still owed an answer
@@ -2549,7 +2551,7 @@ class DaemonHost:
         if cached is not None:
             return cached
         generation = self._metadata_generation
-        data = {
+        data: Dict[str, Any] = {
             "pid": self.pid,
             "pidStartTime": process_start_time(self.pid),
             "protocolVersion": DAEMON_PROTOCOL_VERSION,
@@ -2655,7 +2657,7 @@ class DaemonHost:
                 stopper = self._threading.Thread(target=self._wind_down, name="wind-down", daemon=True)
                 stopper.start()
             now = time.monotonic()
-            watch = [self._wake_r] if now < resume_at else [self._listener, self._wake_r]
+            watch: List[Any] = [self._wake_r] if now < resume_at else [self._listener, self._wake_r]
             wait = max(0.0, resume_at - now) if now < resume_at else _SOCKET_CHECK_INTERVAL
             try:
                 ready, _, _ = select.select(watch, [], [], wait)
@@ -3517,7 +3519,7 @@ def _parse_as(kind: str, raw: str) -> Tuple[bool, Any]:
         return False, None
     if kind == "integer" and isinstance(value, float) and value.is_integer():
         return True, int(value)  # 3.0 is an integer in JSON Schema; send it as one
-    wanted = {"integer": int, "number": (int, float), "array": list, "object": dict}.get(kind)
+    wanted: Any = {"integer": int, "number": (int, float), "array": list, "object": dict}.get(kind)
     return (True, value) if wanted and isinstance(value, wanted) else (False, None)
 
 
@@ -4078,7 +4080,8 @@ class McpKeepAliveService:
         servers = {}
         for name, slot in self._slots.items():
             client = slot.client
-            start = process_start_time(client.pid) if client is not None and client.alive() else None
+            pid = client.pid if client is not None and client.alive() else None
+            start = process_start_time(pid) if pid is not None else None
             if client is not None and client.pid and start:  # one that just exited has no start time
                 servers[name] = {"pid": client.pid, "pidStartTime": start}
         return {
@@ -4197,7 +4200,7 @@ _DEMO_CONTENT: Dict[str, Dict[str, Any]] = {
 }
 
 
-_DEMO_PROMPTS = [
+_DEMO_PROMPTS: List[Dict[str, Any]] = [
     {
         "name": "greet",
         "description": "Ask for a greeting.",
@@ -4208,7 +4211,7 @@ _DEMO_PROMPTS = [
     },
     {"name": "counter-report", "description": "Report the counter, quoting its resource."},
 ]
-_DEMO_TEMPLATES = [
+_DEMO_TEMPLATES: List[Dict[str, Any]] = [
     {
         "uriTemplate": "demo://echo/{text}",
         "name": "echo",
@@ -4963,7 +4966,7 @@ def cmd_list(args: Any) -> int:
 
     cfg = _load(args)
     if not args.server:
-        rows = [
+        rows: List[Dict[str, Any]] = [
             {
                 "name": n,
                 "keepAlive": s.keep_alive,
