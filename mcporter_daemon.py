@@ -1447,18 +1447,8 @@ def is_our_pid(pid: Any, start_time: Any) -> bool:
 def _child_pids(pid: int) -> List[int]:
     """Direct children of ``pid`` (found before a kill, so reparenting cannot hide them)."""
     if _process_info is _linux_process_info:
-        children = []
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    with open(f"/proc/{entry}/stat", "rb") as fh:
-                        stat = fh.read().decode("utf-8", "replace")
-                except OSError:
-                    continue
-                fields = stat[stat.rfind(")") + 2 :].split()
-                if len(fields) > 1 and fields[1] == str(pid):
-                    children.append(int(entry))
-        return children
+        listed = (entry for entry in os.listdir("/proc") if entry.isdigit())
+        return [int(e) for e in listed if (_linux_stat_fields(e) or ["", ""])[1] == str(pid)]
     import subprocess
 
     try:
