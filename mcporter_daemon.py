@@ -1073,7 +1073,7 @@ def _send_and_receive(
             if isinstance(frame, dict) and frame.get("type") == "progress":
                 update = progress_update(frame.get("progress"))
                 if on_progress is not None and update is not None:
-                    on_progress(update)
+                    _report_quietly(on_progress, update)
                 continue
             if not isinstance(frame, dict) or "ok" not in frame:
                 raise TransportError(f"daemon at {socket_path} sent a malformed frame")
@@ -1099,6 +1099,14 @@ def _send_and_receive(
         raise _NotDelivered(f"daemon at {socket_path} closed without reading the request") from None
     except OSError as exc:
         raise TransportError(f"connection to {socket_path} failed: {exc.strerror or exc}") from None
+
+
+def _report_quietly(on_progress: Callable[[Dict[str, Any]], None], update: Dict[str, Any]) -> None:
+    """Showing progress must never fail the call it is about."""
+    try:
+        on_progress(update)
+    except Exception:
+        pass
 
 
 def result_or_raise(response: Dict[str, Any]) -> Any:
@@ -1570,15 +1578,21 @@ def progress_update(params: Any) -> Optional[Dict[str, Any]]:
     if not isinstance(params, dict):
         return None
     progress = params.get("progress")
-    if isinstance(progress, bool) or not isinstance(progress, (int, float)):
+    if not _finite_number(progress):
         return None
     update: Dict[str, Any] = {"progress": progress}
     total = params.get("total")
-    if isinstance(total, (int, float)) and not isinstance(total, bool):
+    if _finite_number(total):
         update["total"] = total
     if isinstance(params.get("message"), str):
         update["message"] = params["message"]
     return update
+
+
+def _finite_number(value: Any) -> bool:
+    # Python's json reads NaN and Infinity; neither is a progress value (nor valid JSON). The
+    # difference test spares the CLI importing math: it is NaN for both, 0 for any finite value.
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value - value == 0
 
 
 def _with_progress_token(params: Optional[Dict[str, Any]], token: int) -> Dict[str, Any]:
@@ -4408,11 +4422,11 @@ def _number(value: Any) -> str:
 
 def progress_text(update: Dict[str, Any], width: int) -> str:
     """One progress line, at most ``width - 1`` characters (a wrapped line cannot be erased
-    with ``\r``): "3/5 (60%) message", or "3 message" without a total. Control characters in
+    by a carriage return): "3/5 (60%) message", or "3 message" without a total. Control characters in
     a server's message are shown as spaces, so it cannot move the cursor or start a new line."""
     progress, total = update.get("progress"), update.get("total")
     text = _number(progress)
-    if isinstance(total, (int, float)) and not isinstance(total, bool):
+    if _finite_number(total):
         text += f"/{_number(total)}"
         if total > 0:
             text += f" ({min(100, max(0, int(progress * 100 / total)))}%)"
@@ -4424,28 +4438,39 @@ def progress_text(update: Dict[str, Any], width: int) -> str:
 
 
 class _ProgressLine:
-    """Server progress as one updating line on stderr, erased at the end (``\r``, clear)."""
+    """Server progress as one updating line on stderr, erased at the end (carriage return,
+    clear to end of line).
+
+    An ephemeral server's progress arrives on the client's reader thread, maybe just as the
+    call ends: after ``erase`` nothing is drawn again, so no stale line outlives the call.
+    """
 
     _CLEAR = "\r\x1b[K"
 
     def __init__(self, enabled: bool) -> None:
+        import threading
+
         self.enabled = enabled
         self.shown = ""
+        self.lock = threading.Lock()
 
     def show(self, update: Dict[str, Any]) -> None:
         if not self.enabled:
             return
         text = progress_text(update, _stderr_width())
-        if text != self.shown:
-            self.shown = text
-            sys.stderr.write(self._CLEAR + text)
-            sys.stderr.flush()
+        with self.lock:
+            if self.enabled and text != self.shown:
+                self.shown = text
+                sys.stderr.write(self._CLEAR + text)
+                sys.stderr.flush()
 
     def erase(self) -> None:
-        if self.shown:
-            self.shown = ""
-            sys.stderr.write(self._CLEAR)
-            sys.stderr.flush()
+        with self.lock:
+            self.enabled = False
+            if self.shown:
+                self.shown = ""
+                sys.stderr.write(self._CLEAR)
+                sys.stderr.flush()
 
 
 def _stderr_width() -> int:
@@ -4479,7 +4504,7 @@ def _via_daemon_or_ephemeral(
     method: str,
     params: Dict[str, Any],
     local: Callable[[McpStdioClient], Any],
-    on_progress: Optional[Callable[[Dict[str, Any]], None]] = None,
+    line: Optional[_ProgressLine] = None,
 ) -> Any:
     timeout = _timeout_seconds(args)
     if not spec.keep_alive:
@@ -4495,9 +4520,11 @@ def _via_daemon_or_ephemeral(
             idle_timeout=_DEFAULT_IDLE_BUDGET,
             notices=notices,
             overall_timeout=timeout + _CLIENT_DEADLINE_GRACE,
-            on_progress=on_progress,
+            on_progress=line.show if line else None,
         )
     finally:
+        if line:
+            line.erase()  # first: a notice would otherwise be written onto the progress line
         _print_notices(notices)
 
 
@@ -4825,7 +4852,7 @@ def cmd_call(args: Any) -> int:
         return c.call_tool(tool, full, timeout, on_progress=line.show, idle=stall)
 
     try:
-        result = _via_daemon_or_ephemeral(cfg, args, spec, "callTool", params, ephemeral, line.show) or {}
+        result = _via_daemon_or_ephemeral(cfg, args, spec, "callTool", params, ephemeral, line) or {}
     finally:
         line.erase()  # before any result or error line, which would otherwise overwrite it
     saved = save_media(result, args.save_images, tool) if args.save_images else {}
@@ -5284,7 +5311,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         # One line, and 130 as a shell reports SIGINT. A daemon call is cancelled at its server
         # when our socket closes at exit; an ephemeral one was cancelled on the way out.
-        print(f"{_PROG}: interrupted", file=sys.stderr)
+        line = f"{_PROG}: interrupted"
+        print(_host_line(line) if as_host else line, file=sys.stderr)
         return 130
     except Exception as exc:
         if os.environ.get("MCPORTER_DEBUG") == "1":

@@ -5134,6 +5134,8 @@ def test_progress_text_table(update, width, expected):
             {"progressToken": 1, "progress": 1, "total": "9", "message": 5},
             {"progress": 1},
         ),  # bad extras dropped
+        ({"progressToken": 1, "progress": float("nan")}, None),  # Python's json reads NaN
+        ({"progressToken": 1, "progress": 1, "total": float("inf")}, {"progress": 1}),
         (None, None),
     ],
 )
