@@ -4421,9 +4421,11 @@ def _number(value: Any) -> str:
 
 
 def progress_text(update: Dict[str, Any], width: int) -> str:
-    """One progress line, at most ``width - 1`` characters (a wrapped line cannot be erased
-    by a carriage return): "3/5 (60%) message", or "3 message" without a total. Control characters in
-    a server's message are shown as spaces, so it cannot move the cursor or start a new line."""
+    """One progress line: "3/5 (60%) message", or "3 message" without a total.
+
+    At most ``width - 1`` characters, as a wrapped line cannot be erased by a carriage return.
+    Control characters in a server's message show as spaces: it cannot move the cursor or
+    start a new line."""
     progress, total = update.get("progress"), update.get("total")
     text = _number(progress)
     if _finite_number(total):
