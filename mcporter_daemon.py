@@ -4080,7 +4080,7 @@ _DEMO_TOOLS = [
     },
     {
         "name": "progress",
-        "description": "Take `steps` steps of `delay` seconds, reporting progress after each when asked to.",
+        "description": "Take steps of delay seconds each, reporting progress when asked for it.",
         "inputSchema": {
             "type": "object",
             "properties": {"steps": {"type": "integer"}, "delay": {"type": "number"}},

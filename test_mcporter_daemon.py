@@ -2986,6 +2986,8 @@ def test_list_server_tools(h):
         "demo.media() — Return text, an image and an audio clip.",
         "demo.links() — Return resource links and embedded resources (text and blob).",
         "demo.structured() — Return structuredContent and no text.",
+        "demo.progress(steps?: integer, delay?: number) — Take steps of delay seconds each, reporting progress"
+        " when asked for it.",
     ], lines
     schema_out = ops_ok(ops_cli(h, "list", "demo", "--schema"))
     assert schema_out.splitlines()[0] == lines[0]
