@@ -129,6 +129,8 @@ _TERM_GRACE = 1.0
 _MCP_CLOSE_GRACE = 2.0
 _MCP_WRITE_DEADLINE = 2.0  # for frames not tied to a call (notifications, answers to the server)
 _CANCEL_WRITE_DEADLINE = 0.5
+_CANCEL_CHECK_INTERVAL = 0.05  # a call whose caller may go away looks this often whether it did
+_CALLER_CHECK_INTERVAL = 0.25  # the host looks this often whether a request's caller went away
 _WRITE_SLICE = 0.1  # a blocked writer re-checks this often whether close() wants the pipe
 _CLIENT_DEADLINE_GRACE = 3.0  # past a call's own timeout, for the daemon to deliver its error
 _SOCKET_CHECK_INTERVAL = 1.0
@@ -1060,8 +1062,10 @@ def exchange(
     idle_timeout: float,
     connect_timeout: Optional[float] = None,
     overall_timeout: Optional[float] = None,
+    on_progress: Optional[Callable[[Dict[str, Any]], None]] = None,
 ) -> Dict[str, Any]:
-    """Send one request, skip progress frames, return the response frame.
+    """Send one request, return the response frame; a server's progress in a progress frame
+    goes to ``on_progress``.
 
     ``idle_timeout`` is an idle budget: every frame (progress included) resets it, so a long
     call stays alive while a silent (hung) daemon still trips it. ``overall_timeout`` bounds
@@ -1077,7 +1081,7 @@ def exchange(
             raise _NotDelivered(f"cannot connect to {socket_path}: {exc.strerror or exc}") from None
         sock.settimeout(idle_timeout)
         deadline = time.monotonic() + overall_timeout if overall_timeout else None
-        return _send_and_receive(sock, socket_path, request, idle_timeout, deadline)
+        return _send_and_receive(sock, socket_path, request, idle_timeout, deadline, on_progress)
     finally:
         sock.close()
 
@@ -1105,6 +1109,7 @@ def _send_and_receive(
     request: Dict[str, Any],
     idle_timeout: float,
     deadline: Optional[float] = None,
+    on_progress: Optional[Callable[[Dict[str, Any]], None]] = None,
 ) -> Dict[str, Any]:
     buf = bytearray()
     frames = 0
@@ -1124,6 +1129,9 @@ def _send_and_receive(
             frames += 1
             frame = json.loads(line)
             if isinstance(frame, dict) and frame.get("type") == "progress":
+                update = progress_update(frame.get("progress"))
+                if on_progress is not None and update is not None:
+                    _report_quietly(on_progress, update)
                 continue
             if not isinstance(frame, dict) or "ok" not in frame:
                 raise TransportError(f"daemon at {socket_path} sent a malformed frame")
@@ -1149,6 +1157,14 @@ def _send_and_receive(
         raise _NotDelivered(f"daemon at {socket_path} closed without reading the request") from None
     except OSError as exc:
         raise TransportError(f"connection to {socket_path} failed: {exc.strerror or exc}") from None
+
+
+def _report_quietly(on_progress: Callable[[Dict[str, Any]], None], update: Dict[str, Any]) -> None:
+    """Showing progress must never fail the call it is about."""
+    try:
+        on_progress(update)
+    except Exception:
+        pass
 
 
 def result_or_raise(response: Dict[str, Any]) -> Any:
@@ -1584,11 +1600,54 @@ def terminate_daemon_tree(
 
 
 class _Pending:
-    __slots__ = ("event", "response")
+    __slots__ = ("event", "response", "heard", "on_progress")
 
-    def __init__(self, threading_mod: Any) -> None:
+    def __init__(self, threading_mod: Any, on_progress: Optional[Callable[[Dict[str, Any]], None]]) -> None:
         self.event = threading_mod.Event()
         self.response: Optional[Dict[str, Any]] = None
+        self.heard = time.monotonic()  # last sign of life for this request: sent, or progress
+        self.on_progress = on_progress
+
+
+def call_expiry(now: float, deadline: float, heard: float, idle: Optional[float]) -> Tuple[float, str]:
+    """When a request waiting since its last sign of life ``heard`` gives up, and why.
+
+    The idle budget (``idle``; None = none) runs from the last progress notification (or the
+    send), so a server that reports progress may take longer than the budget; the deadline
+    (the call's ``--timeout``) ends the wait regardless: progress never extends it.
+    """
+    if idle is not None and heard + idle < deadline:
+        return heard + idle, "stalled"
+    return deadline, "timeout"
+
+
+def progress_update(params: Any) -> Optional[Dict[str, Any]]:
+    """The progress, total and message of a ``notifications/progress``, or None when malformed."""
+    if not isinstance(params, dict):
+        return None
+    progress = params.get("progress")
+    if not _finite_number(progress):
+        return None
+    update: Dict[str, Any] = {"progress": progress}
+    total = params.get("total")
+    if _finite_number(total):
+        update["total"] = total
+    if isinstance(params.get("message"), str):
+        update["message"] = params["message"]
+    return update
+
+
+def _finite_number(value: Any) -> bool:
+    # Python's json reads NaN and Infinity; neither is a progress value (nor valid JSON). The
+    # difference test spares the CLI importing math: it is NaN for both, 0 for any finite value.
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value - value == 0
+
+
+def _with_progress_token(params: Optional[Dict[str, Any]], token: int) -> Dict[str, Any]:
+    meta = params.get("_meta") if params else None
+    meta = dict(meta) if isinstance(meta, dict) else {}
+    meta["progressToken"] = token
+    return dict(params or {}, _meta=meta)
 
 
 def _answered_error(server: str, response: Dict[str, Any]) -> McpError:
@@ -1819,12 +1878,32 @@ class McpStdioClient:
                 self.tools_stale = True
             elif msg["method"] == "notifications/message":
                 self._log(_server_log_line(msg.get("params")))
+            elif msg["method"] == "notifications/progress":
+                self._progress(msg.get("params"))
         elif "id" in msg and ("result" in msg or "error" in msg):
             with self._state_lock:
                 pending = self._pending.pop(msg["id"], None) if isinstance(msg["id"], int) else None
             if pending is not None:  # a late answer to a timed-out request is ignored
                 pending.response = msg
                 pending.event.set()
+
+    def _progress(self, params: Any) -> None:
+        """A sign of life for the request whose id is the token (ours: see request()); progress
+        for a request no longer waited for (timed out, cancelled) is stray and ignored."""
+        token = params.get("progressToken") if isinstance(params, dict) else None
+        update = progress_update(params)
+        if update is None or isinstance(token, bool) or not isinstance(token, int):
+            return
+        with self._state_lock:
+            pending = self._pending.get(token)
+        if pending is None:
+            return
+        pending.heard = time.monotonic()
+        if pending.on_progress is not None:
+            try:
+                pending.on_progress(update)
+            except Exception as exc:  # a caller's display bug must not kill the reader thread
+                self._log(f"(progress callback failed: {exc!r})")
 
     def _answer_server_request(self, msg: Dict[str, Any]) -> None:
         # Unanswered, a tool call hangs 60 s on TypeScript servers and forever on Python ones.
@@ -1940,12 +2019,21 @@ class McpStdioClient:
         params: Optional[Dict[str, Any]] = None,
         timeout: float = _DEFAULT_CALL_TIMEOUT,
         notices: Optional[List[str]] = None,
+        on_progress: Optional[Callable[[Dict[str, Any]], None]] = None,
+        cancelled: Optional[Any] = None,
+        idle: Optional[float] = None,
     ) -> Any:
-        """Send a request and wait for its answer; on timeout tell the server to cancel."""
+        """Send a request and wait for its answer; when the wait ends without one (timeout,
+        ``idle`` seconds without progress, ``cancelled`` set, Ctrl-C) tell the server to cancel.
+
+        The request's id is its ``progressToken``: unique among active requests, as MCP asks.
+        """
         deadline = time.monotonic() + timeout
         if not self.alive():
             raise McpError(f"server '{self.name}' is not running", "server_exited")
-        pending = _Pending(self._threading)
+        if cancelled is not None and cancelled.is_set():
+            raise McpError(f"server '{self.name}': {method} cancelled (the caller went away)", "cancelled")
+        pending = _Pending(self._threading, on_progress)
         with self._state_lock:
             rid = self._next_id
             self._next_id += 1
@@ -1953,8 +2041,7 @@ class McpStdioClient:
             if notices is not None:
                 self._notices.append(notices)
         msg: Dict[str, Any] = {"jsonrpc": "2.0", "id": rid, "method": method}
-        if params is not None:
-            msg["params"] = params
+        msg["params"] = _with_progress_token(params, rid)
         try:
             if not self._send(msg, deadline) and not pending.event.is_set():
                 with self._state_lock:
@@ -1966,16 +2053,15 @@ class McpStdioClient:
                     f"(the server is not reading its input)",
                     "operation_timeout",
                 )
-            if not pending.event.wait(max(0.0, deadline - time.monotonic())):
-                with self._state_lock:
-                    self._pending.pop(rid, None)
-                if method != "initialize":
-                    # Briefly: the caller's timeout has passed, and a stuck writer may hold the lock.
-                    cancel = {"requestId": rid, "reason": "client timeout"}
-                    self.notify("notifications/cancelled", cancel, time.monotonic() + _CANCEL_WRITE_DEADLINE)
-                raise McpError(
-                    f"server '{self.name}': {method} timed out after {timeout:g}s", "operation_timeout"
-                )
+            pending.heard = time.monotonic()
+            try:
+                why = self._wait_answer(pending, deadline, idle, cancelled)
+            except KeyboardInterrupt:
+                self._give_up(rid, method, "interrupted")
+                raise
+            if why:
+                self._give_up(rid, method, why)
+                raise self._wait_error(method, why, timeout, idle)
         finally:
             if notices is not None:
                 with self._state_lock:
@@ -1984,6 +2070,46 @@ class McpStdioClient:
         if "error" in response:
             raise _answered_error(self.name, response)
         return response.get("result")
+
+    def _wait_answer(
+        self, pending: _Pending, deadline: float, idle: Optional[float], cancelled: Optional[Any]
+    ) -> str:
+        """Empty once answered, else why the wait ended: "timeout", "stalled" or "cancelled"."""
+        while True:
+            until, why = call_expiry(time.monotonic(), deadline, pending.heard, idle)
+            left = until - time.monotonic()
+            if cancelled is not None:
+                left = min(left, _CANCEL_CHECK_INTERVAL)  # a cancel is an Event of its own
+            if pending.event.wait(max(0.0, left)):
+                return ""
+            if cancelled is not None and cancelled.is_set():
+                return "cancelled"
+            until, why = call_expiry(time.monotonic(), deadline, pending.heard, idle)
+            if time.monotonic() >= until:
+                return why
+
+    def _give_up(self, rid: int, method: str, why: str) -> None:
+        """Stop waiting for ``rid``: its late answer and stray progress are ignored from now on,
+        and the server is told to stop working on it (never for ``initialize``, as MCP says)."""
+        with self._state_lock:
+            self._pending.pop(rid, None)
+        if method != "initialize":
+            # Briefly: the caller is gone or out of time, and a stuck writer may hold the lock.
+            reason = {"timeout": "client timeout", "stalled": "client timeout (no progress)"}.get(
+                why, "client went away"
+            )
+            cancel = {"requestId": rid, "reason": reason}
+            self.notify("notifications/cancelled", cancel, time.monotonic() + _CANCEL_WRITE_DEADLINE)
+
+    def _wait_error(self, method: str, why: str, timeout: float, idle: Optional[float]) -> McpError:
+        if why == "cancelled":
+            return McpError(f"server '{self.name}': {method} cancelled (the caller went away)", "cancelled")
+        if why == "stalled":
+            return McpError(
+                f"server '{self.name}': {method} sent nothing (no answer, no progress) for {idle:g}s",
+                "operation_timeout",
+            )
+        return McpError(f"server '{self.name}': {method} timed out after {timeout:g}s", "operation_timeout")
 
     # -- MCP methods ---------------------------------------------------------------------------
 
@@ -2030,10 +2156,24 @@ class McpStdioClient:
         args: Optional[Dict[str, Any]] = None,
         timeout: float = _DEFAULT_CALL_TIMEOUT,
         notices: Optional[List[str]] = None,
+        on_progress: Optional[Callable[[Dict[str, Any]], None]] = None,
+        cancelled: Optional[Any] = None,
+        idle: Optional[float] = None,
     ) -> Dict[str, Any]:
         """``tools/call``; a result with ``isError: true`` is a normal result, not an error."""
         params = {"name": tool, "arguments": args or {}}
-        return self.request("tools/call", params, timeout=timeout, notices=notices) or {}
+        return (
+            self.request(
+                "tools/call",
+                params,
+                timeout=timeout,
+                notices=notices,
+                on_progress=on_progress,
+                cancelled=cancelled,
+                idle=idle,
+            )
+            or {}
+        )
 
     def list_resources(self, timeout: float = _DEFAULT_CALL_TIMEOUT) -> List[Dict[str, Any]]:
         return self._paginate("resources/list", "resources", timeout)
@@ -2196,13 +2336,22 @@ class DaemonLog:
 
 
 class RequestContext:
-    """What a handler may use besides its params: ``notices`` reach the caller's stderr."""
+    """What a handler may use besides its params: ``notices`` reach the caller's stderr;
+    ``report_progress`` puts the server's latest progress into the caller's progress frames;
+    ``cancelled`` is set when the caller went away, so the work can stop (and tell its server)."""
 
-    __slots__ = ("notices", "method")
+    __slots__ = ("notices", "method", "cancelled", "progress")
 
     def __init__(self, method: str) -> None:
+        import threading
+
         self.method = method
         self.notices: List[str] = []
+        self.cancelled = threading.Event()
+        self.progress: Optional[Dict[str, Any]] = None  # replaced whole: read without a lock
+
+    def report_progress(self, update: Dict[str, Any]) -> None:
+        self.progress = dict(update)
 
 
 class HandlerError(DaemonError):
@@ -2879,9 +3028,10 @@ class DaemonHost:
         ctx: RequestContext,
         cadence_ms: Optional[int],
     ) -> Dict[str, Any]:
-        if cadence_ms is None:
-            return self._call(ex.rid, handler, params, ctx)
-        # Progress frames at a fixed cadence prove we are alive while the work runs.
+        if handler == self._builtin_status:
+            return self._call(ex.rid, handler, params, ctx)  # answered at once: nothing to watch
+        # The work runs on its own thread while this one proves we are alive (progress frames)
+        # and watches for the caller going away, so its server is told to cancel.
         box: List[Dict[str, Any]] = []
         done = self._threading.Event()
 
@@ -2890,10 +3040,18 @@ class DaemonHost:
             done.set()
 
         self._threading.Thread(target=work, daemon=True).start()
-        progress = encode_frame({"type": "progress", "id": ex.rid})
-        while not done.wait(cadence_ms / 1000.0):
-            if not ex.progress(progress):
-                done.wait()  # the caller left; let the work finish, answer nobody
+        slice_s = min(cadence_ms / 1000.0, _CALLER_CHECK_INTERVAL) if cadence_ms else _CALLER_CHECK_INTERVAL
+        watch = _CallerWatch(ex.conn)
+        next_frame = time.monotonic() + (cadence_ms or 0) / 1000.0
+        while not done.wait(slice_s):
+            gone = watch.gone()
+            if not gone and cadence_ms and time.monotonic() >= next_frame:
+                next_frame += cadence_ms / 1000.0
+                gone = not ex.progress(encode_frame(progress_frame(ex.rid, ctx.progress)))
+            if gone:
+                self.log.event(f"{ctx.method}: the caller went away; cancelling it")
+                ctx.cancelled.set()
+                done.wait()  # the handler returns promptly; its answer goes to nobody
                 break
         return box[0]
 
@@ -3036,6 +3194,51 @@ class _Exchange:
                 return False
             self.answered = True
             return host._send(self.conn, frame)
+
+
+def progress_frame(rid: Any, progress: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """A progress frame; the server's latest progress rides along as an extra field, which
+    mcporter's v2 clients ignore."""
+    frame: Dict[str, Any] = {"type": "progress", "id": rid}
+    if progress:
+        frame["progress"] = progress
+    return frame
+
+
+class _CallerWatch:
+    """Whether a request's caller went away, seen on its connection without waiting.
+
+    A closed or killed caller shows as a hang-up (POLLHUP: both directions shut) or a reset.
+    A caller that only shut its writing side (``nc -N``, a half-close) still reads the answer,
+    so end-of-input alone is not "gone"; extra bytes after the request line are dropped.
+    """
+
+    def __init__(self, conn: socket.socket) -> None:
+        import select
+
+        self.conn = conn
+        self.poller = select.poll()  # not select(): a busy daemon's fds can pass FD_SETSIZE
+        self.poller.register(conn, select.POLLIN)
+        self.select = select
+
+    def gone(self) -> bool:
+        try:
+            events = self.poller.poll(0)
+        except OSError:
+            return True
+        flags = events[0][1] if events else 0
+        if flags & (self.select.POLLHUP | self.select.POLLERR | self.select.POLLNVAL):
+            return True
+        if flags & self.select.POLLIN:
+            try:
+                data = self.conn.recv(65536, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return False
+            except OSError:
+                return True
+            if not data:
+                self.poller.modify(self.conn, 0)  # half-closed: from now on only a hang-up counts
+        return False
 
 
 def accept_backoff(previous: float) -> float:
@@ -3288,16 +3491,18 @@ class DaemonClient:
         auto_start: bool = True,
         notices: Optional[List[str]] = None,
         overall_timeout: Optional[float] = None,
+        on_progress: Optional[Callable[[Dict[str, Any]], None]] = None,
     ) -> Any:
         """Send one request to a verified fresh daemon (starting it if allowed). Raises
         RemoteError for ``ok: false``, DaemonTimeout past ``overall_timeout`` (progress or not).
+        A server's progress, relayed in the daemon's progress frames, goes to ``on_progress``.
 
         A delivered request runs at most once: it is sent again (after ``ensure``) only when it
         never reached a daemon, or was answered ``shutting_down`` (its handler never ran).
         """
         if auto_start:
             self.ensure()
-        send = (method, params, idle_timeout, progress_ms, overall_timeout)
+        send = (method, params, idle_timeout, progress_ms, overall_timeout, on_progress)
         try:
             response = self._send(*send)
         except _NotDelivered:
@@ -3319,6 +3524,7 @@ class DaemonClient:
         idle: float,
         progress_ms: Optional[int],
         overall: Optional[float] = None,
+        on_progress: Optional[Callable[[Dict[str, Any]], None]] = None,
     ) -> Dict[str, Any]:
         req: Dict[str, Any] = {
             "id": f"{os.getpid()}-{time.monotonic_ns()}",
@@ -3329,7 +3535,12 @@ class DaemonClient:
         if progress_ms:
             req["progressIntervalMs"] = progress_ms
         return exchange(
-            self.paths.socket, req, idle, connect_timeout=self.probe_timeout, overall_timeout=overall
+            self.paths.socket,
+            req,
+            idle,
+            connect_timeout=self.probe_timeout,
+            overall_timeout=overall,
+            on_progress=on_progress,
         )
 
     # -- stopping ------------------------------------------------------------------------------
@@ -3681,6 +3892,12 @@ def _timeout_param(params: Dict[str, Any]) -> float:
     return ms / 1000.0 if ms and ms > 0 else _DEFAULT_CALL_TIMEOUT
 
 
+def _stall_param(params: Dict[str, Any]) -> Optional[float]:
+    """``stallTimeoutMs``: the call's idle budget (no answer, no progress), or None for none."""
+    ms = _param(params, "stallTimeoutMs", (int, float), "a number of milliseconds", required=False)
+    return ms / 1000.0 if ms and ms > 0 else None
+
+
 class McpKeepAliveService:
     """Keeps the config's keep-alive servers running inside a ``DaemonHost``."""
 
@@ -3814,10 +4031,11 @@ class McpKeepAliveService:
         if not all(isinstance(v, str) for v in raw.values()):
             raise HandlerError("param 'rawArgs' must be an object of strings", "bad_request")
         timeout = _timeout_param(params)
+        stall = _stall_param(params)
 
         def call(c: McpStdioClient) -> Any:
             full = call_arguments(args, raw, tool, lambda: self._tools(slot, c, timeout))
-            return c.call_tool(tool, full, timeout, ctx.notices)
+            return c.call_tool(tool, full, timeout, ctx.notices, ctx.report_progress, ctx.cancelled, stall)
 
         try:
             return self._use(slot, ctx, call)
@@ -4160,7 +4378,18 @@ _DEMO_TOOLS = [
         "description": "Return structuredContent and no text.",
         "inputSchema": {"type": "object", "properties": {}},
     },
+    {
+        "name": "progress",
+        "description": "Take steps of delay seconds each, reporting progress when asked for it.",
+        "inputSchema": {
+            "type": "object",
+            "properties": {"steps": {"type": "integer"}, "delay": {"type": "number"}},
+        },
+    },
 ]
+# The demo server appends each notifications/cancelled it receives (JSON, with its wall-clock
+# arrival time) to the file this names: how tests see that a call was cancelled, and when.
+_DEMO_CANCEL_LOG_VAR = "MCPORTER_DEMO_CANCEL_LOG"
 # A 1x1 PNG (70 bytes) and a 52-byte WAV of silence, for the media tool.
 _DEMO_PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg=="
 _DEMO_WAV = "UklGRiwAAABXQVZFZm10IBAAAAABAAEAQB8AAEAfAAABAAgAZGF0YQgAAACAgICAgICAgA=="
@@ -4270,6 +4499,30 @@ def _demo_tool(name: str, args: Dict[str, Any], state: Dict[str, Any]) -> Dict[s
     return text(f"unknown tool: {name}", error=True)
 
 
+def _demo_progress(args: Dict[str, Any], token: Any, state: Dict[str, Any]) -> Dict[str, Any]:
+    """The ``progress`` tool: progress goes out only for a request that carries a token."""
+    steps = max(0, min(int(args.get("steps", 3)), 10000))
+    delay = max(0.0, min(float(args.get("delay", 0.2)), 3600.0))
+    for i in range(1, steps + 1):
+        time.sleep(delay)
+        if token is not None:
+            update = {
+                "progressToken": token,
+                "progress": i,
+                "total": steps,
+                "message": f"step {i} of {steps}",
+            }
+            state["notify"]({"jsonrpc": "2.0", "method": "notifications/progress", "params": update})
+    return {"content": [{"type": "text", "text": f"done {steps} steps"}], "isError": False}
+
+
+def _demo_record_cancel(msg: Dict[str, Any]) -> None:
+    path = os.environ.get(_DEMO_CANCEL_LOG_VAR)
+    if path and msg.get("method") == "notifications/cancelled":
+        with open(path, "a") as f:
+            f.write(json.dumps({"at": time.time(), "params": msg.get("params")}) + "\n")
+
+
 def _demo_answer(msg: Dict[str, Any], state: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     method, params = msg.get("method"), msg.get("params") or {}
     if method == "initialize":
@@ -4282,6 +4535,10 @@ def _demo_answer(msg: Dict[str, Any], state: Dict[str, Any]) -> Optional[Dict[st
         }
     if method == "tools/list":
         return {"tools": _DEMO_TOOLS}
+    if method == "tools/call" and params.get("name") == "progress":
+        meta = params.get("_meta")
+        token = meta.get("progressToken") if isinstance(meta, dict) else None
+        return _demo_progress(params.get("arguments") or {}, token, state)
     if method == "tools/call":
         return _demo_tool(str(params.get("name")), params.get("arguments") or {}, state)
     if method == "resources/list":
@@ -4307,9 +4564,15 @@ def _demo_server_main() -> int:
     """Serve MCP on stdin/stdout; each request on its own thread so ``sleep`` blocks nothing."""
     import threading
 
-    state: Dict[str, Any] = {"count": 0, "lock": threading.Lock()}
     write_lock = threading.Lock()
     out = sys.stdout.buffer
+
+    def send(frame: Dict[str, Any]) -> None:
+        with write_lock:
+            out.write(json.dumps(frame).encode() + b"\n")
+            out.flush()
+
+    state: Dict[str, Any] = {"count": 0, "lock": threading.Lock(), "notify": send}
 
     def reply(msg: Dict[str, Any]) -> None:
         frame: Dict[str, Any] = {"jsonrpc": "2.0", "id": msg["id"]}
@@ -4322,9 +4585,7 @@ def _demo_server_main() -> int:
                 frame["error"] = {"code": -32601, "message": f"method not found: {msg.get('method')}"}
             else:
                 frame["result"] = result
-        with write_lock:
-            out.write(json.dumps(frame).encode() + b"\n")
-            out.flush()
+        send(frame)
 
     print(f"demo MCP server ready (pid {os.getpid()})", file=sys.stderr, flush=True)
     for line in sys.stdin.buffer:
@@ -4334,6 +4595,8 @@ def _demo_server_main() -> int:
             continue
         if isinstance(msg, dict) and "id" in msg and "method" in msg:
             threading.Thread(target=reply, args=(msg,), daemon=True).start()
+        elif isinstance(msg, dict):
+            _demo_record_cancel(msg)
     return 0
 
 
@@ -4520,6 +4783,82 @@ def _print_notices(notices: List[str]) -> None:
         print(f"[mcporter] {notice}", file=sys.stderr)
 
 
+def _number(value: Any) -> str:
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def progress_text(update: Dict[str, Any], width: int) -> str:
+    """One progress line: "3/5 (60%) message", or "3 message" without a total.
+
+    At most ``width - 1`` characters, as a wrapped line cannot be erased by a carriage return.
+    Control characters in a server's message show as spaces: it cannot move the cursor or
+    start a new line."""
+    progress: Any = update.get("progress")  # a finite number: progress_update checked it
+    total: Any = update.get("total")
+    text = _number(progress)
+    if _finite_number(total):
+        text += f"/{_number(total)}"
+        if total > 0:
+            text += f" ({min(100, max(0, int(progress * 100 / total)))}%)"
+    message = str(update.get("message") or "")
+    message = "".join(" " if ord(c) < 32 or 0x7F <= ord(c) < 0xA0 else c for c in message).strip()
+    if message:
+        text += " " + message
+    return text[: max(0, width - 1)]
+
+
+class _ProgressLine:
+    """Server progress as one updating line on stderr, erased at the end (carriage return,
+    clear to end of line).
+
+    An ephemeral server's progress arrives on the client's reader thread, maybe just as the
+    call ends: after ``erase`` nothing is drawn again, so no stale line outlives the call.
+    """
+
+    _CLEAR = "\r\x1b[K"
+
+    def __init__(self, enabled: bool) -> None:
+        import threading
+
+        self.enabled = enabled
+        self.shown = ""
+        self.lock = threading.Lock()
+
+    def show(self, update: Dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        text = progress_text(update, _stderr_width())
+        with self.lock:
+            if self.enabled and text != self.shown:
+                self.shown = text
+                sys.stderr.write(self._CLEAR + text)
+                sys.stderr.flush()
+
+    def erase(self) -> None:
+        with self.lock:
+            self.enabled = False
+            if self.shown:
+                self.shown = ""
+                sys.stderr.write(self._CLEAR)
+                sys.stderr.flush()
+
+
+def _stderr_width() -> int:
+    try:
+        return os.get_terminal_size(sys.stderr.fileno()).columns or 80
+    except (OSError, ValueError, AttributeError):
+        return 80
+
+
+def _stderr_is_tty() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (ValueError, AttributeError):
+        return False
+
+
 def _run_ephemeral(spec: ServerSpec, action: Callable[[McpStdioClient], Any], timeout: float) -> Any:
     """Spawn, handshake, act, shut down: a server that is not kept alive."""
     client = McpStdioClient(spec.name, spec.command, env=spec.env, cwd=spec.cwd, log=lambda line: None)
@@ -4537,6 +4876,7 @@ def _via_daemon_or_ephemeral(
     method: str,
     params: Dict[str, Any],
     local: Callable[[McpStdioClient], Any],
+    line: Optional[_ProgressLine] = None,
 ) -> Any:
     timeout = _timeout_seconds(args)
     if not spec.keep_alive:
@@ -4552,8 +4892,11 @@ def _via_daemon_or_ephemeral(
             idle_timeout=_DEFAULT_IDLE_BUDGET,
             notices=notices,
             overall_timeout=timeout + _CLIENT_DEADLINE_GRACE,
+            on_progress=line.show if line else None,
         )
     finally:
+        if line:
+            line.erase()  # first: a notice would otherwise be written onto the progress line
         _print_notices(notices)
 
 
@@ -4918,15 +5261,23 @@ def cmd_call(args: Any) -> int:
     cfg = _load(args)
     spec = _server_spec(cfg, server)
     timeout = _timeout_seconds(args)
+    stall = args.stall_timeout if args.stall_timeout and args.stall_timeout > 0 else None
     # The daemon types the pairs itself with its cached tool list: one request, no extra trip.
     params: Dict[str, Any] = {"tool": tool, "args": typed}
     if raw:
         params["rawArgs"] = raw
+    if stall:
+        params["stallTimeoutMs"] = int(stall * 1000)
+    line = _ProgressLine(args.progress or _stderr_is_tty())
 
     def ephemeral(c: McpStdioClient) -> Any:
-        return c.call_tool(tool, call_arguments(typed, raw, tool, lambda: c.list_tools(timeout)), timeout)
+        full = call_arguments(typed, raw, tool, lambda: c.list_tools(timeout))
+        return c.call_tool(tool, full, timeout, on_progress=line.show, idle=stall)
 
-    result = _via_daemon_or_ephemeral(cfg, args, spec, "callTool", params, ephemeral) or {}
+    try:
+        result = _via_daemon_or_ephemeral(cfg, args, spec, "callTool", params, ephemeral, line) or {}
+    finally:
+        line.erase()  # before any result or error line, which would otherwise overwrite it
     saved = save_media(result, args.save_images, tool) if args.save_images else {}
     if args.json:
         _print_json(result)
@@ -5395,6 +5746,16 @@ def _build_parser() -> Any:
     sp.add_argument("--timeout", type=float, help="seconds (default 60, or MCPORTER_DAEMON_TIMEOUT_MS)")
     sp.add_argument("--json", action="store_true", help="print the whole result as JSON")
     sp.add_argument("--save-images", metavar="DIR", help="write image and audio blocks to files in DIR")
+    sp.add_argument(
+        "--progress", action="store_true", help="show server progress on stderr also when it is not a TTY"
+    )
+    sp.add_argument(
+        "--stall-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="fail when the server sends nothing (no answer, no progress) for this long; "
+        "progress restarts it, never past --timeout",
+    )
     sp.set_defaults(func=cmd_call)
     sp = sub.add_parser("list", help="list servers, or one server's tools")
     sp.add_argument("server", nargs="?")
@@ -5475,6 +5836,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(_host_line(line) if as_host else line, file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
+        # One line, and 130 as a shell reports SIGINT. A daemon call is cancelled at its server
+        # when our socket closes at exit; an ephemeral one was cancelled on the way out.
+        line = f"{_PROG}: interrupted"
+        print(_host_line(line) if as_host else line, file=sys.stderr)
         return 130
     except Exception as exc:
         if os.environ.get("MCPORTER_DEBUG") == "1":

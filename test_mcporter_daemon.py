@@ -2986,6 +2986,8 @@ def test_list_server_tools(h):
         "demo.media() — Return text, an image and an audio clip.",
         "demo.links() — Return resource links and embedded resources (text and blob).",
         "demo.structured() — Return structuredContent and no text.",
+        "demo.progress(steps?: integer, delay?: number) — Take steps of delay seconds each, reporting progress"
+        " when asked for it.",
     ], lines
     schema_out = ops_ok(ops_cli(h, "list", "demo", "--schema"))
     assert schema_out.splitlines()[0] == lines[0]
@@ -5358,6 +5360,264 @@ def test_slow_reader_still_gets_a_large_answer_whole(h):
     assert took > 5.0, f"the read took only {took:.1f}s; the test must outlast the old 5 s send limit"
 
 
+# ---- issue 10: long calls — progress and cancellation ---------------------------------------
+
+CLEAR_LINE = "\r\x1b[K"
+
+
+def cancel_log_entry(h, lifecycle="keep-alive"):
+    """The demo server, recording each notifications/cancelled it gets in ``cancel.log``."""
+    log = h.tmp / "cancel.log"
+    entry = dict(h.demo_server_entry(), lifecycle=lifecycle, env={"MCPORTER_DEMO_CANCEL_LOG": str(log)})
+    return entry, log
+
+
+def cancellations(log):
+    try:
+        return [json.loads(line) for line in log.read_text().splitlines()]
+    except FileNotFoundError:
+        return []
+
+
+def thread_count(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return int(next(line.split()[1] for line in f if line.startswith("Threads:")))
+    except (OSError, StopIteration, ValueError):
+        return 0
+
+
+def run_with_pty_stderr(h, *args, timeout=60):
+    """Run the CLI with stderr on a pseudo-terminal: (rc, stdout, what the terminal got)."""
+    import pty
+
+    master, slave = pty.openpty()
+    try:
+        p = spawn(h.argv(*args), h.env(), h.tmp, subprocess.PIPE, slave)
+    finally:
+        os.close(slave)
+    h.popens.append(p)
+    h.track(p.pid)
+    out_box = []
+    reader = threading.Thread(target=lambda: out_box.append(p.stdout.read()), daemon=True)
+    reader.start()
+    term = b""
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: every holder of the terminal's other side has closed it
+                break
+            if not chunk:
+                break
+            term += chunk
+    finally:
+        os.close(master)
+    rc = p.wait(timeout=max(1.0, deadline - time.monotonic()))
+    reader.join(10)
+    return rc, (out_box[0] if out_box else b"").decode(), term.decode("utf-8", "replace")
+
+
+def progress_lines(term):
+    """The progress texts drawn, in order (each starts with ``\\r`` + clear)."""
+    return [part for part in term.split(CLEAR_LINE) if part]
+
+
+@pytest.mark.parametrize("lifecycle", ["keep-alive", "ephemeral"])
+def test_call_shows_progress_as_one_erased_line_on_a_tty(h, lifecycle):
+    h.write_config({"mcpServers": {"demo": dict(h.demo_server_entry(), lifecycle=lifecycle)}})
+    rc, out, term = run_with_pty_stderr(h, "call", "demo.progress", "steps=4", "delay=0.4")
+    assert rc == 0 and out.strip() == "done 4 steps", (rc, out, term)
+    drawn = progress_lines(term)
+    assert "1/4 (25%) step 1 of 4" in drawn and "3/4 (75%) step 3 of 4" in drawn, repr(term)
+    assert term.endswith(CLEAR_LINE), f"the progress line was not erased: {term!r}"
+    assert "\n" not in term, f"progress must stay on one line: {term!r}"
+    # Piped stderr shows nothing unless asked with --progress.
+    r = h.cli("call", "demo.progress", "steps=3", "delay=0.4")
+    assert r.rc == 0 and r.err == "", r
+    r = h.cli("call", "demo.progress", "steps=3", "delay=0.4", "--progress")
+    assert r.rc == 0 and "1/3 (33%) step 1 of 3" in progress_lines(r.err) and r.err.endswith(CLEAR_LINE), r
+
+
+def test_progress_reaches_the_caller_in_the_daemons_progress_frames(h):
+    assert call_ok(h, "demo.pid")
+    params = {"server": "demo", "tool": "progress", "args": {"steps": 3, "delay": 0.3}}
+    resp, _, frames = raw_request(h.socket_path, "callTool", params, idle=10.0, progress_ms=50)
+    assert resp.get("ok") is True, resp
+    seen = [f["progress"] for _, f in frames if "progress" in f]
+    assert {"progress": 1, "total": 3, "message": "step 1 of 3"} in seen, frames
+    assert all(set(f) <= {"type", "id", "progress"} for _, f in frames), frames
+
+
+def test_progress_extends_the_stall_budget_but_never_the_timeout(h):
+    assert call_ok(h, "demo.pid")
+    # Progress every 0.4 s keeps a 2.4 s call alive under a 1 s stall budget.
+    r = h.cli("call", "--stall-timeout", "1", "demo.progress", "steps=6", "delay=0.4")
+    assert r.rc == 0 and r.out.strip() == "done 6 steps", r
+    # Silence (no answer, no progress) for the stall budget fails the call.
+    r = h.cli("call", "--stall-timeout", "1", "demo.sleep", "seconds=8", timeout=20)
+    assert r.rc == 1 and "no progress" in r.err and len(r.err.strip().splitlines()) == 1, r
+    assert r.elapsed < 1 + 2.0, r
+    # Progress never carries a call past its --timeout.
+    r = h.cli(
+        "call", "--timeout", "2", "--stall-timeout", "1", "demo.progress", "steps=50", "delay=0.2", timeout=20
+    )
+    assert r.rc == 1 and "timed out after 2s" in r.err, r
+    assert r.elapsed < 2 + 2.0, r
+
+
+def kill_caller(h, how, lifecycle):
+    """Start a 3 s demo.sleep, wait until the server runs it, signal its caller;
+    return (the moment it was signalled, the caller's process, the server pid)."""
+    if lifecycle == "keep-alive":
+        server = int(call_ok(h, "demo.pid"))
+    proc = h.popen("call", "demo.sleep", "seconds=3")
+    if lifecycle == "ephemeral":
+        server = wait_until(lambda: h.server_pids(), 10, message="the ephemeral server to run").pop()
+    # The demo server runs each request on a thread of its own: a second thread is our call.
+    wait_until(lambda: thread_count(server) >= 2, 10, message="the server to run the call")
+    went = time.time()
+    os.kill(proc.pid, {"sigkill": signal.SIGKILL, "sigterm": signal.SIGTERM, "sigint": signal.SIGINT}[how])
+    return went, proc, server
+
+
+@pytest.mark.parametrize(
+    "how, lifecycle",
+    [
+        ("sigkill", "keep-alive"),
+        ("sigterm", "keep-alive"),
+        ("sigint", "keep-alive"),
+        ("sigint", "ephemeral"),
+    ],
+)
+def test_caller_going_away_cancels_its_call_at_the_server_within_1s(h, how, lifecycle):
+    entry, log = cancel_log_entry(h, lifecycle)
+    h.write_config({"mcpServers": {"demo": entry}})
+    went, proc, server = kill_caller(h, how, lifecycle)
+    seen = wait_until(lambda: cancellations(log), 5, message="the server to get notifications/cancelled")
+    took = seen[0]["at"] - went
+    print(f"\n{how} ({lifecycle}): caller gone -> server saw notifications/cancelled in {took * 1000:.0f} ms")
+    assert took < 1.0, f"cancelled {took:.2f}s after the caller went away"
+    params = seen[0]["params"]
+    assert isinstance(params["requestId"], int) and params.get("reason"), seen
+    rc = ops_wait_exit(proc, 5)
+    err = read_file(proc.err_path)
+    expected = {"sigkill": -signal.SIGKILL, "sigterm": -signal.SIGTERM, "sigint": 130}[how]
+    assert rc == expected, (rc, err)
+    if how == "sigint":
+        assert err.splitlines() == ["mcporter-daemon: interrupted"], repr(err)
+    if lifecycle == "keep-alive":
+        # The late answer (the sleep ends after 3 s) is dropped; the same server serves on.
+        wait_until(lambda: thread_count(server) == 1, 10, message="the cancelled sleep to end")
+        assert int(call_ok(h, "demo.pid")) == server
+        assert len(cancellations(log)) == 1
+
+
+def sleep_request(seconds):
+    """A raw callTool of demo.sleep without progressIntervalMs: no frames whose send could fail."""
+    req = {
+        "id": "raw",
+        "method": "callTool",
+        "params": {"server": "demo", "tool": "sleep", "args": {"seconds": seconds}},
+    }
+    return (json.dumps(req) + "\n").encode()
+
+
+def test_half_closed_caller_is_answered_and_a_closed_one_cancelled(h):
+    entry, log = cancel_log_entry(h)
+    h.write_config({"mcpServers": {"demo": entry}})
+    server = int(call_ok(h, "demo.pid"))
+    # Done writing but still reading (as `nc -N` does): the caller is still there.
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.settimeout(20)
+        s.connect(str(h.socket_path))
+        s.sendall(sleep_request(1))
+        s.shutdown(socket.SHUT_WR)
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        s.close()
+    answer = json.loads(data)
+    assert answer.get("ok") is True and answer["result"]["content"][0]["text"] == "slept 1", answer
+    assert cancellations(log) == []
+    # Closed while the call runs: nothing is ever sent on it, yet the server is told to cancel.
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(str(h.socket_path))
+    s.sendall(sleep_request(3))
+    wait_until(lambda: thread_count(server) >= 2, 10, message="the server to run the call")
+    went = time.time()
+    s.close()
+    seen = wait_until(lambda: cancellations(log), 5, message="the server to get notifications/cancelled")
+    took = seen[0]["at"] - went
+    print(
+        f"\nclosed socket (keep-alive): caller gone -> server saw notifications/cancelled in {took * 1000:.0f} ms"
+    )
+    assert took < 1.0, f"cancelled {took:.2f}s after the caller went away"
+    wait_until(lambda: thread_count(server) == 1, 10, message="the cancelled sleep to end")
+    assert int(call_ok(h, "demo.pid")) == server
+
+
+@pytest.mark.parametrize(
+    "now, deadline, heard, idle, expected",
+    [
+        (0.0, 60.0, 0.0, None, (60.0, "timeout")),  # no idle budget: the deadline alone
+        (0.0, 60.0, 0.0, 10.0, (10.0, "stalled")),  # silent since the send
+        (25.0, 60.0, 20.0, 10.0, (30.0, "stalled")),  # progress at 20 s moved it on
+        (55.0, 60.0, 55.0, 10.0, (60.0, "timeout")),  # progress never passes the deadline
+        (0.0, 5.0, 0.0, 10.0, (5.0, "timeout")),  # a budget longer than the call: the deadline
+        (0.0, 10.0, 0.0, 10.0, (10.0, "timeout")),  # equal: reported as the timeout it is
+    ],
+)
+def test_call_expiry_table(now, deadline, heard, idle, expected):
+    assert _import_module().call_expiry(now, deadline, heard, idle) == expected
+
+
+@pytest.mark.parametrize(
+    "update, width, expected",
+    [
+        ({"progress": 3, "total": 5, "message": "copying"}, 80, "3/5 (60%) copying"),
+        ({"progress": 3}, 80, "3"),
+        ({"progress": 2.5, "total": 10.0}, 80, "2.5/10 (25%)"),
+        ({"progress": 7, "total": 0}, 80, "7/0"),  # no percentage of nothing
+        ({"progress": 12, "total": 10}, 80, "12/10 (100%)"),  # a server overshooting its total
+        ({"progress": 1, "message": "a\nb\x1b[2Jc\t"}, 80, "1 a b [2Jc"),  # no line breaks or escapes
+        ({"progress": 1, "total": 4, "message": "x" * 100}, 20, "1/4 (25%) xxxxxxxxx"),  # fits width - 1
+        ({"progress": 1, "message": "  "}, 80, "1"),
+    ],
+)
+def test_progress_text_table(update, width, expected):
+    assert _import_module().progress_text(update, width) == expected
+
+
+@pytest.mark.parametrize(
+    "params, expected",
+    [
+        (
+            {"progressToken": 1, "progress": 2, "total": 4, "message": "m"},
+            {"progress": 2, "total": 4, "message": "m"},
+        ),
+        ({"progressToken": 1, "progress": 0.5}, {"progress": 0.5}),
+        ({"progressToken": 1, "progress": True}, None),  # a bool is no number
+        ({"progressToken": 1, "progress": "3"}, None),
+        (
+            {"progressToken": 1, "progress": 1, "total": "9", "message": 5},
+            {"progress": 1},
+        ),  # bad extras dropped
+        ({"progressToken": 1, "progress": float("nan")}, None),  # Python's json reads NaN
+        ({"progressToken": 1, "progress": 1, "total": float("inf")}, {"progress": 1}),
+        (None, None),
+    ],
+)
+def test_progress_update_table(params, expected):
+    assert _import_module().progress_update(params) == expected
+
+
 # ---- benchmark (python3 -m pytest -m bench -s) ------------------------------
 
 
@@ -6210,6 +6470,27 @@ def test_real_everything_server_typed_arguments_links_and_images(h, npm_servers)
     assert "[image image/png, " not in "\n".join(lines)
     r = real_call(h, "everything.get-tiny-image")
     assert f"[image image/png, {len(data)} bytes]" in r.out.splitlines(), r
+    assert_stop_leaves_nothing(h)
+
+
+def test_real_everything_long_running_operation_shows_progress_on_a_tty(h, npm_servers):
+    everything = {
+        "command": npm_servers.node,
+        "args": [str(npm_servers.everything_js), "stdio", h.tag],
+        "lifecycle": "keep-alive",
+    }
+    h.write_config({"mcpServers": {"everything": everything}})
+    tools = {t["name"]: t for t in list_json(h, "everything", schema=True)}
+    assert "trigger-long-running-operation" in tools, sorted(tools)
+    assert {"duration", "steps"} <= set(tools["trigger-long-running-operation"]["inputSchema"]["properties"])
+    rc, out, term = run_with_pty_stderr(
+        h, "call", "everything.trigger-long-running-operation", "duration=2", "steps=4"
+    )
+    assert rc == 0 and "Long running operation completed" in out, (rc, out, term)
+    drawn = progress_lines(term)
+    # It reports each step only for a request that carries a progressToken.
+    assert "1/4 (25%)" in drawn and "2/4 (50%)" in drawn, repr(term)
+    assert term.endswith(CLEAR_LINE) and "\n" not in term, repr(term)
     assert_stop_leaves_nothing(h)
 
 
