@@ -5899,8 +5899,10 @@ JUNK_LINE = "server banner on stdout, not JSON"
 # start-up with --junk, and a tool list longer than one would page (FastMCP
 # itself never paginates; see PAGED_SERVER for an SDK server that does).
 FASTMCP_SERVER = '''\
+import json
 import os
 import sys
+from typing import List, Literal, Optional
 
 try:  # mcp 1.x
     from mcp.server.fastmcp import Context, FastMCP
@@ -5932,6 +5934,21 @@ def pid() -> str:
 
 class Colour(BaseModel):
     colour: str
+
+
+@mcp.tool()
+def typed(
+    text: str,
+    count: int,
+    ratio: float,
+    flag: bool,
+    tags: List[str],
+    mode: Literal["fast", "slow"],
+    note: Optional[str] = None,
+) -> str:
+    """Echo each argument with the Python type it arrived as (typed schema from pydantic)."""
+    got = dict(text=text, count=count, ratio=ratio, flag=flag, tags=tags, mode=mode, note=note)
+    return json.dumps({k: [type(v).__name__, v] for k, v in got.items()})
 
 
 @mcp.tool()
@@ -5976,7 +5993,7 @@ for i in range(60):
 
 mcp.run()
 '''
-FASTMCP_TOOLS = ["counter", "pid", "ask", "sample", "roots"] + [f"filler_{i:02d}" for i in range(60)]
+FASTMCP_TOOLS = ["counter", "pid", "ask", "sample", "roots", "typed"] + [f"filler_{i:02d}" for i in range(60)]
 
 # An SDK low-level server that pages tools/list and resources/list (3 a page),
 # written against each line's public low-level API.
@@ -6526,6 +6543,34 @@ def test_real_fastmcp_server_state_requests_and_junk(h, mcp_sdk):
     tools = list_json(h, "fast", schema=True)
     assert sorted(t["name"] for t in tools) == sorted(FASTMCP_TOOLS)
     assert all(t["inputSchema"]["type"] == "object" for t in tools), tools
+
+    # Arguments typed by the pydantic schema: a str property takes "123" as written, the others
+    # are parsed; an enum value outside its list and an unparsable number are usage errors.
+    r = real_call(h, "fast.typed", "text=123", "count=7", "ratio=0.5", "flag=true", 'tags=["a"]', "mode=fast")
+    got = json.loads(r.out)
+    assert got["text"] == ["str", "123"] and got["count"] == ["int", 7] and got["ratio"] == ["float", 0.5], (
+        got
+    )
+    assert (
+        got["flag"] == ["bool", True] and got["tags"] == ["list", ["a"]] and got["mode"] == ["str", "fast"]
+    ), got
+    assert json.loads(
+        real_call(
+            h, "fast.typed", "text=x", "count=1", "ratio=1", "flag=false", "tags=[]", "mode=slow", "note=007"
+        ).out
+    )["note"] == ["str", "007"]
+    for bad, named in (("mode=medium", "fast"), ("count=seven", "count")):
+        args = {
+            "text": "text=x",
+            "count": "count=1",
+            "ratio": "ratio=1",
+            "flag": "flag=true",
+            "tags": "tags=[]",
+        }
+        args["mode"] = "mode=slow"
+        args[bad.split("=")[0]] = bad
+        r = h.cli("call", "fast.typed", *args.values())
+        assert r.rc == 2 and named in r.err and len(r.err.strip().splitlines()) == 1, r
 
     st = running_status(h)
     assert server_pid_of(st, "fast") == pid
