@@ -3120,6 +3120,94 @@ def test_idle_shutdown_racing_starters_never_strands_a_caller(h):
     h.expect_no_leftovers = True
 
 
+# ---- lifecycle decisions: in-process table tests ---------------------------
+
+# plan_takeover(probe, fresh, owner_ours, owner_stopped) for every combination of its inputs,
+# written out rather than derived, so that a change to the decision has to change this table.
+#   probe: "live" (answers status for this socket path, its pid alive), "silent" (the first
+#          probe timed out), "silent-twice" (the second, longer probe too) or "dead" (refused,
+#          no socket file, an error answer, another socket path, or a dead pid);
+#   fresh: the live answer's fingerprint is this host's (no answer has no fingerprint, so
+#          False is what the bind guard passes unless the probe is live);
+#   owner_ours / owner_stopped: the metadata's pid is alive with the recorded start time, and
+#          the OS reports it stopped (state T). The bind guard asks for "stopped" only of an
+#          owner that is ours; a "stopped" owner that is not ours must be ignored all the same,
+#          since nothing is ever signalled on a pid that is not ours (SPEC §7).
+PLAN_TAKEOVER_TABLE = [
+    # probe, fresh, owner_ours, owner_stopped, plan
+    ("live", False, False, False, "stop-then-bind"),  # a live stale daemon is stopped before rebind (§8.3)
+    ("live", False, False, True, "stop-then-bind"),  # "stopped" of a pid not ours changes nothing
+    ("live", False, True, False, "stop-then-bind"),
+    # Live, but the owner is ours and stopped (only after a second probe: a stopped owner is not
+    # probed). It is hung "whatever it answers": the answer came before the stop, or from another
+    # daemon; the decision is not told which, and ends the stopped owner either way.
+    ("live", False, True, True, "terminate-then-bind"),
+    ("live", True, False, False, "reconcile"),  # live and fresh: keep it, fix the metadata (§8.2)
+    ("live", True, False, True, "reconcile"),  # "stopped" of a pid not ours changes nothing
+    ("live", True, True, False, "reconcile"),
+    ("live", True, True, True, "terminate-then-bind"),  # stopped beats a fresh answer, as above
+    # One timeout is no proof of a hang (a busy or loaded daemon is slow): ask again, longer.
+    ("silent", False, False, False, "probe-again"),
+    ("silent", False, False, True, "probe-again"),  # not ours: its state is no evidence
+    ("silent", False, True, False, "probe-again"),  # ours and running: maybe just busy
+    ("silent", False, True, True, "terminate-then-bind"),  # ours and stopped: hung, no second probe
+    ("silent", True, False, False, "probe-again"),  # (fresh without an answer: ignored)
+    ("silent", True, False, True, "probe-again"),
+    ("silent", True, True, False, "probe-again"),
+    ("silent", True, True, True, "terminate-then-bind"),
+    # Silent twice: hung. End it when it is ours; an owner we cannot verify is left alone and
+    # only its socket file is replaced (it exits when it notices, §8).
+    ("silent-twice", False, False, False, "bind"),
+    ("silent-twice", False, False, True, "bind"),
+    ("silent-twice", False, True, False, "terminate-then-bind"),
+    ("silent-twice", False, True, True, "terminate-then-bind"),
+    ("silent-twice", True, False, False, "bind"),
+    ("silent-twice", True, False, True, "bind"),
+    ("silent-twice", True, True, False, "terminate-then-bind"),
+    ("silent-twice", True, True, True, "terminate-then-bind"),
+    # Dead socket: nothing to keep. An owner that is still ours and alive no longer answers on
+    # this path (its socket was removed or replaced): end it with its MCP servers before
+    # binding, rather than let two daemons run until it notices.
+    ("dead", False, False, False, "bind"),
+    ("dead", False, False, True, "bind"),
+    ("dead", False, True, False, "terminate-then-bind"),
+    ("dead", False, True, True, "terminate-then-bind"),
+    ("dead", True, False, False, "bind"),
+    ("dead", True, False, True, "bind"),
+    ("dead", True, True, False, "terminate-then-bind"),
+    ("dead", True, True, True, "terminate-then-bind"),
+]
+
+
+def _plan_row_id(row):
+    probe, fresh, ours, stopped, _ = row
+    return "-".join([probe, "fresh" if fresh else "stale", "ours" if ours else "foreign"]) + (
+        "-stopped" if stopped else ""
+    )
+
+
+def test_plan_takeover_table_covers_every_input_combination():
+    combos = [row[:4] for row in PLAN_TAKEOVER_TABLE]
+    every = [
+        (probe, fresh, ours, stopped)
+        for probe in ("live", "silent", "silent-twice", "dead")
+        for fresh in (False, True)
+        for ours in (False, True)
+        for stopped in (False, True)
+    ]
+    assert sorted(combos) == sorted(every), "each combination exactly once"
+
+
+@pytest.mark.parametrize(
+    ("probe", "fresh", "owner_ours", "owner_stopped", "plan"),
+    PLAN_TAKEOVER_TABLE,
+    ids=[_plan_row_id(row) for row in PLAN_TAKEOVER_TABLE],
+)
+def test_plan_takeover_table(probe, fresh, owner_ours, owner_stopped, plan):
+    md = _import_module()
+    assert md.plan_takeover(probe, fresh, owner_ours, owner_stopped) == plan
+
+
 # ---- benchmark (python3 -m pytest -m bench -s) ------------------------------
 
 
