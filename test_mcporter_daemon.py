@@ -3514,23 +3514,29 @@ class Chaos:
             if kind in ("orphan-server", "daemon-not-serving"):
                 self.kill(key[1], key[2])  # so that later checks stay meaningful
         self.judge_foreground(where)
-        if self.decoy is not None and self.decoy.poll() is not None:
+        with self.lock:
+            decoy = self.decoy
+            if decoy is not None and decoy.poll() is not None:
+                self.decoy = None
+            else:
+                decoy = None
+        if decoy is not None:
             self.violation(
                 "foreign-pid-signalled",
-                f"process {self.decoy.pid}, named in damaged metadata with a wrong start time, "
-                f"was ended by signal {-self.decoy.returncode}",
+                f"process {decoy.pid}, named in damaged metadata with a wrong start time, "
+                f"was ended by signal {-decoy.returncode}",
                 where,
             )
-            self.decoy = None
         return snap
 
     def judge_foreground(self, where):
         """A ``start --foreground`` exits 0 when another daemon serves, or serves until stopped."""
-        for entry in self.foreground:
-            p, label, judged = entry
-            if judged or p.poll() is None:
-                continue
-            entry[2] = True
+        for entry in list(self.foreground):
+            p, label, _ = entry
+            with self.lock:
+                if entry[2] or p.poll() is None:
+                    continue
+                entry[2] = True
             if p.returncode not in (0, -signal.SIGKILL, -signal.SIGTERM):
                 err = read_file(p.err_path).strip().splitlines()[-3:]
                 self.violation(
@@ -3551,7 +3557,9 @@ class Chaos:
     def monitor(self):
         while not self.done.is_set():
             try:
-                self.observe("monitor")
+                with self.lock:
+                    flying = ", ".join(self.in_flight.values()) or "no step"
+                self.observe(f"monitor, during {flying}")
             except Exception as exc:  # a broken check must show, not silently stop checking
                 self.violation("monitor-error", repr(exc), "monitor")
                 return
@@ -3584,19 +3592,29 @@ class Chaos:
                 meta = json.loads(self.h.meta_path.read_text())
             except (OSError, ValueError):
                 meta = None
-            well_formed = (
-                isinstance(meta, dict)
-                and meta.get("pid") == serving
-                and isinstance(meta.get("pidStartTime"), str)
-                and meta.get("pidStartTime")
-                and meta.get("socketPath") == str(self.h.socket_path)
-                and isinstance(meta.get("servers"), dict)
-            )
-            if not well_formed:
+            if meta is None:
+                wrong = ["no readable record"]
+            elif not isinstance(meta, dict):
+                wrong = [f"not a JSON object: {str(meta)[:80]!r}"]
+            else:
+                wrong = [
+                    f"{name}={meta.get(name)!r}"
+                    for name, ok in (
+                        ("pid", meta.get("pid") == serving),
+                        (
+                            "pidStartTime",
+                            isinstance(meta.get("pidStartTime"), str) and meta.get("pidStartTime"),
+                        ),
+                        ("socketPath", meta.get("socketPath") == str(self.h.socket_path)),
+                        ("servers", isinstance(meta.get("servers"), dict)),
+                    )
+                    if not ok
+                ]
+            if wrong:
                 problems.append(
                     (
                         "metadata-not-repaired",
-                        f"daemon {serving} serves but the metadata reads {str(meta)[:160]!r}",
+                        f"daemon {serving} serves but the metadata has {', '.join(wrong)}",
                     )
                 )
         return problems, serving
@@ -3628,8 +3646,9 @@ class Chaos:
         if r.rc != 0:
             self.violation("status-failed", f"`status --json` exited {r.rc}: {r.err.strip()[-200:]}", where)
             return
-        st = json.loads(r.out)
-        if bool(st.get("running")) != (serving is not None) or (serving and st.get("pid") != serving):
+        st = self.status_json(r, where)
+        disagrees = bool(st.get("running")) != (serving is not None) or (serving and st.get("pid") != serving)
+        if st and disagrees:
             self.violation(
                 "status-disagrees",
                 f"daemon {serving} serves, but `status --json` says running={st.get('running')} pid={st.get('pid')}",
@@ -3777,16 +3796,32 @@ class Chaos:
         if r.rc != 0:
             self.violation("status-failed", f"`status --json` exited {r.rc}: {r.err.strip()[-200:]}", label)
             return f"rc {r.rc}"
-        st = json.loads(r.out)
+        st = self.status_json(r, label)
         return f"running={st.get('running')} pid={st.get('pid')}"
 
+    def status_json(self, r, where):
+        try:
+            st = json.loads(r.out)
+        except ValueError:
+            st = None
+        if not isinstance(st, dict):
+            self.violation("bad-answer", f"`status --json` printed {r.out[:200]!r}", where)
+            return {}
+        return st
+
     def _command(self, label, *args):
-        r = self.cli(label, *args)
+        return self._command_outcome(label, args, self.cli(label, *args))
+
+    def _command_outcome(self, label, args, r):
+        """`start`, `stop` and `restart` succeed, unless a step killed the daemon under them."""
         if r is None:
             return "stuck"
-        self.bump(f"{args[0]} {'ok' if r.rc == 0 else 'failed'}")
-        if r.rc != 0 and not r.crashed:
-            last = (r.err.strip().splitlines() or [""])[-1]
+        last = (r.err.strip().splitlines() or [""])[-1]
+        # A daemon that a signal ended before it was ready (a sigkill-daemon step, or a takeover
+        # of a stopped one) fails its `start`; that is the step's doing, not a fault.
+        killed = r.rc != 0 and re.search(r"exited with code -(9|15)\b", last)
+        self.bump(f"{args[0]} {'ok' if r.rc == 0 else 'failed, daemon killed' if killed else 'failed'}")
+        if r.rc != 0 and not r.crashed and not killed:
             self.violation(
                 "command-failed",
                 f"`{' '.join(args)}` exited {r.rc}: {last[-200:]}",
@@ -3799,7 +3834,32 @@ class Chaos:
         return self._command(label, "start")
 
     def step_stop(self, label, u):
-        return self._command(label, "stop")
+        """Stop is a barrier (§8): it returns once the daemon is gone, and it never says that no
+        daemon runs while one serves at the path from before it began to after it returned."""
+        before = ChaosSnapshot(self.h)
+        serving_before = {pid: before.daemons[pid].start for pid in before.reachable}
+        r = self.cli(label, "stop")
+        outcome = self._command_outcome(label, ("stop",), r)
+        if r is None or r.rc != 0:
+            return outcome
+        m = re.search(r"stopped \(pid (\d+)\)", r.out)
+        if m and pid_alive(int(m.group(1))):
+            self.violation(
+                "stop-not-barrier",
+                f"`stop` said {r.out.strip()!r} and returned, but daemon {m.group(1)} still lives",
+                label,
+            )
+        elif "no daemon running" in r.out:
+            after = ChaosSnapshot(self.h)
+            missed = [pid for pid in after.reachable if serving_before.get(pid) == after.daemons[pid].start]
+            if missed:
+                self.violation(
+                    "stop-not-barrier",
+                    f"`stop` said {r.out.strip()!r} while daemon {missed} served at the socket path "
+                    "from before it began until after it returned",
+                    label,
+                )
+        return outcome
 
     def step_restart(self, label, u):
         return self._command(label, "restart")
