@@ -3423,7 +3423,8 @@ class Chaos:
         self.log = collections.deque(maxlen=40)
         self.full_log = []  # written to chaos-steps.log in the test's tmp dir
         self.in_flight = {}  # worker -> label of its running step
-        self.pending = {}  # anomaly key -> (first seen, steps in flight then)
+        self.pending = {}  # anomaly key -> (first seen, steps in flight then, kind)
+        self.transients = {}  # anomaly kind -> [times seen and gone within tolerance, longest s]
         self.reported = {}  # violation key -> the violation first seen with it
         self.violations = []
         self.counters = {}  # (server pid, start time) -> [(value, t0, t1, label)]
@@ -3501,11 +3502,14 @@ class Chaos:
         due = []
         with self.lock:
             for key in list(self.pending):
-                if key not in current:
-                    del self.pending[key]
+                if key not in current:  # gone within its tolerance: note how long it lasted
+                    first, _, kind = self.pending.pop(key)
+                    seen = self.transients.setdefault(kind, [0, 0.0])
+                    seen[0] += 1
+                    seen[1] = max(seen[1], now - first)
             for key, (kind, tolerance, detail) in current.items():
-                first, flying_then = self.pending.setdefault(
-                    key, (now, ", ".join(self.in_flight.values()) or "no step")
+                first, flying_then, _ = self.pending.setdefault(
+                    key, (now, ", ".join(self.in_flight.values()) or "no step", kind)
                 )
                 if now - first > tolerance and key not in self.reported:
                     due.append((key, kind, f"{detail}; for {now - first:.1f}s since during: {flying_then}"))
@@ -4047,7 +4051,9 @@ class Chaos:
         kinds = collections.Counter(v.kind for v in self.violations)
         return (
             f"chaos soak seed {self.seed}: {self.step_no} steps, {self.workers} workers, {elapsed:.1f}s; "
-            f"violations: {dict(kinds) or 'none'}; steps and outcomes: {dict(sorted(self.stats.items()))}"
+            f"violations: {dict(kinds) or 'none'}; steps and outcomes: {dict(sorted(self.stats.items()))}; "
+            "anomalies gone within tolerance (count, longest s): "
+            + (", ".join(f"{k} ({n}, {t:.2f})" for k, (n, t) in sorted(self.transients.items())) or "none")
         )
 
 
