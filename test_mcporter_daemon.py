@@ -3503,10 +3503,13 @@ class Chaos:
         with self.lock:
             for key in list(self.pending):
                 if key not in current:  # gone within its tolerance: note how long it lasted
-                    first, _, kind = self.pending.pop(key)
+                    first, flying_then, kind = self.pending.pop(key)
                     seen = self.transients.setdefault(kind, [0, 0.0])
                     seen[0] += 1
                     seen[1] = max(seen[1], now - first)
+                    if kind in ("two-servers", "two-serving-daemons", "orphan-server"):
+                        line = f"~ {kind} for {now - first:.2f}s, within tolerance, first seen during {flying_then}"
+                        self.full_log.append(f"{now - self.t0:7.2f}s {line}")
             for key, (kind, tolerance, detail) in current.items():
                 first, flying_then, _ = self.pending.setdefault(
                     key, (now, ", ".join(self.in_flight.values()) or "no step", kind)
@@ -4085,7 +4088,9 @@ def test_chaos_soak(h):
     summary = chaos.report(elapsed)
     log_path = h.tmp / "chaos-steps.log"
     log_path.write_text("\n".join(chaos.full_log) + "\n")
-    print(f"\n{summary}\nstep log: {log_path}")
+    for daemon_log in h.state_dir.glob("*.log*"):  # the state dir goes at teardown; keep its logs
+        shutil.copy(str(daemon_log), str(h.tmp / f"chaos-{daemon_log.name}"))
+    print(f"\n{summary}\nstep log: {log_path} (daemon logs beside it)")
     if chaos.violations:
         settle = os.environ.get("MCPORTER_CHAOS_SETTLE_EVERY", "").strip()
         replay = (
