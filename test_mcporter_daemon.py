@@ -3239,7 +3239,9 @@ def test_plan_takeover_table(probe, fresh, owner_ours, owner_stopped, plan):
 # A daemon *serves* while it holds a listening socket bound to the path's name; one that has
 # closed its listener to stop does not. Per step: no stuck caller (a CLI step over 30 s), no
 # crash (an "unexpected error" or traceback), `status` exits 0, `start`/`stop`/`restart` exit
-# 0 (calls may fail: a step may kill their server or daemon, or stop it, under them), a
+# 0 unless a signal ended the daemon they launched or another step's `stop` stopped it first
+# (calls may fail: a step may kill their server or daemon, or stop it, under them), `stop`
+# is a barrier (the daemon it stopped is gone when it returns), a
 # `start --foreground` exits 0 unless a signal ended it, a process that damaged metadata
 # names with a wrong start time is never signalled, and per MCP server lifetime (pid + start
 # time) the demo counter rises: a call that began after another ended sees a larger value,
@@ -3437,6 +3439,8 @@ class Chaos:
         self.counters = {}  # (server pid, start time) -> [(value, t0, t1, label)]
         self.foreground = []  # [Popen, label, judged]
         self.held = set()  # pids a step holds stopped (SIGSTOP) on purpose
+        self.stopping = {}  # label of a step running `stop` or `restart` -> its start time
+        self.stops = []  # (start, end) of every `stop` and `restart` that returned
         self.excused = set()  # (pid, start) of daemons a step cut off from the path or stopped
         self.config_generation = 0
         self.done = threading.Event()
@@ -3828,18 +3832,49 @@ class Chaos:
         return st
 
     def _command(self, label, *args):
-        return self._command_outcome(label, args, self.cli(label, *args))
+        return self._command_outcome(label, args, *self.timed(label, *args))
 
-    def _command_outcome(self, label, args, r):
-        """`start`, `stop` and `restart` succeed, unless a step killed the daemon under them."""
+    def timed(self, label, *args):
+        """Run the CLI; a `stop` (also the one in `restart`) is remembered with its interval."""
+        stops = args[0] in ("stop", "restart")
+        t0 = time.monotonic()
+        if stops:
+            with self.lock:
+                self.stopping[label] = t0
+        try:
+            r = self.cli(label, *args)
+        finally:
+            if stops:
+                with self.lock:
+                    self.stops.append((self.stopping.pop(label), time.monotonic()))
+        return r, t0, time.monotonic()
+
+    def stop_overlapped(self, t0, t1, label):
+        """Did another step's `stop` run during [t0, t1]?"""
+        with self.lock:
+            running = [s for lab, s in self.stopping.items() if lab != label and s <= t1]
+            done = [a for a, b in self.stops if a <= t1 and b >= t0]
+        return bool(running or done)
+
+    def _command_outcome(self, label, args, r, t0, t1):
+        """`start`, `stop` and `restart` succeed, unless a step stopped or killed the daemon
+        under them."""
         if r is None:
             return "stuck"
         last = (r.err.strip().splitlines() or [""])[-1]
         # A daemon that a signal ended before it was ready (a sigkill-daemon step, or a takeover
-        # of a stopped one) fails its `start`; that is the step's doing, not a fault.
+        # of a stopped one) fails its `start`; that is the step's doing, not a fault. So is a
+        # launched daemon that another step's `stop` stopped before it was ready.
         killed = r.rc != 0 and re.search(r"exited with code -(9|15)\b", last)
-        self.bump(f"{args[0]} {'ok' if r.rc == 0 else 'failed, daemon killed' if killed else 'failed'}")
-        if r.rc != 0 and not r.crashed and not killed:
+        stopped = (
+            r.rc != 0
+            and args[0] != "stop"
+            and "daemon exited" in last
+            and self.stop_overlapped(t0, t1, label)
+        )
+        why = "daemon killed" if killed else "stopped meanwhile" if stopped else ""
+        self.bump(f"{args[0]} {'ok' if r.rc == 0 else 'failed, ' + why if why else 'failed'}")
+        if r.rc != 0 and not r.crashed and not why:
             self.violation(
                 "command-failed",
                 f"`{' '.join(args)}` exited {r.rc}: {last[-200:]}",
@@ -3856,8 +3891,8 @@ class Chaos:
         daemon runs while one serves at the path from before it began to after it returned."""
         before = ChaosSnapshot(self.h)
         serving_before = {pid: before.daemons[pid].start for pid in before.reachable}
-        r = self.cli(label, "stop")
-        outcome = self._command_outcome(label, ("stop",), r)
+        r, t0, t1 = self.timed(label, "stop")
+        outcome = self._command_outcome(label, ("stop",), r, t0, t1)
         if r is None or r.rc != 0:
             return outcome
         m = re.search(r"stopped \(pid (\d+)\)", r.out)
