@@ -45,113 +45,134 @@ if TYPE_CHECKING:  # typing costs import time on the CLI's hot path; annotations
 __version__ = "0.1.0"
 
 __all__ = [
-    "DAEMON_PROTOCOL_VERSION",
-    "MCP_PROTOCOL_VERSION",
-    "Config",
-    "config_fingerprint",
-    "ConfigError",
-    "DaemonClient",
+    # -- the vendorable core (everything above the "core ends here" line) --
+    # errors
     "DaemonError",
-    "DaemonHost",
-    "DaemonLog",
-    "DaemonPaths",
-    "DaemonStartError",
+    "UsageError",
+    "ConfigError",
+    "UnsafePathError",
     "DaemonTimeout",
-    "discover_config",
-    "encode_answer",
-    "end_server_group",
-    "ensure_private_dir",
-    "exchange",
-    "FileLock",
-    "HandlerError",
-    "is_our_pid",
-    "load_config",
-    "leaderless_group_is_ours",
     "LockTimeout",
-    "main",
-    "McpError",
-    "McpKeepAliveService",
-    "McpStdioClient",
-    "parse_jsonc",
+    "TransportError",
+    "DaemonStartError",
+    "RemoteError",
+    "HandlerError",
+    # paths
+    "DaemonPaths",
+    "state_base_dir",
+    "ensure_private_dir",
+    # wire protocol
+    "DAEMON_PROTOCOL_VERSION",
+    "exchange",
+    "encode_answer",
+    # metadata and locks
+    "read_metadata",
+    "write_metadata",
+    "validate_metadata",
+    "remove_metadata_if_owned",
+    "FileLock",
+    # process identity
     "pid_alive",
-    "plan_takeover",
-    "probe_live_daemon",
-    "ProbeResult",
     "process_start_time",
     "process_stopped",
-    "read_metadata",
-    "RemoteError",
-    "remove_metadata_if_owned",
-    "RequestContext",
-    "ServerSpec",
-    "state_base_dir",
-    "status_matches",
-    "terminate_daemon_tree",
+    "is_our_pid",
     "terminate_process",
-    "TransportError",
-    "UnsafePathError",
-    "UsageError",
-    "validate_metadata",
-    "write_metadata",
+    "terminate_daemon_tree",
+    "end_server_group",
+    "leaderless_group_is_ours",
+    # the host: for the caller, DaemonHost(paths, fingerprint, handlers).run(); to override,
+    # its hooks (status_extra, metadata_extra, on_tick, on_shutdown) and the handlers
+    "DaemonHost",
+    "DaemonLog",
+    "RequestContext",
+    "ProbeResult",
+    "probe_live_daemon",
+    "plan_takeover",
+    "status_matches",
+    # the client: ensure(), request(), stop()
+    "DaemonClient",
+    # -- the MCP layer --
+    "MCP_PROTOCOL_VERSION",
+    "McpError",
+    "Config",
+    "ServerSpec",
+    "load_config",
+    "discover_config",
+    "config_fingerprint",
+    "parse_jsonc",
+    "McpStdioClient",
+    "McpKeepAliveService",
+    # -- the CLI --
+    "main",
     "__version__",
 ]
 
+
 # ##########################################################################################
-# Constants and errors: every tunable number and every error type the module raises.
+# Constants and errors: the core's tunable numbers and every error type the core raises.
 # ##########################################################################################
 
 _PROG = "mcporter-daemon"
+
 DAEMON_PROTOCOL_VERSION = 2
-MCP_PROTOCOL_VERSION = "2025-11-25"
-_MCP_OLDEST_VERSION = "2024-11-05"
 
 _DEFAULT_PROBE_TIMEOUT = 2.0  # MCPORTER_DAEMON_PROBE_TIMEOUT_MS overrides
+
 _DEFAULT_CALL_TIMEOUT = 60.0  # MCPORTER_DAEMON_TIMEOUT_MS or --timeout override
+
 _DEFAULT_IDLE_BUDGET = 10.0  # client gives up on a daemon silent this long (progress resets it)
+
 _PROGRESS_CADENCES_MS = (25, 50, 100, 250)
+
 _CLIENT_PROGRESS_MS = 250
+
 _MAX_REQUEST_BYTES = 32 * 1024 * 1024
+
 _RECV_CHUNK = 65536  # a large frame is read 1 MiB at a time once it proves large
+
 _SEND_CHUNK = 1024 * 1024  # a large frame is encoded and sent this much at a time (bounded RSS)
-_STDERR_TAIL_LINES = 3  # a dead server's error carries its last stderr lines
-_STDERR_LINE_CHARS = 300
-_STDERR_EOF_WAIT = 0.3  # for a dying server's last stderr lines (a grandchild may hold the pipe)
+
 _SEND_IDLE = 5.0  # a reader that takes no bytes for this long is dropped, however large the frame
+
 _MAX_PENDING_BYTES = 64 * 1024 * 1024  # all half-read requests together, so abuse stays bounded
+
 _MAX_CONNECTIONS = 512
+
 _SPARE_WORKERS = 4  # idle threads kept to serve the next connections without a thread start
+
 _REQUEST_READ_DEADLINE = 10.0  # a client must deliver its request line within this
+
 _LOCK_TIMEOUT = 60.0
+
 _START_SLOW_NOTICE = 5.0
+
 _START_GIVE_UP = 45.0
+
 _STOP_WAIT = 5.0
+
 _TERM_GRACE = 1.0
-_MCP_CLOSE_GRACE = 2.0
-_MCP_WRITE_DEADLINE = 2.0  # for frames not tied to a call (notifications, answers to the server)
-_CANCEL_WRITE_DEADLINE = 0.5
-_CANCEL_CHECK_INTERVAL = 0.05  # a call whose caller may go away looks this often whether it did
+
 _CALLER_CHECK_INTERVAL = 0.25  # the host looks this often whether a request's caller went away
-_WRITE_SLICE = 0.1  # a blocked writer re-checks this often whether close() wants the pipe
-_CLIENT_DEADLINE_GRACE = 3.0  # past a call's own timeout, for the daemon to deliver its error
+
 _SOCKET_CHECK_INTERVAL = 1.0
+
 _STOPPING_WAIT = 15.0  # a stopping daemon gets this long to close its servers before it is ended
+
 _ACCEPT_BACKOFF_MAX = 1.0  # out of fds: retry accept() no faster than this, instead of spinning
+
 _STOP_REQUEST = "stop request"  # the shutdown reason of a `stop` (its files go without the lock)
+
 _LOG_ROTATE_BYTES = 10 * 1024 * 1024
-_DEFAULT_HEALTH_CHECK_MS = 30_000  # a kept server idle this long is pinged (lifecycle.healthCheckMs)
-_PING_TIMEOUT = 5.0
-_PING_FAILURES_TO_RESTART = 2  # one lost ping may be a hiccup; two in a row is a wedged server
-_WEDGED_CLOSE_GRACE = 1.0  # it stopped answering: shorter grace steps than a normal close
-_KEEPALIVE_NAMES = ("chrome-devtools", "mobile-mcp", "playwright", "cloudbase")
-_KEEPALIVE_COMMAND_HINTS = ("chrome-devtools-mcp", "@playwright/mcp", "mobile-mcp", "cloudbase-mcp")
 
 
 class DaemonError(Exception):
     """Root of every error this module raises; ``exit_code`` is what the CLI exits with.
 
-    ``rpc_code`` and ``data`` are a JSON-RPC error's own, when an MCP server answered with one."""
+    ``code`` names it in an error frame; ``rpc_code`` and ``data`` are a JSON-RPC error's
+    own, when a server behind a handler answered with one."""
 
     exit_code = 1
+    code = "runtime_error"
     rpc_code: Optional[int] = None
     data: Any = None
 
@@ -212,18 +233,6 @@ class RemoteError(DaemonError):
             self.exit_code = 2
 
 
-class McpError(DaemonError):
-    """An MCP server failed, answered with an error, or spoke a version we do not."""
-
-    def __init__(self, message: str, code: str = "mcp_error", rpc_code: Any = None, data: Any = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.rpc_code = _rpc_code(rpc_code)
-        self.data = data
-        if code == "command_not_found":
-            self.exit_code = 2  # a configuration problem, wherever the server runs
-
-
 def _require_posix() -> None:
     if fcntl is None or not hasattr(socket, "AF_UNIX"):
         raise DaemonError("mcporter_daemon needs a POSIX system (fcntl and AF_UNIX sockets)")
@@ -244,7 +253,7 @@ def _now_ms() -> int:
 
 
 # ##########################################################################################
-# Paths and config: where the state lives, what the config says, and its fingerprint.
+# Paths: where a daemon's files live, their safety checks, and the script's own identity.
 # ##########################################################################################
 
 
@@ -363,207 +372,6 @@ class DaemonPaths:
         return f"DaemonPaths(socket={self.socket!r}, metadata={self.metadata!r})"
 
 
-def _skip_blank(text: str, i: int) -> int:
-    """Index of the next character that is not white space or inside a comment."""
-    n = len(text)
-    while i < n:
-        if text[i] in " \t\r\n":
-            i += 1
-        elif text.startswith("//", i):
-            end = text.find("\n", i)
-            i = n if end < 0 else end
-        elif text.startswith("/*", i):
-            end = text.find("*/", i + 2)
-            i = n if end < 0 else end + 2
-        else:
-            break
-    return i
-
-
-def _strip_jsonc(text: str) -> str:
-    """Blank out comments and trailing commas, keeping every line and column in place."""
-    out: List[str] = []
-    i, n = 0, len(text)
-    in_string = False
-    while i < n:
-        ch = text[i]
-        if in_string:
-            out.append(ch)
-            if ch == "\\" and i + 1 < n:
-                out.append(text[i + 1])
-                i += 1
-            elif ch == '"':
-                in_string = False
-        elif ch == '"':
-            in_string = True
-            out.append(ch)
-        elif text.startswith("//", i) or text.startswith("/*", i):
-            end = _skip_blank(text, i)
-            out.append("".join(c if c == "\n" else " " for c in text[i:end]))
-            i = end
-            continue
-        elif ch == ",":
-            j = _skip_blank(text, i + 1)
-            out.append(" " if j < n and text[j] in "}]" else ch)  # one trailing comma only
-        else:
-            out.append(ch)
-        i += 1
-    return "".join(out)
-
-
-def parse_jsonc(text: str, source: str) -> Any:
-    """Parse JSON with comments and trailing commas; errors name the line and column."""
-    try:
-        return json.loads(_strip_jsonc(text))
-    except json.JSONDecodeError as exc:
-        raise ConfigError(
-            f"{source}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
-        ) from None
-
-
-def _expand_placeholders(value: str, environ: Dict[str, str]) -> str:
-    """``${VAR}`` and ``${VAR:-fallback}``; an unset ``${VAR}`` becomes empty."""
-    out, i = [], 0
-    while True:
-        start = value.find("${", i)
-        end = value.find("}", start + 2) if start >= 0 else -1
-        if start < 0 or end < 0:
-            out.append(value[i:])
-            return "".join(out)
-        out.append(value[i:start])
-        name, sep, fallback = value[start + 2 : end].partition(":-")
-        got = environ.get(name, "")
-        out.append(got if got or not sep else fallback)
-        i = end + 1
-
-
-def _env_name_set(raw: Optional[str]) -> Tuple[bool, frozenset]:
-    """``*`` → (True, ∅); ``a,b`` → (False, {a, b})."""
-    names = frozenset(p.strip() for p in (raw or "").split(",") if p.strip())
-    return "*" in names, names
-
-
-class ServerSpec:
-    """One configured MCP server, resolved: argv, env, cwd, keep-alive and why."""
-
-    __slots__ = (
-        "name",
-        "command",
-        "env",
-        "cwd",
-        "url",
-        "keep_alive",
-        "keep_alive_reason",
-        "idle_timeout_ms",
-        "health_check_ms",
-        "source",
-    )
-
-    def __init__(self, name: str, source: str) -> None:
-        self.name = name
-        self.source = source
-        self.command: List[str] = []
-        self.env: Dict[str, str] = {}
-        self.cwd: Optional[str] = None
-        self.url: Optional[str] = None
-        self.keep_alive = False
-        self.keep_alive_reason = "not selected"
-        self.idle_timeout_ms: Optional[int] = None
-        self.health_check_ms = _DEFAULT_HEALTH_CHECK_MS  # 0: never pinged
-
-    def __repr__(self) -> str:
-        return f"ServerSpec({self.name!r}, command={self.command!r}, keep_alive={self.keep_alive})"
-
-
-class Config:
-    """The merged configuration and everything that identifies it."""
-
-    __slots__ = ("path", "layers", "explicit", "servers", "daemon_idle_timeout_ms", "root", "imports")
-
-    def __init__(self, path: str, layers: List[Tuple[str, Optional[bytes]]], explicit: bool):
-        self.path = path  # the config path that names the daemon
-        self.layers = layers  # (path, bytes or None when absent), lowest precedence first
-        self.explicit = explicit
-        self.servers: Dict[str, ServerSpec] = {}
-        self.daemon_idle_timeout_ms: Optional[int] = None
-        self.root = ""
-        self.imports: List[Any] = []  # _ImportedFile: editor configs that were read
-
-    def keep_alive_servers(self) -> List[str]:
-        return [name for name, spec in self.servers.items() if spec.keep_alive]
-
-    def fingerprint(self) -> str:
-        return config_fingerprint(list(self.layers) + [f.layer() for f in self.imports])
-
-
-def _read_optional(path: str) -> Optional[bytes]:
-    try:
-        with open(path, "rb") as fh:
-            return fh.read()
-    except FileNotFoundError:
-        return None
-    except IsADirectoryError:
-        raise ConfigError(f"{path}: is a directory, not a config file") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
-
-
-def _home_config_candidates() -> List[str]:
-    out = []
-    xdg = os.environ.get("XDG_CONFIG_HOME")
-    if xdg:
-        xdg = os.path.abspath(xdg)  # layer paths are part of the fingerprint: never cwd-relative
-        out += [os.path.join(xdg, "mcporter", "mcporter.json" + s) for s in ("", "c")]
-    home = os.path.join(os.path.expanduser("~"), ".mcporter", "mcporter.json")
-    return out + [home, home + "c"]
-
-
-def _explicit_config_path(config: Optional[str]) -> Optional[str]:
-    """``--config``, else ``MCPORTER_CONFIG``, made absolute; None when neither is set."""
-    explicit = config or os.environ.get("MCPORTER_CONFIG")
-    return os.path.abspath(os.path.expanduser(explicit)) if explicit else None
-
-
-def discover_config(
-    config: Optional[str] = None, root: Optional[str] = None
-) -> Tuple[str, List[Tuple[str, Optional[bytes]]], bool]:
-    """(naming path, layers, explicit) as mcporter discovers them."""
-    path = _explicit_config_path(config)
-    if path:
-        data = _read_optional(path)
-        if data is None:
-            raise ConfigError(f"{path}: config file not found")
-        return path, [(path, data)], True
-    project = os.path.join(os.path.abspath(root or os.getcwd()), "config", "mcporter.json")
-    layers: List[Tuple[str, Optional[bytes]]] = []
-    home_path = None
-    for candidate in _home_config_candidates():
-        data = _read_optional(candidate)
-        if data is not None:
-            home_path = candidate
-            layers.append((candidate, data))
-            break
-    if home_path is None:
-        layers.append((_home_config_candidates()[-2], None))
-    project_data = _read_optional(project)
-    layers.append((project, project_data))
-    naming = project if project_data is not None or home_path is None else home_path
-    return naming, layers, False
-
-
-def config_fingerprint(layers: Iterable[Tuple[str, Optional[bytes]]]) -> str:
-    """Content hash naming a daemon's identity: layers, keep-alive env, protocol, script."""
-    h = _sha256()
-    # Paths and environment values are bytes to the OS; fsencode keeps non-UTF-8 ones hashable.
-    for path, data in layers:
-        digest = "absent" if data is None else _sha256(data).hexdigest()
-        h.update(os.fsencode(path) + f"\0{digest}\0".encode())
-    for name in ("MCPORTER_KEEPALIVE", "MCPORTER_DISABLE_KEEPALIVE"):
-        h.update(f"{name}=".encode() + os.fsencode(os.environ.get(name, "")) + b"\0")
-    h.update(f"protocol={DAEMON_PROTOCOL_VERSION}\0script={_script_version()}".encode())
-    return h.hexdigest()[:32]
-
-
 _SCRIPT_DIGEST: List[str] = []
 
 
@@ -577,378 +385,6 @@ def _script_version() -> str:
             digest = "unknown"
         _SCRIPT_DIGEST.append(f"{__version__}+{digest}")
     return _SCRIPT_DIGEST[0]
-
-
-def _type_error(source: str, where: str, expected: str, got: Any) -> ConfigError:
-    return ConfigError(f"{source}: {where} must be {expected}, not {type(got).__name__}")
-
-
-def _parse_lifecycle(spec: ServerSpec, raw: Any, where: str) -> Optional[bool]:
-    if raw is None:
-        return None
-    if isinstance(raw, str):
-        raw = {"mode": raw}
-    if not isinstance(raw, dict):
-        raise _type_error(spec.source, where, "a string or an object", raw)
-    mode = raw.get("mode", "keep-alive")
-    if mode not in ("keep-alive", "ephemeral"):
-        raise ConfigError(f"{spec.source}: {where}.mode must be 'keep-alive' or 'ephemeral'")
-    idle = raw.get("idleTimeoutMs")
-    if idle is not None:
-        if isinstance(idle, bool) or not isinstance(idle, (int, float)) or idle <= 0:
-            raise ConfigError(f"{spec.source}: {where}.idleTimeoutMs must be a positive number")
-        spec.idle_timeout_ms = int(idle)
-    health = raw.get("healthCheckMs")
-    if health is not None:
-        if isinstance(health, bool) or not isinstance(health, (int, float)) or health < 0:
-            raise ConfigError(f"{spec.source}: {where}.healthCheckMs must be a number >= 0 (0: no pings)")
-        spec.health_check_ms = int(health)
-    return mode == "keep-alive"
-
-
-def _parse_command(spec: ServerSpec, entry: Dict[str, Any], where: str) -> None:
-    import shlex
-
-    command = entry.get("command")
-    if isinstance(command, str):
-        argv = shlex.split(command)  # split like a shell would, but never run one
-    elif isinstance(command, list) and all(isinstance(p, str) for p in command):
-        argv = list(command)
-    else:
-        raise _type_error(spec.source, f"{where}.command", "a string or a list of strings", command)
-    args = entry.get("args", [])
-    if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
-        raise _type_error(spec.source, f"{where}.args", "a list of strings", args)
-    if not argv:
-        raise ConfigError(f"{spec.source}: {where}.command is empty")
-    spec.command = argv + args
-
-
-def _parse_server(name: str, entry: Any, source: str, base_dir: str, environ: Dict[str, str]) -> ServerSpec:
-    where = f"mcpServers.{name}"
-    if not isinstance(entry, dict):
-        raise _type_error(source, where, "an object", entry)
-    spec = ServerSpec(name, source)
-    url = entry.get("url") or entry.get("baseUrl")
-    if url:
-        if not isinstance(url, str):
-            raise _type_error(source, f"{where}.url", "a string", url)
-        spec.url = url
-        return spec
-    _parse_command(spec, entry, where)
-    env = entry.get("env", {})
-    if not isinstance(env, dict):
-        raise _type_error(source, f"{where}.env", "an object", env)
-    for key, value in env.items():
-        if not isinstance(value, str):
-            raise _type_error(source, f"{where}.env.{key}", "a string", value)
-    spec.env = {str(k): _expand_placeholders(v, environ) for k, v in env.items()}
-    cwd = entry.get("cwd")
-    if cwd is not None:
-        if not isinstance(cwd, str):
-            raise _type_error(source, f"{where}.cwd", "a string", cwd)
-        spec.cwd = os.path.join(base_dir, os.path.expanduser(cwd))
-    explicit = _parse_lifecycle(spec, entry.get("lifecycle"), f"{where}.lifecycle")
-    _select_keep_alive(spec, explicit, environ)
-    return spec
-
-
-def _select_keep_alive(spec: ServerSpec, explicit: Optional[bool], environ: Dict[str, str]) -> None:
-    """Environment overrides win, then the config's lifecycle, then the known-server defaults."""
-    off_all, off = _env_name_set(environ.get("MCPORTER_DISABLE_KEEPALIVE"))
-    on_all, on = _env_name_set(environ.get("MCPORTER_KEEPALIVE"))
-    joined = " ".join(spec.command)
-    if off_all or spec.name in off:
-        spec.keep_alive, spec.keep_alive_reason = False, "MCPORTER_DISABLE_KEEPALIVE"
-    elif on_all or spec.name in on:
-        spec.keep_alive, spec.keep_alive_reason = True, "MCPORTER_KEEPALIVE"
-    elif explicit is not None:
-        spec.keep_alive, spec.keep_alive_reason = explicit, "lifecycle in config"
-    elif spec.name in _KEEPALIVE_NAMES or any(h in joined for h in _KEEPALIVE_COMMAND_HINTS):
-        spec.keep_alive, spec.keep_alive_reason = True, "known stateful server"
-    else:
-        spec.keep_alive, spec.keep_alive_reason = False, "ephemeral by default"
-
-
-def _parse_idle_ms(doc: Dict[str, Any], source: str) -> Optional[int]:
-    for key in ("daemonIdleTimeoutMs", "daemon_idle_timeout_ms"):
-        value = doc.get(key)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise ConfigError(f"{source}: {key} must be a positive number")
-        return int(value)
-    return None
-
-
-# -- imports: servers defined in editor and agent configs, found as mcporter 0.12.3 finds them --
-
-IMPORT_KINDS = ("cursor", "claude-code", "claude-desktop", "codex", "windsurf", "opencode", "vscode")
-
-
-def import_order(configured: Any) -> List[str]:
-    """A layer's ``imports``: its kinds first, then the other defaults; ``[]`` turns imports off."""
-    if configured is None:
-        return list(IMPORT_KINDS)
-    kinds = [k for k in configured if k in IMPORT_KINDS]
-    if not configured:
-        return []
-    return kinds + [k for k in IMPORT_KINDS if k not in kinds]
-
-
-def _effective_import_order(docs: List[Dict[str, Any]]) -> List[str]:
-    """mcporter reads imports once per layer, first seen wins, and the same files each time:
-    the first layer that does not turn imports off decides the order."""
-    for doc in docs or [{}]:
-        order = import_order(doc.get("imports"))
-        if order:
-            return order
-    return []
-
-
-def import_candidates(kind: str, root: str, home: str, environ: Dict[str, str], platform: str) -> List[str]:
-    """mcporter's candidate paths for one kind, project-relative (under ``root``) first.
-
-    The one place editor-config locations differ by platform (``platform`` is sys.platform)."""
-    j = os.path.join
-    xdg = environ.get("XDG_CONFIG_HOME")
-    mac = platform == "darwin"
-    if kind == "cursor":
-        paths = [j(root, ".cursor", "mcp.json"), j(home, ".cursor", "mcp.json")]
-        paths += [
-            j(home, "AppData", "Roaming", "Cursor", "User", "mcp.json"),
-            j(home, "Library", "Application Support", "Cursor", "User", "mcp.json"),
-        ]
-        paths += [j(xdg, "Cursor", "User", "mcp.json")] if xdg else []
-    elif kind == "claude-code":
-        paths = [j(base, ".claude", name) for base in (root, home) for name in _CLAUDE_CODE_FILES]
-        paths.append(j(home, ".claude.json"))
-    elif kind == "claude-desktop":
-        paths = [
-            j(home, "Library", "Application Support", "Claude", "settings.json")
-            if mac
-            else j(home, ".config", "Claude", "settings.json")
-        ]
-    elif kind == "codex":
-        paths = [j(root, ".codex", "config.toml"), j(home, ".codex", "config.toml")]
-    elif kind == "windsurf":
-        paths = [
-            j(home, ".codeium", "windsurf", "mcp_config.json"),
-            j(home, ".codeium", "windsurf-next", "mcp_config.json"),
-            j(home, ".windsurf", "mcp_config.json"),
-            j(home, ".config", ".codeium", "windsurf", "mcp_config.json"),
-        ]
-    elif kind == "opencode":
-        paths = _opencode_candidates(root, home, environ)
-    elif kind == "vscode":
-        user = j(home, "Library", "Application Support") if mac else j(home, ".config")
-        paths = [j(root, ".vscode", "mcp.json")] + [j(user, app, "User", "mcp.json") for app in _VSCODE_APPS]
-    else:
-        paths = []
-    return list(dict.fromkeys(p for p in paths if p))
-
-
-_CLAUDE_CODE_FILES = ("settings.local.json", "settings.json", "mcp.json")
-_VSCODE_APPS = ("Code", "Code - Insiders")
-
-
-def _opencode_candidates(root: str, home: str, environ: Dict[str, str]) -> List[str]:
-    j = os.path.join
-    config_home = environ.get("XDG_CONFIG_HOME") or j(environ.get("HOME") or home, ".config")
-    paths = [environ.get("OPENCODE_CONFIG") or "", j(root, "opencode.jsonc"), j(root, "opencode.json")]
-    override = environ.get("OPENCODE_CONFIG_DIR")
-    if override:
-        paths += [j(override, "opencode.jsonc"), j(override, "opencode.json")]
-    workdir = environ.get("OPENAI_WORKDIR")
-    paths += [j(root, ".openai", "config.json"), j(workdir, ".openai", "config.json") if workdir else ""]
-    paths.append(j(config_home, "openai", "config.json"))
-    user_dir = (
-        j(environ["XDG_CONFIG_HOME"], "opencode")
-        if environ.get("XDG_CONFIG_HOME")
-        else j(home, ".config", "opencode")
-    )
-    return paths + [j(user_dir, "opencode.jsonc"), j(user_dir, "opencode.json")]
-
-
-def extract_import_entries(doc: Any, kind: str, path: str, root: str) -> Dict[str, Dict[str, Any]]:
-    """The server entries of one editor config, in mcporter's reading of each format:
-    ``mcpServers``, VS Code's ``servers``, opencode's ``mcp``, a root-level map for legacy
-    files, and Claude Code's entries scoped to this project in ``~/.claude.json``."""
-    out: Dict[str, Dict[str, Any]] = {}
-    if not isinstance(doc, dict):
-        return out
-    if kind == "codex":
-        _add_import_entries(doc.get("mcp_servers"), out)
-        return out
-    keys = ("mcp",) if kind == "opencode" else ("mcpServers", "servers", "mcp")
-    containers = [doc[k] for k in keys if isinstance(doc.get(k), dict)]
-    root_style = kind != "opencode" and (
-        kind != "claude-code"
-        or path.endswith(".claude.json")
-        or path.endswith(os.path.join(".claude", "mcp.json"))
-    )
-    if not containers and root_style:
-        containers = [doc]
-    for container in containers:
-        _add_import_entries(container, out)
-    projects = doc.get("projects")
-    if isinstance(projects, dict):
-        here = os.path.abspath(root)
-        for key, project in projects.items():
-            if isinstance(project, dict) and os.path.abspath(os.path.expanduser(str(key))) == here:
-                scoped: Dict[str, Dict[str, Any]] = {}
-                _add_import_entries(project.get("mcpServers"), scoped)
-                for name, entry in scoped.items():
-                    out.setdefault(name, entry)
-    return out
-
-
-def _add_import_entries(container: Any, out: Dict[str, Dict[str, Any]]) -> None:
-    if not isinstance(container, dict):
-        return
-    for name, value in container.items():
-        entry = _convert_import_entry(value) if name not in out else None
-        if entry is not None:
-            out[str(name)] = entry
-
-
-def _convert_import_entry(value: Any) -> Optional[Dict[str, Any]]:
-    """An editor's server entry as a config entry; None when it names no command or URL."""
-    if not isinstance(value, dict):
-        return None
-    entry: Dict[str, Any] = {}
-    for key in ("baseUrl", "base_url", "url", "serverUrl", "server_url"):
-        if isinstance(value.get(key), str) and value[key]:
-            entry["url"] = value[key]
-            break
-    command = value.get("command", value.get("executable"))
-    if (
-        isinstance(command, str)
-        and command
-        or (isinstance(command, list) and command and all(isinstance(c, str) for c in command))
-    ):
-        entry["command"] = command
-    args = value.get("args")
-    if isinstance(args, list) and all(isinstance(a, str) for a in args):
-        entry["args"] = args
-    env = value.get("env")
-    if isinstance(env, dict):
-        entry["env"] = {str(k): v for k, v in ((k, _env_string(v)) for k, v in env.items()) if v is not None}
-    return entry if "url" in entry or "command" in entry else None
-
-
-def _env_string(value: Any) -> Optional[str]:
-    """An env value as JavaScript's String() writes it (true, 3, 1.5); others are dropped."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return str(int(value)) if float(value).is_integer() else repr(value)
-    return None
-
-
-def _read_import_file(path: str, kind: str, root: str) -> Tuple[Optional[Dict[str, Dict[str, Any]]], str]:
-    """(entries or None when absent, a note). Unparsable files count as empty, as in mcporter."""
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read()
-    except OSError:  # absent, a directory, unreadable: nothing to import from it
-        return None, ""
-    text = data.decode("utf-8-sig", "replace")
-    if not text.strip():
-        return {}, ""
-    if path.endswith(".toml"):
-        try:
-            import tomllib  # type: ignore[import-not-found]  # novermin (3.11+; guarded)
-        except ImportError:
-            return {}, "skipped: reading Codex TOML needs Python 3.11+ (tomllib)"
-        try:
-            doc = tomllib.loads(text)
-        except ValueError as exc:
-            return {}, f"ignored: {exc}"
-    else:
-        try:
-            doc = parse_jsonc(text, path)
-        except ConfigError as exc:
-            return {}, f"ignored: {exc}"
-    return extract_import_entries(doc, kind, path, root), ""
-
-
-class _ImportedFile:
-    """One editor config that was read: its path, kind, entries and a note for doctor."""
-
-    __slots__ = ("path", "kind", "entries", "note")
-
-    def __init__(self, path: str, kind: str, entries: Dict[str, Dict[str, Any]], note: str) -> None:
-        self.path, self.kind, self.entries, self.note = path, kind, entries, note
-
-    def layer(self) -> Tuple[str, bytes]:
-        """Its fingerprint layer: the entries it contributes, not its bytes, so a `touch` or
-        an edit elsewhere in a busy file (``~/.claude.json``) does not restart the daemon."""
-        return (f"import:{self.kind}:{self.path}", json.dumps(self.entries, sort_keys=True).encode())
-
-
-def read_imports(order: List[str], root: str, environ: Dict[str, str]) -> List[_ImportedFile]:
-    home = os.path.expanduser("~")
-    found = []
-    for kind in order:
-        for path in import_candidates(kind, root, home, environ, sys.platform):
-            entries, note = _read_import_file(path, kind, root)
-            if entries is not None:
-                found.append(_ImportedFile(path, kind, entries, note))
-    return found
-
-
-def load_config(config: Optional[str] = None, root: Optional[str] = None) -> Config:
-    """Discover, parse and merge the config layers (project overrides home per server)."""
-    path, layers, explicit = discover_config(config, root)
-    cfg = Config(path, layers, explicit)
-    cfg.root = os.path.abspath(root or os.getcwd())
-    environ = dict(os.environ)
-    docs = [(source, _parse_layer(source, data)) for source, data in layers if data is not None]
-    # Imported servers first: every mcporter config entry wins over them (first seen wins
-    # among imports), and one that cannot be used is skipped, as mcporter skips it.
-    cfg.imports = read_imports(_effective_import_order([doc for _, doc in docs]), cfg.root, environ)
-    for imported in cfg.imports:
-        for name, entry in imported.entries.items():
-            if name not in cfg.servers:
-                try:
-                    spec = _parse_server(name, entry, imported.path, os.path.dirname(imported.path), environ)
-                except ConfigError:
-                    continue
-                cfg.servers[name] = spec
-    for source, doc in docs:
-        servers = doc.get("mcpServers", {})
-        if not isinstance(servers, dict):
-            raise _type_error(source, "mcpServers", "an object", servers)
-        base_dir = os.path.dirname(source)
-        for name, entry in servers.items():
-            cfg.servers.pop(name, None)  # a config entry takes an import's place and its order
-            cfg.servers[name] = _parse_server(name, entry, source, base_dir, environ)
-        idle = _parse_idle_ms(doc, source)
-        if idle is not None:
-            cfg.daemon_idle_timeout_ms = idle
-    return cfg
-
-
-def _parse_layer(source: str, data: bytes) -> Dict[str, Any]:
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raise ConfigError(f"{source}: config is not valid UTF-8") from None
-    doc = parse_jsonc(text, source) if text.strip() else {}
-    if not isinstance(doc, dict):
-        raise _type_error(source, "the top level", "an object", doc)
-    imports = doc.get("imports")
-    if imports is not None and (
-        not isinstance(imports, list) or not all(isinstance(k, str) for k in imports)
-    ):
-        raise _type_error(source, "imports", "a list of strings", imports)
-    unknown = [k for k in imports or [] if k not in IMPORT_KINDS]
-    if unknown:
-        raise ConfigError(f"{source}: unknown import kind {unknown[0]!r} (known: {', '.join(IMPORT_KINDS)})")
-    return doc
 
 
 # ##########################################################################################
@@ -1017,6 +453,29 @@ def progress_cadence_ms(requested: Any) -> Optional[int]:
         return None
     fitting = [c for c in _PROGRESS_CADENCES_MS if c <= requested]
     return fitting[-1] if fitting else _PROGRESS_CADENCES_MS[0]
+
+
+def progress_update(params: Any) -> Optional[Dict[str, Any]]:
+    """The progress, total and message of a progress report (a frame's, or a server's
+    notification), or None when malformed."""
+    if not isinstance(params, dict):
+        return None
+    progress = params.get("progress")
+    if not _finite_number(progress):
+        return None
+    update: Dict[str, Any] = {"progress": progress}
+    total = params.get("total")
+    if _finite_number(total):
+        update["total"] = total
+    if isinstance(params.get("message"), str):
+        update["message"] = params["message"]
+    return update
+
+
+def _finite_number(value: Any) -> bool:
+    # Python's json reads NaN and Infinity; neither is a progress value (nor valid JSON). The
+    # difference test spares the CLI importing math: it is NaN for both, 0 for any finite value.
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value - value == 0
 
 
 class _FrameTooLarge(Exception):
@@ -1177,6 +636,64 @@ def result_or_raise(response: Dict[str, Any]) -> Any:
         error.get("rpcCode"),
         error.get("data"),
     )
+
+
+class _Busy(Exception):
+    pass
+
+
+def _more_pending(conn: socket.socket) -> bool:
+    """True when more bytes are already waiting (the sender has not paused yet)."""
+    timeout = conn.gettimeout()
+    # On a socket with a timeout CPython polls for readability before recv, so MSG_DONTWAIT
+    # alone would wait out the whole timeout (10 s for every newline-less mcporter request).
+    conn.setblocking(False)
+    try:
+        return bool(conn.recv(1, socket.MSG_PEEK))
+    except OSError:  # BlockingIOError: nothing waiting
+        return False
+    finally:
+        conn.settimeout(timeout)
+
+
+def _is_json(buf: bytearray) -> bool:
+    try:
+        json.loads(buf)
+        return True
+    except (ValueError, RecursionError):
+        return False
+
+
+def _error_frame(rid: Any, message: str, code: str) -> Dict[str, Any]:
+    return {"id": rid, "ok": False, "error": {"message": message, "code": code}}
+
+
+def _parse_request(raw: bytes) -> Tuple[Optional[Dict[str, Any]], Optional[Dict[str, Any]]]:
+    """(request, None) or (None, error frame): bad JSON, shapes and types answered, not raised."""
+    try:
+        req = json.loads(raw)
+    except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
+        return None, _error_frame(None, "request is not valid JSON", "invalid_json")
+    if not isinstance(req, dict):
+        return None, _error_frame(None, "request must be a JSON object", "bad_request")
+    rid = req.get("id")
+    if isinstance(rid, (dict, list)):
+        rid = None
+    if not isinstance(req.get("method"), str):
+        return None, _error_frame(rid, "request needs a string 'method'", "bad_request")
+    params = req.get("params")
+    if params is None:
+        params = {}
+    if not isinstance(params, dict):
+        return None, _error_frame(rid, "'params' must be an object", "bad_request")
+    version = req.get("protocolVersion")
+    if version is not None and (
+        isinstance(version, bool) or not isinstance(version, int) or version > DAEMON_PROTOCOL_VERSION
+    ):
+        return None, _error_frame(rid, f"unsupported protocolVersion {version!r}", "bad_request")
+    req["params"] = params
+    req["id"] = rid
+    return req, None
 
 
 # ##########################################################################################
@@ -1435,9 +952,13 @@ def _ps_start_order(token: Any) -> Optional[float]:
 
 # The one platform seam for process facts: Linux reads /proc, everything else asks ps.
 _ON_PROC = os.path.exists("/proc/self/stat")
+
 _process_info = _linux_process_info if _ON_PROC else _ps_process_info
+
 _group_members = _linux_group_members if _ON_PROC else _ps_group_members
+
 _start_order = _linux_start_order if _ON_PROC else _ps_start_order
+
 # Exit checks that do not reap; macOS has os.waitid only from Python 3.13.
 _HAS_WAITID = hasattr(os, "waitid") and hasattr(os, "WNOWAIT")
 
@@ -1530,7 +1051,7 @@ def leaderless_group_is_ours(
     leader_alive: bool,
     members: List[Tuple[int, int, Optional[float]]],
 ) -> bool:
-    """May the survivors of a recorded MCP server's group be ended without its leader?
+    """May the survivors of a recorded server's group be ended without its leader?
 
     ``members`` are (pid, session id, start order) of the live processes in group ``pgid``.
     Only with proof they are that server's: its leader (pid ``pgid``) is gone — and Linux hands
@@ -1559,7 +1080,7 @@ def _end_leaderless_group(pgid: int, leader_start: Optional[str], grace: float) 
 
 
 def end_server_group(pid: Any, start_time: Any, grace: float = _TERM_GRACE) -> None:
-    """End a recorded MCP server and its whole process group (it was spawned as the leader),
+    """End a recorded server (a child spawned as a group leader) and its whole process group,
     also when the leader already exited and left children behind."""
     if not _is_pid(pid) or not start_time:
         return
@@ -1579,7 +1100,7 @@ def _recorded_server_left(entry: Any) -> bool:
 def terminate_daemon_tree(
     pid: int, start_time: Optional[str], servers: Dict[str, Any], grace: float = _TERM_GRACE
 ) -> None:
-    """End a verified-ours daemon and its MCP servers (recorded ones and live children)."""
+    """End a verified-ours daemon and its servers (recorded ones and live children)."""
     victims: List[Tuple[int, Optional[str]]] = []
     for entry in (servers or {}).values():
         if _recorded_server_left(entry):
@@ -1592,6 +1113,1971 @@ def terminate_daemon_tree(
         terminate_process(pid, start_time, grace)
     for child, child_start in victims:
         end_server_group(child, child_start, grace)
+
+
+# ##########################################################################################
+# Daemon host: bind guard, concurrent serving, housekeeping, ownership-checked shutdown.
+# ##########################################################################################
+
+
+def _log_prefix() -> str:
+    """``<UTC time>Z [<pid>] ``; one clock read, so the milliseconds belong to the second."""
+    seconds, millis = divmod(int(time.time() * 1000), 1000)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+    return f"{stamp}.{millis:03d}Z [{os.getpid()}] "
+
+
+class DaemonLog:
+    """Timestamped lines to a file (0600, rotated at 10 MB, one old file kept) or stderr."""
+
+    def __init__(
+        self, path: Optional[str] = None, verbose: bool = False, servers: Iterable[str] = ()
+    ) -> None:
+        import threading
+
+        self.path = path
+        self.verbose = verbose
+        self.servers = frozenset(servers)
+        self._lock = threading.Lock()
+        self._fh: Any = None
+        if path:
+            self._open()
+
+    def _open(self) -> None:
+        assert self.path is not None
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        except OSError as exc:
+            raise DaemonError(f"cannot open log file {self.path}: {exc.strerror}") from None
+        os.fchmod(fd, 0o600)
+        self._fh = os.fdopen(fd, "a", encoding="utf-8", errors="replace")
+
+    def traces(self, server: str) -> bool:
+        return self.verbose or server in self.servers
+
+    def event(self, message: str) -> None:
+        self.write(_log_prefix() + message)
+
+    def write(self, line: str) -> None:
+        with self._lock:
+            fh = self._fh or sys.stderr
+            try:
+                fh.write(line + "\n")
+                fh.flush()
+                if self._fh is not None and self._fh.tell() > _LOG_ROTATE_BYTES:
+                    self._rotate()
+            except (OSError, ValueError):
+                pass  # a full disk must not take the daemon down
+
+    def _rotate(self) -> None:
+        assert self.path is not None
+        old = self._fh
+        os.replace(self.path, self.path + ".1")
+        self._open()
+        # When stderr is the log (a detached daemon), follow the rotation so tracebacks land too.
+        try:
+            if os.path.sameopenfile(old.fileno(), 2):
+                os.dup2(self._fh.fileno(), 2)
+        except OSError:
+            pass
+        old.close()
+
+
+class RequestContext:
+    """What a handler may use besides its params: ``notices`` reach the caller's stderr;
+    ``report_progress`` puts the server's latest progress into the caller's progress frames;
+    ``cancelled`` is set when the caller went away, so the work can stop (and tell its server)."""
+
+    __slots__ = ("notices", "method", "cancelled", "progress")
+
+    def __init__(self, method: str) -> None:
+        import threading
+
+        self.method = method
+        self.notices: List[str] = []
+        self.cancelled = threading.Event()
+        self.progress: Optional[Dict[str, Any]] = None  # replaced whole: read without a lock
+
+    def report_progress(self, update: Dict[str, Any]) -> None:
+        self.progress = dict(update)
+
+
+class HandlerError(DaemonError):
+    """Raised by a handler to answer ``ok: false`` with a chosen code."""
+
+    def __init__(self, message: str, code: str = "runtime_error") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class ProbeResult:
+    """What a ``status`` probe of the socket found: live, stopping, silent (timeout) or dead."""
+
+    __slots__ = ("kind", "status", "detail")
+
+    def __init__(self, kind: str, status: Optional[Dict[str, Any]] = None, detail: str = "") -> None:
+        self.kind = kind  # "live" | "stopping" | "silent" | "dead"
+        self.status = status or {}
+        self.detail = detail
+
+    @property
+    def pid(self) -> Optional[int]:
+        pid = self.status.get("pid")
+        return pid if _is_pid(pid) else None
+
+
+def probe_live_daemon(socket_path: str, timeout: float) -> ProbeResult:
+    """Live means: it answers ``status``, reports this socket path, and its pid is alive."""
+    if not os.path.exists(socket_path):
+        return ProbeResult("dead", detail="no socket file")
+    request = {"id": "probe", "method": "status", "params": {}, "protocolVersion": 2}
+    try:
+        response = exchange(socket_path, request, timeout)
+    except DaemonTimeout:
+        return ProbeResult("silent", detail=f"no answer within {timeout:g}s")
+    except TransportError as exc:
+        return ProbeResult("dead", detail=str(exc))
+    status = response.get("result") if response.get("ok") else None
+    if not isinstance(status, dict):
+        error: Dict[str, Any] = response["error"] if isinstance(response.get("error"), dict) else {}
+        pid = error.get("pid")
+        if error.get("code") == "shutting_down" and _is_pid(pid) and pid_alive(pid):
+            # Still closing its servers: it owns them until its pid is gone (stop is a barrier).
+            stopping = {"pid": pid, "pidStartTime": error.get("pidStartTime")}
+            return ProbeResult("stopping", stopping, detail="shutting down")
+        return ProbeResult("dead", detail="answered with an error")
+    if status.get("socketPath") != socket_path:
+        return ProbeResult("dead", detail="answers for another socket path")
+    pid = status.get("pid")
+    if not _is_pid(pid) or not pid_alive(pid):
+        return ProbeResult("dead", detail="its pid is not alive")
+    return ProbeResult("live", status)
+
+
+def plan_takeover(probe: str, fresh: bool, owner_ours: bool, owner_stopped: bool) -> str:
+    """The bind guard's decision, free of I/O.
+
+    ``probe`` is "live", "stopping" (answers "shutting down"), "silent" (first probe timed
+    out), "silent-twice" (the longer second probe too) or "dead". Returns "reconcile",
+    "stop-then-bind", "wait-then-bind", "terminate-then-bind", "probe-again" or "bind".
+    """
+    if owner_ours and owner_stopped:
+        return "terminate-then-bind"  # the OS says it is stopped: hung, whatever it answers
+    if probe == "stopping":
+        return "wait-then-bind"  # its servers are still closing: never two copies at once
+    if probe == "live":
+        return "reconcile" if fresh else "stop-then-bind"
+    if probe == "silent":
+        # A timeout alone is no proof of a hang: a busy or loaded daemon is slow (mypy #18008).
+        return "probe-again"
+    if owner_ours:
+        return "terminate-then-bind"  # hung (silent twice) or unreachable: ours, so end it
+    return "bind"
+
+
+def status_matches(
+    meta: Optional[Dict[str, Any]],
+    status: Any,
+    socket_path: str,
+    proc_facts: Tuple[Optional[str], Optional[str]],
+) -> bool:
+    """Whether a ``status`` answer comes from the daemon a record names (§9), free of I/O.
+
+    ``meta`` is a validated record or None; ``status`` the answer's result (None when there
+    was no answer yet); ``proc_facts`` the (start time, state) the OS reports now for the
+    record's pid. A stopped daemon is hung, so it never verifies: it is to be replaced.
+    """
+    if not record_is_live(meta, socket_path, proc_facts) or not isinstance(status, dict):
+        return False
+    assert meta is not None
+    return status.get("pid") == meta["pid"] and status.get("socketPath") == socket_path
+
+
+def record_is_live(
+    meta: Optional[Dict[str, Any]], socket_path: str, proc_facts: Tuple[Optional[str], Optional[str]]
+) -> bool:
+    """The half of ``status_matches`` that needs no answer: worth asking the socket at all?"""
+    if meta is None or meta["socketPath"] != socket_path:
+        return False
+    start, state = proc_facts
+    return start is not None and str(start) == meta["pidStartTime"] and state not in ("Z", "T", "t")
+
+
+class DaemonHost:
+    """A singleton daemon: bind guard, then serve ``method -> handler`` until told to stop.
+
+    ``handlers`` map a method name to ``handler(params, ctx) -> result``; ``status`` and
+    ``stop`` are built in. ``fingerprint`` names the identity: a live daemon with the same one
+    is kept, one with another is stopped before this one binds.
+    """
+
+    def __init__(
+        self,
+        paths: DaemonPaths,
+        fingerprint: str,
+        handlers: Optional[Dict[str, Callable[[Dict[str, Any], RequestContext], Any]]] = None,
+        *,
+        idle_timeout: Optional[float] = None,
+        status_extra: Optional[Callable[[], Dict[str, Any]]] = None,
+        metadata_extra: Optional[Callable[[], Dict[str, Any]]] = None,
+        on_tick: Optional[Callable[[], None]] = None,
+        on_shutdown: Optional[Callable[[], None]] = None,
+        log: Optional[DaemonLog] = None,
+        probe_timeout: Optional[float] = None,
+    ) -> None:
+        import queue
+        import threading
+
+        self.paths = paths
+        self.fingerprint = fingerprint
+        self.handlers = dict(handlers or {})
+        self.idle_timeout = idle_timeout
+        self.status_extra = status_extra
+        self.metadata_extra = metadata_extra
+        self.on_tick = on_tick
+        self.on_shutdown = on_shutdown
+        self.log = log or DaemonLog()
+        self.probe_timeout = probe_timeout or _env_seconds(
+            "MCPORTER_DAEMON_PROBE_TIMEOUT_MS", _DEFAULT_PROBE_TIMEOUT
+        )
+        self.started_at = _now_ms()
+        self.pid = os.getpid()
+        self._threading = threading
+        self._lock = threading.Lock()
+        self._listener: Optional[socket.socket] = None
+        self._sock_id: Optional[Tuple[int, int]] = None
+        self._wake_r, self._wake_w = -1, -1
+        self._active = 0
+        self._connections = 0
+        self._pending_bytes = 0
+        self._last_activity = time.monotonic()
+        self._stop_reason: Optional[str] = None
+        self._files_released = False
+        self._metadata_dirty = False
+        self._metadata_failing = False
+        self._metadata_cache: Optional[Dict[str, Any]] = None
+        self._metadata_generation = 0
+        self._spare_workers = 0
+        self._handoff: queue.SimpleQueue[socket.socket] = queue.SimpleQueue()  # for spare workers
+        self._tick = threading.Event()  # wakes the housekeeping thread early
+        self._drained = threading.Event()  # servers closed: the serving loop may end
+        self._inflight: Dict[int, _Exchange] = {}  # by id(conn): requests still owed an answer
+
+    # -- public ------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Bind (or find a live twin and exit 0), serve until stopped, clean up; exit code."""
+        _require_posix()
+        self.paths.prepare()
+        twin = self._bind_guard()
+        if twin is not None:
+            self.log.event(f"daemon already running (pid {twin}); not starting another")
+            return 0
+        restore = self._install_signal_handlers()
+        try:
+            self._serve_forever()
+        finally:
+            try:
+                self._finish()
+            finally:
+                restore()  # an embedding program gets its SIGINT (KeyboardInterrupt) back
+        return 0
+
+    def request_stop(self, reason: str) -> None:
+        """Ask the serving loop to shut down (safe from any thread or a signal handler)."""
+        if self._stop_reason is None:
+            self._stop_reason = reason
+        self._tick.set()
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+
+    def mark_metadata_dirty(self) -> None:
+        """The data behind ``metadata_extra`` changed; rewrite the metadata soon."""
+        self._metadata_generation += 1
+        self._metadata_cache = None
+        self._metadata_dirty = True
+        self._tick.set()
+
+    def request_wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"w")
+        except OSError:
+            pass
+
+    def touch(self) -> None:
+        self._last_activity = time.monotonic()
+
+    # -- bind guard --------------------------------------------------------------------------
+
+    def _bind_guard(self) -> Optional[int]:
+        """Under the bind lock: keep a live fresh twin, or clear the way and bind. Twin pid or None."""
+        with FileLock(self.paths.bind, what="bind lock"):
+            meta = read_metadata(self.paths.metadata)
+            owner_pid = meta.get("pid") if meta else None
+            owner_start = meta.get("pidStartTime") if meta else None
+            owner_ours = is_our_pid(owner_pid, owner_start)
+            stopped = owner_ours and process_stopped(owner_pid)  # type: ignore[arg-type]
+            # A stopped owner is known hung: skip a probe that could only time out.
+            probe = (
+                ProbeResult("silent") if stopped else probe_live_daemon(self.paths.socket, self.probe_timeout)
+            )
+            kind = probe.kind
+            while True:
+                fresh = probe.status.get("fingerprint") == self.fingerprint
+                plan = plan_takeover(kind, fresh, owner_ours, stopped)
+                if plan != "probe-again":
+                    break
+                probe = probe_live_daemon(self.paths.socket, max(3 * self.probe_timeout, 1.0))
+                kind = probe.kind if probe.kind != "silent" else "silent-twice"
+                owner_ours = is_our_pid(owner_pid, owner_start)
+                stopped = owner_ours and process_stopped(owner_pid)  # type: ignore[arg-type]
+            if plan == "reconcile":
+                self._reconcile(probe.status, meta)
+                return probe.pid
+            if plan == "stop-then-bind":
+                self._stop_before_rebind(probe, meta)
+            elif plan == "wait-then-bind":
+                self._wait_for_stopping(probe, meta)
+            elif plan == "terminate-then-bind":
+                why = "stopped (state T)" if stopped else probe.detail or "unreachable"
+                self.log.event(f"terminating hung daemon pid {owner_pid}: {why}")
+                assert meta is not None
+                terminate_daemon_tree(owner_pid, owner_start, meta.get("servers") or {})  # type: ignore[arg-type]
+            elif kind == "silent-twice":
+                self.log.event("socket accepts but never answers and its owner is unknown; rebinding")
+            self._reap_recorded_servers(meta)
+            self._bind()
+            self._write_metadata()
+            self.log.event(f"bound {self.paths.socket} (plan: {plan})")
+        return None
+
+    def _reconcile(self, status: Dict[str, Any], meta: Optional[Dict[str, Any]]) -> None:
+        """A live, fresh daemon runs: make the metadata match it if it does not."""
+        wanted = status.get("metadata")
+        if not isinstance(wanted, dict) or wanted.get("pid") != status.get("pid"):
+            return
+        if meta is None or meta.get("pid") != wanted["pid"] or meta.get("socketPath") != self.paths.socket:
+            write_metadata(self.paths.metadata, wanted)
+            self.log.event(f"reconciled metadata with live daemon pid {wanted['pid']}")
+
+    def _stop_before_rebind(self, probe: ProbeResult, meta: Optional[Dict[str, Any]]) -> None:
+        """A live but stale daemon: ask it to stop and wait for its pid before rebinding."""
+        pid = probe.pid
+        assert pid is not None
+        start = process_start_time(pid)
+        self.log.event(f"stopping stale daemon pid {pid} (fingerprint changed) before rebinding")
+        try:
+            exchange(self.paths.socket, {"id": "stop", "method": "stop", "params": {}}, self.probe_timeout)
+        except DaemonError as exc:
+            self.log.event(f"stale daemon pid {pid} did not take the stop request: {exc}")
+        if _wait_gone(pid, _STOP_WAIT, start):
+            return
+        meta = meta or {}
+        if meta.get("pid") != pid or not is_our_pid(pid, meta.get("pidStartTime")):
+            # Only the metadata's pid + start time proves it ours (§7); a daemon we cannot
+            # verify is left alone. It loses its socket now and exits when it notices.
+            self.log.event(f"stale daemon pid {pid} did not exit and cannot be verified; rebinding anyway")
+            return
+        self.log.event(f"stale daemon pid {pid} did not exit within {_STOP_WAIT:g}s; terminating it")
+        terminate_daemon_tree(pid, str(meta["pidStartTime"]), meta.get("servers") or {})
+
+    def _wait_for_stopping(self, probe: ProbeResult, meta: Optional[Dict[str, Any]]) -> None:
+        """A daemon answering "shutting down" still owns its servers: wait for its pid to
+        go (bounded), so two copies of one server (one browser profile) never run at once."""
+        pid, start = probe.status["pid"], probe.status.get("pidStartTime")
+        self.log.event(f"daemon pid {pid} is shutting down; waiting for it to exit before binding")
+        if _wait_gone(pid, _STOPPING_WAIT, str(start) if start else None):
+            return
+        # It answered on our private socket with this very pid and start time: ours.
+        if not is_our_pid(pid, start):
+            return
+        servers = (meta or {}).get("servers") if (meta or {}).get("pid") == pid else None
+        self.log.event(f"daemon pid {pid} still shutting down after {_STOPPING_WAIT:g}s; terminating it")
+        terminate_daemon_tree(pid, str(start), servers or {})
+
+    def _reap_recorded_servers(self, meta: Optional[Dict[str, Any]]) -> None:
+        """A SIGKILLed owner could not close its servers, and some ignore stdin EOF."""
+        if not meta or is_our_pid(meta.get("pid"), meta.get("pidStartTime")):
+            return  # a live owner closes its own servers
+        for name, entry in (meta.get("servers") or {}).items():
+            if _recorded_server_left(entry):
+                self.log.event(f"ending server '{name}' (pid {entry['pid']}) left by a dead daemon")
+                end_server_group(entry["pid"], entry["pidStartTime"], _TERM_GRACE)
+
+    def _bind(self) -> None:
+        import stat as _stat
+
+        path = self.paths.socket
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            st = None
+        if st is not None:
+            if not _stat.S_ISSOCK(st.st_mode):
+                raise UnsafePathError(f"{path} exists and is not a socket; refusing to remove it")
+            os.unlink(path)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o077)
+        try:
+            listener.bind(path)
+        except OSError as exc:
+            listener.close()
+            raise DaemonError(f"cannot bind socket {path}: {exc.strerror or exc}") from None
+        finally:
+            os.umask(old_umask)
+        listener.listen(socket.SOMAXCONN)  # a burst of callers must queue, not be refused
+        st = os.stat(path)
+        self._sock_id = (st.st_dev, st.st_ino)
+        self._listener = listener
+
+    def _metadata(self) -> Dict[str, Any]:
+        """The metadata record, cached: ``status`` includes it and must stay cheap."""
+        cached = self._metadata_cache
+        if cached is not None:
+            return cached
+        generation = self._metadata_generation
+        data: Dict[str, Any] = {
+            "pid": self.pid,
+            "pidStartTime": process_start_time(self.pid),
+            "protocolVersion": DAEMON_PROTOCOL_VERSION,
+            "socketPath": self.paths.socket,
+            "startedAt": self.started_at,
+            "logPath": self.log.path,
+            "fingerprint": self.fingerprint,
+            "scriptVersion": _script_version(),
+            "servers": {},
+        }
+        if self.metadata_extra:
+            data.update(self.metadata_extra())
+        if generation == self._metadata_generation:  # not marked dirty while we built it
+            self._metadata_cache = data
+        return data
+
+    def _write_metadata(self) -> bool:
+        """Write the record; a failure (disk full, quota, EMFILE) is logged and retried by
+        housekeeping, never fatal: the daemon still serves, and the old record stays whole."""
+        generation = self._metadata_generation
+        try:
+            write_metadata(self.paths.metadata, self._metadata())
+        except OSError as exc:
+            if not self._metadata_failing:
+                self.log.event(
+                    f"cannot write metadata {self.paths.metadata}: {exc.strerror or exc}; retrying"
+                )
+            self._metadata_failing = True
+            self._metadata_dirty = True
+            return False
+        if self._metadata_failing:
+            self.log.event("metadata written again")
+        self._metadata_failing = False
+        if generation == self._metadata_generation:  # else marked dirty meanwhile: write again
+            self._metadata_dirty = False
+        return True
+
+    def _owns_socket(self) -> bool:
+        try:
+            st = os.stat(self.paths.socket)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == self._sock_id
+
+    def _sync_metadata(self) -> None:
+        """Repair missing or torn metadata, or record server changes — only while we own the
+        socket and nobody else is inside the bind guard (they would be writing it)."""
+        current = read_metadata(self.paths.metadata)
+        if not self._metadata_dirty and current is not None and current.get("pid") == self.pid:
+            return
+        # A record naming another pid is wrong while we own the socket inode, whether that pid
+        # is alive or not: a successor replaces the socket under the bind lock before writing
+        # its record, so the check below (under that lock) never overwrites a successor's.
+        lock = FileLock(self.paths.bind, what="bind lock")
+        if not lock.acquire(timeout=0):
+            return
+        try:
+            if self._owns_socket() and self._stop_reason is None:
+                self._write_metadata()
+        finally:
+            lock.release()
+
+    # -- serving -----------------------------------------------------------------------------
+
+    def _install_signal_handlers(self) -> Callable[[], None]:
+        """Wake pipe and signal handlers; returns what undoes both (a vendored host may run
+        again, and its embedding program wants its own SIGINT handling back)."""
+        import signal
+
+        self._wake_r, self._wake_w = os.pipe()
+        for fd in (self._wake_r, self._wake_w):
+            os.set_blocking(fd, False)
+        saved: Dict[int, Any] = {}
+        if self._threading.current_thread() is self._threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                saved[sig] = signal.signal(sig, lambda signum, _frame: self.request_stop(f"signal {signum}"))
+        # (Outside the main thread Python forbids handlers; vendors stop us by request.)
+
+        def restore() -> None:
+            for sig, handler in saved.items():
+                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+            for fd in (self._wake_r, self._wake_w):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            self._wake_r, self._wake_w = -1, -1
+
+        return restore
+
+    def _serve_forever(self) -> None:
+        """Accept until the servers are closed. A stopping daemon keeps answering (with
+        "shutting down" and its pid) until then, so a starter waits for it instead of binding
+        a second copy of its servers beside it (stop is a barrier)."""
+        import select
+
+        assert self._listener is not None
+        self._threading.Thread(target=self._housekeeping_loop, name="housekeeping", daemon=True).start()
+        stopper = None
+        backoff, resume_at = 0.0, 0.0
+        while not self._drained.is_set():
+            if self._stop_reason is not None and stopper is None:
+                stopper = self._threading.Thread(target=self._wind_down, name="wind-down", daemon=True)
+                stopper.start()
+            now = time.monotonic()
+            watch: List[Any] = [self._wake_r] if now < resume_at else [self._listener, self._wake_r]
+            wait = max(0.0, resume_at - now) if now < resume_at else _SOCKET_CHECK_INTERVAL
+            try:
+                ready, _, _ = select.select(watch, [], [], wait)
+            except InterruptedError:
+                continue
+            if self._wake_r in ready:
+                try:
+                    os.read(self._wake_r, 4096)
+                except OSError:
+                    pass
+            if self._listener in ready:
+                if self._accept():
+                    backoff = 0.0
+                else:
+                    backoff = accept_backoff(backoff)
+                    resume_at = time.monotonic() + backoff
+
+    def _accept(self) -> bool:
+        """Accept one connection; False when out of resources (EMFILE and kin: back off)."""
+        import errno
+
+        assert self._listener is not None
+        try:
+            conn, _ = self._listener.accept()
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                self.log.event(f"cannot accept: {exc.strerror}; backing off")
+                return False
+            return True  # the client gave up (ECONNABORTED) or a spurious wake-up
+        with self._lock:
+            if self._connections >= _MAX_CONNECTIONS:
+                conn.close()
+                return True
+            self._connections += 1
+            if self._spare_workers:  # a waiting worker is cheaper than a new thread
+                self._spare_workers -= 1
+                self._handoff.put(conn)
+                return True
+        try:
+            self._threading.Thread(target=self._worker, args=(conn,), daemon=True).start()
+        except RuntimeError:  # no thread to be had: refuse this one, keep serving
+            conn.close()
+            with self._lock:
+                self._connections -= 1
+            return False
+        return True
+
+    def _worker(self, conn: socket.socket) -> None:
+        """Serve a connection, then wait as a spare for the next (a few spares at most)."""
+        while True:
+            self._serve_connection(conn)
+            with self._lock:
+                if self._spare_workers >= _SPARE_WORKERS or self._stop_reason is not None:
+                    return
+                self._spare_workers += 1
+            conn = self._handoff.get()
+
+    # -- housekeeping (its own thread: never on the accept path) ------------------------------
+
+    def _housekeeping_loop(self) -> None:
+        """Socket ownership, metadata repair, hooks and idle expiry, once a second or when
+        woken. A slow hook (a server taking seconds to close) must not delay `status`."""
+        while self._stop_reason is None:
+            self._tick.wait(_SOCKET_CHECK_INTERVAL)
+            self._tick.clear()
+            if self._stop_reason is not None:
+                return
+            try:
+                self._housekeeping()
+            except Exception as exc:  # a housekeeping failure must not take the daemon down
+                self.log.event(f"housekeeping error: {exc!r}")
+
+    def _housekeeping(self) -> None:
+        if not self._owns_socket():
+            # Removed or replaced: nobody can reach us any more, so we must not linger.
+            self.request_stop("socket path lost (removed or replaced)")
+            return
+        self._sync_metadata()
+        if self.on_tick:
+            try:
+                self.on_tick()
+            except Exception as exc:  # a housekeeping bug must not kill the daemon
+                self.log.event(f"housekeeping error: {exc!r}")
+        self._maybe_idle_out()
+
+    def _maybe_idle_out(self) -> None:
+        """Idle shutdown re-checks activity under the bind lock, so a starter that just
+        probed us (holding that lock) can never be left without a daemon."""
+        if not idle_expired(self.idle_timeout, self._active, time.monotonic() - self._last_activity):
+            return
+        lock = FileLock(self.paths.bind, what="bind lock")
+        if not lock.acquire(timeout=0):
+            return
+        try:
+            if idle_expired(self.idle_timeout, self._active, time.monotonic() - self._last_activity):
+                self.request_stop(f"idle for {self.idle_timeout:g}s")
+        finally:
+            lock.release()
+
+    # -- one connection ----------------------------------------------------------------------
+
+    def _serve_connection(self, conn: socket.socket) -> None:
+        try:
+            self._serve_request(conn)
+        except Exception as exc:  # bad input must never crash the daemon
+            self.log.event(f"connection error: {exc!r}")
+        finally:
+            try:
+                conn.close()
+            except OSError:
+                pass
+            with self._lock:
+                self._connections -= 1
+
+    def _serve_request(self, conn: socket.socket) -> None:
+        try:
+            raw = self._read_request(conn)
+        except _FrameTooLarge:
+            self._send(
+                conn, _error_frame(None, f"request exceeds {_MAX_REQUEST_BYTES} bytes", "request_too_large")
+            )
+            return
+        except _Busy:
+            self._send(conn, _error_frame(None, "daemon busy: too much pending input", "busy"))
+            return
+        except (socket.timeout, OSError):
+            return  # silent, slow or vanished client: just drop it
+        if raw is None:
+            return
+        request, error = _parse_request(raw)
+        if error is not None:
+            self._send(conn, error)
+            return
+        assert request is not None
+        self._dispatch(conn, request)
+
+    def _read_request(self, conn: socket.socket) -> Optional[bytes]:
+        """The request line, or a complete JSON object sent without a newline (as mcporter's
+        own client does), within a deadline and under the size and pending-memory caps."""
+        deadline = time.monotonic() + _REQUEST_READ_DEADLINE
+        buf = bytearray()
+        ends_object = False  # the last non-blank byte so far is "}": maybe a whole request
+        try:
+            while True:
+                if ends_object and not _more_pending(conn) and _is_json(buf):
+                    return bytes(buf)
+                if len(buf) > _MAX_REQUEST_BYTES:
+                    raise _FrameTooLarge()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise socket.timeout("request deadline")
+                conn.settimeout(left)
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return bytes(buf) if buf.strip() else None
+                nl = chunk.find(b"\n")  # only the new bytes: rescanning buf would be quadratic
+                if nl >= 0:
+                    return bytes(buf) + chunk[:nl]
+                with self._lock:
+                    if self._pending_bytes + len(chunk) > _MAX_PENDING_BYTES:
+                        raise _Busy()
+                    self._pending_bytes += len(chunk)
+                buf += chunk
+                tail = chunk.rstrip()
+                ends_object = tail.endswith(b"}") if tail else ends_object
+        finally:
+            with self._lock:
+                self._pending_bytes -= len(buf)
+
+    def _send(self, conn: socket.socket, frame: Dict[str, Any]) -> bool:
+        """Send one answer frame, encoded as it goes: a 50 MiB result costs no second full
+        copy, and a slow reader gets time per chunk rather than 5 s for the whole frame."""
+        try:
+            conn.settimeout(_SEND_IDLE)
+            for piece in encode_answer_pieces(frame):
+                conn.sendall(piece)
+            return True
+        except OSError:
+            return False
+
+    def _shutting_down_frame(self, rid: Any) -> Dict[str, Any]:
+        # The pid and start time let a starter or a second `stop` wait for this very
+        # process to exit before anything takes its place.
+        frame = _error_frame(rid, "daemon is shutting down", "shutting_down")
+        frame["error"].update(pid=self.pid, pidStartTime=self._metadata().get("pidStartTime"))
+        return frame
+
+    def _dispatch(self, conn: socket.socket, request: Dict[str, Any]) -> None:
+        rid, method = request.get("id"), request["method"]
+        self.touch()
+        if self._stop_reason is not None:
+            self._send(conn, self._shutting_down_frame(rid))
+            return
+        if method == "stop":
+            self._handle_stop(conn, rid)
+            return
+        handler = self._builtin_status if method == "status" else self.handlers.get(method)
+        if handler is None:
+            self._send(conn, _error_frame(rid, f"unknown method: {method}", "unknown_method"))
+            return
+        cadence = None
+        if request.get("protocolVersion") == DAEMON_PROTOCOL_VERSION:
+            cadence = progress_cadence_ms(request.get("progressIntervalMs"))
+        ctx = RequestContext(method)
+        ex = _Exchange(conn, rid, self._threading.Lock())
+        with self._lock:
+            self._active += 1
+            self._inflight[id(conn)] = ex
+        try:
+            frame = self._run_handler(ex, handler, request["params"], ctx, cadence)
+        finally:
+            with self._lock:
+                self._active -= 1
+                self._inflight.pop(id(conn), None)
+            self.touch()
+        reason = self._stop_reason
+        if reason is not None and not frame.get("ok"):
+            # Its server was closed under it: say why, once, so the caller does not retry.
+            frame = _error_frame(rid, f"daemon stopped ({reason}) before {method} finished", "daemon_stopped")
+        if ctx.notices:
+            frame["notices"] = ctx.notices
+        ex.answer(self, frame)
+
+    def _run_handler(
+        self,
+        ex: _Exchange,
+        handler: Callable[[Dict[str, Any], RequestContext], Any],
+        params: Dict[str, Any],
+        ctx: RequestContext,
+        cadence_ms: Optional[int],
+    ) -> Dict[str, Any]:
+        if handler == self._builtin_status:
+            return self._call(ex.rid, handler, params, ctx)  # answered at once: nothing to watch
+        # The work runs on its own thread while this one proves we are alive (progress frames)
+        # and watches for the caller going away, so its server is told to cancel.
+        box: List[Dict[str, Any]] = []
+        done = self._threading.Event()
+
+        def work() -> None:
+            box.append(self._call(ex.rid, handler, params, ctx))
+            done.set()
+
+        self._threading.Thread(target=work, daemon=True).start()
+        slice_s = min(cadence_ms / 1000.0, _CALLER_CHECK_INTERVAL) if cadence_ms else _CALLER_CHECK_INTERVAL
+        watch = _CallerWatch(ex.conn)
+        next_frame = time.monotonic() + (cadence_ms or 0) / 1000.0
+        while not done.wait(slice_s):
+            gone = watch.gone()
+            if not gone and cadence_ms and time.monotonic() >= next_frame:
+                next_frame += cadence_ms / 1000.0
+                gone = not ex.progress(encode_frame(progress_frame(ex.rid, ctx.progress)))
+            if gone:
+                self.log.event(f"{ctx.method}: the caller went away; cancelling it")
+                ctx.cancelled.set()
+                done.wait()  # the handler returns promptly; its answer goes to nobody
+                break
+        return box[0]
+
+    def _call(
+        self, rid: Any, handler: Callable[..., Any], params: Dict[str, Any], ctx: RequestContext
+    ) -> Dict[str, Any]:
+        try:
+            return {"id": rid, "ok": True, "result": handler(params, ctx)}
+        except DaemonError as exc:
+            frame = _error_frame(rid, str(exc), exc.code)
+            if exc.rpc_code is not None:  # a server's JSON-RPC error reaches the caller whole
+                frame["error"].update(rpcCode=exc.rpc_code, data=exc.data)
+            return frame
+        except Exception as exc:
+            self.log.event(f"handler {ctx.method} failed: {exc!r}")
+            return _error_frame(rid, f"{type(exc).__name__}: {exc}", "runtime_error")
+
+    def _builtin_status(self, params: Dict[str, Any], ctx: RequestContext) -> Dict[str, Any]:
+        status = {
+            "pid": self.pid,
+            "protocolVersion": DAEMON_PROTOCOL_VERSION,
+            "startedAt": self.started_at,
+            "socketPath": self.paths.socket,
+            "logPath": self.log.path,
+            "fingerprint": self.fingerprint,
+            "servers": [],
+        }
+        if self.status_extra:
+            status.update(self.status_extra())
+        status["metadata"] = self._metadata()  # lets a starter reconcile the file exactly
+        return status
+
+    def _handle_stop(self, conn: socket.socket, rid: Any) -> None:
+        # Metadata goes before the answer, so no later caller trusts a dying daemon (dmypy).
+        self._stop_reason = _STOP_REQUEST
+        remove_metadata_if_owned(self.paths.metadata, self.pid)
+        self._send(conn, {"id": rid, "ok": True, "result": True})
+        self.request_stop(_STOP_REQUEST)
+
+    # -- shutdown ----------------------------------------------------------------------------
+
+    def _wind_down(self) -> None:
+        """Off the accept thread: let in-flight work finish briefly, then close the servers.
+        Until this ends, new requests are answered "shutting down" with our pid."""
+        try:
+            self.log.event(f"shutting down: {self._stop_reason}")
+            self._wait_idle(2.0)
+            if self.on_shutdown:
+                try:
+                    self.on_shutdown()
+                except Exception as exc:
+                    self.log.event(f"shutdown hook failed: {exc!r}")
+            self._wait_idle(1.0)
+        finally:
+            self._drained.set()
+            self.request_wake()
+
+    def _finish(self) -> None:
+        """The last steps, on the serving thread: stop listening, answer every request still
+        owed an answer, drop the files that are still ours."""
+        if self._stop_reason is None:
+            self._stop_reason = "serving loop ended"
+        if not self._drained.is_set():  # the loop died: still close the servers
+            self._wind_down()
+        self._close_listener()
+        with self._lock:
+            owed, self._inflight = list(self._inflight.values()), {}
+        for ex in owed:
+            ex.answer(
+                self,
+                _error_frame(
+                    ex.rid, f"daemon stopped ({self._stop_reason}) before it finished", "daemon_stopped"
+                ),
+            )
+        if self._stop_reason == _STOP_REQUEST:
+            self._release_files()  # no lock: a stopper inside the bind guard waits for our exit
+        else:
+            # Someone inside the bind guard is taking over; the files are theirs to replace.
+            lock = FileLock(self.paths.bind, what="bind lock")
+            try:
+                if lock.acquire(timeout=0):
+                    try:
+                        self._release_files()
+                    finally:
+                        lock.release()
+            except OSError as exc:
+                self.log.event(f"cannot remove state files: {exc}")
+        self.log.event("daemon exited")
+
+    def _close_listener(self) -> None:
+        if self._listener is not None:
+            try:
+                self._listener.close()
+            except OSError:
+                pass
+            self._listener = None
+
+    def _release_files(self) -> None:
+        """Remove the metadata and socket — each only while still this process's own."""
+        if self._files_released:
+            return
+        self._files_released = True
+        remove_metadata_if_owned(self.paths.metadata, self.pid)
+        if self._owns_socket():
+            _unlink_quietly(self.paths.socket)
+
+    def _wait_idle(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self._active and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+
+class _Exchange:
+    """One request's connection: progress frames and exactly one answer, whoever sends it
+    (its handler, or shutdown for a handler that never returned)."""
+
+    __slots__ = ("conn", "rid", "lock", "answered")
+
+    def __init__(self, conn: socket.socket, rid: Any, lock: Any) -> None:
+        self.conn = conn
+        self.rid = rid
+        self.lock = lock
+        self.answered = False
+
+    def progress(self, frame: bytes) -> bool:
+        with self.lock:
+            if self.answered:
+                return True
+            try:
+                self.conn.sendall(frame)
+                return True
+            except OSError:
+                return False
+
+    def answer(self, host: DaemonHost, frame: Dict[str, Any]) -> bool:
+        with self.lock:
+            if self.answered:
+                return False
+            self.answered = True
+            return host._send(self.conn, frame)
+
+
+def progress_frame(rid: Any, progress: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """A progress frame; the server's latest progress rides along as an extra field, which
+    mcporter's v2 clients ignore."""
+    frame: Dict[str, Any] = {"type": "progress", "id": rid}
+    if progress:
+        frame["progress"] = progress
+    return frame
+
+
+class _CallerWatch:
+    """Whether a request's caller went away, seen on its connection without waiting.
+
+    A closed or killed caller shows as a hang-up (POLLHUP: both directions shut) or a reset.
+    A caller that only shut its writing side (``nc -N``, a half-close) still reads the answer,
+    so end-of-input alone is not "gone"; extra bytes after the request line are dropped.
+    """
+
+    def __init__(self, conn: socket.socket) -> None:
+        import select
+
+        self.conn = conn
+        self.poller = select.poll()  # not select(): a busy daemon's fds can pass FD_SETSIZE
+        self.poller.register(conn, select.POLLIN)
+        self.select = select
+
+    def gone(self) -> bool:
+        try:
+            events = self.poller.poll(0)
+        except OSError:
+            return True
+        flags = events[0][1] if events else 0
+        if flags & (self.select.POLLHUP | self.select.POLLERR | self.select.POLLNVAL):
+            return True
+        if flags & self.select.POLLIN:
+            try:
+                data = self.conn.recv(65536, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return False
+            except OSError:
+                return True
+            if not data:
+                self.poller.modify(self.conn, 0)  # half-closed: from now on only a hang-up counts
+        return False
+
+
+def accept_backoff(previous: float) -> float:
+    """The next pause before retrying accept() while out of fds: doubling, capped."""
+    return min(max(previous * 2, 0.05), _ACCEPT_BACKOFF_MAX)
+
+
+def idle_expired(idle_timeout: Optional[float], active: int, idle_for: float) -> bool:
+    """Whether an idle daemon should shut down: a timeout set, nothing running, quiet long enough."""
+    return bool(idle_timeout) and not active and idle_for >= idle_timeout  # type: ignore[operator]
+
+
+# ##########################################################################################
+# Daemon client: verified status, ensure (spawn lock, detached launch), requests, stop.
+# ##########################################################################################
+
+
+class DaemonClient:
+    """Talks only to a daemon it verified; starts (or restarts) one when needed.
+
+    ``launch_argv`` runs the host in the foreground (e.g. ``[python, script, "start",
+    "--foreground"]``); it is started detached, in a new session, stderr to the log.
+    """
+
+    def __init__(
+        self,
+        paths: DaemonPaths,
+        fingerprint: str,
+        launch_argv: List[str],
+        *,
+        env: Optional[Dict[str, str]] = None,
+        cwd: Optional[str] = None,
+        probe_timeout: Optional[float] = None,
+        start_timeout: float = _START_GIVE_UP,
+        on_slow: Optional[Callable[[str], None]] = None,
+    ) -> None:
+        self.paths = paths
+        self.fingerprint = fingerprint
+        self.launch_argv = list(launch_argv)
+        self.env = env
+        self.cwd = cwd
+        self.probe_timeout = probe_timeout or _env_seconds(
+            "MCPORTER_DAEMON_PROBE_TIMEOUT_MS", _DEFAULT_PROBE_TIMEOUT
+        )
+        self.start_timeout = start_timeout
+        self.on_slow = on_slow or (lambda msg: print(msg, file=sys.stderr, flush=True))
+
+    # -- verification ------------------------------------------------------------------------
+
+    def verified_status(self) -> Optional[Dict[str, Any]]:
+        """The daemon's status when metadata, pid identity and its own answer all agree.
+
+        The result carries ``fresh``: whether its fingerprint is ours. None when unverified.
+        """
+        meta = read_metadata(self.paths.metadata)
+        facts = _process_info(meta["pid"]) if meta is not None else (None, None)
+        if not record_is_live(meta, self.paths.socket, facts):
+            return None  # dead, reused, or stopped: no round trip needed to know
+        status = self._ask_status()
+        if not status_matches(meta, status, self.paths.socket, facts):
+            return None
+        assert status is not None
+        status["fresh"] = status.get("fingerprint") == self.fingerprint
+        return status
+
+    def serving_status(self) -> Optional[Dict[str, Any]]:
+        """``verified_status``, or else the daemon answering on the socket when its answer
+        verifies against the record it carries (its own pid and start time).
+
+        For reports only (``status``, ``doctor``): a damaged metadata file must not hide a
+        daemon that serves, while the lifecycle still trusts only the file."""
+        status = self.verified_status()
+        if status is not None:
+            return status
+        recorded = read_metadata(self.paths.metadata)
+        if recorded is not None and process_stopped(recorded["pid"]):
+            return None  # hung (state T): asking would only wait out the probe timeout
+        status = self._ask_status()
+        meta = validate_metadata(status.get("metadata")) if status else None
+        facts = _process_info(meta["pid"]) if meta is not None else (None, None)
+        if not status_matches(meta, status, self.paths.socket, facts):
+            return None
+        assert status is not None
+        status["fresh"] = status.get("fingerprint") == self.fingerprint
+        return status
+
+    def _ask_status(self) -> Optional[Dict[str, Any]]:
+        request = {"id": "status", "method": "status", "params": {}, "protocolVersion": 2}
+        try:
+            response = exchange(self.paths.socket, request, self.probe_timeout)
+        except DaemonError:
+            return None
+        status = response.get("result") if response.get("ok") else None
+        return status if isinstance(status, dict) else None
+
+    def ensure(self) -> Tuple[Dict[str, Any], bool]:
+        """(status of a verified fresh daemon, whether this call started it)."""
+        status = self.verified_status()
+        if status and status["fresh"]:
+            return status, False
+        self.paths.prepare()
+        with FileLock(self.paths.lock, what="spawn lock"):
+            status = self.verified_status()  # a racing caller may have started it meanwhile
+            if status and status["fresh"]:
+                return status, False
+            return self._launch_and_wait()
+
+    # -- launching -----------------------------------------------------------------------------
+
+    def _launch_and_wait(self) -> Tuple[Dict[str, Any], bool]:
+        import subprocess
+
+        log_fd = os.open(self.paths.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        offset = os.lseek(log_fd, 0, os.SEEK_END)
+        try:
+            proc = subprocess.Popen(
+                self.launch_argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=log_fd,
+                cwd=self.cwd,
+                env=self.env,
+                start_new_session=True,  # survives the caller's terminal and process group
+                close_fds=True,
+            )
+        except OSError as exc:
+            raise DaemonStartError(f"cannot launch daemon ({self.launch_argv[0]}): {exc.strerror}") from None
+        finally:
+            os.close(log_fd)
+        return self._wait_ready(proc, offset)
+
+    def _wait_ready(self, proc: subprocess.Popen, log_offset: int) -> Tuple[Dict[str, Any], bool]:
+        began = time.monotonic()
+        step, said_slow = 0.01, False
+        while True:
+            status = self.verified_status()
+            # Our own child is accepted whatever its fingerprint: the config may have changed
+            # since this process read it, and a fingerprint that no longer exists never shows.
+            if status and (status["fresh"] or status["pid"] == proc.pid):
+                _reap_in_background(proc)
+                return status, status["pid"] == proc.pid  # another pid: a twin, adopted
+            code = proc.poll()
+            if code is not None:
+                status = self.verified_status()  # it may have found (and reconciled) a twin
+                # Exit 0 is the child's verdict that the live twin serves the config as it
+                # read it, which may be newer than ours.
+                if status and (status["fresh"] or code == 0):
+                    return status, False
+                error = DaemonStartError(self._startup_error(log_offset, code, proc.pid))
+                error.exit_code = 2 if code == 2 else 1  # the child's usage/config verdict holds
+                raise error
+            elapsed = time.monotonic() - began
+            if elapsed > _START_SLOW_NOTICE and not said_slow:
+                said_slow = True
+                self.on_slow(f"daemon (pid {proc.pid}) is slow to start; still waiting…")
+            if elapsed > self.start_timeout:
+                _reap_in_background(proc)
+                raise DaemonTimeout(
+                    f"daemon (pid {proc.pid}) not ready after {self.start_timeout:g}s; "
+                    f"log {self.paths.log} ends: {self._log_tail(log_offset, proc.pid) or '(empty)'}"
+                )
+            time.sleep(step)
+            step = min(step * 1.5, 0.05)
+
+    def _log_tail(self, offset: int, pid: int, lines: int = 3) -> str:
+        """The last ``lines`` lines ``pid`` wrote since ``offset``: other daemons append to
+        the same log, and their lines must never pass for the child's own error."""
+        try:
+            with open(self.paths.log, "rb") as fh:
+                fh.seek(offset)
+                text = fh.read(1 << 20).decode("utf-8", "replace")
+        except OSError:
+            return ""
+        kept = [ln.strip() for ln in text.splitlines() if _log_line_pid(ln) == pid]
+        return " | ".join(kept[-lines:])
+
+    def _startup_error(self, offset: int, code: int, pid: int) -> str:
+        tail = self._log_tail(offset, pid, lines=1)
+        if tail:
+            return f"daemon failed to start: {_strip_log_prefix(tail)}"
+        return f"daemon exited with code {code} before it was ready (log: {self.paths.log})"
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def request(
+        self,
+        method: str,
+        params: Optional[Dict[str, Any]] = None,
+        *,
+        idle_timeout: float = _DEFAULT_IDLE_BUDGET,
+        progress_ms: Optional[int] = _CLIENT_PROGRESS_MS,
+        auto_start: bool = True,
+        notices: Optional[List[str]] = None,
+        overall_timeout: Optional[float] = None,
+        on_progress: Optional[Callable[[Dict[str, Any]], None]] = None,
+    ) -> Any:
+        """Send one request to a verified fresh daemon (starting it if allowed). Raises
+        RemoteError for ``ok: false``, DaemonTimeout past ``overall_timeout`` (progress or not).
+        A server's progress, relayed in the daemon's progress frames, goes to ``on_progress``.
+
+        A delivered request runs at most once: it is sent again (after ``ensure``) only when it
+        never reached a daemon, or was answered ``shutting_down`` (its handler never ran).
+        """
+        if auto_start:
+            self.ensure()
+        send = (method, params, idle_timeout, progress_ms, overall_timeout, on_progress)
+        try:
+            response = self._send(*send)
+        except _NotDelivered:
+            if not auto_start:
+                raise
+            self.ensure()
+            response = self._send(*send)
+        if auto_start and (response.get("error") or {}).get("code") == "shutting_down":
+            self.ensure()
+            response = self._send(*send)
+        if notices is not None:
+            notices.extend(str(n) for n in response.get("notices") or [])
+        return result_or_raise(response)
+
+    def _send(
+        self,
+        method: str,
+        params: Optional[Dict[str, Any]],
+        idle: float,
+        progress_ms: Optional[int],
+        overall: Optional[float] = None,
+        on_progress: Optional[Callable[[Dict[str, Any]], None]] = None,
+    ) -> Dict[str, Any]:
+        req: Dict[str, Any] = {
+            "id": f"{os.getpid()}-{time.monotonic_ns()}",
+            "method": method,
+            "params": params or {},
+            "protocolVersion": DAEMON_PROTOCOL_VERSION,
+        }
+        if progress_ms:
+            req["progressIntervalMs"] = progress_ms
+        return exchange(
+            self.paths.socket,
+            req,
+            idle,
+            connect_timeout=self.probe_timeout,
+            overall_timeout=overall,
+            on_progress=on_progress,
+        )
+
+    # -- stopping ------------------------------------------------------------------------------
+
+    def stop(self, timeout: float = _STOP_WAIT) -> str:
+        """Stop the daemon and return after its pid is gone; if it is still there when
+        ``timeout`` has passed and the metadata proves it ours, terminate it and its
+        servers. A daemon already stopping (a concurrent ``stop``) is waited for. Returns
+        what happened, in words."""
+        deadline = time.monotonic() + timeout
+        meta = read_metadata(self.paths.metadata) or {}
+        recorded = meta.get("pid")
+        recorded_ours = is_our_pid(recorded, meta.get("pidStartTime"))
+        probe = probe_live_daemon(self.paths.socket, min(self.probe_timeout, timeout))
+        pid = stop_target(probe.kind, probe.pid, recorded, recorded_ours)
+        if pid is None:
+            cleaned = self._clear_stale_files(meta)
+            return "no daemon running" + (" (removed stale files)" if cleaned else "")
+        start = process_start_time(pid)
+        if probe.kind in ("live", "silent"):  # silent may only be slow: ask, then wait it out
+            left = max(deadline - time.monotonic(), 0.05)
+            try:
+                exchange(
+                    self.paths.socket,
+                    {"id": "stop", "method": "stop", "params": {}, "protocolVersion": 2},
+                    left,
+                    connect_timeout=min(left, self.probe_timeout),
+                )
+            except DaemonError:
+                pass  # it may have exited before answering; the pid tells
+        gone = _wait_gone(pid, max(deadline - time.monotonic(), 0.0), start)
+        verified = recorded == pid and is_our_pid(pid, meta.get("pidStartTime"))
+        plan = plan_stop_escalation(probe.kind, verified, gone)
+        if plan == "stopped":
+            return f"stopped (pid {pid})"
+        if plan == "still-stopping":
+            raise DaemonTimeout(f"daemon (pid {pid}) is still shutting down after {timeout:g}s")
+        if plan == "refuse":
+            # Signals only with proof (§7): the metadata read before the stop names this very
+            # process (a stopping daemon removes the file, so it had to be read first).
+            raise DaemonError(
+                f"daemon (pid {pid}) did not stop within {timeout:g}s and cannot be verified as ours; "
+                "not signalled"
+            )
+        terminate_daemon_tree(pid, str(meta["pidStartTime"]), meta.get("servers") or {})
+        self._clear_stale_files()
+        if probe.kind in ("live", "stopping"):
+            return f"daemon (pid {pid}) did not stop within {timeout:g}s; terminated it"
+        return f"terminated unresponsive daemon (pid {pid})"
+
+    def _clear_stale_files(self, meta: Optional[Dict[str, Any]] = None) -> bool:
+        """Under the bind lock: end a dead daemon's recorded servers, drop its files."""
+        if not os.path.isdir(self.paths.base_dir):
+            return False
+        cleaned = False
+        with FileLock(self.paths.bind, timeout=5.0, what="bind lock"):
+            meta = read_metadata(self.paths.metadata)
+            if meta and is_our_pid(meta.get("pid"), meta.get("pidStartTime")):
+                return False  # a live owner appeared meanwhile
+            for entry in ((meta or {}).get("servers") or {}).values():
+                if _recorded_server_left(entry):
+                    end_server_group(entry["pid"], entry["pidStartTime"])
+            if meta is not None or os.path.exists(self.paths.metadata):
+                _unlink_quietly(self.paths.metadata)
+                cleaned = True
+            if (
+                os.path.exists(self.paths.socket)
+                and probe_live_daemon(self.paths.socket, self.probe_timeout).kind == "dead"
+            ):
+                _unlink_quietly(self.paths.socket)
+                cleaned = True
+        return cleaned
+
+
+def stop_target(kind: str, answered: Optional[int], recorded: Any, recorded_ours: bool) -> Optional[int]:
+    """Which pid a ``stop`` waits for: the one that answered (live or stopping), else the
+    metadata's pid when it is verified ours (silent, or its socket is gone); else none."""
+    if kind in ("live", "stopping"):
+        return answered
+    return recorded if recorded_ours else None
+
+
+def plan_stop_escalation(kind: str, verified: bool, gone: bool) -> str:
+    """After ``stop`` waited out its timeout: "stopped", "terminate" (verified ours by the
+    metadata), "still-stopping" (another stop is ending it) or "refuse" (never signal an
+    unverified pid)."""
+    if gone:
+        return "stopped"
+    if verified:
+        return "terminate"
+    return "still-stopping" if kind == "stopping" else "refuse"
+
+
+def _reap_in_background(proc: subprocess.Popen) -> None:
+    """A long-lived caller must not collect zombies: wait for the detached child off-thread."""
+    import threading
+
+    threading.Thread(target=proc.wait, name="daemon-reaper", daemon=True).start()
+
+
+def _log_line_pid(line: str) -> Optional[int]:
+    """The pid of a log line (``<stamp>Z [<pid>] message``); None for an unstamped line."""
+    parts = line.split(" ", 2)
+    if len(parts) < 2 or not parts[0].endswith("Z") or not parts[1].startswith("["):
+        return None
+    digits = parts[1][1:].rstrip("]")
+    return int(digits) if digits.isdigit() and parts[1].endswith("]") else None
+
+
+def _strip_log_prefix(line: str) -> str:
+    """Drop our log line's timestamp and pid so the child's own error reads as one line."""
+    parts = line.split(" ", 2)
+    if len(parts) == 3 and parts[0].endswith("Z") and parts[1].startswith("["):
+        line = parts[2]
+    prefix = f"{_PROG}: "
+    return line[len(prefix) :] if line.startswith(prefix) else line
+
+
+# ==== The vendorable core ends here. Everything below is MCP: config, servers, the CLI. ====
+
+
+# ##########################################################################################
+# MCP constants and errors: protocol versions, server timings, keep-alive defaults.
+# ##########################################################################################
+
+MCP_PROTOCOL_VERSION = "2025-11-25"
+
+_MCP_OLDEST_VERSION = "2024-11-05"
+
+_STDERR_TAIL_LINES = 3  # a dead server's error carries its last stderr lines
+
+_STDERR_LINE_CHARS = 300
+
+_STDERR_EOF_WAIT = 0.3  # for a dying server's last stderr lines (a grandchild may hold the pipe)
+
+_MCP_CLOSE_GRACE = 2.0
+
+_MCP_WRITE_DEADLINE = 2.0  # for frames not tied to a call (notifications, answers to the server)
+
+_CANCEL_WRITE_DEADLINE = 0.5
+
+_CANCEL_CHECK_INTERVAL = 0.05  # a call whose caller may go away looks this often whether it did
+
+_WRITE_SLICE = 0.1  # a blocked writer re-checks this often whether close() wants the pipe
+
+_CLIENT_DEADLINE_GRACE = 3.0  # past a call's own timeout, for the daemon to deliver its error
+
+_DEFAULT_HEALTH_CHECK_MS = 30_000  # a kept server idle this long is pinged (lifecycle.healthCheckMs)
+
+_PING_TIMEOUT = 5.0
+
+_PING_FAILURES_TO_RESTART = 2  # one lost ping may be a hiccup; two in a row is a wedged server
+
+_WEDGED_CLOSE_GRACE = 1.0  # it stopped answering: shorter grace steps than a normal close
+
+_KEEPALIVE_NAMES = ("chrome-devtools", "mobile-mcp", "playwright", "cloudbase")
+
+_KEEPALIVE_COMMAND_HINTS = ("chrome-devtools-mcp", "@playwright/mcp", "mobile-mcp", "cloudbase-mcp")
+
+
+class McpError(DaemonError):
+    """An MCP server failed, answered with an error, or spoke a version we do not."""
+
+    def __init__(self, message: str, code: str = "mcp_error", rpc_code: Any = None, data: Any = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.rpc_code = _rpc_code(rpc_code)
+        self.data = data
+        if code == "command_not_found":
+            self.exit_code = 2  # a configuration problem, wherever the server runs
+
+
+# ##########################################################################################
+# Config: discovery, JSONC, server entries, editor imports and the config fingerprint.
+# ##########################################################################################
+
+
+def _skip_blank(text: str, i: int) -> int:
+    """Index of the next character that is not white space or inside a comment."""
+    n = len(text)
+    while i < n:
+        if text[i] in " \t\r\n":
+            i += 1
+        elif text.startswith("//", i):
+            end = text.find("\n", i)
+            i = n if end < 0 else end
+        elif text.startswith("/*", i):
+            end = text.find("*/", i + 2)
+            i = n if end < 0 else end + 2
+        else:
+            break
+    return i
+
+
+def _strip_jsonc(text: str) -> str:
+    """Blank out comments and trailing commas, keeping every line and column in place."""
+    out: List[str] = []
+    i, n = 0, len(text)
+    in_string = False
+    while i < n:
+        ch = text[i]
+        if in_string:
+            out.append(ch)
+            if ch == "\\" and i + 1 < n:
+                out.append(text[i + 1])
+                i += 1
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+            out.append(ch)
+        elif text.startswith("//", i) or text.startswith("/*", i):
+            end = _skip_blank(text, i)
+            out.append("".join(c if c == "\n" else " " for c in text[i:end]))
+            i = end
+            continue
+        elif ch == ",":
+            j = _skip_blank(text, i + 1)
+            out.append(" " if j < n and text[j] in "}]" else ch)  # one trailing comma only
+        else:
+            out.append(ch)
+        i += 1
+    return "".join(out)
+
+
+def parse_jsonc(text: str, source: str) -> Any:
+    """Parse JSON with comments and trailing commas; errors name the line and column."""
+    try:
+        return json.loads(_strip_jsonc(text))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"{source}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
+        ) from None
+
+
+def _expand_placeholders(value: str, environ: Dict[str, str]) -> str:
+    """``${VAR}`` and ``${VAR:-fallback}``; an unset ``${VAR}`` becomes empty."""
+    out, i = [], 0
+    while True:
+        start = value.find("${", i)
+        end = value.find("}", start + 2) if start >= 0 else -1
+        if start < 0 or end < 0:
+            out.append(value[i:])
+            return "".join(out)
+        out.append(value[i:start])
+        name, sep, fallback = value[start + 2 : end].partition(":-")
+        got = environ.get(name, "")
+        out.append(got if got or not sep else fallback)
+        i = end + 1
+
+
+def _env_name_set(raw: Optional[str]) -> Tuple[bool, frozenset]:
+    """``*`` → (True, ∅); ``a,b`` → (False, {a, b})."""
+    names = frozenset(p.strip() for p in (raw or "").split(",") if p.strip())
+    return "*" in names, names
+
+
+class ServerSpec:
+    """One configured MCP server, resolved: argv, env, cwd, keep-alive and why."""
+
+    __slots__ = (
+        "name",
+        "command",
+        "env",
+        "cwd",
+        "url",
+        "keep_alive",
+        "keep_alive_reason",
+        "idle_timeout_ms",
+        "health_check_ms",
+        "source",
+    )
+
+    def __init__(self, name: str, source: str) -> None:
+        self.name = name
+        self.source = source
+        self.command: List[str] = []
+        self.env: Dict[str, str] = {}
+        self.cwd: Optional[str] = None
+        self.url: Optional[str] = None
+        self.keep_alive = False
+        self.keep_alive_reason = "not selected"
+        self.idle_timeout_ms: Optional[int] = None
+        self.health_check_ms = _DEFAULT_HEALTH_CHECK_MS  # 0: never pinged
+
+    def __repr__(self) -> str:
+        return f"ServerSpec({self.name!r}, command={self.command!r}, keep_alive={self.keep_alive})"
+
+
+class Config:
+    """The merged configuration and everything that identifies it."""
+
+    __slots__ = ("path", "layers", "explicit", "servers", "daemon_idle_timeout_ms", "root", "imports")
+
+    def __init__(self, path: str, layers: List[Tuple[str, Optional[bytes]]], explicit: bool):
+        self.path = path  # the config path that names the daemon
+        self.layers = layers  # (path, bytes or None when absent), lowest precedence first
+        self.explicit = explicit
+        self.servers: Dict[str, ServerSpec] = {}
+        self.daemon_idle_timeout_ms: Optional[int] = None
+        self.root = ""
+        self.imports: List[Any] = []  # _ImportedFile: editor configs that were read
+
+    def keep_alive_servers(self) -> List[str]:
+        return [name for name, spec in self.servers.items() if spec.keep_alive]
+
+    def fingerprint(self) -> str:
+        return config_fingerprint(list(self.layers) + [f.layer() for f in self.imports])
+
+
+def _read_optional(path: str) -> Optional[bytes]:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except FileNotFoundError:
+        return None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a config file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
+
+
+def _home_config_candidates() -> List[str]:
+    out = []
+    xdg = os.environ.get("XDG_CONFIG_HOME")
+    if xdg:
+        xdg = os.path.abspath(xdg)  # layer paths are part of the fingerprint: never cwd-relative
+        out += [os.path.join(xdg, "mcporter", "mcporter.json" + s) for s in ("", "c")]
+    home = os.path.join(os.path.expanduser("~"), ".mcporter", "mcporter.json")
+    return out + [home, home + "c"]
+
+
+def _explicit_config_path(config: Optional[str]) -> Optional[str]:
+    """``--config``, else ``MCPORTER_CONFIG``, made absolute; None when neither is set."""
+    explicit = config or os.environ.get("MCPORTER_CONFIG")
+    return os.path.abspath(os.path.expanduser(explicit)) if explicit else None
+
+
+def discover_config(
+    config: Optional[str] = None, root: Optional[str] = None
+) -> Tuple[str, List[Tuple[str, Optional[bytes]]], bool]:
+    """(naming path, layers, explicit) as mcporter discovers them."""
+    path = _explicit_config_path(config)
+    if path:
+        data = _read_optional(path)
+        if data is None:
+            raise ConfigError(f"{path}: config file not found")
+        return path, [(path, data)], True
+    project = os.path.join(os.path.abspath(root or os.getcwd()), "config", "mcporter.json")
+    layers: List[Tuple[str, Optional[bytes]]] = []
+    home_path = None
+    for candidate in _home_config_candidates():
+        data = _read_optional(candidate)
+        if data is not None:
+            home_path = candidate
+            layers.append((candidate, data))
+            break
+    if home_path is None:
+        layers.append((_home_config_candidates()[-2], None))
+    project_data = _read_optional(project)
+    layers.append((project, project_data))
+    naming = project if project_data is not None or home_path is None else home_path
+    return naming, layers, False
+
+
+def config_fingerprint(layers: Iterable[Tuple[str, Optional[bytes]]]) -> str:
+    """Content hash naming a daemon's identity: layers, keep-alive env, protocol, script."""
+    h = _sha256()
+    # Paths and environment values are bytes to the OS; fsencode keeps non-UTF-8 ones hashable.
+    for path, data in layers:
+        digest = "absent" if data is None else _sha256(data).hexdigest()
+        h.update(os.fsencode(path) + f"\0{digest}\0".encode())
+    for name in ("MCPORTER_KEEPALIVE", "MCPORTER_DISABLE_KEEPALIVE"):
+        h.update(f"{name}=".encode() + os.fsencode(os.environ.get(name, "")) + b"\0")
+    h.update(f"protocol={DAEMON_PROTOCOL_VERSION}\0script={_script_version()}".encode())
+    return h.hexdigest()[:32]
+
+
+def _type_error(source: str, where: str, expected: str, got: Any) -> ConfigError:
+    return ConfigError(f"{source}: {where} must be {expected}, not {type(got).__name__}")
+
+
+def _parse_lifecycle(spec: ServerSpec, raw: Any, where: str) -> Optional[bool]:
+    if raw is None:
+        return None
+    if isinstance(raw, str):
+        raw = {"mode": raw}
+    if not isinstance(raw, dict):
+        raise _type_error(spec.source, where, "a string or an object", raw)
+    mode = raw.get("mode", "keep-alive")
+    if mode not in ("keep-alive", "ephemeral"):
+        raise ConfigError(f"{spec.source}: {where}.mode must be 'keep-alive' or 'ephemeral'")
+    idle = raw.get("idleTimeoutMs")
+    if idle is not None:
+        if isinstance(idle, bool) or not isinstance(idle, (int, float)) or idle <= 0:
+            raise ConfigError(f"{spec.source}: {where}.idleTimeoutMs must be a positive number")
+        spec.idle_timeout_ms = int(idle)
+    health = raw.get("healthCheckMs")
+    if health is not None:
+        if isinstance(health, bool) or not isinstance(health, (int, float)) or health < 0:
+            raise ConfigError(f"{spec.source}: {where}.healthCheckMs must be a number >= 0 (0: no pings)")
+        spec.health_check_ms = int(health)
+    return mode == "keep-alive"
+
+
+def _parse_command(spec: ServerSpec, entry: Dict[str, Any], where: str) -> None:
+    import shlex
+
+    command = entry.get("command")
+    if isinstance(command, str):
+        argv = shlex.split(command)  # split like a shell would, but never run one
+    elif isinstance(command, list) and all(isinstance(p, str) for p in command):
+        argv = list(command)
+    else:
+        raise _type_error(spec.source, f"{where}.command", "a string or a list of strings", command)
+    args = entry.get("args", [])
+    if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+        raise _type_error(spec.source, f"{where}.args", "a list of strings", args)
+    if not argv:
+        raise ConfigError(f"{spec.source}: {where}.command is empty")
+    spec.command = argv + args
+
+
+def _parse_server(name: str, entry: Any, source: str, base_dir: str, environ: Dict[str, str]) -> ServerSpec:
+    where = f"mcpServers.{name}"
+    if not isinstance(entry, dict):
+        raise _type_error(source, where, "an object", entry)
+    spec = ServerSpec(name, source)
+    url = entry.get("url") or entry.get("baseUrl")
+    if url:
+        if not isinstance(url, str):
+            raise _type_error(source, f"{where}.url", "a string", url)
+        spec.url = url
+        return spec
+    _parse_command(spec, entry, where)
+    env = entry.get("env", {})
+    if not isinstance(env, dict):
+        raise _type_error(source, f"{where}.env", "an object", env)
+    for key, value in env.items():
+        if not isinstance(value, str):
+            raise _type_error(source, f"{where}.env.{key}", "a string", value)
+    spec.env = {str(k): _expand_placeholders(v, environ) for k, v in env.items()}
+    cwd = entry.get("cwd")
+    if cwd is not None:
+        if not isinstance(cwd, str):
+            raise _type_error(source, f"{where}.cwd", "a string", cwd)
+        spec.cwd = os.path.join(base_dir, os.path.expanduser(cwd))
+    explicit = _parse_lifecycle(spec, entry.get("lifecycle"), f"{where}.lifecycle")
+    _select_keep_alive(spec, explicit, environ)
+    return spec
+
+
+def _select_keep_alive(spec: ServerSpec, explicit: Optional[bool], environ: Dict[str, str]) -> None:
+    """Environment overrides win, then the config's lifecycle, then the known-server defaults."""
+    off_all, off = _env_name_set(environ.get("MCPORTER_DISABLE_KEEPALIVE"))
+    on_all, on = _env_name_set(environ.get("MCPORTER_KEEPALIVE"))
+    joined = " ".join(spec.command)
+    if off_all or spec.name in off:
+        spec.keep_alive, spec.keep_alive_reason = False, "MCPORTER_DISABLE_KEEPALIVE"
+    elif on_all or spec.name in on:
+        spec.keep_alive, spec.keep_alive_reason = True, "MCPORTER_KEEPALIVE"
+    elif explicit is not None:
+        spec.keep_alive, spec.keep_alive_reason = explicit, "lifecycle in config"
+    elif spec.name in _KEEPALIVE_NAMES or any(h in joined for h in _KEEPALIVE_COMMAND_HINTS):
+        spec.keep_alive, spec.keep_alive_reason = True, "known stateful server"
+    else:
+        spec.keep_alive, spec.keep_alive_reason = False, "ephemeral by default"
+
+
+def _parse_idle_ms(doc: Dict[str, Any], source: str) -> Optional[int]:
+    for key in ("daemonIdleTimeoutMs", "daemon_idle_timeout_ms"):
+        value = doc.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise ConfigError(f"{source}: {key} must be a positive number")
+        return int(value)
+    return None
+
+
+# -- imports: servers defined in editor and agent configs, found as mcporter 0.12.3 finds them --
+
+IMPORT_KINDS = ("cursor", "claude-code", "claude-desktop", "codex", "windsurf", "opencode", "vscode")
+
+
+def import_order(configured: Any) -> List[str]:
+    """A layer's ``imports``: its kinds first, then the other defaults; ``[]`` turns imports off."""
+    if configured is None:
+        return list(IMPORT_KINDS)
+    kinds = [k for k in configured if k in IMPORT_KINDS]
+    if not configured:
+        return []
+    return kinds + [k for k in IMPORT_KINDS if k not in kinds]
+
+
+def _effective_import_order(docs: List[Dict[str, Any]]) -> List[str]:
+    """mcporter reads imports once per layer, first seen wins, and the same files each time:
+    the first layer that does not turn imports off decides the order."""
+    for doc in docs or [{}]:
+        order = import_order(doc.get("imports"))
+        if order:
+            return order
+    return []
+
+
+def import_candidates(kind: str, root: str, home: str, environ: Dict[str, str], platform: str) -> List[str]:
+    """mcporter's candidate paths for one kind, project-relative (under ``root``) first.
+
+    The one place editor-config locations differ by platform (``platform`` is sys.platform)."""
+    j = os.path.join
+    xdg = environ.get("XDG_CONFIG_HOME")
+    mac = platform == "darwin"
+    if kind == "cursor":
+        paths = [j(root, ".cursor", "mcp.json"), j(home, ".cursor", "mcp.json")]
+        paths += [
+            j(home, "AppData", "Roaming", "Cursor", "User", "mcp.json"),
+            j(home, "Library", "Application Support", "Cursor", "User", "mcp.json"),
+        ]
+        paths += [j(xdg, "Cursor", "User", "mcp.json")] if xdg else []
+    elif kind == "claude-code":
+        paths = [j(base, ".claude", name) for base in (root, home) for name in _CLAUDE_CODE_FILES]
+        paths.append(j(home, ".claude.json"))
+    elif kind == "claude-desktop":
+        paths = [
+            j(home, "Library", "Application Support", "Claude", "settings.json")
+            if mac
+            else j(home, ".config", "Claude", "settings.json")
+        ]
+    elif kind == "codex":
+        paths = [j(root, ".codex", "config.toml"), j(home, ".codex", "config.toml")]
+    elif kind == "windsurf":
+        paths = [
+            j(home, ".codeium", "windsurf", "mcp_config.json"),
+            j(home, ".codeium", "windsurf-next", "mcp_config.json"),
+            j(home, ".windsurf", "mcp_config.json"),
+            j(home, ".config", ".codeium", "windsurf", "mcp_config.json"),
+        ]
+    elif kind == "opencode":
+        paths = _opencode_candidates(root, home, environ)
+    elif kind == "vscode":
+        user = j(home, "Library", "Application Support") if mac else j(home, ".config")
+        paths = [j(root, ".vscode", "mcp.json")] + [j(user, app, "User", "mcp.json") for app in _VSCODE_APPS]
+    else:
+        paths = []
+    return list(dict.fromkeys(p for p in paths if p))
+
+
+_CLAUDE_CODE_FILES = ("settings.local.json", "settings.json", "mcp.json")
+
+_VSCODE_APPS = ("Code", "Code - Insiders")
+
+
+def _opencode_candidates(root: str, home: str, environ: Dict[str, str]) -> List[str]:
+    j = os.path.join
+    config_home = environ.get("XDG_CONFIG_HOME") or j(environ.get("HOME") or home, ".config")
+    paths = [environ.get("OPENCODE_CONFIG") or "", j(root, "opencode.jsonc"), j(root, "opencode.json")]
+    override = environ.get("OPENCODE_CONFIG_DIR")
+    if override:
+        paths += [j(override, "opencode.jsonc"), j(override, "opencode.json")]
+    workdir = environ.get("OPENAI_WORKDIR")
+    paths += [j(root, ".openai", "config.json"), j(workdir, ".openai", "config.json") if workdir else ""]
+    paths.append(j(config_home, "openai", "config.json"))
+    user_dir = (
+        j(environ["XDG_CONFIG_HOME"], "opencode")
+        if environ.get("XDG_CONFIG_HOME")
+        else j(home, ".config", "opencode")
+    )
+    return paths + [j(user_dir, "opencode.jsonc"), j(user_dir, "opencode.json")]
+
+
+def extract_import_entries(doc: Any, kind: str, path: str, root: str) -> Dict[str, Dict[str, Any]]:
+    """The server entries of one editor config, in mcporter's reading of each format:
+    ``mcpServers``, VS Code's ``servers``, opencode's ``mcp``, a root-level map for legacy
+    files, and Claude Code's entries scoped to this project in ``~/.claude.json``."""
+    out: Dict[str, Dict[str, Any]] = {}
+    if not isinstance(doc, dict):
+        return out
+    if kind == "codex":
+        _add_import_entries(doc.get("mcp_servers"), out)
+        return out
+    keys = ("mcp",) if kind == "opencode" else ("mcpServers", "servers", "mcp")
+    containers = [doc[k] for k in keys if isinstance(doc.get(k), dict)]
+    root_style = kind != "opencode" and (
+        kind != "claude-code"
+        or path.endswith(".claude.json")
+        or path.endswith(os.path.join(".claude", "mcp.json"))
+    )
+    if not containers and root_style:
+        containers = [doc]
+    for container in containers:
+        _add_import_entries(container, out)
+    projects = doc.get("projects")
+    if isinstance(projects, dict):
+        here = os.path.abspath(root)
+        for key, project in projects.items():
+            if isinstance(project, dict) and os.path.abspath(os.path.expanduser(str(key))) == here:
+                scoped: Dict[str, Dict[str, Any]] = {}
+                _add_import_entries(project.get("mcpServers"), scoped)
+                for name, entry in scoped.items():
+                    out.setdefault(name, entry)
+    return out
+
+
+def _add_import_entries(container: Any, out: Dict[str, Dict[str, Any]]) -> None:
+    if not isinstance(container, dict):
+        return
+    for name, value in container.items():
+        entry = _convert_import_entry(value) if name not in out else None
+        if entry is not None:
+            out[str(name)] = entry
+
+
+def _convert_import_entry(value: Any) -> Optional[Dict[str, Any]]:
+    """An editor's server entry as a config entry; None when it names no command or URL."""
+    if not isinstance(value, dict):
+        return None
+    entry: Dict[str, Any] = {}
+    for key in ("baseUrl", "base_url", "url", "serverUrl", "server_url"):
+        if isinstance(value.get(key), str) and value[key]:
+            entry["url"] = value[key]
+            break
+    command = value.get("command", value.get("executable"))
+    if (
+        isinstance(command, str)
+        and command
+        or (isinstance(command, list) and command and all(isinstance(c, str) for c in command))
+    ):
+        entry["command"] = command
+    args = value.get("args")
+    if isinstance(args, list) and all(isinstance(a, str) for a in args):
+        entry["args"] = args
+    env = value.get("env")
+    if isinstance(env, dict):
+        entry["env"] = {str(k): v for k, v in ((k, _env_string(v)) for k, v in env.items()) if v is not None}
+    return entry if "url" in entry or "command" in entry else None
+
+
+def _env_string(value: Any) -> Optional[str]:
+    """An env value as JavaScript's String() writes it (true, 3, 1.5); others are dropped."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(int(value)) if float(value).is_integer() else repr(value)
+    return None
+
+
+def _read_import_file(path: str, kind: str, root: str) -> Tuple[Optional[Dict[str, Dict[str, Any]]], str]:
+    """(entries or None when absent, a note). Unparsable files count as empty, as in mcporter."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except OSError:  # absent, a directory, unreadable: nothing to import from it
+        return None, ""
+    text = data.decode("utf-8-sig", "replace")
+    if not text.strip():
+        return {}, ""
+    if path.endswith(".toml"):
+        try:
+            import tomllib  # type: ignore[import-not-found]  # novermin (3.11+; guarded)
+        except ImportError:
+            return {}, "skipped: reading Codex TOML needs Python 3.11+ (tomllib)"
+        try:
+            doc = tomllib.loads(text)
+        except ValueError as exc:
+            return {}, f"ignored: {exc}"
+    else:
+        try:
+            doc = parse_jsonc(text, path)
+        except ConfigError as exc:
+            return {}, f"ignored: {exc}"
+    return extract_import_entries(doc, kind, path, root), ""
+
+
+class _ImportedFile:
+    """One editor config that was read: its path, kind, entries and a note for doctor."""
+
+    __slots__ = ("path", "kind", "entries", "note")
+
+    def __init__(self, path: str, kind: str, entries: Dict[str, Dict[str, Any]], note: str) -> None:
+        self.path, self.kind, self.entries, self.note = path, kind, entries, note
+
+    def layer(self) -> Tuple[str, bytes]:
+        """Its fingerprint layer: the entries it contributes, not its bytes, so a `touch` or
+        an edit elsewhere in a busy file (``~/.claude.json``) does not restart the daemon."""
+        return (f"import:{self.kind}:{self.path}", json.dumps(self.entries, sort_keys=True).encode())
+
+
+def read_imports(order: List[str], root: str, environ: Dict[str, str]) -> List[_ImportedFile]:
+    home = os.path.expanduser("~")
+    found = []
+    for kind in order:
+        for path in import_candidates(kind, root, home, environ, sys.platform):
+            entries, note = _read_import_file(path, kind, root)
+            if entries is not None:
+                found.append(_ImportedFile(path, kind, entries, note))
+    return found
+
+
+def load_config(config: Optional[str] = None, root: Optional[str] = None) -> Config:
+    """Discover, parse and merge the config layers (project overrides home per server)."""
+    path, layers, explicit = discover_config(config, root)
+    cfg = Config(path, layers, explicit)
+    cfg.root = os.path.abspath(root or os.getcwd())
+    environ = dict(os.environ)
+    docs = [(source, _parse_layer(source, data)) for source, data in layers if data is not None]
+    # Imported servers first: every mcporter config entry wins over them (first seen wins
+    # among imports), and one that cannot be used is skipped, as mcporter skips it.
+    cfg.imports = read_imports(_effective_import_order([doc for _, doc in docs]), cfg.root, environ)
+    for imported in cfg.imports:
+        for name, entry in imported.entries.items():
+            if name not in cfg.servers:
+                try:
+                    spec = _parse_server(name, entry, imported.path, os.path.dirname(imported.path), environ)
+                except ConfigError:
+                    continue
+                cfg.servers[name] = spec
+    for source, doc in docs:
+        servers = doc.get("mcpServers", {})
+        if not isinstance(servers, dict):
+            raise _type_error(source, "mcpServers", "an object", servers)
+        base_dir = os.path.dirname(source)
+        for name, entry in servers.items():
+            cfg.servers.pop(name, None)  # a config entry takes an import's place and its order
+            cfg.servers[name] = _parse_server(name, entry, source, base_dir, environ)
+        idle = _parse_idle_ms(doc, source)
+        if idle is not None:
+            cfg.daemon_idle_timeout_ms = idle
+    return cfg
+
+
+def _parse_layer(source: str, data: bytes) -> Dict[str, Any]:
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{source}: config is not valid UTF-8") from None
+    doc = parse_jsonc(text, source) if text.strip() else {}
+    if not isinstance(doc, dict):
+        raise _type_error(source, "the top level", "an object", doc)
+    imports = doc.get("imports")
+    if imports is not None and (
+        not isinstance(imports, list) or not all(isinstance(k, str) for k in imports)
+    ):
+        raise _type_error(source, "imports", "a list of strings", imports)
+    unknown = [k for k in imports or [] if k not in IMPORT_KINDS]
+    if unknown:
+        raise ConfigError(f"{source}: unknown import kind {unknown[0]!r} (known: {', '.join(IMPORT_KINDS)})")
+    return doc
 
 
 # ##########################################################################################
@@ -1619,28 +3105,6 @@ def call_expiry(now: float, deadline: float, heard: float, idle: Optional[float]
     if idle is not None and heard + idle < deadline:
         return heard + idle, "stalled"
     return deadline, "timeout"
-
-
-def progress_update(params: Any) -> Optional[Dict[str, Any]]:
-    """The progress, total and message of a ``notifications/progress``, or None when malformed."""
-    if not isinstance(params, dict):
-        return None
-    progress = params.get("progress")
-    if not _finite_number(progress):
-        return None
-    update: Dict[str, Any] = {"progress": progress}
-    total = params.get("total")
-    if _finite_number(total):
-        update["total"] = total
-    if isinstance(params.get("message"), str):
-        update["message"] = params["message"]
-    return update
-
-
-def _finite_number(value: Any) -> bool:
-    # Python's json reads NaN and Infinity; neither is a progress value (nor valid JSON). The
-    # difference test spares the CLI importing math: it is NaN for both, 0 for any finite value.
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value - value == 0
 
 
 def _with_progress_token(params: Optional[Dict[str, Any]], token: int) -> Dict[str, Any]:
@@ -2265,1398 +3729,6 @@ class McpStdioClient:
             self._reaped = True
         except subprocess.TimeoutExpired:
             pass  # unkillable (D state): leave it unreaped rather than wait forever
-
-
-# ##########################################################################################
-# Daemon host: bind guard, concurrent serving, idle timers, ownership-checked shutdown.
-# ##########################################################################################
-
-
-def _log_prefix() -> str:
-    """``<UTC time>Z [<pid>] ``; one clock read, so the milliseconds belong to the second."""
-    seconds, millis = divmod(int(time.time() * 1000), 1000)
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
-    return f"{stamp}.{millis:03d}Z [{os.getpid()}] "
-
-
-class DaemonLog:
-    """Timestamped lines to a file (0600, rotated at 10 MB, one old file kept) or stderr."""
-
-    def __init__(
-        self, path: Optional[str] = None, verbose: bool = False, servers: Iterable[str] = ()
-    ) -> None:
-        import threading
-
-        self.path = path
-        self.verbose = verbose
-        self.servers = frozenset(servers)
-        self._lock = threading.Lock()
-        self._fh: Any = None
-        if path:
-            self._open()
-
-    def _open(self) -> None:
-        assert self.path is not None
-        try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        except OSError as exc:
-            raise DaemonError(f"cannot open log file {self.path}: {exc.strerror}") from None
-        os.fchmod(fd, 0o600)
-        self._fh = os.fdopen(fd, "a", encoding="utf-8", errors="replace")
-
-    def traces(self, server: str) -> bool:
-        return self.verbose or server in self.servers
-
-    def event(self, message: str) -> None:
-        self.write(_log_prefix() + message)
-
-    def write(self, line: str) -> None:
-        with self._lock:
-            fh = self._fh or sys.stderr
-            try:
-                fh.write(line + "\n")
-                fh.flush()
-                if self._fh is not None and self._fh.tell() > _LOG_ROTATE_BYTES:
-                    self._rotate()
-            except (OSError, ValueError):
-                pass  # a full disk must not take the daemon down
-
-    def _rotate(self) -> None:
-        assert self.path is not None
-        old = self._fh
-        os.replace(self.path, self.path + ".1")
-        self._open()
-        # When stderr is the log (a detached daemon), follow the rotation so tracebacks land too.
-        try:
-            if os.path.sameopenfile(old.fileno(), 2):
-                os.dup2(self._fh.fileno(), 2)
-        except OSError:
-            pass
-        old.close()
-
-
-class RequestContext:
-    """What a handler may use besides its params: ``notices`` reach the caller's stderr;
-    ``report_progress`` puts the server's latest progress into the caller's progress frames;
-    ``cancelled`` is set when the caller went away, so the work can stop (and tell its server)."""
-
-    __slots__ = ("notices", "method", "cancelled", "progress")
-
-    def __init__(self, method: str) -> None:
-        import threading
-
-        self.method = method
-        self.notices: List[str] = []
-        self.cancelled = threading.Event()
-        self.progress: Optional[Dict[str, Any]] = None  # replaced whole: read without a lock
-
-    def report_progress(self, update: Dict[str, Any]) -> None:
-        self.progress = dict(update)
-
-
-class HandlerError(DaemonError):
-    """Raised by a handler to answer ``ok: false`` with a chosen code."""
-
-    def __init__(self, message: str, code: str = "runtime_error") -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class ProbeResult:
-    """What a ``status`` probe of the socket found: live, stopping, silent (timeout) or dead."""
-
-    __slots__ = ("kind", "status", "detail")
-
-    def __init__(self, kind: str, status: Optional[Dict[str, Any]] = None, detail: str = "") -> None:
-        self.kind = kind  # "live" | "stopping" | "silent" | "dead"
-        self.status = status or {}
-        self.detail = detail
-
-    @property
-    def pid(self) -> Optional[int]:
-        pid = self.status.get("pid")
-        return pid if _is_pid(pid) else None
-
-
-def probe_live_daemon(socket_path: str, timeout: float) -> ProbeResult:
-    """Live means: it answers ``status``, reports this socket path, and its pid is alive."""
-    if not os.path.exists(socket_path):
-        return ProbeResult("dead", detail="no socket file")
-    request = {"id": "probe", "method": "status", "params": {}, "protocolVersion": 2}
-    try:
-        response = exchange(socket_path, request, timeout)
-    except DaemonTimeout:
-        return ProbeResult("silent", detail=f"no answer within {timeout:g}s")
-    except TransportError as exc:
-        return ProbeResult("dead", detail=str(exc))
-    status = response.get("result") if response.get("ok") else None
-    if not isinstance(status, dict):
-        error: Dict[str, Any] = response["error"] if isinstance(response.get("error"), dict) else {}
-        pid = error.get("pid")
-        if error.get("code") == "shutting_down" and _is_pid(pid) and pid_alive(pid):
-            # Still closing its servers: it owns them until its pid is gone (stop is a barrier).
-            stopping = {"pid": pid, "pidStartTime": error.get("pidStartTime")}
-            return ProbeResult("stopping", stopping, detail="shutting down")
-        return ProbeResult("dead", detail="answered with an error")
-    if status.get("socketPath") != socket_path:
-        return ProbeResult("dead", detail="answers for another socket path")
-    pid = status.get("pid")
-    if not _is_pid(pid) or not pid_alive(pid):
-        return ProbeResult("dead", detail="its pid is not alive")
-    return ProbeResult("live", status)
-
-
-def plan_takeover(probe: str, fresh: bool, owner_ours: bool, owner_stopped: bool) -> str:
-    """The bind guard's decision, free of I/O.
-
-    ``probe`` is "live", "stopping" (answers "shutting down"), "silent" (first probe timed
-    out), "silent-twice" (the longer second probe too) or "dead". Returns "reconcile",
-    "stop-then-bind", "wait-then-bind", "terminate-then-bind", "probe-again" or "bind".
-    """
-    if owner_ours and owner_stopped:
-        return "terminate-then-bind"  # the OS says it is stopped: hung, whatever it answers
-    if probe == "stopping":
-        return "wait-then-bind"  # its servers are still closing: never two copies at once
-    if probe == "live":
-        return "reconcile" if fresh else "stop-then-bind"
-    if probe == "silent":
-        # A timeout alone is no proof of a hang: a busy or loaded daemon is slow (mypy #18008).
-        return "probe-again"
-    if owner_ours:
-        return "terminate-then-bind"  # hung (silent twice) or unreachable: ours, so end it
-    return "bind"
-
-
-def status_matches(
-    meta: Optional[Dict[str, Any]],
-    status: Any,
-    socket_path: str,
-    proc_facts: Tuple[Optional[str], Optional[str]],
-) -> bool:
-    """Whether a ``status`` answer comes from the daemon a record names (§9), free of I/O.
-
-    ``meta`` is a validated record or None; ``status`` the answer's result (None when there
-    was no answer yet); ``proc_facts`` the (start time, state) the OS reports now for the
-    record's pid. A stopped daemon is hung, so it never verifies: it is to be replaced.
-    """
-    if not record_is_live(meta, socket_path, proc_facts) or not isinstance(status, dict):
-        return False
-    assert meta is not None
-    return status.get("pid") == meta["pid"] and status.get("socketPath") == socket_path
-
-
-def record_is_live(
-    meta: Optional[Dict[str, Any]], socket_path: str, proc_facts: Tuple[Optional[str], Optional[str]]
-) -> bool:
-    """The half of ``status_matches`` that needs no answer: worth asking the socket at all?"""
-    if meta is None or meta["socketPath"] != socket_path:
-        return False
-    start, state = proc_facts
-    return start is not None and str(start) == meta["pidStartTime"] and state not in ("Z", "T", "t")
-
-
-class DaemonHost:
-    """A singleton daemon: bind guard, then serve ``method -> handler`` until told to stop.
-
-    ``handlers`` map a method name to ``handler(params, ctx) -> result``; ``status`` and
-    ``stop`` are built in. ``fingerprint`` names the identity: a live daemon with the same one
-    is kept, one with another is stopped before this one binds.
-    """
-
-    def __init__(
-        self,
-        paths: DaemonPaths,
-        fingerprint: str,
-        handlers: Optional[Dict[str, Callable[[Dict[str, Any], RequestContext], Any]]] = None,
-        *,
-        idle_timeout: Optional[float] = None,
-        status_extra: Optional[Callable[[], Dict[str, Any]]] = None,
-        metadata_extra: Optional[Callable[[], Dict[str, Any]]] = None,
-        on_tick: Optional[Callable[[], None]] = None,
-        on_shutdown: Optional[Callable[[], None]] = None,
-        log: Optional[DaemonLog] = None,
-        probe_timeout: Optional[float] = None,
-    ) -> None:
-        import queue
-        import threading
-
-        self.paths = paths
-        self.fingerprint = fingerprint
-        self.handlers = dict(handlers or {})
-        self.idle_timeout = idle_timeout
-        self.status_extra = status_extra
-        self.metadata_extra = metadata_extra
-        self.on_tick = on_tick
-        self.on_shutdown = on_shutdown
-        self.log = log or DaemonLog()
-        self.probe_timeout = probe_timeout or _env_seconds(
-            "MCPORTER_DAEMON_PROBE_TIMEOUT_MS", _DEFAULT_PROBE_TIMEOUT
-        )
-        self.started_at = _now_ms()
-        self.pid = os.getpid()
-        self._threading = threading
-        self._lock = threading.Lock()
-        self._listener: Optional[socket.socket] = None
-        self._sock_id: Optional[Tuple[int, int]] = None
-        self._wake_r, self._wake_w = -1, -1
-        self._active = 0
-        self._connections = 0
-        self._pending_bytes = 0
-        self._last_activity = time.monotonic()
-        self._stop_reason: Optional[str] = None
-        self._files_released = False
-        self._metadata_dirty = False
-        self._metadata_failing = False
-        self._metadata_cache: Optional[Dict[str, Any]] = None
-        self._metadata_generation = 0
-        self._spare_workers = 0
-        self._handoff: queue.SimpleQueue[socket.socket] = queue.SimpleQueue()  # for spare workers
-        self._tick = threading.Event()  # wakes the housekeeping thread early
-        self._drained = threading.Event()  # servers closed: the serving loop may end
-        self._inflight: Dict[int, _Exchange] = {}  # by id(conn): requests still owed an answer
-
-    # -- public ------------------------------------------------------------------------------
-
-    def run(self) -> int:
-        """Bind (or find a live twin and exit 0), serve until stopped, clean up; exit code."""
-        _require_posix()
-        self.paths.prepare()
-        twin = self._bind_guard()
-        if twin is not None:
-            self.log.event(f"daemon already running (pid {twin}); not starting another")
-            return 0
-        restore = self._install_signal_handlers()
-        try:
-            self._serve_forever()
-        finally:
-            try:
-                self._finish()
-            finally:
-                restore()  # an embedding program gets its SIGINT (KeyboardInterrupt) back
-        return 0
-
-    def request_stop(self, reason: str) -> None:
-        """Ask the serving loop to shut down (safe from any thread or a signal handler)."""
-        if self._stop_reason is None:
-            self._stop_reason = reason
-        self._tick.set()
-        try:
-            os.write(self._wake_w, b"x")
-        except OSError:
-            pass
-
-    def mark_metadata_dirty(self) -> None:
-        """The data behind ``metadata_extra`` changed; rewrite the metadata soon."""
-        self._metadata_generation += 1
-        self._metadata_cache = None
-        self._metadata_dirty = True
-        self._tick.set()
-
-    def request_wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"w")
-        except OSError:
-            pass
-
-    def touch(self) -> None:
-        self._last_activity = time.monotonic()
-
-    # -- bind guard --------------------------------------------------------------------------
-
-    def _bind_guard(self) -> Optional[int]:
-        """Under the bind lock: keep a live fresh twin, or clear the way and bind. Twin pid or None."""
-        with FileLock(self.paths.bind, what="bind lock"):
-            meta = read_metadata(self.paths.metadata)
-            owner_pid = meta.get("pid") if meta else None
-            owner_start = meta.get("pidStartTime") if meta else None
-            owner_ours = is_our_pid(owner_pid, owner_start)
-            stopped = owner_ours and process_stopped(owner_pid)  # type: ignore[arg-type]
-            # A stopped owner is known hung: skip a probe that could only time out.
-            probe = (
-                ProbeResult("silent") if stopped else probe_live_daemon(self.paths.socket, self.probe_timeout)
-            )
-            kind = probe.kind
-            while True:
-                fresh = probe.status.get("fingerprint") == self.fingerprint
-                plan = plan_takeover(kind, fresh, owner_ours, stopped)
-                if plan != "probe-again":
-                    break
-                probe = probe_live_daemon(self.paths.socket, max(3 * self.probe_timeout, 1.0))
-                kind = probe.kind if probe.kind != "silent" else "silent-twice"
-                owner_ours = is_our_pid(owner_pid, owner_start)
-                stopped = owner_ours and process_stopped(owner_pid)  # type: ignore[arg-type]
-            if plan == "reconcile":
-                self._reconcile(probe.status, meta)
-                return probe.pid
-            if plan == "stop-then-bind":
-                self._stop_before_rebind(probe, meta)
-            elif plan == "wait-then-bind":
-                self._wait_for_stopping(probe, meta)
-            elif plan == "terminate-then-bind":
-                why = "stopped (state T)" if stopped else probe.detail or "unreachable"
-                self.log.event(f"terminating hung daemon pid {owner_pid}: {why}")
-                assert meta is not None
-                terminate_daemon_tree(owner_pid, owner_start, meta.get("servers") or {})  # type: ignore[arg-type]
-            elif kind == "silent-twice":
-                self.log.event("socket accepts but never answers and its owner is unknown; rebinding")
-            self._reap_recorded_servers(meta)
-            self._bind()
-            self._write_metadata()
-            self.log.event(f"bound {self.paths.socket} (plan: {plan})")
-        return None
-
-    def _reconcile(self, status: Dict[str, Any], meta: Optional[Dict[str, Any]]) -> None:
-        """A live, fresh daemon runs: make the metadata match it if it does not."""
-        wanted = status.get("metadata")
-        if not isinstance(wanted, dict) or wanted.get("pid") != status.get("pid"):
-            return
-        if meta is None or meta.get("pid") != wanted["pid"] or meta.get("socketPath") != self.paths.socket:
-            write_metadata(self.paths.metadata, wanted)
-            self.log.event(f"reconciled metadata with live daemon pid {wanted['pid']}")
-
-    def _stop_before_rebind(self, probe: ProbeResult, meta: Optional[Dict[str, Any]]) -> None:
-        """A live but stale daemon: ask it to stop and wait for its pid before rebinding."""
-        pid = probe.pid
-        assert pid is not None
-        start = process_start_time(pid)
-        self.log.event(f"stopping stale daemon pid {pid} (fingerprint changed) before rebinding")
-        try:
-            exchange(self.paths.socket, {"id": "stop", "method": "stop", "params": {}}, self.probe_timeout)
-        except DaemonError as exc:
-            self.log.event(f"stale daemon pid {pid} did not take the stop request: {exc}")
-        if _wait_gone(pid, _STOP_WAIT, start):
-            return
-        meta = meta or {}
-        if meta.get("pid") != pid or not is_our_pid(pid, meta.get("pidStartTime")):
-            # Only the metadata's pid + start time proves it ours (§7); a daemon we cannot
-            # verify is left alone. It loses its socket now and exits when it notices.
-            self.log.event(f"stale daemon pid {pid} did not exit and cannot be verified; rebinding anyway")
-            return
-        self.log.event(f"stale daemon pid {pid} did not exit within {_STOP_WAIT:g}s; terminating it")
-        terminate_daemon_tree(pid, str(meta["pidStartTime"]), meta.get("servers") or {})
-
-    def _wait_for_stopping(self, probe: ProbeResult, meta: Optional[Dict[str, Any]]) -> None:
-        """A daemon answering "shutting down" still owns its servers: wait for its pid to
-        go (bounded), so two copies of one server (one browser profile) never run at once."""
-        pid, start = probe.status["pid"], probe.status.get("pidStartTime")
-        self.log.event(f"daemon pid {pid} is shutting down; waiting for it to exit before binding")
-        if _wait_gone(pid, _STOPPING_WAIT, str(start) if start else None):
-            return
-        # It answered on our private socket with this very pid and start time: ours.
-        if not is_our_pid(pid, start):
-            return
-        servers = (meta or {}).get("servers") if (meta or {}).get("pid") == pid else None
-        self.log.event(f"daemon pid {pid} still shutting down after {_STOPPING_WAIT:g}s; terminating it")
-        terminate_daemon_tree(pid, str(start), servers or {})
-
-    def _reap_recorded_servers(self, meta: Optional[Dict[str, Any]]) -> None:
-        """A SIGKILLed owner could not close its MCP servers, and some ignore stdin EOF."""
-        if not meta or is_our_pid(meta.get("pid"), meta.get("pidStartTime")):
-            return  # a live owner closes its own servers
-        for name, entry in (meta.get("servers") or {}).items():
-            if _recorded_server_left(entry):
-                self.log.event(f"ending MCP server '{name}' (pid {entry['pid']}) left by a dead daemon")
-                end_server_group(entry["pid"], entry["pidStartTime"], _TERM_GRACE)
-
-    def _bind(self) -> None:
-        import stat as _stat
-
-        path = self.paths.socket
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            st = None
-        if st is not None:
-            if not _stat.S_ISSOCK(st.st_mode):
-                raise UnsafePathError(f"{path} exists and is not a socket; refusing to remove it")
-            os.unlink(path)
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old_umask = os.umask(0o077)
-        try:
-            listener.bind(path)
-        except OSError as exc:
-            listener.close()
-            raise DaemonError(f"cannot bind socket {path}: {exc.strerror or exc}") from None
-        finally:
-            os.umask(old_umask)
-        listener.listen(socket.SOMAXCONN)  # a burst of callers must queue, not be refused
-        st = os.stat(path)
-        self._sock_id = (st.st_dev, st.st_ino)
-        self._listener = listener
-
-    def _metadata(self) -> Dict[str, Any]:
-        """The metadata record, cached: ``status`` includes it and must stay cheap."""
-        cached = self._metadata_cache
-        if cached is not None:
-            return cached
-        generation = self._metadata_generation
-        data: Dict[str, Any] = {
-            "pid": self.pid,
-            "pidStartTime": process_start_time(self.pid),
-            "protocolVersion": DAEMON_PROTOCOL_VERSION,
-            "socketPath": self.paths.socket,
-            "startedAt": self.started_at,
-            "logPath": self.log.path,
-            "fingerprint": self.fingerprint,
-            "scriptVersion": _script_version(),
-            "servers": {},
-        }
-        if self.metadata_extra:
-            data.update(self.metadata_extra())
-        if generation == self._metadata_generation:  # not marked dirty while we built it
-            self._metadata_cache = data
-        return data
-
-    def _write_metadata(self) -> bool:
-        """Write the record; a failure (disk full, quota, EMFILE) is logged and retried by
-        housekeeping, never fatal: the daemon still serves, and the old record stays whole."""
-        generation = self._metadata_generation
-        try:
-            write_metadata(self.paths.metadata, self._metadata())
-        except OSError as exc:
-            if not self._metadata_failing:
-                self.log.event(
-                    f"cannot write metadata {self.paths.metadata}: {exc.strerror or exc}; retrying"
-                )
-            self._metadata_failing = True
-            self._metadata_dirty = True
-            return False
-        if self._metadata_failing:
-            self.log.event("metadata written again")
-        self._metadata_failing = False
-        if generation == self._metadata_generation:  # else marked dirty meanwhile: write again
-            self._metadata_dirty = False
-        return True
-
-    def _owns_socket(self) -> bool:
-        try:
-            st = os.stat(self.paths.socket)
-        except OSError:
-            return False
-        return (st.st_dev, st.st_ino) == self._sock_id
-
-    def _sync_metadata(self) -> None:
-        """Repair missing or torn metadata, or record server changes — only while we own the
-        socket and nobody else is inside the bind guard (they would be writing it)."""
-        current = read_metadata(self.paths.metadata)
-        if not self._metadata_dirty and current is not None and current.get("pid") == self.pid:
-            return
-        # A record naming another pid is wrong while we own the socket inode, whether that pid
-        # is alive or not: a successor replaces the socket under the bind lock before writing
-        # its record, so the check below (under that lock) never overwrites a successor's.
-        lock = FileLock(self.paths.bind, what="bind lock")
-        if not lock.acquire(timeout=0):
-            return
-        try:
-            if self._owns_socket() and self._stop_reason is None:
-                self._write_metadata()
-        finally:
-            lock.release()
-
-    # -- serving -----------------------------------------------------------------------------
-
-    def _install_signal_handlers(self) -> Callable[[], None]:
-        """Wake pipe and signal handlers; returns what undoes both (a vendored host may run
-        again, and its embedding program wants its own SIGINT handling back)."""
-        import signal
-
-        self._wake_r, self._wake_w = os.pipe()
-        for fd in (self._wake_r, self._wake_w):
-            os.set_blocking(fd, False)
-        saved: Dict[int, Any] = {}
-        if self._threading.current_thread() is self._threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                saved[sig] = signal.signal(sig, lambda signum, _frame: self.request_stop(f"signal {signum}"))
-        # (Outside the main thread Python forbids handlers; vendors stop us by request.)
-
-        def restore() -> None:
-            for sig, handler in saved.items():
-                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-            for fd in (self._wake_r, self._wake_w):
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-            self._wake_r, self._wake_w = -1, -1
-
-        return restore
-
-    def _serve_forever(self) -> None:
-        """Accept until the servers are closed. A stopping daemon keeps answering (with
-        "shutting down" and its pid) until then, so a starter waits for it instead of binding
-        a second copy of its servers beside it (stop is a barrier)."""
-        import select
-
-        assert self._listener is not None
-        self._threading.Thread(target=self._housekeeping_loop, name="housekeeping", daemon=True).start()
-        stopper = None
-        backoff, resume_at = 0.0, 0.0
-        while not self._drained.is_set():
-            if self._stop_reason is not None and stopper is None:
-                stopper = self._threading.Thread(target=self._wind_down, name="wind-down", daemon=True)
-                stopper.start()
-            now = time.monotonic()
-            watch: List[Any] = [self._wake_r] if now < resume_at else [self._listener, self._wake_r]
-            wait = max(0.0, resume_at - now) if now < resume_at else _SOCKET_CHECK_INTERVAL
-            try:
-                ready, _, _ = select.select(watch, [], [], wait)
-            except InterruptedError:
-                continue
-            if self._wake_r in ready:
-                try:
-                    os.read(self._wake_r, 4096)
-                except OSError:
-                    pass
-            if self._listener in ready:
-                if self._accept():
-                    backoff = 0.0
-                else:
-                    backoff = accept_backoff(backoff)
-                    resume_at = time.monotonic() + backoff
-
-    def _accept(self) -> bool:
-        """Accept one connection; False when out of resources (EMFILE and kin: back off)."""
-        import errno
-
-        assert self._listener is not None
-        try:
-            conn, _ = self._listener.accept()
-        except OSError as exc:
-            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                self.log.event(f"cannot accept: {exc.strerror}; backing off")
-                return False
-            return True  # the client gave up (ECONNABORTED) or a spurious wake-up
-        with self._lock:
-            if self._connections >= _MAX_CONNECTIONS:
-                conn.close()
-                return True
-            self._connections += 1
-            if self._spare_workers:  # a waiting worker is cheaper than a new thread
-                self._spare_workers -= 1
-                self._handoff.put(conn)
-                return True
-        try:
-            self._threading.Thread(target=self._worker, args=(conn,), daemon=True).start()
-        except RuntimeError:  # no thread to be had: refuse this one, keep serving
-            conn.close()
-            with self._lock:
-                self._connections -= 1
-            return False
-        return True
-
-    def _worker(self, conn: socket.socket) -> None:
-        """Serve a connection, then wait as a spare for the next (a few spares at most)."""
-        while True:
-            self._serve_connection(conn)
-            with self._lock:
-                if self._spare_workers >= _SPARE_WORKERS or self._stop_reason is not None:
-                    return
-                self._spare_workers += 1
-            conn = self._handoff.get()
-
-    # -- housekeeping (its own thread: never on the accept path) ------------------------------
-
-    def _housekeeping_loop(self) -> None:
-        """Socket ownership, metadata repair, hooks and idle expiry, once a second or when
-        woken. A slow hook (a server taking seconds to close) must not delay `status`."""
-        while self._stop_reason is None:
-            self._tick.wait(_SOCKET_CHECK_INTERVAL)
-            self._tick.clear()
-            if self._stop_reason is not None:
-                return
-            try:
-                self._housekeeping()
-            except Exception as exc:  # a housekeeping failure must not take the daemon down
-                self.log.event(f"housekeeping error: {exc!r}")
-
-    def _housekeeping(self) -> None:
-        if not self._owns_socket():
-            # Removed or replaced: nobody can reach us any more, so we must not linger.
-            self.request_stop("socket path lost (removed or replaced)")
-            return
-        self._sync_metadata()
-        if self.on_tick:
-            try:
-                self.on_tick()
-            except Exception as exc:  # a housekeeping bug must not kill the daemon
-                self.log.event(f"housekeeping error: {exc!r}")
-        self._maybe_idle_out()
-
-    def _maybe_idle_out(self) -> None:
-        """Idle shutdown re-checks activity under the bind lock, so a starter that just
-        probed us (holding that lock) can never be left without a daemon."""
-        if not idle_expired(self.idle_timeout, self._active, time.monotonic() - self._last_activity):
-            return
-        lock = FileLock(self.paths.bind, what="bind lock")
-        if not lock.acquire(timeout=0):
-            return
-        try:
-            if idle_expired(self.idle_timeout, self._active, time.monotonic() - self._last_activity):
-                self.request_stop(f"idle for {self.idle_timeout:g}s")
-        finally:
-            lock.release()
-
-    # -- one connection ----------------------------------------------------------------------
-
-    def _serve_connection(self, conn: socket.socket) -> None:
-        try:
-            self._serve_request(conn)
-        except Exception as exc:  # bad input must never crash the daemon
-            self.log.event(f"connection error: {exc!r}")
-        finally:
-            try:
-                conn.close()
-            except OSError:
-                pass
-            with self._lock:
-                self._connections -= 1
-
-    def _serve_request(self, conn: socket.socket) -> None:
-        try:
-            raw = self._read_request(conn)
-        except _FrameTooLarge:
-            self._send(
-                conn, _error_frame(None, f"request exceeds {_MAX_REQUEST_BYTES} bytes", "request_too_large")
-            )
-            return
-        except _Busy:
-            self._send(conn, _error_frame(None, "daemon busy: too much pending input", "busy"))
-            return
-        except (socket.timeout, OSError):
-            return  # silent, slow or vanished client: just drop it
-        if raw is None:
-            return
-        request, error = _parse_request(raw)
-        if error is not None:
-            self._send(conn, error)
-            return
-        assert request is not None
-        self._dispatch(conn, request)
-
-    def _read_request(self, conn: socket.socket) -> Optional[bytes]:
-        """The request line, or a complete JSON object sent without a newline (as mcporter's
-        own client does), within a deadline and under the size and pending-memory caps."""
-        deadline = time.monotonic() + _REQUEST_READ_DEADLINE
-        buf = bytearray()
-        ends_object = False  # the last non-blank byte so far is "}": maybe a whole request
-        try:
-            while True:
-                if ends_object and not _more_pending(conn) and _is_json(buf):
-                    return bytes(buf)
-                if len(buf) > _MAX_REQUEST_BYTES:
-                    raise _FrameTooLarge()
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise socket.timeout("request deadline")
-                conn.settimeout(left)
-                chunk = conn.recv(65536)
-                if not chunk:
-                    return bytes(buf) if buf.strip() else None
-                nl = chunk.find(b"\n")  # only the new bytes: rescanning buf would be quadratic
-                if nl >= 0:
-                    return bytes(buf) + chunk[:nl]
-                with self._lock:
-                    if self._pending_bytes + len(chunk) > _MAX_PENDING_BYTES:
-                        raise _Busy()
-                    self._pending_bytes += len(chunk)
-                buf += chunk
-                tail = chunk.rstrip()
-                ends_object = tail.endswith(b"}") if tail else ends_object
-        finally:
-            with self._lock:
-                self._pending_bytes -= len(buf)
-
-    def _send(self, conn: socket.socket, frame: Dict[str, Any]) -> bool:
-        """Send one answer frame, encoded as it goes: a 50 MiB result costs no second full
-        copy, and a slow reader gets time per chunk rather than 5 s for the whole frame."""
-        try:
-            conn.settimeout(_SEND_IDLE)
-            for piece in encode_answer_pieces(frame):
-                conn.sendall(piece)
-            return True
-        except OSError:
-            return False
-
-    def _shutting_down_frame(self, rid: Any) -> Dict[str, Any]:
-        # The pid and start time let a starter or a second `stop` wait for this very
-        # process to exit before anything takes its place.
-        frame = _error_frame(rid, "daemon is shutting down", "shutting_down")
-        frame["error"].update(pid=self.pid, pidStartTime=self._metadata().get("pidStartTime"))
-        return frame
-
-    def _dispatch(self, conn: socket.socket, request: Dict[str, Any]) -> None:
-        rid, method = request.get("id"), request["method"]
-        self.touch()
-        if self._stop_reason is not None:
-            self._send(conn, self._shutting_down_frame(rid))
-            return
-        if method == "stop":
-            self._handle_stop(conn, rid)
-            return
-        handler = self._builtin_status if method == "status" else self.handlers.get(method)
-        if handler is None:
-            self._send(conn, _error_frame(rid, f"unknown method: {method}", "unknown_method"))
-            return
-        cadence = None
-        if request.get("protocolVersion") == DAEMON_PROTOCOL_VERSION:
-            cadence = progress_cadence_ms(request.get("progressIntervalMs"))
-        ctx = RequestContext(method)
-        ex = _Exchange(conn, rid, self._threading.Lock())
-        with self._lock:
-            self._active += 1
-            self._inflight[id(conn)] = ex
-        try:
-            frame = self._run_handler(ex, handler, request["params"], ctx, cadence)
-        finally:
-            with self._lock:
-                self._active -= 1
-                self._inflight.pop(id(conn), None)
-            self.touch()
-        reason = self._stop_reason
-        if reason is not None and not frame.get("ok"):
-            # Its server was closed under it: say why, once, so the caller does not retry.
-            frame = _error_frame(rid, f"daemon stopped ({reason}) before {method} finished", "daemon_stopped")
-        if ctx.notices:
-            frame["notices"] = ctx.notices
-        ex.answer(self, frame)
-
-    def _run_handler(
-        self,
-        ex: _Exchange,
-        handler: Callable[[Dict[str, Any], RequestContext], Any],
-        params: Dict[str, Any],
-        ctx: RequestContext,
-        cadence_ms: Optional[int],
-    ) -> Dict[str, Any]:
-        if handler == self._builtin_status:
-            return self._call(ex.rid, handler, params, ctx)  # answered at once: nothing to watch
-        # The work runs on its own thread while this one proves we are alive (progress frames)
-        # and watches for the caller going away, so its server is told to cancel.
-        box: List[Dict[str, Any]] = []
-        done = self._threading.Event()
-
-        def work() -> None:
-            box.append(self._call(ex.rid, handler, params, ctx))
-            done.set()
-
-        self._threading.Thread(target=work, daemon=True).start()
-        slice_s = min(cadence_ms / 1000.0, _CALLER_CHECK_INTERVAL) if cadence_ms else _CALLER_CHECK_INTERVAL
-        watch = _CallerWatch(ex.conn)
-        next_frame = time.monotonic() + (cadence_ms or 0) / 1000.0
-        while not done.wait(slice_s):
-            gone = watch.gone()
-            if not gone and cadence_ms and time.monotonic() >= next_frame:
-                next_frame += cadence_ms / 1000.0
-                gone = not ex.progress(encode_frame(progress_frame(ex.rid, ctx.progress)))
-            if gone:
-                self.log.event(f"{ctx.method}: the caller went away; cancelling it")
-                ctx.cancelled.set()
-                done.wait()  # the handler returns promptly; its answer goes to nobody
-                break
-        return box[0]
-
-    def _call(
-        self, rid: Any, handler: Callable[..., Any], params: Dict[str, Any], ctx: RequestContext
-    ) -> Dict[str, Any]:
-        try:
-            return {"id": rid, "ok": True, "result": handler(params, ctx)}
-        except (HandlerError, McpError, RemoteError) as exc:
-            frame = _error_frame(rid, str(exc), exc.code)
-            if exc.rpc_code is not None:  # a server's JSON-RPC error reaches the caller whole
-                frame["error"].update(rpcCode=exc.rpc_code, data=exc.data)
-            return frame
-        except DaemonError as exc:
-            return _error_frame(rid, str(exc), "runtime_error")
-        except Exception as exc:
-            self.log.event(f"handler {ctx.method} failed: {exc!r}")
-            return _error_frame(rid, f"{type(exc).__name__}: {exc}", "runtime_error")
-
-    def _builtin_status(self, params: Dict[str, Any], ctx: RequestContext) -> Dict[str, Any]:
-        status = {
-            "pid": self.pid,
-            "protocolVersion": DAEMON_PROTOCOL_VERSION,
-            "startedAt": self.started_at,
-            "socketPath": self.paths.socket,
-            "logPath": self.log.path,
-            "fingerprint": self.fingerprint,
-            "servers": [],
-        }
-        if self.status_extra:
-            status.update(self.status_extra())
-        status["metadata"] = self._metadata()  # lets a starter reconcile the file exactly
-        return status
-
-    def _handle_stop(self, conn: socket.socket, rid: Any) -> None:
-        # Metadata goes before the answer, so no later caller trusts a dying daemon (dmypy).
-        self._stop_reason = _STOP_REQUEST
-        remove_metadata_if_owned(self.paths.metadata, self.pid)
-        self._send(conn, {"id": rid, "ok": True, "result": True})
-        self.request_stop(_STOP_REQUEST)
-
-    # -- shutdown ----------------------------------------------------------------------------
-
-    def _wind_down(self) -> None:
-        """Off the accept thread: let in-flight work finish briefly, then close the servers.
-        Until this ends, new requests are answered "shutting down" with our pid."""
-        try:
-            self.log.event(f"shutting down: {self._stop_reason}")
-            self._wait_idle(2.0)
-            if self.on_shutdown:
-                try:
-                    self.on_shutdown()
-                except Exception as exc:
-                    self.log.event(f"shutdown hook failed: {exc!r}")
-            self._wait_idle(1.0)
-        finally:
-            self._drained.set()
-            self.request_wake()
-
-    def _finish(self) -> None:
-        """The last steps, on the serving thread: stop listening, answer every request still
-        owed an answer, drop the files that are still ours."""
-        if self._stop_reason is None:
-            self._stop_reason = "serving loop ended"
-        if not self._drained.is_set():  # the loop died: still close the servers
-            self._wind_down()
-        self._close_listener()
-        with self._lock:
-            owed, self._inflight = list(self._inflight.values()), {}
-        for ex in owed:
-            ex.answer(
-                self,
-                _error_frame(
-                    ex.rid, f"daemon stopped ({self._stop_reason}) before it finished", "daemon_stopped"
-                ),
-            )
-        if self._stop_reason == _STOP_REQUEST:
-            self._release_files()  # no lock: a stopper inside the bind guard waits for our exit
-        else:
-            # Someone inside the bind guard is taking over; the files are theirs to replace.
-            lock = FileLock(self.paths.bind, what="bind lock")
-            try:
-                if lock.acquire(timeout=0):
-                    try:
-                        self._release_files()
-                    finally:
-                        lock.release()
-            except OSError as exc:
-                self.log.event(f"cannot remove state files: {exc}")
-        self.log.event("daemon exited")
-
-    def _close_listener(self) -> None:
-        if self._listener is not None:
-            try:
-                self._listener.close()
-            except OSError:
-                pass
-            self._listener = None
-
-    def _release_files(self) -> None:
-        """Remove the metadata and socket — each only while still this process's own."""
-        if self._files_released:
-            return
-        self._files_released = True
-        remove_metadata_if_owned(self.paths.metadata, self.pid)
-        if self._owns_socket():
-            _unlink_quietly(self.paths.socket)
-
-    def _wait_idle(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while self._active and time.monotonic() < deadline:
-            time.sleep(0.01)
-
-
-class _Exchange:
-    """One request's connection: progress frames and exactly one answer, whoever sends it
-    (its handler, or shutdown for a handler that never returned)."""
-
-    __slots__ = ("conn", "rid", "lock", "answered")
-
-    def __init__(self, conn: socket.socket, rid: Any, lock: Any) -> None:
-        self.conn = conn
-        self.rid = rid
-        self.lock = lock
-        self.answered = False
-
-    def progress(self, frame: bytes) -> bool:
-        with self.lock:
-            if self.answered:
-                return True
-            try:
-                self.conn.sendall(frame)
-                return True
-            except OSError:
-                return False
-
-    def answer(self, host: DaemonHost, frame: Dict[str, Any]) -> bool:
-        with self.lock:
-            if self.answered:
-                return False
-            self.answered = True
-            return host._send(self.conn, frame)
-
-
-def progress_frame(rid: Any, progress: Optional[Dict[str, Any]]) -> Dict[str, Any]:
-    """A progress frame; the server's latest progress rides along as an extra field, which
-    mcporter's v2 clients ignore."""
-    frame: Dict[str, Any] = {"type": "progress", "id": rid}
-    if progress:
-        frame["progress"] = progress
-    return frame
-
-
-class _CallerWatch:
-    """Whether a request's caller went away, seen on its connection without waiting.
-
-    A closed or killed caller shows as a hang-up (POLLHUP: both directions shut) or a reset.
-    A caller that only shut its writing side (``nc -N``, a half-close) still reads the answer,
-    so end-of-input alone is not "gone"; extra bytes after the request line are dropped.
-    """
-
-    def __init__(self, conn: socket.socket) -> None:
-        import select
-
-        self.conn = conn
-        self.poller = select.poll()  # not select(): a busy daemon's fds can pass FD_SETSIZE
-        self.poller.register(conn, select.POLLIN)
-        self.select = select
-
-    def gone(self) -> bool:
-        try:
-            events = self.poller.poll(0)
-        except OSError:
-            return True
-        flags = events[0][1] if events else 0
-        if flags & (self.select.POLLHUP | self.select.POLLERR | self.select.POLLNVAL):
-            return True
-        if flags & self.select.POLLIN:
-            try:
-                data = self.conn.recv(65536, socket.MSG_DONTWAIT)
-            except (BlockingIOError, InterruptedError):
-                return False
-            except OSError:
-                return True
-            if not data:
-                self.poller.modify(self.conn, 0)  # half-closed: from now on only a hang-up counts
-        return False
-
-
-def accept_backoff(previous: float) -> float:
-    """The next pause before retrying accept() while out of fds: doubling, capped."""
-    return min(max(previous * 2, 0.05), _ACCEPT_BACKOFF_MAX)
-
-
-def idle_expired(idle_timeout: Optional[float], active: int, idle_for: float) -> bool:
-    """Whether an idle daemon should shut down: a timeout set, nothing running, quiet long enough."""
-    return bool(idle_timeout) and not active and idle_for >= idle_timeout  # type: ignore[operator]
-
-
-class _Busy(Exception):
-    pass
-
-
-def _more_pending(conn: socket.socket) -> bool:
-    """True when more bytes are already waiting (the sender has not paused yet)."""
-    timeout = conn.gettimeout()
-    # On a socket with a timeout CPython polls for readability before recv, so MSG_DONTWAIT
-    # alone would wait out the whole timeout (10 s for every newline-less mcporter request).
-    conn.setblocking(False)
-    try:
-        return bool(conn.recv(1, socket.MSG_PEEK))
-    except OSError:  # BlockingIOError: nothing waiting
-        return False
-    finally:
-        conn.settimeout(timeout)
-
-
-def _is_json(buf: bytearray) -> bool:
-    try:
-        json.loads(buf)
-        return True
-    except (ValueError, RecursionError):
-        return False
-
-
-def _error_frame(rid: Any, message: str, code: str) -> Dict[str, Any]:
-    return {"id": rid, "ok": False, "error": {"message": message, "code": code}}
-
-
-def _parse_request(raw: bytes) -> Tuple[Optional[Dict[str, Any]], Optional[Dict[str, Any]]]:
-    """(request, None) or (None, error frame): bad JSON, shapes and types answered, not raised."""
-    try:
-        req = json.loads(raw)
-    except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
-        return None, _error_frame(None, "request is not valid JSON", "invalid_json")
-    if not isinstance(req, dict):
-        return None, _error_frame(None, "request must be a JSON object", "bad_request")
-    rid = req.get("id")
-    if isinstance(rid, (dict, list)):
-        rid = None
-    if not isinstance(req.get("method"), str):
-        return None, _error_frame(rid, "request needs a string 'method'", "bad_request")
-    params = req.get("params")
-    if params is None:
-        params = {}
-    if not isinstance(params, dict):
-        return None, _error_frame(rid, "'params' must be an object", "bad_request")
-    version = req.get("protocolVersion")
-    if version is not None and (
-        isinstance(version, bool) or not isinstance(version, int) or version > DAEMON_PROTOCOL_VERSION
-    ):
-        return None, _error_frame(rid, f"unsupported protocolVersion {version!r}", "bad_request")
-    req["params"] = params
-    req["id"] = rid
-    return req, None
-
-
-# ##########################################################################################
-# Daemon client: verified status, ensure (spawn lock, detached launch), requests, stop.
-# ##########################################################################################
-
-
-class DaemonClient:
-    """Talks only to a daemon it verified; starts (or restarts) one when needed.
-
-    ``launch_argv`` runs the host in the foreground (e.g. ``[python, script, "start",
-    "--foreground"]``); it is started detached, in a new session, stderr to the log.
-    """
-
-    def __init__(
-        self,
-        paths: DaemonPaths,
-        fingerprint: str,
-        launch_argv: List[str],
-        *,
-        env: Optional[Dict[str, str]] = None,
-        cwd: Optional[str] = None,
-        probe_timeout: Optional[float] = None,
-        start_timeout: float = _START_GIVE_UP,
-        on_slow: Optional[Callable[[str], None]] = None,
-    ) -> None:
-        self.paths = paths
-        self.fingerprint = fingerprint
-        self.launch_argv = list(launch_argv)
-        self.env = env
-        self.cwd = cwd
-        self.probe_timeout = probe_timeout or _env_seconds(
-            "MCPORTER_DAEMON_PROBE_TIMEOUT_MS", _DEFAULT_PROBE_TIMEOUT
-        )
-        self.start_timeout = start_timeout
-        self.on_slow = on_slow or (lambda msg: print(msg, file=sys.stderr, flush=True))
-
-    # -- verification ------------------------------------------------------------------------
-
-    def verified_status(self) -> Optional[Dict[str, Any]]:
-        """The daemon's status when metadata, pid identity and its own answer all agree.
-
-        The result carries ``fresh``: whether its fingerprint is ours. None when unverified.
-        """
-        meta = read_metadata(self.paths.metadata)
-        facts = _process_info(meta["pid"]) if meta is not None else (None, None)
-        if not record_is_live(meta, self.paths.socket, facts):
-            return None  # dead, reused, or stopped: no round trip needed to know
-        status = self._ask_status()
-        if not status_matches(meta, status, self.paths.socket, facts):
-            return None
-        assert status is not None
-        status["fresh"] = status.get("fingerprint") == self.fingerprint
-        return status
-
-    def serving_status(self) -> Optional[Dict[str, Any]]:
-        """``verified_status``, or else the daemon answering on the socket when its answer
-        verifies against the record it carries (its own pid and start time).
-
-        For reports only (``status``, ``doctor``): a damaged metadata file must not hide a
-        daemon that serves, while the lifecycle still trusts only the file."""
-        status = self.verified_status()
-        if status is not None:
-            return status
-        recorded = read_metadata(self.paths.metadata)
-        if recorded is not None and process_stopped(recorded["pid"]):
-            return None  # hung (state T): asking would only wait out the probe timeout
-        status = self._ask_status()
-        meta = validate_metadata(status.get("metadata")) if status else None
-        facts = _process_info(meta["pid"]) if meta is not None else (None, None)
-        if not status_matches(meta, status, self.paths.socket, facts):
-            return None
-        assert status is not None
-        status["fresh"] = status.get("fingerprint") == self.fingerprint
-        return status
-
-    def _ask_status(self) -> Optional[Dict[str, Any]]:
-        request = {"id": "status", "method": "status", "params": {}, "protocolVersion": 2}
-        try:
-            response = exchange(self.paths.socket, request, self.probe_timeout)
-        except DaemonError:
-            return None
-        status = response.get("result") if response.get("ok") else None
-        return status if isinstance(status, dict) else None
-
-    def ensure(self) -> Tuple[Dict[str, Any], bool]:
-        """(status of a verified fresh daemon, whether this call started it)."""
-        status = self.verified_status()
-        if status and status["fresh"]:
-            return status, False
-        self.paths.prepare()
-        with FileLock(self.paths.lock, what="spawn lock"):
-            status = self.verified_status()  # a racing caller may have started it meanwhile
-            if status and status["fresh"]:
-                return status, False
-            return self._launch_and_wait()
-
-    # -- launching -----------------------------------------------------------------------------
-
-    def _launch_and_wait(self) -> Tuple[Dict[str, Any], bool]:
-        import subprocess
-
-        log_fd = os.open(self.paths.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        offset = os.lseek(log_fd, 0, os.SEEK_END)
-        try:
-            proc = subprocess.Popen(
-                self.launch_argv,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=log_fd,
-                cwd=self.cwd,
-                env=self.env,
-                start_new_session=True,  # survives the caller's terminal and process group
-                close_fds=True,
-            )
-        except OSError as exc:
-            raise DaemonStartError(f"cannot launch daemon ({self.launch_argv[0]}): {exc.strerror}") from None
-        finally:
-            os.close(log_fd)
-        return self._wait_ready(proc, offset)
-
-    def _wait_ready(self, proc: subprocess.Popen, log_offset: int) -> Tuple[Dict[str, Any], bool]:
-        began = time.monotonic()
-        step, said_slow = 0.01, False
-        while True:
-            status = self.verified_status()
-            # Our own child is accepted whatever its fingerprint: the config may have changed
-            # since this process read it, and a fingerprint that no longer exists never shows.
-            if status and (status["fresh"] or status["pid"] == proc.pid):
-                _reap_in_background(proc)
-                return status, status["pid"] == proc.pid  # another pid: a twin, adopted
-            code = proc.poll()
-            if code is not None:
-                status = self.verified_status()  # it may have found (and reconciled) a twin
-                # Exit 0 is the child's verdict that the live twin serves the config as it
-                # read it, which may be newer than ours.
-                if status and (status["fresh"] or code == 0):
-                    return status, False
-                error = DaemonStartError(self._startup_error(log_offset, code, proc.pid))
-                error.exit_code = 2 if code == 2 else 1  # the child's usage/config verdict holds
-                raise error
-            elapsed = time.monotonic() - began
-            if elapsed > _START_SLOW_NOTICE and not said_slow:
-                said_slow = True
-                self.on_slow(f"daemon (pid {proc.pid}) is slow to start; still waiting…")
-            if elapsed > self.start_timeout:
-                _reap_in_background(proc)
-                raise DaemonTimeout(
-                    f"daemon (pid {proc.pid}) not ready after {self.start_timeout:g}s; "
-                    f"log {self.paths.log} ends: {self._log_tail(log_offset, proc.pid) or '(empty)'}"
-                )
-            time.sleep(step)
-            step = min(step * 1.5, 0.05)
-
-    def _log_tail(self, offset: int, pid: int, lines: int = 3) -> str:
-        """The last ``lines`` lines ``pid`` wrote since ``offset``: other daemons append to
-        the same log, and their lines must never pass for the child's own error."""
-        try:
-            with open(self.paths.log, "rb") as fh:
-                fh.seek(offset)
-                text = fh.read(1 << 20).decode("utf-8", "replace")
-        except OSError:
-            return ""
-        kept = [ln.strip() for ln in text.splitlines() if _log_line_pid(ln) == pid]
-        return " | ".join(kept[-lines:])
-
-    def _startup_error(self, offset: int, code: int, pid: int) -> str:
-        tail = self._log_tail(offset, pid, lines=1)
-        if tail:
-            return f"daemon failed to start: {_strip_log_prefix(tail)}"
-        return f"daemon exited with code {code} before it was ready (log: {self.paths.log})"
-
-    # -- requests ------------------------------------------------------------------------------
-
-    def request(
-        self,
-        method: str,
-        params: Optional[Dict[str, Any]] = None,
-        *,
-        idle_timeout: float = _DEFAULT_IDLE_BUDGET,
-        progress_ms: Optional[int] = _CLIENT_PROGRESS_MS,
-        auto_start: bool = True,
-        notices: Optional[List[str]] = None,
-        overall_timeout: Optional[float] = None,
-        on_progress: Optional[Callable[[Dict[str, Any]], None]] = None,
-    ) -> Any:
-        """Send one request to a verified fresh daemon (starting it if allowed). Raises
-        RemoteError for ``ok: false``, DaemonTimeout past ``overall_timeout`` (progress or not).
-        A server's progress, relayed in the daemon's progress frames, goes to ``on_progress``.
-
-        A delivered request runs at most once: it is sent again (after ``ensure``) only when it
-        never reached a daemon, or was answered ``shutting_down`` (its handler never ran).
-        """
-        if auto_start:
-            self.ensure()
-        send = (method, params, idle_timeout, progress_ms, overall_timeout, on_progress)
-        try:
-            response = self._send(*send)
-        except _NotDelivered:
-            if not auto_start:
-                raise
-            self.ensure()
-            response = self._send(*send)
-        if auto_start and (response.get("error") or {}).get("code") == "shutting_down":
-            self.ensure()
-            response = self._send(*send)
-        if notices is not None:
-            notices.extend(str(n) for n in response.get("notices") or [])
-        return result_or_raise(response)
-
-    def _send(
-        self,
-        method: str,
-        params: Optional[Dict[str, Any]],
-        idle: float,
-        progress_ms: Optional[int],
-        overall: Optional[float] = None,
-        on_progress: Optional[Callable[[Dict[str, Any]], None]] = None,
-    ) -> Dict[str, Any]:
-        req: Dict[str, Any] = {
-            "id": f"{os.getpid()}-{time.monotonic_ns()}",
-            "method": method,
-            "params": params or {},
-            "protocolVersion": DAEMON_PROTOCOL_VERSION,
-        }
-        if progress_ms:
-            req["progressIntervalMs"] = progress_ms
-        return exchange(
-            self.paths.socket,
-            req,
-            idle,
-            connect_timeout=self.probe_timeout,
-            overall_timeout=overall,
-            on_progress=on_progress,
-        )
-
-    # -- stopping ------------------------------------------------------------------------------
-
-    def stop(self, timeout: float = _STOP_WAIT) -> str:
-        """Stop the daemon and return after its pid is gone; if it is still there when
-        ``timeout`` has passed and the metadata proves it ours, terminate it and its MCP
-        servers. A daemon already stopping (a concurrent ``stop``) is waited for. Returns
-        what happened, in words."""
-        deadline = time.monotonic() + timeout
-        meta = read_metadata(self.paths.metadata) or {}
-        recorded = meta.get("pid")
-        recorded_ours = is_our_pid(recorded, meta.get("pidStartTime"))
-        probe = probe_live_daemon(self.paths.socket, min(self.probe_timeout, timeout))
-        pid = stop_target(probe.kind, probe.pid, recorded, recorded_ours)
-        if pid is None:
-            cleaned = self._clear_stale_files(meta)
-            return "no daemon running" + (" (removed stale files)" if cleaned else "")
-        start = process_start_time(pid)
-        if probe.kind in ("live", "silent"):  # silent may only be slow: ask, then wait it out
-            left = max(deadline - time.monotonic(), 0.05)
-            try:
-                exchange(
-                    self.paths.socket,
-                    {"id": "stop", "method": "stop", "params": {}, "protocolVersion": 2},
-                    left,
-                    connect_timeout=min(left, self.probe_timeout),
-                )
-            except DaemonError:
-                pass  # it may have exited before answering; the pid tells
-        gone = _wait_gone(pid, max(deadline - time.monotonic(), 0.0), start)
-        verified = recorded == pid and is_our_pid(pid, meta.get("pidStartTime"))
-        plan = plan_stop_escalation(probe.kind, verified, gone)
-        if plan == "stopped":
-            return f"stopped (pid {pid})"
-        if plan == "still-stopping":
-            raise DaemonTimeout(f"daemon (pid {pid}) is still shutting down after {timeout:g}s")
-        if plan == "refuse":
-            # Signals only with proof (§7): the metadata read before the stop names this very
-            # process (a stopping daemon removes the file, so it had to be read first).
-            raise DaemonError(
-                f"daemon (pid {pid}) did not stop within {timeout:g}s and cannot be verified as ours; "
-                "not signalled"
-            )
-        terminate_daemon_tree(pid, str(meta["pidStartTime"]), meta.get("servers") or {})
-        self._clear_stale_files()
-        if probe.kind in ("live", "stopping"):
-            return f"daemon (pid {pid}) did not stop within {timeout:g}s; terminated it"
-        return f"terminated unresponsive daemon (pid {pid})"
-
-    def _clear_stale_files(self, meta: Optional[Dict[str, Any]] = None) -> bool:
-        """Under the bind lock: end a dead daemon's recorded MCP servers, drop its files."""
-        if not os.path.isdir(self.paths.base_dir):
-            return False
-        cleaned = False
-        with FileLock(self.paths.bind, timeout=5.0, what="bind lock"):
-            meta = read_metadata(self.paths.metadata)
-            if meta and is_our_pid(meta.get("pid"), meta.get("pidStartTime")):
-                return False  # a live owner appeared meanwhile
-            for entry in ((meta or {}).get("servers") or {}).values():
-                if _recorded_server_left(entry):
-                    end_server_group(entry["pid"], entry["pidStartTime"])
-            if meta is not None or os.path.exists(self.paths.metadata):
-                _unlink_quietly(self.paths.metadata)
-                cleaned = True
-            if (
-                os.path.exists(self.paths.socket)
-                and probe_live_daemon(self.paths.socket, self.probe_timeout).kind == "dead"
-            ):
-                _unlink_quietly(self.paths.socket)
-                cleaned = True
-        return cleaned
-
-
-def stop_target(kind: str, answered: Optional[int], recorded: Any, recorded_ours: bool) -> Optional[int]:
-    """Which pid a ``stop`` waits for: the one that answered (live or stopping), else the
-    metadata's pid when it is verified ours (silent, or its socket is gone); else none."""
-    if kind in ("live", "stopping"):
-        return answered
-    return recorded if recorded_ours else None
-
-
-def plan_stop_escalation(kind: str, verified: bool, gone: bool) -> str:
-    """After ``stop`` waited out its timeout: "stopped", "terminate" (verified ours by the
-    metadata), "still-stopping" (another stop is ending it) or "refuse" (never signal an
-    unverified pid)."""
-    if gone:
-        return "stopped"
-    if verified:
-        return "terminate"
-    return "still-stopping" if kind == "stopping" else "refuse"
-
-
-def _reap_in_background(proc: subprocess.Popen) -> None:
-    """A long-lived caller must not collect zombies: wait for the detached child off-thread."""
-    import threading
-
-    threading.Thread(target=proc.wait, name="daemon-reaper", daemon=True).start()
-
-
-def _log_line_pid(line: str) -> Optional[int]:
-    """The pid of a log line (``<stamp>Z [<pid>] message``); None for an unstamped line."""
-    parts = line.split(" ", 2)
-    if len(parts) < 2 or not parts[0].endswith("Z") or not parts[1].startswith("["):
-        return None
-    digits = parts[1][1:].rstrip("]")
-    return int(digits) if digits.isdigit() and parts[1].endswith("]") else None
-
-
-def _strip_log_prefix(line: str) -> str:
-    """Drop our log line's timestamp and pid so the child's own error reads as one line."""
-    parts = line.split(" ", 2)
-    if len(parts) == 3 and parts[0].endswith("Z") and parts[1].startswith("["):
-        line = parts[2]
-    prefix = f"{_PROG}: "
-    return line[len(prefix) :] if line.startswith(prefix) else line
 
 
 # ##########################################################################################
@@ -4387,12 +4459,16 @@ _DEMO_TOOLS = [
         },
     },
 ]
+
 # The demo server appends each notifications/cancelled it receives (JSON, with its wall-clock
 # arrival time) to the file this names: how tests see that a call was cancelled, and when.
 _DEMO_CANCEL_LOG_VAR = "MCPORTER_DEMO_CANCEL_LOG"
+
 # A 1x1 PNG (70 bytes) and a 52-byte WAV of silence, for the media tool.
 _DEMO_PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg=="
+
 _DEMO_WAV = "UklGRiwAAABXQVZFZm10IBAAAAABAAEAQB8AAEAfAAABAAgAZGF0YQgAAACAgICAgICAgA=="
+
 _DEMO_CONTENT: Dict[str, Dict[str, Any]] = {
     "media": {
         "content": [
@@ -4418,7 +4494,6 @@ _DEMO_CONTENT: Dict[str, Dict[str, Any]] = {
     "structured": {"content": [], "structuredContent": {"answer": 42, "items": ["a", "b"]}},
 }
 
-
 _DEMO_PROMPTS: List[Dict[str, Any]] = [
     {
         "name": "greet",
@@ -4430,6 +4505,7 @@ _DEMO_PROMPTS: List[Dict[str, Any]] = [
     },
     {"name": "counter-report", "description": "Report the counter, quoting its resource."},
 ]
+
 _DEMO_TEMPLATES: List[Dict[str, Any]] = [
     {
         "uriTemplate": "demo://echo/{text}",

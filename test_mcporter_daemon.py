@@ -1074,6 +1074,43 @@ def readme_vendoring_example():
     return match.group(1)
 
 
+CORE_END_MARKER = (
+    "# ==== The vendorable core ends here. Everything below is MCP: config, servers, the CLI. ===="
+)
+
+
+def test_vendorable_core_comes_first_and_says_nothing_of_mcp():
+    """Everything from the first section banner down to the core's end line is free of MCP (the
+    README tells vendors they may copy down to that line), and uses nothing defined below it."""
+    import ast
+
+    text = MODULE_PATH.read_text()
+    lines = text.split("\n")
+    assert lines.count(CORE_END_MARKER) == 1, "the core's end line must appear exactly once"
+    assert CORE_END_MARKER in (HERE / "README.md").read_text(), "the README names the core's end line"
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("# Constants and errors"))
+    end = lines.index(CORE_END_MARKER)
+    mentions = re.compile(r"(?<![A-Za-z])(?:MCP|mcp|Mcp)(?![A-Za-z])|\bMcp[A-Z]")
+    found = [f"{i + 1}: {lines[i].strip()}" for i in range(start, end) if mentions.search(lines[i])]
+    assert not found, "the core mentions MCP:\n" + "\n".join(found)
+    tree = ast.parse(text)
+    below = set()
+    for node in tree.body:
+        if node.lineno > end + 1:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                below.add(node.name)
+            elif isinstance(node, ast.Assign):
+                below.update(t.id for t in node.targets if isinstance(t, ast.Name))
+    used = sorted(
+        {
+            (n.lineno, n.id)
+            for n in ast.walk(tree)
+            if isinstance(n, ast.Name) and n.lineno <= end and n.id in below
+        }
+    )
+    assert not used, f"the core uses names defined below it: {used}"
+
+
 def test_readme_vendoring_example_runs_as_is(h):
     work = h.tmp / "vendor"
     work.mkdir()
@@ -1611,7 +1648,7 @@ def test_next_daemon_ends_eof_ignoring_server_of_sigkilled_daemon(h):
     # Ended by the next daemon before it bound, so already gone when the call answers.
     assert not pid_alive(old_server), f"orphaned MCP server {old_server} still running"
     log = h.path("log").read_text()
-    assert f"ending MCP server 'demo' (pid {old_server}) left by a dead daemon" in log, log[-2000:]
+    assert f"ending server 'demo' (pid {old_server}) left by a dead daemon" in log, log[-2000:]
     new_pid = running_status(h)["pid"]
     assert new_pid != old_pid
     assert_one_daemon_tree(h, new_pid)
