@@ -3970,6 +3970,19 @@ def _stall_param(params: Dict[str, Any]) -> Optional[float]:
     return ms / 1000.0 if ms and ms > 0 else None
 
 
+def _release_freed_memory() -> None:
+    """Give memory freed by a large result back to the OS. glibc keeps freed blocks of up
+    to 32 MiB in its arenas once it has seen a larger one, so an idle daemon would stay tens
+    of MiB fat after relaying a big image; other C libraries need nothing."""
+    import ctypes
+
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return  # not glibc
+    trim(0)
+
+
 class McpKeepAliveService:
     """Keeps the config's keep-alive servers running inside a ``DaemonHost``."""
 
@@ -3981,6 +3994,7 @@ class McpKeepAliveService:
         self.host: Optional[DaemonHost] = None
         self._counts = threading.Lock()  # not slot.lock: that is held through a server's start-up
         self._stopping = False  # set by shutdown: no server starts after it
+        self._trim_ticks = 0  # housekeeping rounds left that return freed memory to the OS
         self._slots = {
             name: _ServerSlot(spec, threading.Lock())
             for name, spec in config.servers.items()
@@ -4110,9 +4124,12 @@ class McpKeepAliveService:
             return c.call_tool(tool, full, timeout, ctx.notices, ctx.report_progress, ctx.cancelled, stall)
 
         try:
-            return self._use(slot, ctx, call)
+            result = self._use(slot, ctx, call)
         except UsageError as exc:
             raise HandlerError(str(exc), "invalid_arguments") from None
+        if _looks_large({"result": result}):
+            self._trim_ticks = 2  # once it is sent and freed, hand the memory back (see tick)
+        return result
 
     def _tools(self, slot: _ServerSlot, client: McpStdioClient, timeout: float) -> List[Dict[str, Any]]:
         """This server process's tools/list, kept until it announces a change (``tools_stale``)
@@ -4194,6 +4211,9 @@ class McpKeepAliveService:
         thread of its own, so a slow close or a wedged server delays nothing else."""
         import threading
 
+        if self._trim_ticks:
+            self._trim_ticks -= 1
+            _release_freed_memory()
         for slot in self._slots.values():
             if self._idle(slot):
                 threading.Thread(target=self._close_if_idle, args=(slot,), daemon=True).start()
