@@ -823,6 +823,7 @@ class FileLock:
             return None
 
     def release(self) -> None:
+        """Drop the lock (a no-op when not held)."""
         if self._fd is not None:
             fd, self._fd = self._fd, None
             fcntl.flock(fd, fcntl.LOCK_UN)
@@ -1153,12 +1154,15 @@ class DaemonLog:
         self._fh = os.fdopen(fd, "a", encoding="utf-8", errors="replace")
 
     def traces(self, server: str) -> bool:
+        """Whether calls to ``server`` get a trace line."""
         return self.verbose or server in self.servers
 
     def event(self, message: str) -> None:
+        """One lifecycle line, stamped with the time and our pid."""
         self.write(_log_prefix() + message)
 
     def write(self, line: str) -> None:
+        """One raw line; a full disk or closed stream is ignored, never raised."""
         with self._lock:
             fh = self._fh or sys.stderr
             try:
@@ -1199,6 +1203,7 @@ class RequestContext:
         self.progress: Optional[Dict[str, Any]] = None  # replaced whole: read without a lock
 
     def report_progress(self, update: Dict[str, Any]) -> None:
+        """Record the latest progress; the host puts it in the caller's next progress frame."""
         self.progress = dict(update)
 
 
@@ -1222,6 +1227,7 @@ class ProbeResult:
 
     @property
     def pid(self) -> Optional[int]:
+        """The pid the answer named, when it is a valid one."""
         pid = self.status.get("pid")
         return pid if _is_pid(pid) else None
 
@@ -2633,9 +2639,11 @@ class Config:
         self.imports: List[Any] = []  # _ImportedFile: editor configs that were read
 
     def keep_alive_servers(self) -> List[str]:
+        """Names of the servers the daemon keeps running."""
         return [name for name, spec in self.servers.items() if spec.keep_alive]
 
     def fingerprint(self) -> str:
+        """The daemon identity for this config: layers, imports, keep-alive env, versions."""
         return config_fingerprint(list(self.layers) + [f.layer() for f in self.imports])
 
 
@@ -3173,7 +3181,6 @@ class McpStdioClient:
         self._close_lock = threading.Lock()  # one group shutdown at a time (close, watcher)
         self._reaped = False
         self._group_ended = False
-        self.server_info: Dict[str, Any] = {}
         self.protocol_version = ""
         self.tools_stale = True
         self._notices: List[List[str]] = []  # one list per in-flight caller that wants notices
@@ -3182,9 +3189,11 @@ class McpStdioClient:
 
     @property
     def pid(self) -> Optional[int]:
+        """The server process's pid (None before start)."""
         return self._proc.pid if self._proc else None
 
     def alive(self) -> bool:
+        """Running, its stream intact, and its leader not exited (checked without reaping)."""
         return self._proc is not None and not self._broken and not self._leader_exited()
 
     def _leader_exited(self) -> bool:
@@ -3472,6 +3481,7 @@ class McpStdioClient:
     def notify(
         self, method: str, params: Optional[Dict[str, Any]] = None, deadline: Optional[float] = None
     ) -> None:
+        """Send a JSON-RPC notification (no answer expected), with a write deadline."""
         msg: Dict[str, Any] = {"jsonrpc": "2.0", "method": method}
         if params is not None:
             msg["params"] = params
@@ -3595,7 +3605,6 @@ class McpStdioClient:
                 "runtime_error",
             )
         self.protocol_version = version
-        self.server_info = (result or {}).get("serverInfo") or {}
         self.notify("notifications/initialized")
 
     def _paginate(self, method: str, key: str, timeout: float) -> List[Any]:
@@ -3611,6 +3620,7 @@ class McpStdioClient:
         return items
 
     def list_tools(self, timeout: float = _DEFAULT_CALL_TIMEOUT) -> List[Dict[str, Any]]:
+        """``tools/list``, every page."""
         self.tools_stale = False
         return self._paginate("tools/list", "tools", timeout)
 
@@ -3640,15 +3650,19 @@ class McpStdioClient:
         )
 
     def list_resources(self, timeout: float = _DEFAULT_CALL_TIMEOUT) -> List[Dict[str, Any]]:
+        """``resources/list``, every page."""
         return self._paginate("resources/list", "resources", timeout)
 
     def read_resource(self, uri: str, timeout: float = _DEFAULT_CALL_TIMEOUT) -> Dict[str, Any]:
+        """``resources/read`` of one URI."""
         return self.request("resources/read", {"uri": uri}, timeout=timeout) or {}
 
     def ping(self, timeout: float = 5.0) -> None:
+        """MCP ``ping``; raises McpError when the server does not answer in time."""
         self.request("ping", {}, timeout=timeout)
 
     def list_prompts(self, timeout: float = _DEFAULT_CALL_TIMEOUT) -> List[Dict[str, Any]]:
+        """``prompts/list``, every page."""
         return self._paginate("prompts/list", "prompts", timeout)
 
     def get_prompt(
@@ -3659,6 +3673,7 @@ class McpStdioClient:
         return self.request("prompts/get", params, timeout=timeout) or {}
 
     def list_resource_templates(self, timeout: float = _DEFAULT_CALL_TIMEOUT) -> List[Dict[str, Any]]:
+        """``resources/templates/list``, every page."""
         return self._paginate("resources/templates/list", "resourceTemplates", timeout)
 
     # -- shutdown --------------------------------------------------------------------------------
@@ -4002,10 +4017,12 @@ class McpKeepAliveService:
         }
 
     def attach(self, host: DaemonHost) -> DaemonHost:
+        """Bind to the host that serves these handlers (for metadata updates)."""
         self.host = host
         return host
 
     def handlers(self) -> Dict[str, Callable[[Dict[str, Any], RequestContext], Any]]:
+        """The wire methods this service answers, for ``DaemonHost``."""
         return {
             "callTool": self.call_tool,
             "listTools": self.list_tools,
@@ -4144,6 +4161,7 @@ class McpKeepAliveService:
         return tools
 
     def list_tools(self, params: Dict[str, Any], ctx: RequestContext) -> Any:
+        """``listTools``: a kept server's tools (from the cache), with schemas on request."""
         slot = self._slot(params)
         schema = bool(params.get("includeSchema"))
         tools = self._use(slot, ctx, lambda c: self._tools(slot, c, _timeout_param(params)))
@@ -4151,15 +4169,18 @@ class McpKeepAliveService:
         return [{k: t[k] for k in keep if k in t} for t in tools if isinstance(t, dict)]
 
     def list_resources(self, params: Dict[str, Any], ctx: RequestContext) -> Any:
+        """``listResources``: a kept server's resources."""
         slot = self._slot(params)
         return {"resources": self._use(slot, ctx, lambda c: c.list_resources())}
 
     def read_resource(self, params: Dict[str, Any], ctx: RequestContext) -> Any:
+        """``readResource``: one resource of a kept server."""
         slot = self._slot(params)
         uri = _param(params, "uri", str, "a resource URI")
         return self._use(slot, ctx, lambda c: c.read_resource(uri))
 
     def close_server(self, params: Dict[str, Any], ctx: RequestContext) -> Any:
+        """``closeServer``: close one kept server; the next call starts it again."""
         slot = self._slot(params)
         self._close(slot, "closeServer request")
         return True
@@ -4172,11 +4193,13 @@ class McpKeepAliveService:
         return {"server": slot.spec.name, "pid": client.pid if client else None, "wasRunning": was_running}
 
     def list_prompts(self, params: Dict[str, Any], ctx: RequestContext) -> Any:
+        """``listPrompts``: a kept server's prompts."""
         slot = self._slot(params)
         timeout = _timeout_param(params)
         return {"prompts": self._use(slot, ctx, lambda c: c.list_prompts(timeout))}
 
     def get_prompt(self, params: Dict[str, Any], ctx: RequestContext) -> Any:
+        """``getPrompt``: one prompt of a kept server, with its arguments."""
         slot = self._slot(params)
         name = _param(params, "name", str, "a prompt name")
         args = _param(params, "args", dict, "an object", required=False) or {}
@@ -4184,6 +4207,7 @@ class McpKeepAliveService:
         return self._use(slot, ctx, lambda c: c.get_prompt(name, args, timeout))
 
     def list_resource_templates(self, params: Dict[str, Any], ctx: RequestContext) -> Any:
+        """``listResourceTemplates``: a kept server's resource templates."""
         slot = self._slot(params)
         timeout = _timeout_param(params)
         return {"resourceTemplates": self._use(slot, ctx, lambda c: c.list_resource_templates(timeout))}
@@ -4359,6 +4383,7 @@ class McpKeepAliveService:
                 slot.lock.release()
 
     def status_extra(self) -> Dict[str, Any]:
+        """Hook for ``status``: the config path and each kept server's state and health."""
         servers = []
         for name, slot in self._slots.items():
             client = slot.client
@@ -4377,6 +4402,7 @@ class McpKeepAliveService:
         return {"configPath": self.config.path, "servers": servers}
 
     def metadata_extra(self) -> Dict[str, Any]:
+        """Hook for the metadata: config layers and each running server's pid and start time."""
         servers = {}
         for name, slot in self._slots.items():
             client = slot.client

@@ -7843,3 +7843,44 @@ def test_our_foreground_daemon_replaces_live_mcporter_daemon(hx, mcporter_cli):
     assert not h.socket_path.exists()
     assert not h.meta_path.exists()
     h.expect_no_leftovers = True
+
+
+# ---- process identity through ps (the macOS/BSD path), forced on Linux ----------------------
+
+
+def test_ps_process_facts_path_works_when_forced(monkeypatch):
+    """The platform seam's other side: start times, stopped state, children and group members
+    from ``ps``, and a leaderless group's survivor ended through it."""
+    md = _import_module()
+    if not shutil.which("ps"):
+        pytest.skip("no ps on this machine")
+    monkeypatch.setattr(md, "_ON_PROC", False)
+    monkeypatch.setattr(md, "_process_info", md._ps_process_info)
+    monkeypatch.setattr(md, "_group_members", md._ps_group_members)
+    monkeypatch.setattr(md, "_start_order", md._ps_start_order)
+    leader = subprocess.Popen(["sh", "-c", "sleep 300 & exec sleep 301"], start_new_session=True)
+    survivor = None
+    try:
+        start = md.process_start_time(leader.pid)
+        assert start and re.match(r"\w{3} \w{3} \d+ \d\d:\d\d:\d\d \d{4}$", start), start
+        assert md.is_our_pid(leader.pid, start)
+        assert not md.is_our_pid(leader.pid, "Mon Jan 1 00:00:00 2001")
+        os.kill(leader.pid, signal.SIGSTOP)
+        wait_until(lambda: md.process_stopped(leader.pid), 5, message="ps to report the leader stopped")
+        os.kill(leader.pid, signal.SIGCONT)
+        wait_until(lambda: not md.process_stopped(leader.pid), 5, message="ps to report it running")
+        assert leader.pid in md._child_pids(os.getpid())
+        members = wait_until(lambda: [m for m in md._group_members(leader.pid) if m[0] != leader.pid], 5)
+        survivor = members[0][0]
+        assert all(sid == leader.pid for _, sid, _ in md._group_members(leader.pid))
+        # The leader dies first (and is reaped); its child lives on in the leaderless group.
+        leader.kill()
+        leader.wait(5)
+        assert pid_alive(survivor)
+        md.end_server_group(leader.pid, start, grace=1.0)
+        wait_until(lambda: not pid_alive(survivor), 5, message=f"the group's survivor {survivor} to be ended")
+    finally:
+        for pid in (leader.pid, survivor):
+            if pid and pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        leader.wait(5)
