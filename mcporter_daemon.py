@@ -2471,6 +2471,8 @@ _STDERR_LINE_CHARS = 300
 _STDERR_EOF_WAIT = 0.3  # for a dying server's last stderr lines (a grandchild may hold the pipe)
 
 _MCP_CLOSE_GRACE = 2.0
+# A close's every step: exit wait, SIGTERM grace, SIGKILL wait, reap (McpStdioClient._end_group).
+_MCP_CLOSE_WORST = 4 * _MCP_CLOSE_GRACE + 0.5
 
 _MCP_WRITE_DEADLINE = 2.0  # for frames not tied to a call (notifications, answers to the server)
 
@@ -4374,9 +4376,10 @@ class McpKeepAliveService:
         ]
         for t in threads:
             t.start()
+        # Long enough for a close's every step, so no server outlives the daemon (bounded).
+        deadline = time.monotonic() + _MCP_CLOSE_WORST
         for t in threads:
-            t.join(2 * _MCP_CLOSE_GRACE + 1)
-        deadline = time.monotonic() + 2 * _MCP_CLOSE_GRACE + 1
+            t.join(max(0.0, deadline - time.monotonic()))
         for slot in self._slots.values():
             # A close begun by an idle close or a restart must end its process before we exit.
             if slot.lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
