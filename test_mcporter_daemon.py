@@ -214,11 +214,9 @@ def _orphan_reaper():
     yield
 
 
-def spawn(args, env, cwd, stdout, stderr):
+def spawn(args, env, cwd, stdout, stderr, stdin=subprocess.DEVNULL):
     with _SPAWN_LOCK:
-        p = subprocess.Popen(
-            args, env=env, cwd=str(cwd), stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr
-        )
+        p = subprocess.Popen(args, env=env, cwd=str(cwd), stdin=stdin, stdout=stdout, stderr=stderr)
         _POPENS.append(p)
     return p
 
@@ -344,10 +342,28 @@ class Harness:
         self.track(p.pid)
         return p
 
-    def cli(self, *args, **kw):
-        timeout = kw.pop("timeout", CLI_TIMEOUT)
-        p = self.popen_piped(*args)
-        return communicate_text(p, self.argv(*args), timeout)
+    def run(
+        self, *args, argv=None, env=None, cwd=None, timeout=CLI_TIMEOUT, config=True, stdin=None, **env_extra
+    ):
+        """Run a command to completion, output captured; the one way a test runs a CLI.
+
+        The command is this module's CLI with ``--config`` (``config=False`` leaves that out,
+        for discovery and ``--root``) followed by ``args``; ``argv`` replaces that prefix (another
+        program: mcporter, a probe script). ``env`` defaults to ``self.env()``; upper-case
+        keyword arguments are added to it. ``stdin``: text for the command's stdin (default:
+        none). Tracked for cleanup; returns a ``Result``, or fails once ``timeout`` has passed.
+        """
+        if argv is None:
+            argv = self.argv() if config else [sys.executable, str(MODULE_PATH)]
+        argv = [str(a) for a in list(argv) + list(args)]
+        assert all(k.isupper() for k in env_extra), f"not environment names: {sorted(env_extra)}"
+        env = dict(self.env() if env is None else env)
+        env.update({k: str(v) for k, v in env_extra.items()})
+        pipe_in = subprocess.DEVNULL if stdin is None else subprocess.PIPE
+        p = spawn(argv, env, cwd or self.tmp, subprocess.PIPE, subprocess.PIPE, stdin=pipe_in)
+        self.popens.append(p)
+        self.track(p.pid)
+        return communicate_text(p, argv, timeout, stdin)
 
     # -- observing --
 
@@ -358,7 +374,7 @@ class Harness:
                 self.seen.add((pid, st.start))
 
     def status(self):
-        r = self.cli("status", "--json")
+        r = self.run("status", "--json")
         assert r.rc == 0, r
         data = json.loads(r.out)
         if data.get("running"):
@@ -457,10 +473,10 @@ class Harness:
             pytest.fail("processes left behind:\n" + "\n".join(described))
 
 
-def communicate_text(p, args, timeout):
+def communicate_text(p, args, timeout, stdin=None):
     started = time.monotonic()
     try:
-        out, err = p.communicate(timeout=timeout)
+        out, err = p.communicate(None if stdin is None else stdin.encode(), timeout=timeout)
     except subprocess.TimeoutExpired:
         p.kill()
         try:
@@ -496,7 +512,7 @@ def h(tmp_path):
 
 
 def call_ok(h, *args):
-    r = h.cli("call", *args)
+    r = h.run("call", *args)
     assert r.rc == 0, r
     return r.out.strip()
 
@@ -509,7 +525,7 @@ def started_pid(result):
 
 def start_daemon(h):
     """``start`` the daemon (detached) and return its pid."""
-    r = h.cli("start")
+    r = h.run("start")
     assert r.rc == 0, r
     return started_pid(r)
 
@@ -591,7 +607,7 @@ def test_paths_match_contract(h, monkeypatch):
 
 
 def test_status_when_nothing_runs(h):
-    r = h.cli("status", "--json")
+    r = h.run("status", "--json")
     assert r.rc == 0, r
     data = json.loads(r.out)
     assert data["running"] is False
@@ -652,7 +668,7 @@ def test_call_echo_passes_string_argument(h):
 
 
 def test_call_tool_error_exits_1(h):
-    r = h.cli("call", "demo.fail")
+    r = h.run("call", "demo.fail")
     assert r.rc == 1, r
     assert "Traceback" not in r.err, r
     # The daemon is still healthy after a tool error.
@@ -908,7 +924,7 @@ def test_superseded_daemon_never_removes_replacement_files(h, how):
     h.sigstop(a)
     h.socket_path.unlink()
     h.meta_path.unlink()
-    r = h.cli("start")
+    r = h.run("start")
     assert r.rc == 0 and "started" in r.out, r
     b = started_pid(r)
     assert b != a
@@ -943,7 +959,7 @@ def test_stop_leaves_nothing(h):
     server = h.server_pid_from_status()
     assert h.socket_path.exists() and h.meta_path.exists()
 
-    r = h.cli("stop")
+    r = h.run("stop")
     assert r.rc == 0, r
     assert r.out.strip() or r.err.strip(), "stop printed nothing"
     assert not pid_alive(daemon), f"daemon {daemon} still running after stop"
@@ -954,7 +970,7 @@ def test_stop_leaves_nothing(h):
     assert not h.meta_path.exists()
     assert h.status()["running"] is False
 
-    r = h.cli("stop")
+    r = h.run("stop")
     assert r.rc == 0, r
     h.expect_no_leftovers = True
 
@@ -1187,19 +1203,6 @@ CONNECT_PROBE = (
 )
 
 
-def run_argv(h, argv, env, cwd=None, timeout=CLI_TIMEOUT):
-    """Run ``argv`` to completion with piped output; tracked for cleanup like ``h.cli``."""
-    p = spawn([str(a) for a in argv], env, cwd or h.tmp, subprocess.PIPE, subprocess.PIPE)
-    h.popens.append(p)
-    h.track(p.pid)
-    return communicate_text(p, [str(a) for a in argv], timeout)
-
-
-def cli_with_env(h, *args, **env_extra):
-    """``h.cli`` with extra environment variables for the CLI (and what it launches)."""
-    return run_argv(h, h.argv(*args), h.env(**env_extra))
-
-
 def vm_rss_kib(pid):
     try:
         with open(f"/proc/{pid}/status") as f:
@@ -1345,7 +1348,7 @@ def test_stopped_daemon_reclaimed_within_probe_timeout(h):
     assert old_server and pid_alive(old_server)
     h.sigstop(old_pid)
 
-    r = h.cli("call", "demo.counter")
+    r = h.run("call", "demo.counter")
     limit = PROBE_DEFAULT_S + 0.5
     print(f"\n  stopped daemon reclaimed: next `call` took {r.elapsed:.3f}s (limit {limit:.1f}s)")
     assert r.rc == 0 and r.out.strip() == "1", r
@@ -1405,7 +1408,7 @@ def test_busy_daemon_answers_status_and_is_not_replaced(h):
             assert resp.get("ok") is True and resp["result"]["pid"] == daemon, resp
 
     measure_status(10)
-    r_start = h.cli("start")
+    r_start = h.run("start")
     fg = h.popen("start", "--foreground")
     wait_until(lambda: fg.poll() is not None, 30, message="`start --foreground` to exit")
     measure_status(10)
@@ -1614,7 +1617,7 @@ def test_foreign_pid_in_metadata_is_never_signalled(h, start_time):
         assert sig_log.read_text() == "", f"bystander was signalled {when}: {sig_log.read_text()!r}"
 
     plant()
-    r = h.cli("stop")
+    r = h.run("stop")
     assert r.rc == 0, r
     assert "no daemon running" in r.out, r
     assert_untouched("by `stop`")
@@ -1686,7 +1689,7 @@ def test_daemon_exits_when_its_socket_path_is_lost(h, how):
 
         # The next call works. A listener that accepts but never answers is taken over after
         # two silent probes (its owner unknown); a short probe timeout keeps that quick.
-        r = cli_with_env(h, "call", "demo.counter", MCPORTER_DAEMON_PROBE_TIMEOUT_MS="300")
+        r = h.run("call", "demo.counter", MCPORTER_DAEMON_PROBE_TIMEOUT_MS="300")
         print(f"  next call took {r.elapsed:.2f}s")
         assert r.rc == 0 and r.out.strip() == "1", r
     finally:
@@ -1895,7 +1898,7 @@ def test_invalid_json_config_names_line_and_column(h):
         json.loads(BAD_JSON_CONFIG)
     except ValueError as exc:
         where = (exc.lineno, exc.colno)
-    r = h.cli("call", "demo.echo", "text=x")
+    r = h.run("call", "demo.echo", "text=x")
     assert_prompt_error(r, 2, str(h.cfg), f"line {where[0]}", f"column {where[1]}")
     assert h.daemon_pids() == set(), "a daemon started on a config it cannot parse"
 
@@ -1913,7 +1916,7 @@ def test_invalid_json_config_names_line_and_column(h):
 )
 def test_config_with_wrong_types_is_one_line_error(h, servers, named):
     h.write_config({"mcpServers": servers})
-    r = h.cli("call", "demo.echo", "text=x")
+    r = h.run("call", "demo.echo", "text=x")
     assert_prompt_error(r, 2, str(h.cfg), named)
     assert h.daemon_pids() == set()
 
@@ -1922,7 +1925,7 @@ def test_config_with_wrong_types_is_one_line_error(h, servers, named):
 def test_missing_server_command_is_named_at_once(h, lifecycle):
     missing = f"/nonexistent/mcp-server-{uuid.uuid4().hex[:8]}"
     h.write_config({"mcpServers": {"demo": {"command": missing, "lifecycle": lifecycle}}})
-    r = h.cli("call", "demo.echo", "text=x")
+    r = h.run("call", "demo.echo", "text=x")
     assert_prompt_error(r, 2, missing, "not found")
 
 
@@ -1936,7 +1939,7 @@ def test_unsafe_state_dir_is_refused(h, unsafe):
     else:
         os.chmod(str(h.state_dir), 0o777)
         needles = (str(h.state_dir), "0777")
-    r = h.cli("call", "demo.echo", "text=x")
+    r = h.run("call", "demo.echo", "text=x")
     assert_prompt_error(r, 2, *needles)
     assert h.daemon_pids() == set()
     assert not h.socket_path.exists()
@@ -1944,7 +1947,7 @@ def test_unsafe_state_dir_is_refused(h, unsafe):
 
 def test_daemon_child_start_failure_is_shown_at_once(h):
     bad_log = "/nonexistent/dir/x.log"
-    r = cli_with_env(h, "call", "demo.echo", "text=x", MCPORTER_DAEMON_LOG_PATH=bad_log)
+    r = h.run("call", "demo.echo", "text=x", MCPORTER_DAEMON_LOG_PATH=bad_log)
     assert_prompt_error(r, 1, f"cannot open log file {bad_log}")
     assert h.daemon_pids() == set()
 
@@ -1961,7 +1964,7 @@ def test_daemon_child_start_failure_is_shown_at_once(h):
     ids=["no-dot", "no-equals", "bad-args-json", "unknown-server", "unknown-command"],
 )
 def test_usage_errors_are_one_line_exit_2(h, args, named):
-    r = h.cli(*args)
+    r = h.run(*args)
     assert_prompt_error(r, 2, named)
     assert "_demo-server" not in r.err, "the internal command is offered to users"
     assert h.daemon_pids() == set()
@@ -2055,7 +2058,7 @@ def run_as_nobody_with_long_dir(h, fallback):
             "demo.echo",
             "text=x",
         ]
-        r = run_argv(h, argv, h.env(MCPORTER_DAEMON_DIR=long_dir, HOME=long_dir), cwd=long_dir)
+        r = h.run(argv=argv, env=h.env(MCPORTER_DAEMON_DIR=long_dir, HOME=long_dir), cwd=long_dir)
         return r, preferred, fb
     finally:
         if made_fb:
@@ -2078,7 +2081,7 @@ def test_state_files_private_under_permissive_umask(h):
     state = h.state_dir / "made-by-daemon"  # created by the module, not by the harness
     env = h.env(MCPORTER_DAEMON_DIR=str(state))
     argv = ["/bin/sh", "-c", 'umask 000 && exec "$@"', "sh"] + h.argv("call", "demo.counter")
-    r = run_argv(h, argv, env)
+    r = h.run(argv=argv, env=env)
     assert r.rc == 0 and r.out.strip() == "1", r
     sock = state / f"daemon-{h.key}.sock"
     files = {"socket": sock, "metadata": state / f"daemon-{h.key}.json", "log": state / f"daemon-{h.key}.log"}
@@ -2095,13 +2098,13 @@ def test_state_files_private_under_permissive_umask(h):
     assert modes["metadata"] == 0o600 and modes["log"] == 0o600, modes
 
     # Another user cannot connect; the same probe as us can (so the probe itself works).
-    r = run_argv(h, [sys.executable, "-c", CONNECT_PROBE, sock], env)
+    r = h.run(argv=[sys.executable, "-c", CONNECT_PROBE, sock], env=env)
     assert r.rc == 0 and r.out.strip() == "connected", r
     py = nobody_python()
-    r = run_argv(h, [sys.executable, "-c", AS_NOBODY, py, "-c", CONNECT_PROBE, sock], env, cwd="/")
+    r = h.run(argv=[sys.executable, "-c", AS_NOBODY, py, "-c", CONNECT_PROBE, sock], env=env, cwd="/")
     assert r.rc == 0, r
     assert r.out.strip().startswith("PermissionError"), f"uid {NOBODY_UID} could connect: {r!r}"
-    r = run_argv(h, h.argv("stop"), env)
+    r = h.run("stop", env=env)
     assert r.rc == 0, r
 
 
@@ -2124,13 +2127,13 @@ def test_long_state_dir_uses_tmp_fallback_socket(h):
     env = h.env(MCPORTER_DAEMON_DIR=long_dir)
     expected = fallback_socket_path(long_dir, h.key)
     try:
-        r = run_argv(h, h.argv("call", "demo.counter"), env)
+        r = h.run("call", "demo.counter", env=env)
         assert r.rc == 0 and r.out.strip() == "1", r
-        r = run_argv(h, h.argv("call", "demo.counter"), env)
+        r = h.run("call", "demo.counter", env=env)
         assert r.rc == 0 and r.out.strip() == "2", r
         meta = json.loads(Path(long_dir, f"daemon-{h.key}.json").read_text())
         assert meta["socketPath"] == expected, meta
-        r = run_argv(h, h.argv("status", "--json"), env)
+        r = h.run("status", "--json", env=env)
         st = json.loads(r.out)
         assert st["running"] is True and st["socketPath"] == expected, st
         assert stat.S_ISSOCK(os.stat(expected).st_mode)
@@ -2141,7 +2144,7 @@ def test_long_state_dir_uses_tmp_fallback_socket(h):
         h.track(daemon)
         h.track(server)
 
-        r = run_argv(h, h.argv("stop"), env)
+        r = h.run("stop", env=env)
         assert r.rc == 0, r
         assert not pid_alive(daemon) and not pid_alive(server)
         assert not os.path.exists(expected), "stop left the fallback socket behind"
@@ -2170,22 +2173,22 @@ def test_request_content_never_reaches_a_shell(h):
         f"$(touch {marks[0]}); `touch {marks[1]}`; | touch {marks[2]} & touch {marks[3]}; "
         f"> {marks[4]} ${{HOME}} $HOME * ' \" \\"
     )
-    r = h.cli("call", "demo.echo", f"text={text}")
+    r = h.run("call", "demo.echo", f"text={text}")
     assert r.rc == 0, r
     assert r.out == text + "\n", r
-    r = h.cli("call", "demo.echo", "--args", json.dumps({"text": text}))
+    r = h.run("call", "demo.echo", "--args", json.dumps({"text": text}))
     assert r.rc == 0 and r.out == text + "\n", r
 
     bad_server = f"demo;touch {marks[5]}"
-    r = h.cli("call", f"{bad_server}.echo")
+    r = h.run("call", f"{bad_server}.echo")
     if "." not in bad_server:
         assert_prompt_error(r, 2, f"unknown server '{bad_server}'")
     assert r.rc == 2 and "Traceback" not in r.err, r
     bad_tool = f"echo;touch {marks[6]}"
-    r = h.cli("call", f"demo.{bad_tool}")
+    r = h.run("call", f"demo.{bad_tool}")
     assert r.rc == 1 and "Traceback" not in r.err, r
     assert f"unknown tool: {bad_tool}" in r.out, r
-    r = h.cli("call", f"demo.$(touch {marks[7]})")
+    r = h.run("call", f"demo.$(touch {marks[7]})")
     assert r.rc == 1 and "Traceback" not in r.err, r
 
     sock = Path(h.meta()["socketPath"])
@@ -2238,15 +2241,6 @@ def ops_env(h, **extra):
     return env
 
 
-def ops_cli(h, *args, env=None, cwd=None, timeout=CLI_TIMEOUT, config=True):
-    """Run the CLI to completion; ``config=False`` leaves out ``--config`` (discovery, ``--root``)."""
-    argv = h.argv(*args) if config else [sys.executable, str(MODULE_PATH)] + [str(a) for a in args]
-    p = spawn(argv, env if env is not None else ops_env(h), cwd or h.tmp, subprocess.PIPE, subprocess.PIPE)
-    h.popens.append(p)
-    h.track(p.pid)
-    return communicate_text(p, argv, timeout)
-
-
 def ops_ok(result):
     assert result.rc == 0, result
     return result.out.strip()
@@ -2255,9 +2249,9 @@ def ops_ok(result):
 def ops_status(h, *prefix, env=None):
     """``status --json`` for the config named by ``prefix`` (default: the harness config)."""
     if prefix:
-        r = ops_cli(h, *prefix, "status", "--json", env=env, config=False)
+        r = h.run(*prefix, "status", "--json", env=env or ops_env(h), config=False)
     else:
-        r = ops_cli(h, "status", "--json", env=env)
+        r = h.run("status", "--json", env=env or ops_env(h))
     data = json.loads(ops_ok(r))
     if data.get("running"):
         h.track(data.get("pid"))
@@ -2473,7 +2467,7 @@ def test_service_launchd_plist_runs_the_foreground_host(h):
     h.cfg = h.tmp / "my proj" / "mcporter.json"
     h.cfg.parent.mkdir()
     h.write_config()
-    r = ops_cli(h, "service", "launchd", "--label", "com.example.mcpd-test")
+    r = h.run("service", "launchd", "--label", "com.example.mcpd-test", env=ops_env(h))
     plist = plistlib.loads(ops_ok(r).encode())
     assert plist["Label"] == "com.example.mcpd-test"
     argv = plist["ProgramArguments"]
@@ -2491,11 +2485,11 @@ def test_service_launchd_plist_runs_the_foreground_host(h):
     assert env["MCPORTER_DAEMON_DIR"] == str(h.state_dir)
 
     # The default label is per config, so two configs can both be installed.
-    default = plistlib.loads(ops_ok(ops_cli(h, "service", "launchd")).encode())["Label"]
+    default = plistlib.loads(ops_ok(h.run("service", "launchd", env=ops_env(h))).encode())["Label"]
     other_cfg = h.tmp / "other.json"
     other_cfg.write_text(h.cfg.read_text())
     other = plistlib.loads(
-        ops_ok(ops_cli(h, "--config", other_cfg, "service", "launchd", config=False)).encode()
+        ops_ok(h.run("--config", other_cfg, "service", "launchd", config=False, env=ops_env(h))).encode()
     )["Label"]
     assert default and other and default != other and " " not in default
 
@@ -2514,7 +2508,7 @@ def test_service_launchd_plist_runs_the_foreground_host(h):
     assert call_ok(h, "demo.counter") == "2"
     assert_one_daemon_tree(h, first.pid)
     # `stop` is a deliberate outcome: exit 0, so launchd does not respawn it.
-    ops_ok(h.cli("stop"))
+    ops_ok(h.run("stop"))
     assert ops_wait_exit(first, 10) == 0
     wait_until(lambda: not h.server_pids(), 5, message="MCP server to exit")
     h.expect_no_leftovers = True
@@ -2525,21 +2519,21 @@ def test_service_files_name_the_root_or_the_config(h):
     elsewhere = h.tmp / "elsewhere"
     elsewhere.mkdir()
     # Discovered config: the service must rediscover the same layers, so it names the root.
-    r = ops_cli(h, "--root", root, "service", "launchd", config=False, cwd=elsewhere)
+    r = h.run("--root", root, "service", "launchd", config=False, cwd=elsewhere, env=ops_env(h))
     plist = plistlib.loads(ops_ok(r).encode())
     argv = plist["ProgramArguments"]
     assert ops_flag_value(argv, "--root") == str(root)
     assert "--config" not in argv
     assert ops_has_run(argv, ["start", "--foreground"])
     assert plist["WorkingDirectory"] == str(root)
-    r = ops_cli(h, "--root", root, "service", "systemd", config=False, cwd=elsewhere)
+    r = h.run("--root", root, "service", "systemd", config=False, cwd=elsewhere, env=ops_env(h))
     unit = ops_parse_unit(ops_ok(r))
     words = ops_exec_start(unit)
     assert ops_flag_value(words, "--root") == str(root)
     assert "--config" not in words
     # MCPORTER_CONFIG is an explicit config: the service file must carry it as --config.
     env = ops_env(h, MCPORTER_CONFIG=h.cfg)
-    plist = plistlib.loads(ops_ok(ops_cli(h, "service", "launchd", env=env, config=False)).encode())
+    plist = plistlib.loads(ops_ok(h.run("service", "launchd", env=env, config=False)).encode())
     assert ops_flag_value(plist["ProgramArguments"], "--config") == str(h.cfg)
     assert "MCPORTER_CONFIG" not in plist["EnvironmentVariables"]
 
@@ -2548,7 +2542,7 @@ def test_service_systemd_unit_runs_the_foreground_host(h):
     root = ops_root_project(h)
     env = ops_env(h)
     prefix = ("--root", root)
-    r = ops_cli(h, *prefix, "service", "systemd", env=env, config=False, cwd=h.tmp)
+    r = h.run(*prefix, "service", "systemd", env=env, config=False, cwd=h.tmp)
     unit = ops_parse_unit(ops_ok(r))
     words = ops_exec_start(unit)
     assert words[0] == sys.executable, words
@@ -2567,11 +2561,11 @@ def test_service_systemd_unit_runs_the_foreground_host(h):
     run_env = dict(unit_env, **{MARKER_VAR: h.tag})
     first = h.popen_argv(words, run_env, cwd)
     ops_wait_serving(h, first, *prefix, env=env)
-    assert ops_ok(ops_cli(h, *prefix, "call", "demo.counter", env=env, config=False)) == "1"
+    assert ops_ok(h.run(*prefix, "call", "demo.counter", env=env, config=False)) == "1"
     second = h.popen_argv(words, run_env, cwd)
     assert ops_wait_exit(second, 15) == 0, Path(second.err_path).read_text()
     assert first.poll() is None
-    assert ops_ok(ops_cli(h, *prefix, "call", "demo.counter", env=env, config=False)) == "2"
+    assert ops_ok(h.run(*prefix, "call", "demo.counter", env=env, config=False)) == "2"
     server = ops_server_pid(ops_status(h, *prefix, env=env), "demo")
     assert server and pid_alive(server)
     # `systemctl stop` sends SIGTERM: a clean exit 0 with its MCP server and files gone.
@@ -2592,19 +2586,19 @@ def test_service_daemon_is_found_under_xdg_locations(h):
     env = ops_env(h, XDG_STATE_HOME=h.state_dir / "xdg", XDG_CONFIG_HOME=xdg_config)
     env.pop("MCPORTER_DAEMON_DIR")
     prefix = ("--root", root)
-    unit = ops_parse_unit(ops_ok(ops_cli(h, *prefix, "service", "systemd", env=env, config=False)))
+    unit = ops_parse_unit(ops_ok(h.run(*prefix, "service", "systemd", env=env, config=False)))
     words = ops_exec_start(unit)
     run_env = dict(ops_unit_environment(unit), **{MARKER_VAR: h.tag})
     daemon = h.popen_argv(words, run_env, ops_working_directory(unit))
     ops_wait_serving(h, daemon, *prefix, env=env)
     assert ops_status(h, *prefix, env=env)["fresh"] is True
-    assert ops_ok(ops_cli(h, *prefix, "call", "demo.counter", env=env, config=False)) == "1"
+    assert ops_ok(h.run(*prefix, "call", "demo.counter", env=env, config=False)) == "1"
     assert daemon.poll() is None and ops_status(h, *prefix, env=env)["pid"] == daemon.pid
 
 
 def test_service_systemd_exec_start_quotes_special_paths(h):
     root = ops_root_project(h, name="my proj 100% $HOME")
-    r = ops_cli(h, "--root", root, "service", "systemd", config=False)
+    r = h.run("--root", root, "service", "systemd", config=False, env=ops_env(h))
     words = ops_exec_start(ops_parse_unit(ops_ok(r)))
     assert words[0] == sys.executable
     assert ops_flag_value(words, "--root") == str(root)
@@ -2614,7 +2608,7 @@ def test_service_systemd_exec_start_quotes_special_paths(h):
 def test_service_systemd_working_directory_with_a_space(h):
     # systemd takes path settings verbatim: quotes become part of the path (not absolute).
     root = ops_root_project(h, name="My Projects")
-    r = ops_cli(h, "--root", root, "service", "systemd", config=False)
+    r = h.run("--root", root, "service", "systemd", config=False, env=ops_env(h))
     cwd = ops_working_directory(ops_parse_unit(ops_ok(r)))
     assert cwd == str(root), f"WorkingDirectory= reads as {cwd!r} under systemd, not {str(root)!r}"
 
@@ -2622,7 +2616,7 @@ def test_service_systemd_working_directory_with_a_space(h):
 def test_service_systemd_environment_values_survive_systemd(h):
     # Environment= is unquoted and %-resolved, but never $-expanded: "$$" would stay "$$".
     state = h.state_dir / "state 100% $x"
-    r = ops_cli(h, "service", "systemd", env=ops_env(h, MCPORTER_DAEMON_DIR=state))
+    r = h.run("service", "systemd", env=ops_env(h, MCPORTER_DAEMON_DIR=state))
     env = ops_unit_environment(ops_parse_unit(ops_ok(r)))
     assert env["MCPORTER_DAEMON_DIR"] == str(state)
 
@@ -2632,7 +2626,7 @@ def test_service_systemd_environment_values_survive_systemd(h):
 
 def test_log_servers_flag_traces_only_chosen_servers(h):
     ops_config(h, {"other": ops_demo_entry(h)})
-    daemon = started_pid(h.cli("start", "--log-servers", "demo"))
+    daemon = started_pid(h.run("start", "--log-servers", "demo"))
     assert call_ok(h, "demo.counter") == "1"
     assert call_ok(h, "other.counter") == "1"
     assert call_ok(h, "demo.echo", "text=hi") == "hi"
@@ -2640,7 +2634,7 @@ def test_log_servers_flag_traces_only_chosen_servers(h):
     demo, other = ops_server_pid(st, "demo"), ops_server_pid(st, "other")
     log = h.path("log")
     assert Path(st["logPath"]) == log
-    ops_ok(h.cli("stop"))
+    ops_ok(h.run("stop"))
 
     lines = ops_log_lines(log)
     events = ops_events(lines)
@@ -2657,7 +2651,7 @@ def test_log_flag_and_log_file_trace_every_server(h):
     ops_config(h, {"other": ops_demo_entry(h)})
     custom = h.tmp / "logs" / "daemon.log"
     custom.parent.mkdir()
-    daemon = started_pid(h.cli("start", "--log", "--log-file", custom))
+    daemon = started_pid(h.run("start", "--log", "--log-file", custom))
     call_ok(h, "demo.counter")
     call_ok(h, "other.counter")
     assert Path(running_status(h)["logPath"]) == custom
@@ -2672,8 +2666,8 @@ def test_log_environment_variables(h):
     custom = h.tmp / "env.log"
     env = ops_env(h, MCPORTER_DAEMON_LOG_PATH=custom, MCPORTER_DAEMON_LOG_SERVERS="other")
     # An auto-starting call passes the environment's choices on to the daemon it launches.
-    assert ops_ok(ops_cli(h, "call", "demo.counter", env=env)) == "1"
-    assert ops_ok(ops_cli(h, "call", "other.counter", env=env)) == "1"
+    assert ops_ok(h.run("call", "demo.counter", env=env)) == "1"
+    assert ops_ok(h.run("call", "other.counter", env=env)) == "1"
     st = ops_status(h, env=env)
     assert Path(st["logPath"]) == custom
     lines = ops_log_lines(custom)
@@ -2705,7 +2699,7 @@ def test_log_env_verbose_foreground_logs_to_stderr(h):
 
 def test_log_records_lifecycle_events_with_reasons(h):
     log = h.path("log")
-    a = started_pid(h.cli("start"))
+    a = started_pid(h.run("start"))
     data = h.config_data()
     data["mcpServers"]["demo"]["env"] = {"MD_OPS_EDIT": "1"}
     h.write_config(data)
@@ -2716,7 +2710,7 @@ def test_log_records_lifecycle_events_with_reasons(h):
     assert call_ok(h, "demo.counter") == "1"
     c = running_status(h)["pid"]
     assert c not in (a, b)
-    ops_ok(h.cli("stop"))
+    ops_ok(h.run("stop"))
 
     events = ops_events(ops_log_lines(log))
 
@@ -2770,7 +2764,7 @@ def test_daemon_log_rotates_under_a_real_daemon(h):
     )
     chatty = {"command": sys.executable, "args": ["-c", code, h.tag], "lifecycle": "keep-alive"}
     h.write_config({"mcpServers": {"chatty": chatty}})
-    daemon = started_pid(h.cli("start"))
+    daemon = started_pid(h.run("start"))
     assert call_ok(h, "chatty.counter") == "1"
     log, old = h.path("log"), Path(str(h.path("log")) + ".1")
     assert old.exists(), "no rotation after 11 MB of server stderr"
@@ -2781,7 +2775,7 @@ def test_daemon_log_rotates_under_a_real_daemon(h):
     assert f"[chatty] demo MCP server ready (pid {server})" in ops_log_lines(log)
     # The detached daemon's own stderr follows the rotation (tracebacks land in the live log).
     assert os.readlink(f"/proc/{daemon}/fd/2") == str(log)
-    ops_ok(h.cli("stop"))
+    ops_ok(h.run("stop"))
     assert (daemon, "shutting down: stop request") in ops_events(ops_log_lines(log))
 
 
@@ -2789,7 +2783,7 @@ def test_daemon_log_rotates_under_a_real_daemon(h):
 
 
 def ops_doctor(h, *args, env=None, config=True):
-    r = ops_cli(h, *args, "doctor", env=env, config=config)
+    r = h.run(*args, "doctor", env=env or ops_env(h), config=config)
     findings = [ln for ln in r.out.splitlines() if ln.strip()]
     summary = findings.pop() if findings else ""
     fails = sum(ln.startswith("FAIL") for ln in findings)
@@ -2916,7 +2910,7 @@ def test_doctor_unresponsive_daemon(h):
     line = ops_finding(found, "FAIL", f"pid {daemon}", "does not answer")
     assert "stop" in line
     # The advice works: stop ends it, and doctor is happy again.
-    out = ops_ok(h.cli("stop"))
+    out = ops_ok(h.run("stop"))
     assert str(daemon) in out, out
     wait_until(lambda: not pid_alive(daemon), 5, message="hung daemon to be terminated")
     r, found = ops_doctor(h)
@@ -2934,7 +2928,7 @@ def test_doctor_reports_leftovers_of_a_killed_daemon(h):
     r, found = ops_doctor(h)
     ops_finding(found, "ok", "no daemon running")
     ops_finding(found, "warn", "leftovers", str(h.meta_path), str(h.socket_path), f"pid {server}")
-    ops_ok(h.cli("stop"))
+    ops_ok(h.run("stop"))
     wait_until(lambda: not pid_alive(server), 5, message="leftover MCP server to be ended")
     r, found = ops_doctor(h)
     assert r.rc == 0 and not [ln for ln in found if not ln.startswith("ok")], r
@@ -2951,16 +2945,16 @@ def test_doctor_too_long_state_dir_uses_fallback(h):
     assert r.rc == 0, r
     ops_finding(found, "ok", f"{len(os.fsencode(str(preferred)))} bytes", "limit 107", fallback)
     try:
-        assert ops_ok(ops_cli(h, "call", "demo.counter", env=env)) == "1"
+        assert ops_ok(h.run("call", "demo.counter", env=env)) == "1"
         st = ops_status(h, env=env)
         assert st["socketPath"] == fallback
         r, found = ops_doctor(h, env=env)
         ops_finding(found, "ok", f"daemon running (pid {st['pid']})")
-        ops_ok(ops_cli(h, "stop", env=env))
+        ops_ok(h.run("stop", env=env))
         assert not os.path.exists(fallback)
     finally:
         if h.daemon_pids():
-            ops_cli(h, "stop", env=env)
+            h.run("stop", env=env)
         if os.path.exists(fallback):
             os.unlink(fallback)
 
@@ -2970,18 +2964,18 @@ def test_doctor_too_long_state_dir_uses_fallback(h):
 
 def test_resources_list_and_read(h):
     ops_config(h, {"eph": ops_demo_entry(h, "ephemeral")})
-    r = ops_cli(h, "resources", "demo")
+    r = h.run("resources", "demo", env=ops_env(h))
     assert ops_ok(r).splitlines() == ["demo://counter  counter (text/plain)"], r
     assert call_ok(h, "demo.counter") == "1"
     assert call_ok(h, "demo.counter") == "2"
-    assert ops_ok(ops_cli(h, "resources", "demo", "demo://counter")) == "2"
-    listed = json.loads(ops_ok(ops_cli(h, "resources", "demo", "--json")))
+    assert ops_ok(h.run("resources", "demo", "demo://counter", env=ops_env(h))) == "2"
+    listed = json.loads(ops_ok(h.run("resources", "demo", "--json", env=ops_env(h))))
     assert [x["uri"] for x in listed] == ["demo://counter"]
-    read = json.loads(ops_ok(ops_cli(h, "resources", "demo", "demo://counter", "--json")))
+    read = json.loads(ops_ok(h.run("resources", "demo", "demo://counter", "--json", env=ops_env(h))))
     assert [c.get("text") for c in read["contents"]] == ["2"], read
     # An ephemeral server is a fresh process each time: its counter reads 0.
-    assert ops_ok(ops_cli(h, "resources", "eph", "demo://counter")) == "0"
-    r = ops_cli(h, "resources", "nosuch")
+    assert ops_ok(h.run("resources", "eph", "demo://counter", env=ops_env(h))) == "0"
+    r = h.run("resources", "nosuch", env=ops_env(h))
     assert r.rc == 2 and "nosuch" in r.err and "Traceback" not in r.err, r
 
 
@@ -2998,7 +2992,7 @@ def test_list_servers_with_keep_alive_and_why(h):
         "web": {"url": "http://127.0.0.1:9/mcp"},
     }
     h.write_config({"mcpServers": servers})
-    lines = ops_ok(ops_cli(h, "list")).splitlines()
+    lines = ops_ok(h.run("list", env=ops_env(h))).splitlines()
     by_name = {ln.split(":", 1)[0]: ln for ln in lines}
     assert sorted(by_name) == ["demo", "eph", "plain", "playwright", "web"], lines
     assert "keep-alive (lifecycle in config)" in by_name["demo"]
@@ -3006,7 +3000,7 @@ def test_list_servers_with_keep_alive_and_why(h):
     assert "ephemeral (ephemeral by default)" in by_name["plain"]
     assert "keep-alive (known stateful server)" in by_name["playwright"]
     assert "http" in by_name["web"] and "unsupported" in by_name["web"]
-    rows = {row["name"]: row for row in json.loads(ops_ok(ops_cli(h, "list", "--json")))}
+    rows = {row["name"]: row for row in json.loads(ops_ok(h.run("list", "--json", env=ops_env(h))))}
     assert rows["demo"]["keepAlive"] is True and rows["eph"]["keepAlive"] is False
     assert rows["playwright"]["why"] == "known stateful server"
     assert h.daemon_pids() == set(), "listing servers must not start a daemon"
@@ -3014,7 +3008,7 @@ def test_list_servers_with_keep_alive_and_why(h):
 
 
 def test_list_server_tools(h):
-    lines = ops_ok(ops_cli(h, "list", "demo")).splitlines()
+    lines = ops_ok(h.run("list", "demo", env=ops_env(h))).splitlines()
     assert lines == [
         "demo.counter() — Add one to a counter kept in this server process.",
         "demo.pid() — Return this server's process id.",
@@ -3029,12 +3023,12 @@ def test_list_server_tools(h):
         "demo.progress(steps?: integer, delay?: number) — Take steps of delay seconds each, reporting progress"
         " when asked for it.",
     ], lines
-    schema_out = ops_ok(ops_cli(h, "list", "demo", "--schema"))
+    schema_out = ops_ok(h.run("list", "demo", "--schema", env=ops_env(h)))
     assert schema_out.splitlines()[0] == lines[0]
     assert '"required": [' in schema_out and '"seconds"' in schema_out, schema_out
-    plain = json.loads(ops_ok(ops_cli(h, "list", "demo", "--json")))
+    plain = json.loads(ops_ok(h.run("list", "demo", "--json", env=ops_env(h))))
     assert plain[2] == {"name": "echo", "description": "Return the given text."}, plain
-    full = json.loads(ops_ok(ops_cli(h, "list", "demo", "--json", "--schema")))
+    full = json.loads(ops_ok(h.run("list", "demo", "--json", "--schema", env=ops_env(h))))
     echo = [t for t in full if t["name"] == "echo"][0]
     assert echo["inputSchema"] == {
         "type": "object",
@@ -3059,11 +3053,11 @@ def test_call_ephemeral_server_starts_no_daemon(h):
 @pytest.mark.parametrize("how", ["flag", "env"])
 def test_call_timeout_fails_fast(h, how):
     ops_config(h, {"eph": ops_demo_entry(h, "ephemeral")})
-    daemon = started_pid(h.cli("start"))
+    daemon = started_pid(h.run("start"))
     env = ops_env(h, MCPORTER_DAEMON_TIMEOUT_MS="1000") if how == "env" else ops_env(h)
     flags = ("--timeout", "1") if how == "flag" else ()
     for server in ("demo", "eph"):
-        r = ops_cli(h, "call", *flags, f"{server}.sleep", "seconds=5", env=env, timeout=20)
+        r = h.run("call", *flags, f"{server}.sleep", "seconds=5", env=env, timeout=20)
         assert r.rc == 1, r
         assert r.elapsed < 4.5, r
         assert "timed out" in r.err and "Traceback" not in r.err, r
@@ -3127,7 +3121,7 @@ def test_server_idle_timeout_spares_a_server_in_use(h):
     assert call_ok(h, "demo.counter") == "1"
     server = h.server_pid_from_status()
     # A call that runs far longer than the idle timeout is activity, not idleness.
-    r = h.cli("call", "demo.sleep", "seconds=2.5")
+    r = h.run("call", "demo.sleep", "seconds=2.5")
     assert r.rc == 0 and r.out.strip() == "slept 2.5", r
     assert call_ok(h, "demo.counter") == "2", "the server was closed while in use"
     assert h.server_pid_from_status() == server
@@ -3135,7 +3129,7 @@ def test_server_idle_timeout_spares_a_server_in_use(h):
 
 def test_daemon_idle_timeout_shuts_daemon_down(h):
     ops_config(h, daemonIdleTimeoutMs=1000)
-    daemon = started_pid(h.cli("start"))
+    daemon = started_pid(h.run("start"))
     assert call_ok(h, "demo.counter") == "1"
     server = h.server_pid_from_status()
     wait_until(lambda: not pid_alive(daemon), 6, message=f"idle daemon {daemon} to exit")
@@ -3243,7 +3237,7 @@ def test_idle_server_is_pinged_and_status_shows_health(h):
     assert s["health"]["restarts"] == 0 and s["health"]["lastError"] is None, s
     quiet = server_status(h, "quiet")["health"]
     assert quiet["lastPingAt"] is None and quiet["lastPingOk"] is None, "healthCheckMs 0 turns pings off"
-    lines = ops_ok(ops_cli(h, "status")).splitlines()
+    lines = ops_ok(h.run("status", env=ops_env(h))).splitlines()
     demo_line = [ln for ln in lines if ln.startswith("  - demo:")]
     assert len(demo_line) == 1 and re.search(
         rf"connected \(pid {server}\); last ping \d\d:\d\d:\d\d ok; restarts 0$", demo_line[0]
@@ -3306,7 +3300,7 @@ def test_wedged_server_is_restarted_after_two_failed_pings(h):
 def test_close_and_restart_server_commands(h):
     ops_config(h, {"other": ops_demo_entry(h), "eph": ops_demo_entry(h, "ephemeral")})
     # No daemon: close says so, exits 0 and starts none.
-    r = ops_cli(h, "close", "demo")
+    r = h.run("close", "demo", env=ops_env(h))
     assert r.rc == 0 and "no daemon running" in r.out, r
     assert h.daemon_pids() == set() and not h.meta_path.exists()
 
@@ -3316,7 +3310,7 @@ def test_close_and_restart_server_commands(h):
     st = running_status(h)
     daemon, first, other = st["pid"], ops_server_pid(st, "demo"), ops_server_pid(st, "other")
 
-    r = ops_cli(h, "close", "demo")
+    r = h.run("close", "demo", env=ops_env(h))
     assert r.rc == 0 and f"closed server 'demo' (daemon pid {daemon})" in r.out, r
     wait_until(lambda: not pid_alive(first), 5, message=f"closed server {first} to exit")
     st = running_status(h)
@@ -3326,7 +3320,7 @@ def test_close_and_restart_server_commands(h):
     second = h.server_pid_from_status("demo")
     assert second and second != first
 
-    r = ops_cli(h, "restart", "demo")
+    r = h.run("restart", "demo", env=ops_env(h))
     assert r.rc == 0, r
     m = re.fullmatch(r"restarted server 'demo' \(pid (\d+)\)", r.out.strip())
     assert m, r
@@ -3343,20 +3337,20 @@ def test_close_and_restart_server_commands(h):
     assert f"closing server 'demo' (pid {second}): restarting: restartServer request" in log_messages(h)
 
     # Closed, then restarted: it starts, and says it was not running.
-    assert ops_cli(h, "close", "demo").rc == 0
+    assert h.run("close", "demo", env=ops_env(h)).rc == 0
     wait_until(lambda: not pid_alive(third), 5, message=f"closed server {third} to exit")
-    r = ops_cli(h, "restart", "demo")
+    r = h.run("restart", "demo", env=ops_env(h))
     assert r.rc == 0 and "it was not running" in r.out, r
     assert running_status(h)["pid"] == daemon
 
     for args in (("close", "eph"), ("restart", "eph"), ("close", "nosuch"), ("restart", "nosuch")):
-        r = ops_cli(h, *args)
+        r = h.run(*args, env=ops_env(h))
         assert r.rc == 2 and len(r.err.strip().splitlines()) == 1 and args[1] in r.err, r
         assert "Traceback" not in r.err
     assert running_status(h)["pid"] == daemon
 
     # Without SERVER, restart still restarts the whole daemon.
-    r = ops_cli(h, "restart")
+    r = h.run("restart", env=ops_env(h))
     assert r.rc == 0, r
     assert started_pid(r) != daemon
 
@@ -3386,7 +3380,7 @@ def test_error_answer_to_ping_is_alive_not_wedged(h):
         "lifecycle": {"mode": "keep-alive", "healthCheckMs": 100},
     }
     h.write_config({"mcpServers": {"old": entry}})
-    r = h.cli("restart", "old")
+    r = h.run("restart", "old")
     assert r.rc == 0, r
     server = server_status(h, "old")["pid"]
     h.track(server)
@@ -3417,29 +3411,32 @@ DEMO_TEMPLATE_LINES = [
 def test_prompts_and_templates_on_the_demo_server(h):
     ops_config(h, {"eph": ops_demo_entry(h, "ephemeral")})
     # The demo server pages one item per page: every list below followed nextCursor.
-    assert ops_ok(ops_cli(h, "prompts", "demo")).splitlines() == DEMO_PROMPT_LINES
-    listed = json.loads(ops_ok(ops_cli(h, "prompts", "demo", "--json")))
+    assert ops_ok(h.run("prompts", "demo", env=ops_env(h))).splitlines() == DEMO_PROMPT_LINES
+    listed = json.loads(ops_ok(h.run("prompts", "demo", "--json", env=ops_env(h))))
     assert [p["name"] for p in listed] == ["greet", "counter-report"]
     assert listed[0]["arguments"][0] == {"name": "name", "description": "Who to greet", "required": True}
-    r = ops_cli(h, "prompts", "demo", "greet", "name=Ada", "style=formal")
+    r = h.run("prompts", "demo", "greet", "name=Ada", "style=formal", env=ops_env(h))
     assert ops_ok(r) == "user: Write a formal greeting for Ada.", r
     # Prompt arguments are strings, sent as written.
     assert (
-        ops_ok(ops_cli(h, "prompts", "demo", "greet", "name=42")) == "user: Write a casual greeting for 42."
+        ops_ok(h.run("prompts", "demo", "greet", "name=42", env=ops_env(h)))
+        == "user: Write a casual greeting for 42."
     )
-    got = json.loads(ops_ok(ops_cli(h, "prompts", "demo", "greet", "name=Ada", "--json")))
+    got = json.loads(ops_ok(h.run("prompts", "demo", "greet", "name=Ada", "--json", env=ops_env(h))))
     assert got["description"] == "A greeting" and got["messages"][0]["role"] == "user", got
     # Through the daemon: the kept server's state shows in the prompt.
     assert call_ok(h, "demo.counter") == "1"
-    r = ops_cli(h, "prompts", "demo", "counter-report")
+    r = h.run("prompts", "demo", "counter-report", env=ops_env(h))
     assert ops_ok(r).splitlines() == ["user: What is the counter at?", "assistant: 1"], r
-    r = ops_cli(h, "prompts", "demo", "greet")
+    r = h.run("prompts", "demo", "greet", env=ops_env(h))
     assert r.rc == 1 and "'name'" in r.err and len(r.err.strip().splitlines()) == 1, r
 
-    assert ops_ok(ops_cli(h, "resources", "demo", "--templates")).splitlines() == DEMO_TEMPLATE_LINES
-    templates = json.loads(ops_ok(ops_cli(h, "resources", "demo", "--templates", "--json")))
+    assert (
+        ops_ok(h.run("resources", "demo", "--templates", env=ops_env(h))).splitlines() == DEMO_TEMPLATE_LINES
+    )
+    templates = json.loads(ops_ok(h.run("resources", "demo", "--templates", "--json", env=ops_env(h))))
     assert [t["uriTemplate"] for t in templates] == ["demo://echo/{text}", "demo://counter/{format}"]
-    assert ops_ok(ops_cli(h, "resources", "demo", "demo://echo/hello")) == "hello"
+    assert ops_ok(h.run("resources", "demo", "demo://echo/hello", env=ops_env(h))) == "hello"
 
     # The new wire methods, as a raw client sends them.
     resp, _, _ = raw_request(h.socket_path, "listPrompts", {"server": "demo"}, idle=10.0)
@@ -3451,13 +3448,15 @@ def test_prompts_and_templates_on_the_demo_server(h):
     assert resp["ok"] and len(resp["result"]["resourceTemplates"]) == 2, resp
 
     # An ephemeral server: a fresh process each time, no daemon needed.
-    assert ops_ok(ops_cli(h, "prompts", "eph")).splitlines() == DEMO_PROMPT_LINES
-    r = ops_cli(h, "prompts", "eph", "counter-report")
+    assert ops_ok(h.run("prompts", "eph", env=ops_env(h))).splitlines() == DEMO_PROMPT_LINES
+    r = h.run("prompts", "eph", "counter-report", env=ops_env(h))
     assert ops_ok(r).splitlines() == ["user: What is the counter at?", "assistant: 0"], r
-    assert ops_ok(ops_cli(h, "resources", "eph", "--templates")).splitlines() == DEMO_TEMPLATE_LINES
+    assert (
+        ops_ok(h.run("resources", "eph", "--templates", env=ops_env(h))).splitlines() == DEMO_TEMPLATE_LINES
+    )
 
     for args in (("prompts", "nosuch"), ("resources", "demo", "demo://x", "--templates")):
-        r = ops_cli(h, *args)
+        r = h.run(*args, env=ops_env(h))
         assert r.rc == 2 and len(r.err.strip().splitlines()) == 1 and "Traceback" not in r.err, r
 
 
@@ -3499,35 +3498,35 @@ def test_real_everything_server_prompts_templates_and_pings(h, npm_servers):
         "lifecycle": {"mode": "keep-alive", "healthCheckMs": 300},
     }
     h.write_config({"mcpServers": {"everything": everything}})
-    r = h.cli("prompts", "everything", timeout=60)
+    r = h.run("prompts", "everything", timeout=60)
     assert r.rc == 0, r
     lines = r.out.splitlines()
     assert "simple-prompt() — A prompt with no arguments" in lines, lines
     args_prompt = [ln for ln in lines if ln.startswith("args-prompt(")]
     assert args_prompt and args_prompt[0].startswith("args-prompt(city, state?)"), lines
     assert "    city (required): Name of the city" in lines, lines
-    r = h.cli("prompts", "everything", "args-prompt", "city=Paris", "state=Texas")
+    r = h.run("prompts", "everything", "args-prompt", "city=Paris", "state=Texas")
     assert r.rc == 0 and r.out.strip() == "user: What's weather in Paris, Texas?", r
     # A blob resource in a message is named, not dumped.
-    r = h.cli("prompts", "everything", "resource-prompt", "resourceType=Blob", "resourceId=2")
+    r = h.run("prompts", "everything", "resource-prompt", "resourceType=Blob", "resourceId=2")
     assert r.rc == 0, r
     out = r.out.strip().splitlines()
     assert re.fullmatch(r"user: \[blob demo://resource/dynamic/blob/2 \S+, \d+ bytes\]", out[-1]), out
-    got = json.loads(h.cli("prompts", "everything", "simple-prompt", "--json").out)
+    got = json.loads(h.run("prompts", "everything", "simple-prompt", "--json").out)
     assert got["messages"][0]["content"]["text"] == "This is a simple prompt without arguments.", got
 
-    r = h.cli("resources", "everything", "--templates", "--json")
+    r = h.run("resources", "everything", "--templates", "--json")
     assert r.rc == 0, r
     uris = {t["uriTemplate"] for t in json.loads(r.out)}
     assert {
         "demo://resource/dynamic/text/{resourceId}",
         "demo://resource/dynamic/blob/{resourceId}",
     } <= uris, uris
-    r = h.cli("resources", "everything", "--templates")
+    r = h.run("resources", "everything", "--templates")
     assert (
         r.rc == 0 and "demo://resource/dynamic/text/{resourceId}  Dynamic Text Resource (text/plain)" in r.out
     ), r
-    r = h.cli("resources", "everything", "demo://resource/dynamic/text/3")
+    r = h.run("resources", "everything", "demo://resource/dynamic/text/3")
     assert r.rc == 0 and r.out.strip(), r
 
     server = server_pid_of(running_status(h), "everything")
@@ -3562,9 +3561,7 @@ def write_json(path, data):
 
 
 def list_rows(h, **env):
-    return {
-        row["name"]: row for row in json.loads(ops_ok(ops_cli(h, "list", "--json", env=ops_env(h, **env))))
-    }
+    return {row["name"]: row for row in json.loads(ops_ok(h.run("list", "--json", env=ops_env(h, **env))))}
 
 
 def test_imports_read_each_editor_format(h):
@@ -3611,11 +3608,11 @@ def test_imports_read_each_editor_format(h):
         assert rows["cx"]["source"] == str(codex)
     else:
         assert "cx" not in rows
-        doctor = ops_cli(h, "doctor")
+        doctor = h.run("doctor", env=ops_env(h))
         assert "tomllib" in doctor.out + doctor.err, doctor
     assert call_ok(h, "cur.echo", "text=imported") == "imported"
     assert h.daemon_pids() == set(), "an ephemeral imported server needs no daemon"
-    text = ops_ok(ops_cli(h, "list"))
+    text = ops_ok(h.run("list", env=ops_env(h)))
     assert f"[{files['vs']}]" in text, text
 
 
@@ -3645,7 +3642,7 @@ def test_imports_precedence_and_switches(h):
 
     data["imports"] = ["nope"]
     h.write_config(data)
-    r = ops_cli(h, "list")
+    r = h.run("list", env=ops_env(h))
     assert r.rc == 2 and "nope" in r.err and len(r.err.strip().splitlines()) == 1, r
     del home
 
@@ -3653,7 +3650,7 @@ def test_imports_precedence_and_switches(h):
 def test_imported_file_edits_make_the_daemon_stale_but_touch_does_not(h):
     cursor = write_json(h.tmp / ".cursor" / "mcp.json", {"mcpServers": {"cur": demo_import_entry(h)}})
     env = dict(MCPORTER_KEEPALIVE="cur")
-    r = ops_cli(h, "call", "cur.counter", env=ops_env(h, **env))
+    r = h.run("call", "cur.counter", env=ops_env(h, **env))
     assert ops_ok(r) == "1"
     first = ops_status(h, env=ops_env(h, **env))
     assert first["running"] and first["fresh"], first
@@ -3666,9 +3663,7 @@ def test_imported_file_edits_make_the_daemon_stale_but_touch_does_not(h):
     write_json(cursor, doc)
     stale = ops_status(h, env=ops_env(h, **env))
     assert stale["pid"] == first["pid"] and stale["fresh"] is False, stale
-    assert ops_ok(ops_cli(h, "call", "cur.counter", env=ops_env(h, **env))) == "1", (
-        "a new daemon, a new server"
-    )
+    assert ops_ok(h.run("call", "cur.counter", env=ops_env(h, **env))) == "1", "a new daemon, a new server"
     assert ops_status(h, env=ops_env(h, **env))["pid"] != first["pid"]
 
 
@@ -3677,7 +3672,7 @@ def test_doctor_lists_the_import_files_it_read(h):
     broken = ops_home(h) / ".cursor" / "mcp.json"
     broken.parent.mkdir(parents=True)
     broken.write_text("{ not json")
-    r = ops_cli(h, "doctor")
+    r = h.run("doctor", env=ops_env(h))
     text = r.out + r.err
     assert f"import cursor {cursor}: cur" in text, text
     assert f"import cursor {broken}" in text and "ignored" in text, text
@@ -3860,7 +3855,7 @@ def test_starter_waits_for_a_stopping_daemon(h):
     resp, _, _ = raw_request(h.socket_path, "stop", {}, idle=5.0)
     assert resp.get("ok") is True, resp
     assert shutting_down(h), "the stopping daemon should answer 'shutting down' while it closes its server"
-    r = h.cli("call", "demo.counter")
+    r = h.run("call", "demo.counter")
     most = watch.stop()
     assert r.rc == 0 and r.out.strip() == "1", r
     assert not pid_alive(old), "the old daemon should be gone before its successor serves"
@@ -3874,7 +3869,7 @@ def test_second_stop_waits_for_the_same_daemon(h):
     daemon = running_status(h)["pid"]
     first = h.popen("stop")
     wait_until(lambda: shutting_down(h), 10, message="the daemon to be shutting down")
-    r = h.cli("stop")
+    r = h.run("stop")
     assert r.rc == 0, r
     assert r.out.strip() == f"stopped (pid {daemon})", r
     assert not pid_alive(daemon), "the second stop returned while the daemon still ran"
@@ -3890,7 +3885,7 @@ def test_stop_during_server_start_leaves_no_orphan(h):
     caller = h.popen("call", "demo.counter")
     wait_until(lambda: h.server_pids(), 20, message="the server to be starting")
     (server,) = h.server_pids()
-    r = h.cli("stop")
+    r = h.run("stop")
     assert r.rc == 0 and r.out.startswith("stopped (pid "), r
     wait_until(lambda: not pid_alive(server), 3, message=f"the half-started server {server} to be gone")
     assert ops_wait_exit(caller, 20) == 1
@@ -3964,7 +3959,7 @@ def test_metadata_write_failure_is_logged_and_retried(h):
     probe = h.popen("start", "--foreground")
     wait_until(lambda: h.meta() is not None, 20, message="a first daemon's metadata")
     size = h.meta_path.stat().st_size  # without servers; a rewrite listing the server is larger
-    assert h.cli("stop").rc == 0
+    assert h.run("stop").rc == 0
     ops_wait_exit(probe, 10)
 
     daemon = spawn_limited(h, h.argv("start", "--foreground"), {resource.RLIMIT_FSIZE: size + 8})
@@ -4266,7 +4261,7 @@ def test_launched_daemon_resolves_what_its_client_resolved(h, case):
         env["XDG_STATE_HOME"] = "xdg-state"
 
     def run(*words):
-        return ops_cli(h, *args, *words, env=env, cwd=h.tmp, config=False, timeout=20)
+        return h.run(*args, *words, env=env, cwd=h.tmp, config=False, timeout=20)
 
     first = run("call", "demo.counter")
     assert first.rc == 0 and first.out.strip() == "1", first
@@ -4362,7 +4357,7 @@ def test_malformed_metadata_of_a_serving_daemon_reads_as_absent_and_is_repaired(
         write_meta_raw(h, bad)
         st = h.status()
         assert st["running"] is True and st["pid"] == daemon, st
-        r = h.cli("doctor")
+        r = h.run("doctor")
         assert "Traceback" not in r.err and "unexpected error" not in r.err, r
         assert f"daemon running (pid {daemon})" in r.out, r
     released = time.monotonic()
@@ -4372,7 +4367,7 @@ def test_malformed_metadata_of_a_serving_daemon_reads_as_absent_and_is_repaired(
     write_meta_raw(h, bad)
     assert call_ok(h, "demo.counter") == "2"
     write_meta_raw(h, bad)
-    r = h.cli("stop")
+    r = h.run("stop")
     assert r.rc == 0 and f"stopped (pid {daemon})" in r.out, r
     wait_until(lambda: not pid_alive(daemon) and not pid_alive(server), 10, message="daemon tree gone")
     assert_bystander_untouched(bystander, sig_log, bystander_start)
@@ -4389,7 +4384,7 @@ def test_malformed_metadata_of_a_dead_daemon_never_crashes_a_command(h, shape):
 
     for words in (("status", "--json"), ("doctor",), ("stop",)):
         write_meta_raw(h, malformed(good, shape))
-        r = h.cli(*words)
+        r = h.run(*words)
         assert "Traceback" not in r.err and "unexpected error" not in r.err, r
         if words[0] == "stop":
             assert r.rc == 0 and "no daemon running" in r.out, r
@@ -4410,7 +4405,7 @@ def test_non_utf8_config_path_and_state_dir_work(h):
     env = h.env(MCPORTER_DAEMON_DIR=state)
 
     def run(*words):
-        return run_argv(h, h.argv(*words), env, timeout=20)
+        return h.run(*words, env=env, timeout=20)
 
     for expected in ("1", "2"):
         r = run("call", "demo.counter")
@@ -4434,7 +4429,7 @@ def test_two_state_dirs_never_share_a_fallback_socket_daemon(h):
     sockets = [fallback_socket_path(d, h.key) for d in dirs]
 
     def run(i, *words):
-        return run_argv(h, h.argv(*words), envs[i], timeout=20)
+        return h.run(*words, env=envs[i], timeout=20)
 
     try:
         assert ops_ok(run(0, "call", "demo.counter")) == "1"
@@ -4514,7 +4509,7 @@ def test_start_error_quotes_the_launched_childs_own_line(h):
     noise = h.popen_argv([sys.executable, "-c", NOISE_WRITER, log], h.env())
     wait_until(lambda: log.exists() and b"noise" in log.read_bytes(), 10, message="another writer")
     bad_log = "/nonexistent/dir/x.log"
-    r = cli_with_env(h, "call", "demo.echo", "text=x", MCPORTER_DAEMON_LOG_PATH=bad_log)
+    r = h.run("call", "demo.echo", "text=x", MCPORTER_DAEMON_LOG_PATH=bad_log)
     assert "noise" not in r.err, r
     assert_prompt_error(r, 1, f"cannot open log file {bad_log}")
     noise.kill()
@@ -4522,11 +4517,11 @@ def test_start_error_quotes_the_launched_childs_own_line(h):
 
 def test_start_with_no_keep_alive_server_says_why_and_exits_0(h):
     h.write_config({"mcpServers": {"demo": ops_demo_entry(h, lifecycle="ephemeral")}})
-    r = h.cli("start")
+    r = h.run("start")
     assert r.rc == 0 and "no keep-alive servers" in r.out, r
-    r = h.cli("start", "--foreground")
+    r = h.run("start", "--foreground")
     assert r.rc == 0 and "no keep-alive servers" in r.err, r
-    r = h.cli("restart")
+    r = h.run("restart")
     assert r.rc == 0 and "no keep-alive servers" in r.out, r
     assert h.daemon_pids() == set() and not h.socket_path.exists()
 
@@ -4705,26 +4700,6 @@ def schema_server(h, kind="string", lifecycle="keep-alive"):
     return kind_file
 
 
-def cli_stdin(h, text, *args):
-    """``h.cli`` with ``text`` on the CLI's stdin."""
-    argv = h.argv(*args)
-    with _SPAWN_LOCK:
-        p = subprocess.Popen(
-            argv,
-            env=h.env(),
-            cwd=str(h.tmp),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        _POPENS.append(p)
-    h.popens.append(p)
-    h.track(p.pid)
-    started = time.monotonic()
-    out, err = p.communicate(text.encode(), timeout=CLI_TIMEOUT)
-    return Result(argv, p.returncode, out.decode(), err.decode(), time.monotonic() - started)
-
-
 def one_error_line(r, rc, *needles):
     lines = [ln for ln in r.err.splitlines() if ln.strip()]
     assert r.rc == rc and len(lines) == 1 and "Traceback" not in r.err, r
@@ -4831,17 +4806,17 @@ def test_call_arguments_follow_the_schema(h, lifecycle):
     out = call_ok(h, f"{server}.typed", "count=@n.txt", f"text=@{h.tmp / 't.txt'}", "note=@@me")
     assert json.loads(out) == {"count": 12, "text": "line one\nline two\n", "note": "@me"}, out
     # --args - reads an object from stdin; the pairs are typed on top of it.
-    r = cli_stdin(
-        h, '{"count": 1, "meta": {"from": "stdin"}}', "call", f"{server}.typed", "count=2", "--args", "-"
+    r = h.run(
+        "call", f"{server}.typed", "count=2", "--args", "-", stdin='{"count": 1, "meta": {"from": "stdin"}}'
     )
     assert r.rc == 0 and json.loads(r.out) == {"count": 2, "meta": {"from": "stdin"}}, r
     # A value that does not parse, or is outside its enum: one line, exit 2, naming it.
-    one_error_line(h.cli("call", f"{server}.typed", "count=abc"), 2, "'count'", "integer", "'abc'")
-    one_error_line(h.cli("call", f"{server}.typed", "flag=yes"), 2, "'flag'", "boolean")
-    one_error_line(h.cli("call", f"{server}.typed", "tags=a,b"), 2, "'tags'", "array")
-    one_error_line(h.cli("call", f"{server}.typed", "mode=medium"), 2, "'mode'", "fast, slow", "medium")
-    one_error_line(h.cli("call", f"{server}.typed", "count=@missing.txt"), 2, "missing.txt")
-    one_error_line(cli_stdin(h, "[1]", "call", f"{server}.typed", "--args", "-"), 2, "JSON object")
+    one_error_line(h.run("call", f"{server}.typed", "count=abc"), 2, "'count'", "integer", "'abc'")
+    one_error_line(h.run("call", f"{server}.typed", "flag=yes"), 2, "'flag'", "boolean")
+    one_error_line(h.run("call", f"{server}.typed", "tags=a,b"), 2, "'tags'", "array")
+    one_error_line(h.run("call", f"{server}.typed", "mode=medium"), 2, "'mode'", "fast, slow", "medium")
+    one_error_line(h.run("call", f"{server}.typed", "count=@missing.txt"), 2, "missing.txt")
+    one_error_line(h.run("call", f"{server}.typed", "--args", "-", stdin="[1]"), 2, "JSON object")
     if lifecycle == "keep-alive":
         assert call_ok(h, "demo.counter") == "1", "a usage error must not cost the server its state"
 
@@ -4852,7 +4827,7 @@ def test_schema_cache_is_per_server_process_and_follows_list_changed(h):
     assert call_ok(h, "t.lists") == "1"
     assert call_ok(h, "t.show", "value=6") == '"6"'
     assert call_ok(h, "t.lists") == "1", "a warm call must not list the tools again"
-    r = h.cli("list", "t", "--json", "--schema")
+    r = h.run("list", "t", "--json", "--schema")
     assert r.rc == 0 and json.loads(r.out)[0]["inputSchema"]["properties"]["value"] == {"type": "string"}, r
     assert call_ok(h, "t.lists") == "1", "listTools is answered from the same cache"
     # The server changes its schema without saying so: the cache still holds the old one.
@@ -4906,7 +4881,7 @@ def test_save_images_writes_new_files_and_prints_their_paths(h):
     assert [p.read_bytes() for p in paths] == [png, wav, png, wav]
     assert (out_dir / "media-1.png").read_bytes() == b"not to be overwritten"
     # A new directory is made; --json prints the result unchanged and names the files on stderr.
-    r = h.cli("call", "demo.media", "--json", "--save-images", h.tmp / "new" / "dir")
+    r = h.run("call", "demo.media", "--json", "--save-images", h.tmp / "new" / "dir")
     assert r.rc == 0 and json.loads(r.out) == md._DEMO_CONTENT["media"], r
     assert sorted(p.name for p in (h.tmp / "new" / "dir").iterdir()) == ["media-1.png", "media-2.wav"]
 
@@ -4914,27 +4889,27 @@ def test_save_images_writes_new_files_and_prints_their_paths(h):
 def test_resources_output_file_writes_text_or_decoded_blob(h):
     md = _import_module()
     assert call_ok(h, "demo.counter") == "1"
-    r = h.cli("resources", "demo", "demo://pixel", "-o", h.tmp / "pixel.png")
+    r = h.run("resources", "demo", "demo://pixel", "-o", h.tmp / "pixel.png")
     assert r.rc == 0 and "70 bytes" in r.out, r
     assert (h.tmp / "pixel.png").read_bytes() == base64.b64decode(md._DEMO_PNG)
-    r = h.cli("resources", "demo", "demo://counter", "-o", h.tmp / "counter.txt")
+    r = h.run("resources", "demo", "demo://counter", "-o", h.tmp / "counter.txt")
     assert r.rc == 0 and (h.tmp / "counter.txt").read_text() == "1", r
-    r = h.cli("resources", "demo", "demo://pixel")
+    r = h.run("resources", "demo", "demo://pixel")
     assert r.rc == 0 and r.out.strip() == "[blob demo://pixel image/png, 70 bytes]", r
-    one_error_line(h.cli("resources", "demo", "-o", h.tmp / "x"), 2, "URI")
+    one_error_line(h.run("resources", "demo", "-o", h.tmp / "x"), 2, "URI")
 
 
 @pytest.mark.parametrize("lifecycle", ["keep-alive", "ephemeral"])
 def test_jsonrpc_error_keeps_code_and_data_and_names_the_server_once(h, lifecycle):
     schema_server(h, lifecycle=lifecycle)
-    line = one_error_line(h.cli("call", "t.boom"), 1, "boom happened", "-32099")
+    line = one_error_line(h.run("call", "t.boom"), 1, "boom happened", "-32099")
     assert line.count("server 't'") == 1, line
-    r = h.cli("call", "t.boom", "--json")
+    r = h.run("call", "t.boom", "--json")
     assert r.rc == 1, r
     error = json.loads(r.out)["error"]
     assert error["code"] == -32099 and error["data"] == {"why": "testing"}, r
     assert "boom happened" in error["message"]
-    line = one_error_line(h.cli("call", "t.die"), 1, "exited")
+    line = one_error_line(h.run("call", "t.die"), 1, "exited")
     assert line.count("server 't'") == 1, line
 
 
@@ -5065,7 +5040,7 @@ def test_server_process_group_is_gone_even_when_leader_exits_first(h, how):
         members = tracked_group(h, leader)
         daemon = running_status(h)["pid"]
         if how == "stop":
-            r = h.cli("stop")
+            r = h.run("stop")
             assert r.rc == 0, r
         elif how == "bind-guard-reap":
             os.kill(daemon, signal.SIGKILL)
@@ -5081,7 +5056,7 @@ def test_server_dying_mid_call_fails_the_call_at_once(h):
     runs = h.tmp / "grandchild.pid"
     ops_config(h, {"dying": misbehaving_entry(h, runs=runs)})
     first = int(call_ok(h, "dying.pid"))
-    r = h.cli("call", "--timeout", "8", "dying.die", timeout=30)
+    r = h.run("call", "--timeout", "8", "dying.die", timeout=30)
     grandchild = int(runs.read_text())
     h.track(grandchild)
     assert r.rc == 1, r
@@ -5104,7 +5079,7 @@ def test_server_that_stops_reading_fails_calls_within_their_timeout(h):
     second = h.popen("call", "--timeout", "2", "deaf.echo", "text=small")
     t1 = time.monotonic()
     # Another server of the same daemon is served meanwhile.
-    r = h.cli("call", "demo.counter")
+    r = h.run("call", "demo.counter")
     assert r.rc == 0 and r.out.strip() == "2" and r.elapsed < 2.0, r
     for p, began in ((first, t0), (second, t1)):
         try:
@@ -5117,7 +5092,7 @@ def test_server_that_stops_reading_fails_calls_within_their_timeout(h):
         assert elapsed < 2 + 2.0, f"call failed after {elapsed:.2f}s (timeout 2 s): {err}"
     # The half-written frame broke that server: it is ended, and the next call starts another.
     wait_until(lambda: not pid_alive(deaf), 5, message=f"broken server {deaf} to be ended")
-    r = h.cli("call", "--timeout", "1", "deaf.echo", "text=small")
+    r = h.run("call", "--timeout", "1", "deaf.echo", "text=small")
     assert r.rc == 1 and "timed out" in r.err, r
     assert ops_server_pid(h.status(), "deaf") not in (None, deaf)
 
@@ -5146,7 +5121,7 @@ def test_progress_frames_never_extend_a_call_past_its_timeout(h):
     script.write_text(HANG_HOST_SCRIPT.format(here=str(HERE)))
     host = h.popen_argv([sys.executable, script, h.cfg, h.tag], h.env())
     wait_until(lambda: h.status().get("pid") == host.pid, 20, message="the hanging host to serve")
-    r = h.cli("call", "--timeout", "1", "demo.counter", timeout=15)
+    r = h.run("call", "--timeout", "1", "demo.counter", timeout=15)
     assert r.rc == 1 and "Traceback" not in r.err, r
     assert r.elapsed < 1 + 3 + 1.5, f"waited {r.elapsed:.2f}s for a 1 s call: {r!r}"
     assert host.poll() is None, "the host must survive its caller giving up"
@@ -5155,10 +5130,10 @@ def test_progress_frames_never_extend_a_call_past_its_timeout(h):
 def test_lone_surrogate_result_is_answered_once(h):
     runs = h.tmp / "lone-runs"
     ops_config(h, {"odd": misbehaving_entry(h, runs=runs)})
-    r = h.cli("call", "odd.lone", timeout=30)
+    r = h.run("call", "odd.lone", timeout=30)
     assert r.rc == 0, r
     assert r.out.strip() == "cut \\ud83d here", r
-    r = h.cli("call", "--json", "odd.lone", timeout=30)
+    r = h.run("call", "--json", "odd.lone", timeout=30)
     assert r.rc == 0 and "\\ud83d" in r.out, r
     assert runs.read_text().splitlines() == ["ran", "ran"], "a tool ran more than once per call"
 
@@ -5323,7 +5298,7 @@ def diag_entry(h, mode, lifecycle="keep-alive"):
 @pytest.mark.parametrize("lifecycle", ["keep-alive", "ephemeral"])
 def test_server_that_dies_at_start_is_reported_with_its_stderr(h, lifecycle):
     ops_config(h, {"dying": diag_entry(h, "dying", lifecycle)})
-    r = h.cli("call", "dying.anything")
+    r = h.run("call", "dying.anything")
     assert r.rc == 1, r
     err = r.err.strip()
     assert len(err.splitlines()) == 1, err
@@ -5351,14 +5326,14 @@ def test_large_result_arrives_intact(h, how):
     expected = random.Random(kib).randbytes(kib * 1024)
     ops_config(h, {"big": diag_entry(h, "blob")})
     if how == "json":
-        r = h.cli("call", "big.blob", f"kib={kib}", "--json")
+        r = h.run("call", "big.blob", f"kib={kib}", "--json")
         assert r.rc == 0, r.err
         block = json.loads(r.out)["content"][0]
         assert block["mimeType"] == "image/png"
         assert base64.b64decode(block["data"]) == expected
     else:
         shots = h.tmp / "shots"
-        r = h.cli("call", "big.blob", f"kib={kib}", "--save-images", shots)
+        r = h.run("call", "big.blob", f"kib={kib}", "--save-images", shots)
         assert r.rc == 0, r
         (path,) = r.out.split()
         assert Path(path).read_bytes() == expected
@@ -5474,9 +5449,9 @@ def test_call_shows_progress_as_one_erased_line_on_a_tty(h, lifecycle):
     assert term.endswith(CLEAR_LINE), f"the progress line was not erased: {term!r}"
     assert "\n" not in term, f"progress must stay on one line: {term!r}"
     # Piped stderr shows nothing unless asked with --progress.
-    r = h.cli("call", "demo.progress", "steps=3", "delay=0.4")
+    r = h.run("call", "demo.progress", "steps=3", "delay=0.4")
     assert r.rc == 0 and r.err == "", r
-    r = h.cli("call", "demo.progress", "steps=3", "delay=0.4", "--progress")
+    r = h.run("call", "demo.progress", "steps=3", "delay=0.4", "--progress")
     assert r.rc == 0 and "1/3 (33%) step 1 of 3" in progress_lines(r.err) and r.err.endswith(CLEAR_LINE), r
 
 
@@ -5493,14 +5468,14 @@ def test_progress_reaches_the_caller_in_the_daemons_progress_frames(h):
 def test_progress_extends_the_stall_budget_but_never_the_timeout(h):
     assert call_ok(h, "demo.pid")
     # Progress every 0.4 s keeps a 2.4 s call alive under a 1 s stall budget.
-    r = h.cli("call", "--stall-timeout", "1", "demo.progress", "steps=6", "delay=0.4")
+    r = h.run("call", "--stall-timeout", "1", "demo.progress", "steps=6", "delay=0.4")
     assert r.rc == 0 and r.out.strip() == "done 6 steps", r
     # Silence (no answer, no progress) for the stall budget fails the call.
-    r = h.cli("call", "--stall-timeout", "1", "demo.sleep", "seconds=8", timeout=20)
+    r = h.run("call", "--stall-timeout", "1", "demo.sleep", "seconds=8", timeout=20)
     assert r.rc == 1 and "no progress" in r.err and len(r.err.strip().splitlines()) == 1, r
     assert r.elapsed < 1 + 2.0, r
     # Progress never carries a call past its --timeout.
-    r = h.cli(
+    r = h.run(
         "call", "--timeout", "2", "--stall-timeout", "1", "demo.progress", "steps=50", "delay=0.2", timeout=20
     )
     assert r.rc == 1 and "timed out after 2s" in r.err, r
@@ -6231,7 +6206,7 @@ class Chaos:
         """Run the CLI with the step timeout; a crash or a stuck caller is a violation."""
         command = " ".join(args)
         try:
-            r = self.h.cli(*args, timeout=CHAOS_STEP_TIMEOUT)
+            r = self.h.run(*args, timeout=CHAOS_STEP_TIMEOUT)
         except AssertionError as exc:
             err = str(exc).rsplit("--- stderr ---", 1)[-1].strip().splitlines()[-1:]
             self.violation(
@@ -7393,13 +7368,13 @@ def mcp_sdk(request):
 
 def real_call(h, *args, **kw):
     """`call` that must succeed quickly: a server request left unanswered would hang it."""
-    r = h.cli("call", *args, timeout=kw.pop("timeout", 60))
+    r = h.run("call", *args, timeout=kw.pop("timeout", 60))
     assert r.rc == 0, r
     return r
 
 
 def list_json(h, server, schema=False):
-    r = h.cli("list", server, "--json", *(["--schema"] if schema else []))
+    r = h.run("list", server, "--json", *(["--schema"] if schema else []))
     assert r.rc == 0, r
     return json.loads(r.out)
 
@@ -7445,7 +7420,7 @@ def assert_stop_leaves_nothing(h):
     servers = [s["pid"] for s in st["servers"] if s.get("pid")]
     before = processes_of_test(h)
     assert daemon in before, describe_pids(before)
-    r = h.cli("stop")
+    r = h.run("stop")
     assert r.rc == 0, r
     assert not pid_alive(daemon), f"daemon {daemon} still running after stop"
     for pid in servers:
@@ -7481,7 +7456,7 @@ def test_real_memory_server_keeps_its_graph_across_cli_calls(h, npm_servers):
     }
     h.write_config({"mcpServers": {"memory": memory}})
 
-    r = h.cli("list", "memory")
+    r = h.run("list", "memory")
     assert r.rc == 0, r
     assert "memory.create_entities(entities: array)" in r.out, r
     assert "memory.read_graph()" in r.out, r
@@ -7538,11 +7513,11 @@ def test_real_everything_server_tools_resources_and_junk_stdout(h, npm_servers):
     assert add in tools, sorted(tools)
     r = real_call(h, f"everything.{add}", "a=2", "b=3")
     assert "5" in r.out, r
-    r = h.cli("list", "everything")
+    r = h.run("list", "everything")
     assert r.rc == 0 and "everything.echo(message: string)" in r.out, r
 
     # Every resource it has (one per file in its docs folder), across however many pages.
-    r = h.cli("resources", "everything", "--json")
+    r = h.run("resources", "everything", "--json")
     assert r.rc == 0, r
     uris = sorted(res["uri"] for res in json.loads(r.out))
     docs = sorted(
@@ -7551,7 +7526,7 @@ def test_real_everything_server_tools_resources_and_junk_stdout(h, npm_servers):
         if p.is_file()
     )
     assert docs and uris == docs
-    r = h.cli("resources", "everything", docs[0])
+    r = h.run("resources", "everything", docs[0])
     assert r.rc == 0 and r.out.strip(), r
 
     # Still the same server process: state kept across all those CLI processes.
@@ -7575,7 +7550,7 @@ def test_real_everything_server_typed_arguments_links_and_images(h, npm_servers)
     lines = real_call(h, "everything.get-resource-links", "count=3").out.splitlines()
     for link in links:
         assert f"{link['uri']} ({link['name']})" in lines, (link, lines)
-    r = h.cli("call", "everything.get-resource-links", "count=many")
+    r = h.run("call", "everything.get-resource-links", "count=many")
     assert r.rc == 2 and "'count'" in r.err and "number" in r.err, r
     # The image is written to a file whose path is printed; its bytes are the decoded data.
     blocks = json.loads(real_call(h, "everything.get-tiny-image", "--json").out)["content"]
@@ -7638,7 +7613,7 @@ def test_real_fastmcp_server_state_requests_and_junk(h, mcp_sdk):
     # ... and the server carried on with its state.
     assert real_call(h, "fast.counter").out.strip() == "3"
 
-    r = h.cli("list", "fast")
+    r = h.run("list", "fast")
     assert r.rc == 0, r
     assert sorted(ln.split("(")[0] for ln in r.out.splitlines()) == sorted(f"fast.{n}" for n in FASTMCP_TOOLS)
     tools = list_json(h, "fast", schema=True)
@@ -7670,7 +7645,7 @@ def test_real_fastmcp_server_state_requests_and_junk(h, mcp_sdk):
         }
         args["mode"] = "mode=slow"
         args[bad.split("=")[0]] = bad
-        r = h.cli("call", "fast.typed", *args.values())
+        r = h.run("call", "fast.typed", *args.values())
         assert r.rc == 2 and named in r.err and len(r.err.strip().splitlines()) == 1, r
 
     st = running_status(h)
@@ -7683,7 +7658,7 @@ def test_real_sdk_server_paginated_lists_are_followed(h, mcp_sdk):
 
     # The server sends 3 a page with nextCursor; all 10 arrive, in order.
     assert [t["name"] for t in list_json(h, "paged")] == PAGED_NAMES
-    r = h.cli("resources", "paged", "--json")
+    r = h.run("resources", "paged", "--json")
     assert r.rc == 0, r
     assert [res["uri"] for res in json.loads(r.out)] == [f"paged://item/{n}" for n in PAGED_NAMES]
     assert real_call(h, "paged.paged_09").out.strip() == "called paged_09"
@@ -7756,14 +7731,14 @@ def hx(tmp_path):
             shutil.rmtree(str(shared), ignore_errors=True)
 
 
-def run_mcporter(h, cli, *args, **kw):
-    """Run mcporter with the shared directory and this test's config (its global --config first)."""
-    argv = cli.argv + ["--config", str(h.cfg)] + [str(a) for a in args]
-    env = h.env(MCPORTER_DAEMON_DIR=str(h.shared_dir), HOME=str(h.tmp / "home"))
-    p = spawn(argv, env, h.tmp, subprocess.PIPE, subprocess.PIPE)
-    h.popens.append(p)
-    h.track(p.pid)
-    return communicate_text(p, argv, kw.pop("timeout", 60))
+def mcporter_argv(h, cli):
+    """mcporter with this test's config (its global --config first)."""
+    return cli.argv + ["--config", str(h.cfg)]
+
+
+def mcporter_env(h):
+    """The harness environment with mcporter's daemon directory the shared one."""
+    return h.env(MCPORTER_DAEMON_DIR=str(h.shared_dir), HOME=str(h.tmp / "home"))
 
 
 def test_mcporter_cli_sees_and_stops_our_daemon(hx, mcporter_cli):
@@ -7773,12 +7748,12 @@ def test_mcporter_cli_sees_and_stops_our_daemon(hx, mcporter_cli):
     daemon, server = st["pid"], server_pid_of(st, "demo")
     assert Path(st["socketPath"]) == h.socket_path  # X/daemon/daemon-<key>.sock, mcporter's path too
 
-    status = run_mcporter(h, mcporter_cli, "daemon", "status")
+    status = h.run("daemon", "status", argv=mcporter_argv(h, mcporter_cli), env=mcporter_env(h), timeout=60)
     assert status.rc == 0, status
     assert f"Daemon pid {daemon} — socket: {h.socket_path}" in status.out, status
     assert "- demo: connected" in status.out, status
 
-    stop = run_mcporter(h, mcporter_cli, "daemon", "stop")
+    stop = h.run("daemon", "stop", argv=mcporter_argv(h, mcporter_cli), env=mcporter_env(h), timeout=60)
     assert stop.rc == 0, stop
     assert "Daemon stopped" in stop.out, stop
     # mcporter does not wait; the daemon goes by itself, with its MCP server.
@@ -7788,7 +7763,7 @@ def test_mcporter_cli_sees_and_stops_our_daemon(hx, mcporter_cli):
     assert not h.socket_path.exists()
     assert not h.meta_path.exists()
     assert h.status()["running"] is False
-    r = run_mcporter(h, mcporter_cli, "daemon", "status")
+    r = h.run("daemon", "status", argv=mcporter_argv(h, mcporter_cli), env=mcporter_env(h), timeout=60)
     assert r.rc == 0 and "Daemon is not running." in r.out, r
     h.expect_no_leftovers = True
     # Each answer comes at once, not when the daemon's request-read deadline (10 s) runs out:
@@ -7799,13 +7774,13 @@ def test_mcporter_cli_sees_and_stops_our_daemon(hx, mcporter_cli):
 
 def test_our_foreground_daemon_replaces_live_mcporter_daemon(hx, mcporter_cli):
     h = hx
-    r = run_mcporter(h, mcporter_cli, "daemon", "start")
+    r = h.run("daemon", "start", argv=mcporter_argv(h, mcporter_cli), env=mcporter_env(h), timeout=60)
     assert r.rc == 0, r
     assert "Daemon started" in r.out, r
     theirs = json.loads(h.meta_path.read_text())["pid"]
     h.track(theirs)
     assert pid_alive(theirs)
-    r = run_mcporter(h, mcporter_cli, "call", "demo.counter")
+    r = h.run("call", "demo.counter", argv=mcporter_argv(h, mcporter_cli), env=mcporter_env(h), timeout=60)
     assert r.rc == 0 and r.out.strip() == "1", r
     their_servers = h.server_pids()  # the demo server mcporter's daemon spawned
     assert their_servers and all(proc_stat(p).ppid == theirs for p in their_servers), describe_pids(
@@ -7836,7 +7811,7 @@ def test_our_foreground_daemon_replaces_live_mcporter_daemon(hx, mcporter_cli):
     assert running_status(h)["pid"] == fg.pid
     assert_one_daemon_tree(h, fg.pid)
 
-    r = h.cli("stop")
+    r = h.run("stop")
     assert r.rc == 0, r
     assert fg.wait(timeout=10) == 0, read_file(fg.err_path)
     wait_no_processes_left(h, 5)
