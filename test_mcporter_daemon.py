@@ -383,12 +383,6 @@ class Harness:
                 self.track(s.get("pid"))
         return data
 
-    def server_pid_from_status(self, name="demo"):
-        for s in self.status().get("servers") or []:
-            if s.get("name") == name:
-                return s.get("pid")
-        return None
-
     def meta(self):
         try:
             data = json.loads(self.meta_path.read_text())
@@ -546,6 +540,14 @@ def assert_one_daemon_tree(h, daemon_pid, servers=1, timeout=10):
         )
 
 
+def server_pid(status, name="demo"):
+    """The pid of server ``name`` in a ``status --json`` answer, or None."""
+    for s in status.get("servers") or []:
+        if s.get("name") == name:
+            return s.get("pid")
+    return None
+
+
 def running_status(h):
     st = h.status()
     assert st.get("running") is True, st
@@ -686,7 +688,7 @@ def test_state_persists_across_cli_processes(h):
     assert first == second
     assert h.server_pids() == {first}
     st = running_status(h)
-    assert h.server_pid_from_status() == first
+    assert server_pid(h.status()) == first
     assert_one_daemon_tree(h, st["pid"])
 
 
@@ -718,7 +720,7 @@ def test_race_foreground_starts_leave_one_survivor(h):
     assert call_ok(h, "demo.counter") == "1"
     assert running[0].poll() is None
     assert_one_daemon_tree(h, survivor)
-    assert h.server_pid_from_status() in h.server_pids()
+    assert server_pid(h.status()) in h.server_pids()
 
 
 def test_race_detached_starts_launch_one_daemon(h):
@@ -789,7 +791,7 @@ def test_race_mixed_starts_and_calls(h):
 def test_config_edit_replaces_daemon(h, keep_mtime):
     assert call_ok(h, "demo.counter") == "1"
     old = running_status(h)
-    old_pid, old_server = old["pid"], h.server_pid_from_status()
+    old_pid, old_server = old["pid"], server_pid(h.status())
     assert old_server and pid_alive(old_server)
 
     before = h.cfg.stat()
@@ -830,7 +832,7 @@ def test_config_touch_keeps_daemon(h):
 def test_damaged_metadata_is_repaired(h, damage):
     assert call_ok(h, "demo.counter") == "1"
     old_pid = running_status(h)["pid"]
-    old_server = h.server_pid_from_status()
+    old_server = server_pid(h.status())
     text = h.meta_path.read_text()
     if damage == "garbage":
         h.meta_path.write_bytes(b"\x00\xffnot json{{")
@@ -865,7 +867,7 @@ def warm_daemon(h, stubborn=False):
     if stubborn:
         h.use_stubborn_server()
     assert call_ok(h, "demo.counter") == "1"
-    return running_status(h)["pid"], h.server_pid_from_status()
+    return running_status(h)["pid"], server_pid(h.status())
 
 
 @pytest.mark.parametrize("server", ["exits-on-eof", "ignores-eof"])
@@ -900,7 +902,7 @@ def test_stopped_daemon_is_replaced_and_terminated(h, server):
 def test_killed_mcp_server_is_restarted(h):
     assert call_ok(h, "demo.counter") == "1"
     daemon = running_status(h)["pid"]
-    server = h.server_pid_from_status()
+    server = server_pid(h.status())
     assert server and pid_alive(server)
     os.kill(server, signal.SIGKILL)
     wait_until(lambda: not pid_alive(server), 5, message="MCP server to die")
@@ -910,7 +912,7 @@ def test_killed_mcp_server_is_restarted(h):
     assert new_server != server
     st = running_status(h)
     assert st["pid"] == daemon
-    assert h.server_pid_from_status() == new_server
+    assert server_pid(h.status()) == new_server
     assert_one_daemon_tree(h, daemon)
 
 
@@ -918,7 +920,7 @@ def test_killed_mcp_server_is_restarted(h):
 def test_superseded_daemon_never_removes_replacement_files(h, how):
     a = start_daemon(h)
     assert call_ok(h, "demo.counter") == "1"
-    a_server = h.server_pid_from_status()
+    a_server = server_pid(h.status())
     h.meta()
 
     h.sigstop(a)
@@ -956,7 +958,7 @@ def test_superseded_daemon_never_removes_replacement_files(h, how):
 def test_stop_leaves_nothing(h):
     assert call_ok(h, "demo.counter") == "1"
     daemon = running_status(h)["pid"]
-    server = h.server_pid_from_status()
+    server = server_pid(h.status())
     assert h.socket_path.exists() and h.meta_path.exists()
 
     r = h.run("stop")
@@ -1344,7 +1346,7 @@ class StatusLatencyPoller:
 def test_stopped_daemon_reclaimed_within_probe_timeout(h):
     assert call_ok(h, "demo.counter") == "1"
     old_pid = running_status(h)["pid"]
-    old_server = h.server_pid_from_status()
+    old_server = server_pid(h.status())
     assert old_server and pid_alive(old_server)
     h.sigstop(old_pid)
 
@@ -1375,7 +1377,7 @@ def test_stopped_daemon_reclaimed_within_probe_timeout(h):
 def test_busy_daemon_answers_status_and_is_not_replaced(h):
     daemon = start_daemon(h)
     assert call_ok(h, "demo.counter") == "1"  # the MCP server is warm
-    server = h.server_pid_from_status()
+    server = server_pid(h.status())
     sock = h.socket_path
     ino = socket_ino(sock)
 
@@ -1436,7 +1438,7 @@ def test_busy_daemon_answers_status_and_is_not_replaced(h):
     assert running_status(h)["pid"] == daemon
     assert h.meta()["pid"] == daemon
     assert socket_ino(sock) == ino, "the busy daemon's socket was replaced"
-    assert h.server_pid_from_status() == server
+    assert server_pid(h.status()) == server
     assert_one_daemon_tree(h, daemon)
 
 
@@ -1664,7 +1666,7 @@ def test_next_daemon_ends_eof_ignoring_server_of_sigkilled_daemon(h):
 def test_daemon_exits_when_its_socket_path_is_lost(h, how):
     assert call_ok(h, "demo.counter") == "1"
     daemon = running_status(h)["pid"]
-    server = h.server_pid_from_status()
+    server = server_pid(h.status())
     assert server and pid_alive(server)
     listener = None
     try:
@@ -2260,13 +2262,6 @@ def ops_status(h, *prefix, env=None):
     return data
 
 
-def ops_server_pid(status, name):
-    for s in status.get("servers") or []:
-        if s.get("name") == name:
-            return s.get("pid")
-    return None
-
-
 def ops_wait_serving(h, proc, *prefix, env=None):
     """Wait until ``proc`` is the verified daemon; fail at once if it exits first."""
 
@@ -2566,7 +2561,7 @@ def test_service_systemd_unit_runs_the_foreground_host(h):
     assert ops_wait_exit(second, 15) == 0, Path(second.err_path).read_text()
     assert first.poll() is None
     assert ops_ok(h.run(*prefix, "call", "demo.counter", env=env, config=False)) == "2"
-    server = ops_server_pid(ops_status(h, *prefix, env=env), "demo")
+    server = server_pid(ops_status(h, *prefix, env=env), "demo")
     assert server and pid_alive(server)
     # `systemctl stop` sends SIGTERM: a clean exit 0 with its MCP server and files gone.
     first.send_signal(signal.SIGTERM)
@@ -2631,7 +2626,7 @@ def test_log_servers_flag_traces_only_chosen_servers(h):
     assert call_ok(h, "other.counter") == "1"
     assert call_ok(h, "demo.echo", "text=hi") == "hi"
     st = running_status(h)
-    demo, other = ops_server_pid(st, "demo"), ops_server_pid(st, "other")
+    demo, other = server_pid(st, "demo"), server_pid(st, "other")
     log = h.path("log")
     assert Path(st["logPath"]) == log
     ops_ok(h.run("stop"))
@@ -2672,7 +2667,7 @@ def test_log_environment_variables(h):
     assert Path(st["logPath"]) == custom
     lines = ops_log_lines(custom)
     assert ops_traced_servers(lines) == ["other"], lines
-    assert f"[demo] demo MCP server ready (pid {ops_server_pid(st, 'demo')})" in lines, lines
+    assert f"[demo] demo MCP server ready (pid {server_pid(st, 'demo')})" in lines, lines
     assert ops_mode(custom) == 0o600
 
 
@@ -2681,7 +2676,7 @@ def test_log_env_verbose_foreground_logs_to_stderr(h):
     fg = h.popen_argv(h.argv("start", "--foreground"), env, h.tmp)
     ops_wait_serving(h, fg)
     assert call_ok(h, "demo.counter") == "1"
-    server = h.server_pid_from_status()
+    server = server_pid(h.status())
 
     def traced():
         lines = ops_log_lines(fg.err_path)
@@ -2771,7 +2766,7 @@ def test_daemon_log_rotates_under_a_real_daemon(h):
     assert not Path(str(log) + ".2").exists()
     assert log.stat().st_size <= OPS_LOG_BOUND
     assert ops_mode(log) == 0o600 and ops_mode(old) == 0o600
-    server = h.server_pid_from_status("chatty")
+    server = server_pid(h.status(), "chatty")
     assert f"[chatty] demo MCP server ready (pid {server})" in ops_log_lines(log)
     # The detached daemon's own stderr follows the rotation (tracebacks land in the live log).
     assert os.readlink(f"/proc/{daemon}/fd/2") == str(log)
@@ -2921,7 +2916,7 @@ def test_doctor_reports_leftovers_of_a_killed_daemon(h):
     h.use_stubborn_server()
     assert call_ok(h, "demo.counter") == "1"
     daemon = running_status(h)["pid"]
-    server = h.server_pid_from_status()
+    server = server_pid(h.status())
     os.kill(daemon, signal.SIGKILL)
     wait_until(lambda: not pid_alive(daemon), 5, message="SIGKILLed daemon to die")
     assert pid_alive(server)
@@ -3074,7 +3069,7 @@ def test_close_server_request_closes_just_that_server(h):
     assert call_ok(h, "demo.counter") == "2"
     assert call_ok(h, "other.counter") == "1"
     st = running_status(h)
-    daemon, demo, other = st["pid"], ops_server_pid(st, "demo"), ops_server_pid(st, "other")
+    daemon, demo, other = st["pid"], server_pid(st, "demo"), server_pid(st, "other")
     resp, _, _ = raw_request(h.socket_path, "closeServer", {"server": "demo"}, idle=10.0)
     assert resp.get("ok") is True, resp
     wait_until(lambda: not pid_alive(demo), 5, message=f"closed server {demo} to exit")
@@ -3084,7 +3079,7 @@ def test_close_server_request_closes_just_that_server(h):
     assert [s["connected"] for s in st["servers"] if s["name"] == "demo"] == [False]
     wait_until(lambda: "demo" not in (h.meta() or {}).get("servers", {}), 5, message="metadata update")
     assert call_ok(h, "demo.counter") == "1"
-    new = ops_server_pid(running_status(h), "demo")
+    new = server_pid(running_status(h), "demo")
     assert new and new != demo
     assert call_ok(h, "other.counter") == "2"
     resp, _, _ = raw_request(h.socket_path, "closeServer", {"server": "nosuch"}, idle=10.0)
@@ -3101,7 +3096,7 @@ def test_server_idle_timeout_closes_just_that_server(h):
     server = int(call_ok(h, "demo.pid"))
     h.track(server)
     st = running_status(h)
-    daemon, other = st["pid"], ops_server_pid(st, "other")
+    daemon, other = st["pid"], server_pid(st, "other")
     assert other and pid_alive(other)
     wait_until(lambda: not pid_alive(server), 5, message=f"idle server {server} to be closed")
     assert pid_alive(daemon) and pid_alive(other)
@@ -3119,19 +3114,19 @@ def test_server_idle_timeout_spares_a_server_in_use(h):
     demo = ops_demo_entry(h, {"mode": "keep-alive", "idleTimeoutMs": 500})
     ops_config(h, {"demo": demo})
     assert call_ok(h, "demo.counter") == "1"
-    server = h.server_pid_from_status()
+    server = server_pid(h.status())
     # A call that runs far longer than the idle timeout is activity, not idleness.
     r = h.run("call", "demo.sleep", "seconds=2.5")
     assert r.rc == 0 and r.out.strip() == "slept 2.5", r
     assert call_ok(h, "demo.counter") == "2", "the server was closed while in use"
-    assert h.server_pid_from_status() == server
+    assert server_pid(h.status()) == server
 
 
 def test_daemon_idle_timeout_shuts_daemon_down(h):
     ops_config(h, daemonIdleTimeoutMs=1000)
     daemon = started_pid(h.run("start"))
     assert call_ok(h, "demo.counter") == "1"
-    server = h.server_pid_from_status()
+    server = server_pid(h.status())
     wait_until(lambda: not pid_alive(daemon), 6, message=f"idle daemon {daemon} to exit")
     wait_until(lambda: not pid_alive(server), 5, message="its MCP server to exit")
     assert not h.socket_path.exists() and not h.meta_path.exists()
@@ -3223,7 +3218,7 @@ def test_idle_server_is_pinged_and_status_shows_health(h):
     ops_config(h, {"demo": health_entry(h, 200), "quiet": health_entry(h, 0)})
     assert call_ok(h, "demo.counter") == "1"
     assert call_ok(h, "quiet.counter") == "1"
-    server = h.server_pid_from_status("demo")
+    server = server_pid(h.status(), "demo")
     used = server_status(h, "demo")["lastUsedAt"]
 
     def pinged_after_use():
@@ -3245,7 +3240,7 @@ def test_idle_server_is_pinged_and_status_shows_health(h):
     assert [ln for ln in lines if ln.startswith("  - quiet:")][0].endswith("; not pinged yet; restarts 0")
     # Pings left the server's state alone: same process, same counter.
     assert call_ok(h, "demo.counter") == "2"
-    assert h.server_pid_from_status("demo") == server
+    assert server_pid(h.status(), "demo") == server
 
 
 def test_wedged_server_is_restarted_after_two_failed_pings(h):
@@ -3253,7 +3248,7 @@ def test_wedged_server_is_restarted_after_two_failed_pings(h):
     assert call_ok(h, "demo.counter") == "1"
     assert call_ok(h, "other.counter") == "1"
     st = running_status(h)
-    daemon, wedged, other = st["pid"], ops_server_pid(st, "demo"), ops_server_pid(st, "other")
+    daemon, wedged, other = st["pid"], server_pid(st, "demo"), server_pid(st, "other")
     h.sigstop(wedged)
     wedged_at = time.monotonic()
 
@@ -3308,16 +3303,16 @@ def test_close_and_restart_server_commands(h):
     assert call_ok(h, "demo.counter") == "2"
     assert call_ok(h, "other.counter") == "1"
     st = running_status(h)
-    daemon, first, other = st["pid"], ops_server_pid(st, "demo"), ops_server_pid(st, "other")
+    daemon, first, other = st["pid"], server_pid(st, "demo"), server_pid(st, "other")
 
     r = h.run("close", "demo", env=ops_env(h))
     assert r.rc == 0 and f"closed server 'demo' (daemon pid {daemon})" in r.out, r
     wait_until(lambda: not pid_alive(first), 5, message=f"closed server {first} to exit")
     st = running_status(h)
-    assert st["pid"] == daemon and ops_server_pid(st, "other") == other
+    assert st["pid"] == daemon and server_pid(st, "other") == other
     assert [s["connected"] for s in st["servers"] if s["name"] == "demo"] == [False]
     assert call_ok(h, "demo.counter") == "1", "the next call starts a new server"
-    second = h.server_pid_from_status("demo")
+    second = server_pid(h.status(), "demo")
     assert second and second != first
 
     r = h.run("restart", "demo", env=ops_env(h))
@@ -3329,7 +3324,7 @@ def test_close_and_restart_server_commands(h):
     assert third != second and not pid_alive(second), "restart ends the old server before it answers"
     # Restart starts the new copy at once: it runs before any call.
     st = running_status(h)
-    assert st["pid"] == daemon and ops_server_pid(st, "demo") == third
+    assert st["pid"] == daemon and server_pid(st, "demo") == third
     assert server_status(h, "demo")["health"]["restarts"] == 1
     assert h.server_pids() == {third, other}
     assert call_ok(h, "demo.counter") == "1"
@@ -3529,7 +3524,7 @@ def test_real_everything_server_prompts_templates_and_pings(h, npm_servers):
     r = h.run("resources", "everything", "demo://resource/dynamic/text/3")
     assert r.rc == 0 and r.out.strip(), r
 
-    server = server_pid_of(running_status(h), "everything")
+    server = server_pid(running_status(h), "everything")
     used = server_status(h, "everything")["lastUsedAt"]
     wait_until(
         lambda: (server_status(h, "everything")["health"]["lastPingAt"] or 0) > used,
@@ -3539,7 +3534,7 @@ def test_real_everything_server_prompts_templates_and_pings(h, npm_servers):
     )
     health = server_status(h, "everything")["health"]
     assert health["lastPingOk"] is True and health["restarts"] == 0, health
-    assert server_pid_of(running_status(h), "everything") == server
+    assert server_pid(running_status(h), "everything") == server
     assert_stop_leaves_nothing(h)
 
 
@@ -4394,7 +4389,7 @@ def test_malformed_metadata_of_a_dead_daemon_never_crashes_a_command(h, shape):
     assert call_ok(h, "demo.counter") == "1"
     st = running_status(h)
     assert st["pid"] != daemon
-    assert metadata_repaired(h, st["pid"], h.server_pid_from_status())
+    assert metadata_repaired(h, st["pid"], server_pid(h.status()))
     assert_one_daemon_tree(h, st["pid"])
 
 
@@ -4839,11 +4834,11 @@ def test_schema_cache_is_per_server_process_and_follows_list_changed(h):
     assert call_ok(h, "t.lists") == "2"
     # A restarted server is listed afresh: its schema may differ from the old process's.
     kind_file.write_text("string")
-    old = ops_server_pid(running_status(h), "t")
+    old = server_pid(running_status(h), "t")
     os.kill(old, signal.SIGKILL)
     wait_until(lambda: not pid_alive(old), 10, message=f"server {old} to die")
     assert call_ok(h, "t.show", "value=9") == '"9"'
-    assert ops_server_pid(running_status(h), "t") not in (None, old)
+    assert server_pid(running_status(h), "t") not in (None, old)
     assert call_ok(h, "t.lists") == "1"
 
 
@@ -5075,7 +5070,7 @@ def test_server_that_stops_reading_fails_calls_within_their_timeout(h):
     big = "x" * 100_000  # two of them: more than a pipe holds, each under the argv limit
     t0 = time.monotonic()
     first = h.popen("call", "--timeout", "2", "deaf.echo", f"a={big}", f"b={big}")
-    deaf = wait_until(lambda: ops_server_pid(h.status(), "deaf"), 10, message="the deaf server to start")
+    deaf = wait_until(lambda: server_pid(h.status(), "deaf"), 10, message="the deaf server to start")
     second = h.popen("call", "--timeout", "2", "deaf.echo", "text=small")
     t1 = time.monotonic()
     # Another server of the same daemon is served meanwhile.
@@ -5094,7 +5089,7 @@ def test_server_that_stops_reading_fails_calls_within_their_timeout(h):
     wait_until(lambda: not pid_alive(deaf), 5, message=f"broken server {deaf} to be ended")
     r = h.run("call", "--timeout", "1", "deaf.echo", "text=small")
     assert r.rc == 1 and "timed out" in r.err, r
-    assert ops_server_pid(h.status(), "deaf") not in (None, deaf)
+    assert server_pid(h.status(), "deaf") not in (None, deaf)
 
 
 HANG_HOST_SCRIPT = """\
@@ -7386,13 +7381,6 @@ def daemon_log_text(h):
         return ""
 
 
-def server_pid_of(status, name):
-    for s in status.get("servers") or []:
-        if s.get("name") == name:
-            return s.get("pid")
-    return None
-
-
 def processes_of_test(h):
     """Every live process that inherited this test's environment marker:
     daemons, MCP servers and whatever they spawned (npx's sh and node, say)."""
@@ -7471,7 +7459,7 @@ def test_real_memory_server_keeps_its_graph_across_cli_calls(h, npm_servers):
     args = {"entities": [{"name": entity, "entityType": "test", "observations": ["kept warm"]}]}
     real_call(h, "memory.create_entities", "--args", json.dumps(args))
     first = running_status(h)
-    server = server_pid_of(first, "memory")
+    server = server_pid(first, "memory")
     assert server and pid_alive(server), first
 
     # Another CLI process sees the entity, served by the same daemon and server process.
@@ -7481,7 +7469,7 @@ def test_real_memory_server_keeps_its_graph_across_cli_calls(h, npm_servers):
     assert entity in json.dumps(json.loads(r.out)), r
     second = running_status(h)
     assert second["pid"] == first["pid"]
-    assert server_pid_of(second, "memory") == server
+    assert server_pid(second, "memory") == server
     # Its stderr chatter is drained into the daemon log.
     assert "Knowledge Graph MCP Server running on stdio" in daemon_log_text(h)
 
@@ -7501,7 +7489,7 @@ def test_real_everything_server_tools_resources_and_junk_stdout(h, npm_servers):
 
     r = real_call(h, "everything.echo", "message=hello real server")
     assert r.out.strip() == "Echo: hello real server", r
-    server = server_pid_of(running_status(h), "everything")
+    server = server_pid(running_status(h), "everything")
     assert server and pid_alive(server)
     # The junk line came first on stdout and was skipped; the handshake went on.
     assert JUNK_LINE in daemon_log_text(h)
@@ -7530,7 +7518,7 @@ def test_real_everything_server_tools_resources_and_junk_stdout(h, npm_servers):
     assert r.rc == 0 and r.out.strip(), r
 
     # Still the same server process: state kept across all those CLI processes.
-    assert server_pid_of(running_status(h), "everything") == server
+    assert server_pid(running_status(h), "everything") == server
     assert_stop_leaves_nothing(h)
 
 
@@ -7596,7 +7584,7 @@ def test_real_fastmcp_server_state_requests_and_junk(h, mcp_sdk):
     assert real_call(h, "fast.counter").out.strip() == "1"
     assert real_call(h, "fast.counter").out.strip() == "2"
     pid = int(real_call(h, "fast.pid").out)
-    assert server_pid_of(running_status(h), "fast") == pid
+    assert server_pid(running_status(h), "fast") == pid
     assert "fastmcp junk: not JSON" in daemon_log_text(h)
 
     # Server-to-client requests mid-call are answered at once, so calls never hang.
@@ -7649,7 +7637,7 @@ def test_real_fastmcp_server_state_requests_and_junk(h, mcp_sdk):
         assert r.rc == 2 and named in r.err and len(r.err.strip().splitlines()) == 1, r
 
     st = running_status(h)
-    assert server_pid_of(st, "fast") == pid
+    assert server_pid(st, "fast") == pid
     assert_stop_leaves_nothing(h)
 
 
@@ -7745,7 +7733,7 @@ def test_mcporter_cli_sees_and_stops_our_daemon(hx, mcporter_cli):
     h = hx
     assert call_ok(h, "demo.counter") == "1"
     st = running_status(h)
-    daemon, server = st["pid"], server_pid_of(st, "demo")
+    daemon, server = st["pid"], server_pid(st, "demo")
     assert Path(st["socketPath"]) == h.socket_path  # X/daemon/daemon-<key>.sock, mcporter's path too
 
     status = h.run("daemon", "status", argv=mcporter_argv(h, mcporter_cli), env=mcporter_env(h), timeout=60)
