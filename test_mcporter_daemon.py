@@ -548,6 +548,18 @@ def server_pid(status, name="demo"):
     return None
 
 
+def assert_replaced(h, old_pid, servers=1):
+    """The daemon ``old_pid`` was replaced: it is gone, and a verified daemon with another pid
+    serves, named by the metadata, with ``servers`` MCP servers, all its children. Returns the
+    new daemon's status."""
+    st = running_status(h)
+    assert st["pid"] != old_pid, f"daemon {old_pid} still serves; it was not replaced"
+    assert not pid_alive(old_pid), f"old daemon {old_pid} left running beside {st['pid']}"
+    assert h.meta()["pid"] == st["pid"]
+    assert_one_daemon_tree(h, st["pid"], servers)
+    return st
+
+
 def running_status(h):
     st = h.status()
     assert st.get("running") is True, st
@@ -806,11 +818,7 @@ def test_config_edit_replaces_daemon(h, keep_mtime):
     assert call_ok(h, "demo.counter") == "1"
     assert not pid_alive(old_pid), f"stale daemon {old_pid} still running"
     assert not pid_alive(old_server), f"stale daemon's MCP server {old_server} still running"
-    new = running_status(h)
-    assert new["pid"] != old_pid
-    assert new["fresh"] is True
-    assert h.meta()["pid"] == new["pid"]
-    assert_one_daemon_tree(h, new["pid"])
+    assert assert_replaced(h, old_pid)["fresh"] is True
 
 
 def test_config_touch_keeps_daemon(h):
@@ -851,11 +859,11 @@ def test_damaged_metadata_is_repaired(h, damage):
     if st["pid"] == old_pid:
         assert value == "2", "same daemon but the counter restarted"
         assert meta["servers"]["demo"]["pid"] == old_server
+        assert_one_daemon_tree(h, st["pid"])
     else:
         assert value == "1"
-        assert not pid_alive(old_pid), f"old daemon {old_pid} left running beside {st['pid']}"
         assert not pid_alive(old_server)
-    assert_one_daemon_tree(h, st["pid"])
+        assert_replaced(h, old_pid)
 
 
 # ---- crashes and hangs ------------------------------------------------------
@@ -877,12 +885,9 @@ def test_sigkilled_daemon_is_replaced(h, server):
     wait_until(lambda: not pid_alive(old_pid), 5, message="SIGKILLed daemon to die")
 
     assert call_ok(h, "demo.counter") == "1"
-    new_pid = running_status(h)["pid"]
-    assert new_pid != old_pid
-    assert h.meta()["pid"] == new_pid
     # The dead daemon's MCP server is not left as an orphan.
     wait_until(lambda: not pid_alive(old_server), 5, message=f"old MCP server {old_server} to exit")
-    assert_one_daemon_tree(h, new_pid)
+    assert_replaced(h, old_pid)
 
 
 @pytest.mark.parametrize("server", ["exits-on-eof", "ignores-eof"])
@@ -891,12 +896,9 @@ def test_stopped_daemon_is_replaced_and_terminated(h, server):
     h.sigstop(old_pid)
 
     assert call_ok(h, "demo.counter") == "1"
-    new = running_status(h)
-    assert new["pid"] != old_pid
     assert not pid_alive(old_pid), f"hung daemon {old_pid} not terminated"
     wait_until(lambda: not pid_alive(old_server), 5, message="hung daemon's MCP server to exit")
-    assert h.meta()["pid"] == new["pid"]
-    assert_one_daemon_tree(h, new["pid"])
+    assert_replaced(h, old_pid)
 
 
 def test_killed_mcp_server_is_restarted(h):
@@ -1364,11 +1366,8 @@ def test_stopped_daemon_reclaimed_within_probe_timeout(h):
         h.sigcont(old_pid)
     except ProcessLookupError:
         pass  # already reaped
-    new_pid = running_status(h)["pid"]
-    assert new_pid != old_pid
     assert call_ok(h, "demo.counter") == "2"
-    assert h.meta()["pid"] == new_pid
-    assert_one_daemon_tree(h, new_pid)
+    assert_replaced(h, old_pid)
 
 
 # ---- 2. a busy daemon answers status at once and is never replaced ----
@@ -1654,9 +1653,7 @@ def test_next_daemon_ends_eof_ignoring_server_of_sigkilled_daemon(h):
     assert not pid_alive(old_server), f"orphaned MCP server {old_server} still running"
     log = h.path("log").read_text()
     assert f"ending server 'demo' (pid {old_server}) left by a dead daemon" in log, log[-2000:]
-    new_pid = running_status(h)["pid"]
-    assert new_pid != old_pid
-    assert_one_daemon_tree(h, new_pid)
+    assert_replaced(h, old_pid)
 
 
 # ---- 6. a daemon whose socket path was removed or replaced exits within 5 s ----
@@ -1697,10 +1694,7 @@ def test_daemon_exits_when_its_socket_path_is_lost(h, how):
     finally:
         if listener is not None:
             listener.close()
-    new_pid = running_status(h)["pid"]
-    assert new_pid != daemon
-    assert h.meta()["pid"] == new_pid
-    assert_one_daemon_tree(h, new_pid)
+    assert_replaced(h, daemon)
 
 
 # ---- 7. bad input on the socket never crashes or wedges the daemon ----
@@ -4387,10 +4381,8 @@ def test_malformed_metadata_of_a_dead_daemon_never_crashes_a_command(h, shape):
             assert json.loads(r.out)["running"] is False, r
     write_meta_raw(h, malformed(good, shape))
     assert call_ok(h, "demo.counter") == "1"
-    st = running_status(h)
-    assert st["pid"] != daemon
+    st = assert_replaced(h, daemon)
     assert metadata_repaired(h, st["pid"], server_pid(h.status()))
-    assert_one_daemon_tree(h, st["pid"])
 
 
 def test_non_utf8_config_path_and_state_dir_work(h):
