@@ -1700,10 +1700,123 @@ def test_daemon_exits_when_its_socket_path_is_lost(h, how):
 # ---- 7. bad input on the socket never crashes or wedges the daemon ----
 
 
-def test_bad_socket_input_is_answered_and_bounded(h):
-    daemon = start_daemon(h)
-    assert call_ok(h, "demo.echo", "text=warm") == "warm"
-    sock = h.socket_path
+def _req_line(obj):
+    return (json.dumps(obj) + "\n").encode()
+
+
+# (what, payload, code, rid): what the daemon must answer to one bad line, if anything (code
+# None: an error of any code or a closed connection; rid: the id the error carries, "any":
+# unchecked).
+BAD_INPUT_CASES = [
+    ("non-JSON", b"this is not json\n", "invalid_json", None),
+    ("invalid UTF-8", b"\xff\xfe\x00\xc3(\n", "invalid_json", None),
+    ("empty line", b"\n", None, None),
+    ("JSON array", b"[1, 2, 3]\n", "bad_request", None),
+    ("JSON string", b'"status"\n', "bad_request", None),
+    ("JSON null", b"null\n", "bad_request", None),
+    ("deep nesting", b"[" * 200000 + b"]" * 200000 + b"\n", None, "any"),
+    ("unknown method", _req_line({"id": "u1", "method": "no.such", "params": {}}), "unknown_method", "u1"),
+    ("method not a string", _req_line({"id": "m1", "method": 5}), "bad_request", "m1"),
+    ("params a list", _req_line({"id": "p1", "method": "status", "params": [1]}), "bad_request", "p1"),
+    (
+        "bad protocolVersion",
+        _req_line({"id": "v1", "method": "status", "protocolVersion": "2"}),
+        "bad_request",
+        "v1",
+    ),
+    (
+        "callTool server=5 args='x'",
+        _req_line({"id": "t1", "method": "callTool", "params": {"server": 5, "tool": "echo", "args": "x"}}),
+        "bad_request",
+        "t1",
+    ),
+    (
+        "callTool args='x'",
+        _req_line(
+            {
+                "id": "t2",
+                "method": "callTool",
+                "params": {"server": "demo", "tool": "echo", "args": "x"},
+            }
+        ),
+        "bad_request",
+        "t2",
+    ),
+    (
+        "callTool tool=list",
+        _req_line({"id": "t3", "method": "callTool", "params": {"server": "demo", "tool": ["echo"]}}),
+        "bad_request",
+        "t3",
+    ),
+    (
+        "callTool timeoutMs string",
+        _req_line(
+            {
+                "id": "t4",
+                "method": "callTool",
+                "params": {"server": "demo", "tool": "echo", "args": {}, "timeoutMs": "soon"},
+            }
+        ),
+        "bad_request",
+        "t4",
+    ),
+    (
+        "readResource uri=7",
+        _req_line({"id": "t5", "method": "readResource", "params": {"server": "demo", "uri": 7}}),
+        "bad_request",
+        "t5",
+    ),
+    (
+        "listTools server=null",
+        _req_line({"id": "t6", "method": "listTools", "params": {"server": None}}),
+        "bad_request",
+        "t6",
+    ),
+    (
+        "unknown server",
+        _req_line({"id": "t7", "method": "callTool", "params": {"server": "nope", "tool": "x"}}),
+        "unknown_server",
+        "t7",
+    ),
+    ("id an object", _req_line({"id": {"a": 1}, "method": "no.such"}), "unknown_method", None),
+    (
+        "missing id, bad params",
+        _req_line({"method": "callTool", "params": {"server": 5}}),
+        "bad_request",
+        None,
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_input_daemon(tmp_path_factory):
+    """One daemon for the bad-input table and its memory and latency check: its own temp state
+    dir and config, its processes ended by pid at module end."""
+    h = Harness(tmp_path_factory.mktemp("bad-input"))
+    try:
+        daemon = start_daemon(h)
+        assert call_ok(h, "demo.echo", "text=warm") == "warm"
+        yield types.SimpleNamespace(h=h, pid=daemon, sock=h.socket_path)
+    finally:
+        h.cleanup()
+
+
+@pytest.mark.parametrize(
+    "what, payload, code, rid", BAD_INPUT_CASES, ids=[c[0].replace(" ", "-") for c in BAD_INPUT_CASES]
+)
+def test_bad_socket_input_is_answered(bad_input_daemon, what, payload, code, rid):
+    assert_error_or_closed(send_raw_bytes(bad_input_daemon.sock, payload), what, code=code, rid=rid)
+    assert pid_alive(bad_input_daemon.pid), f"{what}: the daemon died"
+
+
+def test_status_without_id_gets_exactly_one_answer(bad_input_daemon):
+    # A valid request without an id (and without protocolVersion) gets exactly one answer.
+    frames = send_raw_bytes(bad_input_daemon.sock, b'{"method": "status"}\n')
+    assert len(frames) == 1 and frames[0].get("ok") is True and frames[0].get("id") is None, frames
+
+
+def test_bad_socket_input_keeps_status_fast_and_memory_bounded(bad_input_daemon):
+    h, daemon, sock = bad_input_daemon.h, bad_input_daemon.pid, bad_input_daemon.sock
     rss_before = vm_rss_kib(daemon)
 
     poller = StatusLatencyPoller(sock, daemon)
@@ -1720,89 +1833,7 @@ def test_bad_socket_input_is_answered_and_bounded(h):
             if i % 2:
                 s.sendall(b'{"id": "half", "method": "sta')
 
-        def req(obj):
-            return (json.dumps(obj) + "\n").encode()
-
-        cases = [
-            ("non-JSON", b"this is not json\n", "invalid_json", None),
-            ("invalid UTF-8", b"\xff\xfe\x00\xc3(\n", "invalid_json", None),
-            ("empty line", b"\n", None, None),
-            ("JSON array", b"[1, 2, 3]\n", "bad_request", None),
-            ("JSON string", b'"status"\n', "bad_request", None),
-            ("JSON null", b"null\n", "bad_request", None),
-            ("deep nesting", b"[" * 200000 + b"]" * 200000 + b"\n", None, "any"),
-            ("unknown method", req({"id": "u1", "method": "no.such", "params": {}}), "unknown_method", "u1"),
-            ("method not a string", req({"id": "m1", "method": 5}), "bad_request", "m1"),
-            ("params a list", req({"id": "p1", "method": "status", "params": [1]}), "bad_request", "p1"),
-            (
-                "bad protocolVersion",
-                req({"id": "v1", "method": "status", "protocolVersion": "2"}),
-                "bad_request",
-                "v1",
-            ),
-            (
-                "callTool server=5 args='x'",
-                req({"id": "t1", "method": "callTool", "params": {"server": 5, "tool": "echo", "args": "x"}}),
-                "bad_request",
-                "t1",
-            ),
-            (
-                "callTool args='x'",
-                req(
-                    {
-                        "id": "t2",
-                        "method": "callTool",
-                        "params": {"server": "demo", "tool": "echo", "args": "x"},
-                    }
-                ),
-                "bad_request",
-                "t2",
-            ),
-            (
-                "callTool tool=list",
-                req({"id": "t3", "method": "callTool", "params": {"server": "demo", "tool": ["echo"]}}),
-                "bad_request",
-                "t3",
-            ),
-            (
-                "callTool timeoutMs string",
-                req(
-                    {
-                        "id": "t4",
-                        "method": "callTool",
-                        "params": {"server": "demo", "tool": "echo", "args": {}, "timeoutMs": "soon"},
-                    }
-                ),
-                "bad_request",
-                "t4",
-            ),
-            (
-                "readResource uri=7",
-                req({"id": "t5", "method": "readResource", "params": {"server": "demo", "uri": 7}}),
-                "bad_request",
-                "t5",
-            ),
-            (
-                "listTools server=null",
-                req({"id": "t6", "method": "listTools", "params": {"server": None}}),
-                "bad_request",
-                "t6",
-            ),
-            (
-                "unknown server",
-                req({"id": "t7", "method": "callTool", "params": {"server": "nope", "tool": "x"}}),
-                "unknown_server",
-                "t7",
-            ),
-            ("id an object", req({"id": {"a": 1}, "method": "no.such"}), "unknown_method", None),
-            (
-                "missing id, bad params",
-                req({"method": "callTool", "params": {"server": 5}}),
-                "bad_request",
-                None,
-            ),
-        ]
-        for what, payload, code, rid in cases:  # rid: the id the error must carry ("any": unchecked)
+        for what, payload, code, rid in BAD_INPUT_CASES:
             assert_error_or_closed(send_raw_bytes(sock, payload), what, code=code, rid=rid)
 
         # A valid request without an id (and without protocolVersion) gets exactly one answer.
