@@ -160,7 +160,34 @@ _STOPPING_WAIT = 15.0  # a stopping daemon gets this long to close its servers b
 
 _ACCEPT_BACKOFF_MAX = 1.0  # out of fds: retry accept() no faster than this, instead of spinning
 
-_STOP_REQUEST = "stop request"  # the shutdown reason of a `stop` (its files go without the lock)
+# Shutdown reasons, as logged ("shutting down: <reason>"). A `stop` request's files go without
+# the bind lock (its stopper waits for our exit); every other reason takes the lock first.
+_STOP_REQUEST = "stop request"
+_STOP_SIGNAL = "signal"  # followed by the signal number
+_STOP_IDLE = "idle"  # followed by "for <timeout>s"
+_STOP_SOCKET_LOST = "socket path lost (removed or replaced)"
+_STOP_LOOP_ENDED = "serving loop ended"
+
+# What a `status` probe of the socket found (``ProbeResult.kind``, ``plan_takeover``'s input).
+_PROBE_LIVE = "live"  # answers for this socket path, its pid alive
+_PROBE_STOPPING = "stopping"  # answers "shutting down" with a live pid
+_PROBE_SILENT = "silent"  # no answer within the probe timeout: maybe only slow
+_PROBE_SILENT_TWICE = "silent-twice"  # the second, longer probe got no answer either
+_PROBE_DEAD = "dead"  # refused, no socket, an error answer, another path, or a dead pid
+
+# The bind guard's plans (``plan_takeover``); the daemon log names the one taken ("bound …").
+_PLAN_RECONCILE = "reconcile"
+_PLAN_STOP_THEN_BIND = "stop-then-bind"
+_PLAN_WAIT_THEN_BIND = "wait-then-bind"
+_PLAN_TERMINATE_THEN_BIND = "terminate-then-bind"
+_PLAN_PROBE_AGAIN = "probe-again"
+_PLAN_BIND = "bind"
+
+# What to do once a stop has waited out its time (``plan_stop_escalation``).
+_ESCALATE_STOPPED = "stopped"
+_ESCALATE_TERMINATE = "terminate"
+_ESCALATE_STILL_STOPPING = "still-stopping"
+_ESCALATE_REFUSE = "refuse"
 
 _LOG_ROTATE_BYTES = 10 * 1024 * 1024
 
@@ -1115,6 +1142,59 @@ def terminate_daemon_tree(
         end_server_group(child, child_start, grace)
 
 
+class RecordedDaemon:
+    """A daemon as its metadata records it, read once and validated: pid, start time, socket
+    path and servers. What it ends, it ends only while verified ours (§7)."""
+
+    __slots__ = ("record", "pid", "start_time", "socket_path", "servers")
+
+    def __init__(self, record: Dict[str, Any]) -> None:
+        """``record`` is a validated metadata record (see ``validate_metadata``)."""
+        self.record = record
+        self.pid: int = record["pid"]
+        self.start_time: str = record["pidStartTime"]
+        self.socket_path: str = record["socketPath"]
+        self.servers: Dict[str, Any] = record["servers"]
+
+    @classmethod
+    def read(cls, path: str) -> Optional[RecordedDaemon]:
+        """The daemon the metadata at ``path`` records; None when absent, torn or malformed."""
+        return cls.from_record(read_metadata(path))
+
+    @classmethod
+    def from_record(cls, data: Any) -> Optional[RecordedDaemon]:
+        """The daemon ``data`` records, when it is a well-formed record; else None."""
+        record = validate_metadata(data)
+        return cls(record) if record is not None else None
+
+    def is_ours(self) -> bool:
+        """Alive and the very process recorded (same pid, same start time)."""
+        return is_our_pid(self.pid, self.start_time)
+
+    def is_stopped(self) -> bool:
+        """The OS reports the recorded pid stopped (state T), whoever it is now."""
+        return process_stopped(self.pid)
+
+    def process_facts(self) -> Tuple[Optional[str], Optional[str]]:
+        """(start time, state) the OS reports now for the recorded pid."""
+        return _process_info(self.pid)
+
+    def live_servers(self) -> List[Tuple[str, int, str]]:
+        """(name, pid, start time) of each recorded server whose leader or group still runs."""
+        entries = self.servers.items()
+        return [(name, e["pid"], e["pidStartTime"]) for name, e in entries if _recorded_server_left(e)]
+
+    def end_servers(self, on_each: Callable[[str, int], None] = lambda name, pid: None) -> None:
+        """End the recorded servers still running (a dead daemon could not close them)."""
+        for name, pid, start in self.live_servers():
+            on_each(name, pid)
+            end_server_group(pid, start, _TERM_GRACE)
+
+    def terminate(self) -> None:
+        """End the daemon (while still ours) and its servers: recorded ones and live children."""
+        terminate_daemon_tree(self.pid, self.start_time, self.servers)
+
+
 # ##########################################################################################
 # Daemon host: bind guard, concurrent serving, housekeeping, ownership-checked shutdown.
 # ##########################################################################################
@@ -1216,7 +1296,7 @@ class ProbeResult:
     __slots__ = ("kind", "status", "detail")
 
     def __init__(self, kind: str, status: Optional[Dict[str, Any]] = None, detail: str = "") -> None:
-        self.kind = kind  # "live" | "stopping" | "silent" | "dead"
+        self.kind = kind  # one of the _PROBE_ constants
         self.status = status or {}
         self.detail = detail
 
@@ -1226,17 +1306,20 @@ class ProbeResult:
         return pid if _is_pid(pid) else None
 
 
+_STOP_FRAME = {"id": "stop", "method": "stop", "params": {}, "protocolVersion": DAEMON_PROTOCOL_VERSION}
+
+
 def probe_live_daemon(socket_path: str, timeout: float) -> ProbeResult:
     """Live means: it answers ``status``, reports this socket path, and its pid is alive."""
     if not os.path.exists(socket_path):
-        return ProbeResult("dead", detail="no socket file")
+        return ProbeResult(_PROBE_DEAD, detail="no socket file")
     request = {"id": "probe", "method": "status", "params": {}, "protocolVersion": 2}
     try:
         response = exchange(socket_path, request, timeout)
     except DaemonTimeout:
-        return ProbeResult("silent", detail=f"no answer within {timeout:g}s")
+        return ProbeResult(_PROBE_SILENT, detail=f"no answer within {timeout:g}s")
     except TransportError as exc:
-        return ProbeResult("dead", detail=str(exc))
+        return ProbeResult(_PROBE_DEAD, detail=str(exc))
     status = response.get("result") if response.get("ok") else None
     if not isinstance(status, dict):
         error: Dict[str, Any] = response["error"] if isinstance(response.get("error"), dict) else {}
@@ -1244,14 +1327,14 @@ def probe_live_daemon(socket_path: str, timeout: float) -> ProbeResult:
         if error.get("code") == "shutting_down" and _is_pid(pid) and pid_alive(pid):
             # Still closing its servers: it owns them until its pid is gone (stop is a barrier).
             stopping = {"pid": pid, "pidStartTime": error.get("pidStartTime")}
-            return ProbeResult("stopping", stopping, detail="shutting down")
-        return ProbeResult("dead", detail="answered with an error")
+            return ProbeResult(_PROBE_STOPPING, stopping, detail="shutting down")
+        return ProbeResult(_PROBE_DEAD, detail="answered with an error")
     if status.get("socketPath") != socket_path:
-        return ProbeResult("dead", detail="answers for another socket path")
+        return ProbeResult(_PROBE_DEAD, detail="answers for another socket path")
     pid = status.get("pid")
     if not _is_pid(pid) or not pid_alive(pid):
-        return ProbeResult("dead", detail="its pid is not alive")
-    return ProbeResult("live", status)
+        return ProbeResult(_PROBE_DEAD, detail="its pid is not alive")
+    return ProbeResult(_PROBE_LIVE, status)
 
 
 def plan_takeover(probe: str, fresh: bool, owner_ours: bool, owner_stopped: bool) -> str:
@@ -1262,17 +1345,108 @@ def plan_takeover(probe: str, fresh: bool, owner_ours: bool, owner_stopped: bool
     "stop-then-bind", "wait-then-bind", "terminate-then-bind", "probe-again" or "bind".
     """
     if owner_ours and owner_stopped:
-        return "terminate-then-bind"  # the OS says it is stopped: hung, whatever it answers
-    if probe == "stopping":
-        return "wait-then-bind"  # its servers are still closing: never two copies at once
-    if probe == "live":
-        return "reconcile" if fresh else "stop-then-bind"
-    if probe == "silent":
+        return _PLAN_TERMINATE_THEN_BIND  # the OS says it is stopped: hung, whatever it answers
+    if probe == _PROBE_STOPPING:
+        return _PLAN_WAIT_THEN_BIND  # its servers are still closing: never two copies at once
+    if probe == _PROBE_LIVE:
+        return _PLAN_RECONCILE if fresh else _PLAN_STOP_THEN_BIND
+    if probe == _PROBE_SILENT:
         # A timeout alone is no proof of a hang: a busy or loaded daemon is slow (mypy #18008).
-        return "probe-again"
+        return _PLAN_PROBE_AGAIN
     if owner_ours:
-        return "terminate-then-bind"  # hung (silent twice) or unreachable: ours, so end it
-    return "bind"
+        return _PLAN_TERMINATE_THEN_BIND  # hung (silent twice) or unreachable: ours, so end it
+    return _PLAN_BIND
+
+
+class _TakeoverFacts:
+    """What the bind guard knows before it acts: the recorded owner, what the socket answered,
+    and the plan ``plan_takeover`` makes of them. A silent socket is probed a second, longer
+    time before the plan is final, since a timeout alone proves no hang."""
+
+    __slots__ = ("recorded", "owner_ours", "owner_stopped", "probe", "kind", "plan")
+
+    def __init__(self, recorded: Optional[RecordedDaemon]) -> None:
+        self.recorded = recorded
+        self.owner_ours = self.owner_stopped = False
+        self.probe = ProbeResult(_PROBE_SILENT)
+        self.kind = _PROBE_SILENT
+        self.plan = _PLAN_PROBE_AGAIN
+        self.look_at_owner()
+
+    @classmethod
+    def gather(cls, paths: DaemonPaths, fingerprint: str, probe_timeout: float) -> _TakeoverFacts:
+        """Read the record, probe the socket (twice when silent), and plan."""
+        socket_path = paths.socket
+        facts = cls(RecordedDaemon.read(paths.metadata))
+        if not facts.owner_stopped:  # a stopped owner is known hung: a probe could only time out
+            facts.heard(probe_live_daemon(socket_path, probe_timeout), _PROBE_SILENT)
+        facts.decide(fingerprint)
+        if facts.plan == _PLAN_PROBE_AGAIN:
+            facts.heard(probe_live_daemon(socket_path, max(3 * probe_timeout, 1.0)), _PROBE_SILENT_TWICE)
+            facts.look_at_owner()  # it may have exited, or been stopped, meanwhile
+            facts.decide(fingerprint)
+        return facts
+
+    def look_at_owner(self) -> None:
+        """Whether the recorded owner is ours, and stopped (asked only of one that is ours)."""
+        recorded = self.recorded
+        self.owner_ours = recorded is not None and recorded.is_ours()
+        self.owner_stopped = recorded is not None and self.owner_ours and recorded.is_stopped()
+
+    def heard(self, probe: ProbeResult, silent_kind: str) -> None:
+        """Record a probe; a silent one counts as ``silent_kind`` (the second is silent-twice)."""
+        self.probe = probe
+        self.kind = silent_kind if probe.kind == _PROBE_SILENT else probe.kind
+
+    def decide(self, fingerprint: str) -> None:
+        """The plan for these facts (``fresh``: the live answer carries our fingerprint)."""
+        fresh = self.probe.status.get("fingerprint") == fingerprint
+        self.plan = plan_takeover(self.kind, fresh, self.owner_ours, self.owner_stopped)
+
+
+def plan_stop_escalation(kind: str, verified: bool, gone: bool) -> str:
+    """After ``stop`` waited out its timeout: "stopped", "terminate" (verified ours by the
+    metadata), "still-stopping" (another stop is ending it) or "refuse" (never signal an
+    unverified pid)."""
+    if gone:
+        return _ESCALATE_STOPPED
+    if verified:
+        return _ESCALATE_TERMINATE
+    return _ESCALATE_STILL_STOPPING if kind == _PROBE_STOPPING else _ESCALATE_REFUSE
+
+
+def _stop_then_escalate(
+    socket_path: str,
+    pid: int,
+    recorded: Optional[RecordedDaemon],
+    kind: str,
+    ask: Optional[Tuple[float, float]],
+    wait: Callable[[], float],
+    on_unheard: Callable[[DaemonError], None] = lambda exc: None,
+    on_plan: Callable[[str], None] = lambda plan: None,
+) -> str:
+    """Ask daemon ``pid`` to stop, wait for its pid to go, then escalate as
+    ``plan_stop_escalation`` decides; returns the plan, carried out.
+
+    ``ask`` is the request's (answer, connect) timeouts, or None to only wait (it is stopping
+    already); ``wait`` gives the seconds to wait, asked once the request is done. Only a
+    ``recorded`` daemon naming this very pid, still ours after the wait, is terminated (§7).
+    ``on_plan`` hears the plan before it is carried out, so each caller says it its own way.
+    """
+    start = process_start_time(pid)
+    if ask is not None:
+        try:
+            exchange(socket_path, _STOP_FRAME, ask[0], connect_timeout=ask[1])
+        except DaemonError as exc:
+            on_unheard(exc)  # it may have exited before answering; the pid tells
+    gone = _wait_gone(pid, wait(), start)
+    verified = recorded is not None and recorded.pid == pid and recorded.is_ours()
+    plan = plan_stop_escalation(kind, verified, gone)
+    on_plan(plan)
+    if plan == _ESCALATE_TERMINATE:
+        assert recorded is not None
+        recorded.terminate()
+    return plan
 
 
 def status_matches(
@@ -1414,76 +1588,65 @@ class DaemonHost:
     def _bind_guard(self) -> Optional[int]:
         """Under the bind lock: keep a live fresh twin, or clear the way and bind. Twin pid or None."""
         with FileLock(self.paths.bind, what="bind lock"):
-            meta = read_metadata(self.paths.metadata)
-            owner_pid = meta.get("pid") if meta else None
-            owner_start = meta.get("pidStartTime") if meta else None
-            owner_ours = is_our_pid(owner_pid, owner_start)
-            stopped = owner_ours and process_stopped(owner_pid)  # type: ignore[arg-type]
-            # A stopped owner is known hung: skip a probe that could only time out.
-            probe = (
-                ProbeResult("silent") if stopped else probe_live_daemon(self.paths.socket, self.probe_timeout)
-            )
-            kind = probe.kind
-            while True:
-                fresh = probe.status.get("fingerprint") == self.fingerprint
-                plan = plan_takeover(kind, fresh, owner_ours, stopped)
-                if plan != "probe-again":
-                    break
-                probe = probe_live_daemon(self.paths.socket, max(3 * self.probe_timeout, 1.0))
-                kind = probe.kind if probe.kind != "silent" else "silent-twice"
-                owner_ours = is_our_pid(owner_pid, owner_start)
-                stopped = owner_ours and process_stopped(owner_pid)  # type: ignore[arg-type]
-            if plan == "reconcile":
-                self._reconcile(probe.status, meta)
-                return probe.pid
-            if plan == "stop-then-bind":
-                self._stop_before_rebind(probe, meta)
-            elif plan == "wait-then-bind":
-                self._wait_for_stopping(probe, meta)
-            elif plan == "terminate-then-bind":
-                why = "stopped (state T)" if stopped else probe.detail or "unreachable"
-                self.log.event(f"terminating hung daemon pid {owner_pid}: {why}")
-                assert meta is not None
-                terminate_daemon_tree(owner_pid, owner_start, meta.get("servers") or {})  # type: ignore[arg-type]
-            elif kind == "silent-twice":
-                self.log.event("socket accepts but never answers and its owner is unknown; rebinding")
-            self._reap_recorded_servers(meta)
+            facts = _TakeoverFacts.gather(self.paths, self.fingerprint, self.probe_timeout)
+            if facts.plan == _PLAN_RECONCILE:
+                self._reconcile(facts.probe.status, facts.recorded)
+                return facts.probe.pid
+            self._clear_the_way(facts)
+            self._reap_recorded_servers(facts.recorded)
             self._bind()
             self._write_metadata()
-            self.log.event(f"bound {self.paths.socket} (plan: {plan})")
+            self.log.event(f"bound {self.paths.socket} (plan: {facts.plan})")
         return None
 
-    def _reconcile(self, status: Dict[str, Any], meta: Optional[Dict[str, Any]]) -> None:
+    def _clear_the_way(self, facts: _TakeoverFacts) -> None:
+        """Carry out a plan that ends in a bind: whatever holds the socket goes first."""
+        if facts.plan == _PLAN_STOP_THEN_BIND:
+            self._stop_before_rebind(facts.probe, facts.recorded)
+        elif facts.plan == _PLAN_WAIT_THEN_BIND:
+            self._wait_for_stopping(facts.probe, facts.recorded)
+        elif facts.plan == _PLAN_TERMINATE_THEN_BIND:
+            assert facts.recorded is not None  # the plan needs an owner verified ours
+            why = "stopped (state T)" if facts.owner_stopped else facts.probe.detail or "unreachable"
+            self.log.event(f"terminating hung daemon pid {facts.recorded.pid}: {why}")
+            facts.recorded.terminate()
+        elif facts.kind == _PROBE_SILENT_TWICE:
+            self.log.event("socket accepts but never answers and its owner is unknown; rebinding")
+
+    def _reconcile(self, status: Dict[str, Any], recorded: Optional[RecordedDaemon]) -> None:
         """A live, fresh daemon runs: make the metadata match it if it does not."""
         wanted = status.get("metadata")
         if not isinstance(wanted, dict) or wanted.get("pid") != status.get("pid"):
             return
-        if meta is None or meta.get("pid") != wanted["pid"] or meta.get("socketPath") != self.paths.socket:
+        if recorded is None or recorded.pid != wanted["pid"] or recorded.socket_path != self.paths.socket:
             write_metadata(self.paths.metadata, wanted)
             self.log.event(f"reconciled metadata with live daemon pid {wanted['pid']}")
 
-    def _stop_before_rebind(self, probe: ProbeResult, meta: Optional[Dict[str, Any]]) -> None:
+    def _stop_before_rebind(self, probe: ProbeResult, recorded: Optional[RecordedDaemon]) -> None:
         """A live but stale daemon: ask it to stop and wait for its pid before rebinding."""
         pid = probe.pid
         assert pid is not None
-        start = process_start_time(pid)
         self.log.event(f"stopping stale daemon pid {pid} (fingerprint changed) before rebinding")
-        try:
-            exchange(self.paths.socket, {"id": "stop", "method": "stop", "params": {}}, self.probe_timeout)
-        except DaemonError as exc:
-            self.log.event(f"stale daemon pid {pid} did not take the stop request: {exc}")
-        if _wait_gone(pid, _STOP_WAIT, start):
-            return
-        meta = meta or {}
-        if meta.get("pid") != pid or not is_our_pid(pid, meta.get("pidStartTime")):
-            # Only the metadata's pid + start time proves it ours (§7); a daemon we cannot
-            # verify is left alone. It loses its socket now and exits when it notices.
-            self.log.event(f"stale daemon pid {pid} did not exit and cannot be verified; rebinding anyway")
-            return
-        self.log.event(f"stale daemon pid {pid} did not exit within {_STOP_WAIT:g}s; terminating it")
-        terminate_daemon_tree(pid, str(meta["pidStartTime"]), meta.get("servers") or {})
 
-    def _wait_for_stopping(self, probe: ProbeResult, meta: Optional[Dict[str, Any]]) -> None:
+        def unheard(exc: DaemonError) -> None:
+            self.log.event(f"stale daemon pid {pid} did not take the stop request: {exc}")
+
+        def say(plan: str) -> None:
+            if plan == _ESCALATE_REFUSE:
+                # Only the metadata's pid + start time proves it ours (§7); a daemon we cannot
+                # verify is left alone. It loses its socket now and exits when it notices.
+                self.log.event(
+                    f"stale daemon pid {pid} did not exit and cannot be verified; rebinding anyway"
+                )
+            elif plan == _ESCALATE_TERMINATE:
+                self.log.event(f"stale daemon pid {pid} did not exit within {_STOP_WAIT:g}s; terminating it")
+
+        ask = (self.probe_timeout, self.probe_timeout)
+        _stop_then_escalate(
+            self.paths.socket, pid, recorded, _PROBE_LIVE, ask, lambda: _STOP_WAIT, unheard, say
+        )
+
+    def _wait_for_stopping(self, probe: ProbeResult, recorded: Optional[RecordedDaemon]) -> None:
         """A daemon answering "shutting down" still owns its servers: wait for its pid to
         go (bounded), so two copies of one server (one browser profile) never run at once."""
         pid, start = probe.status["pid"], probe.status.get("pidStartTime")
@@ -1491,20 +1654,22 @@ class DaemonHost:
         if _wait_gone(pid, _STOPPING_WAIT, str(start) if start else None):
             return
         # It answered on our private socket with this very pid and start time: ours.
-        if not is_our_pid(pid, start):
+        servers = recorded.servers if recorded is not None and recorded.pid == pid else {}
+        answered = RecordedDaemon.from_record(
+            {"pid": pid, "pidStartTime": start, "socketPath": self.paths.socket, "servers": servers}
+        )
+        if answered is None or not answered.is_ours():
             return
-        servers = (meta or {}).get("servers") if (meta or {}).get("pid") == pid else None
         self.log.event(f"daemon pid {pid} still shutting down after {_STOPPING_WAIT:g}s; terminating it")
-        terminate_daemon_tree(pid, str(start), servers or {})
+        answered.terminate()
 
-    def _reap_recorded_servers(self, meta: Optional[Dict[str, Any]]) -> None:
+    def _reap_recorded_servers(self, recorded: Optional[RecordedDaemon]) -> None:
         """A SIGKILLed owner could not close its servers, and some ignore stdin EOF."""
-        if not meta or is_our_pid(meta.get("pid"), meta.get("pidStartTime")):
+        if recorded is None or recorded.is_ours():
             return  # a live owner closes its own servers
-        for name, entry in (meta.get("servers") or {}).items():
-            if _recorded_server_left(entry):
-                self.log.event(f"ending server '{name}' (pid {entry['pid']}) left by a dead daemon")
-                end_server_group(entry["pid"], entry["pidStartTime"], _TERM_GRACE)
+        recorded.end_servers(
+            lambda name, pid: self.log.event(f"ending server '{name}' (pid {pid}) left by a dead daemon")
+        )
 
     def _bind(self) -> None:
         import stat as _stat
@@ -1614,7 +1779,9 @@ class DaemonHost:
         saved: Dict[int, Any] = {}
         if self._threading.current_thread() is self._threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                saved[sig] = signal.signal(sig, lambda signum, _frame: self.request_stop(f"signal {signum}"))
+                saved[sig] = signal.signal(
+                    sig, lambda signum, _frame: self.request_stop(f"{_STOP_SIGNAL} {signum}")
+                )
         # (Outside the main thread Python forbids handlers; vendors stop us by request.)
 
         def restore() -> None:
@@ -1720,7 +1887,7 @@ class DaemonHost:
     def _housekeeping(self) -> None:
         if not self._owns_socket():
             # Removed or replaced: nobody can reach us any more, so we must not linger.
-            self.request_stop("socket path lost (removed or replaced)")
+            self.request_stop(_STOP_SOCKET_LOST)
             return
         self._sync_metadata()
         if self.on_tick:
@@ -1740,7 +1907,7 @@ class DaemonHost:
             return
         try:
             if idle_expired(self.idle_timeout, self._active, time.monotonic() - self._last_activity):
-                self.request_stop(f"idle for {self.idle_timeout:g}s")
+                self.request_stop(f"{_STOP_IDLE} for {self.idle_timeout:g}s")
         finally:
             lock.release()
 
@@ -1961,7 +2128,7 @@ class DaemonHost:
         """The last steps, on the serving thread: stop listening, answer every request still
         owed an answer, drop the files that are still ours."""
         if self._stop_reason is None:
-            self._stop_reason = "serving loop ended"
+            self._stop_reason = _STOP_LOOP_ENDED
         if not self._drained.is_set():  # the loop died: still close the servers
             self._wind_down()
         self._close_listener()
@@ -2139,16 +2306,13 @@ class DaemonClient:
 
         The result carries ``fresh``: whether its fingerprint is ours. None when unverified.
         """
-        meta = read_metadata(self.paths.metadata)
-        facts = _process_info(meta["pid"]) if meta is not None else (None, None)
-        if not record_is_live(meta, self.paths.socket, facts):
-            return None  # dead, reused, or stopped: no round trip needed to know
-        status = self._ask_status()
-        if not status_matches(meta, status, self.paths.socket, facts):
+        recorded = RecordedDaemon.read(self.paths.metadata)
+        if recorded is None:
             return None
-        assert status is not None
-        status["fresh"] = status.get("fingerprint") == self.fingerprint
-        return status
+        facts = recorded.process_facts()
+        if not record_is_live(recorded.record, self.paths.socket, facts):
+            return None  # dead, reused, or stopped: no round trip needed to know
+        return self._fresh_if_matches(recorded, self._ask_status(), facts)
 
     def serving_status(self) -> Optional[Dict[str, Any]]:
         """``verified_status``, or else the daemon answering on the socket when its answer
@@ -2159,13 +2323,23 @@ class DaemonClient:
         status = self.verified_status()
         if status is not None:
             return status
-        recorded = read_metadata(self.paths.metadata)
-        if recorded is not None and process_stopped(recorded["pid"]):
+        recorded = RecordedDaemon.read(self.paths.metadata)
+        if recorded is not None and recorded.is_stopped():
             return None  # hung (state T): asking would only wait out the probe timeout
         status = self._ask_status()
-        meta = validate_metadata(status.get("metadata")) if status else None
-        facts = _process_info(meta["pid"]) if meta is not None else (None, None)
-        if not status_matches(meta, status, self.paths.socket, facts):
+        carried = RecordedDaemon.from_record(status.get("metadata")) if status else None
+        if carried is None:
+            return None
+        return self._fresh_if_matches(carried, status, carried.process_facts())
+
+    def _fresh_if_matches(
+        self,
+        recorded: RecordedDaemon,
+        status: Optional[Dict[str, Any]],
+        facts: Tuple[Optional[str], Optional[str]],
+    ) -> Optional[Dict[str, Any]]:
+        """``status`` marked ``fresh`` or not, when it comes from the daemon ``recorded`` names."""
+        if not status_matches(recorded.record, status, self.paths.socket, facts):
             return None
         assert status is not None
         status["fresh"] = status.get("fingerprint") == self.fingerprint
@@ -2339,64 +2513,61 @@ class DaemonClient:
         servers. A daemon already stopping (a concurrent ``stop``) is waited for. Returns
         what happened, in words."""
         deadline = time.monotonic() + timeout
-        meta = read_metadata(self.paths.metadata) or {}
-        recorded = meta.get("pid")
-        recorded_ours = is_our_pid(recorded, meta.get("pidStartTime"))
+        # Read before the stop: a stopping daemon removes its file, and only the record proves
+        # a pid ours (§7), so it is what allows a terminate later.
+        recorded = RecordedDaemon.read(self.paths.metadata)
+        recorded_ours = recorded is not None and recorded.is_ours()
         probe = probe_live_daemon(self.paths.socket, min(self.probe_timeout, timeout))
-        pid = stop_target(probe.kind, probe.pid, recorded, recorded_ours)
+        pid = stop_target(probe.kind, probe.pid, recorded.pid if recorded else None, recorded_ours)
         if pid is None:
-            cleaned = self._clear_stale_files(meta)
+            cleaned = self._clear_stale_files()
             return "no daemon running" + (" (removed stale files)" if cleaned else "")
-        start = process_start_time(pid)
-        if probe.kind in ("live", "silent"):  # silent may only be slow: ask, then wait it out
-            left = max(deadline - time.monotonic(), 0.05)
-            try:
-                exchange(
-                    self.paths.socket,
-                    {"id": "stop", "method": "stop", "params": {}, "protocolVersion": 2},
-                    left,
-                    connect_timeout=min(left, self.probe_timeout),
-                )
-            except DaemonError:
-                pass  # it may have exited before answering; the pid tells
-        gone = _wait_gone(pid, max(deadline - time.monotonic(), 0.0), start)
-        verified = recorded == pid and is_our_pid(pid, meta.get("pidStartTime"))
-        plan = plan_stop_escalation(probe.kind, verified, gone)
-        if plan == "stopped":
+
+        def left() -> float:
+            return max(deadline - time.monotonic(), 0.0)
+
+        ask = None
+        if probe.kind in (_PROBE_LIVE, _PROBE_SILENT):  # silent may only be slow: ask, then wait it out
+            answer_s = max(left(), 0.05)
+            ask = (answer_s, min(answer_s, self.probe_timeout))
+        plan = _stop_then_escalate(self.paths.socket, pid, recorded, probe.kind, ask, left)
+        return self._stop_outcome(plan, pid, probe.kind, timeout)
+
+    def _stop_outcome(self, plan: str, pid: int, kind: str, timeout: float) -> str:
+        """What ``stop`` says of a carried-out plan (or raises, when it could not stop it)."""
+        if plan == _ESCALATE_STOPPED:
             return f"stopped (pid {pid})"
-        if plan == "still-stopping":
+        if plan == _ESCALATE_STILL_STOPPING:
             raise DaemonTimeout(f"daemon (pid {pid}) is still shutting down after {timeout:g}s")
-        if plan == "refuse":
-            # Signals only with proof (§7): the metadata read before the stop names this very
+        if plan == _ESCALATE_REFUSE:
+            # Signals only with proof (§7): the record read before the stop names this very
             # process (a stopping daemon removes the file, so it had to be read first).
             raise DaemonError(
                 f"daemon (pid {pid}) did not stop within {timeout:g}s and cannot be verified as ours; "
                 "not signalled"
             )
-        terminate_daemon_tree(pid, str(meta["pidStartTime"]), meta.get("servers") or {})
-        self._clear_stale_files()
-        if probe.kind in ("live", "stopping"):
+        self._clear_stale_files()  # terminated: its files are left behind
+        if kind in (_PROBE_LIVE, _PROBE_STOPPING):
             return f"daemon (pid {pid}) did not stop within {timeout:g}s; terminated it"
         return f"terminated unresponsive daemon (pid {pid})"
 
-    def _clear_stale_files(self, meta: Optional[Dict[str, Any]] = None) -> bool:
+    def _clear_stale_files(self) -> bool:
         """Under the bind lock: end a dead daemon's recorded servers, drop its files."""
         if not os.path.isdir(self.paths.base_dir):
             return False
         cleaned = False
         with FileLock(self.paths.bind, timeout=5.0, what="bind lock"):
-            meta = read_metadata(self.paths.metadata)
-            if meta and is_our_pid(meta.get("pid"), meta.get("pidStartTime")):
+            recorded = RecordedDaemon.read(self.paths.metadata)
+            if recorded is not None and recorded.is_ours():
                 return False  # a live owner appeared meanwhile
-            for entry in ((meta or {}).get("servers") or {}).values():
-                if _recorded_server_left(entry):
-                    end_server_group(entry["pid"], entry["pidStartTime"])
-            if meta is not None or os.path.exists(self.paths.metadata):
+            if recorded is not None:
+                recorded.end_servers()
+            if recorded is not None or os.path.exists(self.paths.metadata):
                 _unlink_quietly(self.paths.metadata)
                 cleaned = True
             if (
                 os.path.exists(self.paths.socket)
-                and probe_live_daemon(self.paths.socket, self.probe_timeout).kind == "dead"
+                and probe_live_daemon(self.paths.socket, self.probe_timeout).kind == _PROBE_DEAD
             ):
                 _unlink_quietly(self.paths.socket)
                 cleaned = True
@@ -2406,20 +2577,9 @@ class DaemonClient:
 def stop_target(kind: str, answered: Optional[int], recorded: Any, recorded_ours: bool) -> Optional[int]:
     """Which pid a ``stop`` waits for: the one that answered (live or stopping), else the
     metadata's pid when it is verified ours (silent, or its socket is gone); else none."""
-    if kind in ("live", "stopping"):
+    if kind in (_PROBE_LIVE, _PROBE_STOPPING):
         return answered
     return recorded if recorded_ours else None
-
-
-def plan_stop_escalation(kind: str, verified: bool, gone: bool) -> str:
-    """After ``stop`` waited out its timeout: "stopped", "terminate" (verified ours by the
-    metadata), "still-stopping" (another stop is ending it) or "refuse" (never signal an
-    unverified pid)."""
-    if gone:
-        return "stopped"
-    if verified:
-        return "terminate"
-    return "still-stopping" if kind == "stopping" else "refuse"
 
 
 def _reap_in_background(proc: subprocess.Popen) -> None:
@@ -5669,18 +5829,18 @@ def _doctor_daemon(found: _Findings, cfg: Config, args: Any) -> None:
                 "it restarts on the next call, or run: restart",
             )
         return
-    meta = read_metadata(client.paths.metadata)
-    if meta and is_our_pid(meta.get("pid"), meta.get("pidStartTime")):
+    recorded = RecordedDaemon.read(client.paths.metadata)
+    if recorded is not None and recorded.is_ours():
         found.fail(
-            f"daemon pid {meta['pid']} is alive but does not answer",
+            f"daemon pid {recorded.pid} is alive but does not answer",
             "run: stop (it is terminated after a check)",
         )
         return
     found.ok("no daemon running (the next keep-alive call starts one)")
     leftovers = [p for p in (client.paths.metadata, client.paths.socket) if os.path.exists(p)]
-    for name, entry in ((meta or {}).get("servers") or {}).items():
-        if isinstance(entry, dict) and is_our_pid(entry.get("pid"), entry.get("pidStartTime")):
-            leftovers.append(f"MCP server '{name}' pid {entry['pid']}")
+    for name, pid, start in recorded.live_servers() if recorded is not None else []:
+        if is_our_pid(pid, start):  # a group left without its leader shows as its processes
+            leftovers.append(f"MCP server '{name}' pid {pid}")
     if leftovers:
         found.warn(f"leftovers of a dead daemon: {', '.join(leftovers)}", "run: stop (removes them)")
 
@@ -5772,9 +5932,9 @@ def _demo_leftovers(status: Dict[str, Any]) -> List[str]:
 
 
 def _demo_cleanup(paths: DaemonPaths) -> None:
-    meta = read_metadata(paths.metadata)
-    if meta and is_our_pid(meta.get("pid"), meta.get("pidStartTime")):
-        terminate_daemon_tree(meta["pid"], str(meta["pidStartTime"]), meta.get("servers") or {})
+    recorded = RecordedDaemon.read(paths.metadata)
+    if recorded is not None and recorded.is_ours():
+        recorded.terminate()
 
 
 # -- parsing ----------------------------------------------------------------------------------
