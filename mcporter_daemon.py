@@ -80,6 +80,7 @@ __all__ = [
     "terminate_daemon_tree",
     "end_server_group",
     "leaderless_group_is_ours",
+    "RecordedDaemon",
     # the host: for the caller, DaemonHost(paths, fingerprint, handlers).run(); to override,
     # its hooks (status_extra, metadata_extra, on_tick, on_shutdown) and the handlers
     "DaemonHost",
@@ -203,6 +204,18 @@ class DaemonError(Exception):
     rpc_code: Optional[int] = None
     data: Any = None
 
+    def __init__(
+        self, *args: Any, code: Optional[str] = None, rpc_code: Any = None, data: Any = None
+    ) -> None:
+        super().__init__(*args)
+        # Set here only, so each subclass names its code without redefining the attribute.
+        if code is not None:
+            self.code = code
+        if rpc_code is not None:
+            self.rpc_code = _rpc_code(rpc_code)
+        if data is not None:
+            self.data = data
+
 
 def _rpc_code(value: Any) -> Optional[int]:
     """A JSON-RPC error code, or None for anything that is not one (JSON-RPC codes are integers)."""
@@ -252,10 +265,7 @@ class RemoteError(DaemonError):
     """The daemon answered ``ok: false``; ``code`` is its error code."""
 
     def __init__(self, message: str, code: str = "error", rpc_code: Any = None, data: Any = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.rpc_code = _rpc_code(rpc_code)
-        self.data = data
+        super().__init__(message, code=code, rpc_code=rpc_code, data=data)
         if code in ("config", "unknown_server", "not_keep_alive", "command_not_found", "invalid_arguments"):
             self.exit_code = 2
 
@@ -1286,8 +1296,7 @@ class HandlerError(DaemonError):
     """Raised by a handler to answer ``ok: false`` with a chosen code."""
 
     def __init__(self, message: str, code: str = "runtime_error") -> None:
-        super().__init__(message)
-        self.code = code
+        super().__init__(message, code=code)
 
 
 class ProbeResult:
@@ -2653,10 +2662,7 @@ class McpError(DaemonError):
     """An MCP server failed, answered with an error, or spoke a version we do not."""
 
     def __init__(self, message: str, code: str = "mcp_error", rpc_code: Any = None, data: Any = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.rpc_code = _rpc_code(rpc_code)
-        self.data = data
+        super().__init__(message, code=code, rpc_code=rpc_code, data=data)
         if code == "command_not_found":
             self.exit_code = 2  # a configuration problem, wherever the server runs
 
