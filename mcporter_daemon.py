@@ -1492,6 +1492,26 @@ class DaemonHost:
     ``handlers`` map a method name to ``handler(params, ctx) -> result``; ``status`` and
     ``stop`` are built in. ``fingerprint`` names the identity: a live daemon with the same one
     is kept, one with another is stopped before this one binds.
+
+    For the caller: ``run()``; from any thread, ``request_stop(reason)``, ``touch()`` (counts
+    as activity for ``idle_timeout``), ``request_wake()`` and ``mark_metadata_dirty()``.
+
+    Hooks (all optional; set them in the constructor or as attributes before ``run``):
+
+    - ``status_extra() -> dict`` is merged into every ``status`` answer (for example a
+      ``servers`` list). It runs on the connection's thread for each ``status``: keep it cheap.
+    - ``metadata_extra() -> dict`` is merged into the metadata record; a ``servers`` map of
+      ``{name: {"pid", "pidStartTime"}}`` lets a successor end them if this host is SIGKILLed.
+      The record is cached: call ``mark_metadata_dirty()`` when its data changes.
+    - ``on_tick()`` runs on the housekeeping thread about once a second (sooner after
+      ``mark_metadata_dirty``), never on the accept path; an exception is logged, not fatal.
+    - ``on_shutdown()`` runs once when stopping, after in-flight work had up to 2 s to end:
+      close what the handlers keep open. Meanwhile requests are answered "shutting down".
+
+    The state lives with its owners: ``_Takeover`` (the bind guard, run once), ``_Listener``
+    (the socket and wake pipe), ``_Load`` (connections and requests in flight),
+    ``_MetadataRecord`` (the record and its rewrites), ``_RunState`` (why and how it stops);
+    each connection is served by a ``_Connection``.
     """
 
     def __init__(
@@ -1508,9 +1528,6 @@ class DaemonHost:
         log: Optional[DaemonLog] = None,
         probe_timeout: Optional[float] = None,
     ) -> None:
-        import queue
-        import threading
-
         self.paths = paths
         self.fingerprint = fingerprint
         self.handlers = dict(handlers or {})
@@ -1523,28 +1540,20 @@ class DaemonHost:
         self.probe_timeout = probe_timeout or _env_seconds(
             "MCPORTER_DAEMON_PROBE_TIMEOUT_MS", _DEFAULT_PROBE_TIMEOUT
         )
-        self.started_at = _now_ms()
-        self.pid = os.getpid()
-        self._threading = threading
-        self._lock = threading.Lock()
-        self._listener: Optional[socket.socket] = None
-        self._sock_id: Optional[Tuple[int, int]] = None
-        self._wake_r, self._wake_w = -1, -1
-        self._active = 0
-        self._connections = 0
-        self._pending_bytes = 0
-        self._last_activity = time.monotonic()
-        self._stop_reason: Optional[str] = None
-        self._files_released = False
-        self._metadata_dirty = False
-        self._metadata_failing = False
-        self._metadata_cache: Optional[Dict[str, Any]] = None
-        self._metadata_generation = 0
-        self._spare_workers = 0
-        self._handoff: queue.SimpleQueue[socket.socket] = queue.SimpleQueue()  # for spare workers
-        self._tick = threading.Event()  # wakes the housekeeping thread early
-        self._drained = threading.Event()  # servers closed: the serving loop may end
-        self._inflight: Dict[int, _Exchange] = {}  # by id(conn): requests still owed an answer
+        self._record = _MetadataRecord(self)
+        self._listener = _Listener()
+        self._load = _Load()
+        self._state = _RunState()
+
+    @property
+    def pid(self) -> int:
+        """This host's process id (what its metadata and ``status`` name)."""
+        return self._record.pid
+
+    @property
+    def started_at(self) -> int:
+        """When this host was made, in ms since the epoch (``startedAt``)."""
+        return self._record.started_at
 
     # -- public ------------------------------------------------------------------------------
 
@@ -1552,7 +1561,7 @@ class DaemonHost:
         """Bind (or find a live twin and exit 0), serve until stopped, clean up; exit code."""
         _require_posix()
         self.paths.prepare()
-        twin = self._bind_guard()
+        twin = _Takeover(self).run()
         if twin is not None:
             self.log.event(f"daemon already running (pid {twin}); not starting another")
             return 0
@@ -1568,44 +1577,546 @@ class DaemonHost:
 
     def request_stop(self, reason: str) -> None:
         """Ask the serving loop to shut down (safe from any thread or a signal handler)."""
-        if self._stop_reason is None:
-            self._stop_reason = reason
-        self._tick.set()
-        try:
-            os.write(self._wake_w, b"x")
-        except OSError:
-            pass
+        if self._state.reason is None:
+            self._state.reason = reason
+        self._state.tick.set()
+        self._listener.wake(b"x")
 
     def mark_metadata_dirty(self) -> None:
         """The data behind ``metadata_extra`` changed; rewrite the metadata soon."""
-        self._metadata_generation += 1
-        self._metadata_cache = None
-        self._metadata_dirty = True
-        self._tick.set()
+        self._record.mark_dirty()
+        self._state.tick.set()
 
     def request_wake(self) -> None:
+        """Wake the serving loop (it looks again whether to wind down or stop)."""
+        self._listener.wake(b"w")
+
+    def touch(self) -> None:
+        """Count now as activity, for the idle timeout."""
+        self._load.touch()
+
+    # -- serving -----------------------------------------------------------------------------
+
+    def _install_signal_handlers(self) -> Callable[[], None]:
+        """Wake pipe and signal handlers; returns what undoes both (a vendored host may run
+        again, and its embedding program wants its own SIGINT handling back)."""
+        import signal
+        import threading
+
+        self._listener.open_wake_pipe()
+        saved: Dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                saved[sig] = signal.signal(
+                    sig, lambda signum, _frame: self.request_stop(f"{_STOP_SIGNAL} {signum}")
+                )
+        # (Outside the main thread Python forbids handlers; vendors stop us by request.)
+
+        def restore() -> None:
+            for sig, handler in saved.items():
+                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+            self._listener.close_wake_pipe()
+
+        return restore
+
+    def _serve_forever(self) -> None:
+        """Accept until the servers are closed. A stopping daemon keeps answering (with
+        "shutting down" and its pid) until then, so a starter waits for it instead of binding
+        a second copy of its servers beside it (stop is a barrier)."""
+        import threading
+
+        threading.Thread(target=self._housekeeping_loop, name="housekeeping", daemon=True).start()
+        stopper = None
+        backoff, resume_at = 0.0, 0.0
+        while not self._state.drained.is_set():
+            if self._state.reason is not None and stopper is None:
+                stopper = threading.Thread(target=self._wind_down, name="wind-down", daemon=True)
+                stopper.start()
+            now = time.monotonic()
+            paused = now < resume_at  # out of fds: listen only to the wake pipe for a while
+            wait = resume_at - now if paused else _SOCKET_CHECK_INTERVAL
+            if self._listener.wait(wait, paused):
+                if self._accept():
+                    backoff = 0.0
+                else:
+                    backoff = accept_backoff(backoff)
+                    resume_at = time.monotonic() + backoff
+
+    def _accept(self) -> bool:
+        """Accept one connection; False when out of resources (EMFILE and kin: back off)."""
+        import errno
+        import threading
+
+        assert self._listener.sock is not None
         try:
-            os.write(self._wake_w, b"w")
+            conn, _ = self._listener.sock.accept()
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                self.log.event(f"cannot accept: {exc.strerror}; backing off")
+                return False
+            return True  # the client gave up (ECONNABORTED) or a spurious wake-up
+        admitted = self._load.admit(conn)
+        if admitted is not None:
+            return admitted
+        try:
+            threading.Thread(target=self._worker, args=(conn,), daemon=True).start()
+        except RuntimeError:  # no thread to be had: refuse this one, keep serving
+            conn.close()
+            self._load.closed()
+            return False
+        return True
+
+    def _worker(self, conn: socket.socket) -> None:
+        """Serve a connection, then wait as a spare for the next (a few spares at most)."""
+        while True:
+            _Connection(self, conn).handle()
+            if not self._load.become_spare(self._state.reason is not None):
+                return
+            conn = self._load.handoff.get()
+
+    # -- housekeeping (its own thread: never on the accept path) ------------------------------
+
+    def _housekeeping_loop(self) -> None:
+        """Socket ownership, metadata repair, hooks and idle expiry, once a second or when
+        woken. A slow hook (a server taking seconds to close) must not delay `status`."""
+        while self._state.reason is None:
+            self._state.tick.wait(_SOCKET_CHECK_INTERVAL)
+            self._state.tick.clear()
+            if self._state.reason is not None:
+                return
+            try:
+                self._housekeeping()
+            except Exception as exc:  # a housekeeping failure must not take the daemon down
+                self.log.event(f"housekeeping error: {exc!r}")
+
+    def _housekeeping(self) -> None:
+        if not self._listener.owns_path(self.paths.socket):
+            # Removed or replaced: nobody can reach us any more, so we must not linger.
+            self.request_stop(_STOP_SOCKET_LOST)
+            return
+        self._record.sync()
+        if self.on_tick:
+            try:
+                self.on_tick()
+            except Exception as exc:  # a housekeeping bug must not kill the daemon
+                self.log.event(f"housekeeping error: {exc!r}")
+        self._maybe_idle_out()
+
+    def _maybe_idle_out(self) -> None:
+        """Idle shutdown re-checks activity under the bind lock, so a starter that just
+        probed us (holding that lock) can never be left without a daemon."""
+        if not idle_expired(self.idle_timeout, self._load.active, self._load.idle_for()):
+            return
+        lock = FileLock(self.paths.bind, what="bind lock")
+        if not lock.acquire(timeout=0):
+            return
+        try:
+            if idle_expired(self.idle_timeout, self._load.active, self._load.idle_for()):
+                self.request_stop(f"{_STOP_IDLE} for {self.idle_timeout:g}s")
+        finally:
+            lock.release()
+
+    # -- built-in methods --------------------------------------------------------------------
+
+    def _builtin_status(self, params: Dict[str, Any], ctx: RequestContext) -> Dict[str, Any]:
+        status = {
+            "pid": self.pid,
+            "protocolVersion": DAEMON_PROTOCOL_VERSION,
+            "startedAt": self.started_at,
+            "socketPath": self.paths.socket,
+            "logPath": self.log.path,
+            "fingerprint": self.fingerprint,
+            "servers": [],
+        }
+        if self.status_extra:
+            status.update(self.status_extra())
+        status["metadata"] = self._record.current()  # lets a starter reconcile the file exactly
+        return status
+
+    def _shutting_down_frame(self, rid: Any) -> Dict[str, Any]:
+        # The pid and start time let a starter or a second `stop` wait for this very
+        # process to exit before anything takes its place.
+        frame = _error_frame(rid, "daemon is shutting down", "shutting_down")
+        frame["error"].update(pid=self.pid, pidStartTime=self._record.current().get("pidStartTime"))
+        return frame
+
+    def _handle_stop(self, conn: socket.socket, rid: Any) -> None:
+        # Metadata goes before the answer, so no later caller trusts a dying daemon (dmypy).
+        self._state.reason = _STOP_REQUEST
+        self._record.remove()
+        _send_frame(conn, {"id": rid, "ok": True, "result": True})
+        self.request_stop(_STOP_REQUEST)
+
+    # -- shutdown ----------------------------------------------------------------------------
+
+    def _wind_down(self) -> None:
+        """Off the accept thread: let in-flight work finish briefly, then close the servers.
+        Until this ends, new requests are answered "shutting down" with our pid."""
+        try:
+            self.log.event(f"shutting down: {self._state.reason}")
+            self._load.wait_idle(2.0)
+            if self.on_shutdown:
+                try:
+                    self.on_shutdown()
+                except Exception as exc:
+                    self.log.event(f"shutdown hook failed: {exc!r}")
+            self._load.wait_idle(1.0)
+        finally:
+            self._state.drained.set()
+            self.request_wake()
+
+    def _finish(self) -> None:
+        """The last steps, on the serving thread: stop listening, answer every request still
+        owed an answer, drop the files that are still ours."""
+        if self._state.reason is None:
+            self._state.reason = _STOP_LOOP_ENDED
+        if not self._state.drained.is_set():  # the loop died: still close the servers
+            self._wind_down()
+        self._listener.close()
+        reason = self._state.reason
+        for ex in self._load.take_owed():
+            ex.answer(_error_frame(ex.rid, f"daemon stopped ({reason}) before it finished", "daemon_stopped"))
+        if reason == _STOP_REQUEST:
+            self._release_files()  # no lock: a stopper inside the bind guard waits for our exit
+        else:
+            # Someone inside the bind guard is taking over; the files are theirs to replace.
+            lock = FileLock(self.paths.bind, what="bind lock")
+            try:
+                if lock.acquire(timeout=0):
+                    try:
+                        self._release_files()
+                    finally:
+                        lock.release()
+            except OSError as exc:
+                self.log.event(f"cannot remove state files: {exc}")
+        self.log.event("daemon exited")
+
+    def _release_files(self) -> None:
+        """Remove the metadata and socket — each only while still this process's own."""
+        if self._state.files_released:
+            return
+        self._state.files_released = True
+        self._record.remove()
+        if self._listener.owns_path(self.paths.socket):
+            _unlink_quietly(self.paths.socket)
+
+
+class _RunState:
+    """Where a host is in its life: why it stops (None while serving), the event that wakes
+    housekeeping early, whether its servers are closed (the serving loop may end), and
+    whether its files are gone."""
+
+    __slots__ = ("reason", "tick", "drained", "files_released")
+
+    def __init__(self) -> None:
+        import threading
+
+        self.reason: Optional[str] = None  # one of the _STOP_ reasons (some with a detail)
+        self.tick = threading.Event()
+        self.drained = threading.Event()
+        self.files_released = False
+
+
+class _Listener:
+    """The bound socket, its identity as bound (to tell whether the path is still ours), and
+    the wake pipe that interrupts the serving loop's wait."""
+
+    __slots__ = ("sock", "sock_id", "wake_r", "wake_w")
+
+    def __init__(self) -> None:
+        self.sock: Optional[socket.socket] = None
+        self.sock_id: Optional[Tuple[int, int]] = None
+        self.wake_r, self.wake_w = -1, -1
+
+    def bind(self, path: str) -> None:
+        """Replace a stale socket file (never anything else) and listen, under umask 077."""
+        import stat as _stat
+
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            st = None
+        if st is not None:
+            if not _stat.S_ISSOCK(st.st_mode):
+                raise UnsafePathError(f"{path} exists and is not a socket; refusing to remove it")
+            os.unlink(path)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o077)
+        try:
+            listener.bind(path)
+        except OSError as exc:
+            listener.close()
+            raise DaemonError(f"cannot bind socket {path}: {exc.strerror or exc}") from None
+        finally:
+            os.umask(old_umask)
+        listener.listen(socket.SOMAXCONN)  # a burst of callers must queue, not be refused
+        st = os.stat(path)
+        self.sock_id = (st.st_dev, st.st_ino)
+        self.sock = listener
+
+    def owns_path(self, path: str) -> bool:
+        """Whether ``path`` still is the socket this process bound (not removed or replaced)."""
+        try:
+            st = os.stat(path)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == self.sock_id
+
+    def wait(self, timeout: float, paused: bool) -> bool:
+        """Wait for a connection or a wake-up (only a wake-up while ``paused``); True when a
+        connection is waiting to be accepted."""
+        import select
+
+        watch: List[Any] = [self.wake_r] if paused else [self.sock, self.wake_r]
+        try:
+            ready, _, _ = select.select(watch, [], [], timeout)
+        except InterruptedError:
+            return False
+        if self.wake_r in ready:
+            try:
+                os.read(self.wake_r, 4096)
+            except OSError:
+                pass
+        return self.sock in ready
+
+    def open_wake_pipe(self) -> None:
+        self.wake_r, self.wake_w = os.pipe()
+        for fd in (self.wake_r, self.wake_w):
+            os.set_blocking(fd, False)
+
+    def close_wake_pipe(self) -> None:
+        for fd in (self.wake_r, self.wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.wake_r, self.wake_w = -1, -1
+
+    def wake(self, byte: bytes) -> None:
+        """Interrupt ``wait`` (safe from a signal handler; a full pipe is awake already)."""
+        try:
+            os.write(self.wake_w, byte)
         except OSError:
             pass
 
+    def close(self) -> None:
+        if self.sock is not None:
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+            self.sock = None
+
+
+class _Load:
+    """What the accept loop and the connections count together, under one lock: open
+    connections, spare workers waiting for the next one, half-read request bytes (capped in
+    all), requests in flight (each owed one answer) and when anything last happened."""
+
+    __slots__ = (
+        "lock",
+        "connections",
+        "spare_workers",
+        "handoff",
+        "pending_bytes",
+        "active",
+        "inflight",
+        "last_activity",
+    )
+
+    def __init__(self) -> None:
+        import queue
+        import threading
+
+        self.lock = threading.Lock()
+        self.connections = 0
+        self.spare_workers = 0
+        self.handoff: queue.SimpleQueue[socket.socket] = queue.SimpleQueue()  # for spare workers
+        self.pending_bytes = 0
+        self.active = 0
+        self.inflight: Dict[int, _Exchange] = {}  # by id(conn): requests still owed an answer
+        self.last_activity = time.monotonic()
+
     def touch(self) -> None:
-        self._last_activity = time.monotonic()
+        self.last_activity = time.monotonic()
 
-    # -- bind guard --------------------------------------------------------------------------
+    def idle_for(self) -> float:
+        return time.monotonic() - self.last_activity
 
-    def _bind_guard(self) -> Optional[int]:
-        """Under the bind lock: keep a live fresh twin, or clear the way and bind. Twin pid or None."""
-        with FileLock(self.paths.bind, what="bind lock"):
-            facts = _TakeoverFacts.gather(self.paths, self.fingerprint, self.probe_timeout)
+    def admit(self, conn: socket.socket) -> Optional[bool]:
+        """Count a new connection: None when it needs a new worker thread; else it was
+        closed (too many) or handed to a spare worker, and True (keep accepting)."""
+        with self.lock:
+            if self.connections >= _MAX_CONNECTIONS:
+                conn.close()
+                return True
+            self.connections += 1
+            if self.spare_workers:  # a waiting worker is cheaper than a new thread
+                self.spare_workers -= 1
+                self.handoff.put(conn)
+                return True
+        return None
+
+    def closed(self) -> None:
+        with self.lock:
+            self.connections -= 1
+
+    def become_spare(self, stopping: bool) -> bool:
+        """Whether a worker that served its connection should wait for the next one."""
+        with self.lock:
+            if self.spare_workers >= _SPARE_WORKERS or stopping:
+                return False
+            self.spare_workers += 1
+            return True
+
+    def reserve(self, nbytes: int) -> None:
+        """Count ``nbytes`` more of a half-read request; _Busy past the cap for all of them."""
+        with self.lock:
+            if self.pending_bytes + nbytes > _MAX_PENDING_BYTES:
+                raise _Busy()
+            self.pending_bytes += nbytes
+
+    def release(self, nbytes: int) -> None:
+        with self.lock:
+            self.pending_bytes -= nbytes
+
+    def begin(self, ex: _Exchange) -> None:
+        with self.lock:
+            self.active += 1
+            self.inflight[id(ex.conn)] = ex
+
+    def end(self, ex: _Exchange) -> None:
+        with self.lock:
+            self.active -= 1
+            self.inflight.pop(id(ex.conn), None)
+        self.touch()
+
+    def take_owed(self) -> List[_Exchange]:
+        """The requests still owed an answer; from now on nobody else answers them."""
+        with self.lock:
+            owed, self.inflight = list(self.inflight.values()), {}
+        return owed
+
+    def wait_idle(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self.active and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+
+class _MetadataRecord:
+    """The host's metadata record: built on demand and cached (``status`` carries it and must
+    stay cheap), rebuilt when marked dirty, written atomically. A failing write is logged once
+    and retried by housekeeping; the daemon keeps serving and the old record stays whole."""
+
+    __slots__ = ("host", "pid", "started_at", "cache", "generation", "dirty", "failing")
+
+    def __init__(self, host: DaemonHost) -> None:
+        self.host = host
+        self.pid = os.getpid()
+        self.started_at = _now_ms()
+        self.cache: Optional[Dict[str, Any]] = None
+        self.generation = 0  # bumped when marked dirty: a record built meanwhile is not cached
+        self.dirty = False
+        self.failing = False
+
+    def mark_dirty(self) -> None:
+        self.generation += 1
+        self.cache = None
+        self.dirty = True
+
+    def current(self) -> Dict[str, Any]:
+        """The record, cached: ``status`` includes it and must stay cheap."""
+        cached = self.cache
+        if cached is not None:
+            return cached
+        generation = self.generation
+        host = self.host
+        data: Dict[str, Any] = {
+            "pid": self.pid,
+            "pidStartTime": process_start_time(self.pid),
+            "protocolVersion": DAEMON_PROTOCOL_VERSION,
+            "socketPath": host.paths.socket,
+            "startedAt": self.started_at,
+            "logPath": host.log.path,
+            "fingerprint": host.fingerprint,
+            "scriptVersion": _script_version(),
+            "servers": {},
+        }
+        if host.metadata_extra:
+            data.update(host.metadata_extra())
+        if generation == self.generation:  # not marked dirty while we built it
+            self.cache = data
+        return data
+
+    def write(self) -> bool:
+        """Write the record; a failure (disk full, quota, EMFILE) is logged and retried by
+        housekeeping, never fatal: the daemon still serves, and the old record stays whole."""
+        path = self.host.paths.metadata
+        generation = self.generation
+        try:
+            write_metadata(path, self.current())
+        except OSError as exc:
+            if not self.failing:
+                self.host.log.event(f"cannot write metadata {path}: {exc.strerror or exc}; retrying")
+            self.failing = True
+            self.dirty = True
+            return False
+        if self.failing:
+            self.host.log.event("metadata written again")
+        self.failing = False
+        if generation == self.generation:  # else marked dirty meanwhile: write again
+            self.dirty = False
+        return True
+
+    def sync(self) -> None:
+        """Repair missing or torn metadata, or record server changes — only while we own the
+        socket and nobody else is inside the bind guard (they would be writing it)."""
+        host = self.host
+        current = RecordedDaemon.read(host.paths.metadata)
+        if not self.dirty and current is not None and current.pid == self.pid:
+            return
+        # A record naming another pid is wrong while we own the socket inode, whether that pid
+        # is alive or not: a successor replaces the socket under the bind lock before writing
+        # its record, so the check below (under that lock) never overwrites a successor's.
+        lock = FileLock(host.paths.bind, what="bind lock")
+        if not lock.acquire(timeout=0):
+            return
+        try:
+            if host._listener.owns_path(host.paths.socket) and host._state.reason is None:
+                self.write()
+        finally:
+            lock.release()
+
+    def remove(self) -> None:
+        """Remove the metadata file while it names this process (a successor's stays)."""
+        remove_metadata_if_owned(self.host.paths.metadata, self.pid)
+
+
+class _Takeover:
+    """The bind guard, run once under the bind lock: gather the facts, let ``plan_takeover``
+    decide, act. Acting keeps a live fresh twin (reconcile) or clears the way — stops, waits
+    for or terminates the daemon there, ends a dead one's servers — and binds, writing the
+    metadata before the lock is released."""
+
+    __slots__ = ("host", "log")
+
+    def __init__(self, host: DaemonHost) -> None:
+        self.host = host
+        self.log = host.log
+
+    def run(self) -> Optional[int]:
+        """Keep a live fresh twin (its pid), or clear the way and bind (None)."""
+        host = self.host
+        with FileLock(host.paths.bind, what="bind lock"):
+            facts = _TakeoverFacts.gather(host.paths, host.fingerprint, host.probe_timeout)
             if facts.plan == _PLAN_RECONCILE:
                 self._reconcile(facts.probe.status, facts.recorded)
                 return facts.probe.pid
             self._clear_the_way(facts)
             self._reap_recorded_servers(facts.recorded)
-            self._bind()
-            self._write_metadata()
-            self.log.event(f"bound {self.paths.socket} (plan: {facts.plan})")
+            host._listener.bind(host.paths.socket)
+            host._record.write()
+            self.log.event(f"bound {host.paths.socket} (plan: {facts.plan})")
         return None
 
     def _clear_the_way(self, facts: _TakeoverFacts) -> None:
@@ -1627,8 +2138,12 @@ class DaemonHost:
         wanted = status.get("metadata")
         if not isinstance(wanted, dict) or wanted.get("pid") != status.get("pid"):
             return
-        if recorded is None or recorded.pid != wanted["pid"] or recorded.socket_path != self.paths.socket:
-            write_metadata(self.paths.metadata, wanted)
+        if (
+            recorded is None
+            or recorded.pid != wanted["pid"]
+            or recorded.socket_path != self.host.paths.socket
+        ):
+            write_metadata(self.host.paths.metadata, wanted)
             self.log.event(f"reconciled metadata with live daemon pid {wanted['pid']}")
 
     def _stop_before_rebind(self, probe: ProbeResult, recorded: Optional[RecordedDaemon]) -> None:
@@ -1650,9 +2165,9 @@ class DaemonHost:
             elif plan == _ESCALATE_TERMINATE:
                 self.log.event(f"stale daemon pid {pid} did not exit within {_STOP_WAIT:g}s; terminating it")
 
-        ask = (self.probe_timeout, self.probe_timeout)
+        ask = (self.host.probe_timeout, self.host.probe_timeout)
         _stop_then_escalate(
-            self.paths.socket, pid, recorded, _PROBE_LIVE, ask, lambda: _STOP_WAIT, unheard, say
+            self.host.paths.socket, pid, recorded, _PROBE_LIVE, ask, lambda: _STOP_WAIT, unheard, say
         )
 
     def _wait_for_stopping(self, probe: ProbeResult, recorded: Optional[RecordedDaemon]) -> None:
@@ -1665,7 +2180,7 @@ class DaemonHost:
         # It answered on our private socket with this very pid and start time: ours.
         servers = recorded.servers if recorded is not None and recorded.pid == pid else {}
         answered = RecordedDaemon.from_record(
-            {"pid": pid, "pidStartTime": start, "socketPath": self.paths.socket, "servers": servers}
+            {"pid": pid, "pidStartTime": start, "socketPath": self.host.paths.socket, "servers": servers}
         )
         if answered is None or not answered.is_ours():
             return
@@ -1680,271 +2195,40 @@ class DaemonHost:
             lambda name, pid: self.log.event(f"ending server '{name}' (pid {pid}) left by a dead daemon")
         )
 
-    def _bind(self) -> None:
-        import stat as _stat
 
-        path = self.paths.socket
+class _Connection:
+    """One connection, served in the socketserver pattern: read the request against a
+    deadline, parse it, dispatch it, and send exactly one answer — with progress frames
+    while the work runs and the caller watched for going away (see ``_Exchange``)."""
+
+    __slots__ = ("host", "conn")
+
+    def __init__(self, host: DaemonHost, conn: socket.socket) -> None:
+        self.host = host
+        self.conn = conn
+
+    def handle(self) -> None:
+        """Serve the one request, then close; bad input must never crash the daemon."""
         try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            st = None
-        if st is not None:
-            if not _stat.S_ISSOCK(st.st_mode):
-                raise UnsafePathError(f"{path} exists and is not a socket; refusing to remove it")
-            os.unlink(path)
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old_umask = os.umask(0o077)
-        try:
-            listener.bind(path)
-        except OSError as exc:
-            listener.close()
-            raise DaemonError(f"cannot bind socket {path}: {exc.strerror or exc}") from None
-        finally:
-            os.umask(old_umask)
-        listener.listen(socket.SOMAXCONN)  # a burst of callers must queue, not be refused
-        st = os.stat(path)
-        self._sock_id = (st.st_dev, st.st_ino)
-        self._listener = listener
-
-    def _metadata(self) -> Dict[str, Any]:
-        """The metadata record, cached: ``status`` includes it and must stay cheap."""
-        cached = self._metadata_cache
-        if cached is not None:
-            return cached
-        generation = self._metadata_generation
-        data: Dict[str, Any] = {
-            "pid": self.pid,
-            "pidStartTime": process_start_time(self.pid),
-            "protocolVersion": DAEMON_PROTOCOL_VERSION,
-            "socketPath": self.paths.socket,
-            "startedAt": self.started_at,
-            "logPath": self.log.path,
-            "fingerprint": self.fingerprint,
-            "scriptVersion": _script_version(),
-            "servers": {},
-        }
-        if self.metadata_extra:
-            data.update(self.metadata_extra())
-        if generation == self._metadata_generation:  # not marked dirty while we built it
-            self._metadata_cache = data
-        return data
-
-    def _write_metadata(self) -> bool:
-        """Write the record; a failure (disk full, quota, EMFILE) is logged and retried by
-        housekeeping, never fatal: the daemon still serves, and the old record stays whole."""
-        generation = self._metadata_generation
-        try:
-            write_metadata(self.paths.metadata, self._metadata())
-        except OSError as exc:
-            if not self._metadata_failing:
-                self.log.event(
-                    f"cannot write metadata {self.paths.metadata}: {exc.strerror or exc}; retrying"
-                )
-            self._metadata_failing = True
-            self._metadata_dirty = True
-            return False
-        if self._metadata_failing:
-            self.log.event("metadata written again")
-        self._metadata_failing = False
-        if generation == self._metadata_generation:  # else marked dirty meanwhile: write again
-            self._metadata_dirty = False
-        return True
-
-    def _owns_socket(self) -> bool:
-        try:
-            st = os.stat(self.paths.socket)
-        except OSError:
-            return False
-        return (st.st_dev, st.st_ino) == self._sock_id
-
-    def _sync_metadata(self) -> None:
-        """Repair missing or torn metadata, or record server changes — only while we own the
-        socket and nobody else is inside the bind guard (they would be writing it)."""
-        current = read_metadata(self.paths.metadata)
-        if not self._metadata_dirty and current is not None and current.get("pid") == self.pid:
-            return
-        # A record naming another pid is wrong while we own the socket inode, whether that pid
-        # is alive or not: a successor replaces the socket under the bind lock before writing
-        # its record, so the check below (under that lock) never overwrites a successor's.
-        lock = FileLock(self.paths.bind, what="bind lock")
-        if not lock.acquire(timeout=0):
-            return
-        try:
-            if self._owns_socket() and self._stop_reason is None:
-                self._write_metadata()
-        finally:
-            lock.release()
-
-    # -- serving -----------------------------------------------------------------------------
-
-    def _install_signal_handlers(self) -> Callable[[], None]:
-        """Wake pipe and signal handlers; returns what undoes both (a vendored host may run
-        again, and its embedding program wants its own SIGINT handling back)."""
-        import signal
-
-        self._wake_r, self._wake_w = os.pipe()
-        for fd in (self._wake_r, self._wake_w):
-            os.set_blocking(fd, False)
-        saved: Dict[int, Any] = {}
-        if self._threading.current_thread() is self._threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                saved[sig] = signal.signal(
-                    sig, lambda signum, _frame: self.request_stop(f"{_STOP_SIGNAL} {signum}")
-                )
-        # (Outside the main thread Python forbids handlers; vendors stop us by request.)
-
-        def restore() -> None:
-            for sig, handler in saved.items():
-                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-            for fd in (self._wake_r, self._wake_w):
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-            self._wake_r, self._wake_w = -1, -1
-
-        return restore
-
-    def _serve_forever(self) -> None:
-        """Accept until the servers are closed. A stopping daemon keeps answering (with
-        "shutting down" and its pid) until then, so a starter waits for it instead of binding
-        a second copy of its servers beside it (stop is a barrier)."""
-        import select
-
-        assert self._listener is not None
-        self._threading.Thread(target=self._housekeeping_loop, name="housekeeping", daemon=True).start()
-        stopper = None
-        backoff, resume_at = 0.0, 0.0
-        while not self._drained.is_set():
-            if self._stop_reason is not None and stopper is None:
-                stopper = self._threading.Thread(target=self._wind_down, name="wind-down", daemon=True)
-                stopper.start()
-            now = time.monotonic()
-            watch: List[Any] = [self._wake_r] if now < resume_at else [self._listener, self._wake_r]
-            wait = max(0.0, resume_at - now) if now < resume_at else _SOCKET_CHECK_INTERVAL
-            try:
-                ready, _, _ = select.select(watch, [], [], wait)
-            except InterruptedError:
-                continue
-            if self._wake_r in ready:
-                try:
-                    os.read(self._wake_r, 4096)
-                except OSError:
-                    pass
-            if self._listener in ready:
-                if self._accept():
-                    backoff = 0.0
-                else:
-                    backoff = accept_backoff(backoff)
-                    resume_at = time.monotonic() + backoff
-
-    def _accept(self) -> bool:
-        """Accept one connection; False when out of resources (EMFILE and kin: back off)."""
-        import errno
-
-        assert self._listener is not None
-        try:
-            conn, _ = self._listener.accept()
-        except OSError as exc:
-            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                self.log.event(f"cannot accept: {exc.strerror}; backing off")
-                return False
-            return True  # the client gave up (ECONNABORTED) or a spurious wake-up
-        with self._lock:
-            if self._connections >= _MAX_CONNECTIONS:
-                conn.close()
-                return True
-            self._connections += 1
-            if self._spare_workers:  # a waiting worker is cheaper than a new thread
-                self._spare_workers -= 1
-                self._handoff.put(conn)
-                return True
-        try:
-            self._threading.Thread(target=self._worker, args=(conn,), daemon=True).start()
-        except RuntimeError:  # no thread to be had: refuse this one, keep serving
-            conn.close()
-            with self._lock:
-                self._connections -= 1
-            return False
-        return True
-
-    def _worker(self, conn: socket.socket) -> None:
-        """Serve a connection, then wait as a spare for the next (a few spares at most)."""
-        while True:
-            self._serve_connection(conn)
-            with self._lock:
-                if self._spare_workers >= _SPARE_WORKERS or self._stop_reason is not None:
-                    return
-                self._spare_workers += 1
-            conn = self._handoff.get()
-
-    # -- housekeeping (its own thread: never on the accept path) ------------------------------
-
-    def _housekeeping_loop(self) -> None:
-        """Socket ownership, metadata repair, hooks and idle expiry, once a second or when
-        woken. A slow hook (a server taking seconds to close) must not delay `status`."""
-        while self._stop_reason is None:
-            self._tick.wait(_SOCKET_CHECK_INTERVAL)
-            self._tick.clear()
-            if self._stop_reason is not None:
-                return
-            try:
-                self._housekeeping()
-            except Exception as exc:  # a housekeeping failure must not take the daemon down
-                self.log.event(f"housekeeping error: {exc!r}")
-
-    def _housekeeping(self) -> None:
-        if not self._owns_socket():
-            # Removed or replaced: nobody can reach us any more, so we must not linger.
-            self.request_stop(_STOP_SOCKET_LOST)
-            return
-        self._sync_metadata()
-        if self.on_tick:
-            try:
-                self.on_tick()
-            except Exception as exc:  # a housekeeping bug must not kill the daemon
-                self.log.event(f"housekeeping error: {exc!r}")
-        self._maybe_idle_out()
-
-    def _maybe_idle_out(self) -> None:
-        """Idle shutdown re-checks activity under the bind lock, so a starter that just
-        probed us (holding that lock) can never be left without a daemon."""
-        if not idle_expired(self.idle_timeout, self._active, time.monotonic() - self._last_activity):
-            return
-        lock = FileLock(self.paths.bind, what="bind lock")
-        if not lock.acquire(timeout=0):
-            return
-        try:
-            if idle_expired(self.idle_timeout, self._active, time.monotonic() - self._last_activity):
-                self.request_stop(f"{_STOP_IDLE} for {self.idle_timeout:g}s")
-        finally:
-            lock.release()
-
-    # -- one connection ----------------------------------------------------------------------
-
-    def _serve_connection(self, conn: socket.socket) -> None:
-        try:
-            self._serve_request(conn)
-        except Exception as exc:  # bad input must never crash the daemon
-            self.log.event(f"connection error: {exc!r}")
+            self._serve()
+        except Exception as exc:
+            self.host.log.event(f"connection error: {exc!r}")
         finally:
             try:
-                conn.close()
+                self.conn.close()
             except OSError:
                 pass
-            with self._lock:
-                self._connections -= 1
+            self.host._load.closed()
 
-    def _serve_request(self, conn: socket.socket) -> None:
+    def _serve(self) -> None:
         try:
-            raw = self._read_request(conn)
+            raw = self._read_request()
         except _FrameTooLarge:
-            self._send(
-                conn, _error_frame(None, f"request exceeds {_MAX_REQUEST_BYTES} bytes", "request_too_large")
-            )
+            too_large = f"request exceeds {_MAX_REQUEST_BYTES} bytes"
+            _send_frame(self.conn, _error_frame(None, too_large, "request_too_large"))
             return
         except _Busy:
-            self._send(conn, _error_frame(None, "daemon busy: too much pending input", "busy"))
+            _send_frame(self.conn, _error_frame(None, "daemon busy: too much pending input", "busy"))
             return
         except (socket.timeout, OSError):
             return  # silent, slow or vanished client: just drop it
@@ -1952,14 +2236,15 @@ class DaemonHost:
             return
         request, error = _parse_request(raw)
         if error is not None:
-            self._send(conn, error)
+            _send_frame(self.conn, error)
             return
         assert request is not None
-        self._dispatch(conn, request)
+        self._dispatch(request)
 
-    def _read_request(self, conn: socket.socket) -> Optional[bytes]:
+    def _read_request(self) -> Optional[bytes]:
         """The request line, or a complete JSON object sent without a newline (as mcporter's
         own client does), within a deadline and under the size and pending-memory caps."""
+        conn, load = self.conn, self.host._load
         deadline = time.monotonic() + _REQUEST_READ_DEADLINE
         buf = bytearray()
         ends_object = False  # the last non-blank byte so far is "}": maybe a whole request
@@ -1979,70 +2264,44 @@ class DaemonHost:
                 nl = chunk.find(b"\n")  # only the new bytes: rescanning buf would be quadratic
                 if nl >= 0:
                     return bytes(buf) + chunk[:nl]
-                with self._lock:
-                    if self._pending_bytes + len(chunk) > _MAX_PENDING_BYTES:
-                        raise _Busy()
-                    self._pending_bytes += len(chunk)
+                load.reserve(len(chunk))
                 buf += chunk
                 tail = chunk.rstrip()
                 ends_object = tail.endswith(b"}") if tail else ends_object
         finally:
-            with self._lock:
-                self._pending_bytes -= len(buf)
+            load.release(len(buf))
 
-    def _send(self, conn: socket.socket, frame: Dict[str, Any]) -> bool:
-        """Send one answer frame, encoded as it goes: a 50 MiB result costs no second full
-        copy, and a slow reader gets time per chunk rather than 5 s for the whole frame."""
-        try:
-            conn.settimeout(_SEND_IDLE)
-            for piece in encode_answer_pieces(frame):
-                conn.sendall(piece)
-            return True
-        except OSError:
-            return False
-
-    def _shutting_down_frame(self, rid: Any) -> Dict[str, Any]:
-        # The pid and start time let a starter or a second `stop` wait for this very
-        # process to exit before anything takes its place.
-        frame = _error_frame(rid, "daemon is shutting down", "shutting_down")
-        frame["error"].update(pid=self.pid, pidStartTime=self._metadata().get("pidStartTime"))
-        return frame
-
-    def _dispatch(self, conn: socket.socket, request: Dict[str, Any]) -> None:
+    def _dispatch(self, request: Dict[str, Any]) -> None:
+        host = self.host
         rid, method = request.get("id"), request["method"]
-        self.touch()
-        if self._stop_reason is not None:
-            self._send(conn, self._shutting_down_frame(rid))
+        host.touch()
+        if host._state.reason is not None:
+            _send_frame(self.conn, host._shutting_down_frame(rid))
             return
         if method == "stop":
-            self._handle_stop(conn, rid)
+            host._handle_stop(self.conn, rid)
             return
-        handler = self._builtin_status if method == "status" else self.handlers.get(method)
+        handler = host._builtin_status if method == "status" else host.handlers.get(method)
         if handler is None:
-            self._send(conn, _error_frame(rid, f"unknown method: {method}", "unknown_method"))
+            _send_frame(self.conn, _error_frame(rid, f"unknown method: {method}", "unknown_method"))
             return
         cadence = None
         if request.get("protocolVersion") == DAEMON_PROTOCOL_VERSION:
             cadence = progress_cadence_ms(request.get("progressIntervalMs"))
         ctx = RequestContext(method)
-        ex = _Exchange(conn, rid, self._threading.Lock())
-        with self._lock:
-            self._active += 1
-            self._inflight[id(conn)] = ex
+        ex = _Exchange(self.conn, rid)
+        host._load.begin(ex)
         try:
             frame = self._run_handler(ex, handler, request["params"], ctx, cadence)
         finally:
-            with self._lock:
-                self._active -= 1
-                self._inflight.pop(id(conn), None)
-            self.touch()
-        reason = self._stop_reason
+            host._load.end(ex)
+        reason = host._state.reason
         if reason is not None and not frame.get("ok"):
             # Its server was closed under it: say why, once, so the caller does not retry.
             frame = _error_frame(rid, f"daemon stopped ({reason}) before {method} finished", "daemon_stopped")
         if ctx.notices:
             frame["notices"] = ctx.notices
-        ex.answer(self, frame)
+        ex.answer(frame)
 
     def _run_handler(
         self,
@@ -2052,18 +2311,20 @@ class DaemonHost:
         ctx: RequestContext,
         cadence_ms: Optional[int],
     ) -> Dict[str, Any]:
-        if handler == self._builtin_status:
+        import threading
+
+        if handler == self.host._builtin_status:
             return self._call(ex.rid, handler, params, ctx)  # answered at once: nothing to watch
         # The work runs on its own thread while this one proves we are alive (progress frames)
         # and watches for the caller going away, so its server is told to cancel.
         box: List[Dict[str, Any]] = []
-        done = self._threading.Event()
+        done = threading.Event()
 
         def work() -> None:
             box.append(self._call(ex.rid, handler, params, ctx))
             done.set()
 
-        self._threading.Thread(target=work, daemon=True).start()
+        threading.Thread(target=work, daemon=True).start()
         slice_s = min(cadence_ms / 1000.0, _CALLER_CHECK_INTERVAL) if cadence_ms else _CALLER_CHECK_INTERVAL
         watch = _CallerWatch(ex.conn)
         next_frame = time.monotonic() + (cadence_ms or 0) / 1000.0
@@ -2073,7 +2334,7 @@ class DaemonHost:
                 next_frame += cadence_ms / 1000.0
                 gone = not ex.progress(encode_frame(progress_frame(ex.rid, ctx.progress)))
             if gone:
-                self.log.event(f"{ctx.method}: the caller went away; cancelling it")
+                self.host.log.event(f"{ctx.method}: the caller went away; cancelling it")
                 ctx.cancelled.set()
                 done.wait()  # the handler returns promptly; its answer goes to nobody
                 break
@@ -2090,102 +2351,20 @@ class DaemonHost:
                 frame["error"].update(rpcCode=exc.rpc_code, data=exc.data)
             return frame
         except Exception as exc:
-            self.log.event(f"handler {ctx.method} failed: {exc!r}")
+            self.host.log.event(f"handler {ctx.method} failed: {exc!r}")
             return _error_frame(rid, f"{type(exc).__name__}: {exc}", "runtime_error")
 
-    def _builtin_status(self, params: Dict[str, Any], ctx: RequestContext) -> Dict[str, Any]:
-        status = {
-            "pid": self.pid,
-            "protocolVersion": DAEMON_PROTOCOL_VERSION,
-            "startedAt": self.started_at,
-            "socketPath": self.paths.socket,
-            "logPath": self.log.path,
-            "fingerprint": self.fingerprint,
-            "servers": [],
-        }
-        if self.status_extra:
-            status.update(self.status_extra())
-        status["metadata"] = self._metadata()  # lets a starter reconcile the file exactly
-        return status
 
-    def _handle_stop(self, conn: socket.socket, rid: Any) -> None:
-        # Metadata goes before the answer, so no later caller trusts a dying daemon (dmypy).
-        self._stop_reason = _STOP_REQUEST
-        remove_metadata_if_owned(self.paths.metadata, self.pid)
-        self._send(conn, {"id": rid, "ok": True, "result": True})
-        self.request_stop(_STOP_REQUEST)
-
-    # -- shutdown ----------------------------------------------------------------------------
-
-    def _wind_down(self) -> None:
-        """Off the accept thread: let in-flight work finish briefly, then close the servers.
-        Until this ends, new requests are answered "shutting down" with our pid."""
-        try:
-            self.log.event(f"shutting down: {self._stop_reason}")
-            self._wait_idle(2.0)
-            if self.on_shutdown:
-                try:
-                    self.on_shutdown()
-                except Exception as exc:
-                    self.log.event(f"shutdown hook failed: {exc!r}")
-            self._wait_idle(1.0)
-        finally:
-            self._drained.set()
-            self.request_wake()
-
-    def _finish(self) -> None:
-        """The last steps, on the serving thread: stop listening, answer every request still
-        owed an answer, drop the files that are still ours."""
-        if self._stop_reason is None:
-            self._stop_reason = _STOP_LOOP_ENDED
-        if not self._drained.is_set():  # the loop died: still close the servers
-            self._wind_down()
-        self._close_listener()
-        with self._lock:
-            owed, self._inflight = list(self._inflight.values()), {}
-        for ex in owed:
-            ex.answer(
-                self,
-                _error_frame(
-                    ex.rid, f"daemon stopped ({self._stop_reason}) before it finished", "daemon_stopped"
-                ),
-            )
-        if self._stop_reason == _STOP_REQUEST:
-            self._release_files()  # no lock: a stopper inside the bind guard waits for our exit
-        else:
-            # Someone inside the bind guard is taking over; the files are theirs to replace.
-            lock = FileLock(self.paths.bind, what="bind lock")
-            try:
-                if lock.acquire(timeout=0):
-                    try:
-                        self._release_files()
-                    finally:
-                        lock.release()
-            except OSError as exc:
-                self.log.event(f"cannot remove state files: {exc}")
-        self.log.event("daemon exited")
-
-    def _close_listener(self) -> None:
-        if self._listener is not None:
-            try:
-                self._listener.close()
-            except OSError:
-                pass
-            self._listener = None
-
-    def _release_files(self) -> None:
-        """Remove the metadata and socket — each only while still this process's own."""
-        if self._files_released:
-            return
-        self._files_released = True
-        remove_metadata_if_owned(self.paths.metadata, self.pid)
-        if self._owns_socket():
-            _unlink_quietly(self.paths.socket)
-
-    def _wait_idle(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while self._active and time.monotonic() < deadline:
-            time.sleep(0.01)
+def _send_frame(conn: socket.socket, frame: Dict[str, Any]) -> bool:
+    """Send one answer frame, encoded as it goes: a 50 MiB result costs no second full
+    copy, and a slow reader gets time per chunk rather than 5 s for the whole frame."""
+    try:
+        conn.settimeout(_SEND_IDLE)
+        for piece in encode_answer_pieces(frame):
+            conn.sendall(piece)
+        return True
+    except OSError:
+        return False
 
 
 class _Exchange:
@@ -2194,10 +2373,12 @@ class _Exchange:
 
     __slots__ = ("conn", "rid", "lock", "answered")
 
-    def __init__(self, conn: socket.socket, rid: Any, lock: Any) -> None:
+    def __init__(self, conn: socket.socket, rid: Any) -> None:
+        import threading
+
         self.conn = conn
         self.rid = rid
-        self.lock = lock
+        self.lock = threading.Lock()
         self.answered = False
 
     def progress(self, frame: bytes) -> bool:
@@ -2210,12 +2391,12 @@ class _Exchange:
             except OSError:
                 return False
 
-    def answer(self, host: DaemonHost, frame: Dict[str, Any]) -> bool:
+    def answer(self, frame: Dict[str, Any]) -> bool:
         with self.lock:
             if self.answered:
                 return False
             self.answered = True
-            return host._send(self.conn, frame)
+            return _send_frame(self.conn, frame)
 
 
 def progress_frame(rid: Any, progress: Optional[Dict[str, Any]]) -> Dict[str, Any]:
