@@ -80,6 +80,7 @@ __all__ = [
     "terminate_daemon_tree",
     "end_server_group",
     "leaderless_group_is_ours",
+    "RecordedDaemon",
     # the host: for the caller, DaemonHost(paths, fingerprint, handlers).run(); to override,
     # its hooks (status_extra, metadata_extra, on_tick, on_shutdown) and the handlers
     "DaemonHost",
@@ -160,7 +161,34 @@ _STOPPING_WAIT = 15.0  # a stopping daemon gets this long to close its servers b
 
 _ACCEPT_BACKOFF_MAX = 1.0  # out of fds: retry accept() no faster than this, instead of spinning
 
-_STOP_REQUEST = "stop request"  # the shutdown reason of a `stop` (its files go without the lock)
+# Shutdown reasons, as logged ("shutting down: <reason>"). A `stop` request's files go without
+# the bind lock (its stopper waits for our exit); every other reason takes the lock first.
+_STOP_REQUEST = "stop request"
+_STOP_SIGNAL = "signal"  # followed by the signal number
+_STOP_IDLE = "idle"  # followed by "for <timeout>s"
+_STOP_SOCKET_LOST = "socket path lost (removed or replaced)"
+_STOP_LOOP_ENDED = "serving loop ended"
+
+# What a `status` probe of the socket found (``ProbeResult.kind``, ``plan_takeover``'s input).
+_PROBE_LIVE = "live"  # answers for this socket path, its pid alive
+_PROBE_STOPPING = "stopping"  # answers "shutting down" with a live pid
+_PROBE_SILENT = "silent"  # no answer within the probe timeout: maybe only slow
+_PROBE_SILENT_TWICE = "silent-twice"  # the second, longer probe got no answer either
+_PROBE_DEAD = "dead"  # refused, no socket, an error answer, another path, or a dead pid
+
+# The bind guard's plans (``plan_takeover``); the daemon log names the one taken ("bound …").
+_PLAN_RECONCILE = "reconcile"
+_PLAN_STOP_THEN_BIND = "stop-then-bind"
+_PLAN_WAIT_THEN_BIND = "wait-then-bind"
+_PLAN_TERMINATE_THEN_BIND = "terminate-then-bind"
+_PLAN_PROBE_AGAIN = "probe-again"
+_PLAN_BIND = "bind"
+
+# What to do once a stop has waited out its time (``plan_stop_escalation``).
+_ESCALATE_STOPPED = "stopped"
+_ESCALATE_TERMINATE = "terminate"
+_ESCALATE_STILL_STOPPING = "still-stopping"
+_ESCALATE_REFUSE = "refuse"
 
 _LOG_ROTATE_BYTES = 10 * 1024 * 1024
 
@@ -175,6 +203,18 @@ class DaemonError(Exception):
     code = "runtime_error"
     rpc_code: Optional[int] = None
     data: Any = None
+
+    def __init__(
+        self, *args: Any, code: Optional[str] = None, rpc_code: Any = None, data: Any = None
+    ) -> None:
+        super().__init__(*args)
+        # Set here only, so each subclass names its code without redefining the attribute.
+        if code is not None:
+            self.code = code
+        if rpc_code is not None:
+            self.rpc_code = _rpc_code(rpc_code)
+        if data is not None:
+            self.data = data
 
 
 def _rpc_code(value: Any) -> Optional[int]:
@@ -225,10 +265,7 @@ class RemoteError(DaemonError):
     """The daemon answered ``ok: false``; ``code`` is its error code."""
 
     def __init__(self, message: str, code: str = "error", rpc_code: Any = None, data: Any = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.rpc_code = _rpc_code(rpc_code)
-        self.data = data
+        super().__init__(message, code=code, rpc_code=rpc_code, data=data)
         if code in ("config", "unknown_server", "not_keep_alive", "command_not_found", "invalid_arguments"):
             self.exit_code = 2
 
@@ -1116,6 +1153,59 @@ def terminate_daemon_tree(
         end_server_group(child, child_start, grace)
 
 
+class RecordedDaemon:
+    """A daemon as its metadata records it, read once and validated: pid, start time, socket
+    path and servers. What it ends, it ends only while verified ours (§7)."""
+
+    __slots__ = ("record", "pid", "start_time", "socket_path", "servers")
+
+    def __init__(self, record: Dict[str, Any]) -> None:
+        """``record`` is a validated metadata record (see ``validate_metadata``)."""
+        self.record = record
+        self.pid: int = record["pid"]
+        self.start_time: str = record["pidStartTime"]
+        self.socket_path: str = record["socketPath"]
+        self.servers: Dict[str, Any] = record["servers"]
+
+    @classmethod
+    def read(cls, path: str) -> Optional[RecordedDaemon]:
+        """The daemon the metadata at ``path`` records; None when absent, torn or malformed."""
+        return cls.from_record(read_metadata(path))
+
+    @classmethod
+    def from_record(cls, data: Any) -> Optional[RecordedDaemon]:
+        """The daemon ``data`` records, when it is a well-formed record; else None."""
+        record = validate_metadata(data)
+        return cls(record) if record is not None else None
+
+    def is_ours(self) -> bool:
+        """Alive and the very process recorded (same pid, same start time)."""
+        return is_our_pid(self.pid, self.start_time)
+
+    def is_stopped(self) -> bool:
+        """The OS reports the recorded pid stopped (state T), whoever it is now."""
+        return process_stopped(self.pid)
+
+    def process_facts(self) -> Tuple[Optional[str], Optional[str]]:
+        """(start time, state) the OS reports now for the recorded pid."""
+        return _process_info(self.pid)
+
+    def live_servers(self) -> List[Tuple[str, int, str]]:
+        """(name, pid, start time) of each recorded server whose leader or group still runs."""
+        entries = self.servers.items()
+        return [(name, e["pid"], e["pidStartTime"]) for name, e in entries if _recorded_server_left(e)]
+
+    def end_servers(self, on_each: Callable[[str, int], None] = lambda name, pid: None) -> None:
+        """End the recorded servers still running (a dead daemon could not close them)."""
+        for name, pid, start in self.live_servers():
+            on_each(name, pid)
+            end_server_group(pid, start, _TERM_GRACE)
+
+    def terminate(self) -> None:
+        """End the daemon (while still ours) and its servers: recorded ones and live children."""
+        terminate_daemon_tree(self.pid, self.start_time, self.servers)
+
+
 # ##########################################################################################
 # Daemon host: bind guard, concurrent serving, housekeeping, ownership-checked shutdown.
 # ##########################################################################################
@@ -1211,8 +1301,7 @@ class HandlerError(DaemonError):
     """Raised by a handler to answer ``ok: false`` with a chosen code."""
 
     def __init__(self, message: str, code: str = "runtime_error") -> None:
-        super().__init__(message)
-        self.code = code
+        super().__init__(message, code=code)
 
 
 class ProbeResult:
@@ -1221,7 +1310,7 @@ class ProbeResult:
     __slots__ = ("kind", "status", "detail")
 
     def __init__(self, kind: str, status: Optional[Dict[str, Any]] = None, detail: str = "") -> None:
-        self.kind = kind  # "live" | "stopping" | "silent" | "dead"
+        self.kind = kind  # one of the _PROBE_ constants
         self.status = status or {}
         self.detail = detail
 
@@ -1232,17 +1321,20 @@ class ProbeResult:
         return pid if _is_pid(pid) else None
 
 
+_STOP_FRAME = {"id": "stop", "method": "stop", "params": {}, "protocolVersion": DAEMON_PROTOCOL_VERSION}
+
+
 def probe_live_daemon(socket_path: str, timeout: float) -> ProbeResult:
     """Live means: it answers ``status``, reports this socket path, and its pid is alive."""
     if not os.path.exists(socket_path):
-        return ProbeResult("dead", detail="no socket file")
+        return ProbeResult(_PROBE_DEAD, detail="no socket file")
     request = {"id": "probe", "method": "status", "params": {}, "protocolVersion": 2}
     try:
         response = exchange(socket_path, request, timeout)
     except DaemonTimeout:
-        return ProbeResult("silent", detail=f"no answer within {timeout:g}s")
+        return ProbeResult(_PROBE_SILENT, detail=f"no answer within {timeout:g}s")
     except TransportError as exc:
-        return ProbeResult("dead", detail=str(exc))
+        return ProbeResult(_PROBE_DEAD, detail=str(exc))
     status = response.get("result") if response.get("ok") else None
     if not isinstance(status, dict):
         error: Dict[str, Any] = response["error"] if isinstance(response.get("error"), dict) else {}
@@ -1250,14 +1342,14 @@ def probe_live_daemon(socket_path: str, timeout: float) -> ProbeResult:
         if error.get("code") == "shutting_down" and _is_pid(pid) and pid_alive(pid):
             # Still closing its servers: it owns them until its pid is gone (stop is a barrier).
             stopping = {"pid": pid, "pidStartTime": error.get("pidStartTime")}
-            return ProbeResult("stopping", stopping, detail="shutting down")
-        return ProbeResult("dead", detail="answered with an error")
+            return ProbeResult(_PROBE_STOPPING, stopping, detail="shutting down")
+        return ProbeResult(_PROBE_DEAD, detail="answered with an error")
     if status.get("socketPath") != socket_path:
-        return ProbeResult("dead", detail="answers for another socket path")
+        return ProbeResult(_PROBE_DEAD, detail="answers for another socket path")
     pid = status.get("pid")
     if not _is_pid(pid) or not pid_alive(pid):
-        return ProbeResult("dead", detail="its pid is not alive")
-    return ProbeResult("live", status)
+        return ProbeResult(_PROBE_DEAD, detail="its pid is not alive")
+    return ProbeResult(_PROBE_LIVE, status)
 
 
 def plan_takeover(probe: str, fresh: bool, owner_ours: bool, owner_stopped: bool) -> str:
@@ -1268,17 +1360,108 @@ def plan_takeover(probe: str, fresh: bool, owner_ours: bool, owner_stopped: bool
     "stop-then-bind", "wait-then-bind", "terminate-then-bind", "probe-again" or "bind".
     """
     if owner_ours and owner_stopped:
-        return "terminate-then-bind"  # the OS says it is stopped: hung, whatever it answers
-    if probe == "stopping":
-        return "wait-then-bind"  # its servers are still closing: never two copies at once
-    if probe == "live":
-        return "reconcile" if fresh else "stop-then-bind"
-    if probe == "silent":
+        return _PLAN_TERMINATE_THEN_BIND  # the OS says it is stopped: hung, whatever it answers
+    if probe == _PROBE_STOPPING:
+        return _PLAN_WAIT_THEN_BIND  # its servers are still closing: never two copies at once
+    if probe == _PROBE_LIVE:
+        return _PLAN_RECONCILE if fresh else _PLAN_STOP_THEN_BIND
+    if probe == _PROBE_SILENT:
         # A timeout alone is no proof of a hang: a busy or loaded daemon is slow (mypy #18008).
-        return "probe-again"
+        return _PLAN_PROBE_AGAIN
     if owner_ours:
-        return "terminate-then-bind"  # hung (silent twice) or unreachable: ours, so end it
-    return "bind"
+        return _PLAN_TERMINATE_THEN_BIND  # hung (silent twice) or unreachable: ours, so end it
+    return _PLAN_BIND
+
+
+class _TakeoverFacts:
+    """What the bind guard knows before it acts: the recorded owner, what the socket answered,
+    and the plan ``plan_takeover`` makes of them. A silent socket is probed a second, longer
+    time before the plan is final, since a timeout alone proves no hang."""
+
+    __slots__ = ("recorded", "owner_ours", "owner_stopped", "probe", "kind", "plan")
+
+    def __init__(self, recorded: Optional[RecordedDaemon]) -> None:
+        self.recorded = recorded
+        self.owner_ours = self.owner_stopped = False
+        self.probe = ProbeResult(_PROBE_SILENT)
+        self.kind = _PROBE_SILENT
+        self.plan = _PLAN_PROBE_AGAIN
+        self.look_at_owner()
+
+    @classmethod
+    def gather(cls, paths: DaemonPaths, fingerprint: str, probe_timeout: float) -> _TakeoverFacts:
+        """Read the record, probe the socket (twice when silent), and plan."""
+        socket_path = paths.socket
+        facts = cls(RecordedDaemon.read(paths.metadata))
+        if not facts.owner_stopped:  # a stopped owner is known hung: a probe could only time out
+            facts.heard(probe_live_daemon(socket_path, probe_timeout), _PROBE_SILENT)
+        facts.decide(fingerprint)
+        if facts.plan == _PLAN_PROBE_AGAIN:
+            facts.heard(probe_live_daemon(socket_path, max(3 * probe_timeout, 1.0)), _PROBE_SILENT_TWICE)
+            facts.look_at_owner()  # it may have exited, or been stopped, meanwhile
+            facts.decide(fingerprint)
+        return facts
+
+    def look_at_owner(self) -> None:
+        """Whether the recorded owner is ours, and stopped (asked only of one that is ours)."""
+        recorded = self.recorded
+        self.owner_ours = recorded is not None and recorded.is_ours()
+        self.owner_stopped = recorded is not None and self.owner_ours and recorded.is_stopped()
+
+    def heard(self, probe: ProbeResult, silent_kind: str) -> None:
+        """Record a probe; a silent one counts as ``silent_kind`` (the second is silent-twice)."""
+        self.probe = probe
+        self.kind = silent_kind if probe.kind == _PROBE_SILENT else probe.kind
+
+    def decide(self, fingerprint: str) -> None:
+        """The plan for these facts (``fresh``: the live answer carries our fingerprint)."""
+        fresh = self.probe.status.get("fingerprint") == fingerprint
+        self.plan = plan_takeover(self.kind, fresh, self.owner_ours, self.owner_stopped)
+
+
+def plan_stop_escalation(kind: str, verified: bool, gone: bool) -> str:
+    """After ``stop`` waited out its timeout: "stopped", "terminate" (verified ours by the
+    metadata), "still-stopping" (another stop is ending it) or "refuse" (never signal an
+    unverified pid)."""
+    if gone:
+        return _ESCALATE_STOPPED
+    if verified:
+        return _ESCALATE_TERMINATE
+    return _ESCALATE_STILL_STOPPING if kind == _PROBE_STOPPING else _ESCALATE_REFUSE
+
+
+def _stop_then_escalate(
+    socket_path: str,
+    pid: int,
+    recorded: Optional[RecordedDaemon],
+    kind: str,
+    ask: Optional[Tuple[float, float]],
+    wait: Callable[[], float],
+    on_unheard: Callable[[DaemonError], None] = lambda exc: None,
+    on_plan: Callable[[str], None] = lambda plan: None,
+) -> str:
+    """Ask daemon ``pid`` to stop, wait for its pid to go, then escalate as
+    ``plan_stop_escalation`` decides; returns the plan, carried out.
+
+    ``ask`` is the request's (answer, connect) timeouts, or None to only wait (it is stopping
+    already); ``wait`` gives the seconds to wait, asked once the request is done. Only a
+    ``recorded`` daemon naming this very pid, still ours after the wait, is terminated (§7).
+    ``on_plan`` hears the plan before it is carried out, so each caller says it its own way.
+    """
+    start = process_start_time(pid)
+    if ask is not None:
+        try:
+            exchange(socket_path, _STOP_FRAME, ask[0], connect_timeout=ask[1])
+        except DaemonError as exc:
+            on_unheard(exc)  # it may have exited before answering; the pid tells
+    gone = _wait_gone(pid, wait(), start)
+    verified = recorded is not None and recorded.pid == pid and recorded.is_ours()
+    plan = plan_stop_escalation(kind, verified, gone)
+    on_plan(plan)
+    if plan == _ESCALATE_TERMINATE:
+        assert recorded is not None
+        recorded.terminate()
+    return plan
 
 
 def status_matches(
@@ -1315,6 +1498,26 @@ class DaemonHost:
     ``handlers`` map a method name to ``handler(params, ctx) -> result``; ``status`` and
     ``stop`` are built in. ``fingerprint`` names the identity: a live daemon with the same one
     is kept, one with another is stopped before this one binds.
+
+    For the caller: ``run()``; from any thread, ``request_stop(reason)``, ``touch()`` (counts
+    as activity for ``idle_timeout``), ``request_wake()`` and ``mark_metadata_dirty()``.
+
+    Hooks (all optional; set them in the constructor or as attributes before ``run``):
+
+    - ``status_extra() -> dict`` is merged into every ``status`` answer (for example a
+      ``servers`` list). It runs on the connection's thread for each ``status``: keep it cheap.
+    - ``metadata_extra() -> dict`` is merged into the metadata record; a ``servers`` map of
+      ``{name: {"pid", "pidStartTime"}}`` lets a successor end them if this host is SIGKILLed.
+      The record is cached: call ``mark_metadata_dirty()`` when its data changes.
+    - ``on_tick()`` runs on the housekeeping thread about once a second (sooner after
+      ``mark_metadata_dirty``), never on the accept path; an exception is logged, not fatal.
+    - ``on_shutdown()`` runs once when stopping, after in-flight work had up to 2 s to end:
+      close what the handlers keep open. Meanwhile requests are answered "shutting down".
+
+    The state lives with its owners: ``_Takeover`` (the bind guard, run once), ``_Listener``
+    (the socket and wake pipe), ``_Load`` (connections and requests in flight),
+    ``_MetadataRecord`` (the record and its rewrites), ``_RunState`` (why and how it stops);
+    each connection is served by a ``_Connection``.
     """
 
     def __init__(
@@ -1331,9 +1534,6 @@ class DaemonHost:
         log: Optional[DaemonLog] = None,
         probe_timeout: Optional[float] = None,
     ) -> None:
-        import queue
-        import threading
-
         self.paths = paths
         self.fingerprint = fingerprint
         self.handlers = dict(handlers or {})
@@ -1346,28 +1546,20 @@ class DaemonHost:
         self.probe_timeout = probe_timeout or _env_seconds(
             "MCPORTER_DAEMON_PROBE_TIMEOUT_MS", _DEFAULT_PROBE_TIMEOUT
         )
-        self.started_at = _now_ms()
-        self.pid = os.getpid()
-        self._threading = threading
-        self._lock = threading.Lock()
-        self._listener: Optional[socket.socket] = None
-        self._sock_id: Optional[Tuple[int, int]] = None
-        self._wake_r, self._wake_w = -1, -1
-        self._active = 0
-        self._connections = 0
-        self._pending_bytes = 0
-        self._last_activity = time.monotonic()
-        self._stop_reason: Optional[str] = None
-        self._files_released = False
-        self._metadata_dirty = False
-        self._metadata_failing = False
-        self._metadata_cache: Optional[Dict[str, Any]] = None
-        self._metadata_generation = 0
-        self._spare_workers = 0
-        self._handoff: queue.SimpleQueue[socket.socket] = queue.SimpleQueue()  # for spare workers
-        self._tick = threading.Event()  # wakes the housekeeping thread early
-        self._drained = threading.Event()  # servers closed: the serving loop may end
-        self._inflight: Dict[int, _Exchange] = {}  # by id(conn): requests still owed an answer
+        self._record = _MetadataRecord(self)
+        self._listener = _Listener()
+        self._load = _Load()
+        self._state = _RunState()
+
+    @property
+    def pid(self) -> int:
+        """This host's process id (what its metadata and ``status`` name)."""
+        return self._record.pid
+
+    @property
+    def started_at(self) -> int:
+        """When this host was made, in ms since the epoch (``startedAt``)."""
+        return self._record.started_at
 
     # -- public ------------------------------------------------------------------------------
 
@@ -1375,7 +1567,7 @@ class DaemonHost:
         """Bind (or find a live twin and exit 0), serve until stopped, clean up; exit code."""
         _require_posix()
         self.paths.prepare()
-        twin = self._bind_guard()
+        twin = _Takeover(self).run()
         if twin is not None:
             self.log.event(f"daemon already running (pid {twin}); not starting another")
             return 0
@@ -1391,131 +1583,261 @@ class DaemonHost:
 
     def request_stop(self, reason: str) -> None:
         """Ask the serving loop to shut down (safe from any thread or a signal handler)."""
-        if self._stop_reason is None:
-            self._stop_reason = reason
-        self._tick.set()
-        try:
-            os.write(self._wake_w, b"x")
-        except OSError:
-            pass
+        if self._state.reason is None:
+            self._state.reason = reason
+        self._state.tick.set()
+        self._listener.wake(b"x")
 
     def mark_metadata_dirty(self) -> None:
         """The data behind ``metadata_extra`` changed; rewrite the metadata soon."""
-        self._metadata_generation += 1
-        self._metadata_cache = None
-        self._metadata_dirty = True
-        self._tick.set()
+        self._record.mark_dirty()
+        self._state.tick.set()
 
     def request_wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"w")
-        except OSError:
-            pass
+        """Wake the serving loop (it looks again whether to wind down or stop)."""
+        self._listener.wake(b"w")
 
     def touch(self) -> None:
-        self._last_activity = time.monotonic()
+        """Count now as activity, for the idle timeout."""
+        self._load.touch()
 
-    # -- bind guard --------------------------------------------------------------------------
+    # -- serving -----------------------------------------------------------------------------
 
-    def _bind_guard(self) -> Optional[int]:
-        """Under the bind lock: keep a live fresh twin, or clear the way and bind. Twin pid or None."""
-        with FileLock(self.paths.bind, what="bind lock"):
-            meta = read_metadata(self.paths.metadata)
-            owner_pid = meta.get("pid") if meta else None
-            owner_start = meta.get("pidStartTime") if meta else None
-            owner_ours = is_our_pid(owner_pid, owner_start)
-            stopped = owner_ours and process_stopped(owner_pid)  # type: ignore[arg-type]
-            # A stopped owner is known hung: skip a probe that could only time out.
-            probe = (
-                ProbeResult("silent") if stopped else probe_live_daemon(self.paths.socket, self.probe_timeout)
-            )
-            kind = probe.kind
-            while True:
-                fresh = probe.status.get("fingerprint") == self.fingerprint
-                plan = plan_takeover(kind, fresh, owner_ours, stopped)
-                if plan != "probe-again":
-                    break
-                probe = probe_live_daemon(self.paths.socket, max(3 * self.probe_timeout, 1.0))
-                kind = probe.kind if probe.kind != "silent" else "silent-twice"
-                owner_ours = is_our_pid(owner_pid, owner_start)
-                stopped = owner_ours and process_stopped(owner_pid)  # type: ignore[arg-type]
-            if plan == "reconcile":
-                self._reconcile(probe.status, meta)
-                return probe.pid
-            if plan == "stop-then-bind":
-                self._stop_before_rebind(probe, meta)
-            elif plan == "wait-then-bind":
-                self._wait_for_stopping(probe, meta)
-            elif plan == "terminate-then-bind":
-                why = "stopped (state T)" if stopped else probe.detail or "unreachable"
-                self.log.event(f"terminating hung daemon pid {owner_pid}: {why}")
-                assert meta is not None
-                terminate_daemon_tree(owner_pid, owner_start, meta.get("servers") or {})  # type: ignore[arg-type]
-            elif kind == "silent-twice":
-                self.log.event("socket accepts but never answers and its owner is unknown; rebinding")
-            self._reap_recorded_servers(meta)
-            self._bind()
-            self._write_metadata()
-            self.log.event(f"bound {self.paths.socket} (plan: {plan})")
-        return None
+    def _install_signal_handlers(self) -> Callable[[], None]:
+        """Wake pipe and signal handlers; returns what undoes both (a vendored host may run
+        again, and its embedding program wants its own SIGINT handling back)."""
+        import signal
+        import threading
 
-    def _reconcile(self, status: Dict[str, Any], meta: Optional[Dict[str, Any]]) -> None:
-        """A live, fresh daemon runs: make the metadata match it if it does not."""
-        wanted = status.get("metadata")
-        if not isinstance(wanted, dict) or wanted.get("pid") != status.get("pid"):
-            return
-        if meta is None or meta.get("pid") != wanted["pid"] or meta.get("socketPath") != self.paths.socket:
-            write_metadata(self.paths.metadata, wanted)
-            self.log.event(f"reconciled metadata with live daemon pid {wanted['pid']}")
+        self._listener.open_wake_pipe()
+        saved: Dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                saved[sig] = signal.signal(
+                    sig, lambda signum, _frame: self.request_stop(f"{_STOP_SIGNAL} {signum}")
+                )
+        # (Outside the main thread Python forbids handlers; vendors stop us by request.)
 
-    def _stop_before_rebind(self, probe: ProbeResult, meta: Optional[Dict[str, Any]]) -> None:
-        """A live but stale daemon: ask it to stop and wait for its pid before rebinding."""
-        pid = probe.pid
-        assert pid is not None
-        start = process_start_time(pid)
-        self.log.event(f"stopping stale daemon pid {pid} (fingerprint changed) before rebinding")
+        def restore() -> None:
+            for sig, handler in saved.items():
+                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+            self._listener.close_wake_pipe()
+
+        return restore
+
+    def _serve_forever(self) -> None:
+        """Accept until the servers are closed. A stopping daemon keeps answering (with
+        "shutting down" and its pid) until then, so a starter waits for it instead of binding
+        a second copy of its servers beside it (stop is a barrier)."""
+        import threading
+
+        threading.Thread(target=self._housekeeping_loop, name="housekeeping", daemon=True).start()
+        stopper = None
+        backoff, resume_at = 0.0, 0.0
+        while not self._state.drained.is_set():
+            if self._state.reason is not None and stopper is None:
+                stopper = threading.Thread(target=self._wind_down, name="wind-down", daemon=True)
+                stopper.start()
+            now = time.monotonic()
+            paused = now < resume_at  # out of fds: listen only to the wake pipe for a while
+            wait = resume_at - now if paused else _SOCKET_CHECK_INTERVAL
+            if self._listener.wait(wait, paused):
+                if self._accept():
+                    backoff = 0.0
+                else:
+                    backoff = accept_backoff(backoff)
+                    resume_at = time.monotonic() + backoff
+
+    def _accept(self) -> bool:
+        """Accept one connection; False when out of resources (EMFILE and kin: back off)."""
+        import errno
+        import threading
+
+        assert self._listener.sock is not None
         try:
-            exchange(self.paths.socket, {"id": "stop", "method": "stop", "params": {}}, self.probe_timeout)
-        except DaemonError as exc:
-            self.log.event(f"stale daemon pid {pid} did not take the stop request: {exc}")
-        if _wait_gone(pid, _STOP_WAIT, start):
-            return
-        meta = meta or {}
-        if meta.get("pid") != pid or not is_our_pid(pid, meta.get("pidStartTime")):
-            # Only the metadata's pid + start time proves it ours (§7); a daemon we cannot
-            # verify is left alone. It loses its socket now and exits when it notices.
-            self.log.event(f"stale daemon pid {pid} did not exit and cannot be verified; rebinding anyway")
-            return
-        self.log.event(f"stale daemon pid {pid} did not exit within {_STOP_WAIT:g}s; terminating it")
-        terminate_daemon_tree(pid, str(meta["pidStartTime"]), meta.get("servers") or {})
+            conn, _ = self._listener.sock.accept()
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                self.log.event(f"cannot accept: {exc.strerror}; backing off")
+                return False
+            return True  # the client gave up (ECONNABORTED) or a spurious wake-up
+        admitted = self._load.admit(conn)
+        if admitted is not None:
+            return admitted
+        try:
+            threading.Thread(target=self._worker, args=(conn,), daemon=True).start()
+        except RuntimeError:  # no thread to be had: refuse this one, keep serving
+            conn.close()
+            self._load.closed()
+            return False
+        return True
 
-    def _wait_for_stopping(self, probe: ProbeResult, meta: Optional[Dict[str, Any]]) -> None:
-        """A daemon answering "shutting down" still owns its servers: wait for its pid to
-        go (bounded), so two copies of one server (one browser profile) never run at once."""
-        pid, start = probe.status["pid"], probe.status.get("pidStartTime")
-        self.log.event(f"daemon pid {pid} is shutting down; waiting for it to exit before binding")
-        if _wait_gone(pid, _STOPPING_WAIT, str(start) if start else None):
-            return
-        # It answered on our private socket with this very pid and start time: ours.
-        if not is_our_pid(pid, start):
-            return
-        servers = (meta or {}).get("servers") if (meta or {}).get("pid") == pid else None
-        self.log.event(f"daemon pid {pid} still shutting down after {_STOPPING_WAIT:g}s; terminating it")
-        terminate_daemon_tree(pid, str(start), servers or {})
+    def _worker(self, conn: socket.socket) -> None:
+        """Serve a connection, then wait as a spare for the next (a few spares at most)."""
+        while True:
+            _Connection(self, conn).handle()
+            if not self._load.become_spare(self._state.reason is not None):
+                return
+            conn = self._load.handoff.get()
 
-    def _reap_recorded_servers(self, meta: Optional[Dict[str, Any]]) -> None:
-        """A SIGKILLed owner could not close its servers, and some ignore stdin EOF."""
-        if not meta or is_our_pid(meta.get("pid"), meta.get("pidStartTime")):
-            return  # a live owner closes its own servers
-        for name, entry in (meta.get("servers") or {}).items():
-            if _recorded_server_left(entry):
-                self.log.event(f"ending server '{name}' (pid {entry['pid']}) left by a dead daemon")
-                end_server_group(entry["pid"], entry["pidStartTime"], _TERM_GRACE)
+    # -- housekeeping (its own thread: never on the accept path) ------------------------------
 
-    def _bind(self) -> None:
+    def _housekeeping_loop(self) -> None:
+        """Socket ownership, metadata repair, hooks and idle expiry, once a second or when
+        woken. A slow hook (a server taking seconds to close) must not delay `status`."""
+        while self._state.reason is None:
+            self._state.tick.wait(_SOCKET_CHECK_INTERVAL)
+            self._state.tick.clear()
+            if self._state.reason is not None:
+                return
+            try:
+                self._housekeeping()
+            except Exception as exc:  # a housekeeping failure must not take the daemon down
+                self.log.event(f"housekeeping error: {exc!r}")
+
+    def _housekeeping(self) -> None:
+        if not self._listener.owns_path(self.paths.socket):
+            # Removed or replaced: nobody can reach us any more, so we must not linger.
+            self.request_stop(_STOP_SOCKET_LOST)
+            return
+        self._record.sync()
+        if self.on_tick:
+            try:
+                self.on_tick()
+            except Exception as exc:  # a housekeeping bug must not kill the daemon
+                self.log.event(f"housekeeping error: {exc!r}")
+        self._maybe_idle_out()
+
+    def _maybe_idle_out(self) -> None:
+        """Idle shutdown re-checks activity under the bind lock, so a starter that just
+        probed us (holding that lock) can never be left without a daemon."""
+        if not idle_expired(self.idle_timeout, self._load.active, self._load.idle_for()):
+            return
+        lock = FileLock(self.paths.bind, what="bind lock")
+        if not lock.acquire(timeout=0):
+            return
+        try:
+            if idle_expired(self.idle_timeout, self._load.active, self._load.idle_for()):
+                self.request_stop(f"{_STOP_IDLE} for {self.idle_timeout:g}s")
+        finally:
+            lock.release()
+
+    # -- built-in methods --------------------------------------------------------------------
+
+    def _builtin_status(self, params: Dict[str, Any], ctx: RequestContext) -> Dict[str, Any]:
+        status = {
+            "pid": self.pid,
+            "protocolVersion": DAEMON_PROTOCOL_VERSION,
+            "startedAt": self.started_at,
+            "socketPath": self.paths.socket,
+            "logPath": self.log.path,
+            "fingerprint": self.fingerprint,
+            "servers": [],
+        }
+        if self.status_extra:
+            status.update(self.status_extra())
+        status["metadata"] = self._record.current()  # lets a starter reconcile the file exactly
+        return status
+
+    def _shutting_down_frame(self, rid: Any) -> Dict[str, Any]:
+        # The pid and start time let a starter or a second `stop` wait for this very
+        # process to exit before anything takes its place.
+        frame = _error_frame(rid, "daemon is shutting down", "shutting_down")
+        frame["error"].update(pid=self.pid, pidStartTime=self._record.current().get("pidStartTime"))
+        return frame
+
+    def _handle_stop(self, conn: socket.socket, rid: Any) -> None:
+        # Metadata goes before the answer, so no later caller trusts a dying daemon (dmypy).
+        self._state.reason = _STOP_REQUEST
+        self._record.remove()
+        _send_frame(conn, {"id": rid, "ok": True, "result": True})
+        self.request_stop(_STOP_REQUEST)
+
+    # -- shutdown ----------------------------------------------------------------------------
+
+    def _wind_down(self) -> None:
+        """Off the accept thread: let in-flight work finish briefly, then close the servers.
+        Until this ends, new requests are answered "shutting down" with our pid."""
+        try:
+            self.log.event(f"shutting down: {self._state.reason}")
+            self._load.wait_idle(2.0)
+            if self.on_shutdown:
+                try:
+                    self.on_shutdown()
+                except Exception as exc:
+                    self.log.event(f"shutdown hook failed: {exc!r}")
+            self._load.wait_idle(1.0)
+        finally:
+            self._state.drained.set()
+            self.request_wake()
+
+    def _finish(self) -> None:
+        """The last steps, on the serving thread: stop listening, answer every request still
+        owed an answer, drop the files that are still ours."""
+        if self._state.reason is None:
+            self._state.reason = _STOP_LOOP_ENDED
+        if not self._state.drained.is_set():  # the loop died: still close the servers
+            self._wind_down()
+        self._listener.close()
+        reason = self._state.reason
+        for ex in self._load.take_owed():
+            ex.answer(_error_frame(ex.rid, f"daemon stopped ({reason}) before it finished", "daemon_stopped"))
+        if reason == _STOP_REQUEST:
+            self._release_files()  # no lock: a stopper inside the bind guard waits for our exit
+        else:
+            # Someone inside the bind guard is taking over; the files are theirs to replace.
+            lock = FileLock(self.paths.bind, what="bind lock")
+            try:
+                if lock.acquire(timeout=0):
+                    try:
+                        self._release_files()
+                    finally:
+                        lock.release()
+            except OSError as exc:
+                self.log.event(f"cannot remove state files: {exc}")
+        self.log.event("daemon exited")
+
+    def _release_files(self) -> None:
+        """Remove the metadata and socket — each only while still this process's own."""
+        if self._state.files_released:
+            return
+        self._state.files_released = True
+        self._record.remove()
+        if self._listener.owns_path(self.paths.socket):
+            _unlink_quietly(self.paths.socket)
+
+
+class _RunState:
+    """Where a host is in its life: why it stops (None while serving), the event that wakes
+    housekeeping early, whether its servers are closed (the serving loop may end), and
+    whether its files are gone."""
+
+    __slots__ = ("reason", "tick", "drained", "files_released")
+
+    def __init__(self) -> None:
+        import threading
+
+        self.reason: Optional[str] = None  # one of the _STOP_ reasons (some with a detail)
+        self.tick = threading.Event()
+        self.drained = threading.Event()
+        self.files_released = False
+
+
+class _Listener:
+    """The bound socket, its identity as bound (to tell whether the path is still ours), and
+    the wake pipe that interrupts the serving loop's wait."""
+
+    __slots__ = ("sock", "sock_id", "wake_r", "wake_w")
+
+    def __init__(self) -> None:
+        self.sock: Optional[socket.socket] = None
+        self.sock_id: Optional[Tuple[int, int]] = None
+        self.wake_r, self.wake_w = -1, -1
+
+    def bind(self, path: str) -> None:
+        """Replace a stale socket file (never anything else) and listen, under umask 077."""
         import stat as _stat
 
-        path = self.paths.socket
         try:
             st = os.lstat(path)
         except FileNotFoundError:
@@ -1535,246 +1857,384 @@ class DaemonHost:
             os.umask(old_umask)
         listener.listen(socket.SOMAXCONN)  # a burst of callers must queue, not be refused
         st = os.stat(path)
-        self._sock_id = (st.st_dev, st.st_ino)
-        self._listener = listener
+        self.sock_id = (st.st_dev, st.st_ino)
+        self.sock = listener
 
-    def _metadata(self) -> Dict[str, Any]:
-        """The metadata record, cached: ``status`` includes it and must stay cheap."""
-        cached = self._metadata_cache
+    def owns_path(self, path: str) -> bool:
+        """Whether ``path`` still is the socket this process bound (not removed or replaced)."""
+        try:
+            st = os.stat(path)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == self.sock_id
+
+    def wait(self, timeout: float, paused: bool) -> bool:
+        """Wait for a connection or a wake-up (only a wake-up while ``paused``); True when a
+        connection is waiting to be accepted."""
+        import select
+
+        watch: List[Any] = [self.wake_r] if paused else [self.sock, self.wake_r]
+        try:
+            ready, _, _ = select.select(watch, [], [], timeout)
+        except InterruptedError:
+            return False
+        if self.wake_r in ready:
+            try:
+                os.read(self.wake_r, 4096)
+            except OSError:
+                pass
+        return self.sock in ready
+
+    def open_wake_pipe(self) -> None:
+        self.wake_r, self.wake_w = os.pipe()
+        for fd in (self.wake_r, self.wake_w):
+            os.set_blocking(fd, False)
+
+    def close_wake_pipe(self) -> None:
+        for fd in (self.wake_r, self.wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.wake_r, self.wake_w = -1, -1
+
+    def wake(self, byte: bytes) -> None:
+        """Interrupt ``wait`` (safe from a signal handler; a full pipe is awake already)."""
+        try:
+            os.write(self.wake_w, byte)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        if self.sock is not None:
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+            self.sock = None
+
+
+class _Load:
+    """What the accept loop and the connections count together, under one lock: open
+    connections, spare workers waiting for the next one, half-read request bytes (capped in
+    all), requests in flight (each owed one answer) and when anything last happened."""
+
+    __slots__ = (
+        "lock",
+        "connections",
+        "spare_workers",
+        "handoff",
+        "pending_bytes",
+        "active",
+        "inflight",
+        "last_activity",
+    )
+
+    def __init__(self) -> None:
+        import queue
+        import threading
+
+        self.lock = threading.Lock()
+        self.connections = 0
+        self.spare_workers = 0
+        self.handoff: queue.SimpleQueue[socket.socket] = queue.SimpleQueue()  # for spare workers
+        self.pending_bytes = 0
+        self.active = 0
+        self.inflight: Dict[int, _Exchange] = {}  # by id(conn): requests still owed an answer
+        self.last_activity = time.monotonic()
+
+    def touch(self) -> None:
+        self.last_activity = time.monotonic()
+
+    def idle_for(self) -> float:
+        return time.monotonic() - self.last_activity
+
+    def admit(self, conn: socket.socket) -> Optional[bool]:
+        """Count a new connection: None when it needs a new worker thread; else it was
+        closed (too many) or handed to a spare worker, and True (keep accepting)."""
+        with self.lock:
+            if self.connections >= _MAX_CONNECTIONS:
+                conn.close()
+                return True
+            self.connections += 1
+            if self.spare_workers:  # a waiting worker is cheaper than a new thread
+                self.spare_workers -= 1
+                self.handoff.put(conn)
+                return True
+        return None
+
+    def closed(self) -> None:
+        with self.lock:
+            self.connections -= 1
+
+    def become_spare(self, stopping: bool) -> bool:
+        """Whether a worker that served its connection should wait for the next one."""
+        with self.lock:
+            if self.spare_workers >= _SPARE_WORKERS or stopping:
+                return False
+            self.spare_workers += 1
+            return True
+
+    def reserve(self, nbytes: int) -> None:
+        """Count ``nbytes`` more of a half-read request; _Busy past the cap for all of them."""
+        with self.lock:
+            if self.pending_bytes + nbytes > _MAX_PENDING_BYTES:
+                raise _Busy()
+            self.pending_bytes += nbytes
+
+    def release(self, nbytes: int) -> None:
+        with self.lock:
+            self.pending_bytes -= nbytes
+
+    def begin(self, ex: _Exchange) -> None:
+        with self.lock:
+            self.active += 1
+            self.inflight[id(ex.conn)] = ex
+
+    def end(self, ex: _Exchange) -> None:
+        with self.lock:
+            self.active -= 1
+            self.inflight.pop(id(ex.conn), None)
+        self.touch()
+
+    def take_owed(self) -> List[_Exchange]:
+        """The requests still owed an answer; from now on nobody else answers them."""
+        with self.lock:
+            owed, self.inflight = list(self.inflight.values()), {}
+        return owed
+
+    def wait_idle(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self.active and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+
+class _MetadataRecord:
+    """The host's metadata record: built on demand and cached (``status`` carries it and must
+    stay cheap), rebuilt when marked dirty, written atomically. A failing write is logged once
+    and retried by housekeeping; the daemon keeps serving and the old record stays whole."""
+
+    __slots__ = ("host", "pid", "started_at", "cache", "generation", "dirty", "failing")
+
+    def __init__(self, host: DaemonHost) -> None:
+        self.host = host
+        self.pid = os.getpid()
+        self.started_at = _now_ms()
+        self.cache: Optional[Dict[str, Any]] = None
+        self.generation = 0  # bumped when marked dirty: a record built meanwhile is not cached
+        self.dirty = False
+        self.failing = False
+
+    def mark_dirty(self) -> None:
+        self.generation += 1
+        self.cache = None
+        self.dirty = True
+
+    def current(self) -> Dict[str, Any]:
+        """The record, cached: ``status`` includes it and must stay cheap."""
+        cached = self.cache
         if cached is not None:
             return cached
-        generation = self._metadata_generation
+        generation = self.generation
+        host = self.host
         data: Dict[str, Any] = {
             "pid": self.pid,
             "pidStartTime": process_start_time(self.pid),
             "protocolVersion": DAEMON_PROTOCOL_VERSION,
-            "socketPath": self.paths.socket,
+            "socketPath": host.paths.socket,
             "startedAt": self.started_at,
-            "logPath": self.log.path,
-            "fingerprint": self.fingerprint,
+            "logPath": host.log.path,
+            "fingerprint": host.fingerprint,
             "scriptVersion": _script_version(),
             "servers": {},
         }
-        if self.metadata_extra:
-            data.update(self.metadata_extra())
-        if generation == self._metadata_generation:  # not marked dirty while we built it
-            self._metadata_cache = data
+        if host.metadata_extra:
+            data.update(host.metadata_extra())
+        if generation == self.generation:  # not marked dirty while we built it
+            self.cache = data
         return data
 
-    def _write_metadata(self) -> bool:
+    def write(self) -> bool:
         """Write the record; a failure (disk full, quota, EMFILE) is logged and retried by
         housekeeping, never fatal: the daemon still serves, and the old record stays whole."""
-        generation = self._metadata_generation
+        path = self.host.paths.metadata
+        generation = self.generation
         try:
-            write_metadata(self.paths.metadata, self._metadata())
+            write_metadata(path, self.current())
         except OSError as exc:
-            if not self._metadata_failing:
-                self.log.event(
-                    f"cannot write metadata {self.paths.metadata}: {exc.strerror or exc}; retrying"
-                )
-            self._metadata_failing = True
-            self._metadata_dirty = True
+            if not self.failing:
+                self.host.log.event(f"cannot write metadata {path}: {exc.strerror or exc}; retrying")
+            self.failing = True
+            self.dirty = True
             return False
-        if self._metadata_failing:
-            self.log.event("metadata written again")
-        self._metadata_failing = False
-        if generation == self._metadata_generation:  # else marked dirty meanwhile: write again
-            self._metadata_dirty = False
+        if self.failing:
+            self.host.log.event("metadata written again")
+        self.failing = False
+        if generation == self.generation:  # else marked dirty meanwhile: write again
+            self.dirty = False
         return True
 
-    def _owns_socket(self) -> bool:
-        try:
-            st = os.stat(self.paths.socket)
-        except OSError:
-            return False
-        return (st.st_dev, st.st_ino) == self._sock_id
-
-    def _sync_metadata(self) -> None:
+    def sync(self) -> None:
         """Repair missing or torn metadata, or record server changes — only while we own the
         socket and nobody else is inside the bind guard (they would be writing it)."""
-        current = read_metadata(self.paths.metadata)
-        if not self._metadata_dirty and current is not None and current.get("pid") == self.pid:
+        host = self.host
+        current = RecordedDaemon.read(host.paths.metadata)
+        if not self.dirty and current is not None and current.pid == self.pid:
             return
         # A record naming another pid is wrong while we own the socket inode, whether that pid
         # is alive or not: a successor replaces the socket under the bind lock before writing
         # its record, so the check below (under that lock) never overwrites a successor's.
-        lock = FileLock(self.paths.bind, what="bind lock")
+        lock = FileLock(host.paths.bind, what="bind lock")
         if not lock.acquire(timeout=0):
             return
         try:
-            if self._owns_socket() and self._stop_reason is None:
-                self._write_metadata()
+            if host._listener.owns_path(host.paths.socket) and host._state.reason is None:
+                self.write()
         finally:
             lock.release()
 
-    # -- serving -----------------------------------------------------------------------------
+    def remove(self) -> None:
+        """Remove the metadata file while it names this process (a successor's stays)."""
+        remove_metadata_if_owned(self.host.paths.metadata, self.pid)
 
-    def _install_signal_handlers(self) -> Callable[[], None]:
-        """Wake pipe and signal handlers; returns what undoes both (a vendored host may run
-        again, and its embedding program wants its own SIGINT handling back)."""
-        import signal
 
-        self._wake_r, self._wake_w = os.pipe()
-        for fd in (self._wake_r, self._wake_w):
-            os.set_blocking(fd, False)
-        saved: Dict[int, Any] = {}
-        if self._threading.current_thread() is self._threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                saved[sig] = signal.signal(sig, lambda signum, _frame: self.request_stop(f"signal {signum}"))
-        # (Outside the main thread Python forbids handlers; vendors stop us by request.)
+class _Takeover:
+    """The bind guard, run once under the bind lock: gather the facts, let ``plan_takeover``
+    decide, act. Acting keeps a live fresh twin (reconcile) or clears the way — stops, waits
+    for or terminates the daemon there, ends a dead one's servers — and binds, writing the
+    metadata before the lock is released."""
 
-        def restore() -> None:
-            for sig, handler in saved.items():
-                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-            for fd in (self._wake_r, self._wake_w):
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-            self._wake_r, self._wake_w = -1, -1
+    __slots__ = ("host", "log")
 
-        return restore
+    def __init__(self, host: DaemonHost) -> None:
+        self.host = host
+        self.log = host.log
 
-    def _serve_forever(self) -> None:
-        """Accept until the servers are closed. A stopping daemon keeps answering (with
-        "shutting down" and its pid) until then, so a starter waits for it instead of binding
-        a second copy of its servers beside it (stop is a barrier)."""
-        import select
+    def run(self) -> Optional[int]:
+        """Keep a live fresh twin (its pid), or clear the way and bind (None)."""
+        host = self.host
+        with FileLock(host.paths.bind, what="bind lock"):
+            facts = _TakeoverFacts.gather(host.paths, host.fingerprint, host.probe_timeout)
+            if facts.plan == _PLAN_RECONCILE:
+                self._reconcile(facts.probe.status, facts.recorded)
+                return facts.probe.pid
+            self._clear_the_way(facts)
+            self._reap_recorded_servers(facts.recorded)
+            host._listener.bind(host.paths.socket)
+            host._record.write()
+            self.log.event(f"bound {host.paths.socket} (plan: {facts.plan})")
+        return None
 
-        assert self._listener is not None
-        self._threading.Thread(target=self._housekeeping_loop, name="housekeeping", daemon=True).start()
-        stopper = None
-        backoff, resume_at = 0.0, 0.0
-        while not self._drained.is_set():
-            if self._stop_reason is not None and stopper is None:
-                stopper = self._threading.Thread(target=self._wind_down, name="wind-down", daemon=True)
-                stopper.start()
-            now = time.monotonic()
-            watch: List[Any] = [self._wake_r] if now < resume_at else [self._listener, self._wake_r]
-            wait = max(0.0, resume_at - now) if now < resume_at else _SOCKET_CHECK_INTERVAL
-            try:
-                ready, _, _ = select.select(watch, [], [], wait)
-            except InterruptedError:
-                continue
-            if self._wake_r in ready:
-                try:
-                    os.read(self._wake_r, 4096)
-                except OSError:
-                    pass
-            if self._listener in ready:
-                if self._accept():
-                    backoff = 0.0
-                else:
-                    backoff = accept_backoff(backoff)
-                    resume_at = time.monotonic() + backoff
+    def _clear_the_way(self, facts: _TakeoverFacts) -> None:
+        """Carry out a plan that ends in a bind: whatever holds the socket goes first."""
+        if facts.plan == _PLAN_STOP_THEN_BIND:
+            self._stop_before_rebind(facts.probe, facts.recorded)
+        elif facts.plan == _PLAN_WAIT_THEN_BIND:
+            self._wait_for_stopping(facts.probe, facts.recorded)
+        elif facts.plan == _PLAN_TERMINATE_THEN_BIND:
+            assert facts.recorded is not None  # the plan needs an owner verified ours
+            why = "stopped (state T)" if facts.owner_stopped else facts.probe.detail or "unreachable"
+            self.log.event(f"terminating hung daemon pid {facts.recorded.pid}: {why}")
+            facts.recorded.terminate()
+        elif facts.kind == _PROBE_SILENT_TWICE:
+            self.log.event("socket accepts but never answers and its owner is unknown; rebinding")
 
-    def _accept(self) -> bool:
-        """Accept one connection; False when out of resources (EMFILE and kin: back off)."""
-        import errno
-
-        assert self._listener is not None
-        try:
-            conn, _ = self._listener.accept()
-        except OSError as exc:
-            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                self.log.event(f"cannot accept: {exc.strerror}; backing off")
-                return False
-            return True  # the client gave up (ECONNABORTED) or a spurious wake-up
-        with self._lock:
-            if self._connections >= _MAX_CONNECTIONS:
-                conn.close()
-                return True
-            self._connections += 1
-            if self._spare_workers:  # a waiting worker is cheaper than a new thread
-                self._spare_workers -= 1
-                self._handoff.put(conn)
-                return True
-        try:
-            self._threading.Thread(target=self._worker, args=(conn,), daemon=True).start()
-        except RuntimeError:  # no thread to be had: refuse this one, keep serving
-            conn.close()
-            with self._lock:
-                self._connections -= 1
-            return False
-        return True
-
-    def _worker(self, conn: socket.socket) -> None:
-        """Serve a connection, then wait as a spare for the next (a few spares at most)."""
-        while True:
-            self._serve_connection(conn)
-            with self._lock:
-                if self._spare_workers >= _SPARE_WORKERS or self._stop_reason is not None:
-                    return
-                self._spare_workers += 1
-            conn = self._handoff.get()
-
-    # -- housekeeping (its own thread: never on the accept path) ------------------------------
-
-    def _housekeeping_loop(self) -> None:
-        """Socket ownership, metadata repair, hooks and idle expiry, once a second or when
-        woken. A slow hook (a server taking seconds to close) must not delay `status`."""
-        while self._stop_reason is None:
-            self._tick.wait(_SOCKET_CHECK_INTERVAL)
-            self._tick.clear()
-            if self._stop_reason is not None:
-                return
-            try:
-                self._housekeeping()
-            except Exception as exc:  # a housekeeping failure must not take the daemon down
-                self.log.event(f"housekeeping error: {exc!r}")
-
-    def _housekeeping(self) -> None:
-        if not self._owns_socket():
-            # Removed or replaced: nobody can reach us any more, so we must not linger.
-            self.request_stop("socket path lost (removed or replaced)")
+    def _reconcile(self, status: Dict[str, Any], recorded: Optional[RecordedDaemon]) -> None:
+        """A live, fresh daemon runs: make the metadata match it if it does not."""
+        wanted = status.get("metadata")
+        if not isinstance(wanted, dict) or wanted.get("pid") != status.get("pid"):
             return
-        self._sync_metadata()
-        if self.on_tick:
-            try:
-                self.on_tick()
-            except Exception as exc:  # a housekeeping bug must not kill the daemon
-                self.log.event(f"housekeeping error: {exc!r}")
-        self._maybe_idle_out()
+        if (
+            recorded is None
+            or recorded.pid != wanted["pid"]
+            or recorded.socket_path != self.host.paths.socket
+        ):
+            write_metadata(self.host.paths.metadata, wanted)
+            self.log.event(f"reconciled metadata with live daemon pid {wanted['pid']}")
 
-    def _maybe_idle_out(self) -> None:
-        """Idle shutdown re-checks activity under the bind lock, so a starter that just
-        probed us (holding that lock) can never be left without a daemon."""
-        if not idle_expired(self.idle_timeout, self._active, time.monotonic() - self._last_activity):
+    def _stop_before_rebind(self, probe: ProbeResult, recorded: Optional[RecordedDaemon]) -> None:
+        """A live but stale daemon: ask it to stop and wait for its pid before rebinding."""
+        pid = probe.pid
+        assert pid is not None
+        self.log.event(f"stopping stale daemon pid {pid} (fingerprint changed) before rebinding")
+
+        def unheard(exc: DaemonError) -> None:
+            self.log.event(f"stale daemon pid {pid} did not take the stop request: {exc}")
+
+        def say(plan: str) -> None:
+            if plan == _ESCALATE_REFUSE:
+                # Only the metadata's pid + start time proves it ours (§7); a daemon we cannot
+                # verify is left alone. It loses its socket now and exits when it notices.
+                self.log.event(
+                    f"stale daemon pid {pid} did not exit and cannot be verified; rebinding anyway"
+                )
+            elif plan == _ESCALATE_TERMINATE:
+                self.log.event(f"stale daemon pid {pid} did not exit within {_STOP_WAIT:g}s; terminating it")
+
+        ask = (self.host.probe_timeout, self.host.probe_timeout)
+        _stop_then_escalate(
+            self.host.paths.socket, pid, recorded, _PROBE_LIVE, ask, lambda: _STOP_WAIT, unheard, say
+        )
+
+    def _wait_for_stopping(self, probe: ProbeResult, recorded: Optional[RecordedDaemon]) -> None:
+        """A daemon answering "shutting down" still owns its servers: wait for its pid to
+        go (bounded), so two copies of one server (one browser profile) never run at once."""
+        pid, start = probe.status["pid"], probe.status.get("pidStartTime")
+        self.log.event(f"daemon pid {pid} is shutting down; waiting for it to exit before binding")
+        if _wait_gone(pid, _STOPPING_WAIT, str(start) if start else None):
             return
-        lock = FileLock(self.paths.bind, what="bind lock")
-        if not lock.acquire(timeout=0):
+        # It answered on our private socket with this very pid and start time: ours.
+        servers = recorded.servers if recorded is not None and recorded.pid == pid else {}
+        answered = RecordedDaemon.from_record(
+            {"pid": pid, "pidStartTime": start, "socketPath": self.host.paths.socket, "servers": servers}
+        )
+        if answered is None or not answered.is_ours():
             return
-        try:
-            if idle_expired(self.idle_timeout, self._active, time.monotonic() - self._last_activity):
-                self.request_stop(f"idle for {self.idle_timeout:g}s")
-        finally:
-            lock.release()
+        self.log.event(f"daemon pid {pid} still shutting down after {_STOPPING_WAIT:g}s; terminating it")
+        answered.terminate()
 
-    # -- one connection ----------------------------------------------------------------------
+    def _reap_recorded_servers(self, recorded: Optional[RecordedDaemon]) -> None:
+        """A SIGKILLed owner could not close its servers, and some ignore stdin EOF."""
+        if recorded is None or recorded.is_ours():
+            return  # a live owner closes its own servers
+        recorded.end_servers(
+            lambda name, pid: self.log.event(f"ending server '{name}' (pid {pid}) left by a dead daemon")
+        )
 
-    def _serve_connection(self, conn: socket.socket) -> None:
+
+class _Connection:
+    """One connection, served in the socketserver pattern: read the request against a
+    deadline, parse it, dispatch it, and send exactly one answer — with progress frames
+    while the work runs and the caller watched for going away (see ``_Exchange``)."""
+
+    __slots__ = ("host", "conn")
+
+    def __init__(self, host: DaemonHost, conn: socket.socket) -> None:
+        self.host = host
+        self.conn = conn
+
+    def handle(self) -> None:
+        """Serve the one request, then close; bad input must never crash the daemon."""
         try:
-            self._serve_request(conn)
-        except Exception as exc:  # bad input must never crash the daemon
-            self.log.event(f"connection error: {exc!r}")
+            self._serve()
+        except Exception as exc:
+            self.host.log.event(f"connection error: {exc!r}")
         finally:
             try:
-                conn.close()
+                self.conn.close()
             except OSError:
                 pass
-            with self._lock:
-                self._connections -= 1
+            self.host._load.closed()
 
-    def _serve_request(self, conn: socket.socket) -> None:
+    def _serve(self) -> None:
         try:
-            raw = self._read_request(conn)
+            raw = self._read_request()
         except _FrameTooLarge:
-            self._send(
-                conn, _error_frame(None, f"request exceeds {_MAX_REQUEST_BYTES} bytes", "request_too_large")
-            )
+            too_large = f"request exceeds {_MAX_REQUEST_BYTES} bytes"
+            _send_frame(self.conn, _error_frame(None, too_large, "request_too_large"))
             return
         except _Busy:
-            self._send(conn, _error_frame(None, "daemon busy: too much pending input", "busy"))
+            _send_frame(self.conn, _error_frame(None, "daemon busy: too much pending input", "busy"))
             return
         except (socket.timeout, OSError):
             return  # silent, slow or vanished client: just drop it
@@ -1782,14 +2242,15 @@ class DaemonHost:
             return
         request, error = _parse_request(raw)
         if error is not None:
-            self._send(conn, error)
+            _send_frame(self.conn, error)
             return
         assert request is not None
-        self._dispatch(conn, request)
+        self._dispatch(request)
 
-    def _read_request(self, conn: socket.socket) -> Optional[bytes]:
+    def _read_request(self) -> Optional[bytes]:
         """The request line, or a complete JSON object sent without a newline (as mcporter's
         own client does), within a deadline and under the size and pending-memory caps."""
+        conn, load = self.conn, self.host._load
         deadline = time.monotonic() + _REQUEST_READ_DEADLINE
         buf = bytearray()
         ends_object = False  # the last non-blank byte so far is "}": maybe a whole request
@@ -1809,70 +2270,44 @@ class DaemonHost:
                 nl = chunk.find(b"\n")  # only the new bytes: rescanning buf would be quadratic
                 if nl >= 0:
                     return bytes(buf) + chunk[:nl]
-                with self._lock:
-                    if self._pending_bytes + len(chunk) > _MAX_PENDING_BYTES:
-                        raise _Busy()
-                    self._pending_bytes += len(chunk)
+                load.reserve(len(chunk))
                 buf += chunk
                 tail = chunk.rstrip()
                 ends_object = tail.endswith(b"}") if tail else ends_object
         finally:
-            with self._lock:
-                self._pending_bytes -= len(buf)
+            load.release(len(buf))
 
-    def _send(self, conn: socket.socket, frame: Dict[str, Any]) -> bool:
-        """Send one answer frame, encoded as it goes: a 50 MiB result costs no second full
-        copy, and a slow reader gets time per chunk rather than 5 s for the whole frame."""
-        try:
-            conn.settimeout(_SEND_IDLE)
-            for piece in encode_answer_pieces(frame):
-                conn.sendall(piece)
-            return True
-        except OSError:
-            return False
-
-    def _shutting_down_frame(self, rid: Any) -> Dict[str, Any]:
-        # The pid and start time let a starter or a second `stop` wait for this very
-        # process to exit before anything takes its place.
-        frame = _error_frame(rid, "daemon is shutting down", "shutting_down")
-        frame["error"].update(pid=self.pid, pidStartTime=self._metadata().get("pidStartTime"))
-        return frame
-
-    def _dispatch(self, conn: socket.socket, request: Dict[str, Any]) -> None:
+    def _dispatch(self, request: Dict[str, Any]) -> None:
+        host = self.host
         rid, method = request.get("id"), request["method"]
-        self.touch()
-        if self._stop_reason is not None:
-            self._send(conn, self._shutting_down_frame(rid))
+        host.touch()
+        if host._state.reason is not None:
+            _send_frame(self.conn, host._shutting_down_frame(rid))
             return
         if method == "stop":
-            self._handle_stop(conn, rid)
+            host._handle_stop(self.conn, rid)
             return
-        handler = self._builtin_status if method == "status" else self.handlers.get(method)
+        handler = host._builtin_status if method == "status" else host.handlers.get(method)
         if handler is None:
-            self._send(conn, _error_frame(rid, f"unknown method: {method}", "unknown_method"))
+            _send_frame(self.conn, _error_frame(rid, f"unknown method: {method}", "unknown_method"))
             return
         cadence = None
         if request.get("protocolVersion") == DAEMON_PROTOCOL_VERSION:
             cadence = progress_cadence_ms(request.get("progressIntervalMs"))
         ctx = RequestContext(method)
-        ex = _Exchange(conn, rid, self._threading.Lock())
-        with self._lock:
-            self._active += 1
-            self._inflight[id(conn)] = ex
+        ex = _Exchange(self.conn, rid)
+        host._load.begin(ex)
         try:
             frame = self._run_handler(ex, handler, request["params"], ctx, cadence)
         finally:
-            with self._lock:
-                self._active -= 1
-                self._inflight.pop(id(conn), None)
-            self.touch()
-        reason = self._stop_reason
+            host._load.end(ex)
+        reason = host._state.reason
         if reason is not None and not frame.get("ok"):
             # Its server was closed under it: say why, once, so the caller does not retry.
             frame = _error_frame(rid, f"daemon stopped ({reason}) before {method} finished", "daemon_stopped")
         if ctx.notices:
             frame["notices"] = ctx.notices
-        ex.answer(self, frame)
+        ex.answer(frame)
 
     def _run_handler(
         self,
@@ -1882,18 +2317,20 @@ class DaemonHost:
         ctx: RequestContext,
         cadence_ms: Optional[int],
     ) -> Dict[str, Any]:
-        if handler == self._builtin_status:
+        import threading
+
+        if handler == self.host._builtin_status:
             return self._call(ex.rid, handler, params, ctx)  # answered at once: nothing to watch
         # The work runs on its own thread while this one proves we are alive (progress frames)
         # and watches for the caller going away, so its server is told to cancel.
         box: List[Dict[str, Any]] = []
-        done = self._threading.Event()
+        done = threading.Event()
 
         def work() -> None:
             box.append(self._call(ex.rid, handler, params, ctx))
             done.set()
 
-        self._threading.Thread(target=work, daemon=True).start()
+        threading.Thread(target=work, daemon=True).start()
         slice_s = min(cadence_ms / 1000.0, _CALLER_CHECK_INTERVAL) if cadence_ms else _CALLER_CHECK_INTERVAL
         watch = _CallerWatch(ex.conn)
         next_frame = time.monotonic() + (cadence_ms or 0) / 1000.0
@@ -1903,7 +2340,7 @@ class DaemonHost:
                 next_frame += cadence_ms / 1000.0
                 gone = not ex.progress(encode_frame(progress_frame(ex.rid, ctx.progress)))
             if gone:
-                self.log.event(f"{ctx.method}: the caller went away; cancelling it")
+                self.host.log.event(f"{ctx.method}: the caller went away; cancelling it")
                 ctx.cancelled.set()
                 done.wait()  # the handler returns promptly; its answer goes to nobody
                 break
@@ -1920,102 +2357,20 @@ class DaemonHost:
                 frame["error"].update(rpcCode=exc.rpc_code, data=exc.data)
             return frame
         except Exception as exc:
-            self.log.event(f"handler {ctx.method} failed: {exc!r}")
+            self.host.log.event(f"handler {ctx.method} failed: {exc!r}")
             return _error_frame(rid, f"{type(exc).__name__}: {exc}", "runtime_error")
 
-    def _builtin_status(self, params: Dict[str, Any], ctx: RequestContext) -> Dict[str, Any]:
-        status = {
-            "pid": self.pid,
-            "protocolVersion": DAEMON_PROTOCOL_VERSION,
-            "startedAt": self.started_at,
-            "socketPath": self.paths.socket,
-            "logPath": self.log.path,
-            "fingerprint": self.fingerprint,
-            "servers": [],
-        }
-        if self.status_extra:
-            status.update(self.status_extra())
-        status["metadata"] = self._metadata()  # lets a starter reconcile the file exactly
-        return status
 
-    def _handle_stop(self, conn: socket.socket, rid: Any) -> None:
-        # Metadata goes before the answer, so no later caller trusts a dying daemon (dmypy).
-        self._stop_reason = _STOP_REQUEST
-        remove_metadata_if_owned(self.paths.metadata, self.pid)
-        self._send(conn, {"id": rid, "ok": True, "result": True})
-        self.request_stop(_STOP_REQUEST)
-
-    # -- shutdown ----------------------------------------------------------------------------
-
-    def _wind_down(self) -> None:
-        """Off the accept thread: let in-flight work finish briefly, then close the servers.
-        Until this ends, new requests are answered "shutting down" with our pid."""
-        try:
-            self.log.event(f"shutting down: {self._stop_reason}")
-            self._wait_idle(2.0)
-            if self.on_shutdown:
-                try:
-                    self.on_shutdown()
-                except Exception as exc:
-                    self.log.event(f"shutdown hook failed: {exc!r}")
-            self._wait_idle(1.0)
-        finally:
-            self._drained.set()
-            self.request_wake()
-
-    def _finish(self) -> None:
-        """The last steps, on the serving thread: stop listening, answer every request still
-        owed an answer, drop the files that are still ours."""
-        if self._stop_reason is None:
-            self._stop_reason = "serving loop ended"
-        if not self._drained.is_set():  # the loop died: still close the servers
-            self._wind_down()
-        self._close_listener()
-        with self._lock:
-            owed, self._inflight = list(self._inflight.values()), {}
-        for ex in owed:
-            ex.answer(
-                self,
-                _error_frame(
-                    ex.rid, f"daemon stopped ({self._stop_reason}) before it finished", "daemon_stopped"
-                ),
-            )
-        if self._stop_reason == _STOP_REQUEST:
-            self._release_files()  # no lock: a stopper inside the bind guard waits for our exit
-        else:
-            # Someone inside the bind guard is taking over; the files are theirs to replace.
-            lock = FileLock(self.paths.bind, what="bind lock")
-            try:
-                if lock.acquire(timeout=0):
-                    try:
-                        self._release_files()
-                    finally:
-                        lock.release()
-            except OSError as exc:
-                self.log.event(f"cannot remove state files: {exc}")
-        self.log.event("daemon exited")
-
-    def _close_listener(self) -> None:
-        if self._listener is not None:
-            try:
-                self._listener.close()
-            except OSError:
-                pass
-            self._listener = None
-
-    def _release_files(self) -> None:
-        """Remove the metadata and socket — each only while still this process's own."""
-        if self._files_released:
-            return
-        self._files_released = True
-        remove_metadata_if_owned(self.paths.metadata, self.pid)
-        if self._owns_socket():
-            _unlink_quietly(self.paths.socket)
-
-    def _wait_idle(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while self._active and time.monotonic() < deadline:
-            time.sleep(0.01)
+def _send_frame(conn: socket.socket, frame: Dict[str, Any]) -> bool:
+    """Send one answer frame, encoded as it goes: a 50 MiB result costs no second full
+    copy, and a slow reader gets time per chunk rather than 5 s for the whole frame."""
+    try:
+        conn.settimeout(_SEND_IDLE)
+        for piece in encode_answer_pieces(frame):
+            conn.sendall(piece)
+        return True
+    except OSError:
+        return False
 
 
 class _Exchange:
@@ -2024,10 +2379,12 @@ class _Exchange:
 
     __slots__ = ("conn", "rid", "lock", "answered")
 
-    def __init__(self, conn: socket.socket, rid: Any, lock: Any) -> None:
+    def __init__(self, conn: socket.socket, rid: Any) -> None:
+        import threading
+
         self.conn = conn
         self.rid = rid
-        self.lock = lock
+        self.lock = threading.Lock()
         self.answered = False
 
     def progress(self, frame: bytes) -> bool:
@@ -2040,12 +2397,12 @@ class _Exchange:
             except OSError:
                 return False
 
-    def answer(self, host: DaemonHost, frame: Dict[str, Any]) -> bool:
+    def answer(self, frame: Dict[str, Any]) -> bool:
         with self.lock:
             if self.answered:
                 return False
             self.answered = True
-            return host._send(self.conn, frame)
+            return _send_frame(self.conn, frame)
 
 
 def progress_frame(rid: Any, progress: Optional[Dict[str, Any]]) -> Dict[str, Any]:
@@ -2145,16 +2502,13 @@ class DaemonClient:
 
         The result carries ``fresh``: whether its fingerprint is ours. None when unverified.
         """
-        meta = read_metadata(self.paths.metadata)
-        facts = _process_info(meta["pid"]) if meta is not None else (None, None)
-        if not record_is_live(meta, self.paths.socket, facts):
-            return None  # dead, reused, or stopped: no round trip needed to know
-        status = self._ask_status()
-        if not status_matches(meta, status, self.paths.socket, facts):
+        recorded = RecordedDaemon.read(self.paths.metadata)
+        if recorded is None:
             return None
-        assert status is not None
-        status["fresh"] = status.get("fingerprint") == self.fingerprint
-        return status
+        facts = recorded.process_facts()
+        if not record_is_live(recorded.record, self.paths.socket, facts):
+            return None  # dead, reused, or stopped: no round trip needed to know
+        return self._fresh_if_matches(recorded, self._ask_status(), facts)
 
     def serving_status(self) -> Optional[Dict[str, Any]]:
         """``verified_status``, or else the daemon answering on the socket when its answer
@@ -2165,13 +2519,23 @@ class DaemonClient:
         status = self.verified_status()
         if status is not None:
             return status
-        recorded = read_metadata(self.paths.metadata)
-        if recorded is not None and process_stopped(recorded["pid"]):
+        recorded = RecordedDaemon.read(self.paths.metadata)
+        if recorded is not None and recorded.is_stopped():
             return None  # hung (state T): asking would only wait out the probe timeout
         status = self._ask_status()
-        meta = validate_metadata(status.get("metadata")) if status else None
-        facts = _process_info(meta["pid"]) if meta is not None else (None, None)
-        if not status_matches(meta, status, self.paths.socket, facts):
+        carried = RecordedDaemon.from_record(status.get("metadata")) if status else None
+        if carried is None:
+            return None
+        return self._fresh_if_matches(carried, status, carried.process_facts())
+
+    def _fresh_if_matches(
+        self,
+        recorded: RecordedDaemon,
+        status: Optional[Dict[str, Any]],
+        facts: Tuple[Optional[str], Optional[str]],
+    ) -> Optional[Dict[str, Any]]:
+        """``status`` marked ``fresh`` or not, when it comes from the daemon ``recorded`` names."""
+        if not status_matches(recorded.record, status, self.paths.socket, facts):
             return None
         assert status is not None
         status["fresh"] = status.get("fingerprint") == self.fingerprint
@@ -2345,64 +2709,61 @@ class DaemonClient:
         servers. A daemon already stopping (a concurrent ``stop``) is waited for. Returns
         what happened, in words."""
         deadline = time.monotonic() + timeout
-        meta = read_metadata(self.paths.metadata) or {}
-        recorded = meta.get("pid")
-        recorded_ours = is_our_pid(recorded, meta.get("pidStartTime"))
+        # Read before the stop: a stopping daemon removes its file, and only the record proves
+        # a pid ours (§7), so it is what allows a terminate later.
+        recorded = RecordedDaemon.read(self.paths.metadata)
+        recorded_ours = recorded is not None and recorded.is_ours()
         probe = probe_live_daemon(self.paths.socket, min(self.probe_timeout, timeout))
-        pid = stop_target(probe.kind, probe.pid, recorded, recorded_ours)
+        pid = stop_target(probe.kind, probe.pid, recorded.pid if recorded else None, recorded_ours)
         if pid is None:
-            cleaned = self._clear_stale_files(meta)
+            cleaned = self._clear_stale_files()
             return "no daemon running" + (" (removed stale files)" if cleaned else "")
-        start = process_start_time(pid)
-        if probe.kind in ("live", "silent"):  # silent may only be slow: ask, then wait it out
-            left = max(deadline - time.monotonic(), 0.05)
-            try:
-                exchange(
-                    self.paths.socket,
-                    {"id": "stop", "method": "stop", "params": {}, "protocolVersion": 2},
-                    left,
-                    connect_timeout=min(left, self.probe_timeout),
-                )
-            except DaemonError:
-                pass  # it may have exited before answering; the pid tells
-        gone = _wait_gone(pid, max(deadline - time.monotonic(), 0.0), start)
-        verified = recorded == pid and is_our_pid(pid, meta.get("pidStartTime"))
-        plan = plan_stop_escalation(probe.kind, verified, gone)
-        if plan == "stopped":
+
+        def left() -> float:
+            return max(deadline - time.monotonic(), 0.0)
+
+        ask = None
+        if probe.kind in (_PROBE_LIVE, _PROBE_SILENT):  # silent may only be slow: ask, then wait it out
+            answer_s = max(left(), 0.05)
+            ask = (answer_s, min(answer_s, self.probe_timeout))
+        plan = _stop_then_escalate(self.paths.socket, pid, recorded, probe.kind, ask, left)
+        return self._stop_outcome(plan, pid, probe.kind, timeout)
+
+    def _stop_outcome(self, plan: str, pid: int, kind: str, timeout: float) -> str:
+        """What ``stop`` says of a carried-out plan (or raises, when it could not stop it)."""
+        if plan == _ESCALATE_STOPPED:
             return f"stopped (pid {pid})"
-        if plan == "still-stopping":
+        if plan == _ESCALATE_STILL_STOPPING:
             raise DaemonTimeout(f"daemon (pid {pid}) is still shutting down after {timeout:g}s")
-        if plan == "refuse":
-            # Signals only with proof (§7): the metadata read before the stop names this very
+        if plan == _ESCALATE_REFUSE:
+            # Signals only with proof (§7): the record read before the stop names this very
             # process (a stopping daemon removes the file, so it had to be read first).
             raise DaemonError(
                 f"daemon (pid {pid}) did not stop within {timeout:g}s and cannot be verified as ours; "
                 "not signalled"
             )
-        terminate_daemon_tree(pid, str(meta["pidStartTime"]), meta.get("servers") or {})
-        self._clear_stale_files()
-        if probe.kind in ("live", "stopping"):
+        self._clear_stale_files()  # terminated: its files are left behind
+        if kind in (_PROBE_LIVE, _PROBE_STOPPING):
             return f"daemon (pid {pid}) did not stop within {timeout:g}s; terminated it"
         return f"terminated unresponsive daemon (pid {pid})"
 
-    def _clear_stale_files(self, meta: Optional[Dict[str, Any]] = None) -> bool:
+    def _clear_stale_files(self) -> bool:
         """Under the bind lock: end a dead daemon's recorded servers, drop its files."""
         if not os.path.isdir(self.paths.base_dir):
             return False
         cleaned = False
         with FileLock(self.paths.bind, timeout=5.0, what="bind lock"):
-            meta = read_metadata(self.paths.metadata)
-            if meta and is_our_pid(meta.get("pid"), meta.get("pidStartTime")):
+            recorded = RecordedDaemon.read(self.paths.metadata)
+            if recorded is not None and recorded.is_ours():
                 return False  # a live owner appeared meanwhile
-            for entry in ((meta or {}).get("servers") or {}).values():
-                if _recorded_server_left(entry):
-                    end_server_group(entry["pid"], entry["pidStartTime"])
-            if meta is not None or os.path.exists(self.paths.metadata):
+            if recorded is not None:
+                recorded.end_servers()
+            if recorded is not None or os.path.exists(self.paths.metadata):
                 _unlink_quietly(self.paths.metadata)
                 cleaned = True
             if (
                 os.path.exists(self.paths.socket)
-                and probe_live_daemon(self.paths.socket, self.probe_timeout).kind == "dead"
+                and probe_live_daemon(self.paths.socket, self.probe_timeout).kind == _PROBE_DEAD
             ):
                 _unlink_quietly(self.paths.socket)
                 cleaned = True
@@ -2412,20 +2773,9 @@ class DaemonClient:
 def stop_target(kind: str, answered: Optional[int], recorded: Any, recorded_ours: bool) -> Optional[int]:
     """Which pid a ``stop`` waits for: the one that answered (live or stopping), else the
     metadata's pid when it is verified ours (silent, or its socket is gone); else none."""
-    if kind in ("live", "stopping"):
+    if kind in (_PROBE_LIVE, _PROBE_STOPPING):
         return answered
     return recorded if recorded_ours else None
-
-
-def plan_stop_escalation(kind: str, verified: bool, gone: bool) -> str:
-    """After ``stop`` waited out its timeout: "stopped", "terminate" (verified ours by the
-    metadata), "still-stopping" (another stop is ending it) or "refuse" (never signal an
-    unverified pid)."""
-    if gone:
-        return "stopped"
-    if verified:
-        return "terminate"
-    return "still-stopping" if kind == "stopping" else "refuse"
 
 
 def _reap_in_background(proc: subprocess.Popen) -> None:
@@ -2501,10 +2851,7 @@ class McpError(DaemonError):
     """An MCP server failed, answered with an error, or spoke a version we do not."""
 
     def __init__(self, message: str, code: str = "mcp_error", rpc_code: Any = None, data: Any = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.rpc_code = _rpc_code(rpc_code)
-        self.data = data
+        super().__init__(message, code=code, rpc_code=rpc_code, data=data)
         if code == "command_not_found":
             self.exit_code = 2  # a configuration problem, wherever the server runs
 
@@ -5724,18 +6071,18 @@ def _doctor_daemon(found: _Findings, cfg: Config, args: Any) -> None:
                 "it restarts on the next call, or run: restart",
             )
         return
-    meta = read_metadata(client.paths.metadata)
-    if meta and is_our_pid(meta.get("pid"), meta.get("pidStartTime")):
+    recorded = RecordedDaemon.read(client.paths.metadata)
+    if recorded is not None and recorded.is_ours():
         found.fail(
-            f"daemon pid {meta['pid']} is alive but does not answer",
+            f"daemon pid {recorded.pid} is alive but does not answer",
             "run: stop (it is terminated after a check)",
         )
         return
     found.ok("no daemon running (the next keep-alive call starts one)")
     leftovers = [p for p in (client.paths.metadata, client.paths.socket) if os.path.exists(p)]
-    for name, entry in ((meta or {}).get("servers") or {}).items():
-        if isinstance(entry, dict) and is_our_pid(entry.get("pid"), entry.get("pidStartTime")):
-            leftovers.append(f"MCP server '{name}' pid {entry['pid']}")
+    for name, pid, start in recorded.live_servers() if recorded is not None else []:
+        if is_our_pid(pid, start):  # a group left without its leader shows as its processes
+            leftovers.append(f"MCP server '{name}' pid {pid}")
     if leftovers:
         found.warn(f"leftovers of a dead daemon: {', '.join(leftovers)}", "run: stop (removes them)")
 
@@ -5827,9 +6174,9 @@ def _demo_leftovers(status: Dict[str, Any]) -> List[str]:
 
 
 def _demo_cleanup(paths: DaemonPaths) -> None:
-    meta = read_metadata(paths.metadata)
-    if meta and is_our_pid(meta.get("pid"), meta.get("pidStartTime")):
-        terminate_daemon_tree(meta["pid"], str(meta["pidStartTime"]), meta.get("servers") or {})
+    recorded = RecordedDaemon.read(paths.metadata)
+    if recorded is not None and recorded.is_ours():
+        recorded.terminate()
 
 
 # -- parsing ----------------------------------------------------------------------------------

@@ -3525,6 +3525,113 @@ def test_delivered_request_is_not_sent_again_when_the_daemon_dies(h):
     assert len(first) == 1 and not (h.server_pids() - first), "a second host was started to resend it"
 
 
+# -- core structure: named decisions, the recorded daemon, error codes --
+
+# The named decisions keep their wire and log spellings: tests, log readers and older
+# daemons see the strings, the module compares against the names.
+NAMED_VALUES = [
+    ("_PROBE_LIVE", "live"),
+    ("_PROBE_STOPPING", "stopping"),
+    ("_PROBE_SILENT", "silent"),
+    ("_PROBE_SILENT_TWICE", "silent-twice"),
+    ("_PROBE_DEAD", "dead"),
+    ("_PLAN_RECONCILE", "reconcile"),
+    ("_PLAN_STOP_THEN_BIND", "stop-then-bind"),
+    ("_PLAN_WAIT_THEN_BIND", "wait-then-bind"),
+    ("_PLAN_TERMINATE_THEN_BIND", "terminate-then-bind"),
+    ("_PLAN_PROBE_AGAIN", "probe-again"),
+    ("_PLAN_BIND", "bind"),
+    ("_ESCALATE_STOPPED", "stopped"),
+    ("_ESCALATE_TERMINATE", "terminate"),
+    ("_ESCALATE_STILL_STOPPING", "still-stopping"),
+    ("_ESCALATE_REFUSE", "refuse"),
+    ("_STOP_REQUEST", "stop request"),
+    ("_STOP_SIGNAL", "signal"),
+    ("_STOP_IDLE", "idle"),
+    ("_STOP_SOCKET_LOST", "socket path lost (removed or replaced)"),
+    ("_STOP_LOOP_ENDED", "serving loop ended"),
+]
+
+
+@pytest.mark.parametrize(("name", "value"), NAMED_VALUES)
+def test_named_decision_values_table(name, value):
+    assert getattr(_import_module(), name) == value
+
+
+GOOD_RECORD = {
+    "pid": 4242,
+    "pidStartTime": "777",
+    "socketPath": "/s.sock",
+    "servers": {"a": {"pid": 4243, "pidStartTime": "778"}},
+}
+
+# RecordedDaemon.from_record(data): the record's identity and servers, or None for anything
+# validate_metadata rejects (one table row per way a record can be unusable).
+RECORDED_DAEMON_TABLE = [
+    ("whole", GOOD_RECORD, (4242, "777", "/s.sock", ["a"])),
+    ("no servers running", dict(GOOD_RECORD, servers={}), (4242, "777", "/s.sock", [])),
+    ("absent", None, None),
+    ("not an object", [GOOD_RECORD], None),
+    ("pid a string", dict(GOOD_RECORD, pid="4242"), None),
+    ("pid a bool", dict(GOOD_RECORD, pid=True), None),
+    ("no start time", dict(GOOD_RECORD, pidStartTime=""), None),
+    ("start time a number", dict(GOOD_RECORD, pidStartTime=777), None),
+    ("no socket path", {k: v for k, v in GOOD_RECORD.items() if k != "socketPath"}, None),
+    ("servers a list", dict(GOOD_RECORD, servers=[]), None),
+    ("a server without a start time", dict(GOOD_RECORD, servers={"a": {"pid": 1}}), None),
+]
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [row[1:] for row in RECORDED_DAEMON_TABLE],
+    ids=[row[0] for row in RECORDED_DAEMON_TABLE],
+)
+def test_recorded_daemon_from_record_table(data, expected):
+    recorded = _import_module().RecordedDaemon.from_record(data)
+    if expected is None:
+        assert recorded is None
+        return
+    assert (recorded.pid, recorded.start_time, recorded.socket_path, sorted(recorded.servers)) == expected
+    assert recorded.record is data  # read once: the status checks see the very same record
+
+
+# _TakeoverFacts without an owner (nothing to look up): what a probe is heard as, and the plan.
+# A first silent probe asks for a second; the second one's silence is "silent-twice".
+TAKEOVER_FACTS_TABLE = [
+    # probe kind, heard as, fingerprint in the answer, plan
+    ("live", "silent", "fp", "reconcile"),
+    ("live", "silent", "other", "stop-then-bind"),
+    ("stopping", "silent", None, "wait-then-bind"),
+    ("silent", "silent", None, "probe-again"),
+    ("silent", "silent-twice", None, "bind"),
+    ("dead", "silent-twice", None, "bind"),
+]
+
+
+@pytest.mark.parametrize(("kind", "silent_as", "fingerprint", "plan"), TAKEOVER_FACTS_TABLE)
+def test_takeover_facts_table(kind, silent_as, fingerprint, plan):
+    md = _import_module()
+    facts = md._TakeoverFacts(None)
+    assert (facts.owner_ours, facts.owner_stopped) == (False, False)
+    status = {"fingerprint": fingerprint} if fingerprint else None
+    facts.heard(md.ProbeResult(kind, status), silent_as)
+    facts.decide("fp")
+    assert facts.kind == (silent_as if kind == "silent" else kind)
+    assert facts.plan == plan
+
+
+def test_daemon_error_code_is_defined_once():
+    """``code`` is DaemonError's; subclasses pass theirs to its constructor."""
+    md = _import_module()
+    errors = [v for v in vars(md).values() if isinstance(v, type) and issubclass(v, md.DaemonError)]
+    assert [e.__name__ for e in errors if "code" in vars(e)] == ["DaemonError"]
+    assert MODULE_PATH.read_text().count("self.code = ") == 1
+    assert md.RemoteError("m", "config", 5, {"d": 1}).code == "config"
+    assert md.HandlerError("m", "mine").code == "mine"
+    assert md.TransportError("m").code == "runtime_error"
+
+
 # ##########################################################################################
 # Config: discovery, JSONC, server entries, editor imports and the config fingerprint.
 # ##########################################################################################
