@@ -2207,11 +2207,12 @@ class _Connection:
     deadline, parse it, dispatch it, and send exactly one answer — with progress frames
     while the work runs and the caller watched for going away (see ``_Exchange``)."""
 
-    __slots__ = ("host", "conn")
+    __slots__ = ("host", "conn", "large")
 
     def __init__(self, host: DaemonHost, conn: socket.socket) -> None:
         self.host = host
         self.conn = conn
+        self.large = False  # a large answer went out: memory to hand back once it is freed
 
     def handle(self) -> None:
         """Serve the one request, then close; bad input must never crash the daemon."""
@@ -2225,6 +2226,8 @@ class _Connection:
             except OSError:
                 pass
             self.host._load.closed()
+        if self.large:  # its frame is unreferenced now that _serve returned
+            _release_freed_memory()
 
     def _serve(self) -> None:
         try:
@@ -2307,6 +2310,7 @@ class _Connection:
             frame = _error_frame(rid, f"daemon stopped ({reason}) before {method} finished", "daemon_stopped")
         if ctx.notices:
             frame["notices"] = ctx.notices
+        self.large = _looks_large(frame)
         ex.answer(frame)
 
     def _run_handler(
@@ -2359,6 +2363,19 @@ class _Connection:
         except Exception as exc:
             self.host.log.event(f"handler {ctx.method} failed: {exc!r}")
             return _error_frame(rid, f"{type(exc).__name__}: {exc}", "runtime_error")
+
+
+def _release_freed_memory() -> None:
+    """Give memory freed by a large result back to the OS. glibc keeps freed blocks of up
+    to 32 MiB in its arenas once it has seen a larger one, so an idle daemon would stay tens
+    of MiB fat after relaying a big answer; other C libraries need nothing."""
+    import ctypes
+
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return  # not glibc
+    trim(0)
 
 
 def _send_frame(conn: socket.socket, frame: Dict[str, Any]) -> bool:
@@ -4340,19 +4357,6 @@ def _stall_param(params: Dict[str, Any]) -> Optional[float]:
     return ms / 1000.0 if ms and ms > 0 else None
 
 
-def _release_freed_memory() -> None:
-    """Give memory freed by a large result back to the OS. glibc keeps freed blocks of up
-    to 32 MiB in its arenas once it has seen a larger one, so an idle daemon would stay tens
-    of MiB fat after relaying a big image; other C libraries need nothing."""
-    import ctypes
-
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
-        return  # not glibc
-    trim(0)
-
-
 class McpKeepAliveService:
     """Keeps the config's keep-alive servers running inside a ``DaemonHost``."""
 
@@ -4364,7 +4368,6 @@ class McpKeepAliveService:
         self.host: Optional[DaemonHost] = None
         self._counts = threading.Lock()  # not slot.lock: that is held through a server's start-up
         self._stopping = False  # set by shutdown: no server starts after it
-        self._trim_ticks = 0  # housekeeping rounds left that return freed memory to the OS
         self._slots = {
             name: _ServerSlot(spec, threading.Lock())
             for name, spec in config.servers.items()
@@ -4496,12 +4499,9 @@ class McpKeepAliveService:
             return c.call_tool(tool, full, timeout, ctx.notices, ctx.report_progress, ctx.cancelled, stall)
 
         try:
-            result = self._use(slot, ctx, call)
+            return self._use(slot, ctx, call)
         except UsageError as exc:
             raise HandlerError(str(exc), "invalid_arguments") from None
-        if _looks_large({"result": result}):
-            self._trim_ticks = 2  # once it is sent and freed, hand the memory back (see tick)
-        return result
 
     def _tools(self, slot: _ServerSlot, client: McpStdioClient, timeout: float) -> List[Dict[str, Any]]:
         """This server process's tools/list, kept until it announces a change (``tools_stale``)
@@ -4590,9 +4590,6 @@ class McpKeepAliveService:
         thread of its own, so a slow close or a wedged server delays nothing else."""
         import threading
 
-        if self._trim_ticks:
-            self._trim_ticks -= 1
-            _release_freed_memory()
         for slot in self._slots.values():
             if self._idle(slot):
                 threading.Thread(target=self._close_if_idle, args=(slot,), daemon=True).start()
