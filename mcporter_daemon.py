@@ -3518,6 +3518,39 @@ def _server_log_line(params: Any) -> str:
     )
 
 
+def _read_lines(fd: int) -> Iterable[str]:
+    """The lines of a pipe, decoded (invalid UTF-8 replaced), until EOF.
+
+    One growing buffer, decoded in place: a buffered readline() would hold a large line as
+    8 KiB pieces and then join them, and glibc keeps those pieces' heap after they are freed,
+    so a 67 MiB tool result would cost three copies instead of two. Nothing here keeps a line
+    once it is handed out."""
+    buf = bytearray()
+    scanned = 0
+    while True:
+        nl = buf.find(b"\n", scanned)
+        if nl >= 0:
+            with memoryview(buf) as view:
+                line = [str(view[:nl], "utf-8", "replace")]
+            if nl >= _SEND_CHUNK:
+                buf = buf[nl + 1 :]  # a new small buffer: the big one is freed now
+            else:
+                del buf[: nl + 1]  # cheap for a short line (no copy of the rest)
+            scanned = 0
+            yield line.pop()
+            continue
+        scanned = len(buf)
+        try:
+            chunk = os.read(fd, 1 << 20)
+        except OSError:
+            chunk = b""
+        if not chunk:
+            if buf.strip():
+                yield buf.decode("utf-8", "replace")
+            return
+        buf += chunk
+
+
 class McpStdioClient:
     """A spawned MCP stdio server: handshake, requests with timeouts, prompt answers to its
     own requests, and a shutdown that always ends the process group."""
@@ -3688,16 +3721,12 @@ class McpStdioClient:
 
     def _read_stdout(self) -> None:
         assert self._proc is not None and self._proc.stdout is not None
-        for raw in iter(self._proc.stdout.readline, b""):
-            # One copy of a large line at a time: the bytes go before parsing, the text before
-            # dispatching, the message before the next (maybe long) wait for a line.
-            text = raw.decode("utf-8", "replace")
-            del raw
+        for text in _read_lines(self._proc.stdout.fileno()):
             msg = self._parse_line(text)
-            del text
+            del text  # one copy of a large line at a time: the text goes before dispatching
             if msg is not None:
                 self._dispatch(msg)
-            del msg
+            del msg  # ...and the message before the next (maybe long) wait for a line
         self._fail_pending()
 
     def _parse_line(self, text: str) -> Optional[Dict[str, Any]]:
