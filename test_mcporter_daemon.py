@@ -4271,6 +4271,27 @@ def test_server_log_notifications_reach_the_daemon_log(h):
     assert '[talk] (info) {"rows": 3}' in log, log[-2000:]
 
 
+def test_daemon_gets_a_fixed_mmap_threshold_and_its_servers_do_not(h):
+    """The daemon a CLI launches runs with glibc's mmap threshold fixed (large results go back
+    to the OS when freed); its MCP servers see the user's environment without it."""
+    assert call_ok(h, "demo.counter") == "1"
+    daemon = running_status(h)["pid"]
+    (server,) = h.server_pids()
+    assert "MALLOC_MMAP_THRESHOLD_=1048576" in proc_environ(daemon)
+    assert not any(
+        v.startswith(("MALLOC_MMAP_THRESHOLD_=", "MCPORTER_DAEMON_MALLOC_TUNED="))
+        for v in proc_environ(server)
+    )
+    r = h.run("stop")
+    assert r.rc == 0, r
+    # A user's own setting is left as it is, for both.
+    assert h.run("call", "demo.counter", MALLOC_MMAP_THRESHOLD_="262144").rc == 0
+    daemon = running_status(h)["pid"]
+    (server,) = h.server_pids()
+    assert "MALLOC_MMAP_THRESHOLD_=262144" in proc_environ(daemon)
+    assert "MALLOC_MMAP_THRESHOLD_=262144" in proc_environ(server)
+
+
 @pytest.mark.parametrize("how", ["json", "save-images"])
 def test_large_result_arrives_intact(h, how):
     """A result larger than the daemon's 1 MiB send pieces (so it is streamed) arrives byte for
