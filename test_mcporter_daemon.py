@@ -4232,10 +4232,13 @@ for line in sys.stdin:
         result = {"content": [{"type": "text", "text": "logged"}]}
     elif method == "tools/call" and mode == "blob":
         kib = int((params.get("arguments") or {}).get("kib", 1))
-        if kib not in made:  # made once per size, so a benchmark times the relay, not this
+        if kib not in made:  # made and encoded once per size: a benchmark times the relay
             made.clear()
-            made[kib] = base64.b64encode(random.Random(kib).randbytes(kib * 1024)).decode()
-        result = {"content": [{"type": "image", "mimeType": "image/png", "data": made[kib]}]}
+            data = base64.b64encode(random.Random(kib).randbytes(kib * 1024)).decode()
+            made[kib] = json.dumps({"content": [{"type": "image", "mimeType": "image/png", "data": data}]})
+        sys.stdout.write('{"jsonrpc": "2.0", "id": ' + json.dumps(msg["id"]) + ', "result": ' + made[kib] + "}\n")
+        sys.stdout.flush()
+        continue
     else:
         result = {}
     send({"jsonrpc": "2.0", "id": msg["id"], "result": result})
