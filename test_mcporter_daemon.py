@@ -6468,13 +6468,17 @@ def test_real_everything_server_tools_resources_and_junk_stdout(h, npm_servers):
     assert_stop_leaves_nothing(h)
 
 
-def test_real_everything_server_typed_arguments_links_and_images(h, npm_servers):
-    everything = {
+def everything_entry(h, npm_servers):
+    """server-everything run by node directly (tagged), kept alive."""
+    return {
         "command": npm_servers.node,
         "args": [str(npm_servers.everything_js), "stdio", h.tag],
         "lifecycle": "keep-alive",
     }
-    h.write_config({"mcpServers": {"everything": everything}})
+
+
+def test_real_everything_server_typed_arguments_links_and_images(h, npm_servers):
+    h.write_config({"mcpServers": {"everything": everything_entry(h, npm_servers)}})
     # `message` is a string: 123 goes as written, as mcporter sends it.
     assert real_call(h, "everything.echo", "message=123").out.strip() == "Echo: 123"
     # `count` is a number: parsed. Each link prints as its URI (with its name).
@@ -6501,12 +6505,7 @@ def test_real_everything_server_typed_arguments_links_and_images(h, npm_servers)
 
 
 def test_real_everything_long_running_operation_shows_progress_on_a_tty(h, npm_servers):
-    everything = {
-        "command": npm_servers.node,
-        "args": [str(npm_servers.everything_js), "stdio", h.tag],
-        "lifecycle": "keep-alive",
-    }
-    h.write_config({"mcpServers": {"everything": everything}})
+    h.write_config({"mcpServers": {"everything": everything_entry(h, npm_servers)}})
     tools = {t["name"]: t for t in list_json(h, "everything", schema=True)}
     assert "trigger-long-running-operation" in tools, sorted(tools)
     assert {"duration", "steps"} <= set(tools["trigger-long-running-operation"]["inputSchema"]["properties"])
@@ -6522,11 +6521,9 @@ def test_real_everything_long_running_operation_shows_progress_on_a_tty(h, npm_s
 
 
 def test_real_everything_server_prompts_templates_and_pings(h, npm_servers):
-    everything = {
-        "command": npm_servers.node,
-        "args": [str(npm_servers.everything_js), "stdio", h.tag],
-        "lifecycle": {"mode": "keep-alive", "healthCheckMs": 300},
-    }
+    everything = dict(
+        everything_entry(h, npm_servers), lifecycle={"mode": "keep-alive", "healthCheckMs": 300}
+    )
     h.write_config({"mcpServers": {"everything": everything}})
     r = h.run("prompts", "everything", timeout=60)
     assert r.rc == 0, r
