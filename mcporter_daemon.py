@@ -38,9 +38,16 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs import time on the CLI's hot path; annotations are strings.
     import subprocess
     import threading
-    from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
-
-    from typing_extensions import TypeGuard  # novermin (checkers only; never imported)
+    from typing import (  # novermin: TypeGuard is 3.10+, read by checkers only (never imported)
+        Any,
+        Callable,
+        Dict,
+        Iterable,
+        List,
+        Optional,
+        Tuple,
+        TypeGuard,
+    )
 
 __version__ = "0.1.0"
 
