@@ -161,6 +161,7 @@ _STOP_WAIT = 5.0
 _TERM_GRACE = 1.0
 
 _CALLER_CHECK_INTERVAL = 0.25  # the host looks this often whether a request's caller went away
+_CANCEL_GRACE = 5.0  # a cancelled handler gets this long before its thread is let go
 
 _SOCKET_CHECK_INTERVAL = 1.0
 
@@ -2353,7 +2354,10 @@ class _Connection:
             if gone:
                 self.host.log.event(f"{ctx.method}: the caller went away; cancelling it")
                 ctx.cancelled.set()
-                done.wait()  # the handler returns promptly; its answer goes to nobody
+                # A handler that heeds ctx.cancelled returns at once; one that does not must
+                # not hold this thread (or count as work in flight) forever. Nobody gets it.
+                if not done.wait(_CANCEL_GRACE):
+                    return _error_frame(ex.rid, "the caller went away", "cancelled")
                 break
         return box[0]
 

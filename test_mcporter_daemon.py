@@ -3501,6 +3501,41 @@ sys.exit(host.run())
 """
 
 
+DEAF_HANDLER_HOST_SCRIPT = """\
+import sys, time
+sys.path.insert(0, {here!r})
+import mcporter_daemon
+
+
+def hang(params, ctx):
+    time.sleep(3600)  # ignores ctx.cancelled
+
+
+paths = mcporter_daemon.DaemonPaths.for_key("deafhandler", sys.argv[1])
+host = mcporter_daemon.DaemonHost(paths, "fp", {{"hang": hang}}, idle_timeout=1.0)
+sys.exit(host.run())
+"""
+
+
+def test_cancelled_handler_that_never_returns_does_not_pin_the_daemon(h):
+    """A vendored handler that ignores ctx.cancelled is let go a few seconds after its caller
+    left: it no longer counts as work in flight, so an idle daemon still shuts down."""
+    script = h.tmp / "deaf_handler_host.py"
+    script.write_text(DEAF_HANDLER_HOST_SCRIPT.format(here=str(HERE)))
+    host = h.popen_argv([sys.executable, script, h.state_dir], h.env())
+    sock_path = h.state_dir / "daemon-deafhandler.sock"
+    wait_until(lambda: sock_path.exists(), 20, message="the host to bind")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10)
+    s.connect(str(sock_path))
+    req = {"id": "x", "method": "hang", "params": {}, "protocolVersion": 2, "progressIntervalMs": 100}
+    s.sendall((json.dumps(req) + "\n").encode())
+    assert b"progress" in s.recv(4096)  # the handler runs
+    s.close()  # the caller goes away
+    # Before: the stuck handler counted as in flight forever, so the idle host never left.
+    assert ops_wait_exit(host, 20) == 0, read_file(host.err_path)
+
+
 def test_progress_frames_never_extend_a_call_past_its_timeout(h):
     script = h.tmp / "hang_host.py"
     script.write_text(HANG_HOST_SCRIPT.format(here=str(HERE)))
