@@ -459,23 +459,17 @@ def encode_answer_pieces(frame: Dict[str, Any]) -> Iterable[bytes]:
     yield b"\n"
 
 
-def _looks_large(frame: Dict[str, Any]) -> bool:
-    """Whether a result is worth streaming: any content block carrying a long string."""
-    result = frame.get("result")
-    blocks = result.get("content") if isinstance(result, dict) else None
-    if not isinstance(blocks, list):
+def _looks_large(frame: Any, depth: int = 8) -> bool:
+    """Whether an answer is worth streaming (and its memory returning): any string in it
+    longer than a send piece, wherever a handler put it (bounded depth: cheap to ask)."""
+    if isinstance(frame, str):
+        return len(frame) > _SEND_CHUNK
+    if depth <= 0:
         return False
-    for block in blocks:
-        if isinstance(block, dict):
-            for key in ("data", "text", "blob"):
-                value = block.get(key)
-                if isinstance(value, str) and len(value) > _SEND_CHUNK:
-                    return True
-            inner = block.get("resource")
-            if isinstance(inner, dict) and any(
-                isinstance(inner.get(k), str) and len(inner[k]) > _SEND_CHUNK for k in ("text", "blob")
-            ):
-                return True
+    if isinstance(frame, dict):
+        return any(_looks_large(v, depth - 1) for v in frame.values())
+    if isinstance(frame, list):
+        return any(_looks_large(v, depth - 1) for v in frame)
     return False
 
 
