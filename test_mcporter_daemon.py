@@ -5129,6 +5129,11 @@ def test_caller_going_away_cancels_its_call_at_the_server_within_1s(h, how, life
 
 
 # ##########################################################################################
+# serve: the stdio MCP bridge editors register, re-exporting the kept servers.
+# ##########################################################################################
+
+
+# ##########################################################################################
 # Demo MCP server: the module run as a tiny stateful MCP stdio server (``_demo-server``).
 # ##########################################################################################
 
@@ -6836,6 +6841,24 @@ def test_our_foreground_daemon_replaces_live_mcporter_daemon(hx, mcporter_cli):
     assert not h.socket_path.exists()
     assert not h.meta_path.exists()
     h.expect_no_leftovers = True
+
+
+# ##########################################################################################
+# Hostile peers: the worst process on the other side of each pipe, socket, file, clock and
+# directory, played for real. Each test names the promise it defends.
+# ##########################################################################################
+
+
+# -- hostile MCP servers: nesting, closed stdout, stderr floods, batches, ignored pings --
+
+
+# -- hostile clients and load: connection floods, the caps, slow readers --
+
+
+# -- hostile paths and users: other spellings, umask 000, another user's files --
+
+
+# -- hostile clocks and signals: clock steps, hangups, nohup --
 
 
 # ##########################################################################################
