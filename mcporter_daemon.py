@@ -563,13 +563,16 @@ def exchange(
     connect_timeout: Optional[float] = None,
     overall_timeout: Optional[float] = None,
     on_progress: Optional[Callable[[Dict[str, Any]], None]] = None,
+    start_budget: float = 0.0,
 ) -> Dict[str, Any]:
     """Send one request, return the response frame; a server's progress in a progress frame
     goes to ``on_progress``.
 
     ``idle_timeout`` is an idle budget: every frame (progress included) resets it, so a long
     call stays alive while a silent (hung) daemon still trips it. ``overall_timeout`` bounds
-    the whole wait, progress or not. _NotDelivered when the request never reached a daemon.
+    the whole wait, progress or not, plus ``start_budget`` once the daemon reports that the
+    work waits for its backend to start (phase "starting"). _NotDelivered when the request
+    never reached a daemon.
     """
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -581,7 +584,9 @@ def exchange(
             raise _NotDelivered(f"cannot connect to {socket_path}: {exc.strerror or exc}") from None
         sock.settimeout(idle_timeout)
         deadline = time.monotonic() + overall_timeout if overall_timeout else None
-        return _send_and_receive(sock, socket_path, request, idle_timeout, deadline, on_progress)
+        return _send_and_receive(
+            sock, socket_path, request, idle_timeout, deadline, on_progress, start_budget
+        )
     finally:
         sock.close()
 
@@ -610,6 +615,7 @@ def _send_and_receive(
     idle_timeout: float,
     deadline: Optional[float] = None,
     on_progress: Optional[Callable[[Dict[str, Any]], None]] = None,
+    start_budget: float = 0.0,
 ) -> Dict[str, Any]:
     buf = bytearray()
     frames = 0
@@ -630,6 +636,8 @@ def _send_and_receive(
             frame = json.loads(line)
             if isinstance(frame, dict) and frame.get("type") == "progress":
                 update = progress_update(frame.get("progress"))
+                if update is not None and update.get("phase") == "starting" and deadline is not None:
+                    deadline, start_budget = deadline + start_budget, 0.0  # once per request
                 if on_progress is not None and update is not None:
                     _report_quietly(on_progress, update)
                 continue
@@ -2674,9 +2682,11 @@ class DaemonClient:
         notices: Optional[List[str]] = None,
         overall_timeout: Optional[float] = None,
         on_progress: Optional[Callable[[Dict[str, Any]], None]] = None,
+        start_budget: float = 0.0,
     ) -> Any:
         """Send one request to a verified fresh daemon (starting it if allowed). Raises
-        RemoteError for ``ok: false``, DaemonTimeout past ``overall_timeout`` (progress or not).
+        RemoteError for ``ok: false``, DaemonTimeout past ``overall_timeout`` (progress or not;
+        plus ``start_budget`` when the daemon reports a start, see ``exchange``).
         A server's progress, relayed in the daemon's progress frames, goes to ``on_progress``.
 
         A delivered request runs at most once: it is sent again (after ``ensure``) only when it
@@ -2684,7 +2694,7 @@ class DaemonClient:
         """
         if auto_start:
             self.ensure()
-        send = (method, params, idle_timeout, progress_ms, overall_timeout, on_progress)
+        send = (method, params, idle_timeout, progress_ms, overall_timeout, on_progress, start_budget)
         try:
             response = self._send(*send)
         except _NotDelivered:
@@ -2707,6 +2717,7 @@ class DaemonClient:
         progress_ms: Optional[int],
         overall: Optional[float] = None,
         on_progress: Optional[Callable[[Dict[str, Any]], None]] = None,
+        start_budget: float = 0.0,
     ) -> Dict[str, Any]:
         req: Dict[str, Any] = {
             "id": f"{os.getpid()}-{time.monotonic_ns()}",
@@ -2723,6 +2734,7 @@ class DaemonClient:
             connect_timeout=self.probe_timeout,
             overall_timeout=overall,
             on_progress=on_progress,
+            start_budget=start_budget,
         )
 
     # -- stopping ------------------------------------------------------------------------------
@@ -3433,7 +3445,11 @@ def _effective_import_order(docs: List[Dict[str, Any]]) -> List[str]:
 def import_plan(layers: List[Tuple[str, Optional[bytes]]]) -> List[Tuple[str, List[str]]]:
     """(layer, the import kinds it reads, in order) for each config layer that exists; with
     none, mcporter reads the defaults as if from an empty project config."""
-    plan = [(path, import_order(_parse_layer(path, data).get("imports"))) for path, data in layers if data is not None]
+    plan = [
+        (path, import_order(_parse_layer(path, data).get("imports")))
+        for path, data in layers
+        if data is not None
+    ]
     if not any(data is not None for _, data in layers):
         plan = [(layers[-1][0] + " (absent)", list(IMPORT_KINDS))] if layers else []
     return plan
@@ -5734,8 +5750,9 @@ def _via_daemon_or_ephemeral(
             params,
             idle_timeout=_DEFAULT_IDLE_BUDGET,
             notices=notices,
-            # The server may have to start first: its start-up budget comes before the call's.
-            overall_timeout=timeout + spec.startup_timeout_ms / 1000.0 + _CLIENT_DEADLINE_GRACE,
+            overall_timeout=timeout + _CLIENT_DEADLINE_GRACE,
+            # A server the daemon has to start first gets its start-up budget before the call's.
+            start_budget=spec.startup_timeout_ms / 1000.0,
             on_progress=line.show if line else None,
         )
     finally:

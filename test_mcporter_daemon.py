@@ -4140,6 +4140,16 @@ def test_startup_timeout_ms_is_the_start_budget(h, lifecycle):
     assert r.err.endswith("\r\x1b[K") or r.err.rstrip("\n").endswith("\r\x1b[K"), repr(r.err)
 
 
+def test_kept_server_start_is_not_counted_in_the_call_timeout(h):
+    """A first start (an npx download) longer than the call's timeout plus the client's grace:
+    the daemon reports the start, and the client waits for it within startupTimeoutMs."""
+    slow = slow_demo_entry(h, 4.5, lifecycle="keep-alive", startupTimeoutMs=30_000)
+    h.write_config({"mcpServers": {"slow": slow}})
+    r = h.run("call", "slow.counter", MCPORTER_DAEMON_TIMEOUT_MS=1000)
+    assert r.rc == 0 and r.out.strip() == "1", r
+    assert r.elapsed > 4.5, r
+
+
 def test_startup_timeout_ms_must_be_positive(h):
     h.write_config({"mcpServers": {"demo": dict(h.demo_server_entry(), startupTimeoutMs=0)}})
     assert_prompt_error(h.run("call", "demo.pid"), 2, "startupTimeoutMs", str(h.cfg))
