@@ -5129,6 +5129,85 @@ def test_caller_going_away_cancels_its_call_at_the_server_within_1s(h, how, life
         assert len(cancellations(log)) == 1
 
 
+# A server that answers nothing but initialize ("mute": not even that). "init-only" also outlives
+# the end of its input and ignores SIGTERM, so only the close's SIGKILL ends it. argv: mode, tag.
+SILENT_SERVER = r"""
+import json, signal, sys, time
+
+mode = sys.argv[1]
+if mode == "init-only":
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+for line in sys.stdin:
+    msg = json.loads(line)
+    if msg.get("method") == "initialize" and mode == "init-only":
+        result = {"protocolVersion": msg["params"]["protocolVersion"], "serverInfo": {"name": "silent"},
+                  "capabilities": {"tools": {}, "resources": {}, "prompts": {}}}
+        sys.stdout.write(json.dumps({"jsonrpc": "2.0", "id": msg["id"], "result": result}) + "\n")
+        sys.stdout.flush()
+time.sleep(3600)
+"""
+
+# How much past its timeoutMs a request through the daemon may take to fail (or end).
+TIMEOUT_GRACE = 1.5
+
+
+def silent_daemon(h, mode):
+    """A running daemon keeping one SILENT_SERVER ("silent") in ``mode``."""
+    script = h.tmp / "silent_server.py"
+    script.write_text(SILENT_SERVER)
+    entry = {"command": sys.executable, "args": [str(script), mode, h.tag], "lifecycle": "keep-alive"}
+    h.write_config({"mcpServers": {"silent": entry}})
+    start_daemon(h)
+
+
+def timed_request(h, method, params):
+    t0 = time.monotonic()
+    resp, _, _ = raw_request(h.socket_path, method, params, idle=10.0, overall=10.0)
+    return resp, time.monotonic() - t0
+
+
+@pytest.mark.parametrize(
+    "method, params",
+    [
+        ("callTool", {"tool": "anything"}),
+        ("listTools", {}),
+        ("listResources", {}),
+        ("readResource", {"uri": "silent://x"}),
+        ("listResourceTemplates", {}),
+        ("listPrompts", {}),
+        ("getPrompt", {"name": "anything"}),
+    ],
+)
+def test_every_mcp_operation_honours_timeout_ms_through_the_daemon(h, method, params):
+    silent_daemon(h, "init-only")
+    resp, _ = timed_request(h, "restartServer", {"server": "silent"})  # started before the clock runs
+    assert resp.get("ok") is True, resp
+    resp, took = timed_request(h, method, dict(params, server="silent", timeoutMs=1000))
+    assert resp.get("ok") is False and resp["error"]["code"] == "operation_timeout", resp
+    assert "timed out after 1s" in resp["error"]["message"], resp
+    assert took < 1 + TIMEOUT_GRACE, f"{method} failed after {took:.2f}s (timeoutMs 1000)"
+
+
+def test_restart_server_honours_timeout_ms_for_the_new_servers_handshake(h):
+    silent_daemon(h, "mute")
+    resp, took = timed_request(h, "restartServer", {"server": "silent", "timeoutMs": 1000})
+    assert resp.get("ok") is False and resp["error"]["code"] == "operation_timeout", resp
+    assert "initialize timed out after 1s" in resp["error"]["message"], resp
+    assert took < 1 + TIMEOUT_GRACE, f"restartServer failed after {took:.2f}s (timeoutMs 1000)"
+    wait_until(lambda: not h.server_pids(), 5, message="the half-started server to be ended")
+
+
+def test_close_server_honours_timeout_ms_for_its_grace_steps(h):
+    silent_daemon(h, "init-only")
+    resp, _ = timed_request(h, "restartServer", {"server": "silent"})
+    assert resp.get("ok") is True, resp
+    server = resp["result"]["pid"]
+    resp, took = timed_request(h, "closeServer", {"server": "silent", "timeoutMs": 1000})
+    assert resp.get("ok") is True, resp
+    assert took < 1 + TIMEOUT_GRACE, f"closeServer took {took:.2f}s (timeoutMs 1000)"
+    assert not pid_alive(server), f"server {server} outlived its close"
+
+
 # ##########################################################################################
 # serve: the stdio MCP bridge editors register, re-exporting the kept servers.
 # ##########################################################################################
