@@ -4199,9 +4199,11 @@ class McpStdioClient:
         """Send any request and wait for its answer (see ``_CallOptions`` for the wait)."""
         return self._channel.request(method, params, opts or _CallOptions())
 
-    def notify(self, method: str, params: Optional[Dict[str, Any]] = None) -> None:
+    def notify(
+        self, method: str, params: Optional[Dict[str, Any]] = None, deadline: Optional[float] = None
+    ) -> None:
         """Send a JSON-RPC notification (no answer expected), with a write deadline."""
-        self._channel.notify(method, params)
+        self._channel.notify(method, params, deadline)
 
     # -- MCP methods ---------------------------------------------------------------------------
 
@@ -4471,7 +4473,9 @@ class _Param:
 
     __slots__ = ("name", "kind", "what", "required", "values")
 
-    def __init__(self, name: str, kind: str, what: str, required: bool = False, values: Optional[str] = None):
+    def __init__(
+        self, name: str, kind: str, what: str, required: bool = False, values: Optional[str] = None
+    ) -> None:
         self.name, self.kind, self.what, self.required, self.values = name, kind, what, required, values
 
     def read(self, params: Dict[str, Any]) -> Any:
