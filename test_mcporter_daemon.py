@@ -5208,6 +5208,25 @@ def test_close_server_honours_timeout_ms_for_its_grace_steps(h):
     assert not pid_alive(server), f"server {server} outlived its close"
 
 
+@pytest.mark.parametrize(
+    "wire, timeout_ms, expected",
+    [
+        ("callTool", 1500, 1.5),  # each request waits the caller's timeout
+        ("listResources", None, "_DEFAULT_CALL_TIMEOUT"),  # none given: the default call timeout
+        ("readResource", 0, "_DEFAULT_CALL_TIMEOUT"),  # zero or less is none
+        ("restartServer", 1500, 1.5),  # the new server's handshake
+        ("restartServer", None, "_MCP_START_TIMEOUT"),  # none given: the usual start-up timeout
+        ("closeServer", 100, 0.05),  # half of it for each grace step
+        ("closeServer", 10**9, "_MCP_CLOSE_GRACE"),  # never longer than a normal close
+        ("closeServer", None, "_MCP_CLOSE_GRACE"),
+    ],
+)
+def test_operation_timeout_table(wire, timeout_ms, expected):
+    md = _import_module()
+    seconds = getattr(md, expected) if isinstance(expected, str) else expected
+    assert md._OPERATIONS[wire].seconds({"timeoutMs": timeout_ms}) == seconds
+
+
 # ##########################################################################################
 # serve: the stdio MCP bridge editors register, re-exporting the kept servers.
 # ##########################################################################################
