@@ -1865,6 +1865,7 @@ def test_ps_process_facts_path_works_when_forced(monkeypatch):
     monkeypatch.setattr(md, "_process_info", md._ps_process_info)
     monkeypatch.setattr(md, "_group_members", md._ps_group_members)
     monkeypatch.setattr(md, "_start_order", md._ps_start_order)
+    monkeypatch.setattr(md, "_child_pids", md._ps_child_pids)
     leader = subprocess.Popen(["sh", "-c", "sleep 300 & exec sleep 301"], start_new_session=True)
     survivor = None
     try:
@@ -3172,6 +3173,14 @@ def test_vendorable_core_comes_first_and_says_nothing_of_mcp():
     mentions = re.compile(r"(?<![A-Za-z])(?:MCP|mcp|Mcp)(?![A-Za-z])|\bMcp[A-Z]")
     found = [f"{i + 1}: {lines[i].strip()}" for i in range(start, end) if mentions.search(lines[i])]
     assert not found, "the core mentions MCP:\n" + "\n".join(found)
+    # Nor this tool: its name, env prefix, state dir, handler error codes and call timeout
+    # are the MCP part's to set (DaemonApp), so a vendored copy carries none of them.
+    ours = re.compile(
+        r"mcporter[-_]daemon|MCPORTER_|pydaemon|\.mcporter|/tmp/mcporter|_DEFAULT_CALL_TIMEOUT"
+        r"|\b(unknown_server|not_keep_alive|command_not_found|invalid_arguments)\b"
+    )
+    found = [f"{i + 1}: {lines[i].strip()}" for i in range(start, end) if ours.search(lines[i])]
+    assert not found, "the core names this tool:\n" + "\n".join(found)
     tree = ast.parse(text)
     below = set()
     for node in tree.body:
@@ -3190,10 +3199,40 @@ def test_vendorable_core_comes_first_and_says_nothing_of_mcp():
     assert not used, f"the core uses names defined below it: {used}"
 
 
+def vendorable_core_text():
+    """The module down to (and with) the core's end line: what the README lets vendors copy."""
+    text = MODULE_PATH.read_text()
+    return text[: text.index(CORE_END_MARKER) + len(CORE_END_MARKER)] + "\n"
+
+
+def test_vendorable_core_alone_star_imports_its_api(h):
+    """The core cut at its end line is a module of its own: ``from core import *`` binds every
+    name its ``__all__`` lists, that list names no MCP, and it holds every ``md.`` name the
+    README's example uses (the vendoring API the README names)."""
+    work = h.tmp / "core-only"
+    work.mkdir()
+    (work / "core.py").write_text(vendorable_core_text())
+    probe = (
+        "import json, core\n"
+        "from core import *\n"
+        "missing = [n for n in core.__all__ if n not in globals()]\n"
+        "print(json.dumps({'all': core.__all__, 'missing': missing}))\n"
+    )
+    r = h.run(argv=[sys.executable, "-c", probe], cwd=work)
+    assert r.rc == 0, r
+    found = json.loads(r.out)
+    assert found["missing"] == [], found
+    assert not [n for n in found["all"] if re.search(r"mcp|main", n, re.I)], found["all"]
+    used = set(re.findall(r"\bmd\.(\w+)", readme_vendoring_example()))
+    used |= set(re.findall(r"`md\.(\w+)", (HERE / "README.md").read_text()))
+    assert used and used <= set(found["all"]), sorted(used - set(found["all"]))
+
+
 def test_readme_vendoring_example_runs_as_is(h):
+    """The README's example, run against the core alone (the file cut at its end line)."""
     work = h.tmp / "vendor"
     work.mkdir()
-    shutil.copy(str(MODULE_PATH), str(work / "mcporter_daemon.py"))
+    (work / "mcporter_daemon.py").write_text(vendorable_core_text())
     (work / "example.py").write_text(readme_vendoring_example())
     tmp = h.tmp / "vendor-tmp"  # the example keeps its state under tempfile.gettempdir()
     tmp.mkdir()
