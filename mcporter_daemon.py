@@ -959,7 +959,10 @@ class FileLock:
         """Take the lock; False when ``timeout`` is 0 and it is held, else LockTimeout."""
         _require_posix()
         wait = self.timeout if timeout is None else timeout
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:  # a read-only or vanished directory: one line naming it
+            raise UnsafePathError(f"cannot open the {self.what} {self.path}: {exc.strerror or exc}") from None
         deadline = time.monotonic() + wait
         step = 0.002
         while True:
