@@ -2913,17 +2913,17 @@ def test_half_closed_caller_is_answered_and_a_closed_one_cancelled(h):
 #   owner_ours / owner_stopped: the metadata's pid is alive with the recorded start time, and
 #          the OS reports it stopped (state T). The bind guard asks for "stopped" only of an
 #          owner that is ours; a "stopped" owner that is not ours must be ignored all the same,
-#          since nothing is ever signalled on a pid that is not ours (SPEC §7).
+#          since nothing is ever signalled on a pid that is not ours (hung is replaced).
 PLAN_TAKEOVER_TABLE = [
     # probe, fresh, owner_ours, owner_stopped, plan
-    ("live", False, False, False, "stop-then-bind"),  # a live stale daemon is stopped before rebind (§8.3)
+    ("live", False, False, False, "stop-then-bind"),  # stale stops first: stopped before rebind
     ("live", False, False, True, "stop-then-bind"),  # "stopped" of a pid not ours changes nothing
     ("live", False, True, False, "stop-then-bind"),
     # Live, but the owner is ours and stopped (only after a second probe: a stopped owner is not
     # probed). It is hung "whatever it answers": the answer came before the stop, or from another
     # daemon; the decision is not told which, and ends the stopped owner either way.
     ("live", False, True, True, "terminate-then-bind"),
-    ("live", True, False, False, "reconcile"),  # live and fresh: keep it, fix the metadata (§8.2)
+    ("live", True, False, False, "reconcile"),  # hands off the living: keep it, fix the metadata
     ("live", True, False, True, "reconcile"),  # "stopped" of a pid not ours changes nothing
     ("live", True, True, False, "reconcile"),
     ("live", True, True, True, "terminate-then-bind"),  # stopped beats a fresh answer, as above
@@ -2948,7 +2948,7 @@ PLAN_TAKEOVER_TABLE = [
     ("silent", True, True, False, "probe-again"),
     ("silent", True, True, True, "terminate-then-bind"),
     # Silent twice: hung. End it when it is ours; an owner we cannot verify is left alone and
-    # only its socket file is replaced (it exits when it notices, §8).
+    # only its socket file is replaced (it exits when it notices: no socket, no daemon).
     ("silent-twice", False, False, False, "bind"),
     ("silent-twice", False, False, True, "bind"),
     ("silent-twice", False, True, False, "terminate-then-bind"),
@@ -7577,16 +7577,16 @@ def test_stop_and_status_refuse_an_unsafe_state_dir_before_reading_its_record(h,
 # so its sequence of steps replays exactly from the seed; the interleaving of the workers'
 # steps, and so what a step finds (which pid it kills), does not.
 #
-# Invariants (SPEC §11), from /proc and sock_diag, checked after every step and every 0.1 s by
-# a monitor thread; each is a violation once seen continuously for longer than its tolerance:
-#   two-servers           two live copies of the MCP server (§11.13)            > 0.5 s (7 s *)
+# Invariants (README, "Invariants"), from /proc and sock_diag, checked after every step and every
+# 0.1 s by a monitor thread; each is a violation once seen continuously for longer than its tolerance:
+#   two-servers           two live copies of the MCP server (one copy)  > 0.5 s (7 s *)
 #   two-serving-daemons   two daemons of this config listening on the path name > 7 s
 #   unreachable-daemon    the one listening daemon is not where the path leads  > 7 s
 #   orphan-server         an MCP server whose parent is no daemon of this config > 3 s
 #   daemon-not-serving    a daemon process that neither serves nor exits        > 30 s
 #   (* when one copy is run by a daemon that a step cut off from its path or SIGSTOPped: a
 #   successor that cannot see it, its metadata damaged too, binds beside it, and it ends its
-#   servers only when it notices, §11.8)
+#   servers only when it notices: no socket, no daemon)
 # A daemon *serves* while it holds a listening socket bound to the path's name; one that has
 # closed its listener to stop does not. Per step: no stuck caller (a CLI step over 30 s), no
 # crash (an "unexpected error" or traceback), `status` exits 0, `start`/`stop`/`restart` exit
@@ -7599,7 +7599,8 @@ def test_stop_and_status_refuse_an_unsafe_state_dir_before_reading_its_record(h,
 # and no two calls see the same one. Settle points (every MCPORTER_CHAOS_SETTLE_EVERY steps
 # the workers pause) are strict once a quiet system had up to 30 s: no stopped daemon, no
 # daemon but the one serving where the path leads, at most one MCP server and it that
-# daemon's child, the metadata naming that daemon (§11.6), and `status --json` agreeing.
+# daemon's child, the metadata naming that daemon (a torn record is no record), and
+# `status --json` agreeing.
 # At the end, `stop` must leave no daemon, no MCP server, no socket and no metadata.
 # After a violation the soak ends the offending orphan or stray, so later checks stay
 # meaningful, and goes on; the test fails at the end with every violation found.
@@ -7620,11 +7621,11 @@ CHAOS_TWO_SERVERS_S = 0.5  # two live copies of the MCP server: only while one i
 #                            but CHAOS_UNREACHABLE_S when one is run by a daemon that a step made
 #                            unreachable (socket file removed) or SIGSTOPped: a successor that
 #                            cannot verify it (metadata damaged too) binds beside it, and it
-#                            ends its servers when it notices (§11.8)
+#                            ends its servers when it notices (no socket, no daemon)
 CHAOS_TWO_SERVING_S = 7.0  # a second listening daemon: only while it notices that it lost
 
 
-#                            its socket path (§11.8: 5 s) or while it is closing to stop
+#                            its socket path (no socket, no daemon: 5 s) or while it is closing to stop
 CHAOS_UNREACHABLE_S = 7.0  # the one listening daemon is not the one at the path (same bound)
 
 
@@ -7974,7 +7975,7 @@ class Chaos:
             problems.append(
                 (
                     "one-daemon",
-                    f"daemons {snap.describe(snap.daemons)}; only the one serving may remain (§11.1)",
+                    f"daemons {snap.describe(snap.daemons)}; only the one serving may remain (one daemon)",
                 )
             )
         if len(snap.servers) > 1:
@@ -8262,8 +8263,9 @@ class Chaos:
         return self._command(label, "start")
 
     def step_stop(self, label, u):
-        """Stop is a barrier (§8): it returns once the daemon is gone, and it never says that no
-        daemon runs while one serves at the path from before it began to after it returned."""
+        """Stop is a barrier (one copy of a server): it returns once the daemon is gone, and it
+        never says that no daemon runs while one serves at the path from before it began to
+        after it returned."""
         before = ChaosSnapshot(self.h)
         serving_before = {pid: before.daemons[pid].start for pid in before.reachable}
         r, t0, t1 = self.timed(label, "stop")
