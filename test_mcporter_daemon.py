@@ -6042,6 +6042,120 @@ def test_ci_runs_the_readme_test_command():
     assert command in ci_lines, f".ci/run does not run the README's command: {command}"
 
 
+def readme_section(heading):
+    """The text under the README's ``## heading``, up to the next ``## `` heading."""
+    return (HERE / "README.md").read_text().split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def readme_quick_start():
+    """The quick start as a user follows it: the ```sh block that writes the config, and the
+    ```console block's commands, each with the lines the README shows it printing."""
+    section = readme_section("Quick start")
+    setup = re.search(r"```sh\n(.*?)```", section, re.S)
+    console = re.search(r"```console\n(.*?)```", section, re.S)
+    assert setup and console, "the quick start has a ```sh block and then a ```console block"
+    steps = []
+    for line in console.group(1).splitlines():
+        if line.startswith("$ "):
+            steps.append((line[2:], []))
+        else:
+            steps[-1][1].append(line)
+    return setup.group(1), steps
+
+
+def quick_start_shape(line):
+    """A printed line with what differs between runs (pids, times, paths) blanked out."""
+    line = re.sub(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", "TIME", line)
+    line = re.sub(r"/.*$", "PATH", line)  # a path ends its line (and may hold spaces)
+    return re.sub(r"pid \d+", "pid N", line)
+
+
+def test_readme_quick_start_runs_as_written(h, tmp_path):
+    """The quick start needs nothing but Python, and what it shows is what a user sees: the
+    demo server's count rises across separate CLI processes, `status` shows the same server
+    pid, and after `stop` the count starts over (the state lived only in that process).
+
+    Every pid the README shows must stand for one real pid throughout, and different ones for
+    different pids: so the server's pid really stayed the same, and the second daemon is new."""
+    setup, steps = readme_quick_start()
+    work = tmp_path / "my project"
+    work.mkdir()
+    shutil.copy(str(MODULE_PATH), str(work / "mcporter_daemon.py"))
+    bin_dir = tmp_path / "bin"  # `python3` in the README is the interpreter running the tests
+    bin_dir.mkdir()
+    (bin_dir / "python3").symlink_to(sys.executable)
+    env = h.env(PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+    r = h.run(argv=["bash", "-euc", setup], env=env, cwd=work)
+    assert r.rc == 0, r
+    assert len(steps) >= 6, steps
+    real_of = {}
+    for command, shown in steps:
+        r = h.run(argv=["bash", "-c", command], env=env, cwd=work)
+        assert r.rc == 0, (command, r)
+        printed = (r.out + r.err).rstrip("\n").splitlines()
+        assert [quick_start_shape(x) for x in printed] == [quick_start_shape(x) for x in shown], (command, r)
+        for shown_line, line in zip(shown, printed):
+            for readme_pid, pid in zip(re.findall(r"pid (\d+)", shown_line), re.findall(r"pid (\d+)", line)):
+                assert real_of.setdefault(readme_pid, pid) == pid, (
+                    f"{command}: the README shows pid {readme_pid} again, but it is {pid} now, "
+                    f"not {real_of[readme_pid]}"
+                )
+    assert len(set(real_of.values())) == len(real_of), f"README pids stand for the same pid: {real_of}"
+
+
+def help_text(*words):
+    r = subprocess.run(
+        [sys.executable, str(MODULE_PATH), *words, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT,
+        env=dict(os.environ, COLUMNS="100"),
+    )
+    assert r.returncode == 0, r
+    return r.stdout
+
+
+def help_subcommands(text):
+    """The subcommands a top-level ``--help`` lists: indented lines of a name, then (after two
+    or more spaces) what it does."""
+    return re.findall(r"^ {2,}([a-z][\w-]*)(?: \([\w, -]+\))? {2,}\S", text, re.M)
+
+
+def help_flags(text):
+    return set(re.findall(r"(?<![\w-])(--?[A-Za-z][\w-]*)", text)) - {"-h", "--help"}
+
+
+def readme_command_rows(commands, name):
+    """The Commands table's rows for subcommand ``name``: its first cell names it."""
+    rows = [ln for ln in commands.splitlines() if ln.startswith("| `")]
+    return [
+        row for row in rows if re.search(rf"(^\| |/ )`{re.escape(name)}[ `]", row.split("` |", 1)[0] + "`")
+    ]
+
+
+def test_readme_commands_name_every_subcommand_and_flag_help_shows():
+    """Every subcommand `--help` lists has a row in the README's Commands table, and that row
+    names every flag the subcommand's own `--help` shows; the top-level flags are in the
+    section too (a user reading it sees all there is)."""
+    commands = readme_section("Commands")
+    top = help_text()
+    subcommands = help_subcommands(top)
+    assert {"start", "stop", "call", "list", "doctor"} <= set(subcommands), top
+    missing = []
+    for flag in sorted(help_flags(top)):
+        if not re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", commands):
+            missing.append(flag)
+    for name in subcommands:
+        rows = "\n".join(readme_command_rows(commands, name))
+        if not rows:
+            missing.append(f"a row for `{name}`")
+            continue
+        for flag in sorted(help_flags(help_text(name))):
+            if not re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", rows):
+                missing.append(f"{name} {flag}")
+    assert not missing, f"--help shows these, the README's Commands table does not: {missing}"
+
+
 @pytest.mark.parametrize(
     "args, named",
     [
