@@ -6618,11 +6618,14 @@ def test_progress_text_table(update, width, expected):
 # as external processes; nothing from them is imported here. Where the machine
 # cannot install them (no node/npm, no venv/pip, no registry) the tests skip
 # with the reason, unless MCPORTER_DAEMON_TEST_REAL_SERVERS=require (CI), where
-# that is a failure.
+# that is a failure; MCPORTER_DAEMON_TEST_REAL_SERVERS=off skips them without a try.
 REAL_SERVERS_VAR = "MCPORTER_DAEMON_TEST_REAL_SERVERS"
 
 
 REAL_CACHE_VAR = "MCPORTER_DAEMON_TEST_CACHE"
+
+
+MCPORTER_VERSION = "0.12.3"  # the mcporter the interop tests install (README, "Working with mcporter")
 
 
 INSTALL_TIMEOUT = 600.0
@@ -6871,7 +6874,10 @@ def cached_install(name, install, check):
     ``install(dest)`` returns None or an error line; ``check(dest)`` returns the
     installed versions (a dict) or None when the install is unusable. A folder
     without its completion marker (an interrupted install) is redone.
+    ``MCPORTER_DAEMON_TEST_REAL_SERVERS=off`` skips these tests without fetching anything.
     """
+    if os.environ.get(REAL_SERVERS_VAR) == "off":
+        pytest.skip(f"{REAL_SERVERS_VAR}=off: real servers and mcporter are not fetched")
     cache = real_cache_dir()
     try:
         cache.mkdir(parents=True, exist_ok=True)
@@ -6952,13 +6958,14 @@ def npm_servers():
 
 @pytest.fixture(scope="session")
 def mcporter_cli():
-    """The mcporter CLI from npm (the TypeScript original), run with node."""
+    """The mcporter CLI from npm (the TypeScript original), run with node: the version the
+    README says the interop is tested against, pinned so that a new release cannot change
+    what "tested" means (a cache of another version is reinstalled)."""
     node, npm = require_node()
 
     def install(dest):
-        # @latest: npm would otherwise pick an older release whose `engines` fits this node.
         return run_install(
-            "npm install mcporter@latest",
+            f"npm install mcporter@{MCPORTER_VERSION}",
             [
                 npm,
                 "install",
@@ -6967,7 +6974,7 @@ def mcporter_cli():
                 "--no-audit",
                 "--no-fund",
                 "--loglevel=error",
-                "mcporter@latest",
+                f"mcporter@{MCPORTER_VERSION}",
             ],
             dest,
         )
@@ -6980,7 +6987,7 @@ def mcporter_cli():
             node_version = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=60)
         except (OSError, subprocess.TimeoutExpired):
             return None
-        if not version or version not in out.stdout:
+        if version != MCPORTER_VERSION or version not in out.stdout:
             return None
         return {"mcporter": version, "node": node_version.stdout.strip()}
 
