@@ -2376,7 +2376,7 @@ class _Takeover:
 
         def say(plan: str) -> None:
             if plan == _ESCALATE_REFUSE:
-                # Only the metadata's pid + start time proves it ours (hung is replaced); a daemon we cannot
+                # Only the metadata's pid + start time proves it ours (verified peer); a daemon we cannot
                 # verify is left alone. It loses its socket now and exits when it notices.
                 self.log.event(
                     f"stale daemon pid {pid} did not exit and cannot be verified; rebinding anyway"

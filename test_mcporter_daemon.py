@@ -2913,7 +2913,7 @@ def test_half_closed_caller_is_answered_and_a_closed_one_cancelled(h):
 #   owner_ours / owner_stopped: the metadata's pid is alive with the recorded start time, and
 #          the OS reports it stopped (state T). The bind guard asks for "stopped" only of an
 #          owner that is ours; a "stopped" owner that is not ours must be ignored all the same,
-#          since nothing is ever signalled on a pid that is not ours (hung is replaced).
+#          since nothing is ever signalled on a pid that is not ours (verified peer).
 PLAN_TAKEOVER_TABLE = [
     # probe, fresh, owner_ours, owner_stopped, plan
     ("live", False, False, False, "stop-then-bind"),  # stale stops first: stopped before rebind
