@@ -383,8 +383,8 @@ class Harness:
 
     def status(self):
         r = self.run("status", "--json")
-        assert r.rc == 0, r
         data = json.loads(r.out)
+        assert r.rc == (0 if data.get("running") else 3), r  # LSB: 3 is "not running"
         if data.get("running"):
             self.track(data.get("pid"))
             for s in data.get("servers") or []:
@@ -814,7 +814,8 @@ def ops_status(h, *prefix, env=None):
         r = h.run(*prefix, "status", "--json", env=env or ops_env(h), config=False)
     else:
         r = h.run("status", "--json", env=env or ops_env(h))
-    data = json.loads(ops_ok(r))
+    data = json.loads(r.out)
+    assert r.rc == (0 if data.get("running") else 3), r  # LSB: 3 is "not running"
     if data.get("running"):
         h.track(data.get("pid"))
         for s in data.get("servers") or []:
@@ -2977,9 +2978,11 @@ def test_plan_takeover_table(probe, fresh, owner_ours, owner_stopped, plan):
 
 def test_status_when_nothing_runs(h):
     r = h.run("status", "--json")
-    assert r.rc == 0, r
+    assert r.rc == 3, r  # LSB, as systemctl: 3 is "not running"
     data = json.loads(r.out)
     assert data["running"] is False
+    r = h.run("status")
+    assert r.rc == 3 and r.out.startswith("not running"), r
     assert h.daemon_pids() == set(), "status must not start a daemon"
     assert not h.socket_path.exists()
 
@@ -3328,7 +3331,7 @@ def test_stop_waits_out_its_timeout_before_escalating(h):
     daemon = running_status(h)["pid"]
     h.sigstop(daemon)
     env = dict(MCPORTER_DAEMON_PROBE_TIMEOUT_MS="200")
-    stopper = h.popen("stop", "--timeout", "20", **env)
+    stopper = h.popen("stop", "--timeout", "20s", **env)
     # Well past the 200 ms status probe: the old client had SIGKILLed it by now.
     time.sleep(2.0)  # a window in which nothing may happen, not a settle wait
     assert pid_alive(daemon) and pid_stopped(daemon), "stop signalled a daemon before its timeout"
@@ -3541,7 +3544,7 @@ def test_progress_frames_never_extend_a_call_past_its_timeout(h):
     script.write_text(HANG_HOST_SCRIPT.format(here=str(HERE)))
     host = h.popen_argv([sys.executable, script, h.cfg, h.tag], h.env())
     wait_until(lambda: h.status().get("pid") == host.pid, 20, message="the hanging host to serve")
-    r = h.run("call", "--timeout", "1", "demo.counter", timeout=15)
+    r = h.run("call", "--timeout", "1s", "demo.counter", timeout=15)
     assert r.rc == 1 and "Traceback" not in r.err, r
     assert r.elapsed < 1 + 3 + 1.5, f"waited {r.elapsed:.2f}s for a 1 s call: {r!r}"
     assert host.poll() is None, "the host must survive its caller giving up"
@@ -4018,10 +4021,9 @@ def test_request_content_never_reaches_a_shell(h):
     assert r.rc == 2 and "Traceback" not in r.err, r
     bad_tool = f"echo;touch {marks[6]}"
     r = h.run("call", f"demo.{bad_tool}")
-    assert r.rc == 1 and "Traceback" not in r.err, r
-    assert f"unknown tool: {bad_tool}" in r.out, r
+    assert_prompt_error(r, 2, f"unknown tool '{bad_tool}'")  # refused before the server is asked
     r = h.run("call", f"demo.$(touch {marks[7]})")
-    assert r.rc == 1 and "Traceback" not in r.err, r
+    assert r.rc == 2 and "Traceback" not in r.err, r
 
     sock = Path(h.meta()["socketPath"])
     resp, _, _ = raw_request(sock, "callTool", {"server": f"$(touch {marks[5]})", "tool": "echo"}, idle=10.0)
@@ -4045,7 +4047,7 @@ def test_call_timeout_fails_fast(h, how):
     ops_config(h, {"eph": ops_demo_entry(h, "ephemeral")})
     daemon = started_pid(h.run("start"))
     env = ops_env(h, MCPORTER_DAEMON_TIMEOUT_MS="1000") if how == "env" else ops_env(h)
-    flags = ("--timeout", "1") if how == "flag" else ()
+    flags = ("--timeout", "1s") if how == "flag" else ()
     for server in ("demo", "eph"):
         r = h.run("call", *flags, f"{server}.sleep", "seconds=5", env=env, timeout=20)
         assert r.rc == 1, r
@@ -4189,7 +4191,7 @@ def test_server_dying_mid_call_fails_the_call_at_once(h):
     runs = h.tmp / "grandchild.pid"
     ops_config(h, {"dying": misbehaving_entry(h, runs=runs)})
     first = int(call_ok(h, "dying.pid"))
-    r = h.run("call", "--timeout", "8", "dying.die", timeout=30)
+    r = h.run("call", "--timeout", "8s", "dying.die", timeout=30)
     grandchild = int(runs.read_text())
     h.track(grandchild)
     assert r.rc == 1, r
@@ -4207,9 +4209,9 @@ def test_server_that_stops_reading_fails_calls_within_their_timeout(h):
     assert call_ok(h, "demo.counter") == "1"
     big = "x" * 100_000  # two of them: more than a pipe holds, each under the argv limit
     t0 = time.monotonic()
-    first = h.popen("call", "--timeout", "2", "deaf.echo", f"a={big}", f"b={big}")
+    first = h.popen("call", "--timeout", "2s", "deaf.echo", f"a={big}", f"b={big}")
     deaf = wait_until(lambda: server_pid(h.status(), "deaf"), 10, message="the deaf server to start")
-    second = h.popen("call", "--timeout", "2", "deaf.echo", "text=small")
+    second = h.popen("call", "--timeout", "2s", "deaf.echo", "text=small")
     t1 = time.monotonic()
     # Another server of the same daemon is served meanwhile.
     r = h.run("call", "demo.counter")
@@ -4225,7 +4227,7 @@ def test_server_that_stops_reading_fails_calls_within_their_timeout(h):
         assert elapsed < 2 + 2.0, f"call failed after {elapsed:.2f}s (timeout 2 s): {err}"
     # The half-written frame broke that server: it is ended, and the next call starts another.
     wait_until(lambda: not pid_alive(deaf), 5, message=f"broken server {deaf} to be ended")
-    r = h.run("call", "--timeout", "1", "deaf.echo", "text=small")
+    r = h.run("call", "--timeout", "1s", "deaf.echo", "text=small")
     assert r.rc == 1 and "timed out" in r.err, r
     assert server_pid(h.status(), "deaf") not in (None, deaf)
 
@@ -4455,15 +4457,23 @@ def progress_lines(term):
 def test_progress_extends_the_stall_budget_but_never_the_timeout(h):
     assert call_ok(h, "demo.pid")
     # Progress every 0.4 s keeps a 2.4 s call alive under a 1 s stall budget.
-    r = h.run("call", "--stall-timeout", "1", "demo.progress", "steps=6", "delay=0.4")
+    r = h.run("call", "--stall-timeout", "1s", "demo.progress", "steps=6", "delay=0.4")
     assert r.rc == 0 and r.out.strip() == "done 6 steps", r
     # Silence (no answer, no progress) for the stall budget fails the call.
-    r = h.run("call", "--stall-timeout", "1", "demo.sleep", "seconds=8", timeout=20)
+    r = h.run("call", "--stall-timeout", "1s", "demo.sleep", "seconds=8", timeout=20)
     assert r.rc == 1 and "no progress" in r.err and len(r.err.strip().splitlines()) == 1, r
     assert r.elapsed < 1 + 2.0, r
     # Progress never carries a call past its --timeout.
     r = h.run(
-        "call", "--timeout", "2", "--stall-timeout", "1", "demo.progress", "steps=50", "delay=0.2", timeout=20
+        "call",
+        "--timeout",
+        "2s",
+        "--stall-timeout",
+        "1s",
+        "demo.progress",
+        "steps=50",
+        "delay=0.2",
+        timeout=20,
     )
     assert r.rc == 1 and "timed out after 2s" in r.err, r
     assert r.elapsed < 2 + 2.0, r
@@ -4608,6 +4618,9 @@ def one_error_line(r, rc, *needles):
         ({"enum": [1, 2]}, "2", 2),
         ({"type": "string", "enum": ["1", "2"]}, "1", "1"),
         ({"type": "integer", "enum": [1, 2]}, "2", 2),
+        ({"type": "array", "items": {"type": "string"}}, "one", ["one"]),  # a bare value: one item
+        ({"type": "array", "items": {"type": "string"}}, '["a", "b"]', ["a", "b"]),
+        ({"type": ["array", "null"], "items": {"type": "string"}}, "x y", ["x y"]),
     ],
 )
 def test_coerce_argument_table(prop, raw, expected):
@@ -4631,6 +4644,8 @@ def test_coerce_argument_table(prop, raw, expected):
         ({"type": "string", "enum": ["fast", "slow"]}, "medium", "parameter 'p' must be one of: fast, slow"),
         ({"type": "integer", "enum": [1, 2]}, "3", "must be one of: 1, 2"),
         ({"enum": [True]}, "1", "must be one of: true"),
+        ({"type": "array", "items": {"type": "integer"}}, "5", "expects a JSON array"),  # not strings
+        ({"type": "array", "items": {"type": "string"}}, "[oops", "expects a JSON array"),  # meant JSON
     ],
 )
 def test_coerce_argument_errors_table(prop, raw, message):
@@ -4687,6 +4702,103 @@ def test_call_arguments_follow_the_schema(h, lifecycle):
     one_error_line(h.run("call", f"{server}.typed", "mode=medium"), 2, "'mode'", "fast, slow", "medium")
     one_error_line(h.run("call", f"{server}.typed", "count=@missing.txt"), 2, "missing.txt")
     one_error_line(h.run("call", f"{server}.typed", "--args", "-", stdin="[1]"), 2, "JSON object")
+    if lifecycle == "keep-alive":
+        assert call_ok(h, "demo.counter") == "1", "a usage error must not cost the server its state"
+
+
+SCHEMA_ABC = {
+    "type": "object",
+    "properties": {
+        "firstName": {"type": "string"},
+        "dry_run": {"type": "boolean"},
+        "count": {"type": "integer"},
+    },
+}
+
+
+@pytest.mark.parametrize(
+    "raw, flags, positional, given, expected",
+    [
+        ({"count": "1"}, {}, [], (), {"count": "1"}),
+        ({}, {"first-name": "Ada"}, [], (), {"firstName": "Ada"}),  # kebab-case: the camelCase name
+        ({}, {"firstName": "Ada", "dry-run": "true"}, [], (), {"firstName": "Ada", "dry_run": "true"}),
+        ({}, {"dry_run": "false"}, [], (), {"dry_run": "false"}),
+        ({}, {}, ["Ada", "true", "3"], (), {"firstName": "Ada", "dry_run": "true", "count": "3"}),
+        ({"firstName": "Ada"}, {}, ["true"], (), {"firstName": "Ada", "dry_run": "true"}),  # named skipped
+        ({}, {"count": "2"}, ["Ada"], ("dry_run",), {"count": "2", "firstName": "Ada"}),  # --args skipped
+        ({"other": "x"}, {}, [], (), {"other": "x"}),  # a pair the schema lacks: sent as written
+    ],
+)
+def test_name_arguments_table(raw, flags, positional, given, expected):
+    md = _import_module()
+    assert md.name_arguments(raw, flags, positional, SCHEMA_ABC, "t", given) == expected
+
+
+@pytest.mark.parametrize(
+    "flags, positional, schema, message",
+    [
+        (
+            {"frist-name": "x"},
+            [],
+            SCHEMA_ABC,
+            "tool 't' has no parameter --frist-name (did you mean: first-name?)",
+        ),
+        ({"zzz": "x"}, [], SCHEMA_ABC, "its flags: --first-name, --dry-run, --count"),
+        ({"a": "x"}, [], None, "tool 't' has no parameter --a"),
+        ({}, ["a", "b", "c", "d"], SCHEMA_ABC, "4 positional value(s) for tool 't'"),
+        ({}, ["a"], None, "unnamed parameters in order are: none"),
+    ],
+)
+def test_name_arguments_errors_table(flags, positional, schema, message):
+    md = _import_module()
+    with pytest.raises(md.UsageError) as info:
+        md.name_arguments({}, flags, positional, schema, "t")
+    assert message in str(info.value) and "\n" not in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize(
+    "name, known, expected",
+    [
+        ("get_curent_time", ["get_current_time", "convert_time"], ["get_current_time"]),
+        ("get-current-time", ["get_current_time"], ["get_current_time"]),  # - for _
+        ("Echo", ["echo", "echoes", "sleep"], ["echo", "echoes"]),  # case first
+        ("countr", ["counter", "count", "pid"], ["counter", "count"]),
+        ("zzz", ["counter", "pid"], []),
+        ("a", ["ab", "ac", "ad", "ae"], ["ab", "ac", "ad"]),  # at most three
+        ("echo", ["echo"], []),  # never the name itself
+    ],
+)
+def test_suggest_names_table(name, known, expected):
+    assert _import_module().suggest_names(name, known) == expected
+
+
+@pytest.mark.parametrize("lifecycle", ["keep-alive", "ephemeral"])
+def test_call_forms_follow_the_schema(h, lifecycle):
+    """Every form mcporter accepts, typed by the schema as key=value is, mixed with options."""
+    ops_config(h, {"eph": ops_demo_entry(h, "ephemeral")})
+    server = "demo" if lifecycle == "keep-alive" else "eph"
+    want = {"text": "123", "count": 7, "flag": True, "tags": ["a"]}
+    for words in [
+        ("text=123", "count=7", "flag=true", "tags=a"),
+        ("text:123", "count:7", "flag: true", "tags:a"),
+        ("text:", "123", "count:", "7", "--flag", "true", "--tags", "a"),
+        ("--text=123", "--count", "7", "--flag=true", '--tags=["a"]'),
+        ("123", "7", "--flag", "true", "tags=a"),  # positional values: text, count in schema order
+        ("--output", "json", "text=123", "--timeout", "30s", "count=7", "--json", "flag=true", "tags=a"),
+    ]:
+        out = call_ok(h, f"{server}.typed", *words)
+        assert json.loads(out) == want, (words, out)
+    out = call_ok(h, f'{server}.typed(text: 123, count: 7, flag: true, tags: "a")', "--timeout", "30s")
+    assert json.loads(out) == want, out
+    out = call_ok(h, f'{server}.typed("123", 7, ratio=0.5)')
+    assert json.loads(out) == {"text": "123", "count": 7, "ratio": 0.5}, out
+    assert call_ok(h, f'{server}.echo(text: "a, b (c)")') == "a, b (c)"
+    assert call_ok(h, f"{server}.echo", "--", "--not-a-flag") == "--not-a-flag"
+    assert call_ok(h, f"{server}.echo", "https://example.com/x?y=1") == "https://example.com/x?y=1"
+    one_error_line(h.run("call", f"{server}.typed", "--cuont", "7"), 2, "--cuont", "did you mean: count")
+    one_error_line(h.run("call", f"{server}.echo", "a", "b"), 2, "2 positional value(s)", "text")
+    one_error_line(h.run("call", f"{server}.typed", "--count", "x"), 2, "'count'", "integer")
+    one_error_line(h.run("call", f"{server}.echo(text: 'x'"), 2, "closing ')'")
     if lifecycle == "keep-alive":
         assert call_ok(h, "demo.counter") == "1", "a usage error must not cost the server its state"
 
@@ -5545,12 +5657,12 @@ def test_ci_runs_the_readme_test_command():
     "args, named",
     [
         (("call", "nodot"), "'nodot' is not SERVER.TOOL"),
-        (("call", "demo.echo", "novalue"), "'novalue' is not key=value"),
+        (("call", "demo.echo", "--timeout", "5", "text=x"), "--timeout 5: write 5s or 5000"),
         (("call", "demo.echo", "--args", "{bad"), "--args is not valid JSON"),
         (("call", "nope.echo"), "unknown server 'nope'"),
         (("frobnicate",), "frobnicate"),
     ],
-    ids=["no-dot", "no-equals", "bad-args-json", "unknown-server", "unknown-command"],
+    ids=["no-dot", "ambiguous-duration", "bad-args-json", "unknown-server", "unknown-command"],
 )
 def test_usage_errors_are_one_line_exit_2(h, args, named):
     r = h.run(*args)
