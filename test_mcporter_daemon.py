@@ -6018,6 +6018,296 @@ def test_progress_text_table(update, width, expected):
     assert _import_module().progress_text(update, width) == expected
 
 
+@pytest.mark.parametrize(
+    "text, seconds",
+    [
+        ("500ms", 0.5),
+        ("30s", 30.0),
+        ("2m", 120.0),
+        ("1h", 3600.0),
+        ("1.5s", 1.5),
+        ("60000", 60.0),  # a bare number is milliseconds, as in mcporter
+        ("100", 0.1),
+        ("0", 0.0),
+        (" 5S ", 5.0),
+    ],
+)
+def test_parse_duration_table(text, seconds):
+    assert _import_module().parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("5", "--timeout 5: write 5s or 5000"),  # it meant seconds before: refused, not 5 ms
+        ("99", "write 99s or 99000"),
+        ("2.5", "write 2.5s or 2500"),
+        ("abc", "not a duration"),
+        ("-5s", "not a duration"),
+        ("5x", "not a duration"),
+        ("nan", "not a duration"),
+        ("inf", "not a duration"),
+        ("ms", "not a duration"),
+    ],
+)
+def test_parse_duration_errors_table(text, message):
+    md = _import_module()
+    with pytest.raises(md.UsageError) as info:
+        md.parse_duration(text, "--timeout")
+    assert message in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize(
+    "words, target, pairs, flags, positional, options",
+    [
+        (["s.t", "k=v"], "s.t", {"k": "v"}, {}, [], {}),
+        (["s.t", "--json", "k=v"], "s.t", {"k": "v"}, {}, [], {"json": True}),
+        (["--timeout", "5s", "s.t", "k=v"], "s.t", {"k": "v"}, {}, [], {"timeout": 5.0}),
+        (["s.t", "k=v", "--timeout=2m", "--output", "json"], "s.t", {"k": "v"}, {}, [], {"timeout": 120.0}),
+        (
+            ["s.t", "a:1", "b: two words", "c:", "3"],
+            "s.t",
+            {"a": "1", "b": "two words", "c": "3"},
+            {},
+            [],
+            {},
+        ),
+        (["s.t", "k=a:b", "u:x=y"], "s.t", {"k": "a:b", "u": "x=y"}, {}, [], {}),  # first separator
+        (["s.t", "--first-name", "Ada", "--n=1"], "s.t", {}, {"first-name": "Ada", "n": "1"}, [], {}),
+        (["s.t", "--n", "-5"], "s.t", {}, {"n": "-5"}, [], {}),  # a flag's value may start with -
+        (["s.t", "x", "http://h/p", "2"], "s.t", {}, {}, ["x", "http://h/p", "2"], {}),
+        (["s.t", "--", "--json", "a=b"], "s.t", {"a": "b"}, {}, ["--json"], {"json": False}),
+        (['s.t(a: 1, b: "x, y", 3)'], "s.t", {"a": "1", "b": "x, y"}, {}, ["3"], {}),
+        (["s.t(a:", "1,", "b=[1,", "2])"], "s.t", {"a": "1", "b": "[1, 2]"}, {}, [], {}),  # shell-split
+        (["s.t(\"it's\", 'say \\'hi\\'')"], "s.t", {}, {}, ["it's", "say 'hi'"], {}),
+        (["my.srv.t()", "--progress"], "my.srv.t", {}, {}, [], {"progress": True}),
+    ],
+)
+def test_parse_call_line_table(words, target, pairs, flags, positional, options):
+    args = _import_module().parse_call_line(words)
+    assert args.target == target
+    assert args.forms.as_tuple() == (pairs, flags, positional)
+    for name, value in options.items():
+        assert getattr(args, name) == value, name
+
+
+@pytest.mark.parametrize(
+    "words, message",
+    [
+        ([], "call needs SERVER.TOOL"),
+        (["s.t", "--timeout"], "--timeout needs a value"),
+        (["s.t", "--count"], "--count needs a value"),
+        (["s.t", "--json=yes"], "--json takes no value"),
+        (["s.t", "--output", "yaml"], "choose one of text, markdown, json, raw"),
+        (["s.t(a: 1"], "closing ')'"),
+        (["s.t(a: 'x)"], "unbalanced quote"),
+        (["s.t(a: [1)"], "unbalanced brackets"),
+        (["s.t(a: 1,, b: 2)"], "empty argument"),
+        (["s.t", "--stall-timeout", "3"], "--stall-timeout 3: write 3s or 3000"),
+    ],
+)
+def test_parse_call_line_errors_table(words, message):
+    md = _import_module()
+    with pytest.raises(md.UsageError) as info:
+        md.parse_call_line(words)
+    assert message in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize(
+    "target, servers, expected",
+    [
+        ("demo.echo", ["demo"], ("demo", "echo")),
+        ("my.srv.tool", ["my.srv", "other"], ("my.srv", "tool")),
+        ("my.srv.tool", ["other"], ("my", "srv.tool")),  # no configured name fits: first dot
+        ("a.b.c.d", ["a.b.c"], ("a.b.c", "d")),
+        ("demo.x.y", ["demo"], ("demo", "x.y")),  # a tool name may hold dots too
+    ],
+)
+def test_resolve_target_table(target, servers, expected):
+    assert _import_module().resolve_target(target, servers) == expected
+
+
+@pytest.mark.parametrize(
+    "target, servers, message",
+    [
+        ("my.srv.tool", ["my", "my.srv"], "server 'my.srv' tool 'tool', or server 'my' tool 'srv.tool'"),
+        ("nodot", ["nodot"], "'nodot' is not SERVER.TOOL"),
+        ("demo.", ["demo"], "'demo.' is not SERVER.TOOL"),
+    ],
+)
+def test_resolve_target_errors_table(target, servers, message):
+    md = _import_module()
+    with pytest.raises(md.UsageError) as info:
+        md.resolve_target(target, servers)
+    assert message in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize(
+    "result, expected",
+    [
+        ({"content": [{"type": "text", "text": "{}"}], "structuredContent": {"a": 1}}, {"a": 1}),
+        ({"content": [{"type": "text", "text": '{"b": [1]}'}]}, {"b": [1]}),
+        ({"content": [{"type": "text", "text": "1"}, {"type": "text", "text": "[2]"}]}, [1, [2]]),
+        ({"content": [{"type": "text", "text": "not json"}]}, "ENVELOPE"),
+        ({"content": [{"type": "image", "data": "", "mimeType": "image/png"}]}, "ENVELOPE"),
+        ({"content": [], "isError": True}, "ENVELOPE"),
+    ],
+)
+def test_json_view_table(result, expected):
+    view = _import_module().json_view(result)
+    assert view == (result if expected == "ENVELOPE" else expected)
+
+
+def test_durations_are_written_as_mcporter_writes_them(h):
+    ops_config(h, {"eph": ops_demo_entry(h, "ephemeral")})
+    for server in ("demo", "eph"):
+        # 500 ms, not the 500 s the old reading gave: the call fails fast.
+        r = h.run("call", f"{server}.sleep", "seconds=5", "--timeout", "500ms", timeout=20)
+        assert r.rc == 1 and "timed out" in r.err and r.elapsed < 4.0, r
+        r = h.run("call", f"{server}.sleep", "seconds=5", MCPORTER_CALL_TIMEOUT="700", timeout=20)
+        assert r.rc == 1 and "timed out" in r.err and r.elapsed < 4.0, r
+        # A bare number is milliseconds: 60000 is a minute, plenty for a short sleep.
+        assert call_ok(h, f"{server}.sleep", "seconds=0.2", "--timeout", "60000") == "slept 0.2"
+    # The flag wins over the environment.
+    r = h.run("call", "demo.sleep", "seconds=0.2", "--timeout", "1m", MCPORTER_CALL_TIMEOUT="100", timeout=20)
+    assert r.rc == 0, r
+    for words in (("call", "demo.counter", "--timeout", "5"), ("stop", "--timeout", "20")):
+        assert_prompt_error(h.run(*words), 2, f"--timeout {words[-1]}: write {words[-1]}s or")
+    assert_prompt_error(h.run("call", "demo.counter", "--stall-timeout", "2"), 2, "write 2s or 2000")
+    daemon = running_status(h)["pid"]
+    r = h.run("stop", "--timeout", "2s")
+    assert r.rc == 0 and f"stopped (pid {daemon})" in r.out, r
+
+
+def test_unknown_names_say_did_you_mean_and_never_run_another(h):
+    ops_config(h, {"demo2": ops_demo_entry(h)})
+    assert call_ok(h, "demo.counter") == "1"
+    line = one_error_line(h.run("call", "demo.countr"), 2, "unknown tool 'countr'", "did you mean: counter")
+    assert "\n" not in line
+    one_error_line(h.run("call", "dmeo.counter"), 2, "unknown server 'dmeo'", "did you mean: demo, demo2?")
+    one_error_line(h.run("call", "zzz.counter"), 2, "unknown server 'zzz'", "configured: demo, demo2")
+    one_error_line(h.run("call", "demo.zzzzzz"), 2, "unknown tool 'zzzzzz'")
+    one_error_line(h.run("frobnicat"), 2, "unknown command 'frobnicat'")
+    one_error_line(h.run("stauts"), 2, "did you mean: status")
+    assert call_ok(h, "demo.counter") == "2", "a misspelt tool must never run another one"
+
+
+def test_dotted_server_names_resolve_against_the_config(h):
+    data = h.config_data()
+    data["mcpServers"]["my.srv"] = data["mcpServers"].pop("demo")
+    h.write_config(data)
+    assert call_ok(h, "my.srv.counter") == "1"
+    assert call_ok(h, "my.srv.echo", "text=dotted") == "dotted"
+    assert ops_ok(h.run("list", "my.srv")).startswith("my.srv.counter()")
+    data["mcpServers"]["my"] = ops_demo_entry(h)
+    h.write_config(data)
+    one_error_line(h.run("call", "my.srv.counter"), 2, "ambiguous", "server 'my.srv' tool 'counter'")
+
+
+def test_output_modes(h):
+    md = _import_module()
+    assert json.loads(call_ok(h, "demo.structured", "--output", "json")) == {
+        "answer": 42,
+        "items": ["a", "b"],
+    }
+    assert json.loads(call_ok(h, "demo.typed", "count=3", "--output", "json")) == {"count": 3}
+    echo = json.loads(call_ok(h, "demo.echo", "text=plain words", "--output", "json"))
+    assert echo == {"content": [{"type": "text", "text": "plain words"}], "isError": False}, echo
+    for flag in (("--output", "raw"), ("--json",)):
+        assert json.loads(call_ok(h, "demo.media", *flag)) == md._DEMO_CONTENT["media"]
+    assert call_ok(h, "demo.echo", "text=hi", "--output", "text") == "hi"
+    markdown = call_ok(h, "demo.links", "--output", "markdown")
+    assert "[counter](demo://counter)" in markdown and "```\na note\n```" in markdown, markdown
+    assert call_ok(h, "demo.structured", "--output", "markdown").startswith("```json\n{")
+    r = h.run("call", "demo.fail", "--output", "json")
+    assert r.rc == 1 and json.loads(r.out)["isError"] is True, r
+    # list and resources take --output too: json and raw are their --json.
+    for words in (("list",), ("list", "demo"), ("resources", "demo")):
+        assert json.loads(ops_ok(h.run(*words, "--output", "json"))) == json.loads(
+            ops_ok(h.run(*words, "--json"))
+        ), words
+    assert ops_ok(h.run("list", "demo", "--output", "text")) == ops_ok(h.run("list", "demo"))
+    r = h.run("resources", "demo", "demo://counter", "-o", h.tmp / "c.txt")
+    assert r.rc == 0 and (h.tmp / "c.txt").exists(), r
+
+
+def test_aliases_as_mcporter_spells_them(h):
+    assert call_ok(h, "demo.counter") == "1"
+    assert ops_ok(h.run("resource", "demo")) == ops_ok(h.run("resources", "demo"))
+    st = json.loads(ops_ok(h.run("daemon", "status", "--json")))
+    assert st["running"] is True
+    r = h.run("daemon", "stop")
+    assert r.rc == 0 and f"stopped (pid {st['pid']})" in r.out, r
+    r = h.run("daemon", "status")
+    assert r.rc == 3 and r.out.startswith("not running"), r
+    r = h.run("daemon", "start")
+    assert r.rc == 0 and r.out.startswith("started (pid"), r
+    r = h.run("daemon", "restart")
+    assert r.rc == 0 and "started (pid" in r.out, r
+    one_error_line(h.run("daemon", "frob"), 2, "daemon takes one of: start, stop, status, restart")
+    help_text = ops_ok(h.run("--help"))
+    for word in ("start", "stop", "status", "call", "list", "resources", "prompts", "doctor", "daemon"):
+        assert f"    {word}" in help_text, word
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_ephemeral_call_ended_by_a_signal_ends_its_server(h, sig):
+    """``timeout 5 call …`` or a closed terminal: the server's group goes too, and the exit
+    status is the signal's (128 + N), as for Ctrl-C."""
+    ops_config(h, {"eph": ops_demo_entry(h, "ephemeral")})
+    p = h.popen("call", "eph.sleep", "seconds=60")
+    server = wait_until(lambda: next(iter(h.server_pids()), None), 20, message="the ephemeral server")
+    time.sleep(0.3)  # not a settle wait: lets the call reach the server (the signal may land anywhere)
+    p.send_signal(sig)
+    assert ops_wait_exit(p, 15) == 128 + sig, read_file(p.err_path)
+    assert f"terminated by signal {int(sig)}" in read_file(p.err_path)
+    wait_until(lambda: not pid_alive(server), 5, message=f"ephemeral server {server} to be ended")
+    h.expect_no_leftovers = True
+
+
+FOREIGN_DAEMON = """
+import json, os, socket, sys
+path, config = sys.argv[1], sys.argv[2]
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.bind(path)
+s.listen(8)
+print("ready", flush=True)
+while True:
+    conn, _ = s.accept()
+    data = b""
+    while not data.endswith(b"\\n") and b"}" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    req = json.loads(data.decode().splitlines()[0])
+    # mcporter 0.12's status: no fingerprint, no metadata of ours.
+    result = {"pid": os.getpid(), "protocolVersion": 2, "startedAt": 0, "configPath": config,
+              "socketPath": path, "servers": []}
+    conn.sendall((json.dumps({"id": req.get("id"), "ok": True, "result": result}) + "\\n").encode())
+    conn.close()
+"""
+
+
+def test_status_exits_3_when_not_running_and_names_a_foreign_daemon(h):
+    assert h.run("status").rc == 3
+    assert call_ok(h, "demo.counter") == "1"
+    r = h.run("status")
+    assert r.rc == 0 and r.out.startswith("running (pid"), r
+    ops_ok(h.run("stop"))
+    assert h.run("status", "--json").rc == 3
+    script = h.tmp / "foreign.py"
+    script.write_text(FOREIGN_DAEMON)
+    foreign = h.popen_argv([sys.executable, script, h.socket_path, h.cfg], h.env())
+    wait_until(lambda: "ready" in read_file(foreign.out_path), 10, message="the foreign daemon to listen")
+    r = h.run("status")
+    assert r.rc == 3, r
+    assert "a daemon that is not ours (mcporter's daemon, pid" in r.out and str(foreign.pid) in r.out, r
+    data = json.loads(h.run("status", "--json").out)
+    assert data["running"] is False and str(foreign.pid) in data["foreignDaemon"], data
+    foreign.kill()
+
+
 # ##########################################################################################
 # Real MCP servers and the real mcporter CLI (installed once, cached).
 # ##########################################################################################
