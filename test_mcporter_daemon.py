@@ -6253,15 +6253,17 @@ def test_aliases_as_mcporter_spells_them(h):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
 def test_ephemeral_call_ended_by_a_signal_ends_its_server(h, sig):
     """``timeout 5 call …`` or a closed terminal: the server's group goes too, and the exit
-    status is the signal's (128 + N), as for Ctrl-C."""
+    status is the signal's (128 + N), as for Ctrl-C. The server ignores stdin EOF, as some do:
+    only ending its group ends it."""
+    h.use_stubborn_server()
     ops_config(h, {"eph": ops_demo_entry(h, "ephemeral")})
     p = h.popen("call", "eph.sleep", "seconds=60")
     server = wait_until(lambda: next(iter(h.server_pids()), None), 20, message="the ephemeral server")
     time.sleep(0.3)  # not a settle wait: lets the call reach the server (the signal may land anywhere)
     p.send_signal(sig)
+    wait_until(lambda: not pid_alive(server), 10, message=f"ephemeral server {server} to be ended")
     assert ops_wait_exit(p, 15) == 128 + sig, read_file(p.err_path)
     assert f"terminated by signal {int(sig)}" in read_file(p.err_path)
-    wait_until(lambda: not pid_alive(server), 5, message=f"ephemeral server {server} to be ended")
     h.expect_no_leftovers = True
 
 
