@@ -4305,7 +4305,7 @@ def suggest_names(name: str, known: Iterable[str], limit: int = 3) -> List[str]:
     return [c for c in out if c != name][:limit]
 
 
-def did_you_mean(name: str, known: Iterable[str]) -> str:
+def _did_you_mean(name: str, known: Iterable[str]) -> str:
     """`` (did you mean: a, b?)`` for the names closest to ``name``; empty when none is close."""
     close = suggest_names(name, known)
     return f" (did you mean: {', '.join(close)}?)" if close else ""
@@ -4340,7 +4340,7 @@ def name_arguments(
         prop = by_flag.get(flag) or by_flag.get(_flag_name(flag))
         if prop is None:
             flags_known = [_flag_name(p) for p in props]
-            hint = did_you_mean(flag, flags_known) or (
+            hint = _did_you_mean(flag, flags_known) or (
                 f" (its flags: {', '.join('--' + f for f in flags_known)})" if props else ""
             )
             raise UsageError(f"tool '{tool}' has no parameter --{flag}{hint}")
@@ -4362,7 +4362,7 @@ def _check_tool_known(tools: List[Any], tool: str) -> None:
     """An unknown tool is a UsageError naming the closest ones: it is never auto-corrected."""
     names: List[str] = [t["name"] for t in tools if isinstance(t, dict) and isinstance(t.get("name"), str)]
     if names and tool not in names:
-        raise UsageError(f"unknown tool '{tool}'{did_you_mean(tool, names) or ' (see: list SERVER)'}")
+        raise UsageError(f"unknown tool '{tool}'{_did_you_mean(tool, names) or ' (see: list SERVER)'}")
 
 
 def call_arguments(
@@ -4393,7 +4393,7 @@ def call_arguments(
     return dict(typed, **coerce_arguments(named, schema))
 
 
-def raw_forms_param(params: Dict[str, Any]) -> Tuple[Dict[str, str], List[str]]:
+def _raw_forms_param(params: Dict[str, Any]) -> Tuple[Dict[str, str], List[str]]:
     """A ``callTool`` request's ``rawFlags`` (object of strings) and ``rawPositional`` (list of
     strings): the command-line forms only the tool's schema can name."""
     flags = params.get("rawFlags") or {}
@@ -4647,7 +4647,7 @@ class McpKeepAliveService:
         raw = _param(params, "rawArgs", dict, "an object of strings", required=False) or {}
         if not all(isinstance(v, str) for v in raw.values()):
             raise HandlerError("param 'rawArgs' must be an object of strings", "bad_request")
-        flags, positional = raw_forms_param(params)
+        flags, positional = _raw_forms_param(params)
         timeout = _timeout_param(params)
         stall = _stall_param(params)
 
@@ -5388,7 +5388,9 @@ def _nothing_to_keep_warm(cfg: Config) -> Optional[str]:
 def _server_spec(cfg: Config, name: str) -> ServerSpec:
     spec = cfg.servers.get(name)
     if spec is None:
-        hint = did_you_mean(name, cfg.servers) or f" (configured: {', '.join(sorted(cfg.servers)) or 'none'})"
+        hint = (
+            _did_you_mean(name, cfg.servers) or f" (configured: {', '.join(sorted(cfg.servers)) or 'none'})"
+        )
         raise ConfigError(f"unknown server '{name}' in {cfg.path}{hint}")
     if spec.url is not None:
         raise ConfigError(
@@ -5514,7 +5516,7 @@ def _run_ephemeral(spec: ServerSpec, action: Callable[[McpStdioClient], Any], ti
             client.close()
 
 
-class Terminated(BaseException):
+class _Terminated(BaseException):
     """SIGTERM or SIGHUP arrived: unwinds like Ctrl-C, so the server's group is ended on the
     way out; ``main`` then exits 128 + the signal number, as a shell reports the death."""
 
@@ -5525,7 +5527,7 @@ class Terminated(BaseException):
 
 class _ended_by_signals:
     """While an ephemeral server runs, SIGTERM (``timeout 5 …``) and SIGHUP (a closed terminal)
-    raise ``Terminated`` instead of killing this process with the server left running. An
+    raise ``_Terminated`` instead of killing this process with the server left running. An
     ignored signal (``nohup``) stays ignored."""
 
     def __enter__(self) -> None:
@@ -5552,7 +5554,7 @@ def _raise_terminated(signum: int, _frame: Any) -> None:
     for sig in (signal.SIGTERM, signal.SIGHUP):  # once: a second signal must not cut the cleanup
         if signal.getsignal(sig) is _raise_terminated:
             signal.signal(sig, signal.SIG_IGN)
-    raise Terminated(signum)
+    raise _Terminated(signum)
 
 
 def _via_daemon_or_ephemeral(
@@ -5807,7 +5809,7 @@ def _args_json(args_json: Optional[str]) -> Dict[str, Any]:
     return parsed
 
 
-class CallForms:
+class _CallForms:
     """A call's arguments as the command line wrote them, before the tool's schema names and
     types them: ``key=value`` pairs, ``--flag value`` flags, and positional values."""
 
@@ -5826,7 +5828,7 @@ def _is_key(text: str) -> bool:
     return bool(text) and not text[0].isdigit() and all(c.isalnum() or c in "_-." for c in text)
 
 
-def split_pair(word: str) -> Optional[Tuple[str, str]]:
+def _split_pair(word: str) -> Optional[Tuple[str, str]]:
     """``key=value``, ``key:value`` or ``key: value`` as (key, value); None for a positional
     value. The first of ``=`` and ``:`` separates; a URL (``http://…``) stays a value."""
     cut = min((i for i in (word.find("="), word.find(":")) if i > 0), default=-1)
@@ -5878,7 +5880,7 @@ def _unquote(text: str) -> str:
     return text
 
 
-def parse_call_expression(text: str, forms: CallForms) -> str:
+def _parse_call_expression(text: str, forms: _CallForms) -> str:
     """``server.tool(a: 1, b: "x", 3)``: the target, with its arguments added to ``forms``
     (``name: value`` or ``name=value`` pairs, else positional values; quotes only group)."""
     target, _, rest = text.partition("(")
@@ -5895,7 +5897,7 @@ def parse_call_expression(text: str, forms: CallForms) -> str:
             if end < len(body):
                 raise UsageError(f"'{text}': an empty argument between commas")
             continue
-        pair = None if item[0] in "\"'[{" else split_pair(item)
+        pair = None if item[0] in "\"'[{" else _split_pair(item)
         if pair is None:
             forms.positional.append(_unquote(item))
         else:
@@ -5937,11 +5939,11 @@ class _Namespace:
 
 def parse_call_line(words: List[str]) -> Any:
     """``call``'s command line, options and arguments in any order: the options as attributes,
-    ``target`` (SERVER.TOOL as written) and ``forms`` (a CallForms). ``--`` ends the options."""
+    ``target`` (SERVER.TOOL as written) and ``forms`` (a _CallForms). ``--`` ends the options."""
     ns: Any = _Namespace(
         **{dest: (False if not takes else None) for dest, takes, _, _ in _CALL_OPTIONS.values()}
     )
-    forms = CallForms()
+    forms = _CallForms()
     target: Optional[str] = None
     i, options = 0, True
     while i < len(words):
@@ -5975,9 +5977,9 @@ def parse_call_line(words: List[str]) -> Any:
                 while i < len(words) and not target.rstrip().endswith(")"):  # split by the shell
                     target, i = target + " " + words[i], i + 1
             if "(" in target:
-                target = parse_call_expression(target, forms)
+                target = _parse_call_expression(target, forms)
             continue
-        pair = split_pair(word)
+        pair = _split_pair(word)
         if pair is not None and pair[1] == "" and word.endswith(":") and i < len(words):
             pair, i = (pair[0], words[i]), i + 1  # key: value, as two words
         if pair is None:
@@ -6206,7 +6208,7 @@ def json_view(result: Dict[str, Any]) -> Any:
     return parsed if parsed else result
 
 
-def markdown_lines(result: Dict[str, Any], saved: Optional[Dict[int, str]] = None) -> List[str]:
+def _markdown_lines(result: Dict[str, Any], saved: Optional[Dict[int, str]] = None) -> List[str]:
     """``--output markdown``: each block for reading, as Markdown (media as images or links,
     embedded resources and structured content fenced)."""
     saved = saved or {}
@@ -6242,13 +6244,13 @@ def _print_result(result: Dict[str, Any], output: str, saved: Dict[int, str]) ->
         for path in saved.values():
             print(f"[mcporter] saved {path}", file=sys.stderr)
         return
-    lines = markdown_lines(result, saved) if output == "markdown" else content_lines(result, saved)
+    lines = _markdown_lines(result, saved) if output == "markdown" else content_lines(result, saved)
     if lines:
         print(_printable(("\n\n" if output == "markdown" else "\n").join(lines)))
 
 
 def cmd_call(args: Any) -> int:
-    forms: CallForms = args.forms
+    forms: _CallForms = args.forms
     typed = _args_json(args.args)
     cfg = _load(args)
     server, tool = resolve_target(args.target, cfg.servers)
@@ -6855,11 +6857,11 @@ def _command_word(words: List[str]) -> Tuple[str, List[str]]:
     word = _ALIASES.get(word, word)
     if word not in _COMMANDS:
         known = list(_COMMANDS) + list(_ALIASES) + ["daemon"]
-        raise UsageError(f"unknown command '{word}'{did_you_mean(word, known)} (see {_PROG} --help)")
+        raise UsageError(f"unknown command '{word}'{_did_you_mean(word, known)} (see {_PROG} --help)")
     return word, rest
 
 
-def parse_command_line(argv: List[str]) -> Any:
+def _parse_command_line(argv: List[str]) -> Any:
     """The parsed command line: the global options, then one command's own parser (``call``'s
     is hand-written, so options and tool arguments mix in any order)."""
     found: Dict[str, Optional[str]] = {"config": None, "root": None}
@@ -6928,7 +6930,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if argv[:1] == ["_demo-server"]:
             # Internal, so kept out of the parser (and out of its "choose from" list).
             return _demo_server_main()
-        args = parse_command_line(argv)
+        args = _parse_command_line(argv)
         code = int(args.func(args) or 0)
         sys.stdout.flush()  # here, not at exit: a closed pipe must surface where it is handled
         return code
@@ -6942,7 +6944,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         line = f"{_PROG}: {exc}"
         print(_host_line(line) if as_host else line, file=sys.stderr)
         return exc.exit_code
-    except Terminated as exc:
+    except _Terminated as exc:
         try:  # after SIGHUP the terminal may be gone
             print(f"{_PROG}: terminated by signal {exc.signum}", file=sys.stderr)
         except OSError:
