@@ -1319,6 +1319,30 @@ BAD_INPUT_CASES = [
         "t4",
     ),
     (
+        "callTool rawFlags of numbers",
+        _req_line(
+            {
+                "id": "t4f",
+                "method": "callTool",
+                "params": {"server": "demo", "tool": "echo", "rawFlags": {"a": 1}},
+            }
+        ),
+        "bad_request",
+        "t4f",
+    ),
+    (
+        "callTool rawPositional not a list of strings",
+        _req_line(
+            {
+                "id": "t4p",
+                "method": "callTool",
+                "params": {"server": "demo", "tool": "echo", "rawPositional": [1]},
+            }
+        ),
+        "bad_request",
+        "t4p",
+    ),
+    (
         "readResource uri=7",
         _req_line({"id": "t5", "method": "readResource", "params": {"server": "demo", "uri": 7}}),
         "bad_request",
