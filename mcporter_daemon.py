@@ -5743,11 +5743,11 @@ class _ProgressLine:
     _CLEAR = "\r\x1b[K"
 
     def __init__(self, enabled: bool) -> None:
-        import threading
+        import _thread  # not threading: a warm call through the daemon needs no thread
 
         self.enabled = enabled
         self.shown = ""
-        self.lock = threading.Lock()
+        self.lock = _thread.allocate_lock()
 
     def show(self, update: Dict[str, Any]) -> None:
         if not self.enabled:

@@ -8450,6 +8450,7 @@ def bench_cli_calls(h, md):
     rows["cold"] = [cold() for _ in range(30)]
     rows["warm_script"] = bench_times(lambda: bench_run_ok(argv_script, env, HERE), 30)
     rows["warm_module"] = bench_times(lambda: bench_run_ok(argv_module, env, HERE), 30)
+    rows["floor"] = bench_times(lambda: bench_run_ok([sys.executable, "-c", "pass"], env, HERE), 30)
     return rows
 
 
@@ -8586,6 +8587,12 @@ def test_benchmark(h, monkeypatch):
         ("warm call, `python3 -m mcporter_daemon call`", bench_ms(cli["warm_module"]), ""),
         ('bare `python3 -c "import mcporter_daemon"`', bench_ms(cli["bare"]), ""),
         ("warm call ÷ bare import (-m / script)", f"{warm_m / bare:.2f}× / {warm_s / bare:.2f}×", "≤ 1.5×"),
+        (
+            "warm call (-m) over `python3 -c pass`",
+            f"+{(warm_m - statistics.median(cli['floor'])) * 1000:.1f} ms "
+            f"({warm_m / statistics.median(cli['floor']):.2f}×)",
+            "≤ +8 ms",
+        ),
         (
             "compiling the module (a script run pays it)",
             bench_ms(compile_s),
