@@ -7324,6 +7324,24 @@ def test_mcporter_cli_sees_and_stops_our_daemon(hx, mcporter_cli):
         assert r.elapsed < 5, f"mcporter waited {r.elapsed:.1f}s for our daemon's answer: {r!r}"
 
 
+def test_status_names_mcporters_own_daemon_and_exits_3(hx, mcporter_cli):
+    """mcporter's daemon serving our socket is not ours: `status` says so, and exits 3."""
+    h = hx
+    r = h.run("daemon", "start", argv=mcporter_argv(h, mcporter_cli), env=mcporter_env(h), timeout=60)
+    assert r.rc == 0 and "Daemon started" in r.out, r
+    theirs = json.loads(h.meta_path.read_text())["pid"]
+    h.track(theirs)
+    try:
+        r = h.run("status")
+        assert r.rc == 3, r
+        assert f"a daemon that is not ours (mcporter's daemon, pid {theirs}" in r.out, r
+        data = json.loads(h.run("status", "--json").out)
+        assert data["running"] is False and f"pid {theirs}" in data["foreignDaemon"], data
+    finally:
+        h.run("daemon", "stop", argv=mcporter_argv(h, mcporter_cli), env=mcporter_env(h), timeout=60)
+    wait_until(lambda: not pid_alive(theirs), 10, message=f"mcporter's daemon {theirs} to exit")
+
+
 def test_our_foreground_daemon_replaces_live_mcporter_daemon(hx, mcporter_cli):
     h = hx
     r = h.run("daemon", "start", argv=mcporter_argv(h, mcporter_cli), env=mcporter_env(h), timeout=60)
