@@ -7108,6 +7108,8 @@ def _command_word(words: List[str]) -> Tuple[str, List[str]]:
     """(command, its arguments): aliases and ``daemon VERB`` resolved."""
     word, rest = words[0], words[1:]
     if word == "daemon":
+        if rest[:1] in (["-h"], ["--help"]):
+            _build_parser().parse_args(["--help"])  # prints the commands, exits 0
         if not rest or rest[0] not in _DAEMON_VERBS:
             raise UsageError(f"daemon takes one of: {', '.join(_DAEMON_VERBS)} (see {_PROG} --help)")
         word, rest = rest[0], rest[1:]
