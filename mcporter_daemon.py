@@ -6242,8 +6242,6 @@ def parse_call_line(words: List[str]) -> Any:
             continue
         if options and word.startswith("--") and len(word) > 2:
             flag, eq, inline = word.partition("=")
-            if not eq and i >= len(words) and flag not in _CALL_OPTIONS:
-                raise UsageError(f"{flag} needs a value")
             option = _CALL_OPTIONS.get(flag)
             if option is not None and not option[1]:
                 if eq:
