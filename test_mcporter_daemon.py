@@ -1275,7 +1275,7 @@ def test_read_only_state_dir_is_named_in_one_line(h):
             r = h.run(*words, argv=argv, env=env, cwd=top)
             assert_prompt_error(r, 2, str(state), "read-only")
         r = h.run("status", argv=argv, env=env, cwd=top)
-        assert r.rc == 0 and r.out.startswith("not running"), r
+        assert r.rc == 3 and r.out.startswith("not running"), r  # LSB: 3 is "not running"
         assert os.listdir(str(state)) == []
     finally:
         if state.exists():
