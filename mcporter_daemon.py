@@ -14,15 +14,16 @@ the commands. Each section below opens with a banner saying what it owns. In fil
     _JsonRpcChannel, McpStdioClient) -> tool arguments -> keep-alive service (_OPERATIONS,
     _KeptServer, McpKeepAliveService) -> demo server -> service files -> CLI, main() last.
 
-One warm ``call demo.counter``. The CLI process: main -> cmd_call (load_config, the pairs
-as rawArgs) -> _via_daemon_or_ephemeral -> DaemonClient.request -> ensure (verified_status)
--> _send -> exchange: one JSON line out, progress frames and one answer back. The daemon:
+One warm ``call demo.counter``. The CLI process: main -> _parse_command_line (one command's
+parser) -> cmd_call (load_config, resolve_target, the arguments as text) ->
+_via_daemon_or_ephemeral -> DaemonClient.request -> ensure (verified_status) -> _send ->
+exchange: one JSON line out, progress frames and one answer back. The daemon:
 _accept -> _worker -> _Connection.handle -> _read_request -> _dispatch -> _run_handler (the
 work on its own thread; progress frames; _CallerWatch) -> McpKeepAliveService.handle
 (_OPERATIONS["callTool"]: read, check) -> _KeptServer.use -> live_client -> _call_tool
 -> McpStdioClient.call_tool -> _JsonRpcChannel.request (send with a deadline, _wait_answer,
 answered by the reader thread's _dispatch) -> _Exchange.answer. Back in the CLI:
-result_or_raise -> content_lines -> stdout.
+result_or_raise -> _print_result -> stdout.
 
 Where each invariant (README, "Invariants") is kept:
    1 one daemon: DaemonClient.ensure (spawn lock, re-check), _Takeover.run (bind lock)
@@ -4827,12 +4828,19 @@ def _in_enum(value: Any, allowed: List[Any]) -> bool:
     return any(_same_json(value, v) for v in allowed)
 
 
+def _array_of_strings(prop: Any) -> bool:
+    """Whether a property is an array whose items are strings (a bare value is then one item)."""
+    items = prop.get("items") if isinstance(prop, dict) else None
+    return "array" in _schema_types(prop) and "string" in _schema_types(items)
+
+
 def coerce_argument(name: str, raw: str, prop: Any) -> Any:
     """The value to send for ``name=raw`` given the property's schema (None: no schema).
 
     A ``string`` property (also in a list such as ["string", "null"]) takes the text as
     written; other types are parsed, and text that does not parse is a UsageError naming the
-    parameter and the type; a value outside an ``enum`` is a UsageError naming the choices."""
+    parameter and the type; a value outside an ``enum`` is a UsageError naming the choices.
+    A bare value (not a JSON array) for an array of strings is sent as a one-item array."""
     types = _schema_types(prop)
     known = [k for k in types if k == "string" or k in _EXPECTED]
     allowed = prop.get("enum") if isinstance(prop, dict) and isinstance(prop.get("enum"), list) else None
@@ -4846,6 +4854,8 @@ def coerce_argument(name: str, raw: str, prop: Any) -> Any:
             if ok:
                 break
         else:
+            if _array_of_strings(prop) and not raw.lstrip().startswith("["):
+                return [raw]
             shown = raw if len(raw) <= 40 else raw[:37] + "..."
             expected = " or ".join(_EXPECTED[k] for k in known)
             raise UsageError(f"parameter '{name}' expects {expected}, got {shown!r}")
@@ -4869,20 +4879,116 @@ def tool_input_schema(tools: List[Any], tool: str) -> Optional[Dict[str, Any]]:
     return None
 
 
+def suggest_names(name: str, known: Iterable[str], limit: int = 3) -> List[str]:
+    """Up to ``limit`` of ``known`` closest to ``name`` (a typo, other case, ``-`` for ``_``),
+    best first. Suggestions only: nothing is ever run under a name the user did not write."""
+    import difflib
+
+    def norm(text: str) -> str:
+        return text.lower().replace("-", "_")
+
+    by_norm: Dict[str, List[str]] = {}
+    for candidate in known:
+        by_norm.setdefault(norm(candidate), []).append(candidate)
+    out: List[str] = list(by_norm.get(norm(name), []))
+    matcher = difflib.SequenceMatcher()
+    matcher.set_seq2(norm(name))
+    scored = []
+    for i, key in enumerate(by_norm):  # difflib's own ranking, ties in the order given
+        matcher.set_seq1(key)
+        if matcher.real_quick_ratio() >= 0.6 and matcher.quick_ratio() >= 0.6 and matcher.ratio() >= 0.6:
+            scored.append((-matcher.ratio(), i, key))
+    for _, _, key in sorted(scored):
+        out += [c for c in by_norm[key] if c not in out]
+    return [c for c in out if c != name][:limit]
+
+
+def _did_you_mean(name: str, known: Iterable[str]) -> str:
+    """`` (did you mean: a, b?)`` for the names closest to ``name``; empty when none is close."""
+    close = suggest_names(name, known)
+    return f" (did you mean: {', '.join(close)}?)" if close else ""
+
+
+def _flag_name(prop: str) -> str:
+    """The flag mcporter derives from a property name: ``dryRun`` and ``dry_run`` are ``dry-run``."""
+    spelled = "".join("-" + c.lower() if c.isupper() else "-" if c == "_" else c for c in prop)
+    return "-".join(part for part in spelled.split("-") if part)
+
+
+def name_arguments(
+    raw: Dict[str, str],
+    flags: Dict[str, str],
+    positional: List[str],
+    input_schema: Any,
+    tool: str,
+    given: Iterable[str] = (),
+) -> Dict[str, str]:
+    """Every command-line form as ``{property: text}``: ``key=value`` pairs as written, then
+    ``--flag value`` matched to a property (``--dry-run`` is ``dryRun`` or ``dry_run``; a flag
+    the schema lacks is a UsageError), then positional values in the schema's property order,
+    skipping properties already named (``given``: those of ``--args``)."""
+    props = input_schema.get("properties") if isinstance(input_schema, dict) else None
+    props = props if isinstance(props, dict) else {}
+    named = dict(raw)
+    by_flag: Dict[str, str] = {}
+    for prop in props:
+        by_flag.setdefault(prop, prop)
+        by_flag.setdefault(_flag_name(prop), prop)
+    for flag, value in flags.items():
+        prop = by_flag.get(flag) or by_flag.get(_flag_name(flag))
+        if prop is None:
+            flags_known = [_flag_name(p) for p in props]
+            hint = _did_you_mean(flag, flags_known) or (
+                f" (its flags: {', '.join('--' + f for f in flags_known)})" if props else ""
+            )
+            raise UsageError(f"tool '{tool}' has no parameter --{flag}{hint}")
+        named[prop] = value
+    if positional:
+        taken = set(named) | set(given)
+        free = [p for p in props if p not in taken]
+        if len(positional) > len(free):
+            order = ", ".join(free) or "none"
+            raise UsageError(
+                f"{len(positional)} positional value(s) for tool '{tool}', but its unnamed parameters "
+                f"in order are: {order}; name the values (key=value)"
+            )
+        named.update(zip(free, positional))
+    return named
+
+
+def _check_tool_known(tools: List[Any], tool: str) -> None:
+    """An unknown tool is a UsageError naming the closest ones: it is never auto-corrected."""
+    names: List[str] = [t["name"] for t in tools if isinstance(t, dict) and isinstance(t.get("name"), str)]
+    if names and tool not in names:
+        raise UsageError(f"unknown tool '{tool}'{_did_you_mean(tool, names) or ' (see: list SERVER)'}")
+
+
 def call_arguments(
-    typed: Dict[str, Any], raw: Dict[str, str], tool: str, list_tools: Callable[[], List[Any]]
+    typed: Dict[str, Any],
+    raw: Dict[str, str],
+    tool: str,
+    list_tools: Callable[[], List[Any]],
+    flags: Optional[Dict[str, str]] = None,
+    positional: Optional[List[str]] = None,
 ) -> Dict[str, Any]:
-    """``typed`` (from ``--args``) with the ``key=value`` pairs coerced on top; the tool list is
-    asked for only when there are pairs to coerce."""
-    if not raw:
-        return typed
+    """``typed`` (from ``--args``) with the command line's forms (``key=value`` pairs,
+    ``--flag value``, positional values) named and coerced on top, by the tool's schema.
+
+    The tool list (cached by the daemon) is always read: an unknown tool is refused with the
+    closest names before anything runs. A server that answers tools/list with an error has
+    no schemas: pairs are then typed as before, and flags or positional values are refused."""
     try:
         tools = list_tools()
     except McpError as exc:
         if exc.rpc_code is None:
             raise
         tools = []  # it answered tools/list with an error: no schemas, values typed as before
-    return dict(typed, **coerce_arguments(raw, tool_input_schema(tools, tool)))
+    _check_tool_known(tools, tool)
+    if not raw and not flags and not positional:
+        return typed
+    schema = tool_input_schema(tools, tool)
+    named = name_arguments(raw, flags or {}, positional or [], schema, tool, typed)
+    return dict(typed, **coerce_arguments(named, schema))
 
 
 # ##########################################################################################
@@ -4942,7 +5048,13 @@ _PER_REQUEST = "per-request"  # each MCP request it sends (each page of a list) 
 _START = "start"  # the new server's spawn and handshake
 _CLOSE = "close"  # the close's grace steps: half of it each, never more than a normal close
 
-_JSON_KINDS: Dict[str, Any] = {"string": str, "object": dict, "number": (int, float), "boolean": bool}
+_JSON_KINDS: Dict[str, Any] = {
+    "string": str,
+    "object": dict,
+    "array": list,
+    "number": (int, float),
+    "boolean": bool,
+}
 
 
 class _Param:
@@ -4960,11 +5072,8 @@ class _Param:
         """The value in ``params`` (None when absent and optional); HandlerError when mistyped."""
         value = _param(params, self.name, _JSON_KINDS[self.kind], self.what, self.required)
         wanted = _JSON_KINDS.get(self.values or "")
-        if (
-            value is not None
-            and wanted is not None
-            and not all(isinstance(v, wanted) for v in value.values())
-        ):
+        items = value.values() if isinstance(value, dict) else value
+        if value is not None and wanted is not None and not all(isinstance(v, wanted) for v in items):
             raise HandlerError(f"param '{self.name}' must be {self.what}", "bad_request")
         return value
 
@@ -5042,9 +5151,13 @@ class _Operation:
 
 
 def _call_tool(client: McpStdioClient, args: Dict[str, Any], opts: _CallOptions) -> Any:
-    """``rawArgs`` (text pairs from a command line) are typed by the tool's cached schema."""
+    """``rawArgs`` (text pairs from a command line), ``rawFlags`` and ``rawPositional`` are
+    named and typed by the tool's cached schema."""
     typed, raw, tool = args["args"] or {}, args["rawArgs"] or {}, args["tool"]
-    full = call_arguments(typed, raw, tool, lambda: client.tools(_CallOptions(opts.timeout)))
+    flags, positional = args["rawFlags"] or {}, args["rawPositional"] or []
+    full = call_arguments(
+        typed, raw, tool, lambda: client.tools(_CallOptions(opts.timeout)), flags, positional
+    )
     return client.call_tool(tool, full, opts)
 
 
@@ -5082,6 +5195,8 @@ _OPERATIONS: Dict[str, _Operation] = {
                 _Param("tool", "string", "a tool name", required=True),
                 _Param("args", "object", "an object"),
                 _Param("rawArgs", "object", "an object of strings", values="string"),
+                _Param("rawFlags", "object", "an object of strings", values="string"),
+                _Param("rawPositional", "array", "a list of strings", values="string"),
                 _Param("stallTimeoutMs", "number", "a number of milliseconds"),
                 # The caller's values of the server's ${VAR}s, hashed (env_hash): the daemon
                 # says when it runs the server with others.
@@ -6085,10 +6200,10 @@ def _nothing_to_keep_warm(cfg: Config) -> Optional[str]:
 def _server_spec(cfg: Config, name: str) -> ServerSpec:
     spec = cfg.servers.get(name)
     if spec is None:
-        known = ", ".join(sorted(cfg.servers)) or "none"
-        raise ConfigError(
-            f"unknown server '{name}' in {cfg.path} (configured: {known})" + _no_config_hint(cfg)
+        hint = (
+            _did_you_mean(name, cfg.servers) or f" (configured: {', '.join(sorted(cfg.servers)) or 'none'})"
         )
+        raise ConfigError(f"unknown server '{name}' in {cfg.path}{hint}" + _no_config_hint(cfg))
     if spec.url is not None:
         raise ConfigError(
             f"server '{name}' is an HTTP server ({spec.url}); this tool runs stdio servers only"
@@ -6111,9 +6226,14 @@ def _no_config_hint(cfg: Config) -> str:
 
 
 def _timeout_seconds(args: Any) -> float:
+    """``--timeout``, else (for ``call``) ``MCPORTER_CALL_TIMEOUT`` as mcporter reads it, else
+    ``MCPORTER_DAEMON_TIMEOUT_MS``; all in milliseconds."""
     if getattr(args, "timeout", None):
         return float(args.timeout)
-    return _env_seconds("MCPORTER_DAEMON_TIMEOUT_MS", _DEFAULT_CALL_TIMEOUT)
+    default = _env_seconds("MCPORTER_DAEMON_TIMEOUT_MS", _DEFAULT_CALL_TIMEOUT)
+    if getattr(args, "command", None) == "call":
+        return _env_seconds("MCPORTER_CALL_TIMEOUT", default)
+    return default
 
 
 def _print_json(value: Any) -> None:
@@ -6177,12 +6297,12 @@ class _ProgressLine:
     _CLEAR = "\r\x1b[K"
 
     def __init__(self, enabled: bool, server: str = "") -> None:
-        import threading
+        import _thread  # not threading: a warm call through the daemon needs no thread
 
         self.enabled = enabled
         self.server = server
         self.shown = ""
-        self.lock = threading.Lock()
+        self.lock = _thread.allocate_lock()
         self.starting_since: Optional[float] = None
 
     def show(self, update: Dict[str, Any]) -> None:
@@ -6243,12 +6363,54 @@ def _run_ephemeral(
     opts = op.options(args, on_progress=line.show if line else None)
     run = op.run
     assert run is not None
-    client = McpStdioClient(spec.name, spec.command, env=spec.env, cwd=spec.cwd, log=lambda line: None)
-    _start_showing(client, spec, line)
-    try:
-        return op.shown(spec, run(client, args, opts))
-    finally:
-        client.close()
+    with _ended_by_signals():
+        client = McpStdioClient(spec.name, spec.command, env=spec.env, cwd=spec.cwd, log=lambda line: None)
+        _start_showing(client, spec, line)
+        try:
+            return op.shown(spec, run(client, args, opts))
+        finally:
+            client.close()
+
+
+class _Terminated(BaseException):
+    """SIGTERM or SIGHUP arrived: unwinds like Ctrl-C, so the server's group is ended on the
+    way out; ``main`` then exits 128 + the signal number, as a shell reports the death."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+class _ended_by_signals:
+    """While an ephemeral server runs, SIGTERM (``timeout 5 …``) and SIGHUP (a closed terminal)
+    raise ``_Terminated`` instead of killing this process with the server left running. An
+    ignored signal (``nohup``) stays ignored."""
+
+    def __enter__(self) -> None:
+        import signal
+        import threading
+
+        self.saved: Dict[int, Any] = {}
+        if threading.current_thread() is not threading.main_thread():
+            return  # only the main thread may set handlers (a vendored caller's thread)
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            if signal.getsignal(sig) == signal.SIG_DFL:
+                self.saved[sig] = signal.signal(sig, _raise_terminated)
+
+    def __exit__(self, *exc: Any) -> None:
+        import signal
+
+        for sig, handler in self.saved.items():
+            signal.signal(sig, handler)
+
+
+def _raise_terminated(signum: int, _frame: Any) -> None:
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # once: a second signal must not cut the cleanup
+        if signal.getsignal(sig) is _raise_terminated:
+            signal.signal(sig, signal.SIG_IGN)
+    raise _Terminated(signum)
 
 
 def _start_showing(client: McpStdioClient, spec: ServerSpec, line: Optional[_ProgressLine]) -> None:
@@ -6405,12 +6567,20 @@ def cmd_status(args: Any) -> int:
             "servers",
         ):
             out[key] = status.get(key)
+    foreign = _foreign_daemon(client) if status is None else None
+    if foreign:
+        out["foreignDaemon"] = foreign
     if args.json:
         _print_json(out)
-        return 0
+        return _STATUS_RUNNING if out["running"] else _STATUS_NOT_RUNNING
     if not out["running"]:
-        print(f"not running (config {cfg.path})")
-        return 0
+        if foreign:
+            print(
+                f"not running: a daemon that is not ours ({foreign}) serves this config (config {cfg.path})"
+            )
+        else:
+            print(f"not running (config {cfg.path})")
+        return _STATUS_NOT_RUNNING
     started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(out["startedAt"] / 1000))
     print(
         f"running (pid {out['pid']}), {'fresh' if out['fresh'] else 'stale: config changed'}, since {started}"
@@ -6419,7 +6589,25 @@ def cmd_status(args: Any) -> int:
     for s in out["servers"] or []:
         state = f"connected (pid {s.get('pid')})" if s.get("connected") else "idle"
         print(f"  - {s.get('name')}: {state}{_health_text(s.get('health'))}")
-    return 0
+    return _STATUS_RUNNING
+
+
+# ``status`` exits as LSB init scripts and ``systemctl status`` do, so scripts can ask.
+_STATUS_RUNNING = 0
+_STATUS_NOT_RUNNING = 3
+
+
+def _foreign_daemon(client: DaemonClient) -> Optional[str]:
+    """Who else answers on our socket for this config (mcporter's own daemon, say), in
+    words; None when nothing live does. Only asked once our own daemon did not verify."""
+    recorded = RecordedDaemon.read(client.paths.metadata)
+    if recorded is not None and recorded.is_ours():
+        return None  # ours, but hung or stopping: asking again would only wait once more
+    probe = probe_live_daemon(client.paths.socket, client.probe_timeout)
+    if probe.kind != _PROBE_LIVE:
+        return None
+    who = "mcporter's daemon" if "fingerprint" not in probe.status else "another daemon"
+    return f"{who}, pid {probe.pid}, protocol {probe.status.get('protocolVersion', '?')}"
 
 
 def _health_text(health: Any) -> str:
@@ -6487,30 +6675,245 @@ def _pair_value(key: str, value: str) -> str:
         raise UsageError(f"argument '{key}': {path} is not UTF-8 text") from None
 
 
-def _parse_call_args(pairs: List[str], args_json: Optional[str]) -> Tuple[Dict[str, Any], Dict[str, str]]:
-    """(``--args`` as given, ``key=value`` pairs as text): the pairs are typed later, by the
-    tool's schema, where the tool list is at hand. ``--args -`` reads the object from stdin."""
-    typed: Dict[str, Any] = {}
-    if args_json:
-        text = sys.stdin.read() if args_json == "-" else args_json
-        where = "stdin (--args -)" if args_json == "-" else "--args"
+def _args_json(args_json: Optional[str]) -> Dict[str, Any]:
+    """``--args`` as given (typed as written); ``--args -`` reads the object from stdin."""
+    if not args_json:
+        return {}
+    text = sys.stdin.read() if args_json == "-" else args_json
+    where = "stdin (--args -)" if args_json == "-" else "--args"
+    try:
+        parsed = json.loads(text)
+    except ValueError as exc:
+        raise UsageError(f"{where} is not valid JSON: {exc}") from None
+    if not isinstance(parsed, dict):
+        raise UsageError(f"{where} must be a JSON object")
+    return parsed
+
+
+class _CallForms:
+    """A call's arguments as the command line wrote them, before the tool's schema names and
+    types them: ``key=value`` pairs, ``--flag value`` flags, and positional values."""
+
+    __slots__ = ("pairs", "flags", "positional")
+
+    def __init__(self) -> None:
+        self.pairs: Dict[str, str] = {}
+        self.flags: Dict[str, str] = {}
+        self.positional: List[str] = []
+
+    def as_tuple(self) -> Tuple[Dict[str, str], Dict[str, str], List[str]]:
+        return self.pairs, self.flags, self.positional
+
+
+def _is_key(text: str) -> bool:
+    return bool(text) and not text[0].isdigit() and all(c.isalnum() or c in "_-." for c in text)
+
+
+def _split_pair(word: str) -> Optional[Tuple[str, str]]:
+    """``key=value``, ``key:value`` or ``key: value`` as (key, value); None for a positional
+    value. The first of ``=`` and ``:`` separates; a URL (``http://…``) stays a value."""
+    cut = min((i for i in (word.find("="), word.find(":")) if i > 0), default=-1)
+    if cut < 0 or not _is_key(word[:cut]):
+        return None
+    value = word[cut + 1 :]
+    if word[cut] == ":":
+        if value.startswith("//"):
+            return None
+        value = value.lstrip(" ")
+    return word[:cut], value
+
+
+def _literal_end(text: str, i: int) -> int:
+    """Where the argument starting at ``text[i]`` ends: the next top-level comma (or the end),
+    past quoted strings and bracketed JSON."""
+    depth, quote = 0, ""
+    while i < len(text):
+        c = text[i]
+        if quote:
+            if c == "\\":
+                i += 1
+            elif c == quote:
+                quote = ""
+        elif c in "\"'":
+            quote = c
+        elif c in "[{(":
+            depth += 1
+        elif c in "]})":
+            depth -= 1
+        elif c == "," and depth == 0:
+            return i
+        i += 1
+    if quote or depth:
+        raise UsageError(f"unbalanced {'quote' if quote else 'brackets'} in the call's arguments: {text!r}")
+    return i
+
+
+def _unquote(text: str) -> str:
+    """A quoted literal's text (JSON escapes in double quotes; ``\\'`` in single quotes);
+    anything else as written."""
+    if len(text) >= 2 and text[0] == text[-1] == '"':
         try:
-            parsed = json.loads(text)
-        except ValueError as exc:
-            raise UsageError(f"{where} is not valid JSON: {exc}") from None
-        if not isinstance(parsed, dict):
-            raise UsageError(f"{where} must be a JSON object")
-        typed.update(parsed)
-    raw: Dict[str, str] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise UsageError(f"argument '{pair}' is not key=value")
-        raw[key] = _pair_value(key, value)
-    return typed, raw
+            return str(json.loads(text))
+        except ValueError:
+            raise UsageError(f"bad string literal {text}") from None
+    if len(text) >= 2 and text[0] == text[-1] == "'":
+        return text[1:-1].replace("\\'", "'").replace("\\\\", "\\")
+    return text
 
 
-def _split_target(target: str) -> Tuple[str, str]:
+def _parse_call_expression(text: str, forms: _CallForms) -> str:
+    """``server.tool(a: 1, b: "x", 3)``: the target, with its arguments added to ``forms``
+    (``name: value`` or ``name=value`` pairs, else positional values; quotes only group)."""
+    target, _, rest = text.partition("(")
+    body = rest.rstrip()
+    if not body.endswith(")"):
+        raise UsageError(f"'{text}': the function-call form needs a closing ')'")
+    body = body[:-1]
+    i = 0
+    while i < len(body):
+        end = _literal_end(body, i)
+        item = body[i:end].strip()
+        i = end + 1
+        if not item:
+            if end < len(body):
+                raise UsageError(f"'{text}': an empty argument between commas")
+            continue
+        pair = None if item[0] in "\"'[{" else _split_pair(item)
+        if pair is None:
+            forms.positional.append(_unquote(item))
+        else:
+            forms.pairs[pair[0]] = _unquote(pair[1].strip())
+    return target.strip()
+
+
+# call's own options: flag -> (attribute, takes a value, metavar, help). Any other ``--flag``
+# names a tool parameter. One table for the parser and for ``call --help``.
+_CALL_OPTIONS: Dict[str, Tuple[str, bool, Optional[str], str]] = {
+    "--args": ("args", True, "JSON", "arguments as a JSON object ('-' reads it from stdin)"),
+    "--timeout": (
+        "timeout",
+        True,
+        "DURATION",
+        "500ms, 30s, 2m; a bare number is ms (default 60s, or MCPORTER_CALL_TIMEOUT ms)",
+    ),
+    "--stall-timeout": (
+        "stall_timeout",
+        True,
+        "DURATION",
+        "fail when the server sends nothing (no answer, no progress) for this long; "
+        "progress restarts it, never past --timeout",
+    ),
+    "--output": ("output", True, "FORMAT", "text (default), markdown, json (the structured value), raw"),
+    "--json": ("json", False, None, "print the whole result as JSON (= --output raw)"),
+    "--save-images": ("save_images", True, "DIR", "write image and audio blocks to files in DIR"),
+    "--progress": ("progress", False, None, "show server progress on stderr also when it is not a TTY"),
+}
+_OUTPUT_FORMATS = ("text", "markdown", "json", "raw")
+
+
+class _Namespace:
+    """The parsed command line (argparse's Namespace, without importing argparse)."""
+
+    def __init__(self, **values: Any) -> None:
+        self.__dict__.update(values)
+
+
+def parse_call_line(words: List[str]) -> Any:
+    """``call``'s command line, options and arguments in any order: the options as attributes,
+    ``target`` (SERVER.TOOL as written) and ``forms`` (a _CallForms). ``--`` ends the options."""
+    ns: Any = _Namespace(
+        **{dest: (False if not takes else None) for dest, takes, _, _ in _CALL_OPTIONS.values()}
+    )
+    forms = _CallForms()
+    target: Optional[str] = None
+    i, options = 0, True
+    while i < len(words):
+        word = words[i]
+        i += 1
+        if options and word == "--":
+            options = False
+            continue
+        if options and word.startswith("--") and len(word) > 2:
+            flag, eq, inline = word.partition("=")
+            option = _CALL_OPTIONS.get(flag)
+            if option is not None and not option[1]:
+                if eq:
+                    raise UsageError(f"{flag} takes no value")
+                setattr(ns, option[0], True)
+                continue
+            if not eq:
+                if i >= len(words):
+                    raise UsageError(f"{flag} needs a value")
+                inline, i = words[i], i + 1
+            if option is not None:
+                setattr(ns, option[0], inline)
+            else:
+                forms.flags[flag[2:]] = inline
+            continue
+        if target is None:
+            target = word
+            if "(" in word and not word.rstrip().endswith(")"):
+                while i < len(words) and not target.rstrip().endswith(")"):  # split by the shell
+                    target, i = target + " " + words[i], i + 1
+            if "(" in target:
+                target = _parse_call_expression(target, forms)
+            continue
+        pair = _split_pair(word)
+        if pair is not None and pair[1] == "" and word.endswith(":") and i < len(words):
+            pair, i = (pair[0], words[i]), i + 1  # key: value, as two words
+        if pair is None:
+            forms.positional.append(word)
+        else:
+            forms.pairs[pair[0]] = _pair_value(pair[0], pair[1])
+    if target is None:
+        raise UsageError("call needs SERVER.TOOL")
+    ns.target, ns.forms = target, forms
+    ns.timeout = parse_duration(ns.timeout, "--timeout") if ns.timeout is not None else None
+    if ns.stall_timeout is not None:
+        ns.stall_timeout = parse_duration(ns.stall_timeout, "--stall-timeout")
+    if ns.output is not None and ns.output not in _OUTPUT_FORMATS:
+        raise UsageError(f"--output {ns.output}: choose one of {', '.join(_OUTPUT_FORMATS)}")
+    ns.json = ns.json or ns.output in ("json", "raw")  # an error then prints as JSON too
+    return ns
+
+
+# Longest first: "ms" must not read as "m" followed by junk.
+_DURATION_UNITS = (("ms", 0.001), ("s", 1.0), ("m", 60.0), ("h", 3600.0))
+_AMBIGUOUS_BELOW_MS = 100  # a bare 5 was seconds before mcporter's milliseconds
+
+
+def parse_duration(text: str, flag: str = "--timeout") -> float:
+    """Seconds, from mcporter's spelling: ``500ms``, ``30s``, ``2m`` (and ``1h``); a bare
+    number is milliseconds. A bare number below 100 is refused as ambiguous, with the fix."""
+    word = text.strip().lower()
+    scale = None
+    for unit, factor in _DURATION_UNITS:
+        if word.endswith(unit):
+            word, scale = word[: -len(unit)].strip(), factor
+            break
+    try:
+        value = float(word)
+    except ValueError:
+        value = -1.0
+    if not (0 <= value < float("inf")) or not word[:1].isdigit() and not word.startswith("."):
+        raise UsageError(f"{flag} {text}: not a duration (write 500ms, 30s or 2m)")
+    if scale is None:
+        if 0 < value < _AMBIGUOUS_BELOW_MS:
+            raise UsageError(f"{flag} {text}: write {text.strip()}s or {_number(value * 1000)}")
+        scale = 0.001
+    return value * scale
+
+
+def resolve_target(target: str, servers: Iterable[str]) -> Tuple[str, str]:
+    """(server, tool) of ``SERVER.TOOL``: the configured name followed by a dot (server names
+    may hold dots). Two configured names that both fit are ambiguous: a UsageError naming
+    both readings. No configured name fits: the text before the first dot."""
+    fits = sorted((n for n in servers if target.startswith(n + ".") and len(target) > len(n) + 1), key=len)
+    if len(fits) > 1:
+        readings = ", or ".join(f"server '{n}' tool '{target[len(n) + 1 :]}'" for n in reversed(fits))
+        raise UsageError(f"'{target}' is ambiguous: {readings}; rename one server in the config")
+    if fits:
+        return fits[0], target[len(fits[0]) + 1 :]
     server, dot, tool = target.partition(".")
     if not dot or not server or not tool:
         raise UsageError(f"'{target}' is not SERVER.TOOL")
@@ -6662,18 +7065,87 @@ def resource_bytes(result: Dict[str, Any]) -> bytes:
     return bytes(out)
 
 
+def json_view(result: Dict[str, Any]) -> Any:
+    """``--output json``, as mcporter: ``structuredContent``, else the text content parsed as
+    JSON (one value, or a list when each of several blocks parses), else the whole result."""
+    if result.get("structuredContent") is not None:
+        return result["structuredContent"]
+    blocks = result.get("content")
+    texts = [
+        b["text"]
+        for b in (blocks if isinstance(blocks, list) else [])
+        if isinstance(b, dict) and b.get("type") == "text" and isinstance(b.get("text"), str)
+    ]
+    parsed = []
+    for text in texts:
+        try:
+            parsed.append(json.loads(text))
+        except ValueError:
+            return result
+    if len(parsed) == 1:
+        return parsed[0]
+    return parsed if parsed else result
+
+
+def _markdown_lines(result: Dict[str, Any], saved: Optional[Dict[int, str]] = None) -> List[str]:
+    """``--output markdown``: each block for reading, as Markdown (media as images or links,
+    embedded resources and structured content fenced)."""
+    saved = saved or {}
+    blocks = result.get("content")
+    out: List[str] = []
+    has_text = False
+    for i, item in enumerate(blocks if isinstance(blocks, list) else []):
+        if not isinstance(item, dict):
+            continue
+        kind = item.get("type")
+        has_text = has_text or kind == "text"
+        if kind in ("image", "audio") and i in saved:
+            out.append(f"![{kind}]({saved[i]})" if kind == "image" else f"[{kind}]({saved[i]})")
+        elif kind == "resource_link":
+            out.append(f"[{item.get('name') or item.get('uri')}]({item.get('uri')})")
+        elif kind == "resource" and isinstance((item.get("resource") or {}).get("text"), str):
+            res = item["resource"]
+            out.append(f"**{res.get('uri')}**\n```\n{res['text'].rstrip()}\n```")
+        elif kind == "text":
+            out.append(str(item.get("text", "")))
+        else:
+            out.append(f"*{_block_text(item)}*")
+    if not has_text and result.get("structuredContent") is not None:
+        out.append(
+            "```json\n" + json.dumps(result["structuredContent"], indent=2, ensure_ascii=False) + "\n```"
+        )
+    return out
+
+
+def _print_result(result: Dict[str, Any], output: str, saved: Dict[int, str]) -> None:
+    if output in ("raw", "json"):
+        _print_json(result if output == "raw" else json_view(result))
+        for path in saved.values():
+            print(f"[mcporter] saved {path}", file=sys.stderr)
+        return
+    lines = _markdown_lines(result, saved) if output == "markdown" else content_lines(result, saved)
+    if lines:
+        print(_printable(("\n\n" if output == "markdown" else "\n").join(lines)))
+
+
 def cmd_call(args: Any) -> int:
-    server, tool = _split_target(args.target)
-    typed, raw = _parse_call_args(args.pairs, args.args)
+    forms: _CallForms = args.forms
+    typed = _args_json(args.args)
     cfg = _load(args)
+    server, tool = resolve_target(args.target, cfg.servers)
     spec = _server_spec(cfg, server)
     if not spec.allows_tool(tool):
         raise ConfigError(spec.tool_refusal(tool))
     stall = args.stall_timeout if args.stall_timeout and args.stall_timeout > 0 else None
-    # The daemon types the pairs itself with its cached tool list: one request, no extra trip.
+    raw, flags, positional = forms.as_tuple()
+    # The daemon names and types the forms itself with its cached tool list: one request.
     params: Dict[str, Any] = {"tool": tool, "args": typed}
     if raw:
         params["rawArgs"] = raw
+    if flags:
+        params["rawFlags"] = flags
+    if positional:
+        params["rawPositional"] = positional
     if spec.env_refs:  # so the daemon can say when it runs the server with other values
         params["envHashes"] = {var: env_hash(value) for var, value in spec.env_refs.items()}
     if stall:
@@ -6684,14 +7156,7 @@ def cmd_call(args: Any) -> int:
     finally:
         line.erase()  # before any result or error line, which would otherwise overwrite it
     saved = save_media(result, args.save_images, tool) if args.save_images else {}
-    if args.json:
-        _print_json(result)
-        for path in saved.values():
-            print(f"[mcporter] saved {path}", file=sys.stderr)
-    else:
-        lines = content_lines(result, saved)
-        if lines:
-            print(_printable("\n".join(lines)))
+    _print_result(result, args.output or ("raw" if args.json else "text"), saved)
     return 1 if result.get("isError") else 0
 
 
@@ -7271,93 +7736,213 @@ def _demo_cleanup(paths: DaemonPaths) -> None:
 # -- parsing ----------------------------------------------------------------------------------
 
 
-def _build_parser() -> Any:
+def _parser(prog: str, description: str) -> Any:
     import argparse
 
     class Parser(argparse.ArgumentParser):
         def error(self, message: str) -> Any:  # one clear line, exit 2
             raise UsageError(f"{message} (see {_PROG} --help)")
 
-    p = Parser(prog=_PROG, description="Keep MCP stdio servers warm behind one daemon per config.")
-    p.add_argument("--config", help="config file (default: discovered as mcporter does)")
-    p.add_argument("--root", help="project root holding config/mcporter.json (default: cwd)")
-    p.add_argument("--version", action="version", version=f"{_PROG} {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    return Parser(prog=prog, description=description)
 
-    def start_flags(sp: Any) -> None:
-        sp.add_argument("--foreground", action="store_true", help="run the daemon in this process")
-        sp.add_argument("--log", action="store_true", help="trace every call in the log")
-        sp.add_argument("--log-file", help="log to this file (0600, rotated at 10 MB)")
-        sp.add_argument("--log-servers", help="trace calls of these servers (CSV)")
 
-    sp = sub.add_parser("start", help="start the daemon (detached unless --foreground)")
-    start_flags(sp)
+def _duration(flag: str) -> Callable[[str], float]:
+    return lambda text: parse_duration(text, flag)
+
+
+def _start_args(sp: Any) -> None:
+    sp.add_argument("--foreground", action="store_true", help="run the daemon in this process")
+    sp.add_argument("--log", action="store_true", help="trace every call in the log")
+    sp.add_argument("--log-file", help="log to this file (0600, rotated at 10 MB)")
+    sp.add_argument("--log-servers", help="trace calls of these servers (CSV)")
     sp.set_defaults(func=cmd_start)
-    sp = sub.add_parser("restart", help="stop, then start; or restart one kept SERVER inside the daemon")
+
+
+def _restart_args(sp: Any) -> None:
     sp.add_argument("server", nargs="?", metavar="SERVER", help="restart just this kept server")
-    start_flags(sp)
+    _start_args(sp)
     sp.set_defaults(func=cmd_restart)
-    sp = sub.add_parser("close", help="close one kept SERVER inside the daemon")
+
+
+def _close_args(sp: Any) -> None:
     sp.add_argument("server", metavar="SERVER")
     sp.set_defaults(func=cmd_close)
-    sp = sub.add_parser("stop", help="stop the daemon and its servers")
-    sp.add_argument("--timeout", type=float, default=_STOP_WAIT, help="seconds before signals (default 5)")
+
+
+def _stop_args(sp: Any) -> None:
+    sp.add_argument(
+        "--timeout",
+        type=_duration("--timeout"),
+        default=_STOP_WAIT,
+        metavar="DURATION",
+        help="wait this long (500ms, 30s, 2m; a bare number is ms) before signals (default 5s)",
+    )
     sp.set_defaults(func=cmd_stop)
-    sp = sub.add_parser("status", help="is a verified daemon running?")
+
+
+def _status_args(sp: Any) -> None:
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_status)
-    sp = sub.add_parser("call", help="call SERVER.TOOL [key=value ...]")
-    sp.add_argument("target", metavar="SERVER.TOOL")
-    sp.add_argument("pairs", nargs="*", metavar="key=value")
-    sp.add_argument("--args", help="arguments as a JSON object ('-' reads it from stdin)")
-    sp.add_argument("--timeout", type=float, help="seconds (default 60, or MCPORTER_DAEMON_TIMEOUT_MS)")
-    sp.add_argument("--json", action="store_true", help="print the whole result as JSON")
-    sp.add_argument("--save-images", metavar="DIR", help="write image and audio blocks to files in DIR")
+
+
+def _call_args(sp: Any) -> None:
+    """For ``call --help`` only: ``parse_call_line`` reads call's command line."""
+    sp.add_argument("target", metavar="SERVER.TOOL", help="or the whole call: 'SERVER.TOOL(a: 1, b: \"x\")'")
     sp.add_argument(
-        "--progress", action="store_true", help="show server progress on stderr also when it is not a TTY"
+        "forms",
+        nargs="*",
+        metavar="ARG",
+        help="key=value, key:value, 'key: value', --key value, --key=value, or a positional value "
+        "(in the schema's order); options and arguments mix in any order",
     )
-    sp.add_argument(
-        "--stall-timeout",
-        type=float,
-        metavar="SECONDS",
-        help="fail when the server sends nothing (no answer, no progress) for this long; "
-        "progress restarts it, never past --timeout",
-    )
-    sp.set_defaults(func=cmd_call)
-    sp = sub.add_parser("list", help="list servers, or one server's tools")
+    for flag, (_dest, takes, metavar, text) in _CALL_OPTIONS.items():
+        if takes:
+            sp.add_argument(flag, metavar=metavar, help=text)
+        else:
+            sp.add_argument(flag, action="store_true", help=text)
+
+
+def _output_arg(sp: Any) -> None:
+    sp.add_argument("--output", choices=_OUTPUT_FORMATS, help="json or raw: as --json")
+
+
+def _list_args(sp: Any) -> None:
     sp.add_argument("server", nargs="?")
     sp.add_argument("--json", action="store_true")
+    _output_arg(sp)
     sp.add_argument("--schema", action="store_true", help="include full input schemas")
     sp.add_argument("--status", action="store_true", help="probe each server: tool count, health, time")
     sp.add_argument("--exit-code", action="store_true", help="with --status: exit 1 when a server is down")
-    sp.add_argument("--timeout", type=float)
+    sp.add_argument("--timeout", type=_duration("--timeout"), metavar="DURATION")
     sp.set_defaults(func=cmd_list)
-    sp = sub.add_parser("resources", help="list a server's resources, or read one")
+
+
+def _resources_args(sp: Any) -> None:
     sp.add_argument("server")
     sp.add_argument("uri", nargs="?")
     sp.add_argument("--templates", action="store_true", help="list resource templates")
     sp.add_argument("--json", action="store_true")
     sp.add_argument(
-        "-o", "--output", metavar="FILE", help="write the resource read to FILE (text, or a blob decoded)"
+        "-o",
+        "--output",
+        metavar="FILE|FORMAT",
+        help="write the resource read to FILE (text, or a blob decoded); json or raw: as --json",
     )
-    sp.add_argument("--timeout", type=float)
+    sp.add_argument("--timeout", type=_duration("--timeout"), metavar="DURATION")
     sp.set_defaults(func=cmd_resources)
-    sp = sub.add_parser("prompts", help="list a server's prompts, or get one")
+
+
+def _prompts_args(sp: Any) -> None:
     sp.add_argument("server", metavar="SERVER")
     sp.add_argument("name", nargs="?", metavar="NAME")
     sp.add_argument("pairs", nargs="*", metavar="key=value")
     sp.add_argument("--json", action="store_true", help="print the whole result as JSON")
-    sp.add_argument("--timeout", type=float)
+    sp.add_argument("--timeout", type=_duration("--timeout"), metavar="DURATION")
     sp.set_defaults(func=cmd_prompts)
-    sp = sub.add_parser("demo", help="a self-contained tour on the built-in demo server")
+
+
+def _demo_args(sp: Any) -> None:
     sp.set_defaults(func=cmd_demo)
-    sp = sub.add_parser("doctor", help="check the environment and explain what it finds")
+
+
+def _doctor_args(sp: Any) -> None:
     sp.set_defaults(func=cmd_doctor)
-    sp = sub.add_parser("service", help="print a launchd plist or systemd user unit")
+
+
+def _service_args(sp: Any) -> None:
     sp.add_argument("kind", choices=["launchd", "systemd"])
     sp.add_argument("--label", help="launchd label (default com.mcporter.daemon.<key>)")
     sp.set_defaults(func=cmd_service)
+
+
+# Each command: the function that declares its arguments, and its line in --help. Only the
+# command being run gets a parser built (the whole tree costs milliseconds on every call).
+_COMMANDS: Dict[str, Tuple[Callable[[Any], None], str]] = {
+    "start": (_start_args, "start the daemon (detached unless --foreground)"),
+    "restart": (_restart_args, "stop, then start; or restart one kept SERVER inside the daemon"),
+    "close": (_close_args, "close one kept SERVER inside the daemon"),
+    "stop": (_stop_args, "stop the daemon and its servers"),
+    "status": (_status_args, "is a verified daemon running? (exit 0 yes, 3 no)"),
+    "call": (_call_args, "call SERVER.TOOL [ARGS ...]"),
+    "list": (_list_args, "list servers, or one server's tools"),
+    "resources": (_resources_args, "list a server's resources, or read one (alias: resource)"),
+    "prompts": (_prompts_args, "list a server's prompts, or get one"),
+    "demo": (_demo_args, "a self-contained tour on the built-in demo server"),
+    "doctor": (_doctor_args, "check the environment and explain what it finds"),
+    "service": (_service_args, "print a launchd plist or systemd user unit"),
+}
+_ALIASES = {"resource": "resources"}
+_DAEMON_VERBS = ("start", "stop", "status", "restart")  # ``daemon VERB``: mcporter's spelling
+
+
+def _build_parser() -> Any:
+    """The whole tree, for ``--help`` and ``--version``."""
+    p = _parser(_PROG, "Keep MCP stdio servers warm behind one daemon per config.")
+    p.add_argument("--config", help="config file (default: discovered as mcporter does)")
+    p.add_argument("--root", help="project root holding config/mcporter.json (default: cwd)")
+    p.add_argument("--version", action="version", version=f"{_PROG} {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=type(p))
+    for name, (declare, text) in _COMMANDS.items():
+        declare(sub.add_parser(name, help=text))
+    sub.add_parser("daemon", help="daemon start|stop|status|restart: the commands above")
     return p
+
+
+def _command_word(words: List[str]) -> Tuple[str, List[str]]:
+    """(command, its arguments): aliases and ``daemon VERB`` resolved."""
+    word, rest = words[0], words[1:]
+    if word == "daemon":
+        if rest[:1] in (["-h"], ["--help"]):
+            _build_parser().parse_args(["--help"])  # prints the commands, exits 0
+        if not rest or rest[0] not in _DAEMON_VERBS:
+            raise UsageError(f"daemon takes one of: {', '.join(_DAEMON_VERBS)} (see {_PROG} --help)")
+        word, rest = rest[0], rest[1:]
+    word = _ALIASES.get(word, word)
+    if word not in _COMMANDS:
+        known = list(_COMMANDS) + list(_ALIASES) + ["daemon"]
+        raise UsageError(f"unknown command '{word}'{_did_you_mean(word, known)} (see {_PROG} --help)")
+    return word, rest
+
+
+def _parse_command_line(argv: List[str]) -> Any:
+    """The parsed command line: the global options, then one command's own parser (``call``'s
+    is hand-written, so options and tool arguments mix in any order)."""
+    found: Dict[str, Optional[str]] = {"config": None, "root": None}
+    i = 0
+    while i < len(argv) and argv[i].startswith("-"):
+        flag, eq, value = argv[i].partition("=")
+        if flag not in ("--config", "--root"):
+            return _build_parser().parse_args(argv)  # help, version, or its usage error
+        if not eq:
+            if i + 1 >= len(argv):
+                raise UsageError(f"{flag} needs a value (see {_PROG} --help)")
+            value, i = argv[i + 1], i + 1
+        found[flag[2:]] = value
+        i += 1
+    if i >= len(argv):
+        raise UsageError(f"a command is required (see {_PROG} --help)")
+    command, rest = _command_word(argv[i:])
+    declare, text = _COMMANDS[command]
+    wants_help = any(w in ("-h", "--help") for w in rest[: rest.index("--") if "--" in rest else None])
+    if command == "call" and not wants_help:
+        args = parse_call_line(rest)
+        args.func = cmd_call
+    else:
+        parser = _parser(f"{_PROG} {command}", text)
+        declare(parser)
+        args = parser.parse_args(rest)
+        _output_as_json(args)
+    args.command, args.config, args.root = command, found["config"], found["root"]
+    return args
+
+
+def _output_as_json(args: Any) -> None:
+    """``--output json|raw`` on ``list`` and ``resources`` is their ``--json``; ``text`` and
+    ``markdown`` their default (a resources ``-o`` that names no format is a file)."""
+    output = getattr(args, "output", None)
+    if output in _OUTPUT_FORMATS:
+        args.json = bool(getattr(args, "json", False) or output in ("json", "raw"))
+        args.output = None
 
 
 def _host_line(text: str) -> str:
@@ -7388,9 +7973,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if argv[:1] == ["_demo-server"]:
             # Internal, so kept out of the parser (and out of its "choose from" list).
             return _demo_server_main()
-        args = _build_parser().parse_args(argv)
-        if not getattr(args, "func", None):
-            raise UsageError("a command is required")
+        args = _parse_command_line(argv)
         code = int(args.func(args) or 0)
         sys.stdout.flush()  # here, not at exit: a closed pipe must surface where it is handled
         return code
@@ -7404,6 +7987,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         line = f"{_PROG}: {exc}"
         print(_host_line(line) if as_host else line, file=sys.stderr)
         return exc.exit_code
+    except _Terminated as exc:
+        try:  # after SIGHUP the terminal may be gone
+            print(f"{_PROG}: terminated by signal {exc.signum}", file=sys.stderr)
+        except OSError:
+            pass
+        return 128 + exc.signum
     except KeyboardInterrupt:
         # One line, and 130 as a shell reports SIGINT. A daemon call is cancelled at its server
         # when our socket closes at exit; an ephemeral one was cancelled on the way out.
