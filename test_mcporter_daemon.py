@@ -2876,7 +2876,9 @@ def test_half_closed_caller_is_answered_and_a_closed_one_cancelled(h):
 # written out rather than derived, so that a change to the decision has to change this table.
 #   probe: "live" (answers status for this socket path, its pid alive), "stopping" (answers
 #          "shutting down" with a live pid), "silent" (the first
-#          probe timed out), "silent-twice" (the second, longer probe too) or "dead" (refused,
+#          probe timed out), "silent-twice" (the second, longer probe too), "busy" (answered
+#          `busy`), "closed" (accepted, then closed without a frame), "busy-twice" (a second
+#          probe after a busy or closed first one got no answer either) or "dead" (refused,
 #          no socket file, an error answer, another socket path, or a dead pid);
 #   fresh: the live answer's fingerprint is this host's (no answer has no fingerprint, so
 #          False is what the bind guard passes unless the probe is live);
@@ -2927,6 +2929,38 @@ PLAN_TAKEOVER_TABLE = [
     ("silent-twice", True, False, True, "bind"),
     ("silent-twice", True, True, False, "terminate-then-bind"),
     ("silent-twice", True, True, True, "terminate-then-bind"),
+    # Busy: it answered `busy` (at its connection or memory cap). Whoever answers is alive, so
+    # never bind over it at first sight, ours or not: ask again, longer...
+    ("busy", False, False, False, "probe-again"),
+    ("busy", False, False, True, "probe-again"),
+    ("busy", False, True, False, "probe-again"),
+    ("busy", True, False, False, "probe-again"),  # (fresh without a status answer: ignored)
+    ("busy", True, False, True, "probe-again"),
+    ("busy", True, True, False, "probe-again"),
+    # ...unless the owner is ours and stopped: the OS's word is proof of a hang.
+    ("busy", False, True, True, "terminate-then-bind"),
+    ("busy", True, True, True, "terminate-then-bind"),
+    # Closed: accepted, then closed without a word (an older daemon at its cap does this). From
+    # the pid the record names alive it is a sign of life: ask again. With no live owner on
+    # record, nothing proves anyone serves there: plainly stale.
+    ("closed", False, False, False, "bind"),
+    ("closed", False, False, True, "bind"),
+    ("closed", False, True, False, "probe-again"),
+    ("closed", False, True, True, "terminate-then-bind"),
+    ("closed", True, False, False, "bind"),
+    ("closed", True, False, True, "bind"),
+    ("closed", True, True, False, "probe-again"),
+    ("closed", True, True, True, "terminate-then-bind"),
+    # Busy twice (busy or closed, then no answer again): alive but slow, not hung. Only the
+    # OS's "stopped", or silence on both probes, is proof; this starter leaves it serving.
+    ("busy-twice", False, False, False, "leave"),
+    ("busy-twice", False, False, True, "leave"),
+    ("busy-twice", False, True, False, "leave"),
+    ("busy-twice", False, True, True, "terminate-then-bind"),
+    ("busy-twice", True, False, False, "leave"),
+    ("busy-twice", True, False, True, "leave"),
+    ("busy-twice", True, True, False, "leave"),
+    ("busy-twice", True, True, True, "terminate-then-bind"),
     # Dead socket: nothing to keep. An owner that is still ours and alive no longer answers on
     # this path (its socket was removed or replaced): end it with its MCP servers before
     # binding, rather than let two daemons run until it notices.
@@ -2952,7 +2986,7 @@ def test_plan_takeover_table_covers_every_input_combination():
     combos = [row[:4] for row in PLAN_TAKEOVER_TABLE]
     every = [
         (probe, fresh, ours, stopped)
-        for probe in ("live", "stopping", "silent", "silent-twice", "dead")
+        for probe in ("live", "stopping", "silent", "silent-twice", "busy", "closed", "busy-twice", "dead")
         for fresh in (False, True)
         for ours in (False, True)
         for stopped in (False, True)
@@ -3570,6 +3604,10 @@ NAMED_VALUES = [
     ("_PROBE_SILENT", "silent"),
     ("_PROBE_SILENT_TWICE", "silent-twice"),
     ("_PROBE_DEAD", "dead"),
+    ("_PROBE_BUSY", "busy"),
+    ("_PROBE_CLOSED", "closed"),
+    ("_PROBE_BUSY_TWICE", "busy-twice"),
+    ("_PLAN_LEAVE", "leave"),
     ("_PLAN_RECONCILE", "reconcile"),
     ("_PLAN_STOP_THEN_BIND", "stop-then-bind"),
     ("_PLAN_WAIT_THEN_BIND", "wait-then-bind"),
@@ -3632,28 +3670,38 @@ def test_recorded_daemon_from_record_table(data, expected):
 
 
 # _TakeoverFacts without an owner (nothing to look up): what a probe is heard as, and the plan.
-# A first silent probe asks for a second; the second one's silence is "silent-twice".
+# A first silent, busy or closed probe may ask for a second. The second one without an answer
+# is "silent-twice" only when the first was silent too (a hang); after a busy or closed first
+# one (a sign of life) it is "busy-twice". None: no second probe.
 TAKEOVER_FACTS_TABLE = [
-    # probe kind, heard as, fingerprint in the answer, plan
-    ("live", "silent", "fp", "reconcile"),
-    ("live", "silent", "other", "stop-then-bind"),
-    ("stopping", "silent", None, "wait-then-bind"),
-    ("silent", "silent", None, "probe-again"),
-    ("silent", "silent-twice", None, "bind"),
-    ("dead", "silent-twice", None, "bind"),
+    # first probe, second probe, fingerprint in the answer, heard as, plan
+    ("live", None, "fp", "live", "reconcile"),
+    ("live", None, "other", "live", "stop-then-bind"),
+    ("stopping", None, None, "stopping", "wait-then-bind"),
+    ("silent", None, None, "silent", "probe-again"),
+    ("busy", None, None, "busy", "probe-again"),
+    ("closed", None, None, "closed", "bind"),  # no live owner on record: plainly stale
+    ("silent", "silent", None, "silent-twice", "bind"),
+    ("silent", "busy", None, "busy-twice", "leave"),
+    ("silent", "closed", None, "busy-twice", "leave"),
+    ("busy", "silent", None, "busy-twice", "leave"),
+    ("busy", "busy", None, "busy-twice", "leave"),
+    ("silent", "live", "fp", "live", "reconcile"),
+    ("busy", "dead", None, "dead", "bind"),
 ]
 
 
-@pytest.mark.parametrize(("kind", "silent_as", "fingerprint", "plan"), TAKEOVER_FACTS_TABLE)
-def test_takeover_facts_table(kind, silent_as, fingerprint, plan):
+@pytest.mark.parametrize(("first", "second", "fingerprint", "kind", "plan"), TAKEOVER_FACTS_TABLE)
+def test_takeover_facts_table(first, second, fingerprint, kind, plan):
     md = _import_module()
     facts = md._TakeoverFacts(None)
     assert (facts.owner_ours, facts.owner_stopped) == (False, False)
     status = {"fingerprint": fingerprint} if fingerprint else None
-    facts.heard(md.ProbeResult(kind, status), silent_as)
+    facts.heard(md.ProbeResult(first, None if second else status))
+    if second is not None:
+        facts.heard(md.ProbeResult(second, status), second=True)
     facts.decide("fp")
-    assert facts.kind == (silent_as if kind == "silent" else kind)
-    assert facts.plan == plan
+    assert (facts.kind, facts.plan) == (kind, plan)
 
 
 def test_daemon_error_code_is_defined_once():
@@ -6853,6 +6901,91 @@ def test_our_foreground_daemon_replaces_live_mcporter_daemon(hx, mcporter_cli):
 
 
 # -- hostile clients and load: connection floods, the caps, slow readers --
+
+
+class ConnectionFlood:
+    """``n`` idle connections to a daemon, held open (as a crowd of stalled callers would),
+    counted in the daemon's own fds so a test knows they are all accepted."""
+
+    def __init__(self, sock, daemon, n):
+        self.sock, self.daemon, self.n = sock, daemon, n
+        self.conns = []
+
+    def __enter__(self):
+        before = len(socket_inodes(self.daemon))
+        for _ in range(self.n):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(10)
+            s.connect(str(self.sock))
+            self.conns.append(s)
+        wait_until(
+            lambda: len(socket_inodes(self.daemon)) >= before + self.n,
+            10,
+            message=f"daemon {self.daemon} to accept all {self.n} flood connections",
+        )
+        return self
+
+    def __exit__(self, *exc):
+        for s in self.conns:
+            s.close()
+        self.conns = []
+
+
+def busy_error(frame):
+    err = frame.get("error") or {}
+    return frame.get("ok") is False and err.get("code") == "busy" and isinstance(err.get("message"), str)
+
+
+def test_connection_flood_to_the_cap_never_kills_a_busy_daemon(h):
+    """Busy is not hung: at its connection cap the daemon still answers `status` and `stop`,
+    answers other work `busy` (never a silent close), and no caller's probe takes it for dead."""
+    md = _import_module()
+    daemon, server = warm_daemon(h)
+    sock, ino = h.socket_path, socket_ino(h.socket_path)
+    with ConnectionFlood(sock, daemon, md._MAX_CONNECTIONS):
+        t0 = time.monotonic()
+        resp, _, _ = raw_request(sock, "status", {}, idle=5.0)
+        assert resp.get("ok") is True and resp["result"]["pid"] == daemon, resp
+        frames = send_raw_bytes(
+            sock,
+            (json.dumps({"id": "w1", "method": "listTools", "params": {"server": "demo"}}) + "\n").encode(),
+        )
+        assert len(frames) == 1 and busy_error(frames[0]) and frames[0]["id"] == "w1", frames
+        assert frames[0]["error"]["pid"] == daemon, frames
+        st = h.status()
+        assert st.get("running") is True and st["pid"] == daemon, st
+        fg = h.run("start", "--foreground")
+        took = time.monotonic() - t0
+    print(
+        f"\n  at the cap of {md._MAX_CONNECTIONS}: status, a busy answer, `status` and a starter in {took:.2f}s"
+    )
+    assert fg.rc == 0, fg
+    assert f"daemon already running (pid {daemon}); not starting another" in fg.err, fg
+    assert call_ok(h, "demo.counter") == "2", "the warm server lost its state"
+    assert socket_ino(sock) == ino and server_pid(h.status()) == server
+    assert_one_daemon_tree(h, daemon)
+
+
+def test_call_during_a_flood_waits_for_room_and_stop_is_answered_at_the_cap(h):
+    md = _import_module()
+    daemon, server = warm_daemon(h)
+    sock = h.socket_path
+    flood = ConnectionFlood(sock, daemon, md._MAX_CONNECTIONS).__enter__()
+    try:
+        call = h.popen("call", "demo.counter")
+        # The call is answered `busy` and tries again; it must still be waiting, not failed.
+        time.sleep(0.5)  # the flood's duration: how long the crowd stalls, not a settle wait
+        assert call.poll() is None, read_file(call.err_path)
+    finally:
+        flood.__exit__()
+    wait_until(lambda: call.poll() is not None, 30, message="the call to finish once there is room")
+    assert call.returncode == 0, read_file(call.err_path)
+    assert read_file(call.out_path).strip() == "2"
+    with ConnectionFlood(sock, daemon, md._MAX_CONNECTIONS):
+        r = h.run("stop")
+    assert r.rc == 0 and r.out.strip() == f"stopped (pid {daemon})", r
+    assert not pid_alive(daemon) and not pid_alive(server)
+    assert "shutting down: stop request" in h.path("log").read_text()
 
 
 # -- hostile paths and users: other spellings, umask 000, another user's files --
