@@ -2193,6 +2193,42 @@ def test_daemon_silent_on_both_probes_is_replaced(h):
     wait_until(lambda: second.poll() is not None, 10, message="replacement host to stop")
 
 
+HANG_UP_LISTENER = """\
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.bind(sys.argv[1])
+s.listen(64)
+open(sys.argv[2], "w").close()
+while True:
+    conn, _ = s.accept()
+    conn.close()  # as an older daemon at its connection cap does: no word at all
+"""
+
+
+def test_bare_close_from_the_recorded_live_owner_is_not_taken_for_death(h):
+    """A socket that accepts and closes without a word, held by the very process the record
+    names (alive, not stopped), is alive but slow: a starter leaves it, never terminates it."""
+    script = h.tmp / "hang_up.py"
+    script.write_text(HANG_UP_LISTENER)
+    ready = h.tmp / "listening"
+    h.state_dir.chmod(0o700)
+    owner = h.popen_argv([sys.executable, script, h.socket_path, ready], h.env())
+    wait_until(ready.exists, 10, message="the hanging-up listener to bind")
+    record = {
+        "pid": owner.pid,
+        "pidStartTime": str(proc_stat(owner.pid).start),
+        "socketPath": str(h.socket_path),
+        "servers": {},
+    }
+    h.meta_path.write_text(json.dumps(record))
+    r = h.run("start", "--foreground", MCPORTER_DAEMON_PROBE_TIMEOUT_MS="300", timeout=20)
+    print(f"\n  starter beside a bare-closing live owner: exit {r.rc} after {r.elapsed:.2f}s")
+    assert owner.poll() is None, "the live owner was terminated on a bare close"
+    assert r.rc == 0, r
+    assert f"daemon already running (pid {owner.pid}); not starting another" in r.err, r
+    assert socket_ino(h.socket_path) is not None and json.loads(h.meta_path.read_text()) == record
+
+
 def test_next_daemon_ends_eof_ignoring_server_of_sigkilled_daemon(h):
     eof_flag = h.tmp / "server-saw-eof"
     h.stubborn = True
@@ -6986,6 +7022,47 @@ def test_call_during_a_flood_waits_for_room_and_stop_is_answered_at_the_cap(h):
     assert r.rc == 0 and r.out.strip() == f"stopped (pid {daemon})", r
     assert not pid_alive(daemon) and not pid_alive(server)
     assert "shutting down: stop request" in h.path("log").read_text()
+
+
+def test_memory_cap_answers_busy_and_still_reads_control_requests(h):
+    """The half-read-request memory cap: past it, a large request gets `busy` (with the pid,
+    so no prober takes it for a stranger or a hang); a small one — every `status` and `stop`,
+    mcporter's newline-less framing included — is still read and answered."""
+    md = _import_module()
+    daemon, server = warm_daemon(h)
+    sock = h.socket_path
+    each = md._MAX_PENDING_BYTES // 3 + (1 << 20)  # three of them pass the cap; each under 32 MiB
+    held, busy = [], []
+    try:
+        for i in range(3):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(10)
+            s.connect(str(sock))
+            held.append(s)
+            try:
+                s.sendall(b'{"id": "big%d", "method": "status", "params": {"pad": "' % i + b"a" * each)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the daemon answered busy and stopped reading
+        for s in held:
+            s.settimeout(0.5)
+            try:
+                data = s.recv(65536)
+            except socket.timeout:
+                continue
+            busy += [json.loads(line) for line in data.split(b"\n") if line.strip()]
+        assert len(busy) == 1 and busy_error(busy[0]) and busy[0]["error"]["pid"] == daemon, busy
+        took, raw = mcporter_style_request(sock, {"id": "m1", "method": "status", "params": {}})
+        answer = json.loads(raw)
+        assert answer.get("ok") is True and answer["result"]["pid"] == daemon, raw[:300]
+    finally:
+        for s in held:
+            s.close()
+    print(
+        f"\n  past the {md._MAX_PENDING_BYTES >> 20} MiB cap: one busy answer; a newline-less status in {took:.3f}s"
+    )
+    assert call_ok(h, "demo.counter") == "2"
+    assert server_pid(h.status()) == server
+    assert_one_daemon_tree(h, daemon)
 
 
 # -- hostile paths and users: other spellings, umask 000, another user's files --
