@@ -3630,6 +3630,145 @@ def test_delivered_request_is_not_sent_again_when_the_daemon_dies(h):
     assert len(first) == 1 and not (h.server_pids() - first), "a second host was started to resend it"
 
 
+VENDORED_CLIENT_SCRIPT = """\
+import json, os, sys
+sys.path.insert(0, {here!r})
+import mcporter_daemon as md
+
+key, fingerprint, probe_s, method, params, launch = sys.argv[1:7]
+paths = md.DaemonPaths.for_key(key, os.environ["MCPORTER_DAEMON_DIR"])
+client = md.DaemonClient(paths, fingerprint, json.loads(launch), probe_timeout=float(probe_s) or None)
+try:
+    print(json.dumps(client.request(method, json.loads(params), idle_timeout=10.0)))
+except md.DaemonError as exc:
+    print(f"{{type(exc).__name__}}: {{exc}}", file=sys.stderr)
+    sys.exit(1)
+"""
+
+
+def run_vendored_client(h, key, fingerprint, launch, method="status", params=None, probe_s=0.0):
+    """A vendoring program's client in its own process (it launches and reaps its daemon
+    itself), sending one request; returns the Result."""
+    script = h.tmp / "vendored_client.py"
+    script.write_text(VENDORED_CLIENT_SCRIPT.format(here=str(HERE)))
+    args = [key, fingerprint, probe_s, method, json.dumps(params or {}), json.dumps([str(a) for a in launch])]
+    return h.run(*args, argv=[sys.executable, script], timeout=60)
+
+
+def test_client_uses_the_daemon_its_launched_child_found_serving(h):
+    """The launched child finds a live, fresh daemon and exits 0 naming it: the client
+    verifies that daemon (patiently: it is merely slow) and sends there, rather than fail a
+    call that was never delivered."""
+    md = _import_module()
+    first, flag = start_slow_host(h)
+    wait_slow_host_serving(h, first.pid)
+    write_flag(flag, "0.6")  # status slower than this client's 0.3 s probe, not than the child's
+    launch = [sys.executable, h.tmp / "slow_host.py", h.state_dir, flag, h.tag]
+    r = run_vendored_client(h, "slowhost", "fp-1", launch, "echo", {"text": "hi"}, probe_s=0.3)
+    h.server_pids()  # track the launched child for cleanup
+    log = read_file(md.DaemonPaths.for_key("slowhost", str(h.state_dir)).log)
+    assert f"daemon already running (pid {first.pid}); not starting another" in log, log
+    assert r.rc == 0 and json.loads(r.out) == {"pid": first.pid, "text": "hi"}, r
+    assert first.poll() is None
+    os.unlink(str(flag))
+    resp, _, _ = raw_request(slow_host_socket(h), "stop", {}, idle=5.0)
+    assert resp.get("ok") is True, resp
+
+
+def test_call_is_served_when_the_record_names_its_daemon_with_a_wrong_start_time(h):
+    """A record naming the serving daemon's pid with another start time verifies no daemon: the
+    launched child finds the daemon live and fresh, repairs the record, and the call is served
+    by the warm server (it used to fail with "daemon already running")."""
+    daemon, server = warm_daemon(h)
+    meta = h.meta()
+    meta["pidStartTime"] = "1"
+    h.meta_path.write_text(json.dumps(meta))
+    r = h.run("call", "demo.counter")
+    assert r.rc == 0 and r.out.strip() == "2", r
+    assert h.meta()["pidStartTime"] == str(proc_stat(daemon).start)
+    assert server_pid(h.status()) == server
+    assert_one_daemon_tree(h, daemon)
+
+
+DYING_HOST_SCRIPT = """\
+import os, signal, sys
+sys.path.insert(0, {here!r})
+import mcporter_daemon
+
+how = sys.argv[2]
+
+
+def die():
+    # Asked its first status, right after binding: as a host killed in that moment.
+    if how == "sigkill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    os._exit(3)
+
+
+paths = mcporter_daemon.DaemonPaths.for_key("dying", sys.argv[1])
+sys.exit(mcporter_daemon.DaemonHost(paths, "fp-d", {{}}, status_extra=die).run())
+"""
+
+
+@pytest.mark.parametrize(
+    ("how", "said"),
+    [
+        ("sigkill", "was killed by signal 9 (SIGKILL) right after binding"),
+        ("exit", "exited with code 3 right after binding"),
+    ],
+)
+def test_launched_daemon_dying_right_after_binding_is_named(h, how, said):
+    script = h.tmp / "dying_host.py"
+    script.write_text(DYING_HOST_SCRIPT.format(here=str(HERE)))
+    r = run_vendored_client(h, "dying", "fp-d", [sys.executable, script, h.state_dir, how, h.tag])
+    print(f"\n  {r.err.strip()}")
+    m = re.search(r"launched daemon \(pid (\d+)\)", r.err)
+    assert r.rc == 1 and m, r
+    expected = f"DaemonStartError: daemon failed to start: the launched daemon (pid {m.group(1)}) {said}"
+    assert r.err.strip() == expected, r
+
+
+LAUNCH_FAILURE_TABLE = [
+    # pid, exit code (negative: killed by that signal), bound, its last log line, what is said
+    (
+        7,
+        -9,
+        True,
+        "bound /s.sock (plan: bind)",
+        "the launched daemon (pid 7) was killed by signal 9 (SIGKILL) right after binding",
+    ),
+    (7, -15, False, "", "the launched daemon (pid 7) was killed by signal 15 (SIGTERM) before it was ready"),
+    (
+        7,
+        3,
+        True,
+        "bound /s.sock (plan: bind)",
+        "the launched daemon (pid 7) exited with code 3 right after binding",
+    ),
+    (
+        7,
+        0,
+        True,
+        "shutting down: stop request",
+        "the launched daemon (pid 7) exited with code 0 right after binding; its last log line: shutting down: stop request",
+    ),
+    (
+        7,
+        1,
+        False,
+        "cannot open log file /x.log: No such file",
+        "cannot open log file /x.log: No such file",
+    ),  # its own
+    (7, 1, False, "", "the launched daemon (pid 7) exited with code 1 before it was ready"),
+    (7, 0, False, "", "the launched daemon (pid 7) exited with code 0 before it was ready"),
+]
+
+
+@pytest.mark.parametrize(("pid", "code", "bound", "last", "said"), LAUNCH_FAILURE_TABLE)
+def test_launch_failure_text_table(pid, code, bound, last, said):
+    assert _import_module().launch_failure_text(pid, code, bound, last) == said
+
+
 # -- core structure: named decisions, the recorded daemon, error codes --
 
 # The named decisions keep their wire and log spellings: tests, log readers and older
@@ -7753,7 +7892,7 @@ class Chaos:
         # A daemon that a signal ended before it was ready (a sigkill-daemon step, or a takeover
         # of a stopped one) fails its `start`; that is the step's doing, not a fault. So is a
         # launched daemon that another step's `stop` stopped before it was ready.
-        killed = r.rc != 0 and re.search(r"exited with code -(9|15)\b", last)
+        killed = r.rc != 0 and re.search(r"killed by signal (9|15)\b", last)
         stopped = (
             r.rc != 0
             and args[0] != "stop"
