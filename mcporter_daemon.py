@@ -1535,6 +1535,77 @@ def record_is_live(
     return start is not None and str(start) == meta["pidStartTime"] and state not in ("Z", "T", "t")
 
 
+class _OwnerLock:
+    """Held by a serving host for its whole life: an exclusive ``flock`` on its own file
+    (``daemon-<key>.owner``), which names the holder (pid and start time). So whoever owns the
+    socket can be found without the metadata (torn, removed), and only while it lives: the
+    kernel drops the lock when it dies.
+
+    Its own file, never the bind lock's: starters take that one during every takeover, and a
+    life-long lock on it would shut them out. ``flock``, not ``fcntl`` locks: those belong to
+    the process, so a look from inside the same process (a vendoring program that also runs a
+    client) would release it. The file is never unlinked, as every lock file."""
+
+    __slots__ = ("path", "fd")
+
+    def __init__(self, paths: DaemonPaths) -> None:
+        self.path = _owner_lock_path(paths)
+        self.fd: Optional[int] = None
+
+    def take(self, start_time: Optional[str]) -> bool:
+        """Take it without waiting (a daemon that lost its socket may still hold it): True
+        once held."""
+        if self.fd is not None:
+            return True
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()} {start_time or ''}\n".encode(), 0)
+        except OSError:
+            os.close(fd)
+            return False
+        self.fd = fd
+        return True
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            os.close(fd)  # closing drops the flock
+
+
+def _owner_lock_path(paths: DaemonPaths) -> str:
+    return os.path.join(paths.base_dir, f"daemon-{paths.key}.owner")
+
+
+def _socket_owner(paths: DaemonPaths) -> Optional[RecordedDaemon]:
+    """The daemon holding the owner lock (see ``_OwnerLock``), as a record of its identity
+    when it is verified ours (alive with the start time it wrote); else None. For when the
+    metadata is torn or gone: whoever holds the lock serves, or served, this socket."""
+    try:
+        fd = os.open(_owner_lock_path(paths), os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.pread(fd, 128, 0).decode("ascii", "replace")  # held: it names its holder
+        else:
+            return None  # nobody holds it (closing the fd drops our look)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    fields = text.split()
+    if len(fields) != 2 or not fields[0].isdigit():
+        return None
+    owner = RecordedDaemon.from_record(
+        {"pid": int(fields[0]), "pidStartTime": fields[1], "socketPath": paths.socket, "servers": {}}
+    )
+    return owner if owner is not None and owner.is_ours() else None
+
+
 class DaemonHost:
     """A singleton daemon: bind guard, then serve ``method -> handler`` until told to stop.
 
@@ -1594,6 +1665,7 @@ class DaemonHost:
         self._load = _Load()
         self._state = _RunState()
         self._overflow = _Overflow(self)
+        self._owner = _OwnerLock(paths)
         self._status_extra_seen: Dict[str, Any] = {}
 
     @property
@@ -1750,6 +1822,8 @@ class DaemonHost:
             # Removed or replaced: nobody can reach us any more, so we must not linger.
             self.request_stop(_STOP_SOCKET_LOST)
             return
+        if self._owner.fd is None:
+            self._take_owner_lock()
         self._record.sync()
         if self.on_tick:
             try:
@@ -1757,6 +1831,14 @@ class DaemonHost:
             except Exception as exc:  # a housekeeping bug must not kill the daemon
                 self.log.event(f"housekeeping error: {exc!r}")
         self._maybe_idle_out()
+
+    def _take_owner_lock(self) -> None:
+        """Hold the owner lock from now on; a predecessor that lost its socket may hold it
+        still (housekeeping tries again until it is gone)."""
+        try:
+            self._owner.take(self._record.current().get("pidStartTime"))
+        except OSError as exc:
+            self.log.event(f"cannot take the owner lock {self._owner.path}: {exc.strerror or exc}")
 
     def _maybe_idle_out(self) -> None:
         """Idle shutdown re-checks activity under the bind lock, so a starter that just
@@ -1858,6 +1940,7 @@ class DaemonHost:
                         lock.release()
             except OSError as exc:
                 self.log.event(f"cannot remove state files: {exc}")
+        self._owner.release()  # last: until here, this process still owns the socket
         self.log.event("daemon exited")
 
     def _release_files(self) -> None:
@@ -2354,6 +2437,7 @@ class _Takeover:
             self._clear_the_way(facts)
             self._reap_recorded_servers(facts.recorded)
             host._listener.bind(host.paths.socket)
+            host._take_owner_lock()
             host._record.write()
             self.log.event(f"bound {host.paths.socket} (plan: {facts.plan})")
         return None
@@ -3045,6 +3129,13 @@ class DaemonClient:
         # a pid ours (§7), so it is what allows a terminate later.
         recorded = RecordedDaemon.read(self.paths.metadata)
         recorded_ours = recorded is not None and recorded.is_ours()
+        if not recorded_ours:
+            # Torn or gone: the socket's owner still holds its owner lock, which names it (and
+            # is proved ours the same way, pid + start time). "No daemon running" must never
+            # be said of a process that holds the socket (one SIGSTOPped, say).
+            owner = _socket_owner(self.paths)
+            if owner is not None:
+                recorded, recorded_ours = owner, True
         probe = probe_live_daemon(self.paths.socket, min(self.probe_timeout, timeout))
         pid = stop_target(probe.kind, probe.pid, recorded.pid if recorded else None, recorded_ours)
         if pid is None:

@@ -3630,6 +3630,20 @@ def test_delivered_request_is_not_sent_again_when_the_daemon_dies(h):
     assert len(first) == 1 and not (h.server_pids() - first), "a second host was started to resend it"
 
 
+def test_stop_finds_a_stopped_daemon_whose_metadata_is_torn(h):
+    """`stop` never says "no daemon running" while a process holds the socket: with the record
+    torn and the daemon SIGSTOPped, the owner lock names it; proved ours (pid + start time), it
+    is ended with its server once the stop's timeout has passed."""
+    daemon, server = warm_daemon(h)
+    h.sigstop(daemon)
+    h.meta_path.write_text('{"pid": ' + str(daemon))  # torn mid-write
+    r = h.run("stop")
+    print(f"\n  stop said {r.out.strip()!r} after {r.elapsed:.2f}s")
+    assert r.rc == 0 and r.out.strip() == f"terminated unresponsive daemon (pid {daemon})", r
+    assert not pid_alive(daemon) and not pid_alive(server), "stop returned before its daemon was gone"
+    assert not h.socket_path.exists() and not h.meta_path.exists()
+
+
 VENDORED_CLIENT_SCRIPT = """\
 import json, os, sys
 sys.path.insert(0, {here!r})
