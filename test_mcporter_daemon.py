@@ -7315,6 +7315,22 @@ CHAOS_KINDS = {  # kind: weight
     "damage-metadata": 1,
     "edit-config": 1,
     "touch-config": 1,
+    "flood": 1,
+    "alt-spelling": 1,
+}
+
+
+# Steps that may rightly fail a call running at the same time: they end, stop, cut off or
+# change the daemon or its server. Not among them: a connection flood (busy is not hung), a
+# damaged record (the daemon still serves), another spelling of the state dir.
+CHAOS_DISRUPTIVE = {
+    "stop",
+    "restart",
+    "sigkill-daemon",
+    "sigstop-daemon",
+    "kill-server",
+    "remove-socket",
+    "edit-config",
 }
 
 
@@ -7341,14 +7357,15 @@ _UNIX_DIAG_NAME, _UNIX_DIAG_VFS = 0, 1
 _TCP_LISTEN = 10
 
 
-def unix_listeners(path):
-    """Listening AF_UNIX sockets bound to the name ``path``: {socket inode: inode of its file}.
+def unix_listeners(path, aliases=()):
+    """Listening AF_UNIX sockets bound to the name ``path`` (or one of ``aliases``, other
+    spellings of it): {socket inode: inode of its file}.
 
     From the kernel's sock_diag (netlink). A socket keeps the name it was bound to after its
     file is removed or replaced, so the name alone does not say which socket the path leads
     to now; the file's inode (UNIX_DIAG_VFS) does.
     """
-    want = os.fsencode(str(path))
+    want = {os.fsencode(str(p)) for p in [path, *aliases]}
     req = struct.pack(
         "=BBHIIIII", socket.AF_UNIX, 0, 0, 1 << _TCP_LISTEN, 0, _UDIAG_SHOW_NAME | _UDIAG_SHOW_VFS, 0, 0
     )
@@ -7375,7 +7392,7 @@ def unix_listeners(path):
                         break
                     attrs[atype] = body[a + 4 : a + alen]
                     a += (alen + 3) & ~3
-                if attrs.get(_UNIX_DIAG_NAME, b"").rstrip(b"\0") == want and _UNIX_DIAG_VFS in attrs:
+                if attrs.get(_UNIX_DIAG_NAME, b"").rstrip(b"\0") in want and _UNIX_DIAG_VFS in attrs:
                     found[ino] = struct.unpack_from("=I", attrs[_UNIX_DIAG_VFS])[0]
                 off += (length + 3) & ~3
 
@@ -7426,7 +7443,7 @@ class ChaosSnapshot:
             path_ino = os.lstat(str(h.socket_path)).st_ino
         except OSError:
             path_ino = None
-        listeners = unix_listeners(h.socket_path)
+        listeners = unix_listeners(h.socket_path, getattr(h, "socket_aliases", ()))
         self.serving = {}  # pid -> reachable
         for pid in self.daemons:
             held = socket_inodes(pid) & set(listeners)
@@ -7482,11 +7499,17 @@ class Chaos:
         self.held = set()  # pids a step holds stopped (SIGSTOP) on purpose
         self.stopping = {}  # label of a step running `stop` or `restart` -> its start time
         self.stops = []  # (start, end) of every `stop` and `restart` that returned
+        self.disrupting = {}  # worker -> (kind, start) of its running disruptive step
+        self.disruptions = []  # (kind, start, end) of every disruptive step that ended
         self.excused = set()  # (pid, start) of daemons a step cut off from the path or stopped
         self.config_generation = 0
         self.done = threading.Event()
         self.stats = collections.Counter()
         self.decoy = None
+        self.alt_state_dir = h.tmp / "state-link"  # a second spelling of the state dir
+        if not os.path.lexists(str(self.alt_state_dir)):
+            os.symlink(str(h.state_dir), str(self.alt_state_dir))
+        h.socket_aliases = [self.alt_state_dir / h.socket_path.name]
 
     # -- bookkeeping --
 
@@ -7668,7 +7691,7 @@ class Chaos:
                             "pidStartTime",
                             isinstance(meta.get("pidStartTime"), str) and meta.get("pidStartTime"),
                         ),
-                        ("socketPath", meta.get("socketPath") == str(self.h.socket_path)),
+                        ("socketPath", meta.get("socketPath") in self.socket_spellings()),
                         ("servers", isinstance(meta.get("servers"), dict)),
                     )
                     if not ok
@@ -7721,11 +7744,11 @@ class Chaos:
 
     # -- running things --
 
-    def cli(self, label, *args):
+    def cli(self, label, *args, **env):
         """Run the CLI with the step timeout; a crash or a stuck caller is a violation."""
         command = " ".join(args)
         try:
-            r = self.h.run(*args, timeout=CHAOS_STEP_TIMEOUT)
+            r = self.h.run(*args, timeout=CHAOS_STEP_TIMEOUT, **env)
         except AssertionError as exc:
             err = str(exc).rsplit("--- stderr ---", 1)[-1].strip().splitlines()[-1:]
             self.violation(
@@ -7766,19 +7789,26 @@ class Chaos:
         st = proc_stat(pid) if pid > 0 else None
         return (pid, st.start) if st is not None and st.state not in ("Z", "X") else None
 
-    def counter_calls(self, label, n):
+    def counter_calls(self, label, n, **env):
         """``n`` parallel ``call demo.counter``, between two asks of the server's pid.
 
         A value is attributed to a server lifetime (pid + start time) only when that same
         process served the pid asks before and after: a daemon's socket path, once it leads
         elsewhere, never leads back to it, so every call in between reached that daemon, which
         had that one server throughout.
+
+        A call that fails while one live, fresh daemon serves at the path from before it began
+        to after it ended, with no disruptive step (CHAOS_DISRUPTIVE) running meanwhile, is
+        refused service: a violation (busy is not hung; a child's "already running" is no
+        failure). ``env``: extra environment for the calls (another spelling of the state dir).
         """
         before = self.server_identity(label)
+        serving_before = self.serving_daemon()
+        generation = self.config_generation
 
         def one(_):
             t0 = time.monotonic()
-            r = self.cli(label, "call", "demo.counter")
+            r = self.cli(label, "call", "demo.counter", **env)
             return r, t0, time.monotonic()
 
         if n == 1:
@@ -7787,6 +7817,11 @@ class Chaos:
             with ThreadPoolExecutor(n) as pool:
                 results = list(pool.map(one, range(n)))
         after = self.server_identity()
+        served_throughout = (
+            serving_before is not None
+            and self.serving_daemon() == serving_before
+            and self.config_generation == generation
+        )
         values = []
         for r, t0, t1 in results:
             if r is None:
@@ -7794,6 +7829,15 @@ class Chaos:
             self.bump("call ok" if r.rc == 0 else "call failed")
             if r.rc != 0:
                 values.append(f"rc {r.rc}: {r.err.strip()[-100:]}")
+                disrupted = self.disrupted(t0, t1)
+                if served_throughout and not disrupted and not r.crashed:
+                    last = (r.err.strip().splitlines() or [""])[-1]
+                    self.violation(
+                        "call-refused",
+                        f"`call demo.counter` exited {r.rc} ({last[-200:]}) while daemon {serving_before[0]} "
+                        "served, live and fresh, from before it began to after it ended",
+                        label,
+                    )
                 continue
             try:
                 value = int(r.out.strip())
@@ -7824,6 +7868,24 @@ class Chaos:
             self.violation(
                 "counter-not-rising", f"server {server[0]} answered {value} to {label}, but {conflict}", label
             )
+
+    def socket_spellings(self):
+        return {str(self.h.socket_path), *(str(p) for p in self.h.socket_aliases)}
+
+    def serving_daemon(self):
+        """(pid, start) of the one daemon the socket path leads to now, or None."""
+        snap = ChaosSnapshot(self.h)
+        if len(snap.reachable) != 1:
+            return None
+        pid = snap.reachable[0]
+        return pid, snap.daemons[pid].start
+
+    def disrupted(self, t0, t1):
+        """The disruptive steps that ran at some time in [t0, t1]."""
+        with self.lock:
+            running = [kind for kind, s in self.disrupting.values() if s <= t1]
+            done = [kind for kind, a, b in self.disruptions if a <= t1 and b >= t0]
+        return running + done
 
     def pick_daemon(self, u):
         snap = ChaosSnapshot(self.h)
@@ -8067,6 +8129,31 @@ class Chaos:
         os.utime(str(self.h.cfg))
         return "touched"
 
+    def step_flood(self, label, u):
+        """Idle connections up to the daemon's cap, held briefly (a crowd of stalled callers)."""
+        cap = _import_module()._MAX_CONNECTIONS
+        hold = 0.2 + 1.3 * u  # the fault's duration, not a wait for anything to settle
+        conns, opened = [], 0
+        try:
+            for _ in range(cap):
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                conns.append(s)
+                s.settimeout(2)
+                try:
+                    s.connect(str(self.h.socket_path))
+                except OSError:
+                    break
+                opened += 1
+            self.done.wait(hold)
+        finally:
+            for s in conns:
+                s.close()
+        return f"{opened} connections held {hold:.1f}s"
+
+    def step_alt_spelling(self, label, u):
+        """A call through a second spelling of the state dir (a symlink to it): one daemon."""
+        return self.counter_calls(label, 1, MCPORTER_DAEMON_DIR=str(self.alt_state_dir))
+
     # -- workers --
 
     def worker(self, w, count):
@@ -8080,11 +8167,18 @@ class Chaos:
                 self.in_flight[w] = label
             self.bump(kind)
             t0 = time.monotonic()
+            disruptive = kind in CHAOS_DISRUPTIVE
+            if disruptive:
+                with self.lock:
+                    self.disrupting[w] = (kind, t0)
             try:
                 outcome = getattr(self, "step_" + kind.replace("-", "_"))(label, u)
             finally:
                 with self.lock:
                     self.in_flight.pop(w, None)
+                    if disruptive:
+                        self.disrupting.pop(w, None)
+                        self.disruptions.append((kind, t0, time.monotonic()))
             self.note(f"{label} (u={u:.3f}) -> {outcome} [{time.monotonic() - t0:.2f}s]")
             self.observe(f"after {label}")
 
