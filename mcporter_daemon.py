@@ -3146,7 +3146,8 @@ class DaemonClient:
             return max(deadline - time.monotonic(), 0.0)
 
         ask = None
-        if probe.kind in (_PROBE_LIVE, _PROBE_SILENT):  # silent may only be slow: ask, then wait it out
+        if probe.kind in (_PROBE_LIVE, _PROBE_SILENT, _PROBE_BUSY, _PROBE_CLOSED):
+            # Silent, busy or closed may only be slow: ask, then wait it out.
             answer_s = max(left(), 0.05)
             ask = (answer_s, min(answer_s, self.probe_timeout))
         plan = _stop_then_escalate(self.paths.socket, pid, recorded, probe.kind, ask, left)
@@ -3194,9 +3195,10 @@ class DaemonClient:
 
 
 def stop_target(kind: str, answered: Optional[int], recorded: Any, recorded_ours: bool) -> Optional[int]:
-    """Which pid a ``stop`` waits for: the one that answered (live or stopping), else the
-    metadata's pid when it is verified ours (silent, or its socket is gone); else none."""
-    if kind in (_PROBE_LIVE, _PROBE_STOPPING):
+    """Which pid a ``stop`` waits for: the one that answered (live, stopping, or busy naming
+    itself), else the metadata's pid when it is verified ours (silent, or its socket is gone);
+    else none."""
+    if kind in (_PROBE_LIVE, _PROBE_STOPPING) or (kind == _PROBE_BUSY and answered is not None):
         return answered
     return recorded if recorded_ours else None
 

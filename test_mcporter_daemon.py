@@ -3424,6 +3424,13 @@ def test_stop_waits_out_its_timeout_before_escalating(h):
         ("dead", None, 10, True, 10),  # its socket is gone but the process lives on
         ("dead", None, 10, False, None),
         ("dead", None, None, False, None),
+        ("busy", 10, None, False, 10),  # at its caps, it named itself on our socket
+        ("busy", 10, 10, True, 10),
+        ("busy", None, 10, True, 10),  # a busy answer without a pid: the record's, when ours
+        ("busy", None, 10, False, None),
+        ("closed", None, 10, True, 10),  # a bare close: only the record can name it
+        ("closed", None, 10, False, None),
+        ("closed", None, None, False, None),
     ],
 )
 def test_stop_target_table(kind, answered, recorded, recorded_ours, expected):
