@@ -639,7 +639,11 @@ def _send_and_receive(
     try:
         sock.sendall(encode_frame(request))
     except OSError as exc:
-        # The daemon reads only whole lines, so a request not all sent never ran.
+        # The daemon reads only whole lines, so a request not all sent never ran. A daemon
+        # past all its caps answers `busy` at once and closes: that answer is the news.
+        early = _answer_before_request(sock)
+        if early is not None:
+            return early
         raise _HungUpUnread(f"cannot send to {socket_path}: {exc.strerror or exc}") from None
     try:
         while True:
@@ -680,6 +684,17 @@ def _send_and_receive(
         raise _HungUpUnread(f"daemon at {socket_path} closed without reading the request") from None
     except OSError as exc:
         raise TransportError(f"connection to {socket_path} failed: {exc.strerror or exc}") from None
+
+
+def _answer_before_request(sock: socket.socket) -> Optional[Dict[str, Any]]:
+    """An error frame the daemon sent before it closed without reading our request, if any."""
+    try:
+        sock.setblocking(False)
+        data = sock.recv(_RECV_CHUNK)
+        frame = json.loads(data.split(b"\n", 1)[0]) if data else None
+    except (OSError, ValueError, RecursionError):
+        return None
+    return frame if isinstance(frame, dict) and frame.get("ok") is False else None
 
 
 def _report_quietly(on_progress: Callable[[Dict[str, Any]], None], update: Dict[str, Any]) -> None:

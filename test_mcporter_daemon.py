@@ -7256,6 +7256,11 @@ def test_connection_flood_to_the_cap_never_kills_a_busy_daemon(h):
     with ConnectionFlood(sock, daemon, md._MAX_CONNECTIONS):
         st = h.status()
     assert st.get("running") is True and st["pid"] == daemon, st
+    # Past the cap and the room kept for control requests too: `busy` at once, still never silence.
+    with ConnectionFlood(sock, daemon, md._MAX_CONNECTIONS + md._MAX_OVERFLOW):
+        status_request = {"id": "s", "method": "status", "params": {}, "protocolVersion": 2}
+        beyond = md.exchange(str(sock), status_request, 5.0)  # its send may fail: answered first
+    assert busy_error(beyond) and beyond["error"]["pid"] == daemon, beyond
     assert fg.rc == 0, fg
     assert f"daemon already running (pid {daemon}); not starting another" in fg.err, fg
     assert call_ok(h, "demo.counter") == "2", "the warm server lost its state"
