@@ -52,7 +52,8 @@ if TYPE_CHECKING:  # typing costs import time on the CLI's hot path; annotations
 __version__ = "0.1.0"
 
 __all__ = [
-    # -- the vendorable core (everything above the "core ends here" line) --
+    # -- the vendorable core (everything above the "core ends here" line); the MCP part below
+    # that line adds its own names --
     # errors
     "DaemonError",
     "UsageError",
@@ -64,7 +65,9 @@ __all__ = [
     "DaemonStartError",
     "RemoteError",
     "HandlerError",
-    # paths
+    # paths: the application the core serves (its name, env prefix, state dir) and its files
+    "DaemonApp",
+    "use_app",
     "DaemonPaths",
     "state_base_dir",
     "ensure_private_dir",
@@ -99,19 +102,6 @@ __all__ = [
     "status_matches",
     # the client: ensure(), request(), stop()
     "DaemonClient",
-    # -- the MCP layer --
-    "MCP_PROTOCOL_VERSION",
-    "McpError",
-    "Config",
-    "ServerSpec",
-    "load_config",
-    "discover_config",
-    "config_fingerprint",
-    "parse_jsonc",
-    "McpStdioClient",
-    "McpKeepAliveService",
-    # -- the CLI --
-    "main",
     "__version__",
 ]
 
@@ -120,13 +110,9 @@ __all__ = [
 # Constants and errors: the core's tunable numbers and every error type the core raises.
 # ##########################################################################################
 
-_PROG = "mcporter-daemon"
-
 DAEMON_PROTOCOL_VERSION = 2
 
-_DEFAULT_PROBE_TIMEOUT = 2.0  # MCPORTER_DAEMON_PROBE_TIMEOUT_MS overrides
-
-_DEFAULT_CALL_TIMEOUT = 60.0  # MCPORTER_DAEMON_TIMEOUT_MS or --timeout override
+_DEFAULT_PROBE_TIMEOUT = 2.0  # the application's <prefix>PROBE_TIMEOUT_MS overrides (DaemonApp)
 
 _DEFAULT_IDLE_BUDGET = 10.0  # client gives up on a daemon silent this long (progress resets it)
 
@@ -171,6 +157,10 @@ _START_GIVE_UP = 45.0
 _STOP_WAIT = 5.0
 
 _TERM_GRACE = 1.0
+
+_KILL_WAIT = 2.0  # after SIGKILL, for the process (or group) to go; then for a leader's reap
+
+_PS_TIMEOUT = 5.0  # a ps that takes longer gives no process facts (so nothing is signalled)
 
 _CALLER_CHECK_INTERVAL = 0.25  # the host looks this often whether a request's caller went away
 _CANCEL_GRACE = 5.0  # a cancelled handler gets this long before its thread is let go
@@ -295,17 +285,16 @@ class DaemonStartError(DaemonError):
 
 
 class RemoteError(DaemonError):
-    """The daemon answered ``ok: false``; ``code`` is its error code."""
+    """The daemon answered ``ok: false``; ``code`` is its error code. It exits 2 when the
+    application names that code a usage error (``DaemonApp.usage_codes``), else 1."""
 
     def __init__(self, message: str, code: str = "error", rpc_code: Any = None, data: Any = None) -> None:
         super().__init__(message, code=code, rpc_code=rpc_code, data=data)
-        if code in ("config", "unknown_server", "not_keep_alive", "command_not_found", "invalid_arguments"):
-            self.exit_code = 2
 
 
 def _require_posix() -> None:
     if fcntl is None or not hasattr(socket, "AF_UNIX"):
-        raise DaemonError("mcporter_daemon needs a POSIX system (fcntl and AF_UNIX sockets)")
+        raise DaemonError("this program needs a POSIX system (fcntl and AF_UNIX sockets)")
 
 
 def _env_seconds(name: str, default: float) -> float:
@@ -332,29 +321,119 @@ def _sun_path_limit() -> int:
     return 107 if sys.platform.startswith("linux") else 103
 
 
-def state_base_dir() -> str:
-    """``MCPORTER_DAEMON_DIR``, else ``$XDG_STATE_HOME/mcporter/pydaemon``, else ``~/.mcporter/pydaemon``."""
-    explicit = os.environ.get("MCPORTER_DAEMON_DIR")
-    if explicit:
-        return os.path.abspath(os.path.expanduser(explicit))
-    xdg = os.environ.get("XDG_STATE_HOME")
-    if xdg:
-        return os.path.join(os.path.abspath(xdg), "mcporter", "pydaemon")
-    return os.path.join(os.path.expanduser("~"), ".mcporter", "pydaemon")
+class DaemonApp:
+    """The application the core serves, as far as the core must know it; the core itself
+    assumes none of it. A vendoring program names its own (``use_app``, or ``app=`` for one
+    ``DaemonPaths``); until then the neutral default below applies.
+
+    - ``name`` starts the application's error lines (``<name>: …``): a launched daemon's
+      own error is shown without it;
+    - ``env_prefix`` names its environment overrides: ``<prefix>DIR`` (the state directory)
+      and ``<prefix>PROBE_TIMEOUT_MS``; empty, none are read;
+    - ``xdg_state_dir`` is its state directory under ``$XDG_STATE_HOME`` when that is set,
+      ``home_state_dir`` under the home directory otherwise;
+    - ``tmp_dir`` names its directory in /tmp (``/tmp/<tmp_dir>-<uid>``) for socket paths
+      too long for AF_UNIX;
+    - ``usage_codes`` are the error codes its handlers answer for a usage or configuration
+      problem: a client's RemoteError with one of them exits 2.
+    """
+
+    __slots__ = ("name", "env_prefix", "xdg_state_dir", "home_state_dir", "tmp_dir", "usage_codes")
+
+    def __init__(
+        self,
+        name: str,
+        env_prefix: str = "",
+        *,
+        xdg_state_dir: Optional[str] = None,
+        home_state_dir: Optional[str] = None,
+        tmp_dir: Optional[str] = None,
+        usage_codes: Iterable[str] = (),
+    ) -> None:
+        self.name = name
+        self.env_prefix = env_prefix
+        self.xdg_state_dir = xdg_state_dir or name
+        self.home_state_dir = home_state_dir or os.path.join(".local", "state", name)
+        self.tmp_dir = tmp_dir or name
+        self.usage_codes = frozenset(usage_codes)
+
+    def env(self, suffix: str) -> Optional[str]:
+        """The application's ``<prefix><suffix>`` environment variable (None without a prefix)."""
+        return os.environ.get(self.env_prefix + suffix) if self.env_prefix else None
+
+    def env_seconds(self, suffix: str, default: float) -> float:
+        """A millisecond override ``<prefix><suffix>``, as seconds; unset or junk: ``default``."""
+        return _env_seconds(self.env_prefix + suffix, default) if self.env_prefix else default
+
+    def state_dir(self) -> str:
+        """``<prefix>DIR``, else ``$XDG_STATE_HOME/<xdg_state_dir>``, else ``~/<home_state_dir>``."""
+        explicit = self.env("DIR")
+        if explicit:
+            return os.path.abspath(os.path.expanduser(explicit))
+        xdg = os.environ.get("XDG_STATE_HOME")
+        if xdg:
+            return os.path.join(os.path.abspath(xdg), self.xdg_state_dir)
+        return os.path.join(os.path.expanduser("~"), self.home_state_dir)
+
+
+_APP = DaemonApp("daemon")
+
+
+def use_app(app: DaemonApp) -> None:
+    """Make ``app`` the application every ``DaemonPaths`` made without ``app=`` serves."""
+    global _APP
+    _APP = app
+
+
+def state_base_dir(app: Optional[DaemonApp] = None) -> str:
+    """The default state directory of ``app`` (of the current one: ``use_app``)."""
+    return (app or _APP).state_dir()
 
 
 def ensure_private_dir(path: str, refuse_symlink: bool = False) -> str:
-    """Create ``path`` 0700 if missing; refuse one not owned by us or writable by others.
+    """Create ``path`` (and its missing parents) 0700 if missing; refuse one not owned by us,
+    writable by others, or that we cannot write.
 
     ``refuse_symlink`` is for directories in a shared place such as /tmp, where anyone may
     plant a link to a directory of ours before we create it (tmux checks with lstat too)."""
     try:
-        os.makedirs(path, mode=0o700, exist_ok=True)
+        _make_private_dirs(path)
         st = os.lstat(path) if refuse_symlink else os.stat(path)
     except FileExistsError:
         raise UnsafePathError(f"state path {path} exists and is not a directory") from None
     except OSError as exc:
         raise UnsafePathError(f"cannot create state directory {path}: {exc.strerror}") from exc
+    _check_private_dir(path, st)
+    _check_writable_dir(path, st)
+    return path
+
+
+def _make_private_dirs(path: str) -> None:
+    """``os.makedirs`` whose every created directory is 0700 whatever the umask: a parent
+    that also holds config files, made 0777 under umask 000, would let any user plant one."""
+    head, tail = os.path.split(path)
+    if not tail:
+        head, tail = os.path.split(head)
+    if head and tail and not os.path.exists(head):
+        _make_private_dirs(head)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise
+        return
+    # The umask may have taken bits away (or left them: 0700 & ~000); set exactly 0700, on
+    # the directory just made (no symlink swapped in meanwhile is followed).
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        os.fchmod(fd, 0o700)
+    finally:
+        os.close(fd)
+
+
+def _check_private_dir(path: str, st: os.stat_result) -> None:
+    """Refuse a state directory that is a link (``st`` from lstat), not a directory, not
+    ours, or writable by group or others: whoever could write it could plant a record."""
     import stat as _stat
 
     if _stat.S_ISLNK(st.st_mode):
@@ -371,12 +450,27 @@ def ensure_private_dir(path: str, refuse_symlink: bool = False) -> str:
             f"state directory {path} has mode {st.st_mode & 0o777:04o} (writable by group or "
             f"others); run: chmod 700 {path}"
         )
-    return path
 
 
-def _fallback_socket_dir() -> str:
+def _check_writable_dir(path: str, st: os.stat_result) -> None:
+    """A state directory we cannot write fails here, in one line naming it and why, rather
+    than later at whichever file is made first."""
+    if os.access(path, os.W_OK | os.X_OK):
+        return
+    try:
+        read_only_fs = bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):
+        read_only_fs = False
+    if read_only_fs:
+        raise UnsafePathError(f"state directory {path} is on a read-only file system")
+    raise UnsafePathError(
+        f"state directory {path} is read-only for you (mode {st.st_mode & 0o777:04o}); run: chmod 700 {path}"
+    )
+
+
+def _fallback_socket_dir(app: DaemonApp) -> str:
     # Not $TMPDIR: launchd, shells and IDEs each see a different one.
-    return f"/tmp/mcporter-{os.getuid()}"
+    return f"/tmp/{app.tmp_dir}-{os.getuid()}"
 
 
 def _fallback_key(base_dir: str, key: str) -> str:
@@ -391,12 +485,17 @@ def _socket_path_fits(path: str) -> bool:
 
 
 class DaemonPaths:
-    """Every file of one daemon: socket, metadata, spawn lock, bind lock and log."""
+    """Every file of one daemon: socket, metadata, spawn lock, bind lock and log.
 
-    __slots__ = ("base_dir", "key", "socket", "metadata", "lock", "bind", "log", "_preferred")
+    ``base_dir`` is kept resolved (symlinks followed): two spellings of one directory name
+    one socket, so callers that spell it differently share one daemon instead of each taking
+    the other's for a stranger's and replacing it."""
 
-    def __init__(self, base_dir: str, key: str) -> None:
-        self.base_dir = base_dir
+    __slots__ = ("base_dir", "key", "socket", "metadata", "lock", "bind", "log", "app", "_preferred")
+
+    def __init__(self, base_dir: str, key: str, app: Optional[DaemonApp] = None) -> None:
+        self.app = app or _APP
+        self.base_dir = base_dir = os.path.realpath(base_dir)
         self.key = key
         stem = os.path.join(base_dir, f"daemon-{key}")
         self.metadata = stem + ".json"
@@ -405,29 +504,31 @@ class DaemonPaths:
         self.log = stem + ".log"
         self.socket = self._preferred = stem + ".sock"
         if not _socket_path_fits(self.socket):
-            self.socket = os.path.join(_fallback_socket_dir(), f"{_fallback_key(base_dir, key)}.sock")
+            fallback = _fallback_socket_dir(self.app)
+            self.socket = os.path.join(fallback, f"{_fallback_key(base_dir, key)}.sock")
 
     @classmethod
-    def for_key(cls, key: str, base_dir: Optional[str] = None) -> DaemonPaths:
+    def for_key(
+        cls, key: str, base_dir: Optional[str] = None, app: Optional[DaemonApp] = None
+    ) -> DaemonPaths:
         """Paths for a caller-chosen key (vendoring: one key per singleton)."""
-        return cls(base_dir or state_base_dir(), key)
+        return cls(base_dir or state_base_dir(app), key, app)
 
     @classmethod
-    def for_config(cls, config_path: str, base_dir: Optional[str] = None) -> DaemonPaths:
+    def for_config(
+        cls, config_path: str, base_dir: Optional[str] = None, app: Optional[DaemonApp] = None
+    ) -> DaemonPaths:
         """Paths for the daemon that serves ``config_path`` (key: 12 hex of its sha1)."""
         # fsencode: a path is bytes, and a non-UTF-8 one arrives surrogate-escaped.
         key = _sha1(os.fsencode(os.path.abspath(config_path))).hexdigest()[:12]
-        return cls.for_key(key, base_dir)
+        return cls.for_key(key, base_dir, app)
 
     def prepare(self) -> DaemonPaths:
         """Create and safety-check the directories; fail clearly when the socket cannot fit."""
         ensure_private_dir(self.base_dir)
         if self.socket == self._preferred:
             return self
-        too_long = (
-            f"socket path {self._preferred} is {len(os.fsencode(self._preferred))} bytes, over "
-            f"this system's AF_UNIX limit of {_sun_path_limit()}"
-        )
+        too_long = self._too_long()
         if not _socket_path_fits(self.socket):
             raise UnsafePathError(
                 f"{too_long}, and so is the fallback {self.socket}; use a shorter key or directory"
@@ -437,6 +538,34 @@ class DaemonPaths:
         except UnsafePathError as exc:
             raise UnsafePathError(f"{too_long}, and the fallback is unusable: {exc}") from None
         return self
+
+    def _too_long(self) -> str:
+        return (
+            f"socket path {self._preferred} is {len(os.fsencode(self._preferred))} bytes, over "
+            f"this system's AF_UNIX limit of {_sun_path_limit()}"
+        )
+
+    def check(self) -> bool:
+        """``prepare``'s safety checks on the directories that exist, creating nothing: a
+        record is read, and a pid it names perhaps signalled, only from a directory that
+        passes them (UnsafePathError otherwise). False when there is no state directory,
+        so no record either."""
+        try:
+            st = os.stat(self.base_dir)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise UnsafePathError(f"cannot use state directory {self.base_dir}: {exc.strerror}") from None
+        _check_private_dir(self.base_dir, st)
+        if self.socket != self._preferred:
+            fallback = os.path.dirname(self.socket)
+            try:
+                _check_private_dir(fallback, os.lstat(fallback))
+            except FileNotFoundError:
+                pass
+            except (OSError, UnsafePathError) as exc:
+                raise UnsafePathError(f"{self._too_long()}, and the fallback is unusable: {exc}") from None
+        return True
 
     def __repr__(self) -> str:
         return f"DaemonPaths(socket={self.socket!r}, metadata={self.metadata!r})"
@@ -533,6 +662,8 @@ def progress_update(params: Any) -> Optional[Dict[str, Any]]:
         update["total"] = total
     if isinstance(params.get("message"), str):
         update["message"] = params["message"]
+    if params.get("phase") in ("starting", "started"):  # a kept server's start-up, from the daemon
+        update["phase"] = params["phase"]
     return update
 
 
@@ -586,13 +717,16 @@ def exchange(
     connect_timeout: Optional[float] = None,
     overall_timeout: Optional[float] = None,
     on_progress: Optional[Callable[[Dict[str, Any]], None]] = None,
+    start_budget: float = 0.0,
 ) -> Dict[str, Any]:
     """Send one request, return the response frame; a server's progress in a progress frame
     goes to ``on_progress``.
 
     ``idle_timeout`` is an idle budget: every frame (progress included) resets it, so a long
     call stays alive while a silent (hung) daemon still trips it. ``overall_timeout`` bounds
-    the whole wait, progress or not. _NotDelivered when the request never reached a daemon.
+    the whole wait, progress or not, plus ``start_budget`` once the daemon reports that the
+    work waits for its backend to start (phase "starting"). _NotDelivered when the request
+    never reached a daemon.
     """
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -604,7 +738,9 @@ def exchange(
             raise _NotDelivered(f"cannot connect to {socket_path}: {exc.strerror or exc}") from None
         sock.settimeout(idle_timeout)
         deadline = time.monotonic() + overall_timeout if overall_timeout else None
-        return _send_and_receive(sock, socket_path, request, idle_timeout, deadline, on_progress)
+        return _send_and_receive(
+            sock, socket_path, request, idle_timeout, deadline, on_progress, start_budget
+        )
     finally:
         sock.close()
 
@@ -633,6 +769,7 @@ def _send_and_receive(
     idle_timeout: float,
     deadline: Optional[float] = None,
     on_progress: Optional[Callable[[Dict[str, Any]], None]] = None,
+    start_budget: float = 0.0,
 ) -> Dict[str, Any]:
     buf = bytearray()
     frames = 0
@@ -657,6 +794,8 @@ def _send_and_receive(
             frame = json.loads(line)
             if isinstance(frame, dict) and frame.get("type") == "progress":
                 update = progress_update(frame.get("progress"))
+                if update is not None and update.get("phase") == "starting" and deadline is not None:
+                    deadline, start_budget = deadline + start_budget, 0.0  # once per request
                 if on_progress is not None and update is not None:
                     _report_quietly(on_progress, update)
                 continue
@@ -705,16 +844,18 @@ def _report_quietly(on_progress: Callable[[Dict[str, Any]], None], update: Dict[
         pass
 
 
-def result_or_raise(response: Dict[str, Any]) -> Any:
+def result_or_raise(response: Dict[str, Any], usage_codes: Iterable[str] = ()) -> Any:
+    """The result of an ``ok`` answer; else RemoteError, exiting 2 for a code in ``usage_codes``."""
     if response.get("ok"):
         return response.get("result")
     error = response.get("error") or {}
-    raise RemoteError(
-        str(error.get("message") or "daemon error"),
-        str(error.get("code") or "error"),
-        error.get("rpcCode"),
-        error.get("data"),
+    code = str(error.get("code") or "error")
+    exc = RemoteError(
+        str(error.get("message") or "daemon error"), code, error.get("rpcCode"), error.get("data")
     )
+    if code in usage_codes:
+        exc.exit_code = 2
+    raise exc
 
 
 class _Busy(Exception):
@@ -868,7 +1009,10 @@ class FileLock:
         """Take the lock; False when ``timeout`` is 0 and it is held, else LockTimeout."""
         _require_posix()
         wait = self.timeout if timeout is None else timeout
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:  # a read-only or vanished directory: one line naming it
+            raise UnsafePathError(f"cannot open the {self.what} {self.path}: {exc.strerror or exc}") from None
         deadline = time.monotonic() + wait
         step = 0.002
         while True:
@@ -953,21 +1097,23 @@ def _linux_process_info(pid: int) -> Tuple[Optional[str], Optional[str]]:
     return fields[19], fields[0]
 
 
-def _ps_process_info(pid: int) -> Tuple[Optional[str], Optional[str]]:
-    """(start time, state) from ``ps`` (1 s resolution), for systems without /proc."""
+def _ps(*args: str) -> str:
+    """``ps``'s output in the C locale and UTC, so its dates and columns parse the same
+    everywhere; empty when ps cannot run (no process facts: nothing is signalled)."""
     import subprocess
 
     env = dict(os.environ, LC_ALL="C", TZ="UTC")
     try:
-        out = subprocess.run(
-            ["ps", "-o", "state=", "-o", "lstart=", "-p", str(pid)],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=5,
-        ).stdout.strip()
+        return subprocess.run(
+            ["ps", *args], capture_output=True, text=True, env=env, timeout=_PS_TIMEOUT
+        ).stdout
     except (OSError, subprocess.SubprocessError):
-        return None, None
+        return ""
+
+
+def _ps_process_info(pid: int) -> Tuple[Optional[str], Optional[str]]:
+    """(start time, state) from ``ps`` (1 s resolution), for systems without /proc."""
+    out = _ps("-o", "state=", "-o", "lstart=", "-p", str(pid)).strip()
     if not out:
         return None, None
     state, _, start = out.partition(" ")
@@ -988,19 +1134,7 @@ def _linux_group_members(pgid: int) -> List[Tuple[int, int, Optional[float]]]:
 
 def _ps_group_members(pgid: int) -> List[Tuple[int, int, Optional[float]]]:
     """The same from ``ps`` (``sess`` is the session id on the BSDs; lstart comes last: it has spaces)."""
-    import subprocess
-
-    env = dict(os.environ, LC_ALL="C", TZ="UTC")
-    try:
-        out = subprocess.run(
-            ["ps", "-A", "-o", "pid=", "-o", "pgid=", "-o", "sess=", "-o", "state=", "-o", "lstart="],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=5,
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
+    out = _ps("-A", "-o", "pid=", "-o", "pgid=", "-o", "sess=", "-o", "state=", "-o", "lstart=")
     members = []
     for line in out.splitlines():
         parts = line.split(None, 4)
@@ -1030,6 +1164,18 @@ def _ps_start_order(token: Any) -> Optional[float]:
         return None
 
 
+def _linux_child_pids(pid: int) -> List[int]:
+    """Direct children of ``pid`` (found before a kill, so reparenting cannot hide them)."""
+    listed = (entry for entry in os.listdir("/proc") if entry.isdigit())
+    return [int(e) for e in listed if (_linux_stat_fields(e) or ["", ""])[1] == str(pid)]
+
+
+def _ps_child_pids(pid: int) -> List[int]:
+    """The same from ``ps``."""
+    rows = (ln.split() for ln in _ps("-A", "-o", "pid=", "-o", "ppid=").splitlines())
+    return [int(row[0]) for row in rows if len(row) == 2 and row[1] == str(pid) and row[0].isdigit()]
+
+
 # The one platform seam for process facts: Linux reads /proc, everything else asks ps.
 _ON_PROC = os.path.exists("/proc/self/stat")
 
@@ -1038,6 +1184,8 @@ _process_info = _linux_process_info if _ON_PROC else _ps_process_info
 _group_members = _linux_group_members if _ON_PROC else _ps_group_members
 
 _start_order = _linux_start_order if _ON_PROC else _ps_start_order
+
+_child_pids = _linux_child_pids if _ON_PROC else _ps_child_pids
 
 # Exit checks that do not reap; macOS has os.waitid only from Python 3.13.
 _HAS_WAITID = hasattr(os, "waitid") and hasattr(os, "WNOWAIT")
@@ -1061,22 +1209,6 @@ def is_our_pid(pid: Any, start_time: Any) -> bool:
     return start is not None and str(start) == str(start_time) and state != "Z"
 
 
-def _child_pids(pid: int) -> List[int]:
-    """Direct children of ``pid`` (found before a kill, so reparenting cannot hide them)."""
-    if _process_info is _linux_process_info:
-        listed = (entry for entry in os.listdir("/proc") if entry.isdigit())
-        return [int(e) for e in listed if (_linux_stat_fields(e) or ["", ""])[1] == str(pid)]
-    import subprocess
-
-    try:
-        out = subprocess.run(
-            ["ps", "-A", "-o", "pid=", "-o", "ppid="], capture_output=True, text=True, timeout=5
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
-    return [int(p) for p, pp in (ln.split() for ln in out.splitlines() if ln.strip()) if pp == str(pid)]
-
-
 def _signal(pid: int, sig: int, group: bool = False) -> None:
     try:
         if group:
@@ -1087,35 +1219,64 @@ def _signal(pid: int, sig: int, group: bool = False) -> None:
         pass
 
 
-def _wait_gone(pid: int, timeout: float, start_time: Optional[str] = None) -> bool:
-    """Poll until ``pid`` is gone (or no longer the recorded process); True when it is."""
+def _poll_until(done: Callable[[], bool], timeout: float) -> bool:
+    """Ask ``done`` (backing off from 5 to 50 ms) until it is true or ``timeout`` passed;
+    its last answer."""
     deadline = time.monotonic() + timeout
     step = 0.005
     while True:
-        gone = not pid_alive(pid) or (start_time is not None and not is_our_pid(pid, start_time))
-        if gone or time.monotonic() >= deadline:
-            return gone
+        if done():
+            return True
+        if time.monotonic() >= deadline:
+            return False
         time.sleep(step)
         step = min(step * 2, 0.05)
+
+
+def _wait_gone(pid: int, timeout: float, start_time: Optional[str] = None) -> bool:
+    """Poll until ``pid`` is gone (or no longer the recorded process); True when it is."""
+    return _poll_until(
+        lambda: not pid_alive(pid) or (start_time is not None and not is_our_pid(pid, start_time)), timeout
+    )
+
+
+def _escalate(
+    send: Callable[[int], None],
+    ours: Callable[[], bool],
+    gone: Callable[[], bool],
+    grace: float,
+    kill_wait: float = _KILL_WAIT,
+) -> bool:
+    """The one way anything is ended: SIGTERM (and SIGCONT: a stopped process handles it
+    only once woken), ``grace`` to go, then SIGKILL and ``kill_wait``. ``send`` delivers a
+    signal, each only while ``ours()`` still proves the target ours. True when ``gone()``."""
+    import signal
+
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, kill_wait)):
+        if gone() or not ours():
+            break
+        send(sig)
+        if sig == signal.SIGTERM:
+            send(signal.SIGCONT)
+        if _poll_until(gone, wait):
+            return True
+    return gone()
 
 
 def terminate_process(
     pid: int, start_time: Optional[str], grace: float = _TERM_GRACE, group: bool = False
 ) -> bool:
     """SIGTERM, SIGCONT, grace, SIGKILL — only while ``pid`` is verified ours. True when gone."""
-    import signal
-
     if not is_our_pid(pid, start_time):
         return not pid_alive(pid)  # not ours: never signalled, so gone only if already gone
     # A group is signalled only while the pid still leads it (it was spawned as leader).
     use_group = group and _safe_getpgid(pid) == pid
-    _signal(pid, signal.SIGTERM, use_group)
-    _signal(pid, signal.SIGCONT, use_group)  # a stopped process handles SIGTERM only once woken
-    if _wait_gone(pid, grace, start_time):
-        return True
-    if is_our_pid(pid, start_time):
-        _signal(pid, signal.SIGKILL, use_group)
-    return _wait_gone(pid, 2.0, start_time)
+    return _escalate(
+        lambda sig: _signal(pid, sig, use_group),
+        lambda: is_our_pid(pid, start_time),
+        lambda: not pid_alive(pid) or not is_our_pid(pid, start_time),
+        grace,
+    )
 
 
 def _safe_getpgid(pid: int) -> Optional[int]:
@@ -1145,18 +1306,14 @@ def leaderless_group_is_ours(
 
 def _end_leaderless_group(pgid: int, leader_start: Optional[str], grace: float) -> None:
     """SIGTERM, grace, SIGKILL what is left of a dead server's group, re-proving it each time."""
-    import signal
-
     order = _start_order(leader_start)
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        members = _group_members(pgid)
-        if not leaderless_group_is_ours(pgid, order, pid_alive(pgid), members):
-            return  # gone, or no proof it is the server's
-        _signal(pgid, sig, group=True)
-        _signal(pgid, signal.SIGCONT, group=True)  # a stopped member handles SIGTERM only once woken
-        deadline = time.monotonic() + grace
-        while _group_members(pgid) and time.monotonic() < deadline:
-            time.sleep(0.02)
+    _escalate(
+        lambda sig: _signal(pgid, sig, group=True),
+        lambda: leaderless_group_is_ours(pgid, order, pid_alive(pgid), _group_members(pgid)),
+        lambda: not _group_members(pgid),
+        grace,
+        grace,
+    )
 
 
 def end_server_group(pid: Any, start_time: Any, grace: float = _TERM_GRACE) -> None:
@@ -1363,16 +1520,17 @@ class ProbeResult:
         return pid if _is_pid(pid) else None
 
 
-_STOP_FRAME = {"id": "stop", "method": "stop", "params": {}, "protocolVersion": DAEMON_PROTOCOL_VERSION}
+def _builtin_request(method: str, rid: str) -> Dict[str, Any]:
+    """A request for a built-in method (``status``, ``stop``): no params, this protocol."""
+    return {"id": rid, "method": method, "params": {}, "protocolVersion": DAEMON_PROTOCOL_VERSION}
 
 
 def probe_live_daemon(socket_path: str, timeout: float) -> ProbeResult:
     """Live means: it answers ``status``, reports this socket path, and its pid is alive."""
     if not os.path.exists(socket_path):
         return ProbeResult(_PROBE_DEAD, detail="no socket file")
-    request = {"id": "probe", "method": "status", "params": {}, "protocolVersion": 2}
     try:
-        response = exchange(socket_path, request, timeout)
+        response = exchange(socket_path, _builtin_request("status", "probe"), timeout)
     except DaemonTimeout:
         return ProbeResult(_PROBE_SILENT, detail=f"no answer within {timeout:g}s")
     except _HungUp as exc:
@@ -1488,34 +1646,47 @@ def plan_stop_escalation(kind: str, verified: bool, gone: bool) -> str:
     return _ESCALATE_STILL_STOPPING if kind == _PROBE_STOPPING else _ESCALATE_REFUSE
 
 
-def _stop_then_escalate(
-    socket_path: str,
-    pid: int,
-    recorded: Optional[RecordedDaemon],
-    kind: str,
-    ask: Optional[Tuple[float, float]],
-    wait: Callable[[], float],
-    on_unheard: Callable[[DaemonError], None] = lambda exc: None,
-    on_plan: Callable[[str], None] = lambda plan: None,
-) -> str:
-    """Ask daemon ``pid`` to stop, wait for its pid to go, then escalate as
-    ``plan_stop_escalation`` decides; returns the plan, carried out.
+class _StopPolicy:
+    """How ``_stop_then_escalate`` asks and waits, and what its caller says meanwhile.
 
-    ``ask`` is the request's (answer, connect) timeouts, or None to only wait (it is stopping
-    already); ``wait`` gives the seconds to wait, asked once the request is done. Only a
-    ``recorded`` daemon naming this very pid, still ours after the wait, is terminated (§7).
-    ``on_plan`` hears the plan before it is carried out, so each caller says it its own way.
+    ``ask`` is the stop request's (answer, connect) timeouts, or None to only wait (it is
+    stopping already); ``wait`` gives the seconds to wait for the pid, asked once the request
+    is done. ``on_unheard`` hears a stop request that failed; ``on_plan`` hears the plan
+    before it is carried out, so each caller says it its own way."""
+
+    __slots__ = ("ask", "wait", "on_unheard", "on_plan")
+
+    def __init__(
+        self,
+        ask: Optional[Tuple[float, float]],
+        wait: Callable[[], float],
+        on_unheard: Callable[[DaemonError], None] = lambda exc: None,
+        on_plan: Callable[[str], None] = lambda plan: None,
+    ) -> None:
+        self.ask = ask
+        self.wait = wait
+        self.on_unheard = on_unheard
+        self.on_plan = on_plan
+
+
+def _stop_then_escalate(
+    socket_path: str, pid: int, recorded: Optional[RecordedDaemon], kind: str, policy: _StopPolicy
+) -> str:
+    """Ask daemon ``pid`` (which the probe found ``kind``) to stop, wait for its pid to go,
+    then escalate as ``plan_stop_escalation`` decides; returns the plan, carried out. Only a
+    ``recorded`` daemon naming this very pid, still ours after the wait, is terminated.
     """
     start = process_start_time(pid)
-    if ask is not None:
+    if policy.ask is not None:
+        answer_s, connect_s = policy.ask
         try:
-            exchange(socket_path, _STOP_FRAME, ask[0], connect_timeout=ask[1])
+            exchange(socket_path, _builtin_request("stop", "stop"), answer_s, connect_timeout=connect_s)
         except DaemonError as exc:
-            on_unheard(exc)  # it may have exited before answering; the pid tells
-    gone = _wait_gone(pid, wait(), start)
+            policy.on_unheard(exc)  # it may have exited before answering; the pid tells
+    gone = _wait_gone(pid, policy.wait(), start)
     verified = recorded is not None and recorded.pid == pid and recorded.is_ours()
     plan = plan_stop_escalation(kind, verified, gone)
-    on_plan(plan)
+    policy.on_plan(plan)
     if plan == _ESCALATE_TERMINATE:
         assert recorded is not None
         recorded.terminate()
@@ -1672,8 +1843,8 @@ class DaemonHost:
         self.on_tick = on_tick
         self.on_shutdown = on_shutdown
         self.log = log or DaemonLog()
-        self.probe_timeout = probe_timeout or _env_seconds(
-            "MCPORTER_DAEMON_PROBE_TIMEOUT_MS", _DEFAULT_PROBE_TIMEOUT
+        self.probe_timeout = probe_timeout or paths.app.env_seconds(
+            "PROBE_TIMEOUT_MS", _DEFAULT_PROBE_TIMEOUT
         )
         self._record = _MetadataRecord(self)
         self._listener = _Listener()
@@ -1745,6 +1916,8 @@ class DaemonHost:
         saved: Dict[int, Any] = {}
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:
+                    continue  # started under nohup: a hangup must not take the servers down
                 saved[sig] = signal.signal(
                     sig, lambda signum, _frame: self.request_stop(f"{_STOP_SIGNAL} {signum}")
                 )
@@ -2505,9 +2678,8 @@ class _Takeover:
                 self.log.event(f"stale daemon pid {pid} did not exit within {_STOP_WAIT:g}s; terminating it")
 
         ask = (self.host.probe_timeout, self.host.probe_timeout)
-        _stop_then_escalate(
-            self.host.paths.socket, pid, recorded, _PROBE_LIVE, ask, lambda: _STOP_WAIT, unheard, say
-        )
+        policy = _StopPolicy(ask, lambda: _STOP_WAIT, unheard, say)
+        _stop_then_escalate(self.host.paths.socket, pid, recorded, _PROBE_LIVE, policy)
 
     def _wait_for_stopping(self, probe: ProbeResult, recorded: Optional[RecordedDaemon]) -> None:
         """A daemon answering "shutting down" still owns its servers: wait for its pid to
@@ -2862,8 +3034,8 @@ class DaemonClient:
         self.launch_argv = list(launch_argv)
         self.env = env
         self.cwd = cwd
-        self.probe_timeout = probe_timeout or _env_seconds(
-            "MCPORTER_DAEMON_PROBE_TIMEOUT_MS", _DEFAULT_PROBE_TIMEOUT
+        self.probe_timeout = probe_timeout or paths.app.env_seconds(
+            "PROBE_TIMEOUT_MS", _DEFAULT_PROBE_TIMEOUT
         )
         self.start_timeout = start_timeout
         self.on_slow = on_slow or (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -2874,8 +3046,11 @@ class DaemonClient:
         """The daemon's status when metadata, pid identity and its own answer all agree.
 
         The result carries ``fresh``: whether its fingerprint is ours. None when unverified.
-        ``timeout`` is for the answer (default: the probe timeout).
+        ``timeout`` is for the answer (default: the probe timeout). UnsafePathError when the
+        state directory fails the safety checks: its record could have been planted by anyone.
         """
+        if not self.paths.check():
+            return None  # no state directory, so no record
         recorded = RecordedDaemon.read(self.paths.metadata)
         if recorded is None:
             return None
@@ -2916,7 +3091,7 @@ class DaemonClient:
         return status
 
     def _ask_status(self, timeout: Optional[float] = None) -> Optional[Dict[str, Any]]:
-        request = {"id": "status", "method": "status", "params": {}, "protocolVersion": 2}
+        request = _builtin_request("status", "status")
         try:
             response = exchange(self.paths.socket, request, timeout or self.probe_timeout)
         except DaemonError:
@@ -3046,7 +3221,8 @@ class DaemonClient:
         return " | ".join(self._log_lines(offset, pid)[-lines:])
 
     def _startup_error(self, offset: int, code: int, pid: int) -> str:
-        said = [_strip_log_prefix(line) for line in self._log_lines(offset, pid)]
+        name = self.paths.app.name
+        said = [_strip_log_prefix(line, name) for line in self._log_lines(offset, pid)]
         text = launch_failure_text(
             pid, code, any(_is_bound_line(line) for line in said), said[-1] if said else ""
         )
@@ -3067,9 +3243,11 @@ class DaemonClient:
         notices: Optional[List[str]] = None,
         overall_timeout: Optional[float] = None,
         on_progress: Optional[Callable[[Dict[str, Any]], None]] = None,
+        start_budget: float = 0.0,
     ) -> Any:
         """Send one request to a verified fresh daemon (starting it if allowed). Raises
-        RemoteError for ``ok: false``, DaemonTimeout past ``overall_timeout`` (progress or not).
+        RemoteError for ``ok: false``, DaemonTimeout past ``overall_timeout`` (progress or not;
+        plus ``start_budget`` when the daemon reports a start, see ``exchange``).
         A server's progress, relayed in the daemon's progress frames, goes to ``on_progress``.
 
         A delivered request runs at most once: it is sent again (after ``ensure``) only when it
@@ -3079,7 +3257,7 @@ class DaemonClient:
         """
         if auto_start:
             self.ensure()
-        send = (method, params, idle_timeout, progress_ms, overall_timeout, on_progress)
+        send = (method, params, idle_timeout, progress_ms, overall_timeout, on_progress, start_budget)
         until = time.monotonic() + (overall_timeout or idle_timeout)
         try:
             response = self._send_while_busy(send, until)
@@ -3093,7 +3271,7 @@ class DaemonClient:
             response = self._send_while_busy(send, until)
         if notices is not None:
             notices.extend(str(n) for n in response.get("notices") or [])
-        return result_or_raise(response)
+        return result_or_raise(response, self.paths.app.usage_codes)
 
     def _send_while_busy(self, send: Tuple[Any, ...], until: float) -> Dict[str, Any]:
         """``_send``, again after a pause while the daemon answers ``busy``, until ``until``."""
@@ -3114,6 +3292,7 @@ class DaemonClient:
         progress_ms: Optional[int],
         overall: Optional[float] = None,
         on_progress: Optional[Callable[[Dict[str, Any]], None]] = None,
+        start_budget: float = 0.0,
     ) -> Dict[str, Any]:
         req: Dict[str, Any] = {
             "id": f"{os.getpid()}-{time.monotonic_ns()}",
@@ -3130,6 +3309,7 @@ class DaemonClient:
             connect_timeout=self.probe_timeout,
             overall_timeout=overall,
             on_progress=on_progress,
+            start_budget=start_budget,
         )
 
     # -- stopping ------------------------------------------------------------------------------
@@ -3138,8 +3318,11 @@ class DaemonClient:
         """Stop the daemon and return after its pid is gone; if it is still there when
         ``timeout`` has passed and the metadata proves it ours, terminate it and its
         servers. A daemon already stopping (a concurrent ``stop``) is waited for. Returns
-        what happened, in words."""
+        what happened, in words. A state directory that fails the safety checks is refused
+        (UnsafePathError) before its record is read: a planted record must never get a pid
+        signalled."""
         deadline = time.monotonic() + timeout
+        self.paths.check()
         # Read before the stop: a stopping daemon removes its file, and only the record proves
         # a pid ours (§7), so it is what allows a terminate later.
         recorded = RecordedDaemon.read(self.paths.metadata)
@@ -3165,7 +3348,7 @@ class DaemonClient:
             # Silent, busy or closed may only be slow: ask, then wait it out.
             answer_s = max(left(), 0.05)
             ask = (answer_s, min(answer_s, self.probe_timeout))
-        plan = _stop_then_escalate(self.paths.socket, pid, recorded, probe.kind, ask, left)
+        plan = _stop_then_escalate(self.paths.socket, pid, recorded, probe.kind, _StopPolicy(ask, left))
         return self._stop_outcome(plan, pid, probe.kind, timeout)
 
     def _stop_outcome(self, plan: str, pid: int, kind: str, timeout: float) -> str:
@@ -3251,7 +3434,7 @@ def _twin_named(messages: List[str]) -> Optional[int]:
     """The pid in a launched host's "daemon already running (pid N)" (its verdict that N
     serves), read from its own log lines."""
     for line in reversed(messages):
-        text = _strip_log_prefix(line)
+        text = _strip_log_prefix(line, "")
         head = "daemon already running (pid "
         if text.startswith(head):
             digits = text[len(head) :].split(")", 1)[0]
@@ -3275,12 +3458,13 @@ def _log_line_pid(line: str) -> Optional[int]:
     return int(digits) if digits.isdigit() and parts[1].endswith("]") else None
 
 
-def _strip_log_prefix(line: str) -> str:
-    """Drop our log line's timestamp and pid so the child's own error reads as one line."""
+def _strip_log_prefix(line: str, name: str) -> str:
+    """Drop our log line's timestamp and pid, and the application's ``<name>: ``, so the
+    child's own error reads as one line."""
     parts = line.split(" ", 2)
     if len(parts) == 3 and parts[0].endswith("Z") and parts[1].startswith("["):
         line = parts[2]
-    prefix = f"{_PROG}: "
+    prefix = f"{name}: "
     return line[len(prefix) :] if line.startswith(prefix) else line
 
 
@@ -3291,7 +3475,41 @@ def _strip_log_prefix(line: str) -> str:
 # MCP constants and errors: protocol versions, server timings, keep-alive defaults.
 # ##########################################################################################
 
+__all__ += [
+    # -- the MCP layer --
+    "MCP_PROTOCOL_VERSION",
+    "McpError",
+    "Config",
+    "ServerSpec",
+    "load_config",
+    "discover_config",
+    "config_fingerprint",
+    "parse_jsonc",
+    "McpStdioClient",
+    "McpKeepAliveService",
+    # -- the CLI --
+    "main",
+]
+
+_PROG = "mcporter-daemon"
+
+# What the core must know of this tool: its name, its MCPORTER_DAEMON_* overrides (DIR,
+# PROBE_TIMEOUT_MS), its state directory beside mcporter's, its /tmp/mcporter-<uid> fallback
+# socket directory, and the error codes of its handlers that mean a usage or config problem.
+use_app(
+    DaemonApp(
+        _PROG,
+        "MCPORTER_DAEMON_",
+        xdg_state_dir=os.path.join("mcporter", "pydaemon"),
+        home_state_dir=os.path.join(".mcporter", "pydaemon"),
+        tmp_dir="mcporter",
+        usage_codes=("config", "unknown_server", "not_keep_alive", "command_not_found", "invalid_arguments"),
+    )
+)
+
 MCP_PROTOCOL_VERSION = "2025-11-25"
+
+_DEFAULT_CALL_TIMEOUT = 60.0  # MCPORTER_DAEMON_TIMEOUT_MS or --timeout override
 
 _MCP_OLDEST_VERSION = "2024-11-05"
 
@@ -3326,6 +3544,8 @@ _WEDGED_CLOSE_GRACE = 1.0  # it stopped answering: shorter grace steps than a no
 _MALLOC_MMAP_VAR = "MALLOC_MMAP_THRESHOLD_"  # glibc reads it at start-up
 _MALLOC_SET_BY_US = "MCPORTER_DAEMON_MALLOC_TUNED"
 _DAEMON_MMAP_THRESHOLD = str(1024 * 1024)
+_DEFAULT_STARTUP_TIMEOUT_MS = 60_000  # spawn + initialize (startupTimeoutMs), as mcporter
+
 _KEEPALIVE_NAMES = ("chrome-devtools", "mobile-mcp", "playwright", "cloudbase")
 
 _KEEPALIVE_COMMAND_HINTS = ("chrome-devtools-mcp", "@playwright/mcp", "mobile-mcp", "cloudbase-mcp")
@@ -3409,8 +3629,21 @@ def parse_jsonc(text: str, source: str) -> Any:
         ) from None
 
 
-def _expand_placeholders(value: str, environ: Dict[str, str]) -> str:
-    """``${VAR}`` and ``${VAR:-fallback}``; an unset ``${VAR}`` becomes empty."""
+def _is_env_name(name: str) -> bool:
+    return bool(name) and not name[0].isdigit() and all(c == "_" or c.isascii() and c.isalnum() for c in name)
+
+
+def _expand_placeholders(
+    value: str,
+    environ: Dict[str, str],
+    refs: Optional[Dict[str, Optional[str]]] = None,
+    missing: Optional[List[str]] = None,
+) -> str:
+    """``${VAR}`` and ``${VAR:-fallback}`` as mcporter expands them: an unset or empty VAR
+    takes the fallback; an unset VAR without one is empty, and its name goes to ``missing``
+    (callers that must not run with a hole in an argument refuse it). ``refs`` collects each
+    variable read and its value (None when unset). ``${...}`` that is not a variable name
+    (VS Code's ``${input:token}``) stays as written."""
     out, i = [], 0
     while True:
         start = value.find("${", i)
@@ -3418,10 +3651,18 @@ def _expand_placeholders(value: str, environ: Dict[str, str]) -> str:
         if start < 0 or end < 0:
             out.append(value[i:])
             return "".join(out)
-        out.append(value[i:start])
         name, sep, fallback = value[start + 2 : end].partition(":-")
-        got = environ.get(name, "")
-        out.append(got if got or not sep else fallback)
+        if not _is_env_name(name):
+            out.append(value[i : start + 2])
+            i = start + 2
+            continue
+        out.append(value[i:start])
+        got = environ.get(name)
+        if refs is not None:
+            refs[name] = got
+        if got is None and not sep and missing is not None and name not in missing:
+            missing.append(name)
+        out.append(got if got else fallback if sep else "")
         i = end + 1
 
 
@@ -3445,6 +3686,12 @@ class ServerSpec:
         "idle_timeout_ms",
         "health_check_ms",
         "source",
+        "startup_timeout_ms",
+        "allowed_tools",
+        "blocked_tools",
+        "unknown_keys",
+        "problem",
+        "env_refs",
     )
 
     def __init__(self, name: str, source: str) -> None:
@@ -3458,9 +3705,29 @@ class ServerSpec:
         self.keep_alive_reason = "not selected"
         self.idle_timeout_ms: Optional[int] = None
         self.health_check_ms = _DEFAULT_HEALTH_CHECK_MS  # 0: never pinged
+        self.startup_timeout_ms = _DEFAULT_STARTUP_TIMEOUT_MS  # spawn + initialize
+        self.allowed_tools: Optional[frozenset] = None  # None: no allow-list
+        self.blocked_tools: frozenset = frozenset()
+        self.unknown_keys: List[str] = []  # for doctor: keys neither this tool nor mcporter knows
+        self.problem = ""  # why it cannot run (an unset ${VAR}); raised when it is used
+        self.env_refs: Dict[str, Optional[str]] = {}  # ${VAR}s it reads: their values (None: unset)
 
     def __repr__(self) -> str:
         return f"ServerSpec({self.name!r}, command={self.command!r}, keep_alive={self.keep_alive})"
+
+    def allows_tool(self, name: str) -> bool:
+        """Whether ``allowedTools``/``blockedTools`` let this tool be listed and called:
+        exact names, as mcporter matches them; an empty allow-list allows nothing."""
+        if self.allowed_tools is not None:
+            return name in self.allowed_tools
+        return name not in self.blocked_tools
+
+    def tool_refusal(self, name: str) -> str:
+        """The one line refusing a filtered tool (empty when it is allowed)."""
+        if self.allows_tool(name):
+            return ""
+        rule = "is not in allowedTools" if self.allowed_tools is not None else "is in blockedTools"
+        return f"tool '{name}' of server '{self.name}' {rule} ({self.source}); it is not called"
 
 
 class Config:
@@ -3498,6 +3765,47 @@ def _read_optional(path: str) -> Optional[bytes]:
         raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
 
 
+def config_path_risk(mode: int, owner: int, me: int, is_dir: bool) -> Tuple[str, str]:
+    """("refuse" | "warn" | "", why) for a config file or its directory, as ssh's StrictModes:
+    one that another user owns or anyone may write could make us run their command. A sticky
+    world-writable directory (/tmp) is fine: nobody else can replace a file in it."""
+    import stat
+
+    if owner not in (me, 0):
+        return "refuse", f"is owned by uid {owner}, not by you (uid {me}) or root"
+    if mode & stat.S_IWOTH and not (is_dir and mode & stat.S_ISVTX):
+        return "refuse", "is writable by every user"
+    if mode & stat.S_IWGRP and not (is_dir and mode & stat.S_ISVTX):
+        return "warn", "is writable by its group"
+    return "", ""
+
+
+def _config_path_risks(path: str) -> List[Tuple[str, str, str, str]]:
+    """(verdict, path, why, fix) for a config file and the directories holding it (as spelled
+    and, for a symlink, where it points)."""
+    out = []
+    me = os.geteuid()
+    real = os.path.realpath(path)
+    for target in dict.fromkeys([path, os.path.dirname(path), os.path.dirname(real)]):
+        try:
+            st = os.stat(target)
+        except OSError:
+            continue
+        is_dir = os.path.isdir(target)
+        verdict, why = config_path_risk(st.st_mode, st.st_uid, me, is_dir)
+        if verdict:
+            what = "directory" if is_dir else "file"
+            fix = f"chmod go-w {target}" if "writable" in why else f"chown {me} {target}, or remove it"
+            out.append((verdict, target, f"config {what} {target} {why}", fix))
+    return out
+
+
+def _refuse_unsafe_config(path: str) -> None:
+    for verdict, _target, why, fix in _config_path_risks(path):
+        if verdict == "refuse":
+            raise ConfigError(f"{why}; refusing to run its commands — fix: {fix}")
+
+
 def _home_config_candidates() -> List[str]:
     out = []
     xdg = os.environ.get("XDG_CONFIG_HOME")
@@ -3523,6 +3831,7 @@ def discover_config(
         data = _read_optional(path)
         if data is None:
             raise ConfigError(f"{path}: config file not found")
+        _refuse_unsafe_config(path)
         return path, [(path, data)], True
     project = os.path.join(os.path.abspath(root or os.getcwd()), "config", "mcporter.json")
     layers: List[Tuple[str, Optional[bytes]]] = []
@@ -3537,6 +3846,9 @@ def discover_config(
         layers.append((_home_config_candidates()[-2], None))
     project_data = _read_optional(project)
     layers.append((project, project_data))
+    for layer_path, data in layers:
+        if data is not None:
+            _refuse_unsafe_config(layer_path)
     naming = project if project_data is not None or home_path is None else home_path
     return naming, layers, False
 
@@ -3581,7 +3893,7 @@ def _parse_lifecycle(spec: ServerSpec, raw: Any, where: str) -> Optional[bool]:
     return mode == "keep-alive"
 
 
-def _parse_command(spec: ServerSpec, entry: Dict[str, Any], where: str) -> None:
+def _parse_command(spec: ServerSpec, entry: Dict[str, Any], where: str, environ: Dict[str, str]) -> None:
     import shlex
 
     command = entry.get("command")
@@ -3596,7 +3908,114 @@ def _parse_command(spec: ServerSpec, entry: Dict[str, Any], where: str) -> None:
         raise _type_error(spec.source, f"{where}.args", "a list of strings", args)
     if not argv:
         raise ConfigError(f"{spec.source}: {where}.command is empty")
-    spec.command = argv + args
+    # Expanded word by word, after the split: a value with spaces stays one argument, as a
+    # quoted "$VAR" in a shell, and can never add arguments of its own.
+    spec.command = [_expand_strict(spec, w, environ, f"{where}.command") for w in argv]
+    spec.command += [_expand_strict(spec, a, environ, f"{where}.args") for a in args]
+
+
+def _expand_strict(spec: ServerSpec, value: str, environ: Dict[str, str], where: str) -> str:
+    """A placeholder in command, args or cwd: an unset variable without a default is the
+    server's problem (raised when it is used), never a silently empty argument."""
+    missing: List[str] = []
+    out = _expand_placeholders(value, environ, spec.env_refs, missing)
+    if missing and not spec.problem:
+        spec.problem = (
+            f"server '{spec.name}': environment variable {missing[0]} is not set "
+            f"(${{{missing[0]}}} in {where}, {spec.source}); set it, or write ${{{missing[0]}:-default}}"
+        )
+    return out
+
+
+# Every key of a server entry that mcporter knows; the ones this tool does not use (HTTP and
+# OAuth settings) are not typos, so doctor names only the rest.
+_SERVER_KEYS = frozenset(
+    [
+        "command",
+        "executable",
+        "args",
+        "env",
+        "cwd",
+        "lifecycle",
+        "url",
+        "baseUrl",
+        "base_url",
+        "serverUrl",
+        "server_url",
+        "allowedTools",
+        "allowed_tools",
+        "blockedTools",
+        "blocked_tools",
+        "startupTimeoutMs",
+        "startup_timeout_ms",
+        "description",
+        "headers",
+        "auth",
+        "tokenCacheDir",
+        "token_cache_dir",
+        "clientName",
+        "client_name",
+        "protocolVersion",
+        "protocol_version",
+        "chromeDevtoolsRelay",
+        "chrome_devtools_relay",
+        "oauthClientId",
+        "oauth_client_id",
+        "oauthClientSecret",
+        "oauth_client_secret",
+        "oauthClientSecretEnv",
+        "oauth_client_secret_env",
+        "oauthTokenEndpointAuthMethod",
+        "oauth_token_endpoint_auth_method",
+        "oauthRedirectUrl",
+        "oauth_redirect_url",
+        "oauthClientMetadataUrl",
+        "oauth_client_metadata_url",
+        "oauthScope",
+        "oauth_scope",
+        "oauthCommand",
+        "oauth_command",
+        "bearerToken",
+        "bearer_token",
+        "bearerTokenEnv",
+        "bearer_token_env",
+        "refresh",
+        "httpFetch",
+        "http_fetch",
+        "logging",
+        "type",
+    ]
+)
+
+
+def _parse_tool_filters(spec: ServerSpec, entry: Dict[str, Any], where: str) -> None:
+    """``allowedTools``/``blockedTools`` (or snake_case): exact tool names; both at once is
+    an error, as in mcporter, since which one wins would be a guess."""
+    lists: Dict[str, frozenset] = {}
+    for key, snake in (("allowedTools", "allowed_tools"), ("blockedTools", "blocked_tools")):
+        value = entry.get(key, entry.get(snake))
+        if value is None:
+            continue
+        if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
+            raise _type_error(spec.source, f"{where}.{key}", "a list of tool names", value)
+        lists[key] = frozenset(value)
+    if len(lists) == 2:
+        raise ConfigError(
+            f"{spec.source}: {where}: give allowedTools or blockedTools, not both (as in mcporter)"
+        )
+    spec.allowed_tools = lists.get("allowedTools")
+    spec.blocked_tools = lists.get("blockedTools", frozenset())
+
+
+def _parse_startup_timeout(spec: ServerSpec, entry: Dict[str, Any], where: str) -> None:
+    value = entry.get("startupTimeoutMs", entry.get("startup_timeout_ms"))
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ConfigError(
+            f"{spec.source}: {where}.startupTimeoutMs must be a positive number of milliseconds"
+        )
+    spec.startup_timeout_ms = int(value)
 
 
 def _parse_server(name: str, entry: Any, source: str, base_dir: str, environ: Dict[str, str]) -> ServerSpec:
@@ -3604,25 +4023,30 @@ def _parse_server(name: str, entry: Any, source: str, base_dir: str, environ: Di
     if not isinstance(entry, dict):
         raise _type_error(source, where, "an object", entry)
     spec = ServerSpec(name, source)
+    spec.unknown_keys = [str(k) for k in entry if k not in _SERVER_KEYS]
+    _parse_tool_filters(spec, entry, where)
     url = entry.get("url") or entry.get("baseUrl")
     if url:
         if not isinstance(url, str):
             raise _type_error(source, f"{where}.url", "a string", url)
         spec.url = url
         return spec
-    _parse_command(spec, entry, where)
+    _parse_command(spec, entry, where, environ)
     env = entry.get("env", {})
     if not isinstance(env, dict):
         raise _type_error(source, f"{where}.env", "an object", env)
     for key, value in env.items():
         if not isinstance(value, str):
             raise _type_error(source, f"{where}.env.{key}", "a string", value)
-    spec.env = {str(k): _expand_placeholders(v, environ) for k, v in env.items()}
+    # env stays lenient, as in mcporter: an unset ${VAR} there is an empty value.
+    spec.env = {str(k): _expand_placeholders(v, environ, spec.env_refs) for k, v in env.items()}
     cwd = entry.get("cwd")
     if cwd is not None:
         if not isinstance(cwd, str):
             raise _type_error(source, f"{where}.cwd", "a string", cwd)
+        cwd = _expand_strict(spec, cwd, environ, f"{where}.cwd")
         spec.cwd = os.path.join(base_dir, os.path.expanduser(cwd))
+    _parse_startup_timeout(spec, entry, where)
     explicit = _parse_lifecycle(spec, entry.get("lifecycle"), f"{where}.lifecycle")
     _select_keep_alive(spec, explicit, environ)
     return spec
@@ -3679,6 +4103,19 @@ def _effective_import_order(docs: List[Dict[str, Any]]) -> List[str]:
         if order:
             return order
     return []
+
+
+def import_plan(layers: List[Tuple[str, Optional[bytes]]]) -> List[Tuple[str, List[str]]]:
+    """(layer, the import kinds it reads, in order) for each config layer that exists; with
+    none, mcporter reads the defaults as if from an empty project config."""
+    plan = [
+        (path, import_order(_parse_layer(path, data).get("imports")))
+        for path, data in layers
+        if data is not None
+    ]
+    if not any(data is not None for _, data in layers):
+        plan = [(layers[-1][0] + " (absent)", list(IMPORT_KINDS))] if layers else []
+    return plan
 
 
 def import_candidates(kind: str, root: str, home: str, environ: Dict[str, str], platform: str) -> List[str]:
@@ -3893,7 +4330,8 @@ def load_config(config: Optional[str] = None, root: Optional[str] = None) -> Con
                     spec = _parse_server(name, entry, imported.path, os.path.dirname(imported.path), environ)
                 except ConfigError:
                     continue
-                cfg.servers[name] = spec
+                if not spec.problem:
+                    cfg.servers[name] = spec
     for source, doc in docs:
         servers = doc.get("mcpServers", {})
         if not isinstance(servers, dict):
@@ -3939,8 +4377,6 @@ _MCP_START_TIMEOUT = 30.0  # a server's spawn and initialize handshake, unless t
 _BROKEN_CLOSE_GRACE = 0.5  # a server whose stream broke, or whose handshake failed
 
 _RETIRED_CLOSE_GRACE = 0.1  # a server found exited or broken, before its replacement starts
-
-_KILL_WAIT = 2.0  # after SIGKILL, for the group to go; then for the leader's reap
 
 _THREAD_JOIN_WAIT = 1.0  # a closed server's reader and stderr threads
 
@@ -4235,23 +4671,14 @@ class _ServerProcess:
     def end_group(self, exit_wait: float, grace: float) -> None:
         """Wait ``exit_wait`` for the leader to exit; then SIGTERM, ``grace``, SIGKILL the group
         while any member remains; only then reap the leader (caller holds the close lock)."""
-        import signal
         import subprocess
 
         proc = self.proc
         if proc is None or self.group_ended:
             return
         self.exited.wait(exit_wait)
-        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, _KILL_WAIT)):
-            if self._group_gone():
-                break
-            # Safe while the leader is unreaped: its pid, the group id, cannot be reused.
-            _signal(proc.pid, sig, group=True)
-            if sig == signal.SIGTERM:
-                _signal(proc.pid, signal.SIGCONT, group=True)  # stopped members handle it once woken
-            deadline = time.monotonic() + wait
-            while not self._group_gone() and time.monotonic() < deadline:
-                time.sleep(0.01 if _ON_PROC else 0.1)  # ps is a process start per look
+        # Always ours while the leader is unreaped: its pid, the group id, cannot be reused.
+        _escalate(lambda sig: _signal(proc.pid, sig, group=True), lambda: True, self._group_gone, grace)
         self.group_ended = True
         try:
             proc.wait(_KILL_WAIT)
@@ -4607,6 +5034,7 @@ class McpStdioClient:
         self._process = _ServerProcess(name, log)
         self._channel = _JsonRpcChannel(name, self._process, log, self._notified, self.close)
         self.protocol_version = ""
+        self.instructions = ""  # the server's initialize instructions, shown by list
         self.tools_stale = True
         self._tools: Optional[List[Dict[str, Any]]] = None  # this process's tools/list, kept
 
@@ -4684,6 +5112,7 @@ class McpStdioClient:
                 "runtime_error",
             )
         self.protocol_version = version
+        self.instructions = str((result or {}).get("instructions") or "")
         self.notify("notifications/initialized")
 
     def _paginate(self, method: str, key: str, opts: Optional[_CallOptions]) -> List[Any]:
@@ -4885,6 +5314,18 @@ def call_arguments(
 # ##########################################################################################
 
 
+def env_hash(value: Optional[str]) -> Optional[str]:
+    """A variable's value as a caller tells it to the daemon: a short digest, never the value."""
+    return None if value is None else _sha256(os.fsencode(value)).hexdigest()[:16]
+
+
+def env_drift(started_with: Dict[str, Optional[str]], caller: Dict[str, Any]) -> List[str]:
+    """The ``${VAR}``s a kept server was started with whose value the caller's differs from
+    (``caller``: name -> env_hash of its value); a variable the caller did not report is not
+    compared (an older client, or mcporter's)."""
+    return sorted(v for v, value in started_with.items() if v in caller and caller[v] != env_hash(value))
+
+
 def server_idle_expired(
     idle_ms: Optional[int], has_client: bool, starting: bool, in_use: int, last_used: Optional[int], now: int
 ) -> bool:
@@ -4963,7 +5404,7 @@ class _Operation:
     opts)`` on the server's MCP face, or, for the kept server's own life (``mcp`` is None),
     ``manage(kept, args, seconds)`` in the daemon. ``args``: the parameters as read."""
 
-    __slots__ = ("wire", "params", "mcp", "timeout", "run", "manage")
+    __slots__ = ("wire", "params", "mcp", "timeout", "run", "manage", "guard", "screen")
 
     def __init__(
         self,
@@ -4973,23 +5414,35 @@ class _Operation:
         timeout: str,
         run: Optional[Callable[[McpStdioClient, Dict[str, Any], _CallOptions], Any]] = None,
         manage: Optional[Callable[[_KeptServer, Dict[str, Any], float], Any]] = None,
+        guard: Optional[Callable[[ServerSpec, Dict[str, Any]], None]] = None,
+        screen: Optional[Callable[[ServerSpec, Any], Any]] = None,
     ) -> None:
         self.wire, self.params, self.mcp, self.timeout = wire, _COMMON_PARAMS + params, mcp, timeout
         self.run, self.manage = run, manage
+        self.guard, self.screen = guard, screen  # the config's tool filters: before and after
 
     def read(self, params: Dict[str, Any]) -> Dict[str, Any]:
         """The declared parameters of a request, type-checked (HandlerError when one is not)."""
         return {p.name: p.read(params) for p in self.params}
 
-    def seconds(self, args: Dict[str, Any]) -> float:
+    def check(self, spec: ServerSpec, args: Dict[str, Any]) -> None:
+        """Refuse, before its server is asked, what the server's config forbids."""
+        if self.guard is not None:
+            self.guard(spec, args)
+
+    def shown(self, spec: ServerSpec, result: Any) -> Any:
+        """The result as the server's config lets a caller see it."""
+        return self.screen(spec, result) if self.screen is not None else result
+
+    def seconds(self, args: Dict[str, Any], start: float = _MCP_START_TIMEOUT) -> float:
         """The wait the caller's ``timeoutMs`` gives, as this operation applies it; without one,
-        the operation's own default."""
+        the operation's own default (for a start, ``start``: the server's startupTimeoutMs)."""
         ms = args.get("timeoutMs")
         given = ms / 1000.0 if ms and ms > 0 else None
         if self.timeout == _CLOSE:
             return min(_MCP_CLOSE_GRACE, given / 2) if given else _MCP_CLOSE_GRACE
         if self.timeout == _START:
-            return given or _MCP_START_TIMEOUT
+            return given or start
         return given or _DEFAULT_CALL_TIMEOUT
 
     def options(
@@ -5023,7 +5476,23 @@ def _list_tools(client: McpStdioClient, args: Dict[str, Any], opts: _CallOptions
         if args["includeSchema"]
         else ("name", "description")
     )
-    return [{k: t[k] for k in keep if k in t} for t in client.tools(opts) if isinstance(t, dict)]
+    tools = [{k: t[k] for k in keep if k in t} for t in client.tools(opts) if isinstance(t, dict)]
+    # mcporter's clients get its plain list; ours ask for the server's instructions too.
+    return {"tools": tools, "instructions": client.instructions} if args["includeServerInfo"] else tools
+
+
+def _refuse_filtered_tool(spec: ServerSpec, args: Dict[str, Any]) -> None:
+    """``allowedTools``/``blockedTools``: a filtered tool is refused, its server never asked."""
+    if not spec.allows_tool(args["tool"]):
+        raise HandlerError(spec.tool_refusal(args["tool"]), "config")
+
+
+def _hide_filtered_tools(spec: ServerSpec, result: Any) -> Any:
+    tools = result.get("tools") if isinstance(result, dict) else result
+    if isinstance(tools, list):
+        tools = [t for t in tools if not isinstance(t, dict) or spec.allows_tool(str(t.get("name")))]
+        return dict(result, tools=tools) if isinstance(result, dict) else tools
+    return result
 
 
 _OPERATIONS: Dict[str, _Operation] = {
@@ -5036,17 +5505,25 @@ _OPERATIONS: Dict[str, _Operation] = {
                 _Param("args", "object", "an object"),
                 _Param("rawArgs", "object", "an object of strings", values="string"),
                 _Param("stallTimeoutMs", "number", "a number of milliseconds"),
+                # The caller's values of the server's ${VAR}s, hashed (env_hash): the daemon
+                # says when it runs the server with others.
+                _Param("envHashes", "object", "an object"),
             ),
             "tools/call",
             _PER_REQUEST,
             _call_tool,
+            guard=_refuse_filtered_tool,
         ),
         _Operation(
             "listTools",
-            (_Param("includeSchema", "boolean", "true or false"),),
+            (
+                _Param("includeSchema", "boolean", "true or false"),
+                _Param("includeServerInfo", "boolean", "true or false"),
+            ),
             "tools/list",
             _PER_REQUEST,
             _list_tools,
+            screen=_hide_filtered_tools,
         ),
         _Operation(
             "listResources",
@@ -5162,15 +5639,18 @@ class _KeptServer:
 
     # -- start ---------------------------------------------------------------------------------
 
-    def live_client(self, start_timeout: float = _MCP_START_TIMEOUT) -> McpStdioClient:
-        """The running server's client, (re)starting the server when it is not running."""
+    def live_client(self, start_timeout: Optional[float] = None) -> McpStdioClient:
+        """The running server's client, (re)starting the server when it is not running
+        (within ``start_timeout``, else its ``startupTimeoutMs``)."""
         with self.life:
             client = self.client
             if client is not None and client.alive():
                 return client
             self._refuse_if_stopping()
+            if self.spec.problem:  # an unset ${VAR}: a config error, never a server started wrong
+                raise HandlerError(self.spec.problem, "config")
             self._retire(client)
-            client = self._start(start_timeout)
+            client = self._start(start_timeout or self.spec.startup_timeout_ms / 1000.0)
         self.changed()
         return client
 
@@ -5271,7 +5751,7 @@ class _KeptServer:
         why: str,
         expected: Optional[McpStdioClient] = None,
         grace: float = _MCP_CLOSE_GRACE,
-        start_timeout: float = _MCP_START_TIMEOUT,
+        start_timeout: Optional[float] = None,
     ) -> Optional[McpStdioClient]:
         """Close the server, then start a new one at once. The close completes under ``life``
         before the start takes it, so two copies never run together. With ``expected``, only
@@ -5487,13 +5967,29 @@ class McpKeepAliveService:
         (the server started when it is not running), or on the kept server's life."""
         kept = self._server(params)
         args = op.read(params)
+        op.check(kept.spec, args)  # whichever client asks: what the config forbids never runs
         if op.manage is not None:
-            return op.manage(kept, args, op.seconds(args))
+            return op.manage(kept, args, op.seconds(args, kept.spec.startup_timeout_ms / 1000.0))
         run = op.run
         assert run is not None
+        for var in env_drift(kept.spec.env_refs, args.get("envHashes") or {}):
+            ctx.notices.append(
+                f"{var} differs from the value server '{kept.name}' was started with; the daemon "
+                f"keeps its start-time environment (run: {_PROG} restart, to apply yours)"
+            )
         opts = op.options(args, ctx.notices, ctx.report_progress, ctx.cancelled)
+        client = kept.client
+        starting = client is None or not client.alive()
+        if starting:  # the caller's progress line says "starting 'x' (12 s)…" meanwhile
+            ctx.report_progress({"progress": 0, "phase": "starting"})
+
+        def act(client: McpStdioClient) -> Any:
+            if starting:
+                ctx.report_progress({"progress": 0, "phase": "started"})
+            return run(client, args, opts)
+
         try:
-            return kept.use(ctx.method, lambda client: run(client, args, opts))
+            return op.shown(kept.spec, kept.use(ctx.method, act))
         except UsageError as exc:
             raise HandlerError(str(exc), "invalid_arguments") from None
 
@@ -5786,6 +6282,7 @@ def _demo_answer(msg: Dict[str, Any], state: Dict[str, Any]) -> Optional[Dict[st
             "protocolVersion": version,
             "capabilities": {"tools": {}, "resources": {}, "prompts": {}},
             "serverInfo": {"name": "mcporter-daemon-demo", "version": __version__},
+            "instructions": "A demo server: counter counts calls in this process.",
         }
     if method == "tools/list":
         return {"tools": _DEMO_TOOLS}
@@ -6011,12 +6508,28 @@ def _server_spec(cfg: Config, name: str) -> ServerSpec:
     spec = cfg.servers.get(name)
     if spec is None:
         known = ", ".join(sorted(cfg.servers)) or "none"
-        raise ConfigError(f"unknown server '{name}' in {cfg.path} (configured: {known})")
+        raise ConfigError(
+            f"unknown server '{name}' in {cfg.path} (configured: {known})" + _no_config_hint(cfg)
+        )
     if spec.url is not None:
         raise ConfigError(
             f"server '{name}' is an HTTP server ({spec.url}); this tool runs stdio servers only"
         )
+    if spec.problem:
+        raise ConfigError(spec.problem)
     return spec
+
+
+def _no_config_hint(cfg: Config) -> str:
+    """When no mcporter config was found: the project config is looked up from the current
+    directory only, so a call from a subdirectory finds none."""
+    if cfg.explicit or any(data is not None for _, data in cfg.layers):
+        return ""
+    return (
+        f"; no config file found ({' or '.join(p for p, _ in cfg.layers)}): the project config is "
+        "<root>/config/mcporter.json with --root defaulting to the current directory; "
+        "pass --root DIR, or --config PATH (or set MCPORTER_CONFIG)"
+    )
 
 
 def _timeout_seconds(args: Any) -> float:
@@ -6070,6 +6583,11 @@ def progress_text(update: Dict[str, Any], width: int) -> str:
     return text[: max(0, width - 1)]
 
 
+_STARTING_LINE_AFTER = 1.0  # a server starting this long gets "starting 'x' (N s)…"
+
+_STARTING_TICK = 0.25  # how often an ephemeral server's starting line is redrawn
+
+
 class _ProgressLine:
     """Server progress as one updating line on stderr, erased at the end (carriage return,
     clear to end of line).
@@ -6080,17 +6598,30 @@ class _ProgressLine:
 
     _CLEAR = "\r\x1b[K"
 
-    def __init__(self, enabled: bool) -> None:
+    def __init__(self, enabled: bool, server: str = "") -> None:
         import threading
 
         self.enabled = enabled
+        self.server = server
         self.shown = ""
         self.lock = threading.Lock()
+        self.starting_since: Optional[float] = None
 
     def show(self, update: Dict[str, Any]) -> None:
         if not self.enabled:
             return
-        text = progress_text(update, _stderr_width())
+        phase = update.get("phase")
+        if phase == "starting":
+            now = time.monotonic()
+            self.starting_since = self.starting_since or now
+            elapsed = now - self.starting_since
+            if elapsed < _STARTING_LINE_AFTER:  # a quick start does not flash a line
+                return
+            text = f"starting '{self.server}' ({int(elapsed)} s)…"[: max(0, _stderr_width() - 1)]
+        elif phase == "started":
+            self.starting_since, text = None, ""
+        else:
+            text = progress_text(update, _stderr_width())
         with self.lock:
             if self.enabled and text != self.shown:
                 self.shown = text
@@ -6124,22 +6655,44 @@ def _run_ephemeral(
     spec: ServerSpec,
     method: str,
     params: Dict[str, Any],
-    timeout: float,
     line: Optional[_ProgressLine] = None,
 ) -> Any:
-    """Spawn, handshake, run the operation as the daemon would, shut down: a server that is
-    not kept alive."""
+    """Spawn, handshake (within its ``startupTimeoutMs``), run the operation as the daemon
+    would, shut down: a server that is not kept alive."""
     op = _OPERATIONS[method]
     args = op.read(params)
+    op.check(spec, args)  # what the config forbids never starts the server
     opts = op.options(args, on_progress=line.show if line else None)
     run = op.run
     assert run is not None
     client = McpStdioClient(spec.name, spec.command, env=spec.env, cwd=spec.cwd, log=lambda line: None)
-    client.start(timeout=timeout)
+    _start_showing(client, spec, line)
     try:
-        return run(client, args, opts)
+        return op.shown(spec, run(client, args, opts))
     finally:
         client.close()
+
+
+def _start_showing(client: McpStdioClient, spec: ServerSpec, line: Optional[_ProgressLine]) -> None:
+    """Start an ephemeral server; the progress line counts the seconds while it starts."""
+    import threading
+
+    done = threading.Event()
+
+    def tick(shown: _ProgressLine) -> None:
+        while True:
+            shown.show({"progress": 0, "phase": "starting"})
+            if done.wait(_STARTING_TICK):
+                return
+
+    if line is not None and line.enabled:
+        threading.Thread(target=tick, args=(line,), name="starting-line", daemon=True).start()
+    try:
+        client.start(timeout=spec.startup_timeout_ms / 1000.0)
+    finally:
+        done.set()
+        if line is not None:
+            line.show({"progress": 0, "phase": "started"})
 
 
 def _via_daemon_or_ephemeral(
@@ -6151,9 +6704,11 @@ def _via_daemon_or_ephemeral(
     line: Optional[_ProgressLine] = None,
 ) -> Any:
     timeout = _timeout_seconds(args)
+    if line is not None:
+        line.server = spec.name
     params = dict(params, server=spec.name, timeoutMs=int(timeout * 1000))
     if not spec.keep_alive:
-        return _run_ephemeral(spec, method, params, timeout, line)
+        return _run_ephemeral(spec, method, params, line)
     notices: List[str] = []
     try:
         # The idle budget catches a hung daemon; the overall one a daemon whose progress frames
@@ -6164,6 +6719,8 @@ def _via_daemon_or_ephemeral(
             idle_timeout=_DEFAULT_IDLE_BUDGET,
             notices=notices,
             overall_timeout=timeout + _CLIENT_DEADLINE_GRACE,
+            # A server the daemon has to start first gets its start-up budget before the call's.
+            start_budget=spec.startup_timeout_ms / 1000.0,
             on_progress=line.show if line else None,
         )
     finally:
@@ -6532,11 +7089,15 @@ def cmd_call(args: Any) -> int:
     typed, raw = _parse_call_args(args.pairs, args.args)
     cfg = _load(args)
     spec = _server_spec(cfg, server)
+    if not spec.allows_tool(tool):
+        raise ConfigError(spec.tool_refusal(tool))
     stall = args.stall_timeout if args.stall_timeout and args.stall_timeout > 0 else None
     # The daemon types the pairs itself with its cached tool list: one request, no extra trip.
     params: Dict[str, Any] = {"tool": tool, "args": typed}
     if raw:
         params["rawArgs"] = raw
+    if spec.env_refs:  # so the daemon can say when it runs the server with other values
+        params["envHashes"] = {var: env_hash(value) for var, value in spec.env_refs.items()}
     if stall:
         params["stallTimeoutMs"] = int(stall * 1000)
     line = _ProgressLine(args.progress or _stderr_is_tty())
@@ -6556,22 +7117,93 @@ def cmd_call(args: Any) -> int:
     return 1 if result.get("isError") else 0
 
 
+def schema_type_text(prop: Any) -> str:
+    """A JSON Schema property's type as people read it: ``string[]``, ``"a" | "b"``,
+    ``number`` (integers too, as mcporter writes them), ``string | null``, else ``unknown``."""
+    if not isinstance(prop, dict):
+        return "unknown"
+    if isinstance(prop.get("enum"), list) and prop["enum"]:
+        return " | ".join(json.dumps(v, ensure_ascii=False) for v in prop["enum"])
+    if "const" in prop:
+        return json.dumps(prop["const"], ensure_ascii=False)
+    kind = prop.get("type")
+    if isinstance(kind, list) and kind:
+        return _union_text([dict(prop, type=k) for k in kind])
+    for key in ("anyOf", "oneOf"):
+        if isinstance(prop.get(key), list) and prop[key]:
+            return _union_text(prop[key])
+    if kind in ("integer", "number"):
+        return "number"
+    if kind in ("string", "boolean", "null"):
+        return str(kind)
+    if kind == "array":
+        item = schema_type_text(prop.get("items")) if "items" in prop else "unknown"
+        return f"({item})[]" if " | " in item else f"{item}[]"
+    if kind == "object" or (kind is None and isinstance(prop.get("properties"), dict)):
+        return "object"
+    return "unknown"
+
+
+def _union_text(members: List[Any]) -> str:
+    return " | ".join(dict.fromkeys(schema_type_text(m) for m in members))
+
+
 def _describe_params(schema: Any) -> str:
+    """``name: type`` for each required parameter, ``name?: type`` for each optional one."""
     props = (schema or {}).get("properties") or {} if isinstance(schema, dict) else {}
-    required = set((schema or {}).get("required") or []) if isinstance(schema, dict) else set()
-    out = []
-    for name, prop in props.items():
-        kind = prop.get("type", "any") if isinstance(prop, dict) else "any"
-        out.append(
-            f"{name}{'' if name in required else '?'}: {kind if isinstance(kind, str) else '|'.join(kind)}"
-        )
-    return ", ".join(out)
+    required = (schema or {}).get("required") or [] if isinstance(schema, dict) else []
+    required = set(r for r in required if isinstance(r, str)) if isinstance(required, list) else set()
+    if not isinstance(props, dict):
+        return ""
+    return ", ".join(
+        f"{name}{'' if name in required else '?'}: {schema_type_text(prop)}" for name, prop in props.items()
+    )
+
+
+_INSTRUCTIONS_CHARS = 500  # list shows a server's instructions on one line, clipped like mcporter
+
+
+def _instructions_line(text: str) -> str:
+    flat = " ".join(str(text).split())
+    if len(flat) > _INSTRUCTIONS_CHARS:
+        flat = flat[: _INSTRUCTIONS_CHARS - 1] + "…"
+    return f"Instructions: {flat}" if flat else ""
+
+
+def _source_record(spec: ServerSpec) -> Dict[str, Any]:
+    """mcporter's ``source``: where a server is defined (a config layer, or an imported file)."""
+    return {
+        "kind": "local" if spec.source.endswith(("mcporter.json", "mcporter.jsonc")) else "import",
+        "path": spec.source,
+    }
+
+
+def _transport(spec: ServerSpec) -> str:
+    import shlex
+
+    return f"HTTP {spec.url}" if spec.url else f"STDIO {shlex.join(spec.command)}"
+
+
+def _server_tools(cfg: Config, args: Any, spec: ServerSpec) -> Tuple[List[Dict[str, Any]], str]:
+    """(the tools its filters let through, its instructions), via the daemon or ephemerally."""
+    got = _via_daemon_or_ephemeral(
+        cfg, args, spec, "listTools", {"includeSchema": True, "includeServerInfo": True}
+    )
+    if isinstance(got, list):  # a daemon of an older version: tools only
+        got = {"tools": got}
+    got = got if isinstance(got, dict) else {}
+    tools = [
+        t for t in got.get("tools") or [] if isinstance(t, dict) and spec.allows_tool(str(t.get("name")))
+    ]
+    return tools, str(got.get("instructions") or "")
 
 
 def cmd_list(args: Any) -> int:
     import shlex
 
     cfg = _load(args)
+    if not args.server and getattr(args, "status", False):
+        return _list_status(cfg, args, list(cfg.servers.values()))
     if not args.server:
         rows: List[Dict[str, Any]] = [
             {
@@ -6591,11 +7223,32 @@ def cmd_list(args: Any) -> int:
             command = shlex.join(r["command"]).replace("\n", "\\n")  # one line per server
             print(f"{r['name']}: {mode} ({r['why']}) — {command or r['url']}  [{r['source']}]")
         return 0
+    if getattr(args, "status", False):
+        if args.server not in cfg.servers:
+            _server_spec(cfg, args.server)  # the unknown-server error
+        return _list_status(cfg, args, [cfg.servers[args.server]])
     spec = _server_spec(cfg, args.server)
-    tools = _via_daemon_or_ephemeral(cfg, args, spec, "listTools", {"includeSchema": True})
+    began = time.monotonic()
+    tools, instructions = _server_tools(cfg, args, spec)
     if args.json:
-        _print_json(tools if args.schema else [{k: t.get(k) for k in ("name", "description")} for t in tools])
+        _print_json(
+            {
+                "mode": "server",
+                "name": spec.name,
+                "status": "ok",
+                "durationMs": int((time.monotonic() - began) * 1000),
+                **({"instructions": instructions} if instructions else {}),
+                "transport": _transport(spec),
+                "source": _source_record(spec),
+                "tools": [
+                    {k: t[k] for k in ("name", "description", "inputSchema", "outputSchema") if k in t}
+                    for t in tools
+                ],
+            }
+        )
         return 0
+    if instructions:
+        print(_instructions_line(instructions))
     for t in tools:
         desc = (t.get("description") or "").strip().splitlines()
         print(
@@ -6605,6 +7258,62 @@ def cmd_list(args: Any) -> int:
         if args.schema:
             print("    " + json.dumps(t.get("inputSchema") or {}, indent=2).replace("\n", "\n    "))
     return 0
+
+
+_LIST_STATUS_WORKERS = 4  # servers list --status spawns at once (kept ones go through the daemon)
+
+
+def _probe_server(cfg: Config, args: Any, spec: ServerSpec) -> Dict[str, Any]:
+    """One server's row for ``list --status``: mcporter's entry (name, status, durationMs,
+    transport, source, tools or error)."""
+    began = time.monotonic()
+    row: Dict[str, Any] = {"name": spec.name}
+    try:
+        if spec.url:
+            row.update(status="unsupported", error="HTTP server: this tool runs stdio servers only")
+        else:
+            tools, _ = _server_tools(cfg, args, _server_spec(cfg, spec.name))
+            row.update(status="ok", tools=[{k: t.get(k) for k in ("name", "description")} for t in tools])
+    except DaemonError as exc:
+        down = exc.exit_code != 2  # a configuration or usage error is no server being down
+        row.update(
+            status="offline" if down else "error",
+            error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+        )
+    row["durationMs"] = int((time.monotonic() - began) * 1000)
+    row.update(transport=_transport(spec), source=_source_record(spec), keepAlive=spec.keep_alive)
+    return row
+
+
+def list_status_exit(rows: List[Dict[str, Any]], exit_code: bool) -> int:
+    """``--exit-code``: 1 when a server that can run here is down (an HTTP entry, which this
+    tool does not run, is no failure of the server)."""
+    return 1 if exit_code and any(r.get("status") not in ("ok", "unsupported") for r in rows) else 0
+
+
+def _list_status(cfg: Config, args: Any, specs: List[ServerSpec]) -> int:
+    """Probe every server: kept ones through the daemon, the others spawned, a few at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=_LIST_STATUS_WORKERS) as pool:
+        rows = list(pool.map(lambda s: _probe_server(cfg, args, s), specs))
+    counts: Dict[str, int] = {}
+    for r in rows:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    if args.json:
+        _print_json({"mode": "list", "counts": counts, "servers": rows})
+    else:
+        for r in rows:
+            if r["status"] == "ok":
+                n = len(r["tools"])
+                what = f"{n} tool{'' if n == 1 else 's'}"
+            else:
+                what = f"{r['status']}: {r['error']}"
+            mode = "keep-alive" if r["keepAlive"] else "ephemeral"
+            print(f"- {r['name']} ({what}, {r['durationMs'] / 1000:.1f}s) {mode}  [{r['source']['path']}]")
+        summary = "; ".join(f"{n} {k if k != 'ok' else 'healthy'}" for k, n in sorted(counts.items()))
+        print(f"Listed {len(rows)} server{'' if len(rows) == 1 else 's'} ({summary or 'none'}).")
+    return list_status_exit(rows, getattr(args, "exit_code", False))
 
 
 def cmd_resources(args: Any) -> int:
@@ -6783,6 +7492,9 @@ def _doctor_config(found: _Findings, args: Any) -> Optional[Config]:
         return None
     for path, data in cfg.layers:
         found.ok(f"config layer {path}: {'read' if data is not None else 'absent'}")
+        for _verdict, _target, why, fix in _config_path_risks(path) if data is not None else []:
+            found.warn(why, f"another user in that group could make it run their command: {fix}")
+    _doctor_import_plan(found, cfg)
     for imported in cfg.imports:
         names = ", ".join(sorted(imported.entries)) or "no servers"
         line = f"import {imported.kind} {imported.path}: {names}"
@@ -6800,10 +7512,44 @@ def _doctor_config(found: _Findings, args: Any) -> Optional[Config]:
     return cfg
 
 
+def _doctor_import_plan(found: _Findings, cfg: Config) -> None:
+    """Which editor files each config layer reads: imports are per layer, as in mcporter, so
+    ``"imports": []`` in one layer does not stop another layer (or no layer) from importing."""
+    for source, order in import_plan(cfg.layers):
+        if not order:
+            found.ok(f'imports of {source}: off ("imports": [])')
+            continue
+        home = os.path.expanduser("~")
+        files = [
+            p
+            for kind in order
+            for p in import_candidates(kind, cfg.root, home, dict(os.environ), sys.platform)
+            if os.path.isfile(p)
+        ]
+        found.ok(
+            f"imports of {source}: {', '.join(order)}; reads {', '.join(files) or 'no file (none exist)'}"
+        )
+
+
 def _doctor_servers(found: _Findings, cfg: Config) -> None:
     import shutil
 
     for name, spec in cfg.servers.items():
+        for key in spec.unknown_keys:
+            found.warn(
+                f"server '{name}' ({spec.source}): unknown key '{key}' is ignored",
+                "check its spelling (e.g. allowedTools, blockedTools, startupTimeoutMs, lifecycle)",
+            )
+        if spec.problem:
+            found.fail(spec.problem, "set the variable, or give a default")
+            continue
+        if spec.allowed_tools is not None or spec.blocked_tools:
+            rule = (
+                f"only {', '.join(sorted(spec.allowed_tools)) or 'no tool'} (allowedTools)"
+                if spec.allowed_tools is not None
+                else f"all but {', '.join(sorted(spec.blocked_tools))} (blockedTools)"
+            )
+            found.ok(f"server '{name}': tools listed and called: {rule}")
         if spec.url:
             found.warn(f"server '{name}' is HTTP ({spec.url})", "this tool runs stdio servers only")
             continue
@@ -6859,6 +7605,8 @@ def cmd_doctor(args: Any) -> int:
         _doctor_servers(found, cfg)
         try:
             _doctor_daemon(found, cfg, args)
+        except UnsafePathError:
+            pass  # the state directory's finding says why; no record is read from it
         except DaemonError as exc:
             found.fail(str(exc), "see the message")
     print(f"\n{found.failures} problem(s) found." if found.failures else "\nAll checks passed.")
@@ -7002,6 +7750,8 @@ def _build_parser() -> Any:
     sp.add_argument("server", nargs="?")
     sp.add_argument("--json", action="store_true")
     sp.add_argument("--schema", action="store_true", help="include full input schemas")
+    sp.add_argument("--status", action="store_true", help="probe each server: tool count, health, time")
+    sp.add_argument("--exit-code", action="store_true", help="with --status: exit 1 when a server is down")
     sp.add_argument("--timeout", type=float)
     sp.set_defaults(func=cmd_list)
     sp = sub.add_parser("resources", help="list a server's resources, or read one")
