@@ -41,8 +41,8 @@ Where each invariant (README, "Invariants") is kept:
   13 one copy of a server: _KeptServer.live_client (its life lock), _Takeover._wait_for_stopping
   14 every wait has a deadline: exchange, _JsonRpcChannel._write_until, call_expiry
   15 paths are bytes: DaemonPaths.for_config, config_fingerprint (os.fsencode)
-  16 warm state is kept: plan_takeover (silent once is not hung), after_ping, nohup in
-     DaemonHost._install_signal_handlers
+  16 warm state is kept: plan_takeover (busy, or silent once, is not hung), after_ping,
+     nohup in DaemonHost._install_signal_handlers
   17 no other user gets in: ensure_private_dir, _refuse_unsafe_config
 """
 
@@ -171,6 +171,18 @@ _MAX_PENDING_BYTES = 64 * 1024 * 1024  # all half-read requests together, so abu
 
 _MAX_CONNECTIONS = 512
 
+# Past the cap, one thread reads each connection's request line (control requests are small)
+# and answers `status` and `stop` as always, anything else `busy`; past this many more, the
+# accept path answers `busy` at once. Neither is ever a silent close: a prober takes that for
+# death.
+_MAX_OVERFLOW = 512
+
+_OVERFLOW_READ_DEADLINE = 2.0  # a connection past the cap must send its request within this
+
+_SMALL_REQUEST_BYTES = 16 * 1024  # a request this small (every control request) is always read
+
+_BUSY_RETRY_MAX = 0.25  # a client answered `busy` tries again after at most this long
+
 _SPARE_WORKERS = 4  # idle threads kept to serve the next connections without a thread start
 
 _REQUEST_READ_DEADLINE = 10.0  # a client must deliver its request line within this
@@ -211,6 +223,9 @@ _PROBE_LIVE = "live"  # answers for this socket path, its pid alive
 _PROBE_STOPPING = "stopping"  # answers "shutting down" with a live pid
 _PROBE_SILENT = "silent"  # no answer within the probe timeout: maybe only slow
 _PROBE_SILENT_TWICE = "silent-twice"  # the second, longer probe got no answer either
+_PROBE_BUSY = "busy"  # answered `busy`: at its caps, so alive but slow
+_PROBE_CLOSED = "closed"  # accepted and closed without a word (an older daemon at its cap does)
+_PROBE_BUSY_TWICE = "busy-twice"  # a second probe after busy or closed got no answer either
 _PROBE_DEAD = "dead"  # refused, no socket, an error answer, another path, or a dead pid
 
 # The bind guard's plans (``plan_takeover``); the daemon log names the one taken ("bound …").
@@ -219,6 +234,7 @@ _PLAN_STOP_THEN_BIND = "stop-then-bind"
 _PLAN_WAIT_THEN_BIND = "wait-then-bind"
 _PLAN_TERMINATE_THEN_BIND = "terminate-then-bind"
 _PLAN_PROBE_AGAIN = "probe-again"
+_PLAN_LEAVE = "leave"  # alive but busy: neither bind nor terminate; report it as the daemon
 _PLAN_BIND = "bind"
 
 # What to do once a stop has waited out its time (``plan_stop_escalation``).
@@ -292,6 +308,15 @@ class TransportError(DaemonError, ConnectionError):
 class _NotDelivered(TransportError):
     """The request never reached a daemon (refused, no socket, send failed): safe to send again.
     Any other TransportError came after the request was sent, when its handler may have run."""
+
+
+class _HungUp(TransportError):
+    """The daemon accepted the connection and closed it without a frame. A prober must not
+    read that as death: an older daemon at its connection cap does exactly this."""
+
+
+class _HungUpUnread(_NotDelivered, _HungUp):
+    """Closed (or reset) before it read the request: never delivered, and a hang-up."""
 
 
 class DaemonStartError(DaemonError):
@@ -790,14 +815,18 @@ def _send_and_receive(
     try:
         sock.sendall(encode_frame(request))
     except OSError as exc:
-        # The daemon reads only whole lines, so a request not all sent never ran.
-        raise _NotDelivered(f"cannot send to {socket_path}: {exc.strerror or exc}") from None
+        # The daemon reads only whole lines, so a request not all sent never ran. A daemon
+        # past all its caps answers `busy` at once and closes: that answer is the news.
+        early = _answer_before_request(sock)
+        if early is not None:
+            return early
+        raise _HungUpUnread(f"cannot send to {socket_path}: {exc.strerror or exc}") from None
     try:
         while True:
             line = _read_line(sock, _MAX_REQUEST_BYTES * 4, buf, deadline, idle_timeout)
             if line is None:
                 if not buf.strip():
-                    raise TransportError(f"daemon at {socket_path} closed the connection without answering")
+                    raise _HungUp(f"daemon at {socket_path} closed the connection without answering")
                 # mcporter's own daemon ends its last frame with EOF instead of a newline.
                 line, buf[:] = bytes(buf), b""
             frames += 1
@@ -830,9 +859,20 @@ def _send_and_receive(
         # A reset, not EOF, before any frame: the kernel resets a connection whose peer closed
         # with our bytes unread (a listener closed with it still queued, a daemon killed before
         # it read the line), so the request never reached a handler.
-        raise _NotDelivered(f"daemon at {socket_path} closed without reading the request") from None
+        raise _HungUpUnread(f"daemon at {socket_path} closed without reading the request") from None
     except OSError as exc:
         raise TransportError(f"connection to {socket_path} failed: {exc.strerror or exc}") from None
+
+
+def _answer_before_request(sock: socket.socket) -> Optional[Dict[str, Any]]:
+    """An error frame the daemon sent before it closed without reading our request, if any."""
+    try:
+        sock.setblocking(False)
+        data = sock.recv(_RECV_CHUNK)
+        frame = json.loads(data.split(b"\n", 1)[0]) if data else None
+    except (OSError, ValueError, RecursionError):
+        return None
+    return frame if isinstance(frame, dict) and frame.get("ok") is False else None
 
 
 def _report_quietly(on_progress: Callable[[Dict[str, Any]], None], update: Dict[str, Any]) -> None:
@@ -1532,16 +1572,21 @@ def probe_live_daemon(socket_path: str, timeout: float) -> ProbeResult:
         response = exchange(socket_path, _builtin_request("status", "probe"), timeout)
     except DaemonTimeout:
         return ProbeResult(_PROBE_SILENT, detail=f"no answer within {timeout:g}s")
+    except _HungUp as exc:
+        return ProbeResult(_PROBE_CLOSED, detail=str(exc))
     except TransportError as exc:
         return ProbeResult(_PROBE_DEAD, detail=str(exc))
     status = response.get("result") if response.get("ok") else None
     if not isinstance(status, dict):
         error: Dict[str, Any] = response["error"] if isinstance(response.get("error"), dict) else {}
         pid = error.get("pid")
+        named = {"pid": pid, "pidStartTime": error.get("pidStartTime")} if _is_pid(pid) else {}
+        if error.get("code") == "busy":
+            # Whoever answers is alive, at its caps: slow, never dead.
+            return ProbeResult(_PROBE_BUSY, named, detail="busy")
         if error.get("code") == "shutting_down" and _is_pid(pid) and pid_alive(pid):
             # Still closing its servers: it owns them until its pid is gone (stop is a barrier).
-            stopping = {"pid": pid, "pidStartTime": error.get("pidStartTime")}
-            return ProbeResult(_PROBE_STOPPING, stopping, detail="shutting down")
+            return ProbeResult(_PROBE_STOPPING, named, detail="shutting down")
         return ProbeResult(_PROBE_DEAD, detail="answered with an error")
     if status.get("socketPath") != socket_path:
         return ProbeResult(_PROBE_DEAD, detail="answers for another socket path")
@@ -1555,8 +1600,10 @@ def plan_takeover(probe: str, fresh: bool, owner_ours: bool, owner_stopped: bool
     """The bind guard's decision, free of I/O.
 
     ``probe`` is "live", "stopping" (answers "shutting down"), "silent" (first probe timed
-    out), "silent-twice" (the longer second probe too) or "dead". Returns "reconcile",
-    "stop-then-bind", "wait-then-bind", "terminate-then-bind", "probe-again" or "bind".
+    out), "silent-twice" (the longer second probe too), "busy" (answered busy), "closed"
+    (accepted, then closed without a word), "busy-twice" (a second probe after busy or
+    closed got no answer either) or "dead". Returns "reconcile", "stop-then-bind",
+    "wait-then-bind", "terminate-then-bind", "probe-again", "leave" or "bind".
     """
     if owner_ours and owner_stopped:
         return _PLAN_TERMINATE_THEN_BIND  # the OS says it is stopped: hung, whatever it answers
@@ -1564,9 +1611,12 @@ def plan_takeover(probe: str, fresh: bool, owner_ours: bool, owner_stopped: bool
         return _PLAN_WAIT_THEN_BIND  # its servers are still closing: never two copies at once
     if probe == _PROBE_LIVE:
         return _PLAN_RECONCILE if fresh else _PLAN_STOP_THEN_BIND
-    if probe == _PROBE_SILENT:
+    if probe in (_PROBE_SILENT, _PROBE_BUSY) or (probe == _PROBE_CLOSED and owner_ours):
         # A timeout alone is no proof of a hang: a busy or loaded daemon is slow (mypy #18008).
+        # Nor is a busy answer, or a bare close from the pid the record names alive.
         return _PLAN_PROBE_AGAIN
+    if probe == _PROBE_BUSY_TWICE:
+        return _PLAN_LEAVE  # alive but slow: only a stop or silence on both probes proves a hang
     if owner_ours:
         return _PLAN_TERMINATE_THEN_BIND  # hung (silent twice) or unreachable: ours, so end it
     return _PLAN_BIND
@@ -1574,8 +1624,9 @@ def plan_takeover(probe: str, fresh: bool, owner_ours: bool, owner_stopped: bool
 
 class _TakeoverFacts:
     """What the bind guard knows before it acts: the recorded owner, what the socket answered,
-    and the plan ``plan_takeover`` makes of them. A silent socket is probed a second, longer
-    time before the plan is final, since a timeout alone proves no hang."""
+    and the plan ``plan_takeover`` makes of them. A silent, busy or bare-closing socket is
+    probed a second, longer time before the plan is final, since a timeout alone proves no
+    hang (and a busy answer proves life)."""
 
     __slots__ = ("recorded", "owner_ours", "owner_stopped", "probe", "kind", "plan")
 
@@ -1593,10 +1644,10 @@ class _TakeoverFacts:
         socket_path = paths.socket
         facts = cls(RecordedDaemon.read(paths.metadata))
         if not facts.owner_stopped:  # a stopped owner is known hung: a probe could only time out
-            facts.heard(probe_live_daemon(socket_path, probe_timeout), _PROBE_SILENT)
+            facts.heard(probe_live_daemon(socket_path, probe_timeout))
         facts.decide(fingerprint)
         if facts.plan == _PLAN_PROBE_AGAIN:
-            facts.heard(probe_live_daemon(socket_path, max(3 * probe_timeout, 1.0)), _PROBE_SILENT_TWICE)
+            facts.heard(probe_live_daemon(socket_path, max(3 * probe_timeout, 1.0)), second=True)
             facts.look_at_owner()  # it may have exited, or been stopped, meanwhile
             facts.decide(fingerprint)
         return facts
@@ -1607,10 +1658,15 @@ class _TakeoverFacts:
         self.owner_ours = recorded is not None and recorded.is_ours()
         self.owner_stopped = recorded is not None and self.owner_ours and recorded.is_stopped()
 
-    def heard(self, probe: ProbeResult, silent_kind: str) -> None:
-        """Record a probe; a silent one counts as ``silent_kind`` (the second is silent-twice)."""
+    def heard(self, probe: ProbeResult, second: bool = False) -> None:
+        """Record a probe. The second one, when it gets no answer either, is "silent-twice"
+        after a silent first (a hang) and otherwise "busy-twice" (busy or closed showed life)."""
+        kind = probe.kind
+        if second and kind in (_PROBE_SILENT, _PROBE_BUSY, _PROBE_CLOSED):
+            both_silent = kind == _PROBE_SILENT and self.kind == _PROBE_SILENT
+            kind = _PROBE_SILENT_TWICE if both_silent else _PROBE_BUSY_TWICE
         self.probe = probe
-        self.kind = silent_kind if probe.kind == _PROBE_SILENT else probe.kind
+        self.kind = kind
 
     def decide(self, fingerprint: str) -> None:
         """The plan for these facts (``fresh``: the live answer carries our fingerprint)."""
@@ -1704,6 +1760,77 @@ def record_is_live(
     return start is not None and str(start) == meta["pidStartTime"] and state not in ("Z", "T", "t")
 
 
+class _OwnerLock:
+    """Held by a serving host for its whole life: an exclusive ``flock`` on its own file
+    (``daemon-<key>.owner``), which names the holder (pid and start time). So whoever owns the
+    socket can be found without the metadata (torn, removed), and only while it lives: the
+    kernel drops the lock when it dies.
+
+    Its own file, never the bind lock's: starters take that one during every takeover, and a
+    life-long lock on it would shut them out. ``flock``, not ``fcntl`` locks: those belong to
+    the process, so a look from inside the same process (a vendoring program that also runs a
+    client) would release it. The file is never unlinked, as every lock file."""
+
+    __slots__ = ("path", "fd")
+
+    def __init__(self, paths: DaemonPaths) -> None:
+        self.path = _owner_lock_path(paths)
+        self.fd: Optional[int] = None
+
+    def take(self, start_time: Optional[str]) -> bool:
+        """Take it without waiting (a daemon that lost its socket may still hold it): True
+        once held."""
+        if self.fd is not None:
+            return True
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()} {start_time or ''}\n".encode(), 0)
+        except OSError:
+            os.close(fd)
+            return False
+        self.fd = fd
+        return True
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            os.close(fd)  # closing drops the flock
+
+
+def _owner_lock_path(paths: DaemonPaths) -> str:
+    return os.path.join(paths.base_dir, f"daemon-{paths.key}.owner")
+
+
+def _socket_owner(paths: DaemonPaths) -> Optional[RecordedDaemon]:
+    """The daemon holding the owner lock (see ``_OwnerLock``), as a record of its identity
+    when it is verified ours (alive with the start time it wrote); else None. For when the
+    metadata is torn or gone: whoever holds the lock serves, or served, this socket."""
+    try:
+        fd = os.open(_owner_lock_path(paths), os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.pread(fd, 128, 0).decode("ascii", "replace")  # held: it names its holder
+        else:
+            return None  # nobody holds it (closing the fd drops our look)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    fields = text.split()
+    if len(fields) != 2 or not fields[0].isdigit():
+        return None
+    owner = RecordedDaemon.from_record(
+        {"pid": int(fields[0]), "pidStartTime": fields[1], "socketPath": paths.socket, "servers": {}}
+    )
+    return owner if owner is not None and owner.is_ours() else None
+
+
 class DaemonHost:
     """A singleton daemon: bind guard, then serve ``method -> handler`` until told to stop.
 
@@ -1762,6 +1889,9 @@ class DaemonHost:
         self._listener = _Listener()
         self._load = _Load()
         self._state = _RunState()
+        self._overflow = _Overflow(self)
+        self._owner = _OwnerLock(paths)
+        self._status_extra_seen: Dict[str, Any] = {}
 
     @property
     def pid(self) -> int:
@@ -1876,14 +2006,19 @@ class DaemonHost:
                 return False
             return True  # the client gave up (ECONNABORTED) or a spurious wake-up
         admitted = self._load.admit(conn)
-        if admitted is not None:
-            return admitted
-        try:
-            threading.Thread(target=self._worker, args=(conn,), daemon=True).start()
-        except RuntimeError:  # no thread to be had: refuse this one, keep serving
-            conn.close()
-            self._load.closed()
-            return False
+        if admitted == "overflow":
+            self._overflow.add(conn)
+        elif admitted == "full":
+            _answer_and_close(
+                conn, self._busy_frame(None, f"{_MAX_CONNECTIONS + _MAX_OVERFLOW} connections open")
+            )
+        elif admitted == "worker":
+            try:
+                threading.Thread(target=self._worker, args=(conn,), daemon=True).start()
+            except RuntimeError:  # no thread to be had: refuse this one (never silently), keep serving
+                self._load.closed()
+                _answer_and_close(conn, self._busy_frame(None, "no thread to serve it"))
+                return False
         return True
 
     def _worker(self, conn: socket.socket) -> None:
@@ -1914,6 +2049,8 @@ class DaemonHost:
             # Removed or replaced: nobody can reach us any more, so we must not linger.
             self.request_stop(_STOP_SOCKET_LOST)
             return
+        if self._owner.fd is None:
+            self._take_owner_lock()
         self._record.sync()
         if self.on_tick:
             try:
@@ -1921,6 +2058,14 @@ class DaemonHost:
             except Exception as exc:  # a housekeeping bug must not kill the daemon
                 self.log.event(f"housekeeping error: {exc!r}")
         self._maybe_idle_out()
+
+    def _take_owner_lock(self) -> None:
+        """Hold the owner lock from now on; a predecessor that lost its socket may hold it
+        still (housekeeping tries again until it is gone)."""
+        try:
+            self._owner.take(self._record.current().get("pidStartTime"))
+        except OSError as exc:
+            self.log.event(f"cannot take the owner lock {self._owner.path}: {exc.strerror or exc}")
 
     def _maybe_idle_out(self) -> None:
         """Idle shutdown re-checks activity under the bind lock, so a starter that just
@@ -1939,6 +2084,13 @@ class DaemonHost:
     # -- built-in methods --------------------------------------------------------------------
 
     def _builtin_status(self, params: Dict[str, Any], ctx: RequestContext) -> Dict[str, Any]:
+        extra = self.status_extra() if self.status_extra else {}
+        self._status_extra_seen = extra
+        return self._status_answer(extra)
+
+    def _status_answer(self, extra: Dict[str, Any]) -> Dict[str, Any]:
+        """The ``status`` result with ``extra`` merged in. Past the connection cap it is built
+        from the last ``status_extra`` seen: the overflow thread must not wait on a hook."""
         status = {
             "pid": self.pid,
             "protocolVersion": DAEMON_PROTOCOL_VERSION,
@@ -1948,10 +2100,16 @@ class DaemonHost:
             "fingerprint": self.fingerprint,
             "servers": [],
         }
-        if self.status_extra:
-            status.update(self.status_extra())
+        status.update(extra)
         status["metadata"] = self._record.current()  # lets a starter reconcile the file exactly
         return status
+
+    def _busy_frame(self, rid: Any, why: str) -> Dict[str, Any]:
+        # Past a cap, never a silent close: a prober takes that for death. The pid and start
+        # time say who is busy, so nobody mistakes it for a hang (or for another daemon).
+        frame = _error_frame(rid, f"daemon busy ({why}); try again shortly", "busy")
+        frame["error"].update(pid=self.pid, pidStartTime=self._record.current().get("pidStartTime"))
+        return frame
 
     def _shutting_down_frame(self, rid: Any) -> Dict[str, Any]:
         # The pid and start time let a starter or a second `stop` wait for this very
@@ -2009,6 +2167,7 @@ class DaemonHost:
                         lock.release()
             except OSError as exc:
                 self.log.event(f"cannot remove state files: {exc}")
+        self._owner.release()  # last: until here, this process still owns the socket
         self.log.event("daemon exited")
 
     def _release_files(self) -> None:
@@ -2136,6 +2295,7 @@ class _Load:
     __slots__ = (
         "lock",
         "connections",
+        "overflow",
         "spare_workers",
         "handoff",
         "pending_bytes",
@@ -2150,6 +2310,7 @@ class _Load:
 
         self.lock = threading.Lock()
         self.connections = 0
+        self.overflow = 0  # connections past the cap, read on the overflow thread
         self.spare_workers = 0
         self.handoff: queue.SimpleQueue[socket.socket] = queue.SimpleQueue()  # for spare workers
         self.pending_bytes = 0
@@ -2163,23 +2324,30 @@ class _Load:
     def idle_for(self) -> float:
         return time.monotonic() - self.last_activity
 
-    def admit(self, conn: socket.socket) -> Optional[bool]:
-        """Count a new connection: None when it needs a new worker thread; else it was
-        closed (too many) or handed to a spare worker, and True (keep accepting)."""
+    def admit(self, conn: socket.socket) -> str:
+        """Count a new connection: "worker" when it needs a new worker thread, "handed" when
+        a spare worker took it, "overflow" past the cap (the overflow thread reads it), "full"
+        past that too (to be answered `busy` at once)."""
         with self.lock:
             if self.connections >= _MAX_CONNECTIONS:
-                conn.close()
-                return True
+                if self.overflow >= _MAX_OVERFLOW:
+                    return "full"
+                self.overflow += 1
+                return "overflow"
             self.connections += 1
             if self.spare_workers:  # a waiting worker is cheaper than a new thread
                 self.spare_workers -= 1
                 self.handoff.put(conn)
-                return True
-        return None
+                return "handed"
+        return "worker"
 
     def closed(self) -> None:
         with self.lock:
             self.connections -= 1
+
+    def overflow_closed(self) -> None:
+        with self.lock:
+            self.overflow -= 1
 
     def become_spare(self, stopping: bool) -> bool:
         """Whether a worker that served its connection should wait for the next one."""
@@ -2189,10 +2357,12 @@ class _Load:
             self.spare_workers += 1
             return True
 
-    def reserve(self, nbytes: int) -> None:
-        """Count ``nbytes`` more of a half-read request; _Busy past the cap for all of them."""
+    def reserve(self, nbytes: int, held: int) -> None:
+        """Count ``nbytes`` more of a half-read request that holds ``held`` already; _Busy past
+        the cap for all of them, unless the request is still small (control requests are):
+        those are bounded by the connection cap and must always be read."""
         with self.lock:
-            if self.pending_bytes + nbytes > _MAX_PENDING_BYTES:
+            if self.pending_bytes + nbytes > _MAX_PENDING_BYTES and held + nbytes > _SMALL_REQUEST_BYTES:
                 raise _Busy()
             self.pending_bytes += nbytes
 
@@ -2221,6 +2391,160 @@ class _Load:
         deadline = time.monotonic() + timeout
         while self.active and time.monotonic() < deadline:
             time.sleep(0.01)
+
+
+class _Overflow:
+    """Connections past the cap, all on one thread (a selector, no thread each): each gets
+    ``_OVERFLOW_READ_DEADLINE`` to send a small request line. ``status`` and ``stop`` are
+    answered as always (status from the last hook data seen), anything else gets ``busy``;
+    a connection that sends nothing in time gets ``busy`` too. Never a silent close."""
+
+    __slots__ = ("host", "queue", "lock", "wake_r", "wake_w", "thread")
+
+    def __init__(self, host: DaemonHost) -> None:
+        import queue
+        import threading
+
+        self.host = host
+        self.queue: queue.SimpleQueue[socket.socket] = queue.SimpleQueue()
+        self.lock = threading.Lock()
+        self.wake_r: Optional[socket.socket] = None
+        self.wake_w: Optional[socket.socket] = None
+        self.thread: Optional[threading.Thread] = None
+
+    def add(self, conn: socket.socket) -> None:
+        """Hand over a connection past the cap (on the accept thread: never blocks)."""
+        import threading
+
+        with self.lock:
+            if self.thread is None:
+                try:
+                    self.wake_r, self.wake_w = socket.socketpair()
+                    self.wake_r.setblocking(False)
+                    self.wake_w.setblocking(False)
+                    thread = threading.Thread(target=self._run, name="overflow", daemon=True)
+                    thread.start()
+                except (OSError, RuntimeError):  # out of fds or threads: answer at once instead
+                    self.wake_r = self.wake_w = None
+                    self.host._load.overflow_closed()
+                    _answer_and_close(conn, self.host._busy_frame(None, "out of resources"))
+                    return
+                self.thread = thread
+        self.queue.put(conn)
+        try:
+            assert self.wake_w is not None
+            self.wake_w.send(b"x")
+        except OSError:
+            pass  # a full wake socket is awake already
+
+    def _run(self) -> None:
+        import selectors
+
+        assert self.wake_r is not None
+        sel = selectors.DefaultSelector()  # epoll/kqueue: these fds are past FD_SETSIZE
+        sel.register(self.wake_r, selectors.EVENT_READ)
+        reading: Dict[socket.socket, Tuple[float, bytearray]] = {}
+        while reading or not self.host._state.drained.is_set():
+            now = time.monotonic()
+            for conn, (deadline, buf) in list(reading.items()):
+                if now >= deadline:
+                    self._finish(sel, reading, conn, bytes(buf) if _is_json(buf) else None)
+            wait = min((d for d, _ in reading.values()), default=now + _SOCKET_CHECK_INTERVAL) - now
+            for key, _ in sel.select(max(wait, 0.0)):
+                if key.fileobj is self.wake_r:
+                    self._take_new(sel, reading)
+                    continue
+                conn = key.fileobj  # type: ignore[assignment]
+                self._read(sel, reading, conn)
+        with self.lock:  # the host is done: a host run again starts afresh
+            sel.close()
+            for end in (self.wake_r, self.wake_w):
+                if end is not None:
+                    end.close()
+            self.wake_r = self.wake_w = self.thread = None
+
+    def _take_new(self, sel: Any, reading: Dict[socket.socket, Tuple[float, bytearray]]) -> None:
+        import queue
+        import selectors
+
+        assert self.wake_r is not None
+        try:
+            self.wake_r.recv(4096)
+        except OSError:
+            pass
+        while True:
+            try:
+                conn = self.queue.get_nowait()
+            except queue.Empty:
+                return
+            conn.setblocking(False)
+            reading[conn] = (time.monotonic() + _OVERFLOW_READ_DEADLINE, bytearray())
+            sel.register(conn, selectors.EVENT_READ)
+
+    def _read(
+        self, sel: Any, reading: Dict[socket.socket, Tuple[float, bytearray]], conn: socket.socket
+    ) -> None:
+        buf = reading[conn][1]
+        try:
+            chunk = conn.recv(_SMALL_REQUEST_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            chunk = b""
+        nl = chunk.find(b"\n")
+        if nl >= 0:
+            self._finish(sel, reading, conn, bytes(buf) + chunk[:nl])
+        elif not chunk:  # the caller closed its side: answer a whole request, if it sent one
+            self._finish(sel, reading, conn, bytes(buf) if _is_json(buf) else b"", gone=not buf.strip())
+        elif len(buf) + len(chunk) > _SMALL_REQUEST_BYTES:
+            self._finish(sel, reading, conn, None)  # no control request is this large
+        else:
+            buf += chunk
+
+    def _finish(
+        self,
+        sel: Any,
+        reading: Dict[socket.socket, Tuple[float, bytearray]],
+        conn: socket.socket,
+        line: Optional[bytes],
+        gone: bool = False,
+    ) -> None:
+        """Answer ``line`` (None: nothing usable arrived, so `busy`) and let the connection go."""
+        del reading[conn]
+        sel.unregister(conn)
+        try:
+            if not gone:
+                self._answer(conn, line)
+        except Exception as exc:  # bad input must never stop this thread
+            self.host.log.event(f"connection error: {exc!r}")
+        finally:
+            conn.close()
+            self.host._load.overflow_closed()
+
+    def _answer(self, conn: socket.socket, line: Optional[bytes]) -> None:
+        host = self.host
+        why = f"{_MAX_CONNECTIONS} connections open"
+        if line is None:
+            _answer_and_close(conn, host._busy_frame(None, why))
+            return
+        request, error = _parse_request(line)
+        if error is not None:
+            _answer_and_close(conn, error)
+            return
+        assert request is not None
+        rid, method = request["id"], request["method"]
+        host.touch()
+        if host._state.reason is not None:
+            _answer_and_close(conn, host._shutting_down_frame(rid))
+        elif method == "stop":
+            conn.setblocking(True)
+            host._handle_stop(conn, rid)
+        elif method == "status":
+            _answer_and_close(
+                conn, {"id": rid, "ok": True, "result": host._status_answer(host._status_extra_seen)}
+            )
+        else:
+            _answer_and_close(conn, host._busy_frame(rid, why))
 
 
 class _MetadataRecord:
@@ -2332,9 +2656,15 @@ class _Takeover:
             if facts.plan == _PLAN_RECONCILE:
                 self._reconcile(facts.probe.status, facts.recorded)
                 return facts.probe.pid
+            if facts.plan == _PLAN_LEAVE:
+                # Busy, not hung: it keeps its socket and servers; callers wait for room.
+                pid = facts.probe.pid or (facts.recorded.pid if facts.recorded is not None else 0)
+                self.log.event(f"daemon pid {pid or '?'} is busy ({facts.probe.detail}); leaving it be")
+                return pid
             self._clear_the_way(facts)
             self._reap_recorded_servers(facts.recorded)
             host._listener.bind(host.paths.socket)
+            host._take_owner_lock()
             host._record.write()
             self.log.event(f"bound {host.paths.socket} (plan: {facts.plan})")
         return None
@@ -2361,6 +2691,7 @@ class _Takeover:
         if (
             recorded is None
             or recorded.pid != wanted["pid"]
+            or recorded.start_time != wanted.get("pidStartTime")  # else no client verifies it
             or recorded.socket_path != self.host.paths.socket
         ):
             write_metadata(self.host.paths.metadata, wanted)
@@ -2450,7 +2781,7 @@ class _Connection:
             _send_frame(self.conn, _error_frame(None, too_large, "request_too_large"))
             return
         except _Busy:
-            _send_frame(self.conn, _error_frame(None, "daemon busy: too much pending input", "busy"))
+            _send_frame(self.conn, self.host._busy_frame(None, "too much pending input"))
             return
         except (socket.timeout, OSError):
             return  # silent, slow or vanished client: just drop it
@@ -2486,7 +2817,7 @@ class _Connection:
                 nl = chunk.find(b"\n")  # only the new bytes: rescanning buf would be quadratic
                 if nl >= 0:
                     return bytes(buf) + chunk[:nl]
-                load.reserve(len(chunk))
+                load.reserve(len(chunk), len(buf))
                 buf += chunk
                 tail = chunk.rstrip()
                 ends_object = tail.endswith(b"}") if tail else ends_object
@@ -2604,6 +2935,26 @@ def _send_frame(conn: socket.socket, frame: Dict[str, Any]) -> bool:
         return True
     except OSError:
         return False
+
+
+def _answer_and_close(conn: socket.socket, frame: Dict[str, Any]) -> None:
+    """Answer a connection we do not serve, without blocking (a fresh connection's send buffer
+    holds a small frame), and close it. Input already waiting is read first, so the close
+    does not reset the connection before the caller reads the answer."""
+    try:
+        conn.setblocking(False)
+        try:
+            conn.recv(_SMALL_REQUEST_BYTES)
+        except OSError:
+            pass
+        data = encode_answer(frame)
+        sent = 0
+        while sent < len(data):
+            sent += conn.send(data[sent:])
+    except OSError:
+        pass  # it went away, or will not read: nothing more to do for it
+    finally:
+        conn.close()
 
 
 class _Exchange:
@@ -2730,12 +3081,12 @@ class DaemonClient:
 
     # -- verification ------------------------------------------------------------------------
 
-    def verified_status(self) -> Optional[Dict[str, Any]]:
+    def verified_status(self, timeout: Optional[float] = None) -> Optional[Dict[str, Any]]:
         """The daemon's status when metadata, pid identity and its own answer all agree.
 
         The result carries ``fresh``: whether its fingerprint is ours. None when unverified.
-        UnsafePathError when the state directory fails the safety checks: its record could
-        have been planted by anyone.
+        ``timeout`` is for the answer (default: the probe timeout). UnsafePathError when the
+        state directory fails the safety checks: its record could have been planted by anyone.
         """
         if not self.paths.check():
             return None  # no state directory, so no record
@@ -2745,7 +3096,7 @@ class DaemonClient:
         facts = recorded.process_facts()
         if not record_is_live(recorded.record, self.paths.socket, facts):
             return None  # dead, reused, or stopped: no round trip needed to know
-        return self._fresh_if_matches(recorded, self._ask_status(), facts)
+        return self._fresh_if_matches(recorded, self._ask_status(timeout), facts)
 
     def serving_status(self) -> Optional[Dict[str, Any]]:
         """``verified_status``, or else the daemon answering on the socket when its answer
@@ -2778,9 +3129,10 @@ class DaemonClient:
         status["fresh"] = status.get("fingerprint") == self.fingerprint
         return status
 
-    def _ask_status(self) -> Optional[Dict[str, Any]]:
+    def _ask_status(self, timeout: Optional[float] = None) -> Optional[Dict[str, Any]]:
+        request = _builtin_request("status", "status")
         try:
-            response = exchange(self.paths.socket, _builtin_request("status", "status"), self.probe_timeout)
+            response = exchange(self.paths.socket, request, timeout or self.probe_timeout)
         except DaemonError:
             return None
         status = response.get("result") if response.get("ok") else None
@@ -2801,6 +3153,16 @@ class DaemonClient:
     # -- launching -----------------------------------------------------------------------------
 
     def _launch_and_wait(self) -> Tuple[Dict[str, Any], bool]:
+        began = time.monotonic()
+        while True:
+            proc, offset = self._launch()
+            ready = self._wait_ready(proc, offset, began)
+            if ready is not None:
+                return ready
+            # The child found another daemon serving, which then went away before it could be
+            # verified: the request was never sent, so launching again is safe.
+
+    def _launch(self) -> Tuple[subprocess.Popen, int]:
         import subprocess
 
         log_fd = os.open(self.paths.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -2820,10 +3182,12 @@ class DaemonClient:
             raise DaemonStartError(f"cannot launch daemon ({self.launch_argv[0]}): {exc.strerror}") from None
         finally:
             os.close(log_fd)
-        return self._wait_ready(proc, offset)
+        return proc, offset
 
-    def _wait_ready(self, proc: subprocess.Popen, log_offset: int) -> Tuple[Dict[str, Any], bool]:
-        began = time.monotonic()
+    def _wait_ready(
+        self, proc: subprocess.Popen, log_offset: int, began: float
+    ) -> Optional[Tuple[Dict[str, Any], bool]]:
+        """(status, whether we started it) once verified ready; None to launch again."""
         step, said_slow = 0.01, False
         while True:
             status = self.verified_status()
@@ -2834,9 +3198,20 @@ class DaemonClient:
                 return status, status["pid"] == proc.pid  # another pid: a twin, adopted
             code = proc.poll()
             if code is not None:
-                status = self.verified_status()  # it may have found (and reconciled) a twin
-                # Exit 0 is the child's verdict that the live twin serves the config as it
-                # read it, which may be newer than ours.
+                twin = _twin_named(self._log_lines(log_offset, proc.pid)) if code == 0 else None
+                if twin is not None:
+                    # The child's verdict: daemon ``twin`` serves the config as it read it
+                    # (maybe newer than ours). Our request was never sent, so use that one.
+                    status = self._adopt(twin, began)
+                    if status is not None:
+                        return status, False
+                    if pid_alive(twin):
+                        raise DaemonTimeout(
+                            f"daemon (pid {twin}) serves the socket but could not be verified within "
+                            f"{self.start_timeout:g}s (busy, or its metadata {self.paths.metadata} is damaged)"
+                        )
+                    return None  # it went away meanwhile: launch again
+                status = self.verified_status()
                 if status and (status["fresh"] or code == 0):
                     return status, False
                 error = DaemonStartError(self._startup_error(log_offset, code, proc.pid))
@@ -2855,23 +3230,44 @@ class DaemonClient:
             time.sleep(step)
             step = min(step * 1.5, 0.05)
 
-    def _log_tail(self, offset: int, pid: int, lines: int = 3) -> str:
-        """The last ``lines`` lines ``pid`` wrote since ``offset``: other daemons append to
-        the same log, and their lines must never pass for the child's own error."""
+    def _adopt(self, twin: int, began: float) -> Optional[Dict[str, Any]]:
+        """The status of daemon ``twin`` once verified, polled while it lives and the start
+        budget lasts; the child just heard it answer, so a slow answer is waited for."""
+        patient = max(3 * self.probe_timeout, 1.0)  # as the bind guard's second probe
+        step = 0.01
+        while True:
+            status = self.verified_status(patient)
+            if status is not None:
+                return status
+            if not pid_alive(twin) or time.monotonic() - began > self.start_timeout:
+                return None
+            time.sleep(step)
+            step = min(step * 2, 0.1)
+
+    def _log_lines(self, offset: int, pid: int) -> List[str]:
+        """The lines ``pid`` wrote since ``offset``: other daemons append to the same log, and
+        their lines must never pass for the child's own."""
         try:
             with open(self.paths.log, "rb") as fh:
                 fh.seek(offset)
                 text = fh.read(1 << 20).decode("utf-8", "replace")
         except OSError:
-            return ""
-        kept = [ln.strip() for ln in text.splitlines() if _log_line_pid(ln) == pid]
-        return " | ".join(kept[-lines:])
+            return []
+        return [ln.strip() for ln in text.splitlines() if _log_line_pid(ln) == pid]
+
+    def _log_tail(self, offset: int, pid: int, lines: int = 3) -> str:
+        """The last ``lines`` lines ``pid`` wrote since ``offset``."""
+        return " | ".join(self._log_lines(offset, pid)[-lines:])
 
     def _startup_error(self, offset: int, code: int, pid: int) -> str:
-        tail = self._log_tail(offset, pid, lines=1)
-        if tail:
-            return f"daemon failed to start: {_strip_log_prefix(tail, self.paths.app.name)}"
-        return f"daemon exited with code {code} before it was ready (log: {self.paths.log})"
+        name = self.paths.app.name
+        said = [_strip_log_prefix(line, name) for line in self._log_lines(offset, pid)]
+        text = launch_failure_text(
+            pid, code, any(_is_bound_line(line) for line in said), said[-1] if said else ""
+        )
+        if not said:
+            text += f" (log: {self.paths.log})"
+        return f"daemon failed to start: {text}"
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -2894,24 +3290,38 @@ class DaemonClient:
         A server's progress, relayed in the daemon's progress frames, goes to ``on_progress``.
 
         A delivered request runs at most once: it is sent again (after ``ensure``) only when it
-        never reached a daemon, or was answered ``shutting_down`` (its handler never ran).
+        never reached a daemon, or was answered ``shutting_down`` (its handler never ran). A
+        ``busy`` answer (the daemon at its caps; the handler never ran either) is sent again
+        after a short pause, for as long as the request's own time allows.
         """
         if auto_start:
             self.ensure()
         send = (method, params, idle_timeout, progress_ms, overall_timeout, on_progress, start_budget)
+        until = time.monotonic() + (overall_timeout or idle_timeout)
         try:
-            response = self._send(*send)
+            response = self._send_while_busy(send, until)
         except _NotDelivered:
             if not auto_start:
                 raise
             self.ensure()
-            response = self._send(*send)
+            response = self._send_while_busy(send, until)
         if auto_start and (response.get("error") or {}).get("code") == "shutting_down":
             self.ensure()
-            response = self._send(*send)
+            response = self._send_while_busy(send, until)
         if notices is not None:
             notices.extend(str(n) for n in response.get("notices") or [])
         return result_or_raise(response, self.paths.app.usage_codes)
+
+    def _send_while_busy(self, send: Tuple[Any, ...], until: float) -> Dict[str, Any]:
+        """``_send``, again after a pause while the daemon answers ``busy``, until ``until``."""
+        pause = 0.01
+        while True:
+            response = self._send(*send)
+            busy = (response.get("error") or {}).get("code") == "busy"
+            if not busy or time.monotonic() + pause > until:
+                return response
+            time.sleep(pause)
+            pause = min(pause * 2, _BUSY_RETRY_MAX)
 
     def _send(
         self,
@@ -2956,6 +3366,13 @@ class DaemonClient:
         # a pid ours (verified peer), so it is what allows a terminate later.
         recorded = RecordedDaemon.read(self.paths.metadata)
         recorded_ours = recorded is not None and recorded.is_ours()
+        if not recorded_ours:
+            # Torn or gone: the socket's owner still holds its owner lock, which names it (and
+            # is proved ours the same way, pid + start time). "No daemon running" must never
+            # be said of a process that holds the socket (one SIGSTOPped, say).
+            owner = _socket_owner(self.paths)
+            if owner is not None:
+                recorded, recorded_ours = owner, True
         probe = probe_live_daemon(self.paths.socket, min(self.probe_timeout, timeout))
         pid = stop_target(probe.kind, probe.pid, recorded.pid if recorded else None, recorded_ours)
         if pid is None:
@@ -2966,7 +3383,8 @@ class DaemonClient:
             return max(deadline - time.monotonic(), 0.0)
 
         ask = None
-        if probe.kind in (_PROBE_LIVE, _PROBE_SILENT):  # silent may only be slow: ask, then wait it out
+        if probe.kind in (_PROBE_LIVE, _PROBE_SILENT, _PROBE_BUSY, _PROBE_CLOSED):
+            # Silent, busy or closed may only be slow: ask, then wait it out.
             answer_s = max(left(), 0.05)
             ask = (answer_s, min(answer_s, self.probe_timeout))
         plan = _stop_then_escalate(self.paths.socket, pid, recorded, probe.kind, _StopPolicy(ask, left))
@@ -3014,11 +3432,53 @@ class DaemonClient:
 
 
 def stop_target(kind: str, answered: Optional[int], recorded: Any, recorded_ours: bool) -> Optional[int]:
-    """Which pid a ``stop`` waits for: the one that answered (live or stopping), else the
-    metadata's pid when it is verified ours (silent, or its socket is gone); else none."""
-    if kind in (_PROBE_LIVE, _PROBE_STOPPING):
+    """Which pid a ``stop`` waits for: the one that answered (live, stopping, or busy naming
+    itself), else the metadata's pid when it is verified ours (silent, or its socket is gone);
+    else none."""
+    if kind in (_PROBE_LIVE, _PROBE_STOPPING) or (kind == _PROBE_BUSY and answered is not None):
         return answered
     return recorded if recorded_ours else None
+
+
+def launch_failure_text(pid: int, code: int, bound: bool, last_line: str) -> str:
+    """What to say of a launched daemon that exited (``code``; negative: killed by that
+    signal) before it was ready, free of I/O. ``bound``: its log says it bound the socket;
+    ``last_line``: its last log line. Its own error line is quoted as it is; a death says
+    what ended it, and when."""
+    if code < 0:
+        import signal
+
+        try:
+            name = f" ({signal.Signals(-code).name})"
+        except ValueError:
+            name = ""
+        how = f"was killed by signal {-code}{name}"
+    else:
+        how = f"exited with code {code}"
+    if bound:
+        said = "" if not last_line or _is_bound_line(last_line) else f"; its last log line: {last_line}"
+        return f"the launched daemon (pid {pid}) {how} right after binding{said}"
+    if last_line and code > 0:
+        return last_line  # its own error, e.g. a config it cannot read
+    return f"the launched daemon (pid {pid}) {how} before it was ready" + (
+        f"; its last log line: {last_line}" if last_line else ""
+    )
+
+
+def _is_bound_line(message: str) -> bool:
+    return message.startswith("bound ") and "(plan: " in message
+
+
+def _twin_named(messages: List[str]) -> Optional[int]:
+    """The pid in a launched host's "daemon already running (pid N)" (its verdict that N
+    serves), read from its own log lines."""
+    for line in reversed(messages):
+        text = _strip_log_prefix(line, "")
+        head = "daemon already running (pid "
+        if text.startswith(head):
+            digits = text[len(head) :].split(")", 1)[0]
+            return int(digits) if digits.isdigit() and int(digits) > 0 else None
+    return None
 
 
 def _reap_in_background(proc: subprocess.Popen) -> None:

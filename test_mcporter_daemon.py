@@ -2249,6 +2249,42 @@ def test_daemon_silent_on_both_probes_is_replaced(h):
     wait_until(lambda: second.poll() is not None, 10, message="replacement host to stop")
 
 
+HANG_UP_LISTENER = """\
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.bind(sys.argv[1])
+s.listen(64)
+open(sys.argv[2], "w").close()
+while True:
+    conn, _ = s.accept()
+    conn.close()  # as an older daemon at its connection cap does: no word at all
+"""
+
+
+def test_bare_close_from_the_recorded_live_owner_is_not_taken_for_death(h):
+    """A socket that accepts and closes without a word, held by the very process the record
+    names (alive, not stopped), is alive but slow: a starter leaves it, never terminates it."""
+    script = h.tmp / "hang_up.py"
+    script.write_text(HANG_UP_LISTENER)
+    ready = h.tmp / "listening"
+    h.state_dir.chmod(0o700)
+    owner = h.popen_argv([sys.executable, script, h.socket_path, ready], h.env())
+    wait_until(ready.exists, 10, message="the hanging-up listener to bind")
+    record = {
+        "pid": owner.pid,
+        "pidStartTime": str(proc_stat(owner.pid).start),
+        "socketPath": str(h.socket_path),
+        "servers": {},
+    }
+    h.meta_path.write_text(json.dumps(record))
+    r = h.run("start", "--foreground", MCPORTER_DAEMON_PROBE_TIMEOUT_MS="300", timeout=20)
+    print(f"\n  starter beside a bare-closing live owner: exit {r.rc} after {r.elapsed:.2f}s")
+    assert owner.poll() is None, "the live owner was terminated on a bare close"
+    assert r.rc == 0, r
+    assert f"daemon already running (pid {owner.pid}); not starting another" in r.err, r
+    assert socket_ino(h.socket_path) is not None and json.loads(h.meta_path.read_text()) == record
+
+
 def test_next_daemon_ends_eof_ignoring_server_of_sigkilled_daemon(h):
     eof_flag = h.tmp / "server-saw-eof"
     h.stubborn = True
@@ -2932,7 +2968,9 @@ def test_half_closed_caller_is_answered_and_a_closed_one_cancelled(h):
 # written out rather than derived, so that a change to the decision has to change this table.
 #   probe: "live" (answers status for this socket path, its pid alive), "stopping" (answers
 #          "shutting down" with a live pid), "silent" (the first
-#          probe timed out), "silent-twice" (the second, longer probe too) or "dead" (refused,
+#          probe timed out), "silent-twice" (the second, longer probe too), "busy" (answered
+#          `busy`), "closed" (accepted, then closed without a frame), "busy-twice" (a second
+#          probe after a busy or closed first one got no answer either) or "dead" (refused,
 #          no socket file, an error answer, another socket path, or a dead pid);
 #   fresh: the live answer's fingerprint is this host's (no answer has no fingerprint, so
 #          False is what the bind guard passes unless the probe is live);
@@ -2983,6 +3021,38 @@ PLAN_TAKEOVER_TABLE = [
     ("silent-twice", True, False, True, "bind"),
     ("silent-twice", True, True, False, "terminate-then-bind"),
     ("silent-twice", True, True, True, "terminate-then-bind"),
+    # Busy: it answered `busy` (at its connection or memory cap). Whoever answers is alive, so
+    # never bind over it at first sight, ours or not: ask again, longer...
+    ("busy", False, False, False, "probe-again"),
+    ("busy", False, False, True, "probe-again"),
+    ("busy", False, True, False, "probe-again"),
+    ("busy", True, False, False, "probe-again"),  # (fresh without a status answer: ignored)
+    ("busy", True, False, True, "probe-again"),
+    ("busy", True, True, False, "probe-again"),
+    # ...unless the owner is ours and stopped: the OS's word is proof of a hang.
+    ("busy", False, True, True, "terminate-then-bind"),
+    ("busy", True, True, True, "terminate-then-bind"),
+    # Closed: accepted, then closed without a word (an older daemon at its cap does this). From
+    # the pid the record names alive it is a sign of life: ask again. With no live owner on
+    # record, nothing proves anyone serves there: plainly stale.
+    ("closed", False, False, False, "bind"),
+    ("closed", False, False, True, "bind"),
+    ("closed", False, True, False, "probe-again"),
+    ("closed", False, True, True, "terminate-then-bind"),
+    ("closed", True, False, False, "bind"),
+    ("closed", True, False, True, "bind"),
+    ("closed", True, True, False, "probe-again"),
+    ("closed", True, True, True, "terminate-then-bind"),
+    # Busy twice (busy or closed, then no answer again): alive but slow, not hung. Only the
+    # OS's "stopped", or silence on both probes, is proof; this starter leaves it serving.
+    ("busy-twice", False, False, False, "leave"),
+    ("busy-twice", False, False, True, "leave"),
+    ("busy-twice", False, True, False, "leave"),
+    ("busy-twice", False, True, True, "terminate-then-bind"),
+    ("busy-twice", True, False, False, "leave"),
+    ("busy-twice", True, False, True, "leave"),
+    ("busy-twice", True, True, False, "leave"),
+    ("busy-twice", True, True, True, "terminate-then-bind"),
     # Dead socket: nothing to keep. An owner that is still ours and alive no longer answers on
     # this path (its socket was removed or replaced): end it with its MCP servers before
     # binding, rather than let two daemons run until it notices.
@@ -3008,7 +3078,7 @@ def test_plan_takeover_table_covers_every_input_combination():
     combos = [row[:4] for row in PLAN_TAKEOVER_TABLE]
     every = [
         (probe, fresh, ours, stopped)
-        for probe in ("live", "stopping", "silent", "silent-twice", "dead")
+        for probe in ("live", "stopping", "silent", "silent-twice", "busy", "closed", "busy-twice", "dead")
         for fresh in (False, True)
         for ours in (False, True)
         for stopped in (False, True)
@@ -3496,6 +3566,13 @@ def test_stop_waits_out_its_timeout_before_escalating(h):
         ("dead", None, 10, True, 10),  # its socket is gone but the process lives on
         ("dead", None, 10, False, None),
         ("dead", None, None, False, None),
+        ("busy", 10, None, False, 10),  # at its caps, it named itself on our socket
+        ("busy", 10, 10, True, 10),
+        ("busy", None, 10, True, 10),  # a busy answer without a pid: the record's, when ours
+        ("busy", None, 10, False, None),
+        ("closed", None, 10, True, 10),  # a bare close: only the record can name it
+        ("closed", None, 10, False, None),
+        ("closed", None, None, False, None),
     ],
 )
 def test_stop_target_table(kind, answered, recorded, recorded_ours, expected):
@@ -3702,6 +3779,159 @@ def test_delivered_request_is_not_sent_again_when_the_daemon_dies(h):
     assert len(first) == 1 and not (h.server_pids() - first), "a second host was started to resend it"
 
 
+def test_stop_finds_a_stopped_daemon_whose_metadata_is_torn(h):
+    """`stop` never says "no daemon running" while a process holds the socket: with the record
+    torn and the daemon SIGSTOPped, the owner lock names it; proved ours (pid + start time), it
+    is ended with its server once the stop's timeout has passed."""
+    daemon, server = warm_daemon(h)
+    h.sigstop(daemon)
+    h.meta_path.write_text('{"pid": ' + str(daemon))  # torn mid-write
+    r = h.run("stop")
+    print(f"\n  stop said {r.out.strip()!r} after {r.elapsed:.2f}s")
+    assert r.rc == 0 and r.out.strip() == f"terminated unresponsive daemon (pid {daemon})", r
+    assert not pid_alive(daemon) and not pid_alive(server), "stop returned before its daemon was gone"
+    assert not h.socket_path.exists() and not h.meta_path.exists()
+
+
+VENDORED_CLIENT_SCRIPT = """\
+import json, os, sys
+sys.path.insert(0, {here!r})
+import mcporter_daemon as md
+
+key, fingerprint, probe_s, method, params, launch = sys.argv[1:7]
+paths = md.DaemonPaths.for_key(key, os.environ["MCPORTER_DAEMON_DIR"])
+client = md.DaemonClient(paths, fingerprint, json.loads(launch), probe_timeout=float(probe_s) or None)
+try:
+    print(json.dumps(client.request(method, json.loads(params), idle_timeout=10.0)))
+except md.DaemonError as exc:
+    print(f"{{type(exc).__name__}}: {{exc}}", file=sys.stderr)
+    sys.exit(1)
+"""
+
+
+def run_vendored_client(h, key, fingerprint, launch, method="status", params=None, probe_s=0.0):
+    """A vendoring program's client in its own process (it launches and reaps its daemon
+    itself), sending one request; returns the Result."""
+    script = h.tmp / "vendored_client.py"
+    script.write_text(VENDORED_CLIENT_SCRIPT.format(here=str(HERE)))
+    args = [key, fingerprint, probe_s, method, json.dumps(params or {}), json.dumps([str(a) for a in launch])]
+    return h.run(*args, argv=[sys.executable, script], timeout=60)
+
+
+def test_client_uses_the_daemon_its_launched_child_found_serving(h):
+    """The launched child finds a live, fresh daemon and exits 0 naming it: the client
+    verifies that daemon (patiently: it is merely slow) and sends there, rather than fail a
+    call that was never delivered."""
+    md = _import_module()
+    first, flag = start_slow_host(h)
+    wait_slow_host_serving(h, first.pid)
+    write_flag(flag, "0.6")  # status slower than this client's 0.3 s probe, not than the child's
+    launch = [sys.executable, h.tmp / "slow_host.py", h.state_dir, flag, h.tag]
+    r = run_vendored_client(h, "slowhost", "fp-1", launch, "echo", {"text": "hi"}, probe_s=0.3)
+    h.server_pids()  # track the launched child for cleanup
+    log = read_file(md.DaemonPaths.for_key("slowhost", str(h.state_dir)).log)
+    assert f"daemon already running (pid {first.pid}); not starting another" in log, log
+    assert r.rc == 0 and json.loads(r.out) == {"pid": first.pid, "text": "hi"}, r
+    assert first.poll() is None
+    os.unlink(str(flag))
+    resp, _, _ = raw_request(slow_host_socket(h), "stop", {}, idle=5.0)
+    assert resp.get("ok") is True, resp
+
+
+def test_call_is_served_when_the_record_names_its_daemon_with_a_wrong_start_time(h):
+    """A record naming the serving daemon's pid with another start time verifies no daemon: the
+    launched child finds the daemon live and fresh, repairs the record, and the call is served
+    by the warm server (it used to fail with "daemon already running")."""
+    daemon, server = warm_daemon(h)
+    meta = h.meta()
+    meta["pidStartTime"] = "1"
+    h.meta_path.write_text(json.dumps(meta))
+    r = h.run("call", "demo.counter")
+    assert r.rc == 0 and r.out.strip() == "2", r
+    assert h.meta()["pidStartTime"] == str(proc_stat(daemon).start)
+    assert server_pid(h.status()) == server
+    assert_one_daemon_tree(h, daemon)
+
+
+DYING_HOST_SCRIPT = """\
+import os, signal, sys
+sys.path.insert(0, {here!r})
+import mcporter_daemon
+
+how = sys.argv[2]
+
+
+def die():
+    # Asked its first status, right after binding: as a host killed in that moment.
+    if how == "sigkill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    os._exit(3)
+
+
+paths = mcporter_daemon.DaemonPaths.for_key("dying", sys.argv[1])
+sys.exit(mcporter_daemon.DaemonHost(paths, "fp-d", {{}}, status_extra=die).run())
+"""
+
+
+@pytest.mark.parametrize(
+    ("how", "said"),
+    [
+        ("sigkill", "was killed by signal 9 (SIGKILL) right after binding"),
+        ("exit", "exited with code 3 right after binding"),
+    ],
+)
+def test_launched_daemon_dying_right_after_binding_is_named(h, how, said):
+    script = h.tmp / "dying_host.py"
+    script.write_text(DYING_HOST_SCRIPT.format(here=str(HERE)))
+    r = run_vendored_client(h, "dying", "fp-d", [sys.executable, script, h.state_dir, how, h.tag])
+    print(f"\n  {r.err.strip()}")
+    m = re.search(r"launched daemon \(pid (\d+)\)", r.err)
+    assert r.rc == 1 and m, r
+    expected = f"DaemonStartError: daemon failed to start: the launched daemon (pid {m.group(1)}) {said}"
+    assert r.err.strip() == expected, r
+
+
+LAUNCH_FAILURE_TABLE = [
+    # pid, exit code (negative: killed by that signal), bound, its last log line, what is said
+    (
+        7,
+        -9,
+        True,
+        "bound /s.sock (plan: bind)",
+        "the launched daemon (pid 7) was killed by signal 9 (SIGKILL) right after binding",
+    ),
+    (7, -15, False, "", "the launched daemon (pid 7) was killed by signal 15 (SIGTERM) before it was ready"),
+    (
+        7,
+        3,
+        True,
+        "bound /s.sock (plan: bind)",
+        "the launched daemon (pid 7) exited with code 3 right after binding",
+    ),
+    (
+        7,
+        0,
+        True,
+        "shutting down: stop request",
+        "the launched daemon (pid 7) exited with code 0 right after binding; its last log line: shutting down: stop request",
+    ),
+    (
+        7,
+        1,
+        False,
+        "cannot open log file /x.log: No such file",
+        "cannot open log file /x.log: No such file",
+    ),  # its own
+    (7, 1, False, "", "the launched daemon (pid 7) exited with code 1 before it was ready"),
+    (7, 0, False, "", "the launched daemon (pid 7) exited with code 0 before it was ready"),
+]
+
+
+@pytest.mark.parametrize(("pid", "code", "bound", "last", "said"), LAUNCH_FAILURE_TABLE)
+def test_launch_failure_text_table(pid, code, bound, last, said):
+    assert _import_module().launch_failure_text(pid, code, bound, last) == said
+
+
 # -- core structure: named decisions, the recorded daemon, error codes --
 
 # The named decisions keep their wire and log spellings: tests, log readers and older
@@ -3712,6 +3942,10 @@ NAMED_VALUES = [
     ("_PROBE_SILENT", "silent"),
     ("_PROBE_SILENT_TWICE", "silent-twice"),
     ("_PROBE_DEAD", "dead"),
+    ("_PROBE_BUSY", "busy"),
+    ("_PROBE_CLOSED", "closed"),
+    ("_PROBE_BUSY_TWICE", "busy-twice"),
+    ("_PLAN_LEAVE", "leave"),
     ("_PLAN_RECONCILE", "reconcile"),
     ("_PLAN_STOP_THEN_BIND", "stop-then-bind"),
     ("_PLAN_WAIT_THEN_BIND", "wait-then-bind"),
@@ -3774,28 +4008,38 @@ def test_recorded_daemon_from_record_table(data, expected):
 
 
 # _TakeoverFacts without an owner (nothing to look up): what a probe is heard as, and the plan.
-# A first silent probe asks for a second; the second one's silence is "silent-twice".
+# A first silent, busy or closed probe may ask for a second. The second one without an answer
+# is "silent-twice" only when the first was silent too (a hang); after a busy or closed first
+# one (a sign of life) it is "busy-twice". None: no second probe.
 TAKEOVER_FACTS_TABLE = [
-    # probe kind, heard as, fingerprint in the answer, plan
-    ("live", "silent", "fp", "reconcile"),
-    ("live", "silent", "other", "stop-then-bind"),
-    ("stopping", "silent", None, "wait-then-bind"),
-    ("silent", "silent", None, "probe-again"),
-    ("silent", "silent-twice", None, "bind"),
-    ("dead", "silent-twice", None, "bind"),
+    # first probe, second probe, fingerprint in the answer, heard as, plan
+    ("live", None, "fp", "live", "reconcile"),
+    ("live", None, "other", "live", "stop-then-bind"),
+    ("stopping", None, None, "stopping", "wait-then-bind"),
+    ("silent", None, None, "silent", "probe-again"),
+    ("busy", None, None, "busy", "probe-again"),
+    ("closed", None, None, "closed", "bind"),  # no live owner on record: plainly stale
+    ("silent", "silent", None, "silent-twice", "bind"),
+    ("silent", "busy", None, "busy-twice", "leave"),
+    ("silent", "closed", None, "busy-twice", "leave"),
+    ("busy", "silent", None, "busy-twice", "leave"),
+    ("busy", "busy", None, "busy-twice", "leave"),
+    ("silent", "live", "fp", "live", "reconcile"),
+    ("busy", "dead", None, "dead", "bind"),
 ]
 
 
-@pytest.mark.parametrize(("kind", "silent_as", "fingerprint", "plan"), TAKEOVER_FACTS_TABLE)
-def test_takeover_facts_table(kind, silent_as, fingerprint, plan):
+@pytest.mark.parametrize(("first", "second", "fingerprint", "kind", "plan"), TAKEOVER_FACTS_TABLE)
+def test_takeover_facts_table(first, second, fingerprint, kind, plan):
     md = _import_module()
     facts = md._TakeoverFacts(None)
     assert (facts.owner_ours, facts.owner_stopped) == (False, False)
     status = {"fingerprint": fingerprint} if fingerprint else None
-    facts.heard(md.ProbeResult(kind, status), silent_as)
+    facts.heard(md.ProbeResult(first, None if second else status))
+    if second is not None:
+        facts.heard(md.ProbeResult(second, status), second=True)
     facts.decide("fp")
-    assert facts.kind == (silent_as if kind == "silent" else kind)
-    assert facts.plan == plan
+    assert (facts.kind, facts.plan) == (kind, plan)
 
 
 def test_daemon_error_code_is_defined_once():
@@ -8021,6 +8265,139 @@ def test_our_foreground_daemon_replaces_live_mcporter_daemon(hx, mcporter_cli):
 # -- hostile clients and load: connection floods, the caps, slow readers --
 
 
+class ConnectionFlood:
+    """``n`` idle connections to a daemon, held open (as a crowd of stalled callers would),
+    counted in the daemon's own fds so a test knows they are all accepted."""
+
+    def __init__(self, sock, daemon, n):
+        self.sock, self.daemon, self.n = sock, daemon, n
+        self.conns = []
+
+    def __enter__(self):
+        for _ in range(self.n):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(10)
+            s.connect(str(self.sock))
+            self.conns.append(s)
+        wait_until(
+            lambda: len(socket_inodes(self.daemon)) > self.n,  # ours and its listener
+            10,
+            message=f"daemon {self.daemon} to accept all {self.n} flood connections",
+        )
+        return self
+
+    def __exit__(self, *exc):
+        for s in self.conns:
+            s.close()
+        self.conns = []
+        # Until the daemon has let them go, the next flood could not count its own.
+        wait_until(
+            lambda: len(socket_inodes(self.daemon)) < self.n // 2 or not pid_alive(self.daemon),
+            10,
+            message=f"daemon {self.daemon} to let the flood connections go",
+        )
+
+
+def busy_error(frame):
+    err = frame.get("error") or {}
+    return frame.get("ok") is False and err.get("code") == "busy" and isinstance(err.get("message"), str)
+
+
+def test_connection_flood_to_the_cap_never_kills_a_busy_daemon(h):
+    """Busy is not hung: at its connection cap the daemon still answers `status` and `stop`,
+    answers other work `busy` (never a silent close), and no caller's probe takes it for dead."""
+    md = _import_module()
+    daemon, server = warm_daemon(h)
+    sock, ino = h.socket_path, socket_ino(h.socket_path)
+    # A fresh flood for each check: the daemon drops an idle connection once its request-line
+    # deadline passes, and the checks must each find it at the cap.
+    with ConnectionFlood(sock, daemon, md._MAX_CONNECTIONS):
+        fg = h.run("start", "--foreground", timeout=20)  # its probe must not take the busy daemon for dead
+    with ConnectionFlood(sock, daemon, md._MAX_CONNECTIONS):
+        resp, _, _ = raw_request(sock, "status", {}, idle=5.0)
+        listing = {"id": "w1", "method": "listTools", "params": {"server": "demo"}}
+        frames = send_raw_bytes(sock, (json.dumps(listing) + "\n").encode())
+    assert resp.get("ok") is True and resp["result"]["pid"] == daemon, resp
+    assert len(frames) == 1 and busy_error(frames[0]) and frames[0]["id"] == "w1", frames
+    assert frames[0]["error"]["pid"] == daemon, frames
+    with ConnectionFlood(sock, daemon, md._MAX_CONNECTIONS):
+        st = h.status()
+    assert st.get("running") is True and st["pid"] == daemon, st
+    # Past the cap and the room kept for control requests too: `busy` at once, still never silence.
+    with ConnectionFlood(sock, daemon, md._MAX_CONNECTIONS + md._MAX_OVERFLOW):
+        status_request = {"id": "s", "method": "status", "params": {}, "protocolVersion": 2}
+        beyond = md.exchange(str(sock), status_request, 5.0)  # its send may fail: answered first
+    assert busy_error(beyond) and beyond["error"]["pid"] == daemon, beyond
+    assert fg.rc == 0, fg
+    assert f"daemon already running (pid {daemon}); not starting another" in fg.err, fg
+    assert call_ok(h, "demo.counter") == "2", "the warm server lost its state"
+    assert socket_ino(sock) == ino and server_pid(h.status()) == server
+    assert_one_daemon_tree(h, daemon)
+
+
+def test_call_during_a_flood_waits_for_room_and_stop_is_answered_at_the_cap(h):
+    md = _import_module()
+    daemon, server = warm_daemon(h)
+    sock = h.socket_path
+    flood = ConnectionFlood(sock, daemon, md._MAX_CONNECTIONS).__enter__()
+    try:
+        call = h.popen("call", "demo.counter")
+        # The call is answered `busy` and tries again; it must still be waiting, not failed.
+        time.sleep(0.5)  # the flood's duration: how long the crowd stalls, not a settle wait
+        assert call.poll() is None, read_file(call.err_path)
+    finally:
+        flood.__exit__()
+    wait_until(lambda: call.poll() is not None, 30, message="the call to finish once there is room")
+    assert call.returncode == 0, read_file(call.err_path)
+    assert read_file(call.out_path).strip() == "2"
+    with ConnectionFlood(sock, daemon, md._MAX_CONNECTIONS):
+        r = h.run("stop")
+    assert r.rc == 0 and r.out.strip() == f"stopped (pid {daemon})", r
+    assert not pid_alive(daemon) and not pid_alive(server)
+    assert "shutting down: stop request" in h.path("log").read_text()
+
+
+def test_memory_cap_answers_busy_and_still_reads_control_requests(h):
+    """The half-read-request memory cap: past it, a large request gets `busy` (with the pid,
+    so no prober takes it for a stranger or a hang); a small one — every `status` and `stop`,
+    mcporter's newline-less framing included — is still read and answered."""
+    md = _import_module()
+    daemon, server = warm_daemon(h)
+    sock = h.socket_path
+    each = md._MAX_PENDING_BYTES // 3 + (1 << 20)  # three of them pass the cap; each under 32 MiB
+    held, busy = [], []
+    try:
+        for i in range(3):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(10)
+            s.connect(str(sock))
+            held.append(s)
+            try:
+                s.sendall(b'{"id": "big%d", "method": "status", "params": {"pad": "' % i + b"a" * each)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the daemon answered busy and stopped reading
+        for s in held:
+            s.settimeout(0.5)
+            try:
+                data = s.recv(65536)
+            except socket.timeout:
+                continue
+            busy += [json.loads(line) for line in data.split(b"\n") if line.strip()]
+        assert len(busy) == 1 and busy_error(busy[0]) and busy[0]["error"]["pid"] == daemon, busy
+        took, raw = mcporter_style_request(sock, {"id": "m1", "method": "status", "params": {}})
+        answer = json.loads(raw)
+        assert answer.get("ok") is True and answer["result"]["pid"] == daemon, raw[:300]
+    finally:
+        for s in held:
+            s.close()
+    print(
+        f"\n  past the {md._MAX_PENDING_BYTES >> 20} MiB cap: one busy answer; a newline-less status in {took:.3f}s"
+    )
+    assert call_ok(h, "demo.counter") == "2"
+    assert server_pid(h.status()) == server
+    assert_one_daemon_tree(h, daemon)
+
+
 # -- hostile paths and users: other spellings, umask 000, another user's files --
 
 
@@ -8227,6 +8604,22 @@ CHAOS_KINDS = {  # kind: weight
     "damage-metadata": 1,
     "edit-config": 1,
     "touch-config": 1,
+    "flood": 1,
+    "alt-spelling": 1,
+}
+
+
+# Steps that may rightly fail a call running at the same time: they end, stop, cut off or
+# change the daemon or its server. Not among them: a connection flood (busy is not hung), a
+# damaged record (the daemon still serves), another spelling of the state dir.
+CHAOS_DISRUPTIVE = {
+    "stop",
+    "restart",
+    "sigkill-daemon",
+    "sigstop-daemon",
+    "kill-server",
+    "remove-socket",
+    "edit-config",
 }
 
 
@@ -8253,14 +8646,15 @@ _UNIX_DIAG_NAME, _UNIX_DIAG_VFS = 0, 1
 _TCP_LISTEN = 10
 
 
-def unix_listeners(path):
-    """Listening AF_UNIX sockets bound to the name ``path``: {socket inode: inode of its file}.
+def unix_listeners(path, aliases=()):
+    """Listening AF_UNIX sockets bound to the name ``path`` (or one of ``aliases``, other
+    spellings of it): {socket inode: inode of its file}.
 
     From the kernel's sock_diag (netlink). A socket keeps the name it was bound to after its
     file is removed or replaced, so the name alone does not say which socket the path leads
     to now; the file's inode (UNIX_DIAG_VFS) does.
     """
-    want = os.fsencode(str(path))
+    want = {os.fsencode(str(p)) for p in [path, *aliases]}
     req = struct.pack(
         "=BBHIIIII", socket.AF_UNIX, 0, 0, 1 << _TCP_LISTEN, 0, _UDIAG_SHOW_NAME | _UDIAG_SHOW_VFS, 0, 0
     )
@@ -8287,7 +8681,7 @@ def unix_listeners(path):
                         break
                     attrs[atype] = body[a + 4 : a + alen]
                     a += (alen + 3) & ~3
-                if attrs.get(_UNIX_DIAG_NAME, b"").rstrip(b"\0") == want and _UNIX_DIAG_VFS in attrs:
+                if attrs.get(_UNIX_DIAG_NAME, b"").rstrip(b"\0") in want and _UNIX_DIAG_VFS in attrs:
                     found[ino] = struct.unpack_from("=I", attrs[_UNIX_DIAG_VFS])[0]
                 off += (length + 3) & ~3
 
@@ -8338,7 +8732,7 @@ class ChaosSnapshot:
             path_ino = os.lstat(str(h.socket_path)).st_ino
         except OSError:
             path_ino = None
-        listeners = unix_listeners(h.socket_path)
+        listeners = unix_listeners(h.socket_path, getattr(h, "socket_aliases", ()))
         self.serving = {}  # pid -> reachable
         for pid in self.daemons:
             held = socket_inodes(pid) & set(listeners)
@@ -8394,11 +8788,17 @@ class Chaos:
         self.held = set()  # pids a step holds stopped (SIGSTOP) on purpose
         self.stopping = {}  # label of a step running `stop` or `restart` -> its start time
         self.stops = []  # (start, end) of every `stop` and `restart` that returned
+        self.disrupting = {}  # worker -> (kind, start) of its running disruptive step
+        self.disruptions = []  # (kind, start, end) of every disruptive step that ended
         self.excused = set()  # (pid, start) of daemons a step cut off from the path or stopped
         self.config_generation = 0
         self.done = threading.Event()
         self.stats = collections.Counter()
         self.decoy = None
+        self.alt_state_dir = h.tmp / "state-link"  # a second spelling of the state dir
+        if not os.path.lexists(str(self.alt_state_dir)):
+            os.symlink(str(h.state_dir), str(self.alt_state_dir))
+        h.socket_aliases = [self.alt_state_dir / h.socket_path.name]
 
     # -- bookkeeping --
 
@@ -8580,7 +8980,7 @@ class Chaos:
                             "pidStartTime",
                             isinstance(meta.get("pidStartTime"), str) and meta.get("pidStartTime"),
                         ),
-                        ("socketPath", meta.get("socketPath") == str(self.h.socket_path)),
+                        ("socketPath", meta.get("socketPath") in self.socket_spellings()),
                         ("servers", isinstance(meta.get("servers"), dict)),
                     )
                     if not ok
@@ -8633,11 +9033,11 @@ class Chaos:
 
     # -- running things --
 
-    def cli(self, label, *args):
+    def cli(self, label, *args, **env):
         """Run the CLI with the step timeout; a crash or a stuck caller is a violation."""
         command = " ".join(args)
         try:
-            r = self.h.run(*args, timeout=CHAOS_STEP_TIMEOUT)
+            r = self.h.run(*args, timeout=CHAOS_STEP_TIMEOUT, **env)
         except AssertionError as exc:
             err = str(exc).rsplit("--- stderr ---", 1)[-1].strip().splitlines()[-1:]
             self.violation(
@@ -8678,19 +9078,26 @@ class Chaos:
         st = proc_stat(pid) if pid > 0 else None
         return (pid, st.start) if st is not None and st.state not in ("Z", "X") else None
 
-    def counter_calls(self, label, n):
+    def counter_calls(self, label, n, **env):
         """``n`` parallel ``call demo.counter``, between two asks of the server's pid.
 
         A value is attributed to a server lifetime (pid + start time) only when that same
         process served the pid asks before and after: a daemon's socket path, once it leads
         elsewhere, never leads back to it, so every call in between reached that daemon, which
         had that one server throughout.
+
+        A call that fails while one live, fresh daemon serves at the path from before it began
+        to after it ended, with no disruptive step (CHAOS_DISRUPTIVE) running meanwhile, is
+        refused service: a violation (busy is not hung; a child's "already running" is no
+        failure). ``env``: extra environment for the calls (another spelling of the state dir).
         """
         before = self.server_identity(label)
+        serving_before = self.serving_daemon()
+        generation = self.config_generation
 
         def one(_):
             t0 = time.monotonic()
-            r = self.cli(label, "call", "demo.counter")
+            r = self.cli(label, "call", "demo.counter", **env)
             return r, t0, time.monotonic()
 
         if n == 1:
@@ -8699,6 +9106,11 @@ class Chaos:
             with ThreadPoolExecutor(n) as pool:
                 results = list(pool.map(one, range(n)))
         after = self.server_identity()
+        served_throughout = (
+            serving_before is not None
+            and self.serving_daemon() == serving_before
+            and self.config_generation == generation
+        )
         values = []
         for r, t0, t1 in results:
             if r is None:
@@ -8706,6 +9118,15 @@ class Chaos:
             self.bump("call ok" if r.rc == 0 else "call failed")
             if r.rc != 0:
                 values.append(f"rc {r.rc}: {r.err.strip()[-100:]}")
+                disrupted = self.disrupted(t0, t1)
+                if served_throughout and not disrupted and not r.crashed:
+                    last = (r.err.strip().splitlines() or [""])[-1]
+                    self.violation(
+                        "call-refused",
+                        f"`call demo.counter` exited {r.rc} ({last[-200:]}) while daemon {serving_before[0]} "
+                        "served, live and fresh, from before it began to after it ended",
+                        label,
+                    )
                 continue
             try:
                 value = int(r.out.strip())
@@ -8736,6 +9157,24 @@ class Chaos:
             self.violation(
                 "counter-not-rising", f"server {server[0]} answered {value} to {label}, but {conflict}", label
             )
+
+    def socket_spellings(self):
+        return {str(self.h.socket_path), *(str(p) for p in self.h.socket_aliases)}
+
+    def serving_daemon(self):
+        """(pid, start) of the one daemon the socket path leads to now, or None."""
+        snap = ChaosSnapshot(self.h)
+        if len(snap.reachable) != 1:
+            return None
+        pid = snap.reachable[0]
+        return pid, snap.daemons[pid].start
+
+    def disrupted(self, t0, t1):
+        """The disruptive steps that ran at some time in [t0, t1]."""
+        with self.lock:
+            running = [kind for kind, s in self.disrupting.values() if s <= t1]
+            done = [kind for kind, a, b in self.disruptions if a <= t1 and b >= t0]
+        return running + done
 
     def pick_daemon(self, u):
         snap = ChaosSnapshot(self.h)
@@ -8818,7 +9257,7 @@ class Chaos:
         # A daemon that a signal ended before it was ready (a sigkill-daemon step, or a takeover
         # of a stopped one) fails its `start`; that is the step's doing, not a fault. So is a
         # launched daemon that another step's `stop` stopped before it was ready.
-        killed = r.rc != 0 and re.search(r"exited with code -(9|15)\b", last)
+        killed = r.rc != 0 and re.search(r"killed by signal (9|15)\b", last)
         stopped = (
             r.rc != 0
             and args[0] != "stop"
@@ -8980,6 +9419,31 @@ class Chaos:
         os.utime(str(self.h.cfg))
         return "touched"
 
+    def step_flood(self, label, u):
+        """Idle connections up to the daemon's cap, held briefly (a crowd of stalled callers)."""
+        cap = _import_module()._MAX_CONNECTIONS
+        hold = 0.2 + 1.3 * u  # the fault's duration, not a wait for anything to settle
+        conns, opened = [], 0
+        try:
+            for _ in range(cap):
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                conns.append(s)
+                s.settimeout(2)
+                try:
+                    s.connect(str(self.h.socket_path))
+                except OSError:
+                    break
+                opened += 1
+            self.done.wait(hold)
+        finally:
+            for s in conns:
+                s.close()
+        return f"{opened} connections held {hold:.1f}s"
+
+    def step_alt_spelling(self, label, u):
+        """A call through a second spelling of the state dir (a symlink to it): one daemon."""
+        return self.counter_calls(label, 1, MCPORTER_DAEMON_DIR=str(self.alt_state_dir))
+
     # -- workers --
 
     def worker(self, w, count):
@@ -8993,11 +9457,18 @@ class Chaos:
                 self.in_flight[w] = label
             self.bump(kind)
             t0 = time.monotonic()
+            disruptive = kind in CHAOS_DISRUPTIVE
+            if disruptive:
+                with self.lock:
+                    self.disrupting[w] = (kind, t0)
             try:
                 outcome = getattr(self, "step_" + kind.replace("-", "_"))(label, u)
             finally:
                 with self.lock:
                     self.in_flight.pop(w, None)
+                    if disruptive:
+                        self.disrupting.pop(w, None)
+                        self.disruptions.append((kind, t0, time.monotonic()))
             self.note(f"{label} (u={u:.3f}) -> {outcome} [{time.monotonic() - t0:.2f}s]")
             self.observe(f"after {label}")
 
