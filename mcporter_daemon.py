@@ -621,7 +621,7 @@ def _script_version() -> str:
     return _SCRIPT_DIGEST[0]
 
 
-def adopt_script_version(record: Any) -> bool:
+def _adopt_script_version(record: Any) -> bool:
     """Take a daemon's recorded ``scriptVersion`` as this script's own, without hashing it,
     when the record's ``scriptFile`` is this file's identity now: the daemon hashed these very
     bytes. ``record`` must come from a checked state directory. True when adopted."""
@@ -6729,7 +6729,7 @@ def _client(cfg: Config, args: Any) -> DaemonClient:
 def _adopt_recorded_script_version(paths: DaemonPaths) -> None:
     try:
         if paths.check():  # a record from an unsafe directory could vouch for anything
-            adopt_script_version(read_metadata(paths.metadata))
+            _adopt_script_version(read_metadata(paths.metadata))
     except UnsafePathError:
         pass  # said by the client's own verification, where it always was
 

@@ -1321,10 +1321,10 @@ def test_recorded_script_version_is_adopted_only_for_the_file_the_daemon_hashed(
         None,
     ):
         other = _module_copy(script, "md_client_wrong")
-        assert other.adopt_script_version(wrong) is False, wrong
+        assert other._adopt_script_version(wrong) is False, wrong
         assert other._SCRIPT_DIGEST == []
     client = _module_copy(script, "md_client_same")
-    assert client.adopt_script_version(record) is True
+    assert client._adopt_script_version(record) is True
     assert client._script_version() == version
 
     # The same size and the mtime put back: only the ctime tells, and it does.
@@ -1336,7 +1336,7 @@ def test_recorded_script_version_is_adopted_only_for_the_file_the_daemon_hashed(
     os.utime(str(script), ns=(st.st_atime_ns, st.st_mtime_ns))
     after = script.stat()
     assert (after.st_ino, after.st_size, after.st_mtime_ns) == (st.st_ino, st.st_size, st.st_mtime_ns)
-    assert client.adopt_script_version(record) is False
+    assert client._adopt_script_version(record) is False
     assert client._script_version() != version
 
 
