@@ -5928,6 +5928,9 @@ REAL_CACHE_VAR = "MCPORTER_DAEMON_TEST_CACHE"
 INSTALL_TIMEOUT = 600.0
 
 
+MCPORTER_VERSION = "0.12.3"  # the mcporter release the tests compare against
+
+
 # Runs a command in a session of its own, so a timed-out install can be ended
 # with everything it started (one process group), not just its first process.
 _SETSID_EXEC = "import os, sys; os.setsid(); os.execvp(sys.argv[1], sys.argv[1:])"
@@ -6252,23 +6255,15 @@ def npm_servers():
 
 @pytest.fixture(scope="session")
 def mcporter_cli():
-    """The mcporter CLI from npm (the TypeScript original), run with node."""
+    """The mcporter CLI from npm (the TypeScript original), run with node; pinned, so a new
+    release cannot change what these tests compare against."""
     node, npm = require_node()
+    package = f"mcporter@{MCPORTER_VERSION}"
 
     def install(dest):
-        # @latest: npm would otherwise pick an older release whose `engines` fits this node.
         return run_install(
-            "npm install mcporter@latest",
-            [
-                npm,
-                "install",
-                "--prefix",
-                dest,
-                "--no-audit",
-                "--no-fund",
-                "--loglevel=error",
-                "mcporter@latest",
-            ],
+            f"npm install {package}",
+            [npm, "install", "--prefix", dest, "--no-audit", "--no-fund", "--loglevel=error", package],
             dest,
         )
 
@@ -6280,8 +6275,8 @@ def mcporter_cli():
             node_version = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=60)
         except (OSError, subprocess.TimeoutExpired):
             return None
-        if not version or version not in out.stdout:
-            return None
+        if version != MCPORTER_VERSION or version not in out.stdout:
+            return None  # a cache of another release is installed again
         return {"mcporter": version, "node": node_version.stdout.strip()}
 
     versions = cached_install("mcporter", install, check)
