@@ -5133,6 +5133,642 @@ def test_caller_going_away_cancels_its_call_at_the_server_within_1s(h, how, life
 # ##########################################################################################
 
 
+# -- names, URIs and routes: the bridge's pure decisions --
+
+# (server, tool, exported name): plain names as they are; anything else escaped reversibly
+# (``_x`` then ``_<hex>-`` per character outside [A-Za-z0-9-]); long names cut with a hash.
+SERVE_NAME_TABLE = [
+    ("demo", "counter", "demo__counter"),
+    ("chrome-devtools", "take_snapshot", "chrome-devtools__take_snapshot"),
+    ("fs", "read.file", "fs___xread_2e-file"),
+    ("a.b", "x", "_xa_2e-b__x"),
+    ("srv", "a__b", "srv___xa_5f-_5f-b"),
+    ("srv", "_private", "srv___x_5f-private"),
+    ("srv", "trailing_", "srv___xtrailing_5f-"),
+    ("srv", "_xfoo", "srv___x_5f-xfoo"),
+    ("my server", "hello world", "_xmy_20-server___xhello_20-world"),
+    ("srv", "café/ünï", "srv___xcaf_e9-_2f-_fc-n_ef-"),
+    ("srv", "emoji😀", "srv___xemoji_1f600-"),
+    ("srv", "", "srv___x"),
+    ("srv", "-dash-", "srv__-dash-"),
+    ("s", "t" * 61, "s__" + "t" * 61),  # exactly 64: kept whole
+]
+
+SERVE_LONG_PAIRS = [
+    ("s", "t" * 62),
+    ("server-" * 10, "tool"),
+    ("x", "ä" * 40),
+    ("srv", "a" * 50 + "_" + "b" * 20),
+]
+
+
+def test_serve_names_are_escaped_bounded_and_round_trip():
+    md = _import_module()
+    valid = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+    for server, tool, expected in SERVE_NAME_TABLE:
+        name = md.serve_name(server, tool)
+        assert name == expected, (server, tool, name)
+        assert valid.match(name), name
+        assert md.parse_serve_name(name) == (server, tool), name
+    for server, tool in SERVE_LONG_PAIRS:
+        name = md.serve_name(server, tool)
+        assert valid.match(name) and len(name) <= 64, name
+        assert name == md.serve_name(server, tool), "the hash suffix is stable"
+        assert md.parse_serve_name(name) != (server, tool)  # a cut name is found in the map
+    # No two pairs share a name, and the bridge's map takes every name (cut ones too) back.
+    pairs = [(s, t) for s, t, _ in SERVE_NAME_TABLE] + SERVE_LONG_PAIRS + [("srv", "a_b"), ("srv_a", "b")]
+    lists = {}
+    for server, tool in pairs:
+        lists.setdefault(server, []).append({"name": tool, "description": "d", "inputSchema": {}})
+    tools, names = md.export_named(lists, bare=False)
+    assert len(tools) == len(pairs) == len(names)
+    assert {names[t["name"]] for t in tools} == set(pairs)
+    assert all(t["description"] == f"[{names[t['name']][0]}] d" for t in tools)
+    # Text the escaper never writes is refused, not guessed.
+    for junk in ("demo", "__x", "a___b", "a__b__c", "a__b_", "a___xb", "a___x_zz-", "a___x_41-", "_y__b"):
+        assert md.parse_serve_name(junk) is None, junk
+
+
+def test_serve_exports_pass_schemas_through_and_filter():
+    md = _import_module()
+    tool = {
+        "name": "hello",
+        "title": "Hello",
+        "description": "Say hello.",
+        "inputSchema": {"type": "object", "properties": {"who": {"type": "string"}}},
+        "outputSchema": {"type": "object"},
+        "annotations": {"readOnlyHint": True},
+    }
+    tools, names = md.export_named(
+        {"a": [tool, {"name": "secret"}], "b": [dict(tool, description="")]}, False
+    )
+    assert [t["name"] for t in tools] == ["a__hello", "a__secret", "b__hello"]
+    assert tools[0] == dict(tool, name="a__hello", description="[a] Say hello.")
+    assert tools[2]["description"] == "[b]"
+    tools, names = md.export_named({"a": [tool, {"name": "secret"}]}, False, lambda s, t: t != "secret")
+    assert [t["name"] for t in tools] == ["a__hello"] and names == {"a__hello": ("a", "hello")}
+    tools, names = md.export_named({"a": [tool]}, True)
+    assert tools == [tool] and names == {"hello": ("a", "hello")}
+
+
+def test_serve_resource_uris_and_routes():
+    md = _import_module()
+    for server, uri in [("a", "file:///x y"), ("we ird/", "demo://c?q=1#f"), ("a", "")]:
+        wrapped = md.wrap_resource_uri(server, uri)
+        assert wrapped.startswith("mcporter-daemon://kept/") and " " not in wrapped
+        assert md.unwrap_resource_uri(wrapped) == (server, uri)
+    assert md.unwrap_resource_uri("demo://counter") is None
+    for template, uri, matches in [
+        ("demo://echo/{text}", "demo://echo/hi", True),
+        ("demo://echo/{text}", "demo://echo/a/b", False),
+        ("demo://echo/{+path}", "demo://echo/a/b", True),
+        ("file:///{path}.txt", "file:///notes.txt", True),
+        ("file:///{path}.txt", "file:///notes.md", False),
+        ("db://{table}{?limit}", "db://users?limit=3", True),
+        ("x.y://{a}", "xzy://b", False),  # literal text is literal, dots included
+    ]:
+        assert md.uri_template_matches(template, uri) is matches, (template, uri)
+    resources, routes = md.export_resources(
+        {
+            "a": [{"uri": "demo://c", "name": "c"}, {"uri": "a://only"}],
+            "b": [{"uri": "demo://c", "name": "c"}],
+        },
+        bare=False,
+    )
+    shown = {r["uri"]: r["name"] for r in resources}
+    assert shown == {
+        md.wrap_resource_uri("a", "demo://c"): "a__c",
+        "a://only": "a__a://only",
+        md.wrap_resource_uri("b", "demo://c"): "b__c",
+    }
+    templates = [("a", "demo://echo/{t}"), ("b", "demo://echo/{t}"), ("b", "b://{x}")]
+    route = md.route_resource
+    assert route("a://only", routes, templates, ["a", "b"]) == ("a", "a://only")
+    assert route(md.wrap_resource_uri("b", "demo://c"), routes, templates, ["a", "b"]) == ("b", "demo://c")
+    assert route("b://thing", routes, templates, ["a", "b"]) == ("b", "b://thing")
+    assert route("zz://x", routes, [], ["a"]) == ("a", "zz://x")
+    with pytest.raises(md._ServeError, match="several servers: a, b"):
+        route("demo://echo/hi", routes, templates, ["a", "b"])
+    with pytest.raises(md._ServeError, match="no bridged server"):
+        route("zz://x", routes, templates, ["a", "b"])
+    with pytest.raises(md._ServeError, match="not bridged"):
+        route(md.wrap_resource_uri("c", "x://y"), routes, templates, ["a", "b"])
+
+
+def test_loop_guard_recognises_commands_that_run_serve():
+    md = _import_module()
+    for argv, loops in [
+        (["python3", "/opt/mcporter_daemon.py", "serve"], True),
+        (["python3", "/opt/mcporter_daemon.py", "--config", "x.json", "serve", "--servers", "a"], True),
+        (["mcporter-daemon", "serve"], True),
+        (["python3", "-m", "mcporter_daemon", "serve"], True),
+        (["sh", "-c", "exec python3 ~/bin/mcporter_daemon.py serve --bare"], True),
+        (["python3", str(MODULE_PATH.resolve()), "serve"], True),
+        (["python3", "/opt/mcporter_daemon.py", "_demo-server"], False),
+        (["python3", "/opt/mcporter_daemon.py", "call", "serve.tool"], False),
+        (["npx", "mcporter", "serve"], False),
+        (["python3", "server.py", "serve"], False),
+        (["uvx", "some-mcp", "--mode", "serve"], False),
+    ]:
+        assert md.runs_serve_bridge(argv) is loops, argv
+
+
+def test_server_events_for_bridges():
+    md = _import_module()
+    assert md.server_event("a", "notifications/tools/list_changed", None) == {
+        "server": "a",
+        "type": "listChanged",
+        "list": "tools",
+    }
+    assert md.server_event("a", "notifications/prompts/list_changed", {})["list"] == "prompts"
+    assert md.server_event("a", "notifications/message", {"level": "error", "data": {"x": 1}}) == {
+        "server": "a",
+        "type": "message",
+        "level": "error",
+        "data": {"x": 1},
+    }
+    cut = md.server_event("a", "notifications/message", {"level": "info", "data": "x" * 100_000})
+    assert len(cut["data"]) < 70_000 and cut["data"].endswith("(cut)")
+    assert md.server_event("a", "notifications/progress", {"progress": 1}) is None
+    events = md._ServerEvents()
+    seq, got, missed = events.wait(None, 0, lambda: False)
+    assert (seq, got, missed) == (0, [], False)
+    events.add({"server": "a", "type": "message"})
+    seq, got, missed = events.wait(0, 5, lambda: False)
+    assert seq == 1 and [e["seq"] for e in got] == [1] and not missed
+    started = time.monotonic()
+    assert events.wait(1, 0.2, lambda: False) == (1, [], False)
+    assert time.monotonic() - started < 2
+    for _ in range(300):
+        events.add({"server": "a", "type": "message"})
+    seq, got, missed = events.wait(1, 0, lambda: False)
+    assert seq == 301 and missed and len(got) == 256
+
+
+# -- the bridge as an editor drives it --
+
+# A stdlib MCP server for the bridge tests. Tools with a title, annotations and an output schema
+# (passed through as written), names that need escaping, one past 64 characters; `grow` adds a
+# tool and announces list_changed; `shout` logs two messages mid-call; `blob` returns `kib` KiB
+# of text as structuredContent.
+SERVE_TEST_SERVER = r"""
+import json, sys
+
+TOOLS = [
+    {"name": "hello", "title": "Hello", "description": "Say hello.",
+     "inputSchema": {"type": "object", "properties": {"who": {"type": "string"}}},
+     "outputSchema": {"type": "object", "properties": {"greeting": {"type": "string"}}},
+     "annotations": {"readOnlyHint": True, "idempotentHint": True}},
+    {"name": "read.file/x", "inputSchema": {"type": "object"}},
+    {"name": "a__b", "inputSchema": {"type": "object"}},
+    {"name": "long_" + "n" * 70, "inputSchema": {"type": "object"}},
+    {"name": "grow", "inputSchema": {"type": "object"}},
+    {"name": "shout", "inputSchema": {"type": "object"}},
+    {"name": "blob", "inputSchema": {"type": "object", "properties": {"kib": {"type": "integer"}}}},
+]
+grown = []
+
+
+def send(obj):
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+for line in sys.stdin:
+    msg = json.loads(line)
+    if "id" not in msg or "method" not in msg:
+        continue
+    method, params = msg["method"], msg.get("params") or {}
+    if method == "initialize":
+        result = {"protocolVersion": params.get("protocolVersion"), "serverInfo": {"name": "t", "version": "1"},
+                  "capabilities": {"tools": {"listChanged": True}, "logging": {}}}
+    elif method == "tools/list":
+        result = {"tools": TOOLS + grown}
+    elif method == "tools/call":
+        name, args = params.get("name"), params.get("arguments") or {}
+        if name == "grow":
+            grown.append({"name": "grown_%d" % len(grown), "inputSchema": {"type": "object"}})
+            send({"jsonrpc": "2.0", "method": "notifications/tools/list_changed"})
+        if name == "shout":
+            send({"jsonrpc": "2.0", "method": "notifications/message",
+                  "params": {"level": "warning", "logger": "db", "data": "pool is 90% full"}})
+            send({"jsonrpc": "2.0", "method": "notifications/message", "params": {"level": "debug", "data": "noise"}})
+        if name == "blob":
+            text = "".join(chr(65 + i % 26) for i in range(int(args.get("kib", 1)) * 1024))
+            result = {"content": [], "structuredContent": {"size": len(text), "text": text}}
+        elif name == "hello":
+            greeting = "hello " + str(args.get("who", "you"))
+            result = {"content": [{"type": "text", "text": greeting}], "structuredContent": {"greeting": greeting}}
+        else:
+            result = {"content": [{"type": "text", "text": "called " + str(name)}]}
+    else:
+        send({"jsonrpc": "2.0", "id": msg["id"], "error": {"code": -32601, "message": "no " + method}})
+        continue
+    send({"jsonrpc": "2.0", "id": msg["id"], "result": result})
+"""
+
+
+def serve_test_entry(h):
+    script = h.tmp / "serve_test_server.py"
+    script.write_text(SERVE_TEST_SERVER)
+    return {"command": sys.executable, "args": [str(script), h.tag], "lifecycle": "keep-alive"}
+
+
+class ServeSession:
+    """A ``serve`` process driven as an editor drives it: JSON-RPC lines on its stdin; every
+    line it writes on stdout is kept, parsed (anything that is not JSON-RPC fails the test)."""
+
+    def __init__(self, h, *args, env=None, argv=None):
+        self.h = h
+        argv = argv or h.argv("serve", *args)
+        self.err_path = h.tmp / f"serve-{uuid.uuid4().hex[:6]}.err"
+        self.err_file = open(str(self.err_path), "w+")  # noqa: SIM115 - closed in close()
+        self.p = spawn(
+            [str(a) for a in argv], env or h.env(), h.tmp, subprocess.PIPE, self.err_file, subprocess.PIPE
+        )
+        h.popens.append(self.p)
+        h.track(self.p.pid)
+        self.lines = []  # every stdout line, parsed
+        self.junk = []
+        self.cond = threading.Condition()
+        self.next_id = 1
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for raw in self.p.stdout:
+            try:
+                msg = json.loads(raw)
+                assert isinstance(msg, dict) and msg.get("jsonrpc") == "2.0"
+            except (ValueError, AssertionError):
+                msg = None
+            with self.cond:
+                if msg is None:
+                    self.junk.append(raw)
+                else:
+                    self.lines.append(msg)
+                self.cond.notify_all()
+
+    def send(self, obj):
+        self.p.stdin.write((json.dumps(obj) + "\n").encode())
+        self.p.stdin.flush()
+
+    def start(self, method, params=None):
+        rid = self.next_id
+        self.next_id += 1
+        frame = {"jsonrpc": "2.0", "id": rid, "method": method}
+        if params is not None:
+            frame["params"] = params
+        self.send(frame)
+        return rid
+
+    def answer(self, rid, timeout=30):
+        return self.wait(
+            lambda m: m.get("id") == rid and ("result" in m or "error" in m), timeout, f"answer {rid}"
+        )
+
+    def request(self, method, params=None, timeout=30):
+        """The result of one request; AssertionError on an error answer."""
+        msg = self.answer(self.start(method, params), timeout)
+        assert "result" in msg, msg
+        return msg["result"]
+
+    def notify(self, method, params=None):
+        frame = {"jsonrpc": "2.0", "method": method}
+        if params is not None:
+            frame["params"] = params
+        self.send(frame)
+
+    def mark(self):
+        with self.cond:
+            return len(self.lines)
+
+    def wait(self, predicate, timeout, what, since=0):
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                for msg in self.lines[since:]:
+                    if predicate(msg):
+                        return msg
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"serve: no {what} within {timeout}s; got {self.lines[since:]!r}")
+                self.cond.wait(left)
+
+    def notifications(self, method, since=0):
+        with self.cond:
+            return [m for m in self.lines[since:] if m.get("method") == method and "id" not in m]
+
+    def initialize(self, version="2025-06-18"):
+        result = self.request(
+            "initialize",
+            {
+                "protocolVersion": version,
+                "capabilities": {},
+                "clientInfo": {"name": "test-editor", "version": "1"},
+            },
+        )
+        self.notify("notifications/initialized")
+        return result
+
+    def tool_names(self):
+        return [t["name"] for t in self.request("tools/list")["tools"]]
+
+    def call(self, name, args=None, timeout=30, **params):
+        return self.request("tools/call", dict(params, name=name, arguments=args or {}), timeout=timeout)
+
+    def stderr(self):
+        return read_file(self.err_path)
+
+    def close(self, timeout=10):
+        """End the session as an editor does (stdin closed); the exit code."""
+        self.p.stdin.close()
+        rc = self.p.wait(timeout=timeout)
+        self.err_file.close()
+        assert not self.junk, f"serve wrote non-protocol lines on stdout: {self.junk!r}"
+        return rc
+
+
+def serve_text(result):
+    return "".join(c.get("text", "") for c in result.get("content") or [])
+
+
+def test_serve_handshake_calls_and_state_shared_with_cli_and_bridges(h):
+    """One editor session: handshake, tools with their names and schemas, calls; the counter
+    lives in the daemon's server and continues through the CLI, a second editor at once, and
+    a new bridge after this one exits (which leaves the daemon running)."""
+    ops_config(h, {"other": serve_test_entry(h)})
+    s = ServeSession(h)
+    init = s.initialize("2024-11-05")
+    assert init["protocolVersion"] == "2024-11-05"
+    assert init["capabilities"]["tools"] == {"listChanged": True}
+    assert init["capabilities"]["resources"] == {"listChanged": True}
+    assert init["capabilities"]["prompts"] == {"listChanged": True}
+    assert init["serverInfo"]["name"] == "mcporter-daemon"
+    assert "demo" in init["instructions"] and "other" in init["instructions"], init
+    assert s.request("ping") == {}
+    tools = {t["name"]: t for t in s.request("tools/list")["tools"]}
+    assert tools["demo__counter"]["description"] == "[demo] Add one to a counter kept in this server process."
+    assert tools["demo__echo"]["inputSchema"]["required"] == ["text"]
+    hello = tools["other__hello"]
+    assert hello["title"] == "Hello" and hello["annotations"] == {
+        "readOnlyHint": True,
+        "idempotentHint": True,
+    }
+    assert hello["outputSchema"]["properties"]["greeting"] == {"type": "string"}
+    assert {"other___xread_2e-file_2f-x", "other___xa_5f-_5f-b"} <= set(tools), sorted(tools)
+    long_name = [n for n in tools if n.startswith("other__long_")]
+    assert len(long_name) == 1 and len(long_name[0]) == 64, sorted(tools)
+    assert all(re.match(r"^[A-Za-z0-9_-]{1,64}$", n) for n in tools), sorted(tools)
+    # Escaped and cut names reach the right tool; the result arrives whole.
+    assert serve_text(s.call("other___xa_5f-_5f-b")) == "called a__b"
+    assert serve_text(s.call(long_name[0])) == "called long_" + "n" * 70
+    result = s.call("other__hello", {"who": "bridge"})
+    assert result["structuredContent"] == {"greeting": "hello bridge"}, result
+    assert serve_text(s.call("demo__counter")) == "1"
+    assert call_ok(h, "demo.counter") == "2"
+    # A second editor at the same time: its own session and ids, the same servers.
+    s2 = ServeSession(h)
+    s2.initialize()
+    slow = s.start("tools/call", {"name": "demo__sleep", "arguments": {"seconds": 0.5}})
+    assert serve_text(s2.call("demo__counter")) == "3"
+    assert serve_text(s.answer(slow)["result"]) == "slept 0.5"
+    daemon = running_status(h)["pid"]
+    assert s.close() == 0 and s2.close() == 0
+    assert running_status(h)["pid"] == daemon, "the bridge left the daemon alone"
+    s3 = ServeSession(h)
+    s3.initialize("2099-01-01")  # a version it does not know: it offers its newest
+    assert serve_text(s3.call("demo__counter")) == "4"
+    assert s3.close() == 0
+    err = s.stderr()
+    assert "demo" in err, err  # diagnostics go to stderr
+
+
+def test_serve_unknown_tool_and_bad_input_are_errors_not_crashes(h):
+    s = ServeSession(h)
+    s.initialize()
+    msg = s.answer(s.start("tools/call", {"name": "demo__nope", "arguments": {}}))
+    assert msg["error"]["code"] == -32602 and "unknown tool" in msg["error"]["message"], msg
+    msg = s.answer(s.start("tools/call", {"name": "nobody__x", "arguments": {}}))
+    assert "unknown tool" in msg["error"]["message"], msg
+    msg = s.answer(s.start("no/such/method"))
+    assert msg["error"]["code"] == -32601, msg
+    s.p.stdin.write(b"this is not json\n")
+    s.p.stdin.flush()
+    s.wait(lambda m: (m.get("error") or {}).get("code") == -32700, 10, "parse error")
+    assert serve_text(s.call("demo__echo", {"text": "still here"})) == "still here"
+    assert s.close() == 0
+
+
+def test_serve_flags_select_servers_and_bare_names(h):
+    ops_config(h, {"other": serve_test_entry(h)})
+    s = ServeSession(h, "--servers", "other", "--bare")
+    s.initialize()
+    names = s.tool_names()
+    assert "hello" in names and "a__b" in names and not any(n.startswith("demo") for n in names), names
+    assert serve_text(s.call("a__b")) == "called a__b"
+    assert s.close() == 0
+    s = ServeSession(h, "--servers", "demo")
+    s.initialize()
+    assert all(n.startswith("demo__") for n in s.tool_names())
+    assert s.close() == 0
+    for args, expected in [
+        (["--bare"], "--bare needs exactly one server"),
+        (["--servers", "nope"], "unknown server 'nope'"),
+    ]:
+        r = h.run("serve", *args, timeout=20)
+        assert r.rc == 2 and r.out == "" and expected in r.err, r
+        assert len(r.err.strip().splitlines()) == 1, r
+
+
+def test_serve_server_that_cannot_start_and_config_edits(h):
+    """A broken server is listed without (its reason logged to the editor and stderr) and
+    does not hold up the others; adding a server to the config sends list_changed within
+    2 s, and the new server's tools are listed."""
+    ops_config(h, {"broken": {"command": str(h.tmp / "no-such-server"), "lifecycle": "keep-alive"}})
+    s = ServeSession(h)
+    s.initialize()
+    began = time.monotonic()
+    names = s.tool_names()
+    assert "demo__counter" in names and not any(n.startswith("broken") for n in names), names
+    assert time.monotonic() - began < 5
+    logged = s.wait(lambda m: m.get("method") == "notifications/message", 10, "log message")
+    assert logged["params"]["logger"] == "broken" and logged["params"]["level"] == "error", logged
+    assert "command not found" in logged["params"]["data"], logged
+    wait_until(lambda: "command not found" in s.stderr(), 5, message="the reason on stderr")
+    mark = s.mark()
+    ops_config(h, {"added": serve_test_entry(h)})
+    edited = time.monotonic()
+    s.wait(lambda m: m.get("method") == "notifications/tools/list_changed", 10, "list_changed", since=mark)
+    assert time.monotonic() - edited < 2 + 0.5, "list_changed within 2 s of the edit"
+    names = s.tool_names()
+    assert (
+        "added__hello" in names
+        and "demo__counter" in names
+        and not any(n.startswith("broken") for n in names)
+    )
+    assert serve_text(s.call("added__hello", {"who": "new"})) == "hello new"
+    assert s.close() == 0
+
+
+def test_serve_list_changed_after_restarts_crashes_and_daemon_kill(h):
+    """list_changed within 2 s of: the server's own, `restart SERVER`, a crashed server coming
+    back, the daemon SIGKILLed (the next call starts another and works), and its replacement."""
+    ops_config(h, {"other": serve_test_entry(h)})
+    s = ServeSession(h)
+    s.initialize()
+    assert serve_text(s.call("demo__counter")) == "1"
+    assert "other__hello" in s.tool_names()
+
+    def expect_list_changed(mark, what):
+        began = time.monotonic()
+        s.wait(lambda m: m.get("method") == "notifications/tools/list_changed", 10, what, since=mark)
+        return time.monotonic() - began
+
+    mark = s.mark()
+    s.call("other__grow")  # the server announces its own change
+    assert expect_list_changed(mark, "list_changed from the server") < 2
+    assert "other__grown_0" in s.tool_names()
+
+    mark = s.mark()
+    r = h.run("restart", "demo")
+    assert r.rc == 0, r
+    assert expect_list_changed(mark, "list_changed after restart SERVER") < 2 + 0.5
+    assert serve_text(s.call("demo__counter")) == "1", "a new server process"
+
+    mark = s.mark()
+    crashed = server_pid(running_status(h), "demo")
+    os.kill(crashed, signal.SIGKILL)
+    wait_until(lambda: server_pid(h.status(), "demo") != crashed, 5, message="the daemon to see the crash")
+    assert serve_text(s.call("demo__counter")) == "1", "the next call restarts it"
+    assert expect_list_changed(mark, "list_changed after a crash") < 2 + 0.5
+
+    daemon = running_status(h)["pid"]
+    mark = s.mark()
+    long_call = {
+        "name": "demo__progress",
+        "arguments": {"steps": 300, "delay": 0.1},
+        "_meta": {"progressToken": 1},
+    }
+    inflight = s.start("tools/call", long_call)
+    s.wait(lambda m: m.get("method") == "notifications/progress", 10, "progress: in the daemon", since=mark)
+    os.kill(daemon, signal.SIGKILL)
+    killed = time.monotonic()
+    msg = s.answer(inflight, timeout=10)
+    assert "error" in msg and "daemon" in msg["error"]["message"], msg
+    s.wait(lambda m: m.get("method") == "notifications/tools/list_changed", 10, "list_changed", since=mark)
+    assert time.monotonic() - killed < 2 + 0.5
+    assert serve_text(s.call("demo__counter")) == "1", "the next call starts a new daemon"
+    assert running_status(h)["pid"] != daemon
+    assert s.close() == 0
+
+
+def test_serve_progress_cancel_and_server_messages(h):
+    """Progress reaches the editor under its token; the editor's cancel reaches the server as
+    notifications/cancelled within 1 s (no answer follows); the server's log messages come
+    with the server as logger, filtered by the editor's logging/setLevel; a large result
+    arrives whole."""
+    cancel_log = h.tmp / "cancels.jsonl"
+    ops_config(h, {"other": serve_test_entry(h)})
+    s = ServeSession(h, env=h.env(MCPORTER_DEMO_CANCEL_LOG=str(cancel_log)))
+    s.initialize()
+    mark = s.mark()
+    result = s.call("demo__progress", {"steps": 3, "delay": 0.2}, _meta={"progressToken": "tok-1"})
+    assert serve_text(result) == "done 3 steps"
+    progress = s.notifications("notifications/progress", since=mark)
+    assert progress and all(p["params"]["progressToken"] == "tok-1" for p in progress), progress
+    assert progress[-1]["params"]["progress"] <= 3 and progress[-1]["params"]["total"] == 3
+
+    mark = s.mark()
+    long_call = {
+        "name": "demo__progress",
+        "arguments": {"steps": 300, "delay": 0.1},
+        "_meta": {"progressToken": 7},
+    }
+    rid = s.start("tools/call", long_call)
+    s.wait(lambda m: m.get("method") == "notifications/progress", 10, "progress: at the server", since=mark)
+    s.notify("notifications/cancelled", {"requestId": rid, "reason": "user pressed stop"})
+    cancelled_at = time.time()
+    wait_until(
+        lambda: cancel_log.exists() and cancel_log.read_text().strip(), 5, message="the server's cancel"
+    )
+    arrived = json.loads(cancel_log.read_text().splitlines()[0])["at"]
+    assert arrived - cancelled_at < 1.0, f"cancel reached the server after {arrived - cancelled_at:.2f}s"
+    assert serve_text(s.call("demo__echo", {"text": "after"})) == "after"
+    assert not [m for m in s.lines if m.get("id") == rid], "a cancelled request gets no answer"
+
+    mark = s.mark()
+    assert s.request("logging/setLevel", {"level": "info"}) == {}
+    s.call("other__shout")
+    msg = s.wait(lambda m: m.get("method") == "notifications/message", 10, "server message", since=mark)
+    assert msg["params"] == {"level": "warning", "logger": "other", "data": "pool is 90% full"}, msg
+    s.call("other__hello")  # the debug line, filtered, never arrives (it was sent before this)
+    assert all(m["params"]["level"] != "debug" for m in s.notifications("notifications/message", since=mark))
+
+    big = s.call("other__blob", {"kib": 3 * 1024}, timeout=60)
+    assert big["structuredContent"]["size"] == 3 * 1024 * 1024
+    assert big["structuredContent"]["text"][:52] == "ABCDEFGHIJKLMNOPQRSTUVWXYZ" * 2
+    assert s.close() == 0
+
+
+def test_serve_resources_templates_and_prompts(h):
+    ops_config(h, {"twin": h.demo_server_entry()})
+    s = ServeSession(h)
+    s.initialize()
+    resources = s.request("resources/list")["resources"]
+    by_name = {r["name"]: r["uri"] for r in resources}
+    assert set(by_name) == {"demo__counter", "twin__counter"}, resources
+    assert by_name["demo__counter"] != by_name["twin__counter"], "a URI both list is wrapped per server"
+    assert serve_text(s.call("twin__counter")) == "1"
+    read = s.request("resources/read", {"uri": by_name["twin__counter"]})
+    assert read["contents"][0]["text"] == "1" and read["contents"][0]["uri"] == by_name["twin__counter"], read
+    assert s.request("resources/read", {"uri": by_name["demo__counter"]})["contents"][0]["text"] == "0"
+    templates = s.request("resources/templates/list")["resourceTemplates"]
+    assert {t["name"] for t in templates} == {
+        "demo__echo",
+        "demo__counter-as",
+        "twin__echo",
+        "twin__counter-as",
+    }
+    msg = s.answer(s.start("resources/read", {"uri": "demo://echo/hi"}))
+    assert "several servers: demo, twin" in msg["error"]["message"], msg
+    prompts = {p["name"]: p for p in s.request("prompts/list")["prompts"]}
+    assert {"demo__greet", "twin__counter-report"} <= set(prompts), prompts
+    got = s.request("prompts/get", {"name": "twin__greet", "arguments": {"name": "Ada"}})
+    assert got["messages"][0]["content"]["text"] == "Write a casual greeting for Ada.", got
+    assert s.close() == 0
+    # One server bridged: a URI matching its template passes unchanged.
+    s = ServeSession(h, "--servers", "demo")
+    s.initialize()
+    assert s.request("resources/read", {"uri": "demo://echo/hi"})["contents"][0]["text"] == "hi"
+    assert s.request("resources/list")["resources"][0]["uri"] == "demo://counter"
+    assert s.close() == 0
+
+
+def test_serve_loop_guard_cursor_config_that_lists_serve_itself(h):
+    """Cursor's mcp.json registers the bridge; imported, that entry would make the daemon start
+    a bridge to itself. It is never imported or started, and doctor says why."""
+    cursor = h.tmp / ".cursor"
+    cursor.mkdir()
+    bridge_entry = {"command": sys.executable, "args": [str(MODULE_PATH), "serve"]}
+    other = dict(h.demo_server_entry())
+    other.pop("lifecycle")
+    (cursor / "mcp.json").write_text(json.dumps({"mcpServers": {"kept": bridge_entry, "cursor-demo": other}}))
+    env = h.env(MCPORTER_KEEPALIVE="kept,cursor-demo")  # asked to keep it: refused all the same
+    r = h.run("list", env=env)  # the project root is the cwd: .cursor/mcp.json is imported
+    assert r.rc == 0 and "cursor-demo" in r.out and "kept" not in r.out.replace("keep-alive", ""), r
+    r = h.run("doctor", env=env)
+    assert "server 'kept'" in r.out and "own `serve`" in r.out and "never imported or started" in r.out, r
+    r = h.run("serve", "--servers", "kept", env=env, timeout=20)
+    assert r.rc == 2 and "runs this tool's own serve" in r.err, r
+    s = ServeSession(h, env=env)
+    s.initialize()
+    names = s.tool_names()
+    assert "cursor-demo__counter" in names and not any(n.startswith("kept__") for n in names), names
+    served = [srv["name"] for srv in running_status(h)["servers"]]
+    assert "kept" not in served and "cursor-demo" in served, served
+    assert s.close() == 0
+
+
 # ##########################################################################################
 # Demo MCP server: the module run as a tiny stateful MCP stdio server (``_demo-server``).
 # ##########################################################################################
