@@ -4998,7 +4998,7 @@ _SERVE_ESCAPED = "_x"  # an escaped name part starts so; a plain one never start
 
 _SERVE_URI_PREFIX = "mcporter-daemon://kept/"  # a URI two servers list: prefix, server, URI
 
-_SERVE_LIST_WAIT = 5.0  # a list is answered without a server still starting; list_changed follows
+_SERVE_LIST_WAIT = 15.0  # a list is answered without a server still starting; list_changed follows
 
 _SERVE_WATCH_WAIT = 1.0  # one watchEvents wait: a server restart shows within it
 

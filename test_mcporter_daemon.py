@@ -34,6 +34,7 @@ import plistlib
 import py_compile
 import random
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -5767,6 +5768,203 @@ def test_serve_loop_guard_cursor_config_that_lists_serve_itself(h):
     served = [srv["name"] for srv in running_status(h)["servers"]]
     assert "kept" not in served and "cursor-demo" in served, served
     assert s.close() == 0
+
+
+# -- real clients: the MCP Python SDK (1.x and 2.x), mcporter 0.12.3, the MCP inspector CLI --
+
+# An SDK ClientSession over stdio to `serve` (argv: the bridge's command as JSON): lists, calls,
+# reads a resource, gets a prompt, gets progress, has an elicitation declined, cancels a long
+# call, and calls again. Prints what it saw as one JSON object.
+SERVE_SDK_CLIENT = r"""
+import importlib.metadata as metadata
+import json
+import os
+import sys
+import time
+
+import anyio
+import mcp.types as types
+from mcp import ClientSession, StdioServerParameters
+from mcp.client.stdio import stdio_client
+
+V1 = metadata.version("mcp").startswith("1.")
+
+
+def dump(model):
+    return model.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+def text(result):
+    return "".join(getattr(c, "text", "") for c in result.content)
+
+
+async def main():
+    argv = json.loads(sys.argv[1])
+    out = {"version": metadata.version("mcp"), "progress": [], "logs": []}
+    server = StdioServerParameters(command=argv[0], args=argv[1:], env=dict(os.environ))
+
+    async def on_log(params):
+        out["logs"].append(dump(params))
+
+    async with stdio_client(server) as (read, write):
+        async with ClientSession(read, write, logging_callback=on_log) as session:
+            out["init"] = dump(await session.initialize())
+            out["tools"] = [t.name for t in (await session.list_tools()).tools]
+            out["counter"] = text(await session.call_tool("demo__counter", {}))
+            resources = (await session.list_resources()).resources
+            out["resources"] = [str(r.uri) for r in resources]
+            out["read"] = dump(await session.read_resource(resources[0].uri))["contents"][0]["text"]
+            prompt = await session.get_prompt("demo__greet", {"name": "Ada"})
+            out["prompt"] = dump(prompt)["messages"][0]["content"]["text"]
+
+            async def progress(value, total, message):
+                out["progress"].append(value)
+
+            done = await session.call_tool("demo__progress", {"steps": 3, "delay": 0.2}, progress_callback=progress)
+            out["progressResult"] = text(done)
+            out["ask"] = text(await session.call_tool("fast__ask", {}))
+
+            # A long call cancelled once its progress shows it running: 2.x sends
+            # notifications/cancelled itself when its wait ends; with 1.x the client sends it.
+            started = anyio.Event()
+
+            async def first_progress(value, total, message):
+                started.set()
+
+            long_args = {"steps": 300, "delay": 0.1}
+            if V1:
+                rid = session._request_id
+                async with anyio.create_task_group() as tg:
+
+                    async def long_call():
+                        await session.call_tool("demo__progress", long_args, progress_callback=first_progress)
+
+                    tg.start_soon(long_call)
+                    await started.wait()
+                    params = types.CancelledNotificationParams(requestId=rid, reason="user pressed stop")
+                    note = types.CancelledNotification(method="notifications/cancelled", params=params)
+                    out["cancelledAt"] = time.time()
+                    await session.send_notification(types.ClientNotification(note))
+                    tg.cancel_scope.cancel()
+            else:
+                try:
+                    await session.call_tool(
+                        "demo__progress", long_args, read_timeout_seconds=1.0, progress_callback=first_progress
+                    )
+                except Exception as exc:
+                    out["cancelledAt"] = time.time()
+                    out["cancelError"] = type(exc).__name__
+            out["after"] = text(await session.call_tool("demo__echo", {"text": "after"}))
+    print(json.dumps(out))
+
+
+anyio.run(main)
+"""
+
+
+def test_serve_real_sdk_client(h, mcp_sdk):
+    cancel_log = h.tmp / "cancels.jsonl"
+    ops_config(h, {"fast": fastmcp_entry(h, mcp_sdk, FASTMCP_SERVER)})
+    client = h.tmp / "sdk_client.py"
+    client.write_text(SERVE_SDK_CLIENT)
+    env = h.env(MCPORTER_DEMO_CANCEL_LOG=str(cancel_log))
+    r = h.run(
+        client, json.dumps([str(a) for a in h.argv("serve")]), argv=[mcp_sdk.python], env=env, timeout=120
+    )
+    assert r.rc == 0, r
+    out = json.loads(r.out.strip().splitlines()[-1])
+    assert out["init"]["serverInfo"]["name"] == "mcporter-daemon", out
+    assert out["init"]["capabilities"]["tools"] == {"listChanged": True}, out
+    assert "demo__counter" in out["tools"] and "fast__filler_59" in out["tools"], out["tools"]
+    assert out["counter"] == "1"
+    assert out["resources"] == ["demo://counter"] and out["read"] == "1", out
+    assert out["prompt"] == "Write a casual greeting for Ada.", out
+    assert out["progressResult"] == "done 3 steps" and out["progress"] and out["progress"][-1] <= 3, out
+    assert out["ask"] == "elicitation: decline", out
+    assert any(m["logger"] == "fast" and "declined" in str(m["data"]) for m in out["logs"]), out["logs"]
+    arrived = json.loads(cancel_log.read_text().splitlines()[0])["at"]
+    assert arrived - out["cancelledAt"] < 1.0, (
+        f"cancel reached the server {arrived - out['cancelledAt']:.2f}s later"
+    )
+    assert out["after"] == "after", out
+    # The state is the daemon's: the CLI sees the counter the editor moved.
+    assert call_ok(h, "demo.counter") == "2"
+
+
+def test_serve_real_mcporter_client(h, mcporter_cli):
+    """mcporter 0.12.3's ad-hoc stdio server: `list` and `call` through the bridge."""
+    bridge = " ".join(shlex.quote(str(a)) for a in h.argv("serve"))
+    env = h.env(HOME=str(h.home))
+    r = h.run("list", "--stdio", bridge, argv=mcporter_cli.argv, env=env, timeout=60)
+    assert r.rc == 0, r
+    assert "function demo__counter()" in r.out and "function demo__echo(text: string)" in r.out, r
+    r = h.run("call", "--stdio", bridge, "demo__counter", argv=mcporter_cli.argv, env=env, timeout=60)
+    assert r.rc == 0 and r.out.strip() == "1", r
+    r = h.run(
+        "call", "--stdio", bridge, "demo__echo", "text=through mcporter", argv=mcporter_cli.argv, env=env
+    )
+    assert r.rc == 0 and r.out.strip() == "through mcporter", r
+    assert call_ok(h, "demo.counter") == "2"
+
+
+INSPECTOR_VERSION = "1.0.3"
+
+
+@pytest.fixture(scope="session")
+def inspector_cli():
+    """@modelcontextprotocol/inspector-cli from npm, pinned."""
+    node, npm = require_node()
+    package = f"@modelcontextprotocol/inspector-cli@{INSPECTOR_VERSION}"
+
+    def install(dest):
+        return run_install(
+            f"npm install {package}",
+            [npm, "install", "--prefix", dest, "--no-audit", "--no-fund", "--loglevel=error", package],
+            dest,
+        )
+
+    def check(dest):
+        version = npm_package_version(dest, "@modelcontextprotocol/inspector-cli")
+        return {"inspector-cli": version} if version == INSPECTOR_VERSION else None
+
+    cached_install("inspector", install, check)
+    build = (
+        real_cache_dir() / "inspector" / "node_modules" / "@modelcontextprotocol" / "inspector-cli" / "build"
+    )
+    return types.SimpleNamespace(argv=[node, str(build / "cli.js")], cwd=build)
+
+
+def test_serve_real_inspector_cli(h, inspector_cli):
+    """The MCP inspector's CLI mode against the bridge: tools/list and tools/call."""
+    # It reads its package.json by a cwd-relative test, so it runs from its build folder. Its
+    # stdio servers get only -e variables (and a default set), so the bridge's come that way;
+    # the config too, as its own --config would take ours.
+    keep = {
+        "MCPORTER_CONFIG": str(h.cfg),
+        "MCPORTER_DAEMON_DIR": str(h.state_dir),
+        "HOME": str(h.home),
+        MARKER_VAR: h.tag,
+    }
+    flags = [f for k, v in keep.items() for f in ("-e", f"{k}={v}")]
+    base = inspector_cli.argv + ["--cli"] + flags + [sys.executable, str(MODULE_PATH), "serve"]
+    r = h.run("--method", "tools/list", argv=base, cwd=inspector_cli.cwd, timeout=60)
+    assert r.rc == 0, r
+    listed = json.loads(r.out[r.out.index("{") :])
+    assert "demo__counter" in [t["name"] for t in listed["tools"]], listed
+    r = h.run(
+        "--method",
+        "tools/call",
+        "--tool-name",
+        "demo__echo",
+        "--tool-arg",
+        "text=inspected",
+        argv=base,
+        cwd=inspector_cli.cwd,
+        timeout=60,
+    )
+    assert r.rc == 0, r
+    assert json.loads(r.out[r.out.index("{") :])["content"][0]["text"] == "inspected", r
+    assert call_ok(h, "demo.echo", "text=cli") == "cli"
 
 
 # ##########################################################################################
