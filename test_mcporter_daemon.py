@@ -5355,7 +5355,8 @@ for line in sys.stdin:
                   "params": {"level": "warning", "logger": "db", "data": "pool is 90% full"}})
             send({"jsonrpc": "2.0", "method": "notifications/message", "params": {"level": "debug", "data": "noise"}})
         if name == "blob":
-            text = "".join(chr(65 + i % 26) for i in range(int(args.get("kib", 1)) * 1024))
+            size = int(args.get("kib", 1)) * 1024
+            text = ("ABCDEFGHIJKLMNOPQRSTUVWXYZ" * (size // 26 + 1))[:size]
             result = {"content": [], "structuredContent": {"size": len(text), "text": text}}
         elif name == "hello":
             greeting = "hello " + str(args.get("who", "you"))
@@ -5537,9 +5538,14 @@ def test_serve_handshake_calls_and_state_shared_with_cli_and_bridges(h):
     assert s.close() == 0 and s2.close() == 0
     assert running_status(h)["pid"] == daemon, "the bridge left the daemon alone"
     s3 = ServeSession(h)
-    s3.initialize("2099-01-01")  # a version it does not know: it offers its newest
+    init = s3.initialize("2099-01-01")  # a version it does not know: it offers its newest
+    assert init["protocolVersion"] == "2025-11-25"
     assert serve_text(s3.call("demo__counter")) == "4"
-    assert s3.close() == 0
+    s3.p.send_signal(signal.SIGTERM)  # as an editor ends it: quietly, the daemon left alone
+    assert s3.p.wait(timeout=10) == 0
+    assert "Traceback" not in s3.stderr() and not s3.junk
+    assert running_status(h)["pid"] == daemon
+    assert call_ok(h, "demo.counter") == "5"
     err = s.stderr()
     assert "demo" in err, err  # diagnostics go to stderr
 
@@ -8931,3 +8937,57 @@ def test_benchmark(h, monkeypatch):
     for name, result, target in rows:
         print(f"{name.ljust(width)}  {result.ljust(34)}  {target}")
     assert errors == 0
+
+
+def bench_serve(h, md, n=300):
+    """A warm tools/call through a running bridge against the same call sent straight to the
+    daemon by one process (DaemonClient.request: verify, then one request); tools/list over
+    three kept servers from the daemon's cache; a 50 MiB structuredContent result through
+    the bridge; the bridge's RSS after all that."""
+    ops_config(h, {"two": h.demo_server_entry(), "big": serve_test_entry(h)})
+    client = md._client(md.load_config(str(h.cfg)), types.SimpleNamespace())
+    s = ServeSession(h)
+    s.initialize()
+    assert len(s.tool_names()) > 20  # every server started, lists cached
+    for _ in range(20):
+        s.call("demo__counter")
+        client.request("callTool", {"server": "demo", "tool": "counter"})
+    direct, bridged = [], []
+    for _ in range(n):  # interleaved: the machine's noise falls on both alike
+        direct += bench_times(lambda: client.request("callTool", {"server": "demo", "tool": "counter"}), 1)
+        bridged += bench_times(lambda: s.call("demo__counter"), 1)
+    listed = bench_times(lambda: s.request("tools/list"), 100)
+    rss_before = vm_status_kib(s.p.pid, "VmRSS")
+    s.call("big__blob", {"kib": 50 * 1024}, timeout=120)  # the server makes it once, untimed
+    large = bench_times(lambda: s.call("big__blob", {"kib": 50 * 1024}, timeout=120), 2)
+    rss, hwm = vm_status_kib(s.p.pid, "VmRSS"), vm_status_kib(s.p.pid, "VmHWM")
+    s.call("demo__counter")
+    rss_after = vm_status_kib(s.p.pid, "VmRSS")
+    assert s.close() == 0
+    h.write_config()
+    return direct, bridged, listed, large, (rss_before, rss, hwm, rss_after)
+
+
+@pytest.mark.bench
+def test_benchmark_serve(h, monkeypatch):
+    md = _import_module()
+    monkeypatch.setenv("MCPORTER_DAEMON_DIR", str(h.state_dir))
+    direct, bridged, listed, large, (rss_before, rss, hwm, rss_after) = bench_serve(h, md)
+    added = statistics.median(bridged) - statistics.median(direct)
+    rows = [
+        ("warm call straight to the daemon (one process)", bench_ms(direct), ""),
+        ("warm tools/call through the serve bridge", bench_ms(bridged), ""),
+        ("added by the bridge (median)", f"{added * 1000:.2f} ms", "≤ 2 ms"),
+        ("tools/list, 3 kept servers, from the cache", bench_ms(listed), "≤ 20 ms"),
+        ("50 MiB structuredContent through the bridge", f"{statistics.median(large):.2f} s", "whole"),
+        (
+            "bridge RSS warm / peak (50 MiB) / after it",
+            f"{rss_before / 1024:.1f} / {hwm / 1024:.0f} / {rss_after / 1024:.1f} MiB",
+            "",
+        ),
+    ]
+    width = max(len(r[0]) for r in rows)
+    print(f"\n\nmcporter_daemon serve benchmark, {time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores\n")
+    print(f"{'measurement'.ljust(width)}  {'result'.ljust(34)}  target")
+    for name, result, target in rows:
+        print(f"{name.ljust(width)}  {result.ljust(34)}  {target}")
