@@ -5002,7 +5002,9 @@ _SERVE_LIST_WAIT = 15.0  # a list is answered without a server still starting; l
 
 _SERVE_WATCH_WAIT = 1.0  # one watchEvents wait: a server restart shows within it
 
-_SERVE_CONFIG_CHECK = 0.5  # the config is read again this often (an edit adds or removes servers)
+_SERVE_CONFIG_CHECK = 0.5  # the config files are looked at this often (an edit adds or removes servers)
+
+_SERVE_CONFIG_REREAD = 10.0  # ... and read again at least this often, changed or not
 
 _SERVE_DAEMON_POLL = 0.5  # with no daemon running, look this often whether one came
 
@@ -5583,6 +5585,8 @@ class ServeBridge:
             "prompts/list": self._prompts_list,
             "prompts/get": self._prompts_get,
         }
+        if method not in ("initialize", "ping"):
+            self._initialized.set()  # a client that skipped notifications/initialized is past it
         if method in quick:
             self._answer(rid, lambda: quick[method](params), None)
         elif method in slow:
@@ -5852,10 +5856,15 @@ class ServeBridge:
         pids, long-polled; the config, re-read; servers that could not start, retried."""
         watch = _ServeWatch()
         next_config = time.monotonic() + _SERVE_CONFIG_CHECK
+        files, reread = _config_files_state(self.cfg), time.monotonic() + _SERVE_CONFIG_REREAD
         while not self._stopping.is_set():
             if time.monotonic() >= next_config:
                 next_config = time.monotonic() + _SERVE_CONFIG_CHECK
-                self._check_config()
+                # A stat of each file first: reading a 2 MB ~/.claude.json twice a second is not.
+                now_files = _config_files_state(self.cfg)
+                if now_files != files or time.monotonic() >= reread:
+                    self._check_config()
+                    files, reread = _config_files_state(self.cfg), time.monotonic() + _SERVE_CONFIG_REREAD
             self._retry_failed()
             try:
                 self._watch_once(watch)
@@ -5996,6 +6005,23 @@ class _ServeWatch:
             if before is not None and before != pid and name in served:
                 restarted.append(name)
         return restarted
+
+
+def _config_files_state(cfg: Config) -> List[Any]:
+    """(path, mtime, size, inode) of every file the config is read from or could be: its
+    layers and each editor config an import would read (a new one counts)."""
+    home = os.path.expanduser("~")
+    paths = [path for path, _ in cfg.layers]
+    for kind in IMPORT_KINDS:
+        paths += import_candidates(kind, cfg.root, home, dict(os.environ), sys.platform)
+    state: List[Any] = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+            state.append((path, st.st_mtime_ns, st.st_size, st.st_ino))
+        except OSError:
+            state.append((path, None))
+    return state
 
 
 def _status_pids(status: Optional[Dict[str, Any]]) -> Dict[str, Any]:

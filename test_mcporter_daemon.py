@@ -5588,20 +5588,41 @@ def test_serve_flags_select_servers_and_bare_names(h):
 
 
 def test_serve_server_that_cannot_start_and_config_edits(h):
-    """A broken server is listed without (its reason logged to the editor and stderr) and
-    does not hold up the others; adding a server to the config sends list_changed within
-    2 s, and the new server's tools are listed."""
-    ops_config(h, {"broken": {"command": str(h.tmp / "no-such-server"), "lifecycle": "keep-alive"}})
+    """Servers that cannot start are listed without (their reasons logged to the editor and
+    stderr) and do not hold up the others; one that comes back is announced (list_changed)
+    and listed; adding a server to the config sends list_changed within 2 s."""
+    ready = h.tmp / "ready"
+    late_code = (
+        "import os, sys, runpy\n"
+        "if not os.path.exists(sys.argv[1]):\n"
+        "    sys.exit('not ready yet')\n"
+        "sys.argv = ['mcporter_daemon.py', '_demo-server']\n"
+        f"runpy.run_path({str(MODULE_PATH)!r}, run_name='__main__')\n"
+    )
+    late = {
+        "command": sys.executable,
+        "args": ["-c", late_code, str(ready), h.tag],
+        "lifecycle": "keep-alive",
+    }
+    ops_config(
+        h, {"broken": {"command": str(h.tmp / "no-such-server"), "lifecycle": "keep-alive"}, "late": late}
+    )
     s = ServeSession(h)
     s.initialize()
     began = time.monotonic()
     names = s.tool_names()
-    assert "demo__counter" in names and not any(n.startswith("broken") for n in names), names
+    assert "demo__counter" in names and not any(n.startswith(("broken", "late")) for n in names), names
     assert time.monotonic() - began < 5
-    logged = s.wait(lambda m: m.get("method") == "notifications/message", 10, "log message")
-    assert logged["params"]["logger"] == "broken" and logged["params"]["level"] == "error", logged
+    logged = s.wait(lambda m: (m.get("params") or {}).get("logger") == "broken", 10, "log message")
+    assert logged["method"] == "notifications/message" and logged["params"]["level"] == "error", logged
     assert "command not found" in logged["params"]["data"], logged
+    logged = s.wait(lambda m: (m.get("params") or {}).get("logger") == "late", 10, "log message")
+    assert "not ready yet" in logged["params"]["data"], logged
     wait_until(lambda: "command not found" in s.stderr(), 5, message="the reason on stderr")
+    mark = s.mark()
+    ready.touch()
+    s.wait(lambda m: m.get("method") == "notifications/tools/list_changed", 15, "list_changed", since=mark)
+    assert "late__counter" in s.tool_names()
     mark = s.mark()
     ops_config(h, {"added": serve_test_entry(h)})
     edited = time.monotonic()
@@ -5714,6 +5735,24 @@ def test_serve_progress_cancel_and_server_messages(h):
     big = s.call("other__blob", {"kib": 3 * 1024}, timeout=60)
     assert big["structuredContent"]["size"] == 3 * 1024 * 1024
     assert big["structuredContent"]["text"][:52] == "ABCDEFGHIJKLMNOPQRSTUVWXYZ" * 2
+    assert s.close() == 0
+
+
+def test_serve_call_timeout_cancels_and_keeps_the_server(h):
+    """A call past its timeout fails with one error; its server is told to cancel and is
+    kept (the same process answers the next call)."""
+    cancel_log = h.tmp / "cancels.jsonl"
+    s = ServeSession(
+        h, env=h.env(MCPORTER_DAEMON_TIMEOUT_MS="1500", MCPORTER_DEMO_CANCEL_LOG=str(cancel_log))
+    )
+    s.initialize()
+    before = serve_text(s.call("demo__pid"))
+    msg = s.answer(s.start("tools/call", {"name": "demo__sleep", "arguments": {"seconds": 30}}), timeout=15)
+    assert "timed out" in msg["error"]["message"], msg
+    wait_until(
+        lambda: cancel_log.exists() and cancel_log.read_text().strip(), 5, message="the server's cancel"
+    )
+    assert serve_text(s.call("demo__pid")) == before
     assert s.close() == 0
 
 
