@@ -718,9 +718,11 @@ def exchange(
     overall_timeout: Optional[float] = None,
     on_progress: Optional[Callable[[Dict[str, Any]], None]] = None,
     start_budget: float = 0.0,
+    on_socket: Optional[Callable[[socket.socket], None]] = None,
 ) -> Dict[str, Any]:
     """Send one request, return the response frame; a server's progress in a progress frame
-    goes to ``on_progress``.
+    goes to ``on_progress``. ``on_socket`` gets the connection first (to cut it from another
+    thread with ``shutdown``: the daemon hears its caller gone and cancels the work).
 
     ``idle_timeout`` is an idle budget: every frame (progress included) resets it, so a long
     call stays alive while a silent (hung) daemon still trips it. ``overall_timeout`` bounds
@@ -730,6 +732,8 @@ def exchange(
     """
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
+        if on_socket is not None:
+            on_socket(sock)
         try:
             _connect(sock, socket_path, connect_timeout or idle_timeout)
         except socket.timeout:
@@ -3244,11 +3248,13 @@ class DaemonClient:
         overall_timeout: Optional[float] = None,
         on_progress: Optional[Callable[[Dict[str, Any]], None]] = None,
         start_budget: float = 0.0,
+        on_socket: Optional[Callable[[socket.socket], None]] = None,
     ) -> Any:
         """Send one request to a verified fresh daemon (starting it if allowed). Raises
         RemoteError for ``ok: false``, DaemonTimeout past ``overall_timeout`` (progress or not;
         plus ``start_budget`` when the daemon reports a start, see ``exchange``).
-        A server's progress, relayed in the daemon's progress frames, goes to ``on_progress``.
+        A server's progress, relayed in the daemon's progress frames, goes to ``on_progress``;
+        ``on_socket`` gets each connection (see ``exchange``).
 
         A delivered request runs at most once: it is sent again (after ``ensure``) only when it
         never reached a daemon, or was answered ``shutting_down`` (its handler never ran). A
@@ -3257,7 +3263,16 @@ class DaemonClient:
         """
         if auto_start:
             self.ensure()
-        send = (method, params, idle_timeout, progress_ms, overall_timeout, on_progress, start_budget)
+        send = (
+            method,
+            params,
+            idle_timeout,
+            progress_ms,
+            overall_timeout,
+            on_progress,
+            start_budget,
+            on_socket,
+        )
         until = time.monotonic() + (overall_timeout or idle_timeout)
         try:
             response = self._send_while_busy(send, until)
@@ -3293,6 +3308,7 @@ class DaemonClient:
         overall: Optional[float] = None,
         on_progress: Optional[Callable[[Dict[str, Any]], None]] = None,
         start_budget: float = 0.0,
+        on_socket: Optional[Callable[[socket.socket], None]] = None,
     ) -> Dict[str, Any]:
         req: Dict[str, Any] = {
             "id": f"{os.getpid()}-{time.monotonic_ns()}",
@@ -3310,6 +3326,7 @@ class DaemonClient:
             overall_timeout=overall,
             on_progress=on_progress,
             start_budget=start_budget,
+            on_socket=on_socket,
         )
 
     # -- stopping ------------------------------------------------------------------------------
@@ -6638,12 +6655,13 @@ def _rpc_error_of(exc: BaseException) -> Dict[str, Any]:
     return {"code": -32603, "message": f"internal error: {type(exc).__name__}: {exc}"}
 
 
-# -- talking to the daemon: at most once, on a connection the editor's cancel can cut ------------
+# -- talking to the daemon: a connection the editor's cancel can cut ------------------------------
 
 
 class _DaemonCall:
-    """One request of the bridge to the daemon. The editor's ``notifications/cancelled`` cuts
-    its connection; the daemon hears its caller gone and cancels the call at the server."""
+    """One request of the bridge to the daemon (``DaemonClient.request``, at most once). The
+    editor's ``notifications/cancelled`` cuts its connection; the daemon hears its caller gone
+    and cancels the call at the server."""
 
     __slots__ = ("sock", "cancelled", "lock")
 
@@ -6654,10 +6672,12 @@ class _DaemonCall:
         self.cancelled = False
         self.lock = threading.Lock()
 
-    def attach(self, sock: Optional[socket.socket]) -> bool:
+    def on_socket(self, sock: socket.socket) -> None:
+        """``DaemonClient.request``'s hook: each connection it makes, before it is used."""
         with self.lock:
+            if self.cancelled:  # not sent (again) once the editor cancelled
+                raise DaemonError("cancelled by the editor", code="cancelled")
             self.sock = sock
-            return not self.cancelled
 
     def cancel(self) -> None:
         with self.lock:
@@ -6667,74 +6687,7 @@ class _DaemonCall:
             try:
                 sock.shutdown(socket.SHUT_RDWR)  # not close(): the reader still uses the fd
             except OSError:
-                pass
-
-
-def _exchange_on(
-    client: DaemonClient,
-    method: str,
-    params: Dict[str, Any],
-    call: Optional[_DaemonCall],
-    idle: float,
-    overall: Optional[float],
-    progress_ms: Optional[int],
-    on_progress: Optional[Callable[[Dict[str, Any]], None]],
-) -> Dict[str, Any]:
-    """``exchange`` on a socket ``call`` holds while the request runs."""
-    request: Dict[str, Any] = {
-        "id": f"serve-{os.getpid()}-{time.monotonic_ns()}",
-        "method": method,
-        "params": params,
-        "protocolVersion": DAEMON_PROTOCOL_VERSION,
-    }
-    if progress_ms:
-        request["progressIntervalMs"] = progress_ms
-    path = client.paths.socket
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        if call is not None and not call.attach(sock):
-            raise _NotDelivered("cancelled before it was sent")
-        try:
-            _connect(sock, path, client.probe_timeout)
-        except socket.timeout:
-            raise DaemonTimeout(f"daemon at {path} did not accept a connection") from None
-        except OSError as exc:
-            raise _NotDelivered(f"cannot connect to {path}: {exc.strerror or exc}") from None
-        sock.settimeout(idle)
-        deadline = time.monotonic() + overall if overall else None
-        return _send_and_receive(sock, path, request, idle, deadline, on_progress)
-    finally:
-        if call is not None:
-            call.attach(None)
-        sock.close()
-
-
-def _daemon_request(
-    client: DaemonClient,
-    method: str,
-    params: Dict[str, Any],
-    call: Optional[_DaemonCall] = None,
-    idle: float = _DEFAULT_IDLE_BUDGET,
-    overall: Optional[float] = None,
-    progress_ms: Optional[int] = _CLIENT_PROGRESS_MS,
-    on_progress: Optional[Callable[[Dict[str, Any]], None]] = None,
-) -> Dict[str, Any]:
-    """The daemon's answer frame, as ``DaemonClient.request`` gets it: a verified fresh daemon
-    (started when needed), sent again only when it never reached one or was answered
-    "shutting down" (its handler never ran), never after a cancel."""
-    client.ensure()
-    send = (client, method, params, call, idle, overall, progress_ms, on_progress)
-    try:
-        response = _exchange_on(*send)
-    except _NotDelivered:
-        if call is not None and call.cancelled:
-            raise
-        client.ensure()
-        response = _exchange_on(*send)
-    if (response.get("error") or {}).get("code") == "shutting_down" and not (call and call.cancelled):
-        client.ensure()
-        response = _exchange_on(*send)
-    return response
+                pass  # closed already: the request was over
 
 
 # -- the bridge ---------------------------------------------------------------------------------
@@ -7063,7 +7016,7 @@ class ServeBridge:
             params.update(includeSchema=True, full=True)
         overall = self.timeout + _CLIENT_DEADLINE_GRACE
         try:
-            result = result_or_raise(_daemon_request(self.client, method, params, overall=overall))
+            result = self.client.request(method, params, overall_timeout=overall)
         except RemoteError as exc:
             if kind != "tools" and exc.rpc_code is not None:
                 return []
@@ -7202,18 +7155,20 @@ class ServeBridge:
         meta = params.get("_meta")
         token = meta.get("progressToken") if isinstance(meta, dict) else None
         on_progress = self._progress_to(token) if isinstance(token, (str, int)) else None
-        response = _daemon_request(
-            self.client,
-            _wire_method(mcp_method),
-            wire,
-            call,
-            overall=self.timeout + _CLIENT_DEADLINE_GRACE,
-            progress_ms=_SERVE_PROGRESS_MS if on_progress else _CLIENT_PROGRESS_MS,
-            on_progress=on_progress,
-        )
-        for notice in response.get("notices") or []:
-            self._log_to_editor("warning", server, str(notice))
-        return result_or_raise(response)
+        notices: List[str] = []
+        try:
+            return self.client.request(
+                _wire_method(mcp_method),
+                wire,
+                progress_ms=_SERVE_PROGRESS_MS if on_progress else _CLIENT_PROGRESS_MS,
+                notices=notices,
+                overall_timeout=self.timeout + _CLIENT_DEADLINE_GRACE,
+                on_progress=on_progress,
+                on_socket=call.on_socket,
+            )
+        finally:
+            for notice in notices:
+                self._log_to_editor("warning", server, str(notice))
 
     def _progress_to(self, token: Any) -> Callable[[Dict[str, Any]], None]:
         """Server progress to the editor under its own token; each daemon progress frame repeats
@@ -7263,36 +7218,28 @@ class ServeBridge:
                 self.lists_changed(why)
         params = {"since": watch.seq, "timeoutMs": int(_SERVE_WATCH_WAIT * 1000)}
         try:
-            response = _exchange_on(
-                client,
+            result = client.request(
                 "watchEvents",
                 params,
-                None,
-                _SERVE_WATCH_WAIT + _DEFAULT_IDLE_BUDGET,
-                None,
-                None,
-                None,
+                idle_timeout=_SERVE_WATCH_WAIT + _DEFAULT_IDLE_BUDGET,
+                progress_ms=None,
+                auto_start=False,  # never starts one: a stopped daemon stays stopped
             )
+        except RemoteError as exc:
+            if exc.code == "unknown_method":  # a daemon without events: its pids show restarts
+                self._stopping.wait(_SERVE_WATCH_WAIT)
+                result = {"seq": None, "events": [], "servers": _status_pids(client.verified_status())}
+            else:  # stopping: its successor is announced when seen
+                watch.lost_daemon(announced=True)
+                self._stopping.wait(_SERVE_DAEMON_POLL)
+                return
         except DaemonError as exc:
             why = watch.lost_daemon(announced=False)
             _serve_log(f"daemon connection lost: {exc}")
             if why:
                 self.lists_changed(why)
             return
-        if not response.get("ok"):
-            code = (response.get("error") or {}).get("code")
-            if code == "unknown_method":  # a daemon without events: its pids still show restarts
-                self._stopping.wait(_SERVE_WATCH_WAIT)
-                status = client.verified_status()
-                response = {
-                    "ok": True,
-                    "result": {"seq": None, "events": [], "servers": _status_pids(status)},
-                }
-            else:
-                watch.lost_daemon(announced=True)  # stopping: its successor is announced when seen
-                self._stopping.wait(_SERVE_DAEMON_POLL)
-                return
-        self._on_events(watch, response.get("result") or {})
+        self._on_events(watch, result if isinstance(result, dict) else {})
 
     def _on_events(self, watch: _ServeWatch, result: Dict[str, Any]) -> None:
         served = self.served()
