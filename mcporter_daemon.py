@@ -828,7 +828,7 @@ def exchange(
     overall_timeout: Optional[float] = None,
     on_progress: Optional[Callable[[Dict[str, Any]], None]] = None,
     start_budget: float = 0.0,
-    on_socket: Optional[Callable[[socket.socket], None]] = None,
+    on_socket: Optional[Callable[[_socket.socket], None]] = None,
 ) -> Dict[str, Any]:
     """Send one request, return the response frame; a server's progress in a progress frame
     goes to ``on_progress``. ``on_socket`` gets the connection first (to cut it from another
@@ -3360,7 +3360,7 @@ class DaemonClient:
         overall_timeout: Optional[float] = None,
         on_progress: Optional[Callable[[Dict[str, Any]], None]] = None,
         start_budget: float = 0.0,
-        on_socket: Optional[Callable[[socket.socket], None]] = None,
+        on_socket: Optional[Callable[[_socket.socket], None]] = None,
     ) -> Any:
         """Send one request to a verified fresh daemon (starting it if allowed). Raises
         RemoteError for ``ok: false``, DaemonTimeout past ``overall_timeout`` (progress or not;
@@ -3420,7 +3420,7 @@ class DaemonClient:
         overall: Optional[float] = None,
         on_progress: Optional[Callable[[Dict[str, Any]], None]] = None,
         start_budget: float = 0.0,
-        on_socket: Optional[Callable[[socket.socket], None]] = None,
+        on_socket: Optional[Callable[[_socket.socket], None]] = None,
     ) -> Dict[str, Any]:
         req: Dict[str, Any] = {
             "id": f"{os.getpid()}-{time.monotonic_ns()}",
@@ -6790,11 +6790,11 @@ class _DaemonCall:
     def __init__(self) -> None:
         import threading
 
-        self.sock: Optional[socket.socket] = None
+        self.sock: Optional[_socket.socket] = None
         self.cancelled = False
         self.lock = threading.Lock()
 
-    def on_socket(self, sock: socket.socket) -> None:
+    def on_socket(self, sock: _socket.socket) -> None:
         """``DaemonClient.request``'s hook: each connection it makes, before it is used."""
         with self.lock:
             if self.cancelled:  # not sent (again) once the editor cancelled
@@ -6807,7 +6807,7 @@ class _DaemonCall:
             sock = self.sock
         if sock is not None:
             try:
-                sock.shutdown(socket.SHUT_RDWR)  # not close(): the reader still uses the fd
+                sock.shutdown(_socket.SHUT_RDWR)  # not close(): the reader still uses the fd
             except OSError:
                 pass  # closed already: the request was over
 
