@@ -12,7 +12,8 @@ the commands. Each section below opens with a banner saying what it owns. In fil
   ---- the marker line ----
   MCP: constants -> config and imports (load_config) -> stdio client (_ServerProcess,
     _JsonRpcChannel, McpStdioClient) -> tool arguments -> keep-alive service (_OPERATIONS,
-    _KeptServer, McpKeepAliveService) -> demo server -> service files -> CLI, main() last.
+    _KeptServer, McpKeepAliveService) -> serve, the editor bridge (ServeBridge) -> demo
+    server -> service files -> CLI, main() last.
 
 One warm ``call demo.counter``. The CLI process: main -> _parse_command_line (one command's
 parser) -> cmd_call (load_config, resolve_target, the arguments as text) ->
