@@ -124,6 +124,34 @@ _PROG = "mcporter-daemon"
 
 DAEMON_PROTOCOL_VERSION = 2
 
+# Production waits. Every timeout, grace period and interval the lifecycle sits out is a named
+# constant in a constants block (this one; the layer below the core's end line has its own), and
+# the ones tests would sit out are written ``_wait(production, shortest)``. One private setting
+# shortens them for tests: the environment variable DAEMON_TEST_WAIT_SCALE, a factor in (0, 1]
+# read once at import and inherited by every daemon and server a test launches. It multiplies
+# each such wait, never below its ``shortest``: the least that still holds on a loaded machine.
+# Unset, every wait is its production value. Waits that judge whether a process is alive or
+# answering (the probe timeout, the start-up budget, call timeouts, the client's idle budget)
+# are never shortened: a short one could make a healthy but busy daemon look hung.
+
+
+def _wait_scale() -> float:
+    raw = os.environ.get("DAEMON_TEST_WAIT_SCALE", "").strip()
+    try:
+        value = float(raw)
+    except ValueError:
+        return 1.0
+    return value if 0.0 < value <= 1.0 else 1.0
+
+
+_WAIT_SCALE = _wait_scale()
+
+
+def _wait(production: float, shortest: float) -> float:
+    """A production wait under the tests' scale, never below ``shortest`` (nor above itself)."""
+    return max(production * _WAIT_SCALE, min(shortest, production))
+
+
 _DEFAULT_PROBE_TIMEOUT = 2.0  # MCPORTER_DAEMON_PROBE_TIMEOUT_MS overrides
 
 _DEFAULT_CALL_TIMEOUT = 60.0  # MCPORTER_DAEMON_TIMEOUT_MS or --timeout override
@@ -140,7 +168,7 @@ _RECV_CHUNK = 65536  # a large frame is read 1 MiB at a time once it proves larg
 
 _SEND_CHUNK = 1024 * 1024  # a large frame is encoded and sent this much at a time (bounded RSS)
 
-_SEND_IDLE = 5.0  # a reader that takes no bytes for this long is dropped, however large the frame
+_SEND_IDLE = _wait(5.0, 1.0)  # a reader taking no bytes this long is dropped, however large the frame
 
 _MAX_PENDING_BYTES = 64 * 1024 * 1024  # all half-read requests together, so abuse stays bounded
 
@@ -148,7 +176,7 @@ _MAX_CONNECTIONS = 512
 
 _SPARE_WORKERS = 4  # idle threads kept to serve the next connections without a thread start
 
-_REQUEST_READ_DEADLINE = 10.0  # a client must deliver its request line within this
+_REQUEST_READ_DEADLINE = _wait(10.0, 3.0)  # a client must deliver its request line within this
 
 _LOCK_TIMEOUT = 60.0
 
@@ -156,16 +184,16 @@ _START_SLOW_NOTICE = 5.0
 
 _START_GIVE_UP = 45.0
 
-_STOP_WAIT = 5.0
+_STOP_WAIT = _wait(5.0, 4.0)  # a stopping daemon closes its servers first: well above their close grace
 
-_TERM_GRACE = 1.0
+_TERM_GRACE = _wait(1.0, 0.5)
 
 _CALLER_CHECK_INTERVAL = 0.25  # the host looks this often whether a request's caller went away
-_CANCEL_GRACE = 5.0  # a cancelled handler gets this long before its thread is let go
+_CANCEL_GRACE = _wait(5.0, 1.0)  # a cancelled handler gets this long before its thread is let go
 
-_SOCKET_CHECK_INTERVAL = 1.0
+_SOCKET_CHECK_INTERVAL = _wait(1.0, 0.25)  # the housekeeping tick: socket, metadata, idle, pings
 
-_STOPPING_WAIT = 15.0  # a stopping daemon gets this long to close its servers before it is ended
+_STOPPING_WAIT = _wait(15.0, 6.0)  # a stopping daemon gets this long to close its servers, then is ended
 
 _ACCEPT_BACKOFF_MAX = 1.0  # out of fds: retry accept() no faster than this, instead of spinning
 
@@ -2842,11 +2870,11 @@ _STDERR_LINE_CHARS = 300
 
 _STDERR_EOF_WAIT = 0.3  # for a dying server's last stderr lines (a grandchild may hold the pipe)
 
-_MCP_CLOSE_GRACE = 2.0
+_MCP_CLOSE_GRACE = _wait(2.0, 1.0)  # stdin closed, then SIGTERM, then SIGKILL, this far apart
 # A close's every step: exit wait, SIGTERM grace, SIGKILL wait, reap (McpStdioClient._end_group).
 _MCP_CLOSE_WORST = 4 * _MCP_CLOSE_GRACE + 0.5
 
-_MCP_WRITE_DEADLINE = 2.0  # for frames not tied to a call (notifications, answers to the server)
+_MCP_WRITE_DEADLINE = _wait(2.0, 1.0)  # for frames not tied to a call (notifications, answers to the server)
 
 _CANCEL_WRITE_DEADLINE = 0.5
 
@@ -2858,11 +2886,11 @@ _CLIENT_DEADLINE_GRACE = 3.0  # past a call's own timeout, for the daemon to del
 
 _DEFAULT_HEALTH_CHECK_MS = 30_000  # a kept server idle this long is pinged (lifecycle.healthCheckMs)
 
-_PING_TIMEOUT = 5.0
+_PING_TIMEOUT = _wait(5.0, 2.0)  # two missed in a row restart a server: never short enough to miss a busy one
 
 _PING_FAILURES_TO_RESTART = 2  # one lost ping may be a hiccup; two in a row is a wedged server
 
-_WEDGED_CLOSE_GRACE = 1.0  # it stopped answering: shorter grace steps than a normal close
+_WEDGED_CLOSE_GRACE = _wait(1.0, 0.5)  # it stopped answering: shorter grace steps than a normal close
 
 _MALLOC_MMAP_VAR = "MALLOC_MMAP_THRESHOLD_"  # glibc reads it at start-up
 _MALLOC_SET_BY_US = "MCPORTER_DAEMON_MALLOC_TUNED"
