@@ -1602,6 +1602,8 @@ class DaemonHost:
             self.log.event(f"daemon already running (pid {twin}); not starting another")
             return 0
         restore = self._install_signal_handlers()
+        if _compiled_in_this_process():
+            _release_freed_memory()  # the compiler's garbage: about 9 MiB, a third of the daemon
         try:
             self._serve_forever()
         finally:
@@ -2396,6 +2398,14 @@ class _Connection:
         except Exception as exc:
             self.host.log.event(f"handler {ctx.method} failed: {exc!r}")
             return _error_frame(rid, f"{type(exc).__name__}: {exc}", "runtime_error")
+
+
+def _compiled_in_this_process() -> bool:
+    """Whether this process compiled this file instead of loading its bytecode cache: run as a
+    script (launchd, systemd), with bytecode writing off, or where no cache could be written.
+    The compiler leaves megabytes of freed memory behind in the C allocator."""
+    cached = globals().get("__cached__")
+    return __name__ == "__main__" or sys.dont_write_bytecode or not cached or not os.path.exists(cached)
 
 
 def _release_freed_memory() -> None:
@@ -5271,8 +5281,35 @@ def _log_flags(args: Any) -> List[str]:
     return flags
 
 
+def _cache_bytecode_for_the_daemon() -> None:
+    """Write this file's bytecode cache when it is missing or older than the file. A CLI run as
+    a script compiles the file without caching it, and the daemon it launches would then compile
+    it again and keep the compiler's garbage for life (27 MiB instead of 15 with two servers)."""
+    if sys.dont_write_bytecode:
+        return
+    import importlib.util
+
+    here = os.path.abspath(__file__)
+    try:
+        cached = importlib.util.cache_from_source(here)
+    except (ValueError, NotImplementedError):
+        return  # no bytecode cache in this interpreter
+    try:
+        if os.stat(cached).st_mtime >= os.stat(here).st_mtime:
+            return
+    except OSError:
+        pass
+    import py_compile
+
+    try:
+        py_compile.compile(here, cfile=cached, doraise=True)
+    except (OSError, py_compile.PyCompileError):
+        pass  # a read-only install: the daemon compiles, then gives the garbage back
+
+
 def _client(cfg: Config, args: Any) -> DaemonClient:
     paths = DaemonPaths.for_config(cfg.path)
+    _cache_bytecode_for_the_daemon()
     log_file = getattr(args, "log_file", None) or os.environ.get("MCPORTER_DAEMON_LOG_PATH") or paths.log
     argv = _script_argv() + _config_flags(cfg) + ["start", "--foreground", "--log-file", log_file]
     return DaemonClient(

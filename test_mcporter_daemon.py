@@ -7951,6 +7951,34 @@ def bench_cli_calls(h, md):
     return rows
 
 
+def bench_first_launch_rss(h):
+    """The daemon's RSS with two servers when launched from a fresh copy of the script (no
+    bytecode cache: the compile included), then once more after a stop (the cache written)."""
+    fresh = h.tmp / "fresh-copy"
+    fresh.mkdir()
+    script = fresh / "mcporter_daemon.py"
+    shutil.copy(str(MODULE_PATH), str(script))
+    cfg = fresh / "mcporter.json"
+    entry = {
+        "command": sys.executable,
+        "args": [str(script), "_demo-server", h.tag],
+        "lifecycle": "keep-alive",
+    }
+    cfg.write_text(json.dumps({"mcpServers": {"a": entry, "b": entry}}))
+    cli, env = [sys.executable, str(script), "--config", str(cfg)], h.env()
+    rss = []
+    for _ in ("first launch", "steady"):
+        for name in ("a", "b"):
+            bench_run_ok(cli + ["call", f"{name}.counter"], env, fresh)
+        done = subprocess.run(cli + ["status", "--json"], env=env, capture_output=True, timeout=60)
+        pid = json.loads(done.stdout)["pid"]
+        h.track(pid)
+        rss.append(vm_rss_kib(pid))
+        bench_run_ok(cli + ["stop"], env, fresh)
+        wait_until(lambda pid=pid: not pid_alive(pid), 10, message="the fresh copy's daemon to stop")
+    return rss
+
+
 def bench_status_round_trips(h, md):
     sock = str(h.socket_path)
     req = {"id": "b", "method": "status", "params": {}, "protocolVersion": 2}
@@ -8070,6 +8098,7 @@ def test_benchmark(h, monkeypatch):
     monkeypatch.delenv("PYTHONPYCACHEPREFIX", raising=False)
     monkeypatch.delenv("DAEMON_TEST_WAIT_SCALE", raising=False)  # production waits
     py_compile.compile(str(MODULE_PATH), doraise=True)  # as after any first run on a user's machine
+    first_rss, steady_rss = bench_first_launch_rss(h)
     server = bench_server_startup(h, md)
     cli = bench_cli_calls(h, md)
     call_ok(h, "demo.counter")
@@ -8117,6 +8146,11 @@ def test_benchmark(h, monkeypatch):
             for n in races
         ],
         ("SIGSTOP'd daemon replaced (next call done)", f"{sigstop * 1000:.0f} ms", "≤ probe 2 s + 0.5 s"),
+        (
+            "daemon RSS, two servers: first launch / steady",
+            f"{first_rss / 1024:.1f} / {steady_rss / 1024:.1f} MiB",
+            "≤ 16 MiB first launch (fresh copy, compile included)",
+        ),
         (
             "daemon RSS idle / after 1,000 / 2,000 calls",
             f"{idle / 1024:.1f} / {after_1k / 1024:.1f} / {after_2k / 1024:.1f} MiB",
