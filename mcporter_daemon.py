@@ -168,7 +168,7 @@ _RECV_CHUNK = 65536  # a large frame is read 1 MiB at a time once it proves larg
 
 _SEND_CHUNK = 1024 * 1024  # a large frame is encoded and sent this much at a time (bounded RSS)
 
-_SEND_IDLE = _wait(5.0, 1.0)  # a reader taking no bytes this long is dropped, however large the frame
+_SEND_IDLE = _wait(5.0, 3.0)  # a reader taking no bytes this long is dropped, however large the frame
 
 _MAX_PENDING_BYTES = 64 * 1024 * 1024  # all half-read requests together, so abuse stays bounded
 

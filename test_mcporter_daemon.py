@@ -66,11 +66,13 @@ os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 
 HERE = Path(__file__).resolve().parent
 MODULE_PATH = HERE / "mcporter_daemon.py"
-# The CLI as the tests run it: main() through an import, as the module launches its own daemon
-# (``_script_argv``), so the bytecode cache serves it; a script run by path compiles the whole
-# file first. The few tests of the script form itself run MODULE_PATH.
+# The CLI as the tests run it: main() through an import and without site-packages, as the module
+# launches its own daemon (``_script_argv``): the bytecode cache serves it, where a script run by
+# path compiles the whole file first, and a crowded site-packages (.pth files) costs tens of ms
+# per start. The tests of the script form itself run MODULE_PATH.
 CLI_ARGV = [
     sys.executable,
+    "-S",
     "-c",
     f"import sys; sys.path.insert(0, {str(HERE)!r}); from mcporter_daemon import main; sys.exit(main())",
 ]
@@ -293,8 +295,8 @@ class Harness:
         return self.demo_server_with(after=after)
 
     def demo_server_with(self, before="", after=""):
-        """A config entry running the module's demo server, tagged, through an import (the
-        bytecode cache serves it): ``before`` runs first, ``after`` once it has ended (stdin EOF),
+        """A config entry running the module's demo server, tagged, through an import and
+        without site-packages (as ``CLI_ARGV``): ``before`` runs first, ``after`` once it has ended (stdin EOF),
         both Python source with ``sys``, ``signal`` and ``time`` imported."""
         code = (
             "import signal, sys, time\n"
@@ -307,7 +309,7 @@ class Harness:
             f"{textwrap.indent(after, '    ') or '    pass'}\n"
             "sys.exit(code)\n"
         )
-        return {"command": sys.executable, "args": ["-c", code, self.tag], "lifecycle": "keep-alive"}
+        return {"command": sys.executable, "args": ["-S", "-c", code, self.tag], "lifecycle": "keep-alive"}
 
     def config_data(self):
         return {"mcpServers": {"demo": self.demo_server_entry()}}
@@ -4833,7 +4835,8 @@ def test_server_idle_timeout_closes_just_that_server(h):
 
 
 def test_server_idle_timeout_spares_a_server_in_use(h):
-    demo = ops_demo_entry(h, {"mode": "keep-alive", "idleTimeoutMs": 500})
+    # Idle long enough that the next CLI process arrives in time on a loaded machine.
+    demo = ops_demo_entry(h, {"mode": "keep-alive", "idleTimeoutMs": 1500})
     ops_config(h, {"demo": demo})
     assert call_ok(h, "demo.counter") == "1"
     server = server_pid(h.status())
