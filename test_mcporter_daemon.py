@@ -3263,13 +3263,20 @@ def test_idle_shutdown_racing_starters_never_strands_a_caller(h):
     watcher = threading.Thread(target=watch, name="listener-watch", daemon=True)
     watcher.start()
     # Moments to strike, in seconds after the previous burst: around the 400 ms idle deadline and
-    # across the host's 1 s housekeeping tick that acts on it. Each burst is three commands 40 ms
+    # across the host's housekeeping tick that acts on it. Each burst is three commands 40 ms
     # apart. These delays are the race's input, not a synchronisation.
-    offsets = [0.30, 0.38, 0.42, 0.5, 0.8, 1.0, 1.2, 1.4]
+    tick = _import_module()._SOCKET_CHECK_INTERVAL
+    offsets = [0.30, 0.38, 0.42, 0.5] + [0.4 + tick * k for k in (0.4, 0.6, 0.8, 1.0)]
     results = []
+
+    def idle_shutdowns():
+        events = ops_events(ops_log_lines(h.path("log")))
+        return [pid for pid, msg in events if msg.startswith("shutting down: idle")]
+
     try:
+        # Until every offset has been struck and three idle shutdowns raced (10 s at most).
         end, i, last = time.monotonic() + 10, 0, time.monotonic()
-        while time.monotonic() < end:
+        while time.monotonic() < end and (i < len(offsets) or len(idle_shutdowns()) < 3):
             if i % 3 == 1 and h.meta_path.exists():
                 # While the daemon shuts down: as soon as it gives up its metadata.
                 wait_until(lambda: not h.meta_path.exists(), 5, interval=0.002, message="idle shutdown")
@@ -3294,8 +3301,7 @@ def test_idle_shutdown_racing_starters_never_strands_a_caller(h):
         else:
             assert r.out.strip().isdigit(), r
     assert peak[0] == 1, f"{peak[0]} daemons listened on {sock} at the same time (0: watcher saw none)"
-    events = ops_events(ops_log_lines(h.path("log")))
-    idled = [pid for pid, msg in events if msg.startswith("shutting down: idle")]
+    idled = idle_shutdowns()
     assert len(idled) >= 3, f"the race was not exercised: only {len(idled)} idle shutdowns"
     # Nothing is left once the last daemon idles out.
     wait_until(
