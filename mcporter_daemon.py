@@ -2892,7 +2892,7 @@ _CANCEL_CHECK_INTERVAL = 0.05  # a call whose caller may go away looks this ofte
 
 _WRITE_SLICE = 0.1  # a blocked writer re-checks this often whether close() wants the pipe
 
-_CLIENT_DEADLINE_GRACE = 3.0  # past a call's own timeout, for the daemon to deliver its error
+_CLIENT_DEADLINE_GRACE = _wait(3.0, 1.5)  # past a call's own timeout, for the daemon to deliver its error
 
 _DEFAULT_HEALTH_CHECK_MS = 30_000  # a kept server idle this long is pinged (lifecycle.healthCheckMs)
 
