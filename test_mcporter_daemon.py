@@ -2620,7 +2620,8 @@ def test_metadata_write_failure_is_logged_and_retried(h):
     hard = resource.prlimit(daemon.pid, resource.RLIMIT_FSIZE)[1]
     resource.prlimit(daemon.pid, resource.RLIMIT_FSIZE, (hard, hard))  # space freed
     wait_until(lambda: "demo" in ((h.meta() or {}).get("servers") or {}), 10, message="the retried rewrite")
-    assert "metadata written again" in log.text()
+    # Logged after the write; the collecting thread may not have read it yet.
+    wait_until(lambda: "metadata written again" in log.text(), 5, message="the rewrite to be logged")
 
 
 def cpu_seconds(pid):
@@ -5087,6 +5088,8 @@ def kill_caller(h, how, lifecycle):
     return (the moment it was signalled, the caller's process, the server pid)."""
     if lifecycle == "keep-alive":
         server = int(call_ok(h, "demo.pid"))
+        # The thread that answered demo.pid may still be ending: it must not pass for our call's.
+        wait_until(lambda: thread_count(server) == 1, 10, message="the demo.pid thread to end")
     proc = h.popen("call", "demo.sleep", "seconds=3")
     if lifecycle == "ephemeral":
         server = wait_until(lambda: h.server_pids(), 10, message="the ephemeral server to run").pop()
