@@ -2543,7 +2543,7 @@ def test_stop_during_server_start_leaves_no_orphan(h):
 
 def test_slow_server_close_never_delays_status(h):
     """A per-server idle close that takes seconds runs beside the accept loop: status stays fast."""
-    entry = slow_server_entry(h, ignore_term=True)  # EOF and SIGTERM ignored: ~4 s to close
+    entry = slow_server_entry(h, ignore_term=True)  # EOF and SIGTERM ignored: two close grace steps
     entry["lifecycle"] = {"mode": "keep-alive", "idleTimeoutMs": 200}
     h.write_config({"mcpServers": {"demo": entry}})
     assert call_ok(h, "demo.counter") == "1"
