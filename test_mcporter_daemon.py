@@ -4356,7 +4356,7 @@ def test_slow_reader_still_gets_a_large_answer_whole(h):
     all of it: the daemon bounds how long no byte moves, not the whole transfer."""
     send_idle = _import_module()._SEND_IDLE
     # Large enough that the paced read below (16 KiB per 10 ms at most) outlasts the send limit.
-    kib = int(1.5 * send_idle / 0.01 * 16 * 3 / 4)
+    kib = int(1.25 * send_idle / 0.01 * 16 * 3 / 4)
     ops_config(h, {"big": diag_entry(h, "blob")})
     assert call_ok(h, "big.blob", "kib=1")  # the daemon and its server run
     req = {
@@ -5084,13 +5084,14 @@ def test_progress_reaches_the_caller_in_the_daemons_progress_frames(h):
 
 
 def kill_caller(h, how, lifecycle):
-    """Start a 3 s demo.sleep, wait until the server runs it, signal its caller;
+    """Start a 2 s demo.sleep (twice the 1 s the cancel may take), wait until the server runs
+    it, signal its caller;
     return (the moment it was signalled, the caller's process, the server pid)."""
     if lifecycle == "keep-alive":
         server = int(call_ok(h, "demo.pid"))
         # The thread that answered demo.pid may still be ending: it must not pass for our call's.
         wait_until(lambda: thread_count(server) == 1, 10, message="the demo.pid thread to end")
-    proc = h.popen("call", "demo.sleep", "seconds=3")
+    proc = h.popen("call", "demo.sleep", "seconds=2")
     if lifecycle == "ephemeral":
         server = wait_until(lambda: h.server_pids(), 10, message="the ephemeral server to run").pop()
     # The demo server runs each request on a thread of its own: a second thread is our call.
@@ -5126,7 +5127,7 @@ def test_caller_going_away_cancels_its_call_at_the_server_within_1s(h, how, life
     if how == "sigint":
         assert err.splitlines() == ["mcporter-daemon: interrupted"], repr(err)
     if lifecycle == "keep-alive":
-        # The late answer (the sleep ends after 3 s) is dropped; the same server serves on.
+        # The late answer (the sleep ends after 2 s) is dropped; the same server serves on.
         wait_until(lambda: thread_count(server) == 1, 10, message="the cancelled sleep to end")
         assert int(call_ok(h, "demo.pid")) == server
         assert len(cancellations(log)) == 1
