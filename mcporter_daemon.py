@@ -182,7 +182,7 @@ _START_SLOW_NOTICE = 5.0
 
 _START_GIVE_UP = 45.0
 
-_STOP_WAIT = _wait(5.0, 4.0)  # a stopping daemon closes its servers first: well above their close grace
+_STOP_WAIT = _wait(5.0, 3.0)  # a stopping daemon drains, then closes its servers: above the two
 
 _TERM_GRACE = _wait(1.0, 0.5)
 
@@ -194,6 +194,10 @@ _CALLER_CHECK_INTERVAL = 0.25  # the host looks this often whether a request's c
 _CANCEL_GRACE = _wait(5.0, 1.0)  # a cancelled handler gets this long before its thread is let go
 
 _SOCKET_CHECK_INTERVAL = _wait(1.0, 0.25)  # the housekeeping tick: socket, metadata, idle, pings
+
+_DRAIN_WAIT = _wait(2.0, 1.0)  # a stopping daemon's work in flight gets this long before the hook closes all
+
+_DRAIN_AFTER_CLOSE = _wait(1.0, 0.5)  # then the answers still owed get this long to go out
 
 _STOPPING_WAIT = _wait(15.0, 6.0)  # a stopping daemon gets this long to close its servers, then is ended
 
@@ -2123,13 +2127,13 @@ class DaemonHost:
         Until this ends, new requests are answered "shutting down" with our pid."""
         try:
             self.log.event(f"shutting down: {self._state.reason}")
-            self._load.wait_idle(2.0)
+            self._load.wait_idle(_DRAIN_WAIT)
             if self.on_shutdown:
                 try:
                     self.on_shutdown()
                 except Exception as exc:
                     self.log.event(f"shutdown hook failed: {exc!r}")
-            self._load.wait_idle(1.0)
+            self._load.wait_idle(_DRAIN_AFTER_CLOSE)
         finally:
             self._state.drained.set()
             self.request_wake()
