@@ -9479,10 +9479,8 @@ def bench_cli_calls(h, md):
     argv_script = [sys.executable, str(MODULE_PATH), "--config", str(h.cfg), "call", "demo.counter"]
     argv_module = [sys.executable, "-m", "mcporter_daemon", "--config", str(h.cfg), "call", "demo.counter"]
     bare = [sys.executable, "-c", "import mcporter_daemon"]
-    floor = [sys.executable, "-c", "pass"]
     bench_run_ok(bare, env, HERE)  # warm the bytecode cache first
     rows = {"bare": bench_times(lambda: bench_run_ok(bare, env, HERE), 30)}
-    rows["floor"] = bench_times(lambda: bench_run_ok(floor, env, HERE), 30)
 
     def cold():
         bench_stop(h, md)
@@ -9661,7 +9659,7 @@ def test_benchmark(h, monkeypatch):
 
     source = MODULE_PATH.read_text()
     compile_s = bench_times(lambda: compile(source, str(MODULE_PATH), "exec"), 10)
-    bare, floor = statistics.median(cli["bare"]), statistics.median(cli["floor"])
+    bare = statistics.median(cli["bare"])
     warm_s, warm_m = statistics.median(cli["warm_script"]), statistics.median(cli["warm_module"])
     rows = [
         ("MCP server start-up alone (spawn + initialize)", bench_ms(server), "(not ours)"),
@@ -9671,11 +9669,6 @@ def test_benchmark(h, monkeypatch):
         ('bare `python3 -c "import mcporter_daemon"`', bench_ms(cli["bare"]), ""),
         ("warm call ÷ bare import (-m / script)", f"{warm_m / bare:.2f}× / {warm_s / bare:.2f}×", "≤ 1.5×"),
         ("bare `python3 -c pass` (the floor)", bench_ms(cli["floor"]), ""),
-        (
-            "warm call (-m) ÷ the floor, and over it",
-            f"{warm_m / floor:.2f}×, +{(warm_m - floor) * 1000:.1f} ms",
-            "≤ floor + 8 ms",
-        ),
         (
             "warm call (-m) over `python3 -c pass`",
             f"+{(warm_m - statistics.median(cli['floor'])) * 1000:.1f} ms "
