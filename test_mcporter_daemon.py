@@ -6406,9 +6406,7 @@ for line in sys.stdin:
 
 
 def serve_test_entry(h):
-    script = h.tmp / "serve_test_server.py"
-    script.write_text(SERVE_TEST_SERVER)
-    return {"command": sys.executable, "args": [str(script), h.tag], "lifecycle": "keep-alive"}
+    return h.script_server(SERVE_TEST_SERVER, name="serve_test_server")
 
 
 class ServeSession:
@@ -6533,7 +6531,7 @@ def test_serve_handshake_calls_and_state_shared_with_cli_and_bridges(h):
     """One editor session: handshake, tools with their names and schemas, calls; the counter
     lives in the daemon's server and continues through the CLI, a second editor at once, and
     a new bridge after this one exits (which leaves the daemon running)."""
-    ops_config(h, {"other": serve_test_entry(h)})
+    h.configure({"other": serve_test_entry(h)})
     s = ServeSession(h)
     init = s.initialize("2024-11-05")
     assert init["protocolVersion"] == "2024-11-05"
@@ -6602,7 +6600,7 @@ def test_serve_unknown_tool_and_bad_input_are_errors_not_crashes(h):
 
 
 def test_serve_flags_select_servers_and_bare_names(h):
-    ops_config(h, {"other": serve_test_entry(h)})
+    h.configure({"other": serve_test_entry(h)})
     s = ServeSession(h, "--servers", "other", "--bare")
     s.initialize()
     names = s.tool_names()
@@ -6621,7 +6619,7 @@ def test_serve_flags_select_servers_and_bare_names(h):
         assert r.rc == 2 and r.out == "" and expected in r.err, r
         assert len(r.err.strip().splitlines()) == 1, r
     # allowedTools / blockedTools apply as in `call`: not listed, refused without asking.
-    ops_config(h, {"demo": dict(h.demo_server_entry(), blockedTools=["counter", "sleep"])})
+    h.configure({"demo": dict(h.demo_server_entry(), blockedTools=["counter", "sleep"])})
     s = ServeSession(h)
     s.initialize()
     names = s.tool_names()
@@ -6636,20 +6634,11 @@ def test_serve_server_that_cannot_start_and_config_edits(h):
     stderr) and do not hold up the others; one that comes back is announced (list_changed)
     and listed; adding a server to the config sends list_changed within 2 s."""
     ready = h.tmp / "ready"
-    late_code = (
-        "import os, sys, runpy\n"
-        "if not os.path.exists(sys.argv[1]):\n"
-        "    sys.exit('not ready yet')\n"
-        "sys.argv = ['mcporter_daemon.py', '_demo-server']\n"
-        f"runpy.run_path({str(MODULE_PATH)!r}, run_name='__main__')\n"
+    late = h.demo_server_with(
+        before=f"import os\nif not os.path.exists({str(ready)!r}):\n    sys.exit('not ready yet')\n"
     )
-    late = {
-        "command": sys.executable,
-        "args": ["-c", late_code, str(ready), h.tag],
-        "lifecycle": "keep-alive",
-    }
-    ops_config(
-        h, {"broken": {"command": str(h.tmp / "no-such-server"), "lifecycle": "keep-alive"}, "late": late}
+    h.configure(
+        {"broken": {"command": str(h.tmp / "no-such-server"), "lifecycle": "keep-alive"}, "late": late}
     )
     s = ServeSession(h)
     s.initialize()
@@ -6668,7 +6657,7 @@ def test_serve_server_that_cannot_start_and_config_edits(h):
     s.wait(lambda m: m.get("method") == "notifications/tools/list_changed", 15, "list_changed", since=mark)
     assert "late__counter" in s.tool_names()
     mark = s.mark()
-    ops_config(h, {"added": serve_test_entry(h)})
+    h.configure({"added": serve_test_entry(h)})
     edited = time.monotonic()
     s.wait(lambda m: m.get("method") == "notifications/tools/list_changed", 10, "list_changed", since=mark)
     assert time.monotonic() - edited < 2 + 0.5, "list_changed within 2 s of the edit"
@@ -6685,7 +6674,7 @@ def test_serve_server_that_cannot_start_and_config_edits(h):
 def test_serve_list_changed_after_restarts_crashes_and_daemon_kill(h):
     """list_changed within 2 s of: the server's own, `restart SERVER`, a crashed server coming
     back, the daemon SIGKILLed (the next call starts another and works), and its replacement."""
-    ops_config(h, {"other": serve_test_entry(h)})
+    h.configure({"other": serve_test_entry(h)})
     s = ServeSession(h)
     s.initialize()
     assert serve_text(s.call("demo__counter")) == "1"
@@ -6740,7 +6729,7 @@ def test_serve_progress_cancel_and_server_messages(h):
     with the server as logger, filtered by the editor's logging/setLevel; a large result
     arrives whole."""
     cancel_log = h.tmp / "cancels.jsonl"
-    ops_config(h, {"other": serve_test_entry(h)})
+    h.configure({"other": serve_test_entry(h)})
     s = ServeSession(h, env=h.env(MCPORTER_DEMO_CANCEL_LOG=str(cancel_log)))
     s.initialize()
     mark = s.mark()
@@ -6801,7 +6790,7 @@ def test_serve_call_timeout_cancels_and_keeps_the_server(h):
 
 
 def test_serve_resources_templates_and_prompts(h):
-    ops_config(h, {"twin": h.demo_server_entry()})
+    h.configure({"twin": h.demo_server_entry()})
     s = ServeSession(h)
     s.initialize()
     resources = s.request("resources/list")["resources"]
@@ -6953,7 +6942,7 @@ anyio.run(main)
 
 def test_serve_real_sdk_client(h, mcp_sdk):
     cancel_log = h.tmp / "cancels.jsonl"
-    ops_config(h, {"fast": fastmcp_entry(h, mcp_sdk, FASTMCP_SERVER)})
+    h.configure({"fast": fastmcp_entry(h, mcp_sdk, FASTMCP_SERVER)})
     client = h.tmp / "sdk_client.py"
     client.write_text(SERVE_SDK_CLIENT)
     env = h.env(MCPORTER_DEMO_CANCEL_LOG=str(cancel_log))
@@ -10809,7 +10798,7 @@ def bench_serve(h, md, n=300):
     daemon by one process (DaemonClient.request: verify, then one request); tools/list over
     three kept servers from the daemon's cache; a 50 MiB structuredContent result through
     the bridge; the bridge's RSS after all that."""
-    ops_config(h, {"two": h.demo_server_entry(), "big": serve_test_entry(h)})
+    h.configure({"two": h.demo_server_entry(), "big": serve_test_entry(h)})
     client = md._client(md.load_config(str(h.cfg)), types.SimpleNamespace())
     s = ServeSession(h)
     s.initialize()
