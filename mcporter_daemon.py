@@ -5685,17 +5685,25 @@ def _block_text(item: Dict[str, Any]) -> str:
 
 def content_lines(result: Dict[str, Any], saved: Optional[Dict[int, str]] = None) -> List[str]:
     """What ``call`` prints for a result: one entry per content block (a saved one as the path
-    it went to), then ``structuredContent`` as JSON when no block was text."""
+    it went to), then ``structuredContent`` as JSON when no block was text.
+
+    A server that breaks the shape still shows what it sent, never nothing: a bare block or
+    value as ``content`` is one block, an entry that is no block is shown as text or JSON, and
+    a result without ``content`` (or ``structuredContent``) is shown whole."""
     saved = saved or {}
     blocks = result.get("content")
     out: List[str] = []
     has_text = False
-    for i, item in enumerate(blocks if isinstance(blocks, list) else []):
-        if isinstance(item, dict):
+    for i, item in enumerate(blocks if isinstance(blocks, list) else [] if blocks is None else [blocks]):
+        if isinstance(item, dict) and "type" in item:
             has_text = has_text or item.get("type") == "text"
             out.append(saved[i] if i in saved else _block_text(item))
+        elif item is not None:
+            out.append(item if isinstance(item, str) else json.dumps(item, indent=2, ensure_ascii=False))
     if not has_text and result.get("structuredContent") is not None:
         out.append(json.dumps(result["structuredContent"], indent=2, ensure_ascii=False))
+    elif blocks is None and not out:
+        out.append(json.dumps(result, indent=2, ensure_ascii=False))
     return out
 
 
