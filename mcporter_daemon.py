@@ -3526,6 +3526,15 @@ def _server_log_line(params: Any) -> str:
     )
 
 
+def _cwd_problem(spec: ServerSpec) -> str:
+    """Why ``spec``'s server cannot start in its working directory ("" when it can): a missing
+    directory makes the spawn fail like a missing command, which would name the wrong thing."""
+    if spec.cwd is None or os.path.isdir(spec.cwd):
+        return ""
+    what = "is not a directory" if os.path.exists(spec.cwd) else "does not exist"
+    return f"working directory {spec.cwd} {what} (server '{spec.name}', from {spec.source})"
+
+
 def _read_lines(fd: int) -> Iterable[str]:
     """The lines of a pipe, decoded (invalid UTF-8 replaced), until EOF.
 
@@ -6096,6 +6105,10 @@ def _doctor_servers(found: _Findings, cfg: Config) -> None:
             found.warn(f"server '{name}' is HTTP ({spec.url})", "this tool runs stdio servers only")
             continue
         mode = "keep-alive" if spec.keep_alive else "ephemeral"
+        unusable_cwd = _cwd_problem(spec)
+        if unusable_cwd:
+            found.fail(unusable_cwd, 'create it, or fix the server\'s "cwd" in the config')
+            continue
         path = (spec.env or {}).get("PATH") or os.environ.get("PATH")
         exe = spec.command[0]
         resolved = (
