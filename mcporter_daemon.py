@@ -2842,6 +2842,10 @@ _STDERR_LINE_CHARS = 300
 
 _STDERR_EOF_WAIT = 0.3  # for a dying server's last stderr lines (a grandchild may hold the pipe)
 
+_STDERR_LINE_CAP = 64 * 1024  # a longer stderr line is logged cut (a newline-free flood stays bounded)
+
+_STDERR_READ = 64 * 1024
+
 _MCP_CLOSE_GRACE = 2.0
 # A close's every step: exit wait, SIGTERM grace, SIGKILL wait, reap (McpStdioClient._end_group).
 _MCP_CLOSE_WORST = 4 * _MCP_CLOSE_GRACE + 0.5
@@ -2863,6 +2867,34 @@ _PING_TIMEOUT = 5.0
 _PING_FAILURES_TO_RESTART = 2  # one lost ping may be a hiccup; two in a row is a wedged server
 
 _WEDGED_CLOSE_GRACE = 1.0  # it stopped answering: shorter grace steps than a normal close
+
+_TEST_CLOCK_VAR = "MCPORTER_DAEMON_TEST_CLOCK_FILE"  # private: tests step the daemon's wall clock
+
+
+def _mono_ms() -> int:
+    """Now on the monotonic clock, in ms: what intervals (idle close, pings) are measured on,
+    so no step of the wall clock (NTP, a suspend, a user) stretches or shrinks them."""
+    return int(time.monotonic() * 1000)
+
+
+def _install_test_clock() -> None:
+    """For tests only: when MCPORTER_DAEMON_TEST_CLOCK_FILE names a file, this process's
+    ``time.time()`` is offset by the seconds written in it (read at each call), so a test can
+    step the wall clock inside a running daemon and see that no interval depends on it."""
+    path = os.environ.get(_TEST_CLOCK_VAR)
+    if not path:
+        return
+    real = time.time
+
+    def stepped() -> float:
+        try:
+            with open(path) as fh:
+                return real() + float(fh.read().strip() or 0)
+        except (OSError, ValueError):
+            return real()
+
+    time.time = stepped
+
 
 _MALLOC_MMAP_VAR = "MALLOC_MMAP_THRESHOLD_"  # glibc reads it at start-up
 _MALLOC_SET_BY_US = "MCPORTER_DAEMON_MALLOC_TUNED"
@@ -3566,6 +3598,83 @@ def _read_lines(fd: int) -> Iterable[str]:
                 yield buf.decode("utf-8", "replace")
             return
         buf += chunk
+
+
+def _stderr_lines(fd: int) -> Iterable[str]:
+    """A server's stderr as lines until EOF, blank ones left out: split at ``\\n`` and at
+    ``\\r`` (a progress bar redraws its line with ``\\r`` and may never end one).
+
+    Memory stays bounded whatever the server writes: a line past _STDERR_LINE_CAP bytes is
+    handed out cut and marked, and the rest of it is dropped up to its end."""
+    pending = b""
+    dropping = False  # inside the rest of a line already handed out cut
+    while True:
+        try:
+            chunk = os.read(fd, _STDERR_READ)
+        except OSError:
+            chunk = b""
+        if not chunk:
+            break
+        parts = (pending + chunk).replace(b"\r", b"\n").split(b"\n")
+        pending = parts.pop()
+        for part in parts:
+            if not dropping and part.strip():
+                yield part.decode("utf-8", "replace")
+            dropping = False
+        if len(pending) >= _STDERR_LINE_CAP:
+            if not dropping:
+                cut = pending[:_STDERR_LINE_CAP].decode("utf-8", "replace")
+                yield f"{cut} … (truncated: the line ran past {_STDERR_LINE_CAP // 1024} KiB)"
+            dropping, pending = True, b""
+    if pending.strip() and not dropping:
+        yield pending.decode("utf-8", "replace")
+
+
+def _parse_messages(text: str) -> Tuple[List[Dict[str, Any]], str]:
+    """The JSON-RPC messages on one stdout line (one object, or each object of a batch
+    array), and what was wrong with the line for the log ("" when nothing was)."""
+    if not text.strip():
+        return [], ""
+    try:
+        parsed = json.loads(text)  # a trailing \r\n is white space to JSON
+    except RecursionError:  # not a ValueError: nested past the parser's recursion limit
+        return [], "skipped stdout line nested too deeply to parse"
+    except ValueError:
+        return [], "skipped non-JSON stdout line"
+    items = parsed if isinstance(parsed, list) else [parsed]
+    messages = [m for m in items if isinstance(m, dict)]
+    if not items or len(messages) < len(items):
+        return messages, "skipped non-object stdout message"
+    return messages, ""
+
+
+def _exit_words(code: Optional[int]) -> str:
+    """``exit code 3``, or ``killed by signal 9 (SIGKILL)`` for a negative code."""
+    if code is None or code >= 0:
+        return f"exit code {code}"
+    import signal
+
+    try:
+        name = f" ({signal.Signals(-code).name})"
+    except ValueError:
+        name = ""
+    return f"killed by signal {-code}{name}"
+
+
+# Where a server's own request may name the client request it belongs to (``params._meta``).
+_RELATED_REQUEST_KEYS = ("io.modelcontextprotocol/related-request-id", "relatedRequestId", "progressToken")
+
+
+def notice_owner(params: Any, callers: List[int]) -> Optional[int]:
+    """Which in-flight caller's request a server request (an elicitation) belongs to: the one
+    it names in ``_meta`` (our progress token is the request id), else the only caller in
+    flight; None when it cannot be told, and then nobody is shown it."""
+    meta = params.get("_meta") if isinstance(params, dict) else None
+    refs = [meta.get(key) for key in _RELATED_REQUEST_KEYS] if isinstance(meta, dict) else []
+    for ref in refs:
+        if ref is not None and not isinstance(ref, bool):
+            return ref if ref in callers else None
+    return callers[0] if len(callers) == 1 else None
 
 
 class McpStdioClient:
