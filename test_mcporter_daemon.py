@@ -2307,9 +2307,9 @@ def test_log_servers_flag_traces_only_chosen_servers(h):
     assert ops_traced_servers(lines) == ["demo", "demo"], lines
     assert any(pid == daemon and msg.startswith("bound ") for pid, msg in events), lines
     assert (daemon, "shutting down: stop request") in events, lines
-    # Each MCP server's stderr reaches the log under its name.
-    assert f"[demo] demo MCP server ready (pid {demo})" in lines, lines
-    assert f"[other] demo MCP server ready (pid {other})" in lines, lines
+    # Each MCP server's stderr reaches the log under its name, stamped like every line.
+    assert (daemon, f"[demo] demo MCP server ready (pid {demo})") in events, lines
+    assert (daemon, f"[other] demo MCP server ready (pid {other})") in events, lines
     assert ops_mode(log) == 0o600
 
 
@@ -2338,7 +2338,9 @@ def test_log_environment_variables(h):
     assert Path(st["logPath"]) == custom
     lines = ops_log_lines(custom)
     assert ops_traced_servers(lines) == ["other"], lines
-    assert f"[demo] demo MCP server ready (pid {server_pid(st, 'demo')})" in lines, lines
+    assert (st["pid"], f"[demo] demo MCP server ready (pid {server_pid(st, 'demo')})") in ops_events(lines), (
+        lines
+    )
     assert ops_mode(custom) == 0o600
 
 
@@ -2356,7 +2358,7 @@ def test_log_env_verbose_foreground_logs_to_stderr(h):
     lines = wait_until(traced, 5, message="a call trace on the foreground daemon's stderr")
     events = ops_events(lines)
     assert any(pid == fg.pid and msg.startswith("bound ") for pid, msg in events), lines
-    assert f"[demo] demo MCP server ready (pid {server})" in lines, lines
+    assert (fg.pid, f"[demo] demo MCP server ready (pid {server})") in events, lines
     assert not h.path("log").exists() or "callTool" not in h.path("log").read_text()
     fg.send_signal(signal.SIGTERM)
     assert ops_wait_exit(fg, 10) == 0
@@ -4147,7 +4149,7 @@ for line in sys.stdin:
         note("ping")
         if mode == "late-ping" and pings > 1:
             threading.Timer(float(os.environ["LATE_PING_S"]), answer, (rid, {})).start()
-        elif mode not in ("ignore-ping", "late-ping") or pings == 1:
+        elif mode != "ignore-ping":
             answer(rid, {})
         continue
     name, args = params.get("name"), params.get("arguments") or {}
@@ -4170,7 +4172,7 @@ for line in sys.stdin:
     elif name == "flood":
         unit = args.get("piece", "x").encode()
         block = unit * max(1, 65536 // len(unit))
-        left = int(float(args["mib"]) * 1024 * 1024)
+        left = int(float(args.get("mib", 0)) * 1024 * 1024) or len(unit)  # mib 0: the piece once
         while left > 0:
             left -= sys.stderr.buffer.write(block[:left])
         sys.stderr.flush()
@@ -5231,6 +5233,24 @@ def test_ping_due_table(interval_ms, alive, busy, failures, last_active, now, du
 )
 def test_after_ping_table(failures, ok, expected):
     assert _import_module().after_ping(failures, ok) == expected
+
+
+@pytest.mark.parametrize(
+    "failures, ok, answered_before, stopped, heard_since, expected",
+    [
+        (0, True, False, False, False, (0, "ok")),
+        (1, True, True, False, False, (0, "ok")),
+        (0, False, False, False, False, (0, "unsupported")),  # never answered: no evidence either way
+        (0, False, False, True, False, (1, "miss")),  # ...unless the OS reports it stopped
+        (1, False, False, True, False, (2, "restart")),
+        (0, False, True, False, False, (1, "miss")),  # answered before: a miss counts
+        (1, False, True, False, False, (2, "restart")),  # two in a row
+        (1, False, True, False, True, (1, "miss")),  # a late answer since broke the run
+    ],
+)
+def test_ping_verdict_table(failures, ok, answered_before, stopped, heard_since, expected):
+    md = _import_module()
+    assert md.ping_verdict(failures, ok, answered_before, stopped, heard_since) == expected
 
 
 @pytest.mark.parametrize("idle_ms", [None, 0, 1000])
@@ -7100,7 +7120,7 @@ def test_stderr_without_newlines_is_split_capped_and_stamped(h):
     daemon = running_status(h)["pid"]
     rss_before = vm_rss_kib(daemon)
     # A progress bar as tqdm draws it, then 32 MiB with no line break at all, then one line.
-    for flood in ({"mib": 0.01, "piece": "progress 50%\r"}, {"mib": 32}, {"mib": 0, "piece": "done\n"}):
+    for flood in ({"mib": 0.01, "piece": "progress 50%\r"}, {"mib": 32}, {"mib": 0, "piece": "\ndone\n"}):
         r = h.run("call", "loud.flood", "--args", json.dumps(flood), timeout=60)
         assert r.rc == 0, r
 
