@@ -7150,7 +7150,7 @@ def test_bench_daemon_rss_under_a_newline_free_stderr_flood(h):
     daemon = running_status(h)["pid"]
     before = vm_rss_kib(daemon)
     t0 = time.monotonic()
-    r = h.run("call", "--timeout", "120s", "loud.flood", "--args", json.dumps({"mib": 150}), timeout=150)
+    r = h.run("call", "--timeout", "120000", "loud.flood", "--args", json.dumps({"mib": 150}), timeout=150)
     assert r.rc == 0, r
     after = vm_rss_kib(daemon)
     print(
