@@ -3502,20 +3502,58 @@ def _parse_layer(source: str, data: bytes) -> Dict[str, Any]:
 
 # ##########################################################################################
 # MCP stdio client: one spawned server, JSON-RPC over its stdin/stdout, answered promptly.
+# Three parts, each owning its own state: ``_ServerProcess`` (spawn, exit watch, stderr tail,
+# group end), ``_JsonRpcChannel`` (writes with deadlines, reader and dispatch, pending table,
+# ids, cancellation, answers to the server's requests) and ``McpStdioClient``, the MCP face.
 # ##########################################################################################
+
+_MCP_START_TIMEOUT = 30.0  # a server's spawn and initialize handshake, unless the caller says
+
+_BROKEN_CLOSE_GRACE = 0.5  # a server whose stream broke, or whose handshake failed
+
+_RETIRED_CLOSE_GRACE = 0.1  # a server found exited or broken, before its replacement starts
+
+_KILL_WAIT = 2.0  # after SIGKILL, for the group to go; then for the leader's reap
+
+_THREAD_JOIN_WAIT = 1.0  # a closed server's reader and stderr threads
+
+
+class _CallOptions:
+    """How one request waits: ``timeout`` seconds at most; ``idle`` seconds without an answer
+    or progress (None: no such budget); ``cancelled`` an Event set when the caller went away;
+    ``notices`` collects what the caller should be told (a declined elicitation);
+    ``on_progress`` gets each progress update."""
+
+    __slots__ = ("timeout", "notices", "on_progress", "cancelled", "idle")
+
+    def __init__(
+        self,
+        timeout: float = _DEFAULT_CALL_TIMEOUT,
+        notices: Optional[List[str]] = None,
+        on_progress: Optional[Callable[[Dict[str, Any]], None]] = None,
+        cancelled: Optional[Any] = None,
+        idle: Optional[float] = None,
+    ) -> None:
+        self.timeout = timeout
+        self.notices = notices
+        self.on_progress = on_progress
+        self.cancelled = cancelled
+        self.idle = idle
 
 
 class _Pending:
     __slots__ = ("event", "response", "heard", "on_progress")
 
-    def __init__(self, threading_mod: Any, on_progress: Optional[Callable[[Dict[str, Any]], None]]) -> None:
-        self.event = threading_mod.Event()
+    def __init__(self, on_progress: Optional[Callable[[Dict[str, Any]], None]]) -> None:
+        import threading
+
+        self.event = threading.Event()
         self.response: Optional[Dict[str, Any]] = None
         self.heard = time.monotonic()  # last sign of life for this request: sent, or progress
         self.on_progress = on_progress
 
 
-def call_expiry(now: float, deadline: float, heard: float, idle: Optional[float]) -> Tuple[float, str]:
+def call_expiry(deadline: float, heard: float, idle: Optional[float]) -> Tuple[float, str]:
     """When a request waiting since its last sign of life ``heard`` gives up, and why.
 
     The idle budget (``idle``; None = none) runs from the last progress notification (or the
@@ -3536,14 +3574,11 @@ def _with_progress_token(params: Optional[Dict[str, Any]], token: int) -> Dict[s
 
 def _answered_error(server: str, response: Dict[str, Any]) -> McpError:
     """The McpError for an error answer: the server's JSON-RPC code and data kept, its code in the
-    one line. A failure this client made up itself (the process exited) already names the
-    server, and its code is no server's: prefixing it again read "server 'x': server 'x' exited"."""
+    one line. A failure this client made up itself (the process exited) carries no code."""
     err = response["error"] if isinstance(response["error"], dict) else {}
-    message = str(err.get("message") or "error")
-    if message.startswith(f"server '{server}'"):
-        return McpError(message, "runtime_error")
     code = _rpc_code(err.get("code"))
     shown = f" (JSON-RPC error {code})" if code is not None else ""
+    message = str(err.get("message") or "error")
     return McpError(f"server '{server}': {message}{shown}", "runtime_error", code, err.get("data"))
 
 
@@ -3677,6 +3712,540 @@ def notice_owner(params: Any, callers: List[int]) -> Optional[int]:
     return callers[0] if len(callers) == 1 else None
 
 
+# -- the server process ---------------------------------------------------------------------
+
+
+class _ServerProcess:
+    """The spawned server process and its group: spawn, exit watch (without reaping), the
+    stderr tail, and the group's end. Knows nothing of what flows over stdin and stdout."""
+
+    def __init__(self, name: str, log: Callable[[str], None]) -> None:
+        import threading
+
+        self.name = name
+        self.log = log
+        self.proc: Optional[subprocess.Popen] = None
+        self.stdin_fd = -1
+        self.threads: List[threading.Thread] = []
+        self.stderr_lines: List[str] = []
+        self.exited = threading.Event()  # the leader exited (seen without reaping it)
+        self.exit_code: Optional[int] = None
+        self.closing = False  # a close began: blocked writers let go of the pipe
+        self.close_lock = threading.Lock()  # one group shutdown at a time (close, watcher)
+        self.group_ended = False
+
+    @property
+    def pid(self) -> Optional[int]:
+        return self.proc.pid if self.proc else None
+
+    def spawn(self, argv: List[str], env: Optional[Dict[str, str]], cwd: Optional[str]) -> None:
+        """Start the server (never through a shell) in its own process group; drain its stderr."""
+        import subprocess
+
+        full_env = dict(os.environ)
+        if full_env.pop(_MALLOC_SET_BY_US, None):  # the daemon's memory tuning, not the user's
+            full_env.pop(_MALLOC_MMAP_VAR, None)
+        full_env.update(env or {})
+        try:
+            self.proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=full_env,
+                cwd=cwd,
+                start_new_session=True,  # own process group: the shutdown can end its children
+                close_fds=True,
+            )
+        except FileNotFoundError:
+            raise McpError(
+                f"server '{self.name}': command not found: {argv[0]}", "command_not_found"
+            ) from None
+        except OSError as exc:
+            raise McpError(
+                f"server '{self.name}': cannot run {argv[0]}: {exc.strerror}", "command_not_found"
+            ) from None
+        assert self.proc.stdin is not None
+        self.stdin_fd = self.proc.stdin.fileno()
+        os.set_blocking(self.stdin_fd, False)  # writes wait in poll(), with a deadline
+        self.spawn_thread(self._drain_stderr, "stderr")
+
+    def spawn_thread(self, target: Callable[[], None], what: str) -> None:
+        """A daemon thread serving this server; close() joins it (briefly)."""
+        import threading
+
+        t = threading.Thread(target=target, name=f"mcp-{self.name}-{what}", daemon=True)
+        t.start()
+        self.threads.append(t)
+
+    def watch(self, on_exit: Callable[[], None]) -> None:
+        """Call ``on_exit`` once the leader exits, then end what is left of its group."""
+        import threading
+
+        watcher = threading.Thread(target=self._watch_exit, args=(on_exit,), name=f"mcp-{self.name}-exit")
+        watcher.daemon = True
+        watcher.start()
+
+    def _watch_exit(self, on_exit: Callable[[], None]) -> None:
+        """Fail pending calls when the server exits, not at stdout EOF (a grandchild may hold
+        stdout open), then end what is left of its group."""
+        assert self.proc is not None
+        info: Any = None
+        try:
+            if _HAS_WAITID:
+                info = os.waitid(os.P_PID, self.proc.pid, os.WEXITED | os.WNOWAIT)
+            else:
+                self._reap_if_exited(self.proc.wait())
+        except ChildProcessError:
+            pass
+        if info is not None:
+            self._note_exit(info)
+        self.exited.set()
+        on_exit()
+        # Non-blocking: a running close() ends the group itself (and joins this thread).
+        if not self.closing and self.close_lock.acquire(blocking=False):
+            try:
+                self.end_group(0.0, _MCP_CLOSE_GRACE)
+            finally:
+                self.close_lock.release()
+
+    def leader_exited(self) -> bool:
+        """Checked without reaping: a reaped leader's pid (the group id) could be reused by a
+        stranger while we still signal the group. poll() and wait() would reap it."""
+        proc = self.proc
+        if self.exited.is_set() or proc is None:
+            return self.exited.is_set()
+        if not _HAS_WAITID:
+            return self._reap_if_exited(proc.poll())
+        try:
+            info = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT | os.WNOHANG)
+        except ChildProcessError:  # reaped already (by us, or by an embedder's waitpid(-1))
+            info = None
+            self.exited.set()
+        if info is not None:
+            self._note_exit(info)
+        return self.exited.is_set()
+
+    def _reap_if_exited(self, code: Optional[int]) -> bool:
+        """Without waitid (macOS before Python 3.13) only a reaping check exists. POSIX still
+        keeps a group id from reuse while any member lives, so only an emptied group is at
+        risk, and _group_gone asks the kernel (killpg) before each signal."""
+        if code is not None:
+            self.exit_code = code
+            self.exited.set()
+        return self.exited.is_set()
+
+    def _note_exit(self, info: Any) -> None:
+        self.exit_code = info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+        self.exited.set()
+
+    def _drain_stderr(self) -> None:
+        # Always drained: a full stderr pipe would block the server mid-call.
+        assert self.proc is not None and self.proc.stderr is not None
+        for raw in iter(self.proc.stderr.readline, b""):
+            line = raw.decode("utf-8", "replace").rstrip("\r\n")
+            if line.strip():
+                # The last few lines say why a server died ("API_KEY not set"), bounded.
+                self.stderr_lines = (self.stderr_lines + [line[:_STDERR_LINE_CHARS]])[-_STDERR_TAIL_LINES:]
+            self.log(line)
+
+    def stderr_tail(self, wait: float = 0.0) -> str:
+        """The server's last stderr lines, joined; ``wait`` lets the drain reach EOF first (a
+        dying server's last words may still be in the pipe)."""
+        for t in self.threads:
+            if t.name.endswith("-stderr"):
+                t.join(wait)
+        return " | ".join(self.stderr_lines)
+
+    def exit_reason(self) -> str:
+        """Why calls to a server whose output ended fail: its exit code and last stderr lines."""
+        tail = self.stderr_tail(wait=_STDERR_EOF_WAIT)
+        self.exited.wait(_STDERR_EOF_WAIT)  # stdout closes a moment before the exit shows
+        code = self.exit_code if self.leader_exited() else None
+        why = "exited" + (f" (exit code {code})" if code is not None else "")
+        return why + (f"; stderr: {tail}" if tail else "")
+
+    def close_stdin(self) -> None:
+        """Close the server's stdin (the caller holds the channel's write lock)."""
+        try:
+            if self.proc is not None and self.proc.stdin is not None:
+                self.proc.stdin.close()
+        except OSError:
+            pass
+
+    def join_threads(self, wait: float) -> None:
+        for t in self.threads:
+            t.join(wait)
+
+    def _group_gone(self) -> bool:
+        assert self.proc is not None
+        if not self.leader_exited():
+            return False
+        try:
+            os.killpg(self.proc.pid, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:
+            pass
+        # Zombies (our unreaped leader among them) keep the group in the kernel's eyes: ask
+        # who in it still runs.
+        return not _group_members(self.proc.pid)
+
+    def end_group(self, exit_wait: float, grace: float) -> None:
+        """Wait ``exit_wait`` for the leader to exit; then SIGTERM, ``grace``, SIGKILL the group
+        while any member remains; only then reap the leader (caller holds the close lock)."""
+        import signal
+        import subprocess
+
+        proc = self.proc
+        if proc is None or self.group_ended:
+            return
+        self.exited.wait(exit_wait)
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, _KILL_WAIT)):
+            if self._group_gone():
+                break
+            # Safe while the leader is unreaped: its pid, the group id, cannot be reused.
+            _signal(proc.pid, sig, group=True)
+            if sig == signal.SIGTERM:
+                _signal(proc.pid, signal.SIGCONT, group=True)  # stopped members handle it once woken
+            deadline = time.monotonic() + wait
+            while not self._group_gone() and time.monotonic() < deadline:
+                time.sleep(0.01 if _ON_PROC else 0.1)  # ps is a process start per look
+        self.group_ended = True
+        try:
+            proc.wait(_KILL_WAIT)
+        except subprocess.TimeoutExpired:
+            pass  # unkillable (D state): leave it unreaped rather than wait forever
+
+
+# -- the JSON-RPC channel -------------------------------------------------------------------
+
+
+class _JsonRpcChannel:
+    """JSON-RPC over the server's stdin and stdout: framed writes with deadlines, the reader
+    and its dispatch, the table of pending requests, cancellation, and prompt answers to the
+    server's own requests. ``on_notification`` gets the notifications it does not handle
+    itself; ``end`` closes the whole server when its stream can no longer be trusted."""
+
+    def __init__(
+        self,
+        name: str,
+        process: _ServerProcess,
+        log: Callable[[str], None],
+        on_notification: Callable[[str, Any], None],
+        end: Callable[[float], None],
+    ) -> None:
+        import threading
+
+        self.name = name
+        self.process = process
+        self.log = log
+        self.on_notification = on_notification
+        self.end = end
+        self.write_lock = threading.Lock()
+        self.state_lock = threading.Lock()  # the pending table, the ids, the notice sinks
+        self.pending: Dict[int, _Pending] = {}
+        self.next_id = 1
+        self.notices: List[List[str]] = []  # one list per in-flight caller that wants notices
+        self.broken = ""  # why the stream to the server can no longer be trusted
+
+    def open(self) -> None:
+        """Start reading the spawned server's stdout."""
+        self.process.spawn_thread(self._read_stdout, "stdout")
+
+    def alive(self) -> bool:
+        """Running, its stream intact, and its leader not exited (checked without reaping)."""
+        return self.process.proc is not None and not self.broken and not self.process.leader_exited()
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def _read_stdout(self) -> None:
+        proc = self.process.proc
+        assert proc is not None and proc.stdout is not None
+        for text in _read_lines(proc.stdout.fileno()):
+            msg = self._parse_line(text)
+            del text  # one copy of a large line at a time: the text goes before dispatching
+            if msg is not None:
+                self._dispatch(msg)
+            del msg  # ...and the message before the next (maybe long) wait for a line
+        self.fail_pending()
+
+    def _parse_line(self, text: str) -> Optional[Dict[str, Any]]:
+        """A JSON object from one stdout line; blank lines are skipped, junk is logged."""
+        if not text.strip():
+            return None
+        try:
+            msg = json.loads(text)  # a trailing \r\n is white space to JSON
+        except ValueError:
+            self.log(f"(skipped non-JSON stdout line: {text[:200].strip()})")
+            return None
+        if not isinstance(msg, dict):
+            self.log(f"(skipped non-object stdout message: {text[:200].strip()})")
+            return None
+        return msg
+
+    def _dispatch(self, msg: Dict[str, Any]) -> None:
+        """Tell messages apart by shape; servers number their own requests from 0 too."""
+        if "method" in msg and "id" in msg:
+            self._answer_server_request(msg)
+        elif "method" in msg:
+            if msg["method"] == "notifications/message":
+                self.log(_server_log_line(msg.get("params")))
+            elif msg["method"] == "notifications/progress":
+                self._progress(msg.get("params"))
+            else:
+                self.on_notification(msg["method"], msg.get("params"))
+        elif "id" in msg and ("result" in msg or "error" in msg):
+            with self.state_lock:
+                pending = self.pending.pop(msg["id"], None) if isinstance(msg["id"], int) else None
+            if pending is not None:  # a late answer to a timed-out request is ignored
+                pending.response = msg
+                pending.event.set()
+
+    def _progress(self, params: Any) -> None:
+        """A sign of life for the request whose id is the token (ours: see request()); progress
+        for a request no longer waited for (timed out, cancelled) is stray and ignored."""
+        token = params.get("progressToken") if isinstance(params, dict) else None
+        update = progress_update(params)
+        if update is None or isinstance(token, bool) or not isinstance(token, int):
+            return
+        with self.state_lock:
+            pending = self.pending.get(token)
+        if pending is None:
+            return
+        pending.heard = time.monotonic()
+        if pending.on_progress is not None:
+            try:
+                pending.on_progress(update)
+            except Exception as exc:  # a caller's display bug must not kill the reader thread
+                self.log(f"(progress callback failed: {exc!r})")
+
+    def _answer_server_request(self, msg: Dict[str, Any]) -> None:
+        # Unanswered, a tool call hangs 60 s on TypeScript servers and forever on Python ones.
+        method = msg.get("method")
+        if method == "ping":
+            self.send({"jsonrpc": "2.0", "id": msg["id"], "result": {}})
+        elif method == "elicitation/create":
+            self.send({"jsonrpc": "2.0", "id": msg["id"], "result": {"action": "decline"}})
+            prompt = (msg.get("params") or {}).get("message") if isinstance(msg.get("params"), dict) else None
+            self._add_notice(
+                f"server '{self.name}' asked for input"
+                + (f" ({str(prompt)[:120]})" if prompt else "")
+                + "; declined (not interactive)"
+            )
+        else:
+            self.send(
+                {
+                    "jsonrpc": "2.0",
+                    "id": msg["id"],
+                    "error": {"code": -32601, "message": f"client does not support {method}"},
+                }
+            )
+
+    def _add_notice(self, text: str) -> None:
+        with self.state_lock:
+            for sink in self.notices:
+                sink.append(text)
+
+    def fail_pending(self, why: str = "") -> None:
+        """Answer every pending request with an error: ``why``, or how the server exited."""
+        with self.state_lock:
+            pending, self.pending = self.pending, {}
+        if not pending:
+            return
+        why = why or self.process.exit_reason()
+        for p in pending.values():
+            p.response = {"error": {"message": why}}  # no JSON-RPC code: no server sent this one
+            p.event.set()
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def send(self, msg: Dict[str, Any], deadline: Optional[float] = None) -> bool:
+        """Write one frame by ``deadline``; True once all of it is written.
+
+        False when it could not be: nothing written (the stream is intact), or cut off part-way
+        — then the server is broken (it would read our next frame as the rest of this one) and
+        is ended, so the next call starts a fresh one.
+        """
+        # ASCII-safe: a lone surrogate in a string cannot be encoded as UTF-8.
+        data = (json.dumps(msg, separators=(",", ":"), ensure_ascii=True) + "\n").encode()
+        if deadline is None:
+            deadline = time.monotonic() + _MCP_WRITE_DEADLINE
+        # One writer at a time, or two frames interleave; bounded, as the holder may be stuck.
+        if not self.write_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            return False
+        try:
+            written = self._write_until(data, deadline)
+        finally:
+            self.write_lock.release()
+        if 0 < written < len(data) and not self.process.closing:
+            self._break(f"stopped reading its input ({written} of {len(data)} bytes of a frame written)")
+        return written == len(data)
+
+    def _write_until(self, data: bytes, deadline: float) -> int:
+        """Bytes of ``data`` written to the server's stdin by ``deadline`` (caller holds the lock)."""
+        import select
+
+        view = memoryview(data)
+        written = 0
+        poller = select.poll()  # not select(): a busy daemon's fds can pass FD_SETSIZE
+        poller.register(self.process.stdin_fd, select.POLLOUT)
+        while written < len(data) and not self.process.closing:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            if not poller.poll(min(left, _WRITE_SLICE) * 1000):
+                continue
+            try:
+                written += os.write(self.process.stdin_fd, view[written:])
+            except BlockingIOError:
+                continue
+            except OSError:
+                break  # EPIPE: the server is gone; the exit watcher fails what is pending
+        return written
+
+    def close_input(self) -> None:
+        # Under the write lock: a writer still using the fd number after close could write
+        # into whatever file reuses that number.
+        got = self.write_lock.acquire(timeout=2 * _WRITE_SLICE + 1.0)
+        try:
+            if got:
+                self.process.close_stdin()
+        finally:
+            if got:
+                self.write_lock.release()
+
+    def _break(self, why: str) -> None:
+        """The stream to the server is corrupt: fail what is pending and end it in the background."""
+        import threading
+
+        if self.broken:
+            return
+        self.broken = why
+        self.log(f"(server '{self.name}' {why}; ending it)")
+        self.fail_pending(why)
+        closer = threading.Thread(target=self.end, args=(_BROKEN_CLOSE_GRACE,), name=f"mcp-{self.name}-close")
+        closer.daemon = True
+        closer.start()
+
+    def notify(
+        self, method: str, params: Optional[Dict[str, Any]] = None, deadline: Optional[float] = None
+    ) -> None:
+        """Send a JSON-RPC notification (no answer expected), with a write deadline."""
+        msg: Dict[str, Any] = {"jsonrpc": "2.0", "method": method}
+        if params is not None:
+            msg["params"] = params
+        self.send(msg, deadline)
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def request(self, method: str, params: Optional[Dict[str, Any]], opts: _CallOptions) -> Any:
+        """Send a request and wait for its answer; when the wait ends without one (timeout,
+        idle budget without progress, caller gone, Ctrl-C) tell the server to cancel.
+
+        The request's id is its ``progressToken``: unique among active requests, as MCP asks.
+        """
+        deadline = time.monotonic() + opts.timeout
+        if not self.alive():
+            raise McpError(f"server '{self.name}' is not running", "server_exited")
+        if opts.cancelled is not None and opts.cancelled.is_set():
+            raise McpError(f"server '{self.name}': {method} cancelled (the caller went away)", "cancelled")
+        pending = _Pending(opts.on_progress)
+        with self.state_lock:
+            rid = self.next_id
+            self.next_id += 1
+            self.pending[rid] = pending
+            if opts.notices is not None:
+                self.notices.append(opts.notices)
+        msg: Dict[str, Any] = {"jsonrpc": "2.0", "id": rid, "method": method}
+        msg["params"] = _with_progress_token(params, rid)
+        try:
+            self._send_request(rid, method, msg, pending, deadline, opts)
+            pending.heard = time.monotonic()
+            try:
+                why = self._wait_answer(pending, deadline, opts)
+            except KeyboardInterrupt:
+                self._give_up(rid, method, "interrupted")
+                raise
+            if why:
+                self._give_up(rid, method, why)
+                raise self._wait_error(method, why, opts)
+        finally:
+            if opts.notices is not None:
+                with self.state_lock:
+                    self.notices = [n for n in self.notices if n is not opts.notices]
+        response = pending.response or {}
+        if "error" in response:
+            raise _answered_error(self.name, response)
+        return response.get("result")
+
+    def _send_request(
+        self,
+        rid: int,
+        method: str,
+        msg: Dict[str, Any],
+        pending: _Pending,
+        deadline: float,
+        opts: _CallOptions,
+    ) -> None:
+        if self.send(msg, deadline) or pending.event.is_set():
+            return
+        with self.state_lock:
+            self.pending.pop(rid, None)
+        if self.process.leader_exited():
+            raise McpError(f"server '{self.name}' exited", "server_exited")
+        raise McpError(
+            f"server '{self.name}': {method} timed out after {opts.timeout:g}s "
+            f"(the server is not reading its input)",
+            "operation_timeout",
+        )
+
+    @staticmethod
+    def _wait_answer(pending: _Pending, deadline: float, opts: _CallOptions) -> str:
+        """Empty once answered, else why the wait ended: "timeout", "stalled" or "cancelled"."""
+        cancelled = opts.cancelled
+        while True:
+            until, why = call_expiry(deadline, pending.heard, opts.idle)
+            left = until - time.monotonic()
+            if cancelled is not None:
+                left = min(left, _CANCEL_CHECK_INTERVAL)  # a cancel is an Event of its own
+            if pending.event.wait(max(0.0, left)):
+                return ""
+            if cancelled is not None and cancelled.is_set():
+                return "cancelled"
+            until, why = call_expiry(deadline, pending.heard, opts.idle)
+            if time.monotonic() >= until:
+                return why
+
+    def _give_up(self, rid: int, method: str, why: str) -> None:
+        """Stop waiting for ``rid``: its late answer and stray progress are ignored from now on,
+        and the server is told to stop working on it (never for ``initialize``, as MCP says)."""
+        with self.state_lock:
+            self.pending.pop(rid, None)
+        if method != "initialize":
+            # Briefly: the caller is gone or out of time, and a stuck writer may hold the lock.
+            reason = {"timeout": "client timeout", "stalled": "client timeout (no progress)"}.get(
+                why, "client went away"
+            )
+            cancel = {"requestId": rid, "reason": reason}
+            self.notify("notifications/cancelled", cancel, time.monotonic() + _CANCEL_WRITE_DEADLINE)
+
+    def _wait_error(self, method: str, why: str, opts: _CallOptions) -> McpError:
+        if why == "cancelled":
+            return McpError(f"server '{self.name}': {method} cancelled (the caller went away)", "cancelled")
+        if why == "stalled":
+            return McpError(
+                f"server '{self.name}': {method} sent nothing (no answer, no progress) for {opts.idle:g}s",
+                "operation_timeout",
+            )
+        return McpError(
+            f"server '{self.name}': {method} timed out after {opts.timeout:g}s", "operation_timeout"
+        )
+
+
+# -- the MCP face ---------------------------------------------------------------------------
+
+
 class McpStdioClient:
     """A spawned MCP stdio server: handshake, requests with timeouts, prompt answers to its
     own requests, and a shutdown that always ends the process group."""
@@ -3689,430 +4258,70 @@ class McpStdioClient:
         cwd: Optional[str] = None,
         log: Optional[Callable[[str], None]] = None,
     ) -> None:
-        import threading
-
         self.name = name
         self.argv = list(argv)
         self.env = env
         self.cwd = cwd
-        self._log = log or (lambda line: None)
-        self._threading = threading
-        self._write_lock = threading.Lock()
-        self._state_lock = threading.Lock()
-        self._pending: Dict[int, _Pending] = {}
-        self._next_id = 1
-        self._proc: Optional[subprocess.Popen] = None
-        self._stdin_fd = -1
-        self._threads: List[threading.Thread] = []
-        self._stderr_tail: List[str] = []
-        self._exited = threading.Event()  # the leader exited (seen without reaping it)
-        self._exit_code: Optional[int] = None
-        self._broken = ""  # why the stream to the server can no longer be trusted
-        self._closing = False
-        self._close_lock = threading.Lock()  # one group shutdown at a time (close, watcher)
-        self._reaped = False
-        self._group_ended = False
+        log = log or (lambda line: None)
+        self._process = _ServerProcess(name, log)
+        self._channel = _JsonRpcChannel(name, self._process, log, self._notified, self.close)
         self.protocol_version = ""
         self.tools_stale = True
-        self._notices: List[List[str]] = []  # one list per in-flight caller that wants notices
-
-    # -- process ---------------------------------------------------------------------------
+        self._tools: Optional[List[Dict[str, Any]]] = None  # this process's tools/list, kept
 
     @property
     def pid(self) -> Optional[int]:
         """The server process's pid (None before start)."""
-        return self._proc.pid if self._proc else None
+        return self._process.pid
 
     def alive(self) -> bool:
         """Running, its stream intact, and its leader not exited (checked without reaping)."""
-        return self._proc is not None and not self._broken and not self._leader_exited()
+        return self._channel.alive()
 
-    def _leader_exited(self) -> bool:
-        """Checked without reaping: a reaped leader's pid (the group id) could be reused by a
-        stranger while we still signal the group. poll() and wait() would reap it."""
-        proc = self._proc
-        if self._exited.is_set() or proc is None:
-            return self._exited.is_set()
-        if not _HAS_WAITID:
-            return self._reap_if_exited(proc.poll())
-        try:
-            info = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT | os.WNOHANG)
-        except ChildProcessError:  # reaped already (by us, or by an embedder's waitpid(-1))
-            info = None
-            self._exited.set()
-        if info is not None:
-            self._note_exit(info)
-        return self._exited.is_set()
+    def stderr_tail(self, wait: float = 0.0) -> str:
+        """The server's last stderr lines, joined (``wait``: for the drain to reach EOF)."""
+        return self._process.stderr_tail(wait)
 
-    def _reap_if_exited(self, code: Optional[int]) -> bool:
-        """Without waitid (macOS before Python 3.13) only a reaping check exists. POSIX still
-        keeps a group id from reuse while any member lives, so only an emptied group is at
-        risk, and _group_gone asks the kernel (killpg) before each signal."""
-        if code is not None:
-            self._exit_code = code
-            self._reaped = True
-            self._exited.set()
-        return self._exited.is_set()
-
-    def _note_exit(self, info: Any) -> None:
-        self._exit_code = info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
-        self._exited.set()
-
-    def _watch_exit(self) -> None:
-        """Fail pending calls when the server exits, not at stdout EOF (a grandchild may hold
-        stdout open), then end what is left of its group."""
-        assert self._proc is not None
-        info: Any = None
-        try:
-            if _HAS_WAITID:
-                info = os.waitid(os.P_PID, self._proc.pid, os.WEXITED | os.WNOWAIT)
-            else:
-                self._reap_if_exited(self._proc.wait())
-        except ChildProcessError:
-            pass
-        if info is not None:
-            self._note_exit(info)
-        self._exited.set()
-        self._fail_pending()
-        # Non-blocking: a running close() ends the group itself (and joins this thread).
-        if not self._closing and self._close_lock.acquire(blocking=False):
-            try:
-                self._end_group(0.0, _MCP_CLOSE_GRACE)
-            finally:
-                self._close_lock.release()
-
-    def start(self, timeout: float = 30.0) -> McpStdioClient:
+    def start(self, timeout: float = _MCP_START_TIMEOUT) -> McpStdioClient:
         """Spawn the server (never through a shell) and complete the MCP handshake."""
-        import subprocess
-
-        env = dict(os.environ)
-        if env.pop(_MALLOC_SET_BY_US, None):  # the daemon's memory tuning, not the user's
-            env.pop(_MALLOC_MMAP_VAR, None)
-        env.update(self.env or {})
-        try:
-            self._proc = subprocess.Popen(
-                self.argv,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                env=env,
-                cwd=self.cwd,
-                start_new_session=True,  # own process group: the shutdown can end its children
-                close_fds=True,
-            )
-        except FileNotFoundError:
-            raise McpError(
-                f"server '{self.name}': command not found: {self.argv[0]}", "command_not_found"
-            ) from None
-        except OSError as exc:
-            raise McpError(
-                f"server '{self.name}': cannot run {self.argv[0]}: {exc.strerror}", "command_not_found"
-            ) from None
-        assert self._proc.stdin is not None
-        self._stdin_fd = self._proc.stdin.fileno()
-        os.set_blocking(self._stdin_fd, False)  # writes wait in poll(), with a deadline
-        self._spawn_thread(self._read_stdout, "stdout")
-        self._spawn_thread(self._drain_stderr, "stderr")
-        watcher = self._threading.Thread(target=self._watch_exit, name=f"mcp-{self.name}-exit", daemon=True)
-        watcher.start()
+        self._process.spawn(self.argv, self.env, self.cwd)
+        self._channel.open()
+        self._process.watch(self._channel.fail_pending)
         try:
             self._initialize(timeout)
         except BaseException:
-            self.close(grace=0.5)
+            self.close(grace=_BROKEN_CLOSE_GRACE)
             raise
         return self
 
-    def _spawn_thread(self, target: Callable[[], None], what: str) -> None:
-        t = self._threading.Thread(target=target, name=f"mcp-{self.name}-{what}", daemon=True)
-        t.start()
-        self._threads.append(t)
-
-    def _drain_stderr(self) -> None:
-        # Always drained: a full stderr pipe would block the server mid-call.
-        assert self._proc is not None and self._proc.stderr is not None
-        for raw in iter(self._proc.stderr.readline, b""):
-            line = raw.decode("utf-8", "replace").rstrip("\r\n")
-            if line.strip():
-                # The last few lines say why a server died ("API_KEY not set"), bounded.
-                self._stderr_tail = (self._stderr_tail + [line[:_STDERR_LINE_CHARS]])[-_STDERR_TAIL_LINES:]
-            self._log(line)
-
-    def stderr_tail(self, wait: float = 0.0) -> str:
-        """The server's last stderr lines, joined; ``wait`` lets the drain reach EOF first (a
-        dying server's last words may still be in the pipe)."""
-        for t in self._threads:
-            if t.name.endswith("-stderr"):
-                t.join(wait)
-        return " | ".join(self._stderr_tail)
-
-    # -- reading -----------------------------------------------------------------------------
-
-    def _read_stdout(self) -> None:
-        assert self._proc is not None and self._proc.stdout is not None
-        for text in _read_lines(self._proc.stdout.fileno()):
-            msg = self._parse_line(text)
-            del text  # one copy of a large line at a time: the text goes before dispatching
-            if msg is not None:
-                self._dispatch(msg)
-            del msg  # ...and the message before the next (maybe long) wait for a line
-        self._fail_pending()
-
-    def _parse_line(self, text: str) -> Optional[Dict[str, Any]]:
-        """A JSON object from one stdout line; blank lines are skipped, junk is logged."""
-        if not text.strip():
-            return None
-        try:
-            msg = json.loads(text)  # a trailing \r\n is white space to JSON
-        except ValueError:
-            self._log(f"(skipped non-JSON stdout line: {text[:200].strip()})")
-            return None
-        if not isinstance(msg, dict):
-            self._log(f"(skipped non-object stdout message: {text[:200].strip()})")
-            return None
-        return msg
-
-    def _dispatch(self, msg: Dict[str, Any]) -> None:
-        """Tell messages apart by shape; servers number their own requests from 0 too."""
-        if "method" in msg and "id" in msg:
-            self._answer_server_request(msg)
-        elif "method" in msg:
-            if msg["method"] == "notifications/tools/list_changed":
-                self.tools_stale = True
-            elif msg["method"] == "notifications/message":
-                self._log(_server_log_line(msg.get("params")))
-            elif msg["method"] == "notifications/progress":
-                self._progress(msg.get("params"))
-        elif "id" in msg and ("result" in msg or "error" in msg):
-            with self._state_lock:
-                pending = self._pending.pop(msg["id"], None) if isinstance(msg["id"], int) else None
-            if pending is not None:  # a late answer to a timed-out request is ignored
-                pending.response = msg
-                pending.event.set()
-
-    def _progress(self, params: Any) -> None:
-        """A sign of life for the request whose id is the token (ours: see request()); progress
-        for a request no longer waited for (timed out, cancelled) is stray and ignored."""
-        token = params.get("progressToken") if isinstance(params, dict) else None
-        update = progress_update(params)
-        if update is None or isinstance(token, bool) or not isinstance(token, int):
+    def close(self, grace: float = _MCP_CLOSE_GRACE) -> None:
+        """Close stdin; after ``grace`` SIGTERM the group; after ``grace`` more, SIGKILL it.
+        The whole group goes, also when its leader exits on EOF first and a child lives on."""
+        process = self._process
+        if process.proc is None:
             return
-        with self._state_lock:
-            pending = self._pending.get(token)
-        if pending is None:
-            return
-        pending.heard = time.monotonic()
-        if pending.on_progress is not None:
-            try:
-                pending.on_progress(update)
-            except Exception as exc:  # a caller's display bug must not kill the reader thread
-                self._log(f"(progress callback failed: {exc!r})")
+        process.closing = True  # a blocked writer lets go of the pipe within _WRITE_SLICE
+        with process.close_lock:
+            self._channel.close_input()
+            process.end_group(grace, grace)
+        process.join_threads(_THREAD_JOIN_WAIT)
+        self._channel.fail_pending()
 
-    def _answer_server_request(self, msg: Dict[str, Any]) -> None:
-        # Unanswered, a tool call hangs 60 s on TypeScript servers and forever on Python ones.
-        method = msg.get("method")
-        if method == "ping":
-            self._send({"jsonrpc": "2.0", "id": msg["id"], "result": {}})
-        elif method == "elicitation/create":
-            self._send({"jsonrpc": "2.0", "id": msg["id"], "result": {"action": "decline"}})
-            prompt = (msg.get("params") or {}).get("message") if isinstance(msg.get("params"), dict) else None
-            self._add_notice(
-                f"server '{self.name}' asked for input"
-                + (f" ({str(prompt)[:120]})" if prompt else "")
-                + "; declined (not interactive)"
-            )
-        else:
-            self._send(
-                {
-                    "jsonrpc": "2.0",
-                    "id": msg["id"],
-                    "error": {"code": -32601, "message": f"client does not support {method}"},
-                }
-            )
+    def _notified(self, method: str, params: Any) -> None:
+        if method == "notifications/tools/list_changed":
+            self.tools_stale = True
 
-    def _add_notice(self, text: str) -> None:
-        with self._state_lock:
-            for sink in self._notices:
-                sink.append(text)
-
-    def _fail_pending(self, why: str = "") -> None:
-        with self._state_lock:
-            pending, self._pending = self._pending, {}
-        if not pending:
-            return
-        if not why:
-            tail = self.stderr_tail(wait=_STDERR_EOF_WAIT)
-            self._exited.wait(_STDERR_EOF_WAIT)  # stdout closes a moment before the exit shows
-            code = self._exit_code if self._leader_exited() else None
-            why = "exited" + (f" (exit code {code})" if code is not None else "")
-            if tail:
-                why += f"; stderr: {tail}"
-        for p in pending.values():
-            p.response = {"error": {"message": why}}  # no JSON-RPC code: no server sent this one
-            p.event.set()
-
-    # -- writing -----------------------------------------------------------------------------
-
-    def _send(self, msg: Dict[str, Any], deadline: Optional[float] = None) -> bool:
-        """Write one frame by ``deadline``; True once all of it is written.
-
-        False when it could not be: nothing written (the stream is intact), or cut off part-way
-        — then the server is broken (it would read our next frame as the rest of this one) and
-        is ended, so the next call starts a fresh one.
-        """
-        # ASCII-safe: a lone surrogate in a string cannot be encoded as UTF-8.
-        data = (json.dumps(msg, separators=(",", ":"), ensure_ascii=True) + "\n").encode()
-        if deadline is None:
-            deadline = time.monotonic() + _MCP_WRITE_DEADLINE
-        # One writer at a time, or two frames interleave; bounded, as the holder may be stuck.
-        if not self._write_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
-            return False
-        try:
-            written = self._write_until(data, deadline)
-        finally:
-            self._write_lock.release()
-        if 0 < written < len(data) and not self._closing:
-            self._break(f"stopped reading its input ({written} of {len(data)} bytes of a frame written)")
-        return written == len(data)
-
-    def _write_until(self, data: bytes, deadline: float) -> int:
-        """Bytes of ``data`` written to the server's stdin by ``deadline`` (caller holds the lock)."""
-        import select
-
-        view = memoryview(data)
-        written = 0
-        poller = select.poll()  # not select(): a busy daemon's fds can pass FD_SETSIZE
-        poller.register(self._stdin_fd, select.POLLOUT)
-        while written < len(data) and not self._closing:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            if not poller.poll(min(left, _WRITE_SLICE) * 1000):
-                continue
-            try:
-                written += os.write(self._stdin_fd, view[written:])
-            except BlockingIOError:
-                continue
-            except OSError:
-                break  # EPIPE: the server is gone; the exit watcher fails what is pending
-        return written
-
-    def _break(self, why: str) -> None:
-        """The stream to the server is corrupt: fail what is pending and end it in the background."""
-        if self._broken:
-            return
-        self._broken = why
-        self._log(f"(server '{self.name}' {why}; ending it)")
-        self._fail_pending(why)
-        self._threading.Thread(
-            target=self.close, kwargs={"grace": 0.5}, name=f"mcp-{self.name}-close", daemon=True
-        ).start()
+    def request(
+        self, method: str, params: Optional[Dict[str, Any]] = None, opts: Optional[_CallOptions] = None
+    ) -> Any:
+        """Send any request and wait for its answer (see ``_CallOptions`` for the wait)."""
+        return self._channel.request(method, params, opts or _CallOptions())
 
     def notify(
         self, method: str, params: Optional[Dict[str, Any]] = None, deadline: Optional[float] = None
     ) -> None:
         """Send a JSON-RPC notification (no answer expected), with a write deadline."""
-        msg: Dict[str, Any] = {"jsonrpc": "2.0", "method": method}
-        if params is not None:
-            msg["params"] = params
-        self._send(msg, deadline)
-
-    def request(
-        self,
-        method: str,
-        params: Optional[Dict[str, Any]] = None,
-        timeout: float = _DEFAULT_CALL_TIMEOUT,
-        notices: Optional[List[str]] = None,
-        on_progress: Optional[Callable[[Dict[str, Any]], None]] = None,
-        cancelled: Optional[Any] = None,
-        idle: Optional[float] = None,
-    ) -> Any:
-        """Send a request and wait for its answer; when the wait ends without one (timeout,
-        ``idle`` seconds without progress, ``cancelled`` set, Ctrl-C) tell the server to cancel.
-
-        The request's id is its ``progressToken``: unique among active requests, as MCP asks.
-        """
-        deadline = time.monotonic() + timeout
-        if not self.alive():
-            raise McpError(f"server '{self.name}' is not running", "server_exited")
-        if cancelled is not None and cancelled.is_set():
-            raise McpError(f"server '{self.name}': {method} cancelled (the caller went away)", "cancelled")
-        pending = _Pending(self._threading, on_progress)
-        with self._state_lock:
-            rid = self._next_id
-            self._next_id += 1
-            self._pending[rid] = pending
-            if notices is not None:
-                self._notices.append(notices)
-        msg: Dict[str, Any] = {"jsonrpc": "2.0", "id": rid, "method": method}
-        msg["params"] = _with_progress_token(params, rid)
-        try:
-            if not self._send(msg, deadline) and not pending.event.is_set():
-                with self._state_lock:
-                    self._pending.pop(rid, None)
-                if self._leader_exited():
-                    raise McpError(f"server '{self.name}' exited", "server_exited")
-                raise McpError(
-                    f"server '{self.name}': {method} timed out after {timeout:g}s "
-                    f"(the server is not reading its input)",
-                    "operation_timeout",
-                )
-            pending.heard = time.monotonic()
-            try:
-                why = self._wait_answer(pending, deadline, idle, cancelled)
-            except KeyboardInterrupt:
-                self._give_up(rid, method, "interrupted")
-                raise
-            if why:
-                self._give_up(rid, method, why)
-                raise self._wait_error(method, why, timeout, idle)
-        finally:
-            if notices is not None:
-                with self._state_lock:
-                    self._notices = [n for n in self._notices if n is not notices]
-        response = pending.response or {}
-        if "error" in response:
-            raise _answered_error(self.name, response)
-        return response.get("result")
-
-    def _wait_answer(
-        self, pending: _Pending, deadline: float, idle: Optional[float], cancelled: Optional[Any]
-    ) -> str:
-        """Empty once answered, else why the wait ended: "timeout", "stalled" or "cancelled"."""
-        while True:
-            until, why = call_expiry(time.monotonic(), deadline, pending.heard, idle)
-            left = until - time.monotonic()
-            if cancelled is not None:
-                left = min(left, _CANCEL_CHECK_INTERVAL)  # a cancel is an Event of its own
-            if pending.event.wait(max(0.0, left)):
-                return ""
-            if cancelled is not None and cancelled.is_set():
-                return "cancelled"
-            until, why = call_expiry(time.monotonic(), deadline, pending.heard, idle)
-            if time.monotonic() >= until:
-                return why
-
-    def _give_up(self, rid: int, method: str, why: str) -> None:
-        """Stop waiting for ``rid``: its late answer and stray progress are ignored from now on,
-        and the server is told to stop working on it (never for ``initialize``, as MCP says)."""
-        with self._state_lock:
-            self._pending.pop(rid, None)
-        if method != "initialize":
-            # Briefly: the caller is gone or out of time, and a stuck writer may hold the lock.
-            reason = {"timeout": "client timeout", "stalled": "client timeout (no progress)"}.get(
-                why, "client went away"
-            )
-            cancel = {"requestId": rid, "reason": reason}
-            self.notify("notifications/cancelled", cancel, time.monotonic() + _CANCEL_WRITE_DEADLINE)
-
-    def _wait_error(self, method: str, why: str, timeout: float, idle: Optional[float]) -> McpError:
-        if why == "cancelled":
-            return McpError(f"server '{self.name}': {method} cancelled (the caller went away)", "cancelled")
-        if why == "stalled":
-            return McpError(
-                f"server '{self.name}': {method} sent nothing (no answer, no progress) for {idle:g}s",
-                "operation_timeout",
-            )
-        return McpError(f"server '{self.name}': {method} timed out after {timeout:g}s", "operation_timeout")
+        self._channel.notify(method, params, deadline)
 
     # -- MCP methods ---------------------------------------------------------------------------
 
@@ -4124,7 +4333,7 @@ class McpStdioClient:
                 "capabilities": {},
                 "clientInfo": {"name": "mcporter-daemon", "version": __version__},
             },
-            timeout=timeout,
+            _CallOptions(timeout),
         )
         version = str((result or {}).get("protocolVersion", ""))
         if not (_MCP_OLDEST_VERSION <= version <= MCP_PROTOCOL_VERSION):
@@ -4136,143 +4345,65 @@ class McpStdioClient:
         self.protocol_version = version
         self.notify("notifications/initialized")
 
-    def _paginate(self, method: str, key: str, timeout: float) -> List[Any]:
+    def _paginate(self, method: str, key: str, opts: Optional[_CallOptions]) -> List[Any]:
         items: List[Any] = []
         cursor = None
         for _ in range(1000):  # a server that loops its cursor must not loop us forever
             params: Dict[str, Any] = {"cursor": cursor} if cursor is not None else {}
-            result = self.request(method, params, timeout=timeout) or {}
+            result = self.request(method, params, opts) or {}
             items.extend(result.get(key) or [])
             cursor = result.get("nextCursor")
             if not cursor:
                 break
         return items
 
-    def list_tools(self, timeout: float = _DEFAULT_CALL_TIMEOUT) -> List[Dict[str, Any]]:
+    def list_tools(self, opts: Optional[_CallOptions] = None) -> List[Dict[str, Any]]:
         """``tools/list``, every page."""
         self.tools_stale = False
-        return self._paginate("tools/list", "tools", timeout)
+        return self._paginate("tools/list", "tools", opts)
+
+    def tools(self, opts: Optional[_CallOptions] = None) -> List[Dict[str, Any]]:
+        """This process's tools/list, kept until it announces a change (``tools_stale``): typing
+        a warm call's arguments costs no round trip to the server."""
+        kept = self._tools
+        if kept is not None and not self.tools_stale:
+            return kept
+        self._tools = None  # a failed re-list must not revive the old list
+        tools = self.list_tools(opts)  # clears tools_stale first: a change meanwhile re-lists
+        self._tools = tools
+        return tools
 
     def call_tool(
-        self,
-        tool: str,
-        args: Optional[Dict[str, Any]] = None,
-        timeout: float = _DEFAULT_CALL_TIMEOUT,
-        notices: Optional[List[str]] = None,
-        on_progress: Optional[Callable[[Dict[str, Any]], None]] = None,
-        cancelled: Optional[Any] = None,
-        idle: Optional[float] = None,
+        self, tool: str, args: Optional[Dict[str, Any]] = None, opts: Optional[_CallOptions] = None
     ) -> Dict[str, Any]:
         """``tools/call``; a result with ``isError: true`` is a normal result, not an error."""
-        params = {"name": tool, "arguments": args or {}}
-        return (
-            self.request(
-                "tools/call",
-                params,
-                timeout=timeout,
-                notices=notices,
-                on_progress=on_progress,
-                cancelled=cancelled,
-                idle=idle,
-            )
-            or {}
-        )
+        return self.request("tools/call", {"name": tool, "arguments": args or {}}, opts) or {}
 
-    def list_resources(self, timeout: float = _DEFAULT_CALL_TIMEOUT) -> List[Dict[str, Any]]:
+    def list_resources(self, opts: Optional[_CallOptions] = None) -> List[Dict[str, Any]]:
         """``resources/list``, every page."""
-        return self._paginate("resources/list", "resources", timeout)
+        return self._paginate("resources/list", "resources", opts)
 
-    def read_resource(self, uri: str, timeout: float = _DEFAULT_CALL_TIMEOUT) -> Dict[str, Any]:
+    def read_resource(self, uri: str, opts: Optional[_CallOptions] = None) -> Dict[str, Any]:
         """``resources/read`` of one URI."""
-        return self.request("resources/read", {"uri": uri}, timeout=timeout) or {}
+        return self.request("resources/read", {"uri": uri}, opts) or {}
 
-    def ping(self, timeout: float = 5.0) -> None:
-        """MCP ``ping``; raises McpError when the server does not answer in time."""
-        self.request("ping", {}, timeout=timeout)
+    def list_resource_templates(self, opts: Optional[_CallOptions] = None) -> List[Dict[str, Any]]:
+        """``resources/templates/list``, every page."""
+        return self._paginate("resources/templates/list", "resourceTemplates", opts)
 
-    def list_prompts(self, timeout: float = _DEFAULT_CALL_TIMEOUT) -> List[Dict[str, Any]]:
+    def list_prompts(self, opts: Optional[_CallOptions] = None) -> List[Dict[str, Any]]:
         """``prompts/list``, every page."""
-        return self._paginate("prompts/list", "prompts", timeout)
+        return self._paginate("prompts/list", "prompts", opts)
 
     def get_prompt(
-        self, name: str, args: Optional[Dict[str, str]] = None, timeout: float = _DEFAULT_CALL_TIMEOUT
+        self, name: str, args: Optional[Dict[str, str]] = None, opts: Optional[_CallOptions] = None
     ) -> Dict[str, Any]:
         """``prompts/get``; MCP prompt arguments are strings."""
-        params = {"name": name, "arguments": args or {}}
-        return self.request("prompts/get", params, timeout=timeout) or {}
+        return self.request("prompts/get", {"name": name, "arguments": args or {}}, opts) or {}
 
-    def list_resource_templates(self, timeout: float = _DEFAULT_CALL_TIMEOUT) -> List[Dict[str, Any]]:
-        """``resources/templates/list``, every page."""
-        return self._paginate("resources/templates/list", "resourceTemplates", timeout)
-
-    # -- shutdown --------------------------------------------------------------------------------
-
-    def close(self, grace: float = _MCP_CLOSE_GRACE) -> None:
-        """Close stdin; after ``grace`` SIGTERM the group; after ``grace`` more, SIGKILL it.
-        The whole group goes, also when its leader exits on EOF first and a child lives on."""
-        if self._proc is None:
-            return
-        self._closing = True  # a blocked writer lets go of the pipe within _WRITE_SLICE
-        with self._close_lock:
-            self._close_stdin()
-            self._end_group(grace, grace)
-        for t in self._threads:
-            t.join(1.0)
-        self._fail_pending()
-
-    def _close_stdin(self) -> None:
-        # Under the write lock: a writer still using the fd number after close could write
-        # into whatever file reuses that number.
-        got = self._write_lock.acquire(timeout=2 * _WRITE_SLICE + 1.0)
-        try:
-            if got and self._proc is not None and self._proc.stdin is not None:
-                self._proc.stdin.close()
-        except OSError:
-            pass
-        finally:
-            if got:
-                self._write_lock.release()
-
-    def _group_gone(self) -> bool:
-        assert self._proc is not None
-        if not self._leader_exited():
-            return False
-        try:
-            os.killpg(self._proc.pid, 0)
-        except ProcessLookupError:
-            return True
-        except OSError:
-            pass
-        # Zombies (our unreaped leader among them) keep the group in the kernel's eyes: ask
-        # who in it still runs.
-        return not _group_members(self._proc.pid)
-
-    def _end_group(self, exit_wait: float, grace: float) -> None:
-        """Wait ``exit_wait`` for the leader to exit; then SIGTERM, ``grace``, SIGKILL the group
-        while any member remains; only then reap the leader (caller holds the close lock)."""
-        import signal
-        import subprocess
-
-        proc = self._proc
-        if proc is None or self._group_ended:
-            return
-        self._exited.wait(exit_wait)
-        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 2.0)):
-            if self._group_gone():
-                break
-            # Safe while the leader is unreaped: its pid, the group id, cannot be reused.
-            _signal(proc.pid, sig, group=True)
-            if sig == signal.SIGTERM:
-                _signal(proc.pid, signal.SIGCONT, group=True)  # stopped members handle it once woken
-            deadline = time.monotonic() + wait
-            while not self._group_gone() and time.monotonic() < deadline:
-                time.sleep(0.01 if _ON_PROC else 0.1)  # ps is a process start per look
-        self._group_ended = True
-        try:
-            proc.wait(2.0)
-            self._reaped = True
-        except subprocess.TimeoutExpired:
-            pass  # unkillable (D state): leave it unreaped rather than wait forever
+    def ping(self, timeout: float = _PING_TIMEOUT) -> None:
+        """MCP ``ping``; raises McpError when the server does not answer in time."""
+        self.request("ping", {}, _CallOptions(timeout))
 
 
 # ##########################################################################################
@@ -4407,60 +4538,10 @@ def call_arguments(
 
 
 # ##########################################################################################
-# MCP keep-alive service: the daemon's handlers, built on the public host API.
+# MCP keep-alive service: the daemon's handlers, built on the public host API. One table of
+# operations (``_OPERATIONS``) says what each daemon method takes and runs; a ``_KeptServer``
+# owns one kept server's life; the service routes requests and fans out the ticks.
 # ##########################################################################################
-
-
-class _ServerSlot:
-    __slots__ = (
-        "spec",
-        "lock",
-        "client",
-        "starting",
-        "last_used",
-        "in_use",
-        "started_at",
-        "pinging",
-        "failures",
-        "last_ping_at",
-        "last_ping_ok",
-        "last_error",
-        "restarts",
-        "tools",
-        "tools_of",
-    )
-
-    def __init__(self, spec: ServerSpec, lock: Any) -> None:
-        self.spec = spec
-        self.lock = lock  # held while its server starts or closes: one copy at a time
-        self.client: Optional[McpStdioClient] = None
-        self.starting: Optional[McpStdioClient] = None  # mid-handshake: shutdown must end it too
-        self.last_used: Optional[int] = None
-        self.in_use = 0  # requests running on it: never idle while any is
-        self.tools: List[Dict[str, Any]] = []  # tools/list of the process ``tools_of`` (a cache)
-        self.tools_of: Optional[McpStdioClient] = None
-        # Health, guarded by the service's counts lock like the fields above.
-        self.started_at: Optional[int] = None
-        self.pinging = False  # a ping is out: one at a time per server
-        self.failures = 0  # consecutive failed pings of the current process
-        self.last_ping_at: Optional[int] = None
-        self.last_ping_ok: Optional[bool] = None
-        self.last_error: Optional[str] = None
-        self.restarts = 0
-
-    def health(self) -> Dict[str, Any]:
-        return {
-            "lastPingAt": self.last_ping_at,
-            "lastPingOk": self.last_ping_ok,
-            "pingFailures": self.failures,
-            "lastError": self.last_error,
-            "restarts": self.restarts,
-        }
-
-    def last_active(self) -> Optional[int]:
-        """When this server last did anything: started, served a call, or answered a ping."""
-        times = [t for t in (self.started_at, self.last_used, self.last_ping_at) if t is not None]
-        return max(times) if times else None
 
 
 def server_idle_expired(
@@ -4494,6 +4575,181 @@ def after_ping(failures: int, ok: bool) -> Tuple[int, bool]:
     return failures + 1, failures + 1 >= _PING_FAILURES_TO_RESTART
 
 
+# -- the table of operations ------------------------------------------------------------------
+
+# How a caller's ``timeoutMs`` applies to an operation (``_Operation.timeout``).
+_PER_REQUEST = "per-request"  # each MCP request it sends (each page of a list) waits at most this
+_START = "start"  # the new server's spawn and handshake
+_CLOSE = "close"  # the close's grace steps: half of it each, never more than a normal close
+
+_JSON_KINDS: Dict[str, Any] = {"string": str, "object": dict, "number": (int, float), "boolean": bool}
+
+
+class _Param:
+    """One parameter of a daemon method: its name, JSON type, the wording of a type error,
+    and, for an object, the JSON type of its values (None: any)."""
+
+    __slots__ = ("name", "kind", "what", "required", "values")
+
+    def __init__(
+        self, name: str, kind: str, what: str, required: bool = False, values: Optional[str] = None
+    ) -> None:
+        self.name, self.kind, self.what, self.required, self.values = name, kind, what, required, values
+
+    def read(self, params: Dict[str, Any]) -> Any:
+        """The value in ``params`` (None when absent and optional); HandlerError when mistyped."""
+        value = _param(params, self.name, _JSON_KINDS[self.kind], self.what, self.required)
+        wanted = _JSON_KINDS.get(self.values or "")
+        if (
+            value is not None
+            and wanted is not None
+            and not all(isinstance(v, wanted) for v in value.values())
+        ):
+            raise HandlerError(f"param '{self.name}' must be {self.what}", "bad_request")
+        return value
+
+
+# Every operation takes these first: which server, and how long the caller waits.
+_COMMON_PARAMS = (
+    _Param("server", "string", "a server name", required=True),
+    _Param("timeoutMs", "number", "a number of milliseconds"),
+)
+
+
+class _Operation:
+    """One daemon method: its wire name, its parameters (after ``_COMMON_PARAMS``), the MCP
+    method it runs, how the caller's timeout applies, and what runs it: ``run(client, args,
+    opts)`` on the server's MCP face, or, for the kept server's own life (``mcp`` is None),
+    ``manage(kept, args, seconds)`` in the daemon. ``args``: the parameters as read."""
+
+    __slots__ = ("wire", "params", "mcp", "timeout", "run", "manage")
+
+    def __init__(
+        self,
+        wire: str,
+        params: Tuple[_Param, ...],
+        mcp: Optional[str],
+        timeout: str,
+        run: Optional[Callable[[McpStdioClient, Dict[str, Any], _CallOptions], Any]] = None,
+        manage: Optional[Callable[[_KeptServer, Dict[str, Any], float], Any]] = None,
+    ) -> None:
+        self.wire, self.params, self.mcp, self.timeout = wire, _COMMON_PARAMS + params, mcp, timeout
+        self.run, self.manage = run, manage
+
+    def read(self, params: Dict[str, Any]) -> Dict[str, Any]:
+        """The declared parameters of a request, type-checked (HandlerError when one is not)."""
+        return {p.name: p.read(params) for p in self.params}
+
+    def seconds(self, args: Dict[str, Any]) -> float:
+        """The wait the caller's ``timeoutMs`` gives, as this operation applies it; without one,
+        the operation's own default."""
+        ms = args.get("timeoutMs")
+        given = ms / 1000.0 if ms and ms > 0 else None
+        if self.timeout == _CLOSE:
+            return min(_MCP_CLOSE_GRACE, given / 2) if given else _MCP_CLOSE_GRACE
+        if self.timeout == _START:
+            return given or _MCP_START_TIMEOUT
+        return given or _DEFAULT_CALL_TIMEOUT
+
+    def options(
+        self,
+        args: Dict[str, Any],
+        notices: Optional[List[str]] = None,
+        on_progress: Optional[Callable[[Dict[str, Any]], None]] = None,
+        cancelled: Optional[Any] = None,
+    ) -> _CallOptions:
+        """How this operation's MCP requests wait, from its parameters and its caller."""
+        stall = args.get("stallTimeoutMs")
+        return _CallOptions(
+            self.seconds(args),
+            notices,
+            on_progress,
+            cancelled,
+            stall / 1000.0 if stall and stall > 0 else None,
+        )
+
+
+def _call_tool(client: McpStdioClient, args: Dict[str, Any], opts: _CallOptions) -> Any:
+    """``rawArgs`` (text pairs from a command line) are typed by the tool's cached schema."""
+    typed, raw, tool = args["args"] or {}, args["rawArgs"] or {}, args["tool"]
+    full = call_arguments(typed, raw, tool, lambda: client.tools(_CallOptions(opts.timeout)))
+    return client.call_tool(tool, full, opts)
+
+
+def _list_tools(client: McpStdioClient, args: Dict[str, Any], opts: _CallOptions) -> Any:
+    keep = (
+        ("name", "description", "inputSchema", "outputSchema")
+        if args["includeSchema"]
+        else ("name", "description")
+    )
+    return [{k: t[k] for k in keep if k in t} for t in client.tools(opts) if isinstance(t, dict)]
+
+
+_OPERATIONS: Dict[str, _Operation] = {
+    op.wire: op
+    for op in (
+        _Operation(
+            "callTool",
+            (
+                _Param("tool", "string", "a tool name", required=True),
+                _Param("args", "object", "an object"),
+                _Param("rawArgs", "object", "an object of strings", values="string"),
+                _Param("stallTimeoutMs", "number", "a number of milliseconds"),
+            ),
+            "tools/call",
+            _PER_REQUEST,
+            _call_tool,
+        ),
+        _Operation(
+            "listTools",
+            (_Param("includeSchema", "boolean", "true or false"),),
+            "tools/list",
+            _PER_REQUEST,
+            _list_tools,
+        ),
+        _Operation(
+            "listResources",
+            (),
+            "resources/list",
+            _PER_REQUEST,
+            lambda c, a, o: {"resources": c.list_resources(o)},
+        ),
+        _Operation(
+            "readResource",
+            (_Param("uri", "string", "a resource URI", required=True),),
+            "resources/read",
+            _PER_REQUEST,
+            lambda c, a, o: c.read_resource(a["uri"], o),
+        ),
+        _Operation(
+            "listResourceTemplates",
+            (),
+            "resources/templates/list",
+            _PER_REQUEST,
+            lambda c, a, o: {"resourceTemplates": c.list_resource_templates(o)},
+        ),
+        _Operation(
+            "listPrompts",
+            (),
+            "prompts/list",
+            _PER_REQUEST,
+            lambda c, a, o: {"prompts": c.list_prompts(o)},
+        ),
+        _Operation(
+            "getPrompt",
+            (_Param("name", "string", "a prompt name", required=True), _Param("args", "object", "an object")),
+            "prompts/get",
+            _PER_REQUEST,
+            lambda c, a, o: c.get_prompt(a["name"], a["args"] or {}, o),
+        ),
+        _Operation("closeServer", (), None, _CLOSE, manage=lambda kept, a, wait: kept.close_request(wait)),
+        _Operation(
+            "restartServer", (), None, _START, manage=lambda kept, a, wait: kept.restart_request(wait)
+        ),
+    )
+}
+
+
 def _param(params: Dict[str, Any], key: str, kind: Any, what: str, required: bool = True) -> Any:
     value = params.get(key)
     if value is None and not required:
@@ -4503,30 +4759,355 @@ def _param(params: Dict[str, Any], key: str, kind: Any, what: str, required: boo
     return value
 
 
-def _timeout_param(params: Dict[str, Any]) -> float:
-    ms = _param(params, "timeoutMs", (int, float), "a number of milliseconds", required=False)
-    return ms / 1000.0 if ms and ms > 0 else _DEFAULT_CALL_TIMEOUT
+# -- one kept server ----------------------------------------------------------------------------
 
 
-def _stall_param(params: Dict[str, Any]) -> Optional[float]:
-    """``stallTimeoutMs``: the call's idle budget (no answer, no progress), or None for none."""
-    ms = _param(params, "stallTimeoutMs", (int, float), "a number of milliseconds", required=False)
-    return ms / 1000.0 if ms and ms > 0 else None
+class _Health:
+    """A kept server's health record, as ``status`` shows it (guarded by its server's lock)."""
+
+    __slots__ = (
+        "started_at",
+        "pinging",
+        "failures",
+        "last_ping_at",
+        "last_ping_ok",
+        "last_error",
+        "restarts",
+    )
+
+    def __init__(self) -> None:
+        self.started_at: Optional[int] = None
+        self.pinging = False  # a ping is out: one at a time per server
+        self.failures = 0  # consecutive failed pings of the current process
+        self.last_ping_at: Optional[int] = None
+        self.last_ping_ok: Optional[bool] = None
+        self.last_error: Optional[str] = None
+        self.restarts = 0
+
+    def record(self) -> Dict[str, Any]:
+        return {
+            "lastPingAt": self.last_ping_at,
+            "lastPingOk": self.last_ping_ok,
+            "pingFailures": self.failures,
+            "lastError": self.last_error,
+            "restarts": self.restarts,
+        }
+
+
+class _KeptServer:
+    """One kept server's life: start, close, restart, idle close, ping, and its health.
+
+    ``life`` is held while its server starts or closes, so one copy runs at a time; ``fields``
+    (never held across I/O) guards the fields and the health record."""
+
+    def __init__(self, spec: ServerSpec, log: DaemonLog, changed: Callable[[], None]) -> None:
+        import threading
+
+        self.spec = spec
+        self.log = log
+        self.changed = changed  # the host's metadata is out of date (a server started or closed)
+        self.life = threading.Lock()
+        self.fields = threading.Lock()
+        self.client: Optional[McpStdioClient] = None
+        self.starting: Optional[McpStdioClient] = None  # mid-handshake: shutdown must end it too
+        self.stopping = False  # the daemon is shutting down: no server starts after it
+        self.last_used: Optional[int] = None
+        self.in_use = 0  # requests running on it: never idle while any is
+        self.health = _Health()
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    # -- start ---------------------------------------------------------------------------------
+
+    def live_client(self, start_timeout: float = _MCP_START_TIMEOUT) -> McpStdioClient:
+        """The running server's client, (re)starting the server when it is not running."""
+        with self.life:
+            client = self.client
+            if client is not None and client.alive():
+                return client
+            self._refuse_if_stopping()
+            self._retire(client)
+            client = self._start(start_timeout)
+        self.changed()
+        return client
+
+    def _retire(self, old: Optional[McpStdioClient]) -> None:
+        """Let go of a client found exited or broken (caller holds ``life``)."""
+        if old is None:
+            return
+        self.log.event(f"server '{self.name}' exited or broke; restarting it")
+        with self.fields:
+            self.client = None
+            if old.protocol_version:  # it had served; a failed start keeps its own error
+                self.health.restarts += 1
+                self.health.last_error = f"exited (pid {old.pid})"
+        old.close(grace=_RETIRED_CLOSE_GRACE)
+
+    def _start(self, timeout: float) -> McpStdioClient:
+        """Start a new copy (caller holds ``life``); it becomes the server unless shutdown began
+        during its handshake, which could not see it: then it is closed here."""
+        name = self.name
+        spec = self.spec
+        client = McpStdioClient(
+            name,
+            spec.command,
+            env=spec.env,
+            cwd=spec.cwd,
+            log=lambda line: self.log.write(f"[{name}] {line}"),
+        )
+        with self.fields:
+            self.starting = client
+        try:
+            client.start(timeout)
+        except McpError as exc:
+            with self.fields:
+                self.health.last_error = str(exc)
+            raise
+        finally:
+            with self.fields:
+                self.starting = None
+        if not self._install(client):
+            client.close(grace=_RETIRED_CLOSE_GRACE)
+            self._refuse_if_stopping()
+        self.log.event(f"server '{name}' started (pid {client.pid})")
+        return client
+
+    def _install(self, client: McpStdioClient) -> bool:
+        with self.fields:
+            if self.stopping:
+                return False
+            self.client = client
+            self.health.started_at = _now_ms()
+            self.health.failures = 0  # a new process starts with a clean record
+            return True
+
+    def _refuse_if_stopping(self) -> None:
+        if self.stopping:
+            raise HandlerError(f"daemon stopped before server '{self.name}' could start", "daemon_stopped")
+
+    # -- use -----------------------------------------------------------------------------------
+
+    def use(self, method: str, action: Callable[[McpStdioClient], Any]) -> Any:
+        """Run ``action`` on the live client; the server is in use (never idle) meanwhile."""
+        began = time.monotonic()
+        with self.fields:
+            self.in_use += 1
+        try:
+            result = action(self.live_client())
+        except McpError as exc:
+            self._trace(method, began, f"error: {exc}")
+            raise
+        finally:
+            with self.fields:
+                self.in_use -= 1
+                self.last_used = _now_ms()  # idle time counts from the end of the last use
+        self._trace(method, began, "ok")
+        return result
+
+    def _trace(self, method: str, began: float, outcome: str) -> None:
+        if self.log.traces(self.name):
+            ms = (time.monotonic() - began) * 1000
+            self.log.event(f"{method} {self.name}: {outcome} ({ms:.1f} ms)")
+
+    # -- close and restart ---------------------------------------------------------------------
+
+    def close(self, why: str, grace: float = _MCP_CLOSE_GRACE) -> None:
+        with self.life:  # a caller that wants it back waits: never two copies of one server
+            with self.fields:
+                client, self.client = self.client, None
+            self.end(client, why, grace)
+
+    def end(self, client: Optional[McpStdioClient], why: str, grace: float = _MCP_CLOSE_GRACE) -> None:
+        if client is not None:
+            self.log.event(f"closing server '{self.name}' (pid {client.pid}): {why}")
+            client.close(grace)
+            self.changed()
+
+    def restart(
+        self,
+        why: str,
+        expected: Optional[McpStdioClient] = None,
+        grace: float = _MCP_CLOSE_GRACE,
+        start_timeout: float = _MCP_START_TIMEOUT,
+    ) -> Optional[McpStdioClient]:
+        """Close the server, then start a new one at once. The close completes under ``life``
+        before the start takes it, so two copies never run together. With ``expected``, only
+        that process is restarted: None when it was closed or replaced meanwhile (an idle
+        close must not be undone by a late health verdict)."""
+        with self.life:
+            with self.fields:
+                client = self.client
+                if expected is not None and client is not expected:
+                    return None
+                self.client = None
+                if client is not None:
+                    self.health.restarts += 1
+            self.end(client, f"restarting: {why}", grace)
+        return self.live_client(start_timeout)
+
+    def close_request(self, grace: float) -> bool:
+        """``closeServer``: close the server; the next call starts it again."""
+        self.close("closeServer request", grace)
+        return True
+
+    def restart_request(self, start_timeout: float) -> Dict[str, Any]:
+        """``restartServer``: close the server and start a new one at once, kept warm."""
+        client = self.client
+        was_running = client is not None and client.alive()  # for the caller's wording only
+        client = self.restart("restartServer request", start_timeout=start_timeout)
+        return {"server": self.name, "pid": client.pid if client else None, "wasRunning": was_running}
+
+    # -- idle close ----------------------------------------------------------------------------
+
+    def idle_due(self) -> bool:
+        with self.fields:
+            return self._idle_expired() and not self.life.locked()  # locked: starting/closing
+
+    def close_if_idle(self) -> None:
+        if not self.life.acquire(blocking=False):
+            return  # starting or closing already: look again on the next tick
+        try:
+            with self.fields:  # a call may have begun since tick() looked
+                client = self.client if self._idle_expired() else None
+                if client is not None:
+                    self.client = None
+            self.end(client, f"idle for {self.spec.idle_timeout_ms} ms")
+        finally:
+            self.life.release()
+
+    def _idle_expired(self) -> bool:
+        return server_idle_expired(
+            self.spec.idle_timeout_ms,
+            self.client is not None,
+            self.starting is not None,
+            self.in_use,
+            self.last_used,
+            _now_ms(),
+        )
+
+    # -- health: pings and restarts --------------------------------------------------------------
+
+    def claim_ping(self) -> Optional[McpStdioClient]:
+        """The client to ping now, marked as being pinged; None when no ping is due."""
+        with self.fields:
+            client, health = self.client, self.health
+            busy = health.pinging or self.starting is not None or self.in_use > 0 or self.life.locked()
+            alive = client is not None and client.alive()
+            if not ping_due(
+                self.spec.health_check_ms, alive, busy, health.failures, self._last_active(), _now_ms()
+            ):
+                return None
+            health.pinging = True
+            return client
+
+    def _last_active(self) -> Optional[int]:
+        """When this server last did anything: started, served a call, or answered a ping."""
+        times = [
+            t for t in (self.health.started_at, self.last_used, self.health.last_ping_at) if t is not None
+        ]
+        return max(times) if times else None
+
+    def check_health(self, client: McpStdioClient) -> None:
+        """Ping ``client``; restart it after too many failed pings in a row."""
+        try:
+            why = self._record_ping(client, _ping_error(client))
+            if why is not None:
+                self._restart_wedged(client, why)
+        finally:
+            with self.fields:
+                self.health.pinging = False
+
+    def _record_ping(self, client: McpStdioClient, error: Optional[str]) -> Optional[str]:
+        """Note a ping's outcome in the health record; returns why to restart the server, or None."""
+        with self.fields:
+            if self.client is not client:
+                return None  # closed or replaced while the ping was out: its result says nothing
+            health = self.health
+            health.last_ping_at = _now_ms()
+            health.last_ping_ok = error is None
+            health.failures, restart = after_ping(health.failures, error is None)
+            failures = health.failures
+            if error is not None:
+                health.last_error = f"ping failed: {error}"
+        if error is None:
+            return None
+        self.log.event(
+            f"ping of server '{self.name}' (pid {client.pid}) failed ({failures} in a row): {error}"
+        )
+        return f"failed {failures} pings in a row (last: {error})" if restart else None
+
+    def _restart_wedged(self, client: McpStdioClient, why: str) -> None:
+        try:
+            self.restart(why, expected=client, grace=_WEDGED_CLOSE_GRACE)
+        except Exception as exc:  # the new copy did not start: the next call tries again
+            with self.fields:
+                self.health.last_error = str(exc)
+            self.log.event(f"restart of server '{self.name}' failed: {exc}")
+
+    # -- shutdown and records --------------------------------------------------------------------
+
+    def stop(self) -> List[McpStdioClient]:
+        """No start from now on; the running and half-started clients, for shutdown to close."""
+        with self.fields:
+            self.stopping = True
+            victims = [c for c in (self.client, self.starting) if c is not None]
+            self.client = None
+        return victims
+
+    def wait_idle(self, timeout: float) -> None:
+        """Wait (bounded) for a close begun by an idle close or a restart to end its process."""
+        if self.life.acquire(timeout=max(0.0, timeout)):
+            self.life.release()
+
+    def status(self) -> Dict[str, Any]:
+        client = self.client
+        alive = client is not None and client.alive()
+        with self.fields:
+            health = self.health.record()
+        return {
+            "name": self.name,
+            "connected": alive,
+            "lastUsedAt": self.last_used,
+            "pid": client.pid if alive and client else None,
+            "health": health,
+        }
+
+    def metadata(self) -> Optional[Dict[str, Any]]:
+        """The running server's pid and start time; None when none runs."""
+        client = self.client
+        pid = client.pid if client is not None and client.alive() else None
+        start = process_start_time(pid) if pid is not None else None
+        if client is not None and client.pid and start:  # one that just exited has no start time
+            return {"pid": client.pid, "pidStartTime": start}
+        return None
+
+
+def _ping_error(client: McpStdioClient) -> Optional[str]:
+    """Why a ping failed, or None. An error answer is an answer: a server that does not know
+    ``ping`` (some older SDKs) is alive, not wedged."""
+    try:
+        client.ping(timeout=_PING_TIMEOUT)
+    except McpError as exc:
+        if exc.code == "runtime_error" and client.alive():
+            return None
+        return str(exc)
+    return None
+
+
+# -- the service ----------------------------------------------------------------------------
 
 
 class McpKeepAliveService:
     """Keeps the config's keep-alive servers running inside a ``DaemonHost``."""
 
     def __init__(self, config: Config, log: DaemonLog) -> None:
-        import threading
-
         self.config = config
         self.log = log
         self.host: Optional[DaemonHost] = None
-        self._counts = threading.Lock()  # not slot.lock: that is held through a server's start-up
-        self._stopping = False  # set by shutdown: no server starts after it
-        self._slots = {
-            name: _ServerSlot(spec, threading.Lock())
+        self._servers = {
+            name: _KeptServer(spec, log, self._changed)
             for name, spec in config.servers.items()
             if spec.keep_alive and spec.url is None
         }
@@ -4536,210 +5117,46 @@ class McpKeepAliveService:
         self.host = host
         return host
 
+    def _changed(self) -> None:
+        if self.host:
+            self.host.mark_metadata_dirty()
+
     def handlers(self) -> Dict[str, Callable[[Dict[str, Any], RequestContext], Any]]:
-        """The wire methods this service answers, for ``DaemonHost``."""
-        return {
-            "callTool": self.call_tool,
-            "listTools": self.list_tools,
-            "listResources": self.list_resources,
-            "readResource": self.read_resource,
-            "closeServer": self.close_server,
-            "restartServer": self.restart_server,
-            "listPrompts": self.list_prompts,
-            "getPrompt": self.get_prompt,
-            "listResourceTemplates": self.list_resource_templates,
-        }
+        """The wire methods this service answers (``_OPERATIONS``), for ``DaemonHost``."""
+        return {wire: self._handler(op) for wire, op in _OPERATIONS.items()}
 
-    # -- servers -------------------------------------------------------------------------------
+    def _handler(self, op: _Operation) -> Callable[[Dict[str, Any], RequestContext], Any]:
+        return lambda params, ctx: self.handle(op, params, ctx)
 
-    def _slot(self, params: Dict[str, Any]) -> _ServerSlot:
-        name = _param(params, "server", str, "a server name")
-        slot = self._slots.get(name)
-        if slot is None:
+    def _server(self, params: Dict[str, Any]) -> _KeptServer:
+        name = _COMMON_PARAMS[0].read(params)
+        kept = self._servers.get(name)
+        if kept is None:
             if name in self.config.servers:
                 raise HandlerError(
                     f"server '{name}' is not managed by the daemon (not keep-alive)", "not_keep_alive"
                 )
             raise HandlerError(f"unknown server '{name}'", "unknown_server")
-        return slot
-
-    def _client(self, slot: _ServerSlot) -> McpStdioClient:
-        """The live client for a slot, (re)starting the server when it is not running."""
-        name = slot.spec.name
-        with slot.lock:
-            old = slot.client
-            if old is not None and old.alive():
-                return old
-            self._refuse_if_stopping(name)
-            if old is not None:
-                self.log.event(f"server '{name}' exited or broke; restarting it")
-                with self._counts:
-                    slot.client = None
-                    if old.protocol_version:  # it had served; a failed start keeps its own error
-                        slot.restarts += 1
-                        slot.last_error = f"exited (pid {old.pid})"
-                old.close(grace=0.1)
-            client = McpStdioClient(
-                name,
-                slot.spec.command,
-                env=slot.spec.env,
-                cwd=slot.spec.cwd,
-                log=lambda line: self.log.write(f"[{name}] {line}"),
-            )
-            with self._counts:
-                slot.starting = client
-            started = False
-            try:
-                client.start()
-                started = True
-            except McpError as exc:
-                with self._counts:
-                    slot.last_error = str(exc)
-                raise
-            finally:
-                with self._counts:
-                    slot.starting = None
-                    stopping = self._stopping
-                    if started and not stopping:  # a failed start is never kept as the server
-                        slot.client = client
-                        slot.started_at = _now_ms()
-                        slot.failures = 0  # a new process starts with a clean record
-            if stopping:  # shutdown began during the handshake and could not see this one
-                client.close(grace=0.1)
-                self._refuse_if_stopping(name)
-            self.log.event(f"server '{name}' started (pid {client.pid})")
-        if self.host:
-            self.host.mark_metadata_dirty()
-        return client
-
-    def _refuse_if_stopping(self, name: str) -> None:
-        if self._stopping:
-            raise HandlerError(f"daemon stopped before server '{name}' could start", "daemon_stopped")
-
-    def _use(self, slot: _ServerSlot, ctx: RequestContext, action: Callable[[McpStdioClient], Any]) -> Any:
-        began = time.monotonic()
-        with self._counts:
-            slot.in_use += 1
-        try:
-            result = action(self._client(slot))
-        except McpError as exc:
-            self._trace(slot, ctx, began, f"error: {exc}")
-            raise
-        finally:
-            with self._counts:
-                slot.in_use -= 1
-                slot.last_used = _now_ms()  # idle time counts from the end of the last use
-        self._trace(slot, ctx, began, "ok")
-        return result
-
-    def _trace(self, slot: _ServerSlot, ctx: RequestContext, began: float, outcome: str) -> None:
-        if self.log.traces(slot.spec.name):
-            ms = (time.monotonic() - began) * 1000
-            self.log.event(f"{ctx.method} {slot.spec.name}: {outcome} ({ms:.1f} ms)")
+        return kept
 
     # -- handlers ------------------------------------------------------------------------------
 
-    def call_tool(self, params: Dict[str, Any], ctx: RequestContext) -> Any:
-        """``callTool``; besides mcporter's typed ``args``, ``rawArgs`` (text pairs from a
-        command line) are typed here by the tool's cached schema: one request per call."""
-        slot = self._slot(params)
-        tool = _param(params, "tool", str, "a tool name")
-        args = _param(params, "args", dict, "an object", required=False) or {}
-        raw = _param(params, "rawArgs", dict, "an object of strings", required=False) or {}
-        if not all(isinstance(v, str) for v in raw.values()):
-            raise HandlerError("param 'rawArgs' must be an object of strings", "bad_request")
-        timeout = _timeout_param(params)
-        stall = _stall_param(params)
-
-        def call(c: McpStdioClient) -> Any:
-            full = call_arguments(args, raw, tool, lambda: self._tools(slot, c, timeout))
-            return c.call_tool(tool, full, timeout, ctx.notices, ctx.report_progress, ctx.cancelled, stall)
-
+    def handle(self, op: _Operation, params: Dict[str, Any], ctx: RequestContext) -> Any:
+        """One request, as the table declares its operation: on the kept server's MCP face
+        (the server started when it is not running), or on the kept server's life."""
+        kept = self._server(params)
+        args = op.read(params)
+        if op.manage is not None:
+            return op.manage(kept, args, op.seconds(args))
+        run = op.run
+        assert run is not None
+        opts = op.options(args, ctx.notices, ctx.report_progress, ctx.cancelled)
         try:
-            return self._use(slot, ctx, call)
+            return kept.use(ctx.method, lambda client: run(client, args, opts))
         except UsageError as exc:
             raise HandlerError(str(exc), "invalid_arguments") from None
 
-    def _tools(self, slot: _ServerSlot, client: McpStdioClient, timeout: float) -> List[Dict[str, Any]]:
-        """This server process's tools/list, kept until it announces a change (``tools_stale``)
-        or is replaced: typing a warm call's arguments costs no round trip to the server."""
-        with self._counts:
-            if slot.tools_of is client and not client.tools_stale:
-                return slot.tools
-            slot.tools_of = None  # a failed re-list must not revive the old list
-        tools = client.list_tools(timeout)  # clears tools_stale first: a change meanwhile re-lists
-        with self._counts:
-            slot.tools, slot.tools_of = tools, client
-        return tools
-
-    def list_tools(self, params: Dict[str, Any], ctx: RequestContext) -> Any:
-        """``listTools``: a kept server's tools (from the cache), with schemas on request."""
-        slot = self._slot(params)
-        schema = bool(params.get("includeSchema"))
-        tools = self._use(slot, ctx, lambda c: self._tools(slot, c, _timeout_param(params)))
-        keep = ("name", "description", "inputSchema", "outputSchema") if schema else ("name", "description")
-        return [{k: t[k] for k in keep if k in t} for t in tools if isinstance(t, dict)]
-
-    def list_resources(self, params: Dict[str, Any], ctx: RequestContext) -> Any:
-        """``listResources``: a kept server's resources."""
-        slot = self._slot(params)
-        return {"resources": self._use(slot, ctx, lambda c: c.list_resources())}
-
-    def read_resource(self, params: Dict[str, Any], ctx: RequestContext) -> Any:
-        """``readResource``: one resource of a kept server."""
-        slot = self._slot(params)
-        uri = _param(params, "uri", str, "a resource URI")
-        return self._use(slot, ctx, lambda c: c.read_resource(uri))
-
-    def close_server(self, params: Dict[str, Any], ctx: RequestContext) -> Any:
-        """``closeServer``: close one kept server; the next call starts it again."""
-        slot = self._slot(params)
-        self._close(slot, "closeServer request")
-        return True
-
-    def restart_server(self, params: Dict[str, Any], ctx: RequestContext) -> Any:
-        """Close the server and start a new one at once: it is kept warm for the next call."""
-        slot = self._slot(params)
-        was_running = slot.client is not None and slot.client.alive()  # for the caller's wording only
-        client = self._restart(slot, "restartServer request")
-        return {"server": slot.spec.name, "pid": client.pid if client else None, "wasRunning": was_running}
-
-    def list_prompts(self, params: Dict[str, Any], ctx: RequestContext) -> Any:
-        """``listPrompts``: a kept server's prompts."""
-        slot = self._slot(params)
-        timeout = _timeout_param(params)
-        return {"prompts": self._use(slot, ctx, lambda c: c.list_prompts(timeout))}
-
-    def get_prompt(self, params: Dict[str, Any], ctx: RequestContext) -> Any:
-        """``getPrompt``: one prompt of a kept server, with its arguments."""
-        slot = self._slot(params)
-        name = _param(params, "name", str, "a prompt name")
-        args = _param(params, "args", dict, "an object", required=False) or {}
-        timeout = _timeout_param(params)
-        return self._use(slot, ctx, lambda c: c.get_prompt(name, args, timeout))
-
-    def list_resource_templates(self, params: Dict[str, Any], ctx: RequestContext) -> Any:
-        """``listResourceTemplates``: a kept server's resource templates."""
-        slot = self._slot(params)
-        timeout = _timeout_param(params)
-        return {"resourceTemplates": self._use(slot, ctx, lambda c: c.list_resource_templates(timeout))}
-
-    # -- lifecycle hooks -----------------------------------------------------------------------
-
-    def _close(self, slot: _ServerSlot, why: str) -> None:
-        with slot.lock:  # a caller that wants it back waits: never two copies of one server
-            with self._counts:
-                client, slot.client = slot.client, None
-            self._end(slot, client, why)
-
-    def _end(
-        self, slot: _ServerSlot, client: Optional[McpStdioClient], why: str, grace: float = _MCP_CLOSE_GRACE
-    ) -> None:
-        if client is not None:
-            self.log.event(f"closing server '{slot.spec.name}' (pid {client.pid}): {why}")
-            client.close(grace)
-            if self.host:
-                self.host.mark_metadata_dirty()
+    # -- host hooks ----------------------------------------------------------------------------
 
     def tick(self) -> None:
         """Per-server ``idleTimeoutMs``: close just that server once idle long enough; and
@@ -4747,139 +5164,22 @@ class McpKeepAliveService:
         thread of its own, so a slow close or a wedged server delays nothing else."""
         import threading
 
-        for slot in self._slots.values():
-            if self._idle(slot):
-                threading.Thread(target=self._close_if_idle, args=(slot,), daemon=True).start()
-            client = self._claim_ping(slot)
+        for kept in self._servers.values():
+            if kept.idle_due():
+                threading.Thread(target=kept.close_if_idle, daemon=True).start()
+            client = kept.claim_ping()
             if client is not None:
-                threading.Thread(target=self._check_health, args=(slot, client), daemon=True).start()
-
-    # -- health: pings and restarts ------------------------------------------------------------
-
-    def _claim_ping(self, slot: _ServerSlot) -> Optional[McpStdioClient]:
-        """The client to ping now, marked as being pinged; None when no ping is due."""
-        with self._counts:
-            client = slot.client
-            busy = slot.pinging or slot.starting is not None or slot.in_use > 0 or slot.lock.locked()
-            alive = client is not None and client.alive()
-            if not ping_due(
-                slot.spec.health_check_ms, alive, busy, slot.failures, slot.last_active(), _now_ms()
-            ):
-                return None
-            slot.pinging = True
-            return client
-
-    def _check_health(self, slot: _ServerSlot, client: McpStdioClient) -> None:
-        try:
-            why = self._record_ping(slot, client, self._ping_error(client))
-            if why is not None:
-                self._restart_wedged(slot, client, why)
-        finally:
-            with self._counts:
-                slot.pinging = False
-
-    def _record_ping(self, slot: _ServerSlot, client: McpStdioClient, error: Optional[str]) -> Optional[str]:
-        """Note a ping's outcome in the slot; returns why to restart the server, or None."""
-        with self._counts:
-            if slot.client is not client:
-                return None  # closed or replaced while the ping was out: its result says nothing
-            slot.last_ping_at = _now_ms()
-            slot.last_ping_ok = error is None
-            slot.failures, restart = after_ping(slot.failures, error is None)
-            failures = slot.failures
-            if error is not None:
-                slot.last_error = f"ping failed: {error}"
-        if error is None:
-            return None
-        name = slot.spec.name
-        self.log.event(f"ping of server '{name}' (pid {client.pid}) failed ({failures} in a row): {error}")
-        return f"failed {failures} pings in a row (last: {error})" if restart else None
-
-    def _restart_wedged(self, slot: _ServerSlot, client: McpStdioClient, why: str) -> None:
-        try:
-            self._restart(slot, why, expected=client, grace=_WEDGED_CLOSE_GRACE)
-        except Exception as exc:  # the new copy did not start: the next call tries again
-            with self._counts:
-                slot.last_error = str(exc)
-            self.log.event(f"restart of server '{slot.spec.name}' failed: {exc}")
-
-    @staticmethod
-    def _ping_error(client: McpStdioClient) -> Optional[str]:
-        """Why a ping failed, or None. An error answer is an answer: a server that does not
-        know ``ping`` (some older SDKs) is alive, not wedged."""
-        try:
-            client.ping(timeout=_PING_TIMEOUT)
-        except McpError as exc:
-            if exc.code == "runtime_error" and client.alive():
-                return None
-            return str(exc)
-        return None
-
-    def _restart(
-        self,
-        slot: _ServerSlot,
-        why: str,
-        expected: Optional[McpStdioClient] = None,
-        grace: float = _MCP_CLOSE_GRACE,
-    ) -> Optional[McpStdioClient]:
-        """Close the server, then start a new one at once. The close completes under
-        ``slot.lock`` before the start takes it, so two copies never run together. With
-        ``expected``, only that process is restarted: None when it was closed or replaced
-        meanwhile (an idle close must not be undone by a late health verdict)."""
-        with slot.lock:
-            with self._counts:
-                client = slot.client
-                if expected is not None and client is not expected:
-                    return None
-                slot.client = None
-                if client is not None:
-                    slot.restarts += 1
-            if client is not None:
-                self._end(slot, client, f"restarting: {why}", grace)
-        return self._client(slot)
-
-    def _idle(self, slot: _ServerSlot) -> bool:
-        with self._counts:
-            return self._idle_unlocked(slot) and not slot.lock.locked()  # locked: starting/closing
-
-    def _close_if_idle(self, slot: _ServerSlot) -> None:
-        if not slot.lock.acquire(blocking=False):
-            return  # starting or closing already: look again on the next tick
-        try:
-            with self._counts:  # a call may have begun since tick() looked
-                client = slot.client if self._idle_unlocked(slot) else None
-                if client is not None:
-                    slot.client = None
-            self._end(slot, client, f"idle for {slot.spec.idle_timeout_ms} ms")
-        finally:
-            slot.lock.release()
-
-    def _idle_unlocked(self, slot: _ServerSlot) -> bool:
-        return server_idle_expired(
-            slot.spec.idle_timeout_ms,
-            slot.client is not None,
-            slot.starting is not None,
-            slot.in_use,
-            slot.last_used,
-            _now_ms(),
-        )
+                threading.Thread(target=kept.check_health, args=(client,), daemon=True).start()
 
     def shutdown(self) -> None:
         """Close every server in parallel (one grace period, not N), including any still in
         its handshake: a half-started server must not outlive the daemon."""
         import threading
 
-        with self._counts:
-            self._stopping = True
-            victims = []
-            for slot in self._slots.values():
-                for client in (slot.client, slot.starting):
-                    if client is not None:
-                        victims.append((slot, client))
-                slot.client = None
         threads = [
-            threading.Thread(target=self._end, args=(slot, client, "daemon shutdown"), daemon=True)
-            for slot, client in victims
+            threading.Thread(target=kept.end, args=(client, "daemon shutdown"), daemon=True)
+            for kept in self._servers.values()
+            for client in kept.stop()
         ]
         for t in threads:
             t.start()
@@ -4887,39 +5187,20 @@ class McpKeepAliveService:
         deadline = time.monotonic() + _MCP_CLOSE_WORST
         for t in threads:
             t.join(max(0.0, deadline - time.monotonic()))
-        for slot in self._slots.values():
-            # A close begun by an idle close or a restart must end its process before we exit.
-            if slot.lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
-                slot.lock.release()
+        for kept in self._servers.values():
+            kept.wait_idle(deadline - time.monotonic())
 
     def status_extra(self) -> Dict[str, Any]:
         """Hook for ``status``: the config path and each kept server's state and health."""
-        servers = []
-        for name, slot in self._slots.items():
-            client = slot.client
-            alive = client is not None and client.alive()
-            with self._counts:
-                health = slot.health()
-            servers.append(
-                {
-                    "name": name,
-                    "connected": alive,
-                    "lastUsedAt": slot.last_used,
-                    "pid": client.pid if alive and client else None,
-                    "health": health,
-                }
-            )
-        return {"configPath": self.config.path, "servers": servers}
+        return {"configPath": self.config.path, "servers": [kept.status() for kept in self._servers.values()]}
 
     def metadata_extra(self) -> Dict[str, Any]:
         """Hook for the metadata: config layers and each running server's pid and start time."""
         servers = {}
-        for name, slot in self._slots.items():
-            client = slot.client
-            pid = client.pid if client is not None and client.alive() else None
-            start = process_start_time(pid) if pid is not None else None
-            if client is not None and client.pid and start:  # one that just exited has no start time
-                servers[name] = {"pid": client.pid, "pidStartTime": start}
+        for name, kept in self._servers.items():
+            record = kept.metadata()
+            if record is not None:
+                servers[name] = record
         return {
             "configPath": self.config.path,
             "configLayers": [_layer_record(path, data) for path, data in self.config.layers]
@@ -5498,12 +5779,24 @@ def _stderr_is_tty() -> bool:
         return False
 
 
-def _run_ephemeral(spec: ServerSpec, action: Callable[[McpStdioClient], Any], timeout: float) -> Any:
-    """Spawn, handshake, act, shut down: a server that is not kept alive."""
+def _run_ephemeral(
+    spec: ServerSpec,
+    method: str,
+    params: Dict[str, Any],
+    timeout: float,
+    line: Optional[_ProgressLine] = None,
+) -> Any:
+    """Spawn, handshake, run the operation as the daemon would, shut down: a server that is
+    not kept alive."""
+    op = _OPERATIONS[method]
+    args = op.read(params)
+    opts = op.options(args, on_progress=line.show if line else None)
+    run = op.run
+    assert run is not None
     client = McpStdioClient(spec.name, spec.command, env=spec.env, cwd=spec.cwd, log=lambda line: None)
     client.start(timeout=timeout)
     try:
-        return action(client)
+        return run(client, args, opts)
     finally:
         client.close()
 
@@ -5514,14 +5807,13 @@ def _via_daemon_or_ephemeral(
     spec: ServerSpec,
     method: str,
     params: Dict[str, Any],
-    local: Callable[[McpStdioClient], Any],
     line: Optional[_ProgressLine] = None,
 ) -> Any:
     timeout = _timeout_seconds(args)
-    if not spec.keep_alive:
-        return _run_ephemeral(spec, local, timeout)
-    notices: List[str] = []
     params = dict(params, server=spec.name, timeoutMs=int(timeout * 1000))
+    if not spec.keep_alive:
+        return _run_ephemeral(spec, method, params, timeout, line)
+    notices: List[str] = []
     try:
         # The idle budget catches a hung daemon; the overall one a daemon whose progress frames
         # outlive the call (its own timeout fires first, so its error arrives within the grace).
@@ -5907,7 +6199,6 @@ def cmd_call(args: Any) -> int:
     typed, raw = _parse_call_args(args.pairs, args.args)
     cfg = _load(args)
     spec = _server_spec(cfg, server)
-    timeout = _timeout_seconds(args)
     stall = args.stall_timeout if args.stall_timeout and args.stall_timeout > 0 else None
     # The daemon types the pairs itself with its cached tool list: one request, no extra trip.
     params: Dict[str, Any] = {"tool": tool, "args": typed}
@@ -5916,13 +6207,8 @@ def cmd_call(args: Any) -> int:
     if stall:
         params["stallTimeoutMs"] = int(stall * 1000)
     line = _ProgressLine(args.progress or _stderr_is_tty())
-
-    def ephemeral(c: McpStdioClient) -> Any:
-        full = call_arguments(typed, raw, tool, lambda: c.list_tools(timeout))
-        return c.call_tool(tool, full, timeout, on_progress=line.show, idle=stall)
-
     try:
-        result = _via_daemon_or_ephemeral(cfg, args, spec, "callTool", params, ephemeral, line) or {}
+        result = _via_daemon_or_ephemeral(cfg, args, spec, "callTool", params, line) or {}
     finally:
         line.erase()  # before any result or error line, which would otherwise overwrite it
     saved = save_media(result, args.save_images, tool) if args.save_images else {}
@@ -5973,10 +6259,7 @@ def cmd_list(args: Any) -> int:
             print(f"{r['name']}: {mode} ({r['why']}) — {command or r['url']}  [{r['source']}]")
         return 0
     spec = _server_spec(cfg, args.server)
-    timeout = _timeout_seconds(args)
-    tools = _via_daemon_or_ephemeral(
-        cfg, args, spec, "listTools", {"includeSchema": True}, lambda c: c.list_tools(timeout)
-    )
+    tools = _via_daemon_or_ephemeral(cfg, args, spec, "listTools", {"includeSchema": True})
     if args.json:
         _print_json(tools if args.schema else [{k: t.get(k) for k in ("name", "description")} for t in tools])
         return 0
@@ -5994,17 +6277,14 @@ def cmd_list(args: Any) -> int:
 def cmd_resources(args: Any) -> int:
     cfg = _load(args)
     spec = _server_spec(cfg, args.server)
-    timeout = _timeout_seconds(args)
     if args.output and not args.uri:
         raise UsageError("resources -o FILE needs the URI of the resource to write")
     if args.templates:
         if args.uri:
             raise UsageError("resources --templates lists templates; it takes no URI")
-        return _list_templates(cfg, args, spec, timeout)
+        return _list_templates(cfg, args, spec)
     if args.uri:
-        result = _via_daemon_or_ephemeral(
-            cfg, args, spec, "readResource", {"uri": args.uri}, lambda c: c.read_resource(args.uri, timeout)
-        )
+        result = _via_daemon_or_ephemeral(cfg, args, spec, "readResource", {"uri": args.uri})
         if args.output:
             _write_output(args.output, resource_bytes(result or {}))
         elif args.json:
@@ -6013,9 +6293,7 @@ def cmd_resources(args: Any) -> int:
             for item in (result or {}).get("contents") or []:
                 print(_resource_text(item))
         return 0
-    result = _via_daemon_or_ephemeral(
-        cfg, args, spec, "listResources", {}, lambda c: {"resources": c.list_resources(timeout)}
-    )
+    result = _via_daemon_or_ephemeral(cfg, args, spec, "listResources", {})
     resources = (result or {}).get("resources") or []
     if args.json:
         _print_json(resources)
@@ -6040,15 +6318,8 @@ def _write_output(path: str, data: bytes) -> None:
     print(f"wrote {len(data)} bytes to {path}")
 
 
-def _list_templates(cfg: Config, args: Any, spec: ServerSpec, timeout: float) -> int:
-    result = _via_daemon_or_ephemeral(
-        cfg,
-        args,
-        spec,
-        "listResourceTemplates",
-        {},
-        lambda c: {"resourceTemplates": c.list_resource_templates(timeout)},
-    )
+def _list_templates(cfg: Config, args: Any, spec: ServerSpec) -> int:
+    result = _via_daemon_or_ephemeral(cfg, args, spec, "listResourceTemplates", {})
     templates = [t for t in (result or {}).get("resourceTemplates") or [] if isinstance(t, dict)]
     if args.json:
         _print_json(templates)
@@ -6097,13 +6368,10 @@ def _message_text(message: Dict[str, Any]) -> str:
 def cmd_prompts(args: Any) -> int:
     cfg = _load(args)
     spec = _server_spec(cfg, args.server)
-    timeout = _timeout_seconds(args)
     if not args.name:
         if args.pairs:
             raise UsageError("arguments need a prompt name: prompts SERVER NAME key=value ...")
-        result = _via_daemon_or_ephemeral(
-            cfg, args, spec, "listPrompts", {}, lambda c: {"prompts": c.list_prompts(timeout)}
-        )
+        result = _via_daemon_or_ephemeral(cfg, args, spec, "listPrompts", {})
         prompts = [p for p in (result or {}).get("prompts") or [] if isinstance(p, dict)]
         if args.json:
             _print_json(prompts)
@@ -6111,14 +6379,7 @@ def cmd_prompts(args: Any) -> int:
             print("\n".join(_prompt_lines(p)))
         return 0
     arguments = _parse_prompt_args(args.pairs)
-    result = _via_daemon_or_ephemeral(
-        cfg,
-        args,
-        spec,
-        "getPrompt",
-        {"name": args.name, "args": arguments},
-        lambda c: c.get_prompt(args.name, arguments, timeout),
-    )
+    result = _via_daemon_or_ephemeral(cfg, args, spec, "getPrompt", {"name": args.name, "args": arguments})
     if args.json:
         _print_json(result)
         return 0

@@ -4668,7 +4668,8 @@ def test_progress_extends_the_stall_budget_but_never_the_timeout(h):
     ],
 )
 def test_call_expiry_table(now, deadline, heard, idle, expected):
-    assert _import_module().call_expiry(now, deadline, heard, idle) == expected
+    # ``now`` stays in the table as the moment each row describes; the decision does not read it.
+    assert _import_module().call_expiry(deadline, heard, idle) == expected
 
 
 # ##########################################################################################
@@ -5331,6 +5332,104 @@ def test_caller_going_away_cancels_its_call_at_the_server_within_1s(h, how, life
         wait_until(lambda: thread_count(server) == 1, 10, message="the cancelled sleep to end")
         assert int(call_ok(h, "demo.pid")) == server
         assert len(cancellations(log)) == 1
+
+
+# A server that answers nothing but initialize ("mute": not even that). "init-only" also outlives
+# the end of its input and ignores SIGTERM, so only the close's SIGKILL ends it. argv: mode, tag.
+SILENT_SERVER = r"""
+import json, signal, sys, time
+
+mode = sys.argv[1]
+if mode == "init-only":
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+for line in sys.stdin:
+    msg = json.loads(line)
+    if msg.get("method") == "initialize" and mode == "init-only":
+        result = {"protocolVersion": msg["params"]["protocolVersion"], "serverInfo": {"name": "silent"},
+                  "capabilities": {"tools": {}, "resources": {}, "prompts": {}}}
+        sys.stdout.write(json.dumps({"jsonrpc": "2.0", "id": msg["id"], "result": result}) + "\n")
+        sys.stdout.flush()
+time.sleep(3600)
+"""
+
+# How much past its timeoutMs a request through the daemon may take to fail (or end).
+TIMEOUT_GRACE = 1.5
+
+
+def silent_daemon(h, mode):
+    """A running daemon keeping one SILENT_SERVER ("silent") in ``mode``."""
+    script = h.tmp / "silent_server.py"
+    script.write_text(SILENT_SERVER)
+    entry = {"command": sys.executable, "args": [str(script), mode, h.tag], "lifecycle": "keep-alive"}
+    h.write_config({"mcpServers": {"silent": entry}})
+    start_daemon(h)
+
+
+def timed_request(h, method, params):
+    t0 = time.monotonic()
+    resp, _, _ = raw_request(h.socket_path, method, params, idle=10.0, overall=10.0)
+    return resp, time.monotonic() - t0
+
+
+@pytest.mark.parametrize(
+    "method, params",
+    [
+        ("callTool", {"tool": "anything"}),
+        ("listTools", {}),
+        ("listResources", {}),
+        ("readResource", {"uri": "silent://x"}),
+        ("listResourceTemplates", {}),
+        ("listPrompts", {}),
+        ("getPrompt", {"name": "anything"}),
+    ],
+)
+def test_every_mcp_operation_honours_timeout_ms_through_the_daemon(h, method, params):
+    silent_daemon(h, "init-only")
+    resp, _ = timed_request(h, "restartServer", {"server": "silent"})  # started before the clock runs
+    assert resp.get("ok") is True, resp
+    resp, took = timed_request(h, method, dict(params, server="silent", timeoutMs=1000))
+    assert resp.get("ok") is False and resp["error"]["code"] == "operation_timeout", resp
+    assert "timed out after 1s" in resp["error"]["message"], resp
+    assert took < 1 + TIMEOUT_GRACE, f"{method} failed after {took:.2f}s (timeoutMs 1000)"
+
+
+def test_restart_server_honours_timeout_ms_for_the_new_servers_handshake(h):
+    silent_daemon(h, "mute")
+    resp, took = timed_request(h, "restartServer", {"server": "silent", "timeoutMs": 1000})
+    assert resp.get("ok") is False and resp["error"]["code"] == "operation_timeout", resp
+    assert "initialize timed out after 1s" in resp["error"]["message"], resp
+    assert took < 1 + TIMEOUT_GRACE, f"restartServer failed after {took:.2f}s (timeoutMs 1000)"
+    wait_until(lambda: not h.server_pids(), 5, message="the half-started server to be ended")
+
+
+def test_close_server_honours_timeout_ms_for_its_grace_steps(h):
+    silent_daemon(h, "init-only")
+    resp, _ = timed_request(h, "restartServer", {"server": "silent"})
+    assert resp.get("ok") is True, resp
+    server = resp["result"]["pid"]
+    resp, took = timed_request(h, "closeServer", {"server": "silent", "timeoutMs": 1000})
+    assert resp.get("ok") is True, resp
+    assert took < 1 + TIMEOUT_GRACE, f"closeServer took {took:.2f}s (timeoutMs 1000)"
+    assert not pid_alive(server), f"server {server} outlived its close"
+
+
+@pytest.mark.parametrize(
+    "wire, timeout_ms, expected",
+    [
+        ("callTool", 1500, 1.5),  # each request waits the caller's timeout
+        ("listResources", None, "_DEFAULT_CALL_TIMEOUT"),  # none given: the default call timeout
+        ("readResource", 0, "_DEFAULT_CALL_TIMEOUT"),  # zero or less is none
+        ("restartServer", 1500, 1.5),  # the new server's handshake
+        ("restartServer", None, "_MCP_START_TIMEOUT"),  # none given: the usual start-up timeout
+        ("closeServer", 100, 0.05),  # half of it for each grace step
+        ("closeServer", 10**9, "_MCP_CLOSE_GRACE"),  # never longer than a normal close
+        ("closeServer", None, "_MCP_CLOSE_GRACE"),
+    ],
+)
+def test_operation_timeout_table(wire, timeout_ms, expected):
+    md = _import_module()
+    seconds = getattr(md, expected) if isinstance(expected, str) else expected
+    assert md._OPERATIONS[wire].seconds({"timeoutMs": timeout_ms}) == seconds
 
 
 # ##########################################################################################
