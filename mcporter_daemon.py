@@ -3593,13 +3593,13 @@ def _server_log_line(params: Any) -> str:
     )
 
 
-def _cwd_problem(spec: ServerSpec) -> str:
-    """Why ``spec``'s server cannot start in its working directory ("" when it can): a missing
-    directory makes the spawn fail like a missing command, which would name the wrong thing."""
-    if spec.cwd is None or os.path.isdir(spec.cwd):
+def _cwd_problem(name: str, cwd: Optional[str], source: Optional[str]) -> str:
+    """Why server ``name`` cannot start in ``cwd`` ("" when it can): a missing directory makes
+    the spawn fail like a missing command, which would name the wrong thing."""
+    if cwd is None or os.path.isdir(cwd):
         return ""
-    what = "is not a directory" if os.path.exists(spec.cwd) else "does not exist"
-    return f"working directory {spec.cwd} {what} (server '{spec.name}', from {spec.source})"
+    what = "is not a directory" if os.path.exists(cwd) else "does not exist"
+    return f"working directory {cwd} {what} (server '{name}'{f', from {source}' if source else ''})"
 
 
 def _read_lines(fd: int) -> Iterable[str]:
@@ -3738,8 +3738,11 @@ class _ServerProcess:
     def pid(self) -> Optional[int]:
         return self.proc.pid if self.proc else None
 
-    def spawn(self, argv: List[str], env: Optional[Dict[str, str]], cwd: Optional[str]) -> None:
-        """Start the server (never through a shell) in its own process group; drain its stderr."""
+    def spawn(
+        self, argv: List[str], env: Optional[Dict[str, str]], cwd: Optional[str], source: Optional[str] = None
+    ) -> None:
+        """Start the server (never through a shell) in its own process group; drain its stderr.
+        ``source``: the config file that defines it, named when its working directory is missing."""
         import subprocess
 
         full_env = dict(os.environ)
@@ -3757,11 +3760,15 @@ class _ServerProcess:
                 start_new_session=True,  # own process group: the shutdown can end its children
                 close_fds=True,
             )
-        except FileNotFoundError:
-            raise McpError(
-                f"server '{self.name}': command not found: {argv[0]}", "command_not_found"
-            ) from None
         except OSError as exc:
+            # A missing cwd fails like a missing command (ENOENT): name the directory instead.
+            problem = _cwd_problem(self.name, cwd, source)
+            if problem:
+                raise McpError(problem, "command_not_found") from None
+            if isinstance(exc, FileNotFoundError):
+                raise McpError(
+                    f"server '{self.name}': command not found: {argv[0]}", "command_not_found"
+                ) from None
             raise McpError(
                 f"server '{self.name}': cannot run {argv[0]}: {exc.strerror}", "command_not_found"
             ) from None
@@ -3840,14 +3847,21 @@ class _ServerProcess:
         self.exited.set()
 
     def _drain_stderr(self) -> None:
-        # Always drained: a full stderr pipe would block the server mid-call.
+        # Always drained, whatever happens here: a full stderr pipe would block the server mid-call.
         assert self.proc is not None and self.proc.stderr is not None
-        for raw in iter(self.proc.stderr.readline, b""):
-            line = raw.decode("utf-8", "replace").rstrip("\r\n")
-            if line.strip():
+        fd = self.proc.stderr.fileno()
+        try:
+            for line in _stderr_lines(fd):
                 # The last few lines say why a server died ("API_KEY not set"), bounded.
                 self.stderr_lines = (self.stderr_lines + [line[:_STDERR_LINE_CHARS]])[-_STDERR_TAIL_LINES:]
-            self.log(line)
+                self.log(line)
+        except Exception as exc:
+            self.log(f"(stderr no longer logged: {exc!r})")
+            try:
+                while os.read(fd, _STDERR_READ):
+                    pass
+            except OSError:
+                pass
 
     def stderr_tail(self, wait: float = 0.0) -> str:
         """The server's last stderr lines, joined; ``wait`` lets the drain reach EOF first (a
@@ -4257,11 +4271,13 @@ class McpStdioClient:
         env: Optional[Dict[str, str]] = None,
         cwd: Optional[str] = None,
         log: Optional[Callable[[str], None]] = None,
+        source: Optional[str] = None,
     ) -> None:
         self.name = name
         self.argv = list(argv)
         self.env = env
         self.cwd = cwd
+        self.source = source  # the config file that defines the server, for its errors
         log = log or (lambda line: None)
         self._process = _ServerProcess(name, log)
         self._channel = _JsonRpcChannel(name, self._process, log, self._notified, self.close)
@@ -4855,7 +4871,8 @@ class _KeptServer:
             spec.command,
             env=spec.env,
             cwd=spec.cwd,
-            log=lambda line: self.log.write(f"[{name}] {line}"),
+            log=lambda line: self.log.event(f"[{name}] {line}"),
+            source=spec.source,
         )
         with self.fields:
             self.starting = client
@@ -5793,7 +5810,9 @@ def _run_ephemeral(
     opts = op.options(args, on_progress=line.show if line else None)
     run = op.run
     assert run is not None
-    client = McpStdioClient(spec.name, spec.command, env=spec.env, cwd=spec.cwd, log=lambda line: None)
+    client = McpStdioClient(
+        spec.name, spec.command, env=spec.env, cwd=spec.cwd, log=lambda line: None, source=spec.source
+    )
     client.start(timeout=timeout)
     try:
         return run(client, args, opts)
@@ -6475,7 +6494,7 @@ def _doctor_servers(found: _Findings, cfg: Config) -> None:
             found.warn(f"server '{name}' is HTTP ({spec.url})", "this tool runs stdio servers only")
             continue
         mode = "keep-alive" if spec.keep_alive else "ephemeral"
-        unusable_cwd = _cwd_problem(spec)
+        unusable_cwd = _cwd_problem(name, spec.cwd, spec.source)
         if unusable_cwd:
             found.fail(unusable_cwd, 'create it, or fix the server\'s "cwd" in the config')
             continue
