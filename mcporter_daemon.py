@@ -3872,11 +3872,14 @@ class _ServerProcess:
         return " | ".join(self.stderr_lines)
 
     def exit_reason(self) -> str:
-        """Why calls to a server whose output ended fail: its exit code and last stderr lines."""
+        """Why calls to a server whose output ended fail: its exit code (or signal) and last
+        stderr lines, however fast it died."""
         tail = self.stderr_tail(wait=_STDERR_EOF_WAIT)
         self.exited.wait(_STDERR_EOF_WAIT)  # stdout closes a moment before the exit shows
         code = self.exit_code if self.leader_exited() else None
-        why = "exited" + (f" (exit code {code})" if code is not None else "")
+        why = (
+            "exited" if code is None else f"exited ({_exit_words(code)})" if code >= 0 else _exit_words(code)
+        )
         return why + (f"; stderr: {tail}" if tail else "")
 
     def close_stdin(self) -> None:
@@ -3971,32 +3974,47 @@ class _JsonRpcChannel:
         """Running, its stream intact, and its leader not exited (checked without reaping)."""
         return self.process.proc is not None and not self.broken and not self.process.leader_exited()
 
+    def down_reason(self) -> str:
+        """Why a server that is not alive is not: its broken stream, or how it exited (code or
+        signal, last stderr lines), however fast that was."""
+        if self.broken:
+            return self.broken
+        return self.process.exit_reason() if self.process.proc is not None else "not started"
+
     # -- reading -----------------------------------------------------------------------------
 
     def _read_stdout(self) -> None:
+        """Read and dispatch until stdout ends, then say so: however the reading ends, the
+        server never goes on looking healthy with nobody reading its answers."""
         proc = self.process.proc
         assert proc is not None and proc.stdout is not None
-        for text in _read_lines(proc.stdout.fileno()):
-            msg = self._parse_line(text)
-            del text  # one copy of a large line at a time: the text goes before dispatching
-            if msg is not None:
-                self._dispatch(msg)
-            del msg  # ...and the message before the next (maybe long) wait for a line
-        self.fail_pending()
-
-    def _parse_line(self, text: str) -> Optional[Dict[str, Any]]:
-        """A JSON object from one stdout line; blank lines are skipped, junk is logged."""
-        if not text.strip():
-            return None
+        why = "closed its stdout"
         try:
-            msg = json.loads(text)  # a trailing \r\n is white space to JSON
-        except ValueError:
-            self.log(f"(skipped non-JSON stdout line: {text[:200].strip()})")
-            return None
-        if not isinstance(msg, dict):
-            self.log(f"(skipped non-object stdout message: {text[:200].strip()})")
-            return None
-        return msg
+            for text in _read_lines(proc.stdout.fileno()):
+                messages, junk = _parse_messages(text)  # each element of a batch, in order
+                if junk:
+                    self.log(f"({junk}: {text[:200].strip()})")
+                del text  # one copy of a large line at a time: the text goes before dispatching
+                messages.reverse()
+                while messages:  # ...and each message before the next (maybe long) wait
+                    self._dispatch_one(messages.pop())
+        except Exception as exc:
+            why = f"stdout could not be read ({exc!r})"
+        self._output_ended(why)
+
+    def _output_ended(self, why: str) -> None:
+        """Nothing more can arrive. A server that exits closes stdout a moment before its exit
+        shows: its calls fail with how it exited. One that lives on without stdout is broken."""
+        if self.process.closing or self.process.exited.wait(_STDERR_EOF_WAIT):
+            self.fail_pending()
+        else:
+            self._break(f"{why} while still running")
+
+    def _dispatch_one(self, msg: Dict[str, Any]) -> None:
+        try:
+            self._dispatch(msg)
+        except Exception as exc:  # a message nested too deep to log, say: skip it, read on
+            self.log(f"(skipped a stdout message it could not handle: {exc!r})")
 
     def _dispatch(self, msg: Dict[str, Any]) -> None:
         """Tell messages apart by shape; servers number their own requests from 0 too."""
@@ -4161,7 +4179,7 @@ class _JsonRpcChannel:
         """
         deadline = time.monotonic() + opts.timeout
         if not self.alive():
-            raise McpError(f"server '{self.name}' is not running", "server_exited")
+            raise McpError(f"server '{self.name}': {self.down_reason()}", "server_exited")
         if opts.cancelled is not None and opts.cancelled.is_set():
             raise McpError(f"server '{self.name}': {method} cancelled (the caller went away)", "cancelled")
         pending = _Pending(opts.on_progress)
@@ -4206,8 +4224,12 @@ class _JsonRpcChannel:
             return
         with self.state_lock:
             self.pending.pop(rid, None)
-        if self.process.leader_exited():
-            raise McpError(f"server '{self.name}' exited", "server_exited")
+        # Cut off before its deadline: its input is closed (EPIPE), most often as it exits.
+        cut_off = time.monotonic() < deadline and not self.process.closing
+        if cut_off and not self.process.exited.wait(_STDERR_EOF_WAIT):
+            self._break("closed its stdin while still running")
+        if not self.alive():
+            raise McpError(f"server '{self.name}': {self.down_reason()}", "server_exited")
         raise McpError(
             f"server '{self.name}': {method} timed out after {opts.timeout:g}s "
             f"(the server is not reading its input)",
