@@ -3963,8 +3963,9 @@ class _JsonRpcChannel:
         self.state_lock = threading.Lock()  # the pending table, the ids, the notice sinks
         self.pending: Dict[int, _Pending] = {}
         self.next_id = 1
-        self.notices: List[List[str]] = []  # one list per in-flight caller that wants notices
+        self.notices: Dict[int, List[str]] = {}  # by request id: in-flight callers that want notices
         self.broken = ""  # why the stream to the server can no longer be trusted
+        self.answered_at: Optional[float] = None  # (monotonic) the server's last answer, late ones too
 
     def open(self) -> None:
         """Start reading the spawned server's stdout."""
@@ -4059,12 +4060,15 @@ class _JsonRpcChannel:
             self.send({"jsonrpc": "2.0", "id": msg["id"], "result": {}})
         elif method == "elicitation/create":
             self.send({"jsonrpc": "2.0", "id": msg["id"], "result": {"action": "decline"}})
-            prompt = (msg.get("params") or {}).get("message") if isinstance(msg.get("params"), dict) else None
-            self._add_notice(
+            params = msg.get("params")
+            prompt = params.get("message") if isinstance(params, dict) else None
+            text = (
                 f"server '{self.name}' asked for input"
                 + (f" ({str(prompt)[:120]})" if prompt else "")
                 + "; declined (not interactive)"
             )
+            self.log(f"({text})")
+            self._add_notice(text, params)
         else:
             self.send(
                 {
@@ -4074,10 +4078,13 @@ class _JsonRpcChannel:
                 }
             )
 
-    def _add_notice(self, text: str) -> None:
+    def _add_notice(self, text: str, params: Any) -> None:
+        """Only the caller the server's request can be attributed to is told: its question may
+        be private to that caller's work."""
         with self.state_lock:
-            for sink in self.notices:
-                sink.append(text)
+            owner = notice_owner(params, list(self.notices))
+            if owner is not None:
+                self.notices[owner].append(text)
 
     def fail_pending(self, why: str = "") -> None:
         """Answer every pending request with an error: ``why``, or how the server exited."""
@@ -4188,7 +4195,7 @@ class _JsonRpcChannel:
             self.next_id += 1
             self.pending[rid] = pending
             if opts.notices is not None:
-                self.notices.append(opts.notices)
+                self.notices[rid] = opts.notices
         msg: Dict[str, Any] = {"jsonrpc": "2.0", "id": rid, "method": method}
         msg["params"] = _with_progress_token(params, rid)
         try:
@@ -4205,7 +4212,7 @@ class _JsonRpcChannel:
         finally:
             if opts.notices is not None:
                 with self.state_lock:
-                    self.notices = [n for n in self.notices if n is not opts.notices]
+                    self.notices.pop(rid, None)
         response = pending.response or {}
         if "error" in response:
             raise _answered_error(self.name, response)
