@@ -4029,6 +4029,7 @@ class _JsonRpcChannel:
             else:
                 self.on_notification(msg["method"], msg.get("params"))
         elif "id" in msg and ("result" in msg or "error" in msg):
+            self.answered_at = time.monotonic()  # a late answer too: the server is alive
             with self.state_lock:
                 pending = self.pending.pop(msg["id"], None) if isinstance(msg["id"], int) else None
             if pending is not None:  # a late answer to a timed-out request is ignored
@@ -4327,9 +4328,14 @@ class McpStdioClient:
         """The server's last stderr lines, joined (``wait``: for the drain to reach EOF)."""
         return self._process.stderr_tail(wait)
 
+    def answered_since(self, when: Optional[float]) -> bool:
+        """Whether the server answered anything (a late answer too) after ``when`` (monotonic)."""
+        heard = self._channel.answered_at
+        return when is not None and heard is not None and heard > when
+
     def start(self, timeout: float = _MCP_START_TIMEOUT) -> McpStdioClient:
         """Spawn the server (never through a shell) and complete the MCP handshake."""
-        self._process.spawn(self.argv, self.env, self.cwd)
+        self._process.spawn(self.argv, self.env, self.cwd, self.source)
         self._channel.open()
         self._process.watch(self._channel.fail_pending)
         try:
@@ -4620,6 +4626,22 @@ def after_ping(failures: int, ok: bool) -> Tuple[int, bool]:
     return failures + 1, failures + 1 >= _PING_FAILURES_TO_RESTART
 
 
+def ping_verdict(
+    failures: int, ok: bool, answered_before: bool, stopped: bool, heard_since_last_miss: bool
+) -> Tuple[int, str]:
+    """(consecutive misses after this ping, what it means): "ok"; "unsupported" when a server
+    that never answered a ping misses one (no evidence either way: it is not restarted and
+    no longer pinged, as some working servers ignore ping), unless the OS reports it stopped;
+    else "miss", or "restart" at the second miss in a row. Any answer since the last miss
+    (a late one too) shows it alive, and breaks the run."""
+    if ok:
+        return 0, "ok"
+    if not (answered_before or stopped):
+        return failures, "unsupported"
+    failures, restart = after_ping(0 if heard_since_last_miss else failures, False)
+    return failures, "restart" if restart else "miss"
+
+
 # -- the table of operations ------------------------------------------------------------------
 
 # How a caller's ``timeoutMs`` applies to an operation (``_Operation.timeout``).
@@ -4808,7 +4830,9 @@ def _param(params: Dict[str, Any], key: str, kind: Any, what: str, required: boo
 
 
 class _Health:
-    """A kept server's health record, as ``status`` shows it (guarded by its server's lock)."""
+    """A kept server's health record, as ``status`` shows it (guarded by its server's lock).
+    Times shown are wall-clock ms; ``quiet_since`` and ``missed_at`` are monotonic, as every
+    interval is measured."""
 
     __slots__ = (
         "started_at",
@@ -4818,6 +4842,10 @@ class _Health:
         "last_ping_ok",
         "last_error",
         "restarts",
+        "quiet_since",
+        "answered",
+        "unsupported",
+        "missed_at",
     )
 
     def __init__(self) -> None:
@@ -4828,12 +4856,22 @@ class _Health:
         self.last_ping_ok: Optional[bool] = None
         self.last_error: Optional[str] = None
         self.restarts = 0
+        self.new_process()
+
+    def new_process(self) -> None:
+        """A new server process starts with a clean record: nothing known of its pings yet."""
+        self.failures = 0
+        self.quiet_since: Optional[int] = _mono_ms()  # started, used, or pinged (monotonic ms)
+        self.answered = False  # it answered a ping: from now on a missed one is evidence
+        self.unsupported = False  # it never answered its first: no longer pinged
+        self.missed_at: Optional[float] = None  # (monotonic) when the last missed ping went out
 
     def record(self) -> Dict[str, Any]:
         return {
             "lastPingAt": self.last_ping_at,
             "lastPingOk": self.last_ping_ok,
             "pingFailures": self.failures,
+            "pingUnsupported": self.unsupported,
             "lastError": self.last_error,
             "restarts": self.restarts,
         }
@@ -4856,7 +4894,8 @@ class _KeptServer:
         self.client: Optional[McpStdioClient] = None
         self.starting: Optional[McpStdioClient] = None  # mid-handshake: shutdown must end it too
         self.stopping = False  # the daemon is shutting down: no server starts after it
-        self.last_used: Optional[int] = None
+        self.last_used: Optional[int] = None  # wall-clock ms, shown
+        self.used_at: Optional[int] = None  # the same moment on the monotonic clock, for idle close
         self.in_use = 0  # requests running on it: never idle while any is
         self.health = _Health()
 
@@ -4926,7 +4965,7 @@ class _KeptServer:
                 return False
             self.client = client
             self.health.started_at = _now_ms()
-            self.health.failures = 0  # a new process starts with a clean record
+            self.health.new_process()
             return True
 
     def _refuse_if_stopping(self) -> None:
@@ -4949,6 +4988,7 @@ class _KeptServer:
             with self.fields:
                 self.in_use -= 1
                 self.last_used = _now_ms()  # idle time counts from the end of the last use
+                self.used_at = self.health.quiet_since = _mono_ms()
         self._trace(method, began, "ok")
         return result
 
@@ -5029,8 +5069,8 @@ class _KeptServer:
             self.client is not None,
             self.starting is not None,
             self.in_use,
-            self.last_used,
-            _now_ms(),
+            self.used_at,
+            _mono_ms(),
         )
 
     # -- health: pings and restarts --------------------------------------------------------------
@@ -5040,49 +5080,58 @@ class _KeptServer:
         with self.fields:
             client, health = self.client, self.health
             busy = health.pinging or self.starting is not None or self.in_use > 0 or self.life.locked()
-            alive = client is not None and client.alive()
+            alive = client is not None and client.alive() and not health.unsupported
             if not ping_due(
-                self.spec.health_check_ms, alive, busy, health.failures, self._last_active(), _now_ms()
+                self.spec.health_check_ms, alive, busy, health.failures, health.quiet_since, _mono_ms()
             ):
                 return None
             health.pinging = True
             return client
 
-    def _last_active(self) -> Optional[int]:
-        """When this server last did anything: started, served a call, or answered a ping."""
-        times = [
-            t for t in (self.health.started_at, self.last_used, self.health.last_ping_at) if t is not None
-        ]
-        return max(times) if times else None
-
     def check_health(self, client: McpStdioClient) -> None:
         """Ping ``client``; restart it after too many failed pings in a row."""
+        sent = time.monotonic()
         try:
-            why = self._record_ping(client, _ping_error(client))
+            why = self._record_ping(client, _ping_error(client), sent)
             if why is not None:
                 self._restart_wedged(client, why)
         finally:
             with self.fields:
                 self.health.pinging = False
 
-    def _record_ping(self, client: McpStdioClient, error: Optional[str]) -> Optional[str]:
+    def _record_ping(self, client: McpStdioClient, error: Optional[str], sent: float) -> Optional[str]:
         """Note a ping's outcome in the health record; returns why to restart the server, or None."""
+        stopped = error is not None and client.pid is not None and process_stopped(client.pid)
         with self.fields:
             if self.client is not client:
                 return None  # closed or replaced while the ping was out: its result says nothing
             health = self.health
             health.last_ping_at = _now_ms()
+            health.quiet_since = _mono_ms()
             health.last_ping_ok = error is None
-            health.failures, restart = after_ping(health.failures, error is None)
+            late = client.answered_since(health.missed_at)
+            health.failures, verdict = ping_verdict(
+                health.failures, error is None, health.answered, stopped, late
+            )
             failures = health.failures
-            if error is not None:
+            if verdict == "ok":
+                health.answered = True
+            elif verdict == "unsupported":
+                health.unsupported = True
+            else:
+                health.missed_at = sent
                 health.last_error = f"ping failed: {error}"
-        if error is None:
+        if verdict == "unsupported":
+            self.log.event(
+                f"server '{self.name}' (pid {client.pid}) has not answered a ping since it started: "
+                "taken as not supporting ping; no longer pinged, never restarted for it"
+            )
+        if verdict in ("ok", "unsupported"):
             return None
         self.log.event(
             f"ping of server '{self.name}' (pid {client.pid}) failed ({failures} in a row): {error}"
         )
-        return f"failed {failures} pings in a row (last: {error})" if restart else None
+        return f"failed {failures} pings in a row (last: {error})" if verdict == "restart" else None
 
     def _restart_wedged(self, client: McpStdioClient, why: str) -> None:
         try:
@@ -5149,6 +5198,7 @@ class McpKeepAliveService:
     """Keeps the config's keep-alive servers running inside a ``DaemonHost``."""
 
     def __init__(self, config: Config, log: DaemonLog) -> None:
+        _install_test_clock()
         self.config = config
         self.log = log
         self.host: Optional[DaemonHost] = None
@@ -5999,7 +6049,9 @@ def _health_text(health: Any) -> str:
     if not isinstance(health, dict):
         return ""
     at = health.get("lastPingAt")
-    if isinstance(at, (int, float)):
+    if health.get("pingUnsupported"):
+        ping = "ping unsupported"
+    elif isinstance(at, (int, float)):
         when = time.strftime("%H:%M:%S", time.localtime(at / 1000))
         ping = f"last ping {when} {'ok' if health.get('lastPingOk') else 'failed'}"
     else:
