@@ -4083,9 +4083,10 @@ def test_jsonrpc_error_keeps_code_and_data_and_names_the_server_once(h, lifecycl
 # die (exits while a grandchild, tagged, holds its stdout); lone (a lone surrogate in the text;
 # counts its runs); nest (lines nested ``depths`` levels deep before its answer); close_stdout
 # (closes stdout and lives on, the call unanswered); close_stdout_soon (answers, then does the
-# same); flood (``mib`` MiB of ``piece`` repeated on stderr, then answers); raw (answers with
-# ``result`` as the whole result); hold (answered once an ``ask`` is); ask (asks for input, with
-# a related-request reference when ``ref`` names one, and answers once the client has).
+# same); flood (``mib`` MiB of ``piece`` repeated on stderr, the piece once for 0, then
+# answers); raw (answers with ``result`` as the whole result); hold (answered once an ``ask``
+# is); ask (asks for input, with a related-request reference when ``ref`` names one, and
+# answers once the client has).
 MISBEHAVING_SERVER = r"""
 import json, os, subprocess, sys, threading, time
 
