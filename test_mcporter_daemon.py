@@ -4451,7 +4451,7 @@ def test_notice_owner_table(params, callers, owner):
         ("[]", 0, "non-object"),
         ("5", 0, "non-object"),
         ("Server starting on stdio", 0, "non-JSON"),
-        ("[" * 100_000 + "]" * 100_000, 0, "nested too deeply"),
+        pytest.param("[" * 100_000 + "]" * 100_000, 0, "nested too deeply", id="nested-100000-deep"),
         ("   ", 0, ""),
     ],
 )
