@@ -2440,7 +2440,7 @@ def test_daemon_log_rotates_under_a_real_daemon(h):
     assert log.stat().st_size <= OPS_LOG_BOUND
     assert ops_mode(log) == 0o600 and ops_mode(old) == 0o600
     server = server_pid(h.status(), "chatty")
-    assert f"[chatty] demo MCP server ready (pid {server})" in ops_log_lines(log)
+    assert (daemon, f"[chatty] demo MCP server ready (pid {server})") in ops_events(ops_log_lines(log))
     # The detached daemon's own stderr follows the rotation (tracebacks land in the live log).
     assert os.readlink(f"/proc/{daemon}/fd/2") == str(log)
     ops_ok(h.run("stop"))
