@@ -52,7 +52,8 @@ if TYPE_CHECKING:  # typing costs import time on the CLI's hot path; annotations
 __version__ = "0.1.0"
 
 __all__ = [
-    # -- the vendorable core (everything above the "core ends here" line) --
+    # -- the vendorable core (everything above the "core ends here" line); the MCP part below
+    # that line adds its own names --
     # errors
     "DaemonError",
     "UsageError",
@@ -64,7 +65,9 @@ __all__ = [
     "DaemonStartError",
     "RemoteError",
     "HandlerError",
-    # paths
+    # paths: the application the core serves (its name, env prefix, state dir) and its files
+    "DaemonApp",
+    "use_app",
     "DaemonPaths",
     "state_base_dir",
     "ensure_private_dir",
@@ -99,19 +102,6 @@ __all__ = [
     "status_matches",
     # the client: ensure(), request(), stop()
     "DaemonClient",
-    # -- the MCP layer --
-    "MCP_PROTOCOL_VERSION",
-    "McpError",
-    "Config",
-    "ServerSpec",
-    "load_config",
-    "discover_config",
-    "config_fingerprint",
-    "parse_jsonc",
-    "McpStdioClient",
-    "McpKeepAliveService",
-    # -- the CLI --
-    "main",
     "__version__",
 ]
 
@@ -120,13 +110,9 @@ __all__ = [
 # Constants and errors: the core's tunable numbers and every error type the core raises.
 # ##########################################################################################
 
-_PROG = "mcporter-daemon"
-
 DAEMON_PROTOCOL_VERSION = 2
 
-_DEFAULT_PROBE_TIMEOUT = 2.0  # MCPORTER_DAEMON_PROBE_TIMEOUT_MS overrides
-
-_DEFAULT_CALL_TIMEOUT = 60.0  # MCPORTER_DAEMON_TIMEOUT_MS or --timeout override
+_DEFAULT_PROBE_TIMEOUT = 2.0  # the application's <prefix>PROBE_TIMEOUT_MS overrides (DaemonApp)
 
 _DEFAULT_IDLE_BUDGET = 10.0  # client gives up on a daemon silent this long (progress resets it)
 
@@ -159,6 +145,10 @@ _START_GIVE_UP = 45.0
 _STOP_WAIT = 5.0
 
 _TERM_GRACE = 1.0
+
+_KILL_WAIT = 2.0  # after SIGKILL, for the process (or group) to go; then for a leader's reap
+
+_PS_TIMEOUT = 5.0  # a ps that takes longer gives no process facts (so nothing is signalled)
 
 _CALLER_CHECK_INTERVAL = 0.25  # the host looks this often whether a request's caller went away
 _CANCEL_GRACE = 5.0  # a cancelled handler gets this long before its thread is let go
@@ -270,17 +260,16 @@ class DaemonStartError(DaemonError):
 
 
 class RemoteError(DaemonError):
-    """The daemon answered ``ok: false``; ``code`` is its error code."""
+    """The daemon answered ``ok: false``; ``code`` is its error code. It exits 2 when the
+    application names that code a usage error (``DaemonApp.usage_codes``), else 1."""
 
     def __init__(self, message: str, code: str = "error", rpc_code: Any = None, data: Any = None) -> None:
         super().__init__(message, code=code, rpc_code=rpc_code, data=data)
-        if code in ("config", "unknown_server", "not_keep_alive", "command_not_found", "invalid_arguments"):
-            self.exit_code = 2
 
 
 def _require_posix() -> None:
     if fcntl is None or not hasattr(socket, "AF_UNIX"):
-        raise DaemonError("mcporter_daemon needs a POSIX system (fcntl and AF_UNIX sockets)")
+        raise DaemonError("this program needs a POSIX system (fcntl and AF_UNIX sockets)")
 
 
 def _env_seconds(name: str, default: float) -> float:
@@ -307,29 +296,119 @@ def _sun_path_limit() -> int:
     return 107 if sys.platform.startswith("linux") else 103
 
 
-def state_base_dir() -> str:
-    """``MCPORTER_DAEMON_DIR``, else ``$XDG_STATE_HOME/mcporter/pydaemon``, else ``~/.mcporter/pydaemon``."""
-    explicit = os.environ.get("MCPORTER_DAEMON_DIR")
-    if explicit:
-        return os.path.abspath(os.path.expanduser(explicit))
-    xdg = os.environ.get("XDG_STATE_HOME")
-    if xdg:
-        return os.path.join(os.path.abspath(xdg), "mcporter", "pydaemon")
-    return os.path.join(os.path.expanduser("~"), ".mcporter", "pydaemon")
+class DaemonApp:
+    """The application the core serves, as far as the core must know it; the core itself
+    assumes none of it. A vendoring program names its own (``use_app``, or ``app=`` for one
+    ``DaemonPaths``); until then the neutral default below applies.
+
+    - ``name`` starts the application's error lines (``<name>: …``): a launched daemon's
+      own error is shown without it;
+    - ``env_prefix`` names its environment overrides: ``<prefix>DIR`` (the state directory)
+      and ``<prefix>PROBE_TIMEOUT_MS``; empty, none are read;
+    - ``xdg_state_dir`` is its state directory under ``$XDG_STATE_HOME`` when that is set,
+      ``home_state_dir`` under the home directory otherwise;
+    - ``tmp_dir`` names its directory in /tmp (``/tmp/<tmp_dir>-<uid>``) for socket paths
+      too long for AF_UNIX;
+    - ``usage_codes`` are the error codes its handlers answer for a usage or configuration
+      problem: a client's RemoteError with one of them exits 2.
+    """
+
+    __slots__ = ("name", "env_prefix", "xdg_state_dir", "home_state_dir", "tmp_dir", "usage_codes")
+
+    def __init__(
+        self,
+        name: str,
+        env_prefix: str = "",
+        *,
+        xdg_state_dir: Optional[str] = None,
+        home_state_dir: Optional[str] = None,
+        tmp_dir: Optional[str] = None,
+        usage_codes: Iterable[str] = (),
+    ) -> None:
+        self.name = name
+        self.env_prefix = env_prefix
+        self.xdg_state_dir = xdg_state_dir or name
+        self.home_state_dir = home_state_dir or os.path.join(".local", "state", name)
+        self.tmp_dir = tmp_dir or name
+        self.usage_codes = frozenset(usage_codes)
+
+    def env(self, suffix: str) -> Optional[str]:
+        """The application's ``<prefix><suffix>`` environment variable (None without a prefix)."""
+        return os.environ.get(self.env_prefix + suffix) if self.env_prefix else None
+
+    def env_seconds(self, suffix: str, default: float) -> float:
+        """A millisecond override ``<prefix><suffix>``, as seconds; unset or junk: ``default``."""
+        return _env_seconds(self.env_prefix + suffix, default) if self.env_prefix else default
+
+    def state_dir(self) -> str:
+        """``<prefix>DIR``, else ``$XDG_STATE_HOME/<xdg_state_dir>``, else ``~/<home_state_dir>``."""
+        explicit = self.env("DIR")
+        if explicit:
+            return os.path.abspath(os.path.expanduser(explicit))
+        xdg = os.environ.get("XDG_STATE_HOME")
+        if xdg:
+            return os.path.join(os.path.abspath(xdg), self.xdg_state_dir)
+        return os.path.join(os.path.expanduser("~"), self.home_state_dir)
+
+
+_APP = DaemonApp("daemon")
+
+
+def use_app(app: DaemonApp) -> None:
+    """Make ``app`` the application every ``DaemonPaths`` made without ``app=`` serves."""
+    global _APP
+    _APP = app
+
+
+def state_base_dir(app: Optional[DaemonApp] = None) -> str:
+    """The default state directory of ``app`` (of the current one: ``use_app``)."""
+    return (app or _APP).state_dir()
 
 
 def ensure_private_dir(path: str, refuse_symlink: bool = False) -> str:
-    """Create ``path`` 0700 if missing; refuse one not owned by us or writable by others.
+    """Create ``path`` (and its missing parents) 0700 if missing; refuse one not owned by us,
+    writable by others, or that we cannot write.
 
     ``refuse_symlink`` is for directories in a shared place such as /tmp, where anyone may
     plant a link to a directory of ours before we create it (tmux checks with lstat too)."""
     try:
-        os.makedirs(path, mode=0o700, exist_ok=True)
+        _make_private_dirs(path)
         st = os.lstat(path) if refuse_symlink else os.stat(path)
     except FileExistsError:
         raise UnsafePathError(f"state path {path} exists and is not a directory") from None
     except OSError as exc:
         raise UnsafePathError(f"cannot create state directory {path}: {exc.strerror}") from exc
+    _check_private_dir(path, st)
+    _check_writable_dir(path, st)
+    return path
+
+
+def _make_private_dirs(path: str) -> None:
+    """``os.makedirs`` whose every created directory is 0700 whatever the umask: a parent
+    that also holds config files, made 0777 under umask 000, would let any user plant one."""
+    head, tail = os.path.split(path)
+    if not tail:
+        head, tail = os.path.split(head)
+    if head and tail and not os.path.exists(head):
+        _make_private_dirs(head)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise
+        return
+    # The umask may have taken bits away (or left them: 0700 & ~000); set exactly 0700, on
+    # the directory just made (no symlink swapped in meanwhile is followed).
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        os.fchmod(fd, 0o700)
+    finally:
+        os.close(fd)
+
+
+def _check_private_dir(path: str, st: os.stat_result) -> None:
+    """Refuse a state directory that is a link (``st`` from lstat), not a directory, not
+    ours, or writable by group or others: whoever could write it could plant a record."""
     import stat as _stat
 
     if _stat.S_ISLNK(st.st_mode):
@@ -346,12 +425,27 @@ def ensure_private_dir(path: str, refuse_symlink: bool = False) -> str:
             f"state directory {path} has mode {st.st_mode & 0o777:04o} (writable by group or "
             f"others); run: chmod 700 {path}"
         )
-    return path
 
 
-def _fallback_socket_dir() -> str:
+def _check_writable_dir(path: str, st: os.stat_result) -> None:
+    """A state directory we cannot write fails here, in one line naming it and why, rather
+    than later at whichever file is made first."""
+    if os.access(path, os.W_OK | os.X_OK):
+        return
+    try:
+        read_only_fs = bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):
+        read_only_fs = False
+    if read_only_fs:
+        raise UnsafePathError(f"state directory {path} is on a read-only file system")
+    raise UnsafePathError(
+        f"state directory {path} is read-only for you (mode {st.st_mode & 0o777:04o}); run: chmod 700 {path}"
+    )
+
+
+def _fallback_socket_dir(app: DaemonApp) -> str:
     # Not $TMPDIR: launchd, shells and IDEs each see a different one.
-    return f"/tmp/mcporter-{os.getuid()}"
+    return f"/tmp/{app.tmp_dir}-{os.getuid()}"
 
 
 def _fallback_key(base_dir: str, key: str) -> str:
@@ -366,12 +460,17 @@ def _socket_path_fits(path: str) -> bool:
 
 
 class DaemonPaths:
-    """Every file of one daemon: socket, metadata, spawn lock, bind lock and log."""
+    """Every file of one daemon: socket, metadata, spawn lock, bind lock and log.
 
-    __slots__ = ("base_dir", "key", "socket", "metadata", "lock", "bind", "log", "_preferred")
+    ``base_dir`` is kept resolved (symlinks followed): two spellings of one directory name
+    one socket, so callers that spell it differently share one daemon instead of each taking
+    the other's for a stranger's and replacing it."""
 
-    def __init__(self, base_dir: str, key: str) -> None:
-        self.base_dir = base_dir
+    __slots__ = ("base_dir", "key", "socket", "metadata", "lock", "bind", "log", "app", "_preferred")
+
+    def __init__(self, base_dir: str, key: str, app: Optional[DaemonApp] = None) -> None:
+        self.app = app or _APP
+        self.base_dir = base_dir = os.path.realpath(base_dir)
         self.key = key
         stem = os.path.join(base_dir, f"daemon-{key}")
         self.metadata = stem + ".json"
@@ -380,29 +479,31 @@ class DaemonPaths:
         self.log = stem + ".log"
         self.socket = self._preferred = stem + ".sock"
         if not _socket_path_fits(self.socket):
-            self.socket = os.path.join(_fallback_socket_dir(), f"{_fallback_key(base_dir, key)}.sock")
+            fallback = _fallback_socket_dir(self.app)
+            self.socket = os.path.join(fallback, f"{_fallback_key(base_dir, key)}.sock")
 
     @classmethod
-    def for_key(cls, key: str, base_dir: Optional[str] = None) -> DaemonPaths:
+    def for_key(
+        cls, key: str, base_dir: Optional[str] = None, app: Optional[DaemonApp] = None
+    ) -> DaemonPaths:
         """Paths for a caller-chosen key (vendoring: one key per singleton)."""
-        return cls(base_dir or state_base_dir(), key)
+        return cls(base_dir or state_base_dir(app), key, app)
 
     @classmethod
-    def for_config(cls, config_path: str, base_dir: Optional[str] = None) -> DaemonPaths:
+    def for_config(
+        cls, config_path: str, base_dir: Optional[str] = None, app: Optional[DaemonApp] = None
+    ) -> DaemonPaths:
         """Paths for the daemon that serves ``config_path`` (key: 12 hex of its sha1)."""
         # fsencode: a path is bytes, and a non-UTF-8 one arrives surrogate-escaped.
         key = _sha1(os.fsencode(os.path.abspath(config_path))).hexdigest()[:12]
-        return cls.for_key(key, base_dir)
+        return cls.for_key(key, base_dir, app)
 
     def prepare(self) -> DaemonPaths:
         """Create and safety-check the directories; fail clearly when the socket cannot fit."""
         ensure_private_dir(self.base_dir)
         if self.socket == self._preferred:
             return self
-        too_long = (
-            f"socket path {self._preferred} is {len(os.fsencode(self._preferred))} bytes, over "
-            f"this system's AF_UNIX limit of {_sun_path_limit()}"
-        )
+        too_long = self._too_long()
         if not _socket_path_fits(self.socket):
             raise UnsafePathError(
                 f"{too_long}, and so is the fallback {self.socket}; use a shorter key or directory"
@@ -412,6 +513,34 @@ class DaemonPaths:
         except UnsafePathError as exc:
             raise UnsafePathError(f"{too_long}, and the fallback is unusable: {exc}") from None
         return self
+
+    def _too_long(self) -> str:
+        return (
+            f"socket path {self._preferred} is {len(os.fsencode(self._preferred))} bytes, over "
+            f"this system's AF_UNIX limit of {_sun_path_limit()}"
+        )
+
+    def check(self) -> bool:
+        """``prepare``'s safety checks on the directories that exist, creating nothing: a
+        record is read, and a pid it names perhaps signalled, only from a directory that
+        passes them (UnsafePathError otherwise). False when there is no state directory,
+        so no record either."""
+        try:
+            st = os.stat(self.base_dir)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise UnsafePathError(f"cannot use state directory {self.base_dir}: {exc.strerror}") from None
+        _check_private_dir(self.base_dir, st)
+        if self.socket != self._preferred:
+            fallback = os.path.dirname(self.socket)
+            try:
+                _check_private_dir(fallback, os.lstat(fallback))
+            except FileNotFoundError:
+                pass
+            except (OSError, UnsafePathError) as exc:
+                raise UnsafePathError(f"{self._too_long()}, and the fallback is unusable: {exc}") from None
+        return True
 
     def __repr__(self) -> str:
         return f"DaemonPaths(socket={self.socket!r}, metadata={self.metadata!r})"
@@ -665,16 +794,18 @@ def _report_quietly(on_progress: Callable[[Dict[str, Any]], None], update: Dict[
         pass
 
 
-def result_or_raise(response: Dict[str, Any]) -> Any:
+def result_or_raise(response: Dict[str, Any], usage_codes: Iterable[str] = ()) -> Any:
+    """The result of an ``ok`` answer; else RemoteError, exiting 2 for a code in ``usage_codes``."""
     if response.get("ok"):
         return response.get("result")
     error = response.get("error") or {}
-    raise RemoteError(
-        str(error.get("message") or "daemon error"),
-        str(error.get("code") or "error"),
-        error.get("rpcCode"),
-        error.get("data"),
+    code = str(error.get("code") or "error")
+    exc = RemoteError(
+        str(error.get("message") or "daemon error"), code, error.get("rpcCode"), error.get("data")
     )
+    if code in usage_codes:
+        exc.exit_code = 2
+    raise exc
 
 
 class _Busy(Exception):
@@ -828,7 +959,10 @@ class FileLock:
         """Take the lock; False when ``timeout`` is 0 and it is held, else LockTimeout."""
         _require_posix()
         wait = self.timeout if timeout is None else timeout
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:  # a read-only or vanished directory: one line naming it
+            raise UnsafePathError(f"cannot open the {self.what} {self.path}: {exc.strerror or exc}") from None
         deadline = time.monotonic() + wait
         step = 0.002
         while True:
@@ -913,21 +1047,23 @@ def _linux_process_info(pid: int) -> Tuple[Optional[str], Optional[str]]:
     return fields[19], fields[0]
 
 
-def _ps_process_info(pid: int) -> Tuple[Optional[str], Optional[str]]:
-    """(start time, state) from ``ps`` (1 s resolution), for systems without /proc."""
+def _ps(*args: str) -> str:
+    """``ps``'s output in the C locale and UTC, so its dates and columns parse the same
+    everywhere; empty when ps cannot run (no process facts: nothing is signalled)."""
     import subprocess
 
     env = dict(os.environ, LC_ALL="C", TZ="UTC")
     try:
-        out = subprocess.run(
-            ["ps", "-o", "state=", "-o", "lstart=", "-p", str(pid)],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=5,
-        ).stdout.strip()
+        return subprocess.run(
+            ["ps", *args], capture_output=True, text=True, env=env, timeout=_PS_TIMEOUT
+        ).stdout
     except (OSError, subprocess.SubprocessError):
-        return None, None
+        return ""
+
+
+def _ps_process_info(pid: int) -> Tuple[Optional[str], Optional[str]]:
+    """(start time, state) from ``ps`` (1 s resolution), for systems without /proc."""
+    out = _ps("-o", "state=", "-o", "lstart=", "-p", str(pid)).strip()
     if not out:
         return None, None
     state, _, start = out.partition(" ")
@@ -948,19 +1084,7 @@ def _linux_group_members(pgid: int) -> List[Tuple[int, int, Optional[float]]]:
 
 def _ps_group_members(pgid: int) -> List[Tuple[int, int, Optional[float]]]:
     """The same from ``ps`` (``sess`` is the session id on the BSDs; lstart comes last: it has spaces)."""
-    import subprocess
-
-    env = dict(os.environ, LC_ALL="C", TZ="UTC")
-    try:
-        out = subprocess.run(
-            ["ps", "-A", "-o", "pid=", "-o", "pgid=", "-o", "sess=", "-o", "state=", "-o", "lstart="],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=5,
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
+    out = _ps("-A", "-o", "pid=", "-o", "pgid=", "-o", "sess=", "-o", "state=", "-o", "lstart=")
     members = []
     for line in out.splitlines():
         parts = line.split(None, 4)
@@ -990,6 +1114,18 @@ def _ps_start_order(token: Any) -> Optional[float]:
         return None
 
 
+def _linux_child_pids(pid: int) -> List[int]:
+    """Direct children of ``pid`` (found before a kill, so reparenting cannot hide them)."""
+    listed = (entry for entry in os.listdir("/proc") if entry.isdigit())
+    return [int(e) for e in listed if (_linux_stat_fields(e) or ["", ""])[1] == str(pid)]
+
+
+def _ps_child_pids(pid: int) -> List[int]:
+    """The same from ``ps``."""
+    rows = (ln.split() for ln in _ps("-A", "-o", "pid=", "-o", "ppid=").splitlines())
+    return [int(row[0]) for row in rows if len(row) == 2 and row[1] == str(pid) and row[0].isdigit()]
+
+
 # The one platform seam for process facts: Linux reads /proc, everything else asks ps.
 _ON_PROC = os.path.exists("/proc/self/stat")
 
@@ -998,6 +1134,8 @@ _process_info = _linux_process_info if _ON_PROC else _ps_process_info
 _group_members = _linux_group_members if _ON_PROC else _ps_group_members
 
 _start_order = _linux_start_order if _ON_PROC else _ps_start_order
+
+_child_pids = _linux_child_pids if _ON_PROC else _ps_child_pids
 
 # Exit checks that do not reap; macOS has os.waitid only from Python 3.13.
 _HAS_WAITID = hasattr(os, "waitid") and hasattr(os, "WNOWAIT")
@@ -1021,22 +1159,6 @@ def is_our_pid(pid: Any, start_time: Any) -> bool:
     return start is not None and str(start) == str(start_time) and state != "Z"
 
 
-def _child_pids(pid: int) -> List[int]:
-    """Direct children of ``pid`` (found before a kill, so reparenting cannot hide them)."""
-    if _process_info is _linux_process_info:
-        listed = (entry for entry in os.listdir("/proc") if entry.isdigit())
-        return [int(e) for e in listed if (_linux_stat_fields(e) or ["", ""])[1] == str(pid)]
-    import subprocess
-
-    try:
-        out = subprocess.run(
-            ["ps", "-A", "-o", "pid=", "-o", "ppid="], capture_output=True, text=True, timeout=5
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
-    return [int(p) for p, pp in (ln.split() for ln in out.splitlines() if ln.strip()) if pp == str(pid)]
-
-
 def _signal(pid: int, sig: int, group: bool = False) -> None:
     try:
         if group:
@@ -1047,35 +1169,64 @@ def _signal(pid: int, sig: int, group: bool = False) -> None:
         pass
 
 
-def _wait_gone(pid: int, timeout: float, start_time: Optional[str] = None) -> bool:
-    """Poll until ``pid`` is gone (or no longer the recorded process); True when it is."""
+def _poll_until(done: Callable[[], bool], timeout: float) -> bool:
+    """Ask ``done`` (backing off from 5 to 50 ms) until it is true or ``timeout`` passed;
+    its last answer."""
     deadline = time.monotonic() + timeout
     step = 0.005
     while True:
-        gone = not pid_alive(pid) or (start_time is not None and not is_our_pid(pid, start_time))
-        if gone or time.monotonic() >= deadline:
-            return gone
+        if done():
+            return True
+        if time.monotonic() >= deadline:
+            return False
         time.sleep(step)
         step = min(step * 2, 0.05)
+
+
+def _wait_gone(pid: int, timeout: float, start_time: Optional[str] = None) -> bool:
+    """Poll until ``pid`` is gone (or no longer the recorded process); True when it is."""
+    return _poll_until(
+        lambda: not pid_alive(pid) or (start_time is not None and not is_our_pid(pid, start_time)), timeout
+    )
+
+
+def _escalate(
+    send: Callable[[int], None],
+    ours: Callable[[], bool],
+    gone: Callable[[], bool],
+    grace: float,
+    kill_wait: float = _KILL_WAIT,
+) -> bool:
+    """The one way anything is ended: SIGTERM (and SIGCONT: a stopped process handles it
+    only once woken), ``grace`` to go, then SIGKILL and ``kill_wait``. ``send`` delivers a
+    signal, each only while ``ours()`` still proves the target ours. True when ``gone()``."""
+    import signal
+
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, kill_wait)):
+        if gone() or not ours():
+            break
+        send(sig)
+        if sig == signal.SIGTERM:
+            send(signal.SIGCONT)
+        if _poll_until(gone, wait):
+            return True
+    return gone()
 
 
 def terminate_process(
     pid: int, start_time: Optional[str], grace: float = _TERM_GRACE, group: bool = False
 ) -> bool:
     """SIGTERM, SIGCONT, grace, SIGKILL — only while ``pid`` is verified ours. True when gone."""
-    import signal
-
     if not is_our_pid(pid, start_time):
         return not pid_alive(pid)  # not ours: never signalled, so gone only if already gone
     # A group is signalled only while the pid still leads it (it was spawned as leader).
     use_group = group and _safe_getpgid(pid) == pid
-    _signal(pid, signal.SIGTERM, use_group)
-    _signal(pid, signal.SIGCONT, use_group)  # a stopped process handles SIGTERM only once woken
-    if _wait_gone(pid, grace, start_time):
-        return True
-    if is_our_pid(pid, start_time):
-        _signal(pid, signal.SIGKILL, use_group)
-    return _wait_gone(pid, 2.0, start_time)
+    return _escalate(
+        lambda sig: _signal(pid, sig, use_group),
+        lambda: is_our_pid(pid, start_time),
+        lambda: not pid_alive(pid) or not is_our_pid(pid, start_time),
+        grace,
+    )
 
 
 def _safe_getpgid(pid: int) -> Optional[int]:
@@ -1105,18 +1256,14 @@ def leaderless_group_is_ours(
 
 def _end_leaderless_group(pgid: int, leader_start: Optional[str], grace: float) -> None:
     """SIGTERM, grace, SIGKILL what is left of a dead server's group, re-proving it each time."""
-    import signal
-
     order = _start_order(leader_start)
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        members = _group_members(pgid)
-        if not leaderless_group_is_ours(pgid, order, pid_alive(pgid), members):
-            return  # gone, or no proof it is the server's
-        _signal(pgid, sig, group=True)
-        _signal(pgid, signal.SIGCONT, group=True)  # a stopped member handles SIGTERM only once woken
-        deadline = time.monotonic() + grace
-        while _group_members(pgid) and time.monotonic() < deadline:
-            time.sleep(0.02)
+    _escalate(
+        lambda sig: _signal(pgid, sig, group=True),
+        lambda: leaderless_group_is_ours(pgid, order, pid_alive(pgid), _group_members(pgid)),
+        lambda: not _group_members(pgid),
+        grace,
+        grace,
+    )
 
 
 def end_server_group(pid: Any, start_time: Any, grace: float = _TERM_GRACE) -> None:
@@ -1323,16 +1470,17 @@ class ProbeResult:
         return pid if _is_pid(pid) else None
 
 
-_STOP_FRAME = {"id": "stop", "method": "stop", "params": {}, "protocolVersion": DAEMON_PROTOCOL_VERSION}
+def _builtin_request(method: str, rid: str) -> Dict[str, Any]:
+    """A request for a built-in method (``status``, ``stop``): no params, this protocol."""
+    return {"id": rid, "method": method, "params": {}, "protocolVersion": DAEMON_PROTOCOL_VERSION}
 
 
 def probe_live_daemon(socket_path: str, timeout: float) -> ProbeResult:
     """Live means: it answers ``status``, reports this socket path, and its pid is alive."""
     if not os.path.exists(socket_path):
         return ProbeResult(_PROBE_DEAD, detail="no socket file")
-    request = {"id": "probe", "method": "status", "params": {}, "protocolVersion": 2}
     try:
-        response = exchange(socket_path, request, timeout)
+        response = exchange(socket_path, _builtin_request("status", "probe"), timeout)
     except DaemonTimeout:
         return ProbeResult(_PROBE_SILENT, detail=f"no answer within {timeout:g}s")
     except TransportError as exc:
@@ -1432,34 +1580,47 @@ def plan_stop_escalation(kind: str, verified: bool, gone: bool) -> str:
     return _ESCALATE_STILL_STOPPING if kind == _PROBE_STOPPING else _ESCALATE_REFUSE
 
 
-def _stop_then_escalate(
-    socket_path: str,
-    pid: int,
-    recorded: Optional[RecordedDaemon],
-    kind: str,
-    ask: Optional[Tuple[float, float]],
-    wait: Callable[[], float],
-    on_unheard: Callable[[DaemonError], None] = lambda exc: None,
-    on_plan: Callable[[str], None] = lambda plan: None,
-) -> str:
-    """Ask daemon ``pid`` to stop, wait for its pid to go, then escalate as
-    ``plan_stop_escalation`` decides; returns the plan, carried out.
+class _StopPolicy:
+    """How ``_stop_then_escalate`` asks and waits, and what its caller says meanwhile.
 
-    ``ask`` is the request's (answer, connect) timeouts, or None to only wait (it is stopping
-    already); ``wait`` gives the seconds to wait, asked once the request is done. Only a
-    ``recorded`` daemon naming this very pid, still ours after the wait, is terminated (§7).
-    ``on_plan`` hears the plan before it is carried out, so each caller says it its own way.
+    ``ask`` is the stop request's (answer, connect) timeouts, or None to only wait (it is
+    stopping already); ``wait`` gives the seconds to wait for the pid, asked once the request
+    is done. ``on_unheard`` hears a stop request that failed; ``on_plan`` hears the plan
+    before it is carried out, so each caller says it its own way."""
+
+    __slots__ = ("ask", "wait", "on_unheard", "on_plan")
+
+    def __init__(
+        self,
+        ask: Optional[Tuple[float, float]],
+        wait: Callable[[], float],
+        on_unheard: Callable[[DaemonError], None] = lambda exc: None,
+        on_plan: Callable[[str], None] = lambda plan: None,
+    ) -> None:
+        self.ask = ask
+        self.wait = wait
+        self.on_unheard = on_unheard
+        self.on_plan = on_plan
+
+
+def _stop_then_escalate(
+    socket_path: str, pid: int, recorded: Optional[RecordedDaemon], kind: str, policy: _StopPolicy
+) -> str:
+    """Ask daemon ``pid`` (which the probe found ``kind``) to stop, wait for its pid to go,
+    then escalate as ``plan_stop_escalation`` decides; returns the plan, carried out. Only a
+    ``recorded`` daemon naming this very pid, still ours after the wait, is terminated.
     """
     start = process_start_time(pid)
-    if ask is not None:
+    if policy.ask is not None:
+        answer_s, connect_s = policy.ask
         try:
-            exchange(socket_path, _STOP_FRAME, ask[0], connect_timeout=ask[1])
+            exchange(socket_path, _builtin_request("stop", "stop"), answer_s, connect_timeout=connect_s)
         except DaemonError as exc:
-            on_unheard(exc)  # it may have exited before answering; the pid tells
-    gone = _wait_gone(pid, wait(), start)
+            policy.on_unheard(exc)  # it may have exited before answering; the pid tells
+    gone = _wait_gone(pid, policy.wait(), start)
     verified = recorded is not None and recorded.pid == pid and recorded.is_ours()
     plan = plan_stop_escalation(kind, verified, gone)
-    on_plan(plan)
+    policy.on_plan(plan)
     if plan == _ESCALATE_TERMINATE:
         assert recorded is not None
         recorded.terminate()
@@ -1545,8 +1706,8 @@ class DaemonHost:
         self.on_tick = on_tick
         self.on_shutdown = on_shutdown
         self.log = log or DaemonLog()
-        self.probe_timeout = probe_timeout or _env_seconds(
-            "MCPORTER_DAEMON_PROBE_TIMEOUT_MS", _DEFAULT_PROBE_TIMEOUT
+        self.probe_timeout = probe_timeout or paths.app.env_seconds(
+            "PROBE_TIMEOUT_MS", _DEFAULT_PROBE_TIMEOUT
         )
         self._record = _MetadataRecord(self)
         self._listener = _Listener()
@@ -1615,6 +1776,8 @@ class DaemonHost:
         saved: Dict[int, Any] = {}
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:
+                    continue  # started under nohup: a hangup must not take the servers down
                 saved[sig] = signal.signal(
                     sig, lambda signum, _frame: self.request_stop(f"{_STOP_SIGNAL} {signum}")
                 )
@@ -2174,9 +2337,8 @@ class _Takeover:
                 self.log.event(f"stale daemon pid {pid} did not exit within {_STOP_WAIT:g}s; terminating it")
 
         ask = (self.host.probe_timeout, self.host.probe_timeout)
-        _stop_then_escalate(
-            self.host.paths.socket, pid, recorded, _PROBE_LIVE, ask, lambda: _STOP_WAIT, unheard, say
-        )
+        policy = _StopPolicy(ask, lambda: _STOP_WAIT, unheard, say)
+        _stop_then_escalate(self.host.paths.socket, pid, recorded, _PROBE_LIVE, policy)
 
     def _wait_for_stopping(self, probe: ProbeResult, recorded: Optional[RecordedDaemon]) -> None:
         """A daemon answering "shutting down" still owns its servers: wait for its pid to
@@ -2511,8 +2673,8 @@ class DaemonClient:
         self.launch_argv = list(launch_argv)
         self.env = env
         self.cwd = cwd
-        self.probe_timeout = probe_timeout or _env_seconds(
-            "MCPORTER_DAEMON_PROBE_TIMEOUT_MS", _DEFAULT_PROBE_TIMEOUT
+        self.probe_timeout = probe_timeout or paths.app.env_seconds(
+            "PROBE_TIMEOUT_MS", _DEFAULT_PROBE_TIMEOUT
         )
         self.start_timeout = start_timeout
         self.on_slow = on_slow or (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -2523,7 +2685,11 @@ class DaemonClient:
         """The daemon's status when metadata, pid identity and its own answer all agree.
 
         The result carries ``fresh``: whether its fingerprint is ours. None when unverified.
+        UnsafePathError when the state directory fails the safety checks: its record could
+        have been planted by anyone.
         """
+        if not self.paths.check():
+            return None  # no state directory, so no record
         recorded = RecordedDaemon.read(self.paths.metadata)
         if recorded is None:
             return None
@@ -2564,9 +2730,8 @@ class DaemonClient:
         return status
 
     def _ask_status(self) -> Optional[Dict[str, Any]]:
-        request = {"id": "status", "method": "status", "params": {}, "protocolVersion": 2}
         try:
-            response = exchange(self.paths.socket, request, self.probe_timeout)
+            response = exchange(self.paths.socket, _builtin_request("status", "status"), self.probe_timeout)
         except DaemonError:
             return None
         status = response.get("result") if response.get("ok") else None
@@ -2656,7 +2821,7 @@ class DaemonClient:
     def _startup_error(self, offset: int, code: int, pid: int) -> str:
         tail = self._log_tail(offset, pid, lines=1)
         if tail:
-            return f"daemon failed to start: {_strip_log_prefix(tail)}"
+            return f"daemon failed to start: {_strip_log_prefix(tail, self.paths.app.name)}"
         return f"daemon exited with code {code} before it was ready (log: {self.paths.log})"
 
     # -- requests ------------------------------------------------------------------------------
@@ -2695,7 +2860,7 @@ class DaemonClient:
             response = self._send(*send)
         if notices is not None:
             notices.extend(str(n) for n in response.get("notices") or [])
-        return result_or_raise(response)
+        return result_or_raise(response, self.paths.app.usage_codes)
 
     def _send(
         self,
@@ -2729,8 +2894,11 @@ class DaemonClient:
         """Stop the daemon and return after its pid is gone; if it is still there when
         ``timeout`` has passed and the metadata proves it ours, terminate it and its
         servers. A daemon already stopping (a concurrent ``stop``) is waited for. Returns
-        what happened, in words."""
+        what happened, in words. A state directory that fails the safety checks is refused
+        (UnsafePathError) before its record is read: a planted record must never get a pid
+        signalled."""
         deadline = time.monotonic() + timeout
+        self.paths.check()
         # Read before the stop: a stopping daemon removes its file, and only the record proves
         # a pid ours (§7), so it is what allows a terminate later.
         recorded = RecordedDaemon.read(self.paths.metadata)
@@ -2748,7 +2916,7 @@ class DaemonClient:
         if probe.kind in (_PROBE_LIVE, _PROBE_SILENT):  # silent may only be slow: ask, then wait it out
             answer_s = max(left(), 0.05)
             ask = (answer_s, min(answer_s, self.probe_timeout))
-        plan = _stop_then_escalate(self.paths.socket, pid, recorded, probe.kind, ask, left)
+        plan = _stop_then_escalate(self.paths.socket, pid, recorded, probe.kind, _StopPolicy(ask, left))
         return self._stop_outcome(plan, pid, probe.kind, timeout)
 
     def _stop_outcome(self, plan: str, pid: int, kind: str, timeout: float) -> str:
@@ -2816,12 +2984,13 @@ def _log_line_pid(line: str) -> Optional[int]:
     return int(digits) if digits.isdigit() and parts[1].endswith("]") else None
 
 
-def _strip_log_prefix(line: str) -> str:
-    """Drop our log line's timestamp and pid so the child's own error reads as one line."""
+def _strip_log_prefix(line: str, name: str) -> str:
+    """Drop our log line's timestamp and pid, and the application's ``<name>: ``, so the
+    child's own error reads as one line."""
     parts = line.split(" ", 2)
     if len(parts) == 3 and parts[0].endswith("Z") and parts[1].startswith("["):
         line = parts[2]
-    prefix = f"{_PROG}: "
+    prefix = f"{name}: "
     return line[len(prefix) :] if line.startswith(prefix) else line
 
 
@@ -2832,7 +3001,41 @@ def _strip_log_prefix(line: str) -> str:
 # MCP constants and errors: protocol versions, server timings, keep-alive defaults.
 # ##########################################################################################
 
+__all__ += [
+    # -- the MCP layer --
+    "MCP_PROTOCOL_VERSION",
+    "McpError",
+    "Config",
+    "ServerSpec",
+    "load_config",
+    "discover_config",
+    "config_fingerprint",
+    "parse_jsonc",
+    "McpStdioClient",
+    "McpKeepAliveService",
+    # -- the CLI --
+    "main",
+]
+
+_PROG = "mcporter-daemon"
+
+# What the core must know of this tool: its name, its MCPORTER_DAEMON_* overrides (DIR,
+# PROBE_TIMEOUT_MS), its state directory beside mcporter's, its /tmp/mcporter-<uid> fallback
+# socket directory, and the error codes of its handlers that mean a usage or config problem.
+use_app(
+    DaemonApp(
+        _PROG,
+        "MCPORTER_DAEMON_",
+        xdg_state_dir=os.path.join("mcporter", "pydaemon"),
+        home_state_dir=os.path.join(".mcporter", "pydaemon"),
+        tmp_dir="mcporter",
+        usage_codes=("config", "unknown_server", "not_keep_alive", "command_not_found", "invalid_arguments"),
+    )
+)
+
 MCP_PROTOCOL_VERSION = "2025-11-25"
+
+_DEFAULT_CALL_TIMEOUT = 60.0  # MCPORTER_DAEMON_TIMEOUT_MS or --timeout override
 
 _MCP_OLDEST_VERSION = "2024-11-05"
 
@@ -3513,8 +3716,6 @@ _BROKEN_CLOSE_GRACE = 0.5  # a server whose stream broke, or whose handshake fai
 
 _RETIRED_CLOSE_GRACE = 0.1  # a server found exited or broken, before its replacement starts
 
-_KILL_WAIT = 2.0  # after SIGKILL, for the group to go; then for the leader's reap
-
 _THREAD_JOIN_WAIT = 1.0  # a closed server's reader and stderr threads
 
 
@@ -3911,23 +4112,14 @@ class _ServerProcess:
     def end_group(self, exit_wait: float, grace: float) -> None:
         """Wait ``exit_wait`` for the leader to exit; then SIGTERM, ``grace``, SIGKILL the group
         while any member remains; only then reap the leader (caller holds the close lock)."""
-        import signal
         import subprocess
 
         proc = self.proc
         if proc is None or self.group_ended:
             return
         self.exited.wait(exit_wait)
-        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, _KILL_WAIT)):
-            if self._group_gone():
-                break
-            # Safe while the leader is unreaped: its pid, the group id, cannot be reused.
-            _signal(proc.pid, sig, group=True)
-            if sig == signal.SIGTERM:
-                _signal(proc.pid, signal.SIGCONT, group=True)  # stopped members handle it once woken
-            deadline = time.monotonic() + wait
-            while not self._group_gone() and time.monotonic() < deadline:
-                time.sleep(0.01 if _ON_PROC else 0.1)  # ps is a process start per look
+        # Always ours while the leader is unreaped: its pid, the group id, cannot be reused.
+        _escalate(lambda sig: _signal(proc.pid, sig, group=True), lambda: True, self._group_gone, grace)
         self.group_ended = True
         try:
             proc.wait(_KILL_WAIT)
@@ -6630,6 +6822,8 @@ def cmd_doctor(args: Any) -> int:
         _doctor_servers(found, cfg)
         try:
             _doctor_daemon(found, cfg, args)
+        except UnsafePathError:
+            pass  # the state directory's finding says why; no record is read from it
         except DaemonError as exc:
             found.fail(str(exc), "see the message")
     print(f"\n{found.failures} problem(s) found." if found.failures else "\nAll checks passed.")

@@ -1252,6 +1252,35 @@ def test_fallback_socket_dir_that_is_a_symlink_is_refused(h):
     assert_prompt_error(r, 2, fb, "symbolic link")
 
 
+def test_read_only_state_dir_is_named_in_one_line(h):
+    """A state directory the caller cannot write is one line naming it and why, exit 2, at
+    once, for `call` and `start`; `status` (which writes nothing) still answers."""
+    top = Path(tempfile.mkdtemp(prefix="mdro", dir="/tmp"))
+    state = top / "state"
+    try:
+        os.chmod(str(top), 0o755)
+        state.mkdir(mode=0o700)
+        cfg = top / "mcporter.json"
+        cfg.write_text(json.dumps(h.config_data()))
+        argv = [sys.executable, MODULE_PATH, "--config", cfg]
+        if os.getuid() == 0:  # root writes anywhere: the directory is read-only for its owner
+            for path in (top, state, cfg):
+                os.chown(str(path), NOBODY_UID, NOBODY_UID)
+            argv = [sys.executable, "-c", AS_NOBODY, nobody_python(), MODULE_PATH, "--config", cfg]
+        os.chmod(str(state), 0o500)
+        env = h.env(MCPORTER_DAEMON_DIR=str(state), HOME=str(top))
+        for words in (["call", "demo.echo", "text=x"], ["start"]):
+            r = h.run(*words, argv=argv, env=env, cwd=top)
+            assert_prompt_error(r, 2, str(state), "read-only")
+        r = h.run("status", argv=argv, env=env, cwd=top)
+        assert r.rc == 0 and r.out.startswith("not running"), r
+        assert os.listdir(str(state)) == []
+    finally:
+        if state.exists():
+            os.chmod(str(state), 0o700)
+        shutil.rmtree(str(top), ignore_errors=True)
+
+
 # ##########################################################################################
 # Wire protocol: newline-delimited JSON frames, one request per connection (mcporter v2).
 # ##########################################################################################
@@ -1865,6 +1894,7 @@ def test_ps_process_facts_path_works_when_forced(monkeypatch):
     monkeypatch.setattr(md, "_process_info", md._ps_process_info)
     monkeypatch.setattr(md, "_group_members", md._ps_group_members)
     monkeypatch.setattr(md, "_start_order", md._ps_start_order)
+    monkeypatch.setattr(md, "_child_pids", md._ps_child_pids)
     leader = subprocess.Popen(["sh", "-c", "sleep 300 & exec sleep 301"], start_new_session=True)
     survivor = None
     try:
@@ -2972,6 +3002,52 @@ def test_plan_takeover_table(probe, fresh, owner_ours, owner_stopped, plan):
     assert md.plan_takeover(probe, fresh, owner_ours, owner_stopped) == plan
 
 
+def signal_disposition(pid, sig):
+    """How process ``pid`` treats ``sig``: "ignored", "caught" or "default" (/proc status masks)."""
+    masks = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in ("SigIgn", "SigCgt"):
+            masks[name] = int(value.strip(), 16)
+    bit = 1 << (int(sig) - 1)
+    if masks.get("SigIgn", 0) & bit:
+        return "ignored"
+    return "caught" if masks.get("SigCgt", 0) & bit else "default"
+
+
+# Exec argv[1:] with SIGHUP ignored, as `nohup` leaves it.
+WITH_SIGHUP_IGNORED = (
+    "import os, signal, sys\n"
+    "signal.signal(signal.SIGHUP, signal.SIG_IGN)\n"
+    "os.execv(sys.argv[1], sys.argv[1:])\n"
+)
+
+
+@pytest.mark.parametrize("inherited", ["ignored", "default"])
+def test_sighup_ignored_under_nohup_stays_ignored(h, inherited):
+    """A foreground daemon started under nohup keeps SIGHUP ignored: a hangup leaves it and its
+    warm servers serving. Without nohup, SIGHUP is a graceful shutdown, as SIGTERM is."""
+    argv = h.argv("start", "--foreground")
+    if inherited == "ignored":
+        argv = [sys.executable, "-c", WITH_SIGHUP_IGNORED] + argv
+    fg = h.popen_argv(argv, h.env())
+    wait_until(lambda: (h.meta() or {}).get("pid") == fg.pid, CLI_TIMEOUT, message="the daemon to bind")
+    assert call_ok(h, "demo.counter") == "1"
+    server = server_pid(running_status(h))
+    expected = "ignored" if inherited == "ignored" else "caught"
+    assert signal_disposition(fg.pid, signal.SIGHUP) == expected
+    fg.send_signal(signal.SIGHUP)
+    if inherited == "ignored":
+        assert call_ok(h, "demo.counter") == "2", "the hangup cost the warm state"
+        st = running_status(h)
+        assert (st["pid"], server_pid(st)) == (fg.pid, server)
+        assert fg.poll() is None
+        return
+    assert fg.wait(timeout=CLI_TIMEOUT) == 0, read_file(fg.err_path)
+    assert not pid_alive(server), "the daemon's server outlived its SIGHUP shutdown"
+    assert not h.meta_path.exists() and not h.socket_path.exists()
+
+
 # ##########################################################################################
 # Daemon client: verified status, ensure (spawn lock, detached launch), requests, stop.
 # ##########################################################################################
@@ -3174,6 +3250,14 @@ def test_vendorable_core_comes_first_and_says_nothing_of_mcp():
     mentions = re.compile(r"(?<![A-Za-z])(?:MCP|mcp|Mcp)(?![A-Za-z])|\bMcp[A-Z]")
     found = [f"{i + 1}: {lines[i].strip()}" for i in range(start, end) if mentions.search(lines[i])]
     assert not found, "the core mentions MCP:\n" + "\n".join(found)
+    # Nor this tool: its name, env prefix, state dir, handler error codes and call timeout
+    # are the MCP part's to set (DaemonApp), so a vendored copy carries none of them.
+    ours = re.compile(
+        r"mcporter[-_]daemon|MCPORTER_|pydaemon|\.mcporter|/tmp/mcporter|_DEFAULT_CALL_TIMEOUT"
+        r"|\b(unknown_server|not_keep_alive|command_not_found|invalid_arguments)\b"
+    )
+    found = [f"{i + 1}: {lines[i].strip()}" for i in range(start, end) if ours.search(lines[i])]
+    assert not found, "the core names this tool:\n" + "\n".join(found)
     tree = ast.parse(text)
     below = set()
     for node in tree.body:
@@ -3192,10 +3276,40 @@ def test_vendorable_core_comes_first_and_says_nothing_of_mcp():
     assert not used, f"the core uses names defined below it: {used}"
 
 
+def vendorable_core_text():
+    """The module down to (and with) the core's end line: what the README lets vendors copy."""
+    text = MODULE_PATH.read_text()
+    return text[: text.index(CORE_END_MARKER) + len(CORE_END_MARKER)] + "\n"
+
+
+def test_vendorable_core_alone_star_imports_its_api(h):
+    """The core cut at its end line is a module of its own: ``from core import *`` binds every
+    name its ``__all__`` lists, that list names no MCP, and it holds every ``md.`` name the
+    README's example uses (the vendoring API the README names)."""
+    work = h.tmp / "core-only"
+    work.mkdir()
+    (work / "core.py").write_text(vendorable_core_text())
+    probe = (
+        "import json, core\n"
+        "from core import *\n"
+        "missing = [n for n in core.__all__ if n not in globals()]\n"
+        "print(json.dumps({'all': core.__all__, 'missing': missing}))\n"
+    )
+    r = h.run(argv=[sys.executable, "-c", probe], cwd=work)
+    assert r.rc == 0, r
+    found = json.loads(r.out)
+    assert found["missing"] == [], found
+    assert not [n for n in found["all"] if re.search(r"mcp|main", n, re.I)], found["all"]
+    used = set(re.findall(r"\bmd\.(\w+)", readme_vendoring_example()))
+    used |= set(re.findall(r"`md\.(\w+)", (HERE / "README.md").read_text()))
+    assert used and used <= set(found["all"]), sorted(used - set(found["all"]))
+
+
 def test_readme_vendoring_example_runs_as_is(h):
+    """The README's example, run against the core alone (the file cut at its end line)."""
     work = h.tmp / "vendor"
     work.mkdir()
-    shutil.copy(str(MODULE_PATH), str(work / "mcporter_daemon.py"))
+    (work / "mcporter_daemon.py").write_text(vendorable_core_text())
     (work / "example.py").write_text(readme_vendoring_example())
     tmp = h.tmp / "vendor-tmp"  # the example keeps its state under tempfile.gettempdir()
     tmp.mkdir()
@@ -7343,6 +7457,114 @@ def test_result_whose_content_is_not_a_list_prints_something(h):
 
 
 # -- hostile paths and users: other spellings, umask 000, another user's files --
+
+
+def test_state_dir_spelled_through_a_symlink_is_one_daemon(h):
+    """Warm state survives a path spelling: callers reaching the state dir through a symlink
+    and directly, at once, share one daemon; none takes the other's for a stranger's."""
+    holder = Path(tempfile.mkdtemp(prefix="mdl", dir="/tmp"))  # short: the socket path fits
+    try:
+        link = holder / "s"
+        link.symlink_to(h.state_dir)
+        envs = [h.env(), h.env(MCPORTER_DAEMON_DIR=str(link))]
+        assert call_ok(h, "demo.counter") == "1"
+        first = running_status(h)
+        h.track(server_pid(first))
+
+        def calls(i):
+            return [h.run("call", "demo.counter", env=envs[(i + n) % 2]) for n in range(3)]
+
+        with ThreadPoolExecutor(4) as pool:
+            results = [r for batch in pool.map(calls, range(4)) for r in batch]
+        for r in results:
+            assert r.rc == 0, r
+        counts = sorted(int(r.out.strip()) for r in results)
+        assert counts == list(range(2, 14)), f"the counter restarted: {counts}"
+        for env in envs:
+            st = json.loads(ops_ok(h.run("status", "--json", env=env)))
+            assert st["running"] and st["fresh"], st
+            assert (st["pid"], server_pid(st)) == (first["pid"], server_pid(first)), st
+            assert st["socketPath"] == first["socketPath"], st
+        assert h.daemon_pids() == {first["pid"]}
+        assert "stopped" in ops_ok(h.run("stop", env=envs[1]))
+        assert not pid_alive(first["pid"])
+    finally:
+        shutil.rmtree(str(holder), ignore_errors=True)
+
+
+def test_directories_made_under_umask_000_are_private(h):
+    """Every directory the tool creates is 0700 whatever the umask: here the default state dir
+    and its parent ~/.mcporter (which also holds the home config, so a world-writable one
+    would let any user plant a server command)."""
+    home = Path(tempfile.mkdtemp(prefix="mdh", dir="/tmp"))  # short: the socket path fits
+    try:
+        env = h.env(HOME=str(home))
+        env.pop("MCPORTER_DAEMON_DIR")
+        env.pop("XDG_STATE_HOME", None)
+        with _SPAWN_LOCK:
+            p = subprocess.Popen(
+                h.argv("call", "demo.counter"),
+                env=env,
+                cwd=str(h.tmp),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                preexec_fn=lambda: os.umask(0),
+            )
+            _POPENS.append(p)
+        h.popens.append(p)
+        h.track(p.pid)
+        r = communicate_text(p, h.argv("call", "demo.counter"), CLI_TIMEOUT)
+        assert r.rc == 0 and r.out.strip() == "1", r
+        made = [home / ".mcporter", home / ".mcporter" / "pydaemon"]
+        modes = {str(d): f"{stat.S_IMODE(d.stat().st_mode):04o}" for d in made}
+        assert modes == {str(d): "0700" for d in made}, modes
+        key_files = list((home / ".mcporter" / "pydaemon").glob("daemon-*.json"))
+        assert len(key_files) == 1, key_files
+        meta = json.loads(key_files[0].read_text())
+        h.track(meta["pid"])
+        assert "stopped" in ops_ok(h.run("stop", env=env))
+    finally:
+        shutil.rmtree(str(home), ignore_errors=True)
+
+
+@pytest.mark.parametrize("unsafe", ["other-owner", "mode-0777"])
+def test_stop_and_status_refuse_an_unsafe_state_dir_before_reading_its_record(h, unsafe):
+    """A record planted in a state dir that `call` refuses (another user's, or writable by
+    others) names a bystander of ours with its true start time: `stop` and `status` refuse
+    the directory in one line and the bystander is never signalled."""
+    if unsafe == "other-owner":
+        if os.getuid() != 0:
+            pytest.skip("giving the state dir another owner needs root")
+        os.chown(str(h.state_dir), NOBODY_UID, NOBODY_UID)
+        needle = f"owned by uid {NOBODY_UID}"
+    else:
+        os.chmod(str(h.state_dir), 0o777)
+        needle = "0777"
+    sig_log = h.tmp / "bystander.signals"
+    script = h.tmp / "bystander.py"
+    script.write_text(BYSTANDER_SCRIPT)
+    bystander = h.popen_argv([sys.executable, script, sig_log], h.env())
+    wait_until(sig_log.exists, 10, message="bystander to install its signal handlers")
+    before = proc_stat(bystander.pid)
+    entry = {"pid": bystander.pid, "pidStartTime": str(before.start)}
+    record = dict(
+        entry,
+        protocolVersion=2,
+        socketPath=str(h.socket_path),
+        configPath=str(h.cfg),
+        fingerprint="0" * 32,
+        startedAt=int(time.time() * 1000),
+        servers={"demo": dict(entry)},
+    )
+    h.meta_path.write_text(json.dumps(record))
+    for words in (["stop"], ["status"], ["status", "--json"]):
+        r = h.run(*words)
+        assert_prompt_error(r, 2, str(h.state_dir), needle)
+    now = proc_stat(bystander.pid)
+    assert now is not None and now.start == before.start and bystander.poll() is None
+    assert sig_log.read_text() == "", f"the bystander was signalled: {sig_log.read_text()!r}"
+    assert json.loads(h.meta_path.read_text()) == record, "the planted record was changed"
 
 
 # -- hostile clocks and signals: clock steps, hangups, nohup --
