@@ -637,6 +637,8 @@ def progress_update(params: Any) -> Optional[Dict[str, Any]]:
         update["total"] = total
     if isinstance(params.get("message"), str):
         update["message"] = params["message"]
+    if params.get("phase") in ("starting", "started"):  # a kept server's start-up, from the daemon
+        update["phase"] = params["phase"]
     return update
 
 
@@ -690,13 +692,16 @@ def exchange(
     connect_timeout: Optional[float] = None,
     overall_timeout: Optional[float] = None,
     on_progress: Optional[Callable[[Dict[str, Any]], None]] = None,
+    start_budget: float = 0.0,
 ) -> Dict[str, Any]:
     """Send one request, return the response frame; a server's progress in a progress frame
     goes to ``on_progress``.
 
     ``idle_timeout`` is an idle budget: every frame (progress included) resets it, so a long
     call stays alive while a silent (hung) daemon still trips it. ``overall_timeout`` bounds
-    the whole wait, progress or not. _NotDelivered when the request never reached a daemon.
+    the whole wait, progress or not, plus ``start_budget`` once the daemon reports that the
+    work waits for its backend to start (phase "starting"). _NotDelivered when the request
+    never reached a daemon.
     """
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -708,7 +713,9 @@ def exchange(
             raise _NotDelivered(f"cannot connect to {socket_path}: {exc.strerror or exc}") from None
         sock.settimeout(idle_timeout)
         deadline = time.monotonic() + overall_timeout if overall_timeout else None
-        return _send_and_receive(sock, socket_path, request, idle_timeout, deadline, on_progress)
+        return _send_and_receive(
+            sock, socket_path, request, idle_timeout, deadline, on_progress, start_budget
+        )
     finally:
         sock.close()
 
@@ -737,6 +744,7 @@ def _send_and_receive(
     idle_timeout: float,
     deadline: Optional[float] = None,
     on_progress: Optional[Callable[[Dict[str, Any]], None]] = None,
+    start_budget: float = 0.0,
 ) -> Dict[str, Any]:
     buf = bytearray()
     frames = 0
@@ -757,6 +765,8 @@ def _send_and_receive(
             frame = json.loads(line)
             if isinstance(frame, dict) and frame.get("type") == "progress":
                 update = progress_update(frame.get("progress"))
+                if update is not None and update.get("phase") == "starting" and deadline is not None:
+                    deadline, start_budget = deadline + start_budget, 0.0  # once per request
                 if on_progress is not None and update is not None:
                     _report_quietly(on_progress, update)
                 continue
@@ -2837,9 +2847,11 @@ class DaemonClient:
         notices: Optional[List[str]] = None,
         overall_timeout: Optional[float] = None,
         on_progress: Optional[Callable[[Dict[str, Any]], None]] = None,
+        start_budget: float = 0.0,
     ) -> Any:
         """Send one request to a verified fresh daemon (starting it if allowed). Raises
-        RemoteError for ``ok: false``, DaemonTimeout past ``overall_timeout`` (progress or not).
+        RemoteError for ``ok: false``, DaemonTimeout past ``overall_timeout`` (progress or not;
+        plus ``start_budget`` when the daemon reports a start, see ``exchange``).
         A server's progress, relayed in the daemon's progress frames, goes to ``on_progress``.
 
         A delivered request runs at most once: it is sent again (after ``ensure``) only when it
@@ -2847,7 +2859,7 @@ class DaemonClient:
         """
         if auto_start:
             self.ensure()
-        send = (method, params, idle_timeout, progress_ms, overall_timeout, on_progress)
+        send = (method, params, idle_timeout, progress_ms, overall_timeout, on_progress, start_budget)
         try:
             response = self._send(*send)
         except _NotDelivered:
@@ -2870,6 +2882,7 @@ class DaemonClient:
         progress_ms: Optional[int],
         overall: Optional[float] = None,
         on_progress: Optional[Callable[[Dict[str, Any]], None]] = None,
+        start_budget: float = 0.0,
     ) -> Dict[str, Any]:
         req: Dict[str, Any] = {
             "id": f"{os.getpid()}-{time.monotonic_ns()}",
@@ -2886,6 +2899,7 @@ class DaemonClient:
             connect_timeout=self.probe_timeout,
             overall_timeout=overall,
             on_progress=on_progress,
+            start_budget=start_budget,
         )
 
     # -- stopping ------------------------------------------------------------------------------
@@ -3102,6 +3116,8 @@ def _install_test_clock() -> None:
 _MALLOC_MMAP_VAR = "MALLOC_MMAP_THRESHOLD_"  # glibc reads it at start-up
 _MALLOC_SET_BY_US = "MCPORTER_DAEMON_MALLOC_TUNED"
 _DAEMON_MMAP_THRESHOLD = str(1024 * 1024)
+_DEFAULT_STARTUP_TIMEOUT_MS = 60_000  # spawn + initialize (startupTimeoutMs), as mcporter
+
 _KEEPALIVE_NAMES = ("chrome-devtools", "mobile-mcp", "playwright", "cloudbase")
 
 _KEEPALIVE_COMMAND_HINTS = ("chrome-devtools-mcp", "@playwright/mcp", "mobile-mcp", "cloudbase-mcp")
@@ -3185,8 +3201,21 @@ def parse_jsonc(text: str, source: str) -> Any:
         ) from None
 
 
-def _expand_placeholders(value: str, environ: Dict[str, str]) -> str:
-    """``${VAR}`` and ``${VAR:-fallback}``; an unset ``${VAR}`` becomes empty."""
+def _is_env_name(name: str) -> bool:
+    return bool(name) and not name[0].isdigit() and all(c == "_" or c.isascii() and c.isalnum() for c in name)
+
+
+def _expand_placeholders(
+    value: str,
+    environ: Dict[str, str],
+    refs: Optional[Dict[str, Optional[str]]] = None,
+    missing: Optional[List[str]] = None,
+) -> str:
+    """``${VAR}`` and ``${VAR:-fallback}`` as mcporter expands them: an unset or empty VAR
+    takes the fallback; an unset VAR without one is empty, and its name goes to ``missing``
+    (callers that must not run with a hole in an argument refuse it). ``refs`` collects each
+    variable read and its value (None when unset). ``${...}`` that is not a variable name
+    (VS Code's ``${input:token}``) stays as written."""
     out, i = [], 0
     while True:
         start = value.find("${", i)
@@ -3194,10 +3223,18 @@ def _expand_placeholders(value: str, environ: Dict[str, str]) -> str:
         if start < 0 or end < 0:
             out.append(value[i:])
             return "".join(out)
-        out.append(value[i:start])
         name, sep, fallback = value[start + 2 : end].partition(":-")
-        got = environ.get(name, "")
-        out.append(got if got or not sep else fallback)
+        if not _is_env_name(name):
+            out.append(value[i : start + 2])
+            i = start + 2
+            continue
+        out.append(value[i:start])
+        got = environ.get(name)
+        if refs is not None:
+            refs[name] = got
+        if got is None and not sep and missing is not None and name not in missing:
+            missing.append(name)
+        out.append(got if got else fallback if sep else "")
         i = end + 1
 
 
@@ -3221,6 +3258,12 @@ class ServerSpec:
         "idle_timeout_ms",
         "health_check_ms",
         "source",
+        "startup_timeout_ms",
+        "allowed_tools",
+        "blocked_tools",
+        "unknown_keys",
+        "problem",
+        "env_refs",
     )
 
     def __init__(self, name: str, source: str) -> None:
@@ -3234,9 +3277,29 @@ class ServerSpec:
         self.keep_alive_reason = "not selected"
         self.idle_timeout_ms: Optional[int] = None
         self.health_check_ms = _DEFAULT_HEALTH_CHECK_MS  # 0: never pinged
+        self.startup_timeout_ms = _DEFAULT_STARTUP_TIMEOUT_MS  # spawn + initialize
+        self.allowed_tools: Optional[frozenset] = None  # None: no allow-list
+        self.blocked_tools: frozenset = frozenset()
+        self.unknown_keys: List[str] = []  # for doctor: keys neither this tool nor mcporter knows
+        self.problem = ""  # why it cannot run (an unset ${VAR}); raised when it is used
+        self.env_refs: Dict[str, Optional[str]] = {}  # ${VAR}s it reads: their values (None: unset)
 
     def __repr__(self) -> str:
         return f"ServerSpec({self.name!r}, command={self.command!r}, keep_alive={self.keep_alive})"
+
+    def allows_tool(self, name: str) -> bool:
+        """Whether ``allowedTools``/``blockedTools`` let this tool be listed and called:
+        exact names, as mcporter matches them; an empty allow-list allows nothing."""
+        if self.allowed_tools is not None:
+            return name in self.allowed_tools
+        return name not in self.blocked_tools
+
+    def tool_refusal(self, name: str) -> str:
+        """The one line refusing a filtered tool (empty when it is allowed)."""
+        if self.allows_tool(name):
+            return ""
+        rule = "is not in allowedTools" if self.allowed_tools is not None else "is in blockedTools"
+        return f"tool '{name}' of server '{self.name}' {rule} ({self.source}); it is not called"
 
 
 class Config:
@@ -3274,6 +3337,47 @@ def _read_optional(path: str) -> Optional[bytes]:
         raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
 
 
+def config_path_risk(mode: int, owner: int, me: int, is_dir: bool) -> Tuple[str, str]:
+    """("refuse" | "warn" | "", why) for a config file or its directory, as ssh's StrictModes:
+    one that another user owns or anyone may write could make us run their command. A sticky
+    world-writable directory (/tmp) is fine: nobody else can replace a file in it."""
+    import stat
+
+    if owner not in (me, 0):
+        return "refuse", f"is owned by uid {owner}, not by you (uid {me}) or root"
+    if mode & stat.S_IWOTH and not (is_dir and mode & stat.S_ISVTX):
+        return "refuse", "is writable by every user"
+    if mode & stat.S_IWGRP and not (is_dir and mode & stat.S_ISVTX):
+        return "warn", "is writable by its group"
+    return "", ""
+
+
+def _config_path_risks(path: str) -> List[Tuple[str, str, str, str]]:
+    """(verdict, path, why, fix) for a config file and the directories holding it (as spelled
+    and, for a symlink, where it points)."""
+    out = []
+    me = os.geteuid()
+    real = os.path.realpath(path)
+    for target in dict.fromkeys([path, os.path.dirname(path), os.path.dirname(real)]):
+        try:
+            st = os.stat(target)
+        except OSError:
+            continue
+        is_dir = os.path.isdir(target)
+        verdict, why = config_path_risk(st.st_mode, st.st_uid, me, is_dir)
+        if verdict:
+            what = "directory" if is_dir else "file"
+            fix = f"chmod go-w {target}" if "writable" in why else f"chown {me} {target}, or remove it"
+            out.append((verdict, target, f"config {what} {target} {why}", fix))
+    return out
+
+
+def _refuse_unsafe_config(path: str) -> None:
+    for verdict, _target, why, fix in _config_path_risks(path):
+        if verdict == "refuse":
+            raise ConfigError(f"{why}; refusing to run its commands — fix: {fix}")
+
+
 def _home_config_candidates() -> List[str]:
     out = []
     xdg = os.environ.get("XDG_CONFIG_HOME")
@@ -3299,6 +3403,7 @@ def discover_config(
         data = _read_optional(path)
         if data is None:
             raise ConfigError(f"{path}: config file not found")
+        _refuse_unsafe_config(path)
         return path, [(path, data)], True
     project = os.path.join(os.path.abspath(root or os.getcwd()), "config", "mcporter.json")
     layers: List[Tuple[str, Optional[bytes]]] = []
@@ -3313,6 +3418,9 @@ def discover_config(
         layers.append((_home_config_candidates()[-2], None))
     project_data = _read_optional(project)
     layers.append((project, project_data))
+    for layer_path, data in layers:
+        if data is not None:
+            _refuse_unsafe_config(layer_path)
     naming = project if project_data is not None or home_path is None else home_path
     return naming, layers, False
 
@@ -3357,7 +3465,7 @@ def _parse_lifecycle(spec: ServerSpec, raw: Any, where: str) -> Optional[bool]:
     return mode == "keep-alive"
 
 
-def _parse_command(spec: ServerSpec, entry: Dict[str, Any], where: str) -> None:
+def _parse_command(spec: ServerSpec, entry: Dict[str, Any], where: str, environ: Dict[str, str]) -> None:
     import shlex
 
     command = entry.get("command")
@@ -3372,7 +3480,114 @@ def _parse_command(spec: ServerSpec, entry: Dict[str, Any], where: str) -> None:
         raise _type_error(spec.source, f"{where}.args", "a list of strings", args)
     if not argv:
         raise ConfigError(f"{spec.source}: {where}.command is empty")
-    spec.command = argv + args
+    # Expanded word by word, after the split: a value with spaces stays one argument, as a
+    # quoted "$VAR" in a shell, and can never add arguments of its own.
+    spec.command = [_expand_strict(spec, w, environ, f"{where}.command") for w in argv]
+    spec.command += [_expand_strict(spec, a, environ, f"{where}.args") for a in args]
+
+
+def _expand_strict(spec: ServerSpec, value: str, environ: Dict[str, str], where: str) -> str:
+    """A placeholder in command, args or cwd: an unset variable without a default is the
+    server's problem (raised when it is used), never a silently empty argument."""
+    missing: List[str] = []
+    out = _expand_placeholders(value, environ, spec.env_refs, missing)
+    if missing and not spec.problem:
+        spec.problem = (
+            f"server '{spec.name}': environment variable {missing[0]} is not set "
+            f"(${{{missing[0]}}} in {where}, {spec.source}); set it, or write ${{{missing[0]}:-default}}"
+        )
+    return out
+
+
+# Every key of a server entry that mcporter knows; the ones this tool does not use (HTTP and
+# OAuth settings) are not typos, so doctor names only the rest.
+_SERVER_KEYS = frozenset(
+    [
+        "command",
+        "executable",
+        "args",
+        "env",
+        "cwd",
+        "lifecycle",
+        "url",
+        "baseUrl",
+        "base_url",
+        "serverUrl",
+        "server_url",
+        "allowedTools",
+        "allowed_tools",
+        "blockedTools",
+        "blocked_tools",
+        "startupTimeoutMs",
+        "startup_timeout_ms",
+        "description",
+        "headers",
+        "auth",
+        "tokenCacheDir",
+        "token_cache_dir",
+        "clientName",
+        "client_name",
+        "protocolVersion",
+        "protocol_version",
+        "chromeDevtoolsRelay",
+        "chrome_devtools_relay",
+        "oauthClientId",
+        "oauth_client_id",
+        "oauthClientSecret",
+        "oauth_client_secret",
+        "oauthClientSecretEnv",
+        "oauth_client_secret_env",
+        "oauthTokenEndpointAuthMethod",
+        "oauth_token_endpoint_auth_method",
+        "oauthRedirectUrl",
+        "oauth_redirect_url",
+        "oauthClientMetadataUrl",
+        "oauth_client_metadata_url",
+        "oauthScope",
+        "oauth_scope",
+        "oauthCommand",
+        "oauth_command",
+        "bearerToken",
+        "bearer_token",
+        "bearerTokenEnv",
+        "bearer_token_env",
+        "refresh",
+        "httpFetch",
+        "http_fetch",
+        "logging",
+        "type",
+    ]
+)
+
+
+def _parse_tool_filters(spec: ServerSpec, entry: Dict[str, Any], where: str) -> None:
+    """``allowedTools``/``blockedTools`` (or snake_case): exact tool names; both at once is
+    an error, as in mcporter, since which one wins would be a guess."""
+    lists: Dict[str, frozenset] = {}
+    for key, snake in (("allowedTools", "allowed_tools"), ("blockedTools", "blocked_tools")):
+        value = entry.get(key, entry.get(snake))
+        if value is None:
+            continue
+        if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
+            raise _type_error(spec.source, f"{where}.{key}", "a list of tool names", value)
+        lists[key] = frozenset(value)
+    if len(lists) == 2:
+        raise ConfigError(
+            f"{spec.source}: {where}: give allowedTools or blockedTools, not both (as in mcporter)"
+        )
+    spec.allowed_tools = lists.get("allowedTools")
+    spec.blocked_tools = lists.get("blockedTools", frozenset())
+
+
+def _parse_startup_timeout(spec: ServerSpec, entry: Dict[str, Any], where: str) -> None:
+    value = entry.get("startupTimeoutMs", entry.get("startup_timeout_ms"))
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ConfigError(
+            f"{spec.source}: {where}.startupTimeoutMs must be a positive number of milliseconds"
+        )
+    spec.startup_timeout_ms = int(value)
 
 
 def _parse_server(name: str, entry: Any, source: str, base_dir: str, environ: Dict[str, str]) -> ServerSpec:
@@ -3380,25 +3595,30 @@ def _parse_server(name: str, entry: Any, source: str, base_dir: str, environ: Di
     if not isinstance(entry, dict):
         raise _type_error(source, where, "an object", entry)
     spec = ServerSpec(name, source)
+    spec.unknown_keys = [str(k) for k in entry if k not in _SERVER_KEYS]
+    _parse_tool_filters(spec, entry, where)
     url = entry.get("url") or entry.get("baseUrl")
     if url:
         if not isinstance(url, str):
             raise _type_error(source, f"{where}.url", "a string", url)
         spec.url = url
         return spec
-    _parse_command(spec, entry, where)
+    _parse_command(spec, entry, where, environ)
     env = entry.get("env", {})
     if not isinstance(env, dict):
         raise _type_error(source, f"{where}.env", "an object", env)
     for key, value in env.items():
         if not isinstance(value, str):
             raise _type_error(source, f"{where}.env.{key}", "a string", value)
-    spec.env = {str(k): _expand_placeholders(v, environ) for k, v in env.items()}
+    # env stays lenient, as in mcporter: an unset ${VAR} there is an empty value.
+    spec.env = {str(k): _expand_placeholders(v, environ, spec.env_refs) for k, v in env.items()}
     cwd = entry.get("cwd")
     if cwd is not None:
         if not isinstance(cwd, str):
             raise _type_error(source, f"{where}.cwd", "a string", cwd)
+        cwd = _expand_strict(spec, cwd, environ, f"{where}.cwd")
         spec.cwd = os.path.join(base_dir, os.path.expanduser(cwd))
+    _parse_startup_timeout(spec, entry, where)
     explicit = _parse_lifecycle(spec, entry.get("lifecycle"), f"{where}.lifecycle")
     _select_keep_alive(spec, explicit, environ)
     return spec
@@ -3455,6 +3675,19 @@ def _effective_import_order(docs: List[Dict[str, Any]]) -> List[str]:
         if order:
             return order
     return []
+
+
+def import_plan(layers: List[Tuple[str, Optional[bytes]]]) -> List[Tuple[str, List[str]]]:
+    """(layer, the import kinds it reads, in order) for each config layer that exists; with
+    none, mcporter reads the defaults as if from an empty project config."""
+    plan = [
+        (path, import_order(_parse_layer(path, data).get("imports")))
+        for path, data in layers
+        if data is not None
+    ]
+    if not any(data is not None for _, data in layers):
+        plan = [(layers[-1][0] + " (absent)", list(IMPORT_KINDS))] if layers else []
+    return plan
 
 
 def import_candidates(kind: str, root: str, home: str, environ: Dict[str, str], platform: str) -> List[str]:
@@ -3669,7 +3902,8 @@ def load_config(config: Optional[str] = None, root: Optional[str] = None) -> Con
                     spec = _parse_server(name, entry, imported.path, os.path.dirname(imported.path), environ)
                 except ConfigError:
                     continue
-                cfg.servers[name] = spec
+                if not spec.problem:
+                    cfg.servers[name] = spec
     for source, doc in docs:
         servers = doc.get("mcpServers", {})
         if not isinstance(servers, dict):
@@ -4504,6 +4738,7 @@ class McpStdioClient:
         self._process = _ServerProcess(name, log)
         self._channel = _JsonRpcChannel(name, self._process, log, self._notified, self.close)
         self.protocol_version = ""
+        self.instructions = ""  # the server's initialize instructions, shown by list
         self.tools_stale = True
         self._tools: Optional[List[Dict[str, Any]]] = None  # this process's tools/list, kept
 
@@ -4586,6 +4821,7 @@ class McpStdioClient:
                 "runtime_error",
             )
         self.protocol_version = version
+        self.instructions = str((result or {}).get("instructions") or "")
         self.notify("notifications/initialized")
 
     def _paginate(self, method: str, key: str, opts: Optional[_CallOptions]) -> List[Any]:
@@ -4787,6 +5023,18 @@ def call_arguments(
 # ##########################################################################################
 
 
+def env_hash(value: Optional[str]) -> Optional[str]:
+    """A variable's value as a caller tells it to the daemon: a short digest, never the value."""
+    return None if value is None else _sha256(os.fsencode(value)).hexdigest()[:16]
+
+
+def env_drift(started_with: Dict[str, Optional[str]], caller: Dict[str, Any]) -> List[str]:
+    """The ``${VAR}``s a kept server was started with whose value the caller's differs from
+    (``caller``: name -> env_hash of its value); a variable the caller did not report is not
+    compared (an older client, or mcporter's)."""
+    return sorted(v for v, value in started_with.items() if v in caller and caller[v] != env_hash(value))
+
+
 def server_idle_expired(
     idle_ms: Optional[int], has_client: bool, starting: bool, in_use: int, last_used: Optional[int], now: int
 ) -> bool:
@@ -4881,7 +5129,7 @@ class _Operation:
     opts)`` on the server's MCP face, or, for the kept server's own life (``mcp`` is None),
     ``manage(kept, args, seconds)`` in the daemon. ``args``: the parameters as read."""
 
-    __slots__ = ("wire", "params", "mcp", "timeout", "run", "manage")
+    __slots__ = ("wire", "params", "mcp", "timeout", "run", "manage", "guard", "screen")
 
     def __init__(
         self,
@@ -4891,23 +5139,35 @@ class _Operation:
         timeout: str,
         run: Optional[Callable[[McpStdioClient, Dict[str, Any], _CallOptions], Any]] = None,
         manage: Optional[Callable[[_KeptServer, Dict[str, Any], float], Any]] = None,
+        guard: Optional[Callable[[ServerSpec, Dict[str, Any]], None]] = None,
+        screen: Optional[Callable[[ServerSpec, Any], Any]] = None,
     ) -> None:
         self.wire, self.params, self.mcp, self.timeout = wire, _COMMON_PARAMS + params, mcp, timeout
         self.run, self.manage = run, manage
+        self.guard, self.screen = guard, screen  # the config's tool filters: before and after
 
     def read(self, params: Dict[str, Any]) -> Dict[str, Any]:
         """The declared parameters of a request, type-checked (HandlerError when one is not)."""
         return {p.name: p.read(params) for p in self.params}
 
-    def seconds(self, args: Dict[str, Any]) -> float:
+    def check(self, spec: ServerSpec, args: Dict[str, Any]) -> None:
+        """Refuse, before its server is asked, what the server's config forbids."""
+        if self.guard is not None:
+            self.guard(spec, args)
+
+    def shown(self, spec: ServerSpec, result: Any) -> Any:
+        """The result as the server's config lets a caller see it."""
+        return self.screen(spec, result) if self.screen is not None else result
+
+    def seconds(self, args: Dict[str, Any], start: float = _MCP_START_TIMEOUT) -> float:
         """The wait the caller's ``timeoutMs`` gives, as this operation applies it; without one,
-        the operation's own default."""
+        the operation's own default (for a start, ``start``: the server's startupTimeoutMs)."""
         ms = args.get("timeoutMs")
         given = ms / 1000.0 if ms and ms > 0 else None
         if self.timeout == _CLOSE:
             return min(_MCP_CLOSE_GRACE, given / 2) if given else _MCP_CLOSE_GRACE
         if self.timeout == _START:
-            return given or _MCP_START_TIMEOUT
+            return given or start
         return given or _DEFAULT_CALL_TIMEOUT
 
     def options(
@@ -4941,7 +5201,23 @@ def _list_tools(client: McpStdioClient, args: Dict[str, Any], opts: _CallOptions
         if args["includeSchema"]
         else ("name", "description")
     )
-    return [{k: t[k] for k in keep if k in t} for t in client.tools(opts) if isinstance(t, dict)]
+    tools = [{k: t[k] for k in keep if k in t} for t in client.tools(opts) if isinstance(t, dict)]
+    # mcporter's clients get its plain list; ours ask for the server's instructions too.
+    return {"tools": tools, "instructions": client.instructions} if args["includeServerInfo"] else tools
+
+
+def _refuse_filtered_tool(spec: ServerSpec, args: Dict[str, Any]) -> None:
+    """``allowedTools``/``blockedTools``: a filtered tool is refused, its server never asked."""
+    if not spec.allows_tool(args["tool"]):
+        raise HandlerError(spec.tool_refusal(args["tool"]), "config")
+
+
+def _hide_filtered_tools(spec: ServerSpec, result: Any) -> Any:
+    tools = result.get("tools") if isinstance(result, dict) else result
+    if isinstance(tools, list):
+        tools = [t for t in tools if not isinstance(t, dict) or spec.allows_tool(str(t.get("name")))]
+        return dict(result, tools=tools) if isinstance(result, dict) else tools
+    return result
 
 
 _OPERATIONS: Dict[str, _Operation] = {
@@ -4954,17 +5230,25 @@ _OPERATIONS: Dict[str, _Operation] = {
                 _Param("args", "object", "an object"),
                 _Param("rawArgs", "object", "an object of strings", values="string"),
                 _Param("stallTimeoutMs", "number", "a number of milliseconds"),
+                # The caller's values of the server's ${VAR}s, hashed (env_hash): the daemon
+                # says when it runs the server with others.
+                _Param("envHashes", "object", "an object"),
             ),
             "tools/call",
             _PER_REQUEST,
             _call_tool,
+            guard=_refuse_filtered_tool,
         ),
         _Operation(
             "listTools",
-            (_Param("includeSchema", "boolean", "true or false"),),
+            (
+                _Param("includeSchema", "boolean", "true or false"),
+                _Param("includeServerInfo", "boolean", "true or false"),
+            ),
             "tools/list",
             _PER_REQUEST,
             _list_tools,
+            screen=_hide_filtered_tools,
         ),
         _Operation(
             "listResources",
@@ -5097,15 +5381,18 @@ class _KeptServer:
 
     # -- start ---------------------------------------------------------------------------------
 
-    def live_client(self, start_timeout: float = _MCP_START_TIMEOUT) -> McpStdioClient:
-        """The running server's client, (re)starting the server when it is not running."""
+    def live_client(self, start_timeout: Optional[float] = None) -> McpStdioClient:
+        """The running server's client, (re)starting the server when it is not running
+        (within ``start_timeout``, else its ``startupTimeoutMs``)."""
         with self.life:
             client = self.client
             if client is not None and client.alive():
                 return client
             self._refuse_if_stopping()
+            if self.spec.problem:  # an unset ${VAR}: a config error, never a server started wrong
+                raise HandlerError(self.spec.problem, "config")
             self._retire(client)
-            client = self._start(start_timeout)
+            client = self._start(start_timeout or self.spec.startup_timeout_ms / 1000.0)
         self.changed()
         return client
 
@@ -5208,7 +5495,7 @@ class _KeptServer:
         why: str,
         expected: Optional[McpStdioClient] = None,
         grace: float = _MCP_CLOSE_GRACE,
-        start_timeout: float = _MCP_START_TIMEOUT,
+        start_timeout: Optional[float] = None,
     ) -> Optional[McpStdioClient]:
         """Close the server, then start a new one at once. The close completes under ``life``
         before the start takes it, so two copies never run together. With ``expected``, only
@@ -5434,13 +5721,29 @@ class McpKeepAliveService:
         (the server started when it is not running), or on the kept server's life."""
         kept = self._server(params)
         args = op.read(params)
+        op.check(kept.spec, args)  # whichever client asks: what the config forbids never runs
         if op.manage is not None:
-            return op.manage(kept, args, op.seconds(args))
+            return op.manage(kept, args, op.seconds(args, kept.spec.startup_timeout_ms / 1000.0))
         run = op.run
         assert run is not None
+        for var in env_drift(kept.spec.env_refs, args.get("envHashes") or {}):
+            ctx.notices.append(
+                f"{var} differs from the value server '{kept.name}' was started with; the daemon "
+                f"keeps its start-time environment (run: {_PROG} restart, to apply yours)"
+            )
         opts = op.options(args, ctx.notices, ctx.report_progress, ctx.cancelled)
+        client = kept.client
+        starting = client is None or not client.alive()
+        if starting:  # the caller's progress line says "starting 'x' (12 s)…" meanwhile
+            ctx.report_progress({"progress": 0, "phase": "starting"})
+
+        def act(client: McpStdioClient) -> Any:
+            if starting:
+                ctx.report_progress({"progress": 0, "phase": "started"})
+            return run(client, args, opts)
+
         try:
-            return kept.use(ctx.method, lambda client: run(client, args, opts))
+            return op.shown(kept.spec, kept.use(ctx.method, act))
         except UsageError as exc:
             raise HandlerError(str(exc), "invalid_arguments") from None
 
@@ -5733,6 +6036,7 @@ def _demo_answer(msg: Dict[str, Any], state: Dict[str, Any]) -> Optional[Dict[st
             "protocolVersion": version,
             "capabilities": {"tools": {}, "resources": {}, "prompts": {}},
             "serverInfo": {"name": "mcporter-daemon-demo", "version": __version__},
+            "instructions": "A demo server: counter counts calls in this process.",
         }
     if method == "tools/list":
         return {"tools": _DEMO_TOOLS}
@@ -5958,12 +6262,28 @@ def _server_spec(cfg: Config, name: str) -> ServerSpec:
     spec = cfg.servers.get(name)
     if spec is None:
         known = ", ".join(sorted(cfg.servers)) or "none"
-        raise ConfigError(f"unknown server '{name}' in {cfg.path} (configured: {known})")
+        raise ConfigError(
+            f"unknown server '{name}' in {cfg.path} (configured: {known})" + _no_config_hint(cfg)
+        )
     if spec.url is not None:
         raise ConfigError(
             f"server '{name}' is an HTTP server ({spec.url}); this tool runs stdio servers only"
         )
+    if spec.problem:
+        raise ConfigError(spec.problem)
     return spec
+
+
+def _no_config_hint(cfg: Config) -> str:
+    """When no mcporter config was found: the project config is looked up from the current
+    directory only, so a call from a subdirectory finds none."""
+    if cfg.explicit or any(data is not None for _, data in cfg.layers):
+        return ""
+    return (
+        f"; no config file found ({' or '.join(p for p, _ in cfg.layers)}): the project config is "
+        "<root>/config/mcporter.json with --root defaulting to the current directory; "
+        "pass --root DIR, or --config PATH (or set MCPORTER_CONFIG)"
+    )
 
 
 def _timeout_seconds(args: Any) -> float:
@@ -6017,6 +6337,11 @@ def progress_text(update: Dict[str, Any], width: int) -> str:
     return text[: max(0, width - 1)]
 
 
+_STARTING_LINE_AFTER = 1.0  # a server starting this long gets "starting 'x' (N s)…"
+
+_STARTING_TICK = 0.25  # how often an ephemeral server's starting line is redrawn
+
+
 class _ProgressLine:
     """Server progress as one updating line on stderr, erased at the end (carriage return,
     clear to end of line).
@@ -6027,17 +6352,30 @@ class _ProgressLine:
 
     _CLEAR = "\r\x1b[K"
 
-    def __init__(self, enabled: bool) -> None:
+    def __init__(self, enabled: bool, server: str = "") -> None:
         import threading
 
         self.enabled = enabled
+        self.server = server
         self.shown = ""
         self.lock = threading.Lock()
+        self.starting_since: Optional[float] = None
 
     def show(self, update: Dict[str, Any]) -> None:
         if not self.enabled:
             return
-        text = progress_text(update, _stderr_width())
+        phase = update.get("phase")
+        if phase == "starting":
+            now = time.monotonic()
+            self.starting_since = self.starting_since or now
+            elapsed = now - self.starting_since
+            if elapsed < _STARTING_LINE_AFTER:  # a quick start does not flash a line
+                return
+            text = f"starting '{self.server}' ({int(elapsed)} s)…"[: max(0, _stderr_width() - 1)]
+        elif phase == "started":
+            self.starting_since, text = None, ""
+        else:
+            text = progress_text(update, _stderr_width())
         with self.lock:
             if self.enabled and text != self.shown:
                 self.shown = text
@@ -6071,24 +6409,46 @@ def _run_ephemeral(
     spec: ServerSpec,
     method: str,
     params: Dict[str, Any],
-    timeout: float,
     line: Optional[_ProgressLine] = None,
 ) -> Any:
-    """Spawn, handshake, run the operation as the daemon would, shut down: a server that is
-    not kept alive."""
+    """Spawn, handshake (within its ``startupTimeoutMs``), run the operation as the daemon
+    would, shut down: a server that is not kept alive."""
     op = _OPERATIONS[method]
     args = op.read(params)
+    op.check(spec, args)  # what the config forbids never starts the server
     opts = op.options(args, on_progress=line.show if line else None)
     run = op.run
     assert run is not None
     client = McpStdioClient(
         spec.name, spec.command, env=spec.env, cwd=spec.cwd, log=lambda line: None, source=spec.source
     )
-    client.start(timeout=timeout)
+    _start_showing(client, spec, line)
     try:
-        return run(client, args, opts)
+        return op.shown(spec, run(client, args, opts))
     finally:
         client.close()
+
+
+def _start_showing(client: McpStdioClient, spec: ServerSpec, line: Optional[_ProgressLine]) -> None:
+    """Start an ephemeral server; the progress line counts the seconds while it starts."""
+    import threading
+
+    done = threading.Event()
+
+    def tick(shown: _ProgressLine) -> None:
+        while True:
+            shown.show({"progress": 0, "phase": "starting"})
+            if done.wait(_STARTING_TICK):
+                return
+
+    if line is not None and line.enabled:
+        threading.Thread(target=tick, args=(line,), name="starting-line", daemon=True).start()
+    try:
+        client.start(timeout=spec.startup_timeout_ms / 1000.0)
+    finally:
+        done.set()
+        if line is not None:
+            line.show({"progress": 0, "phase": "started"})
 
 
 def _via_daemon_or_ephemeral(
@@ -6100,9 +6460,11 @@ def _via_daemon_or_ephemeral(
     line: Optional[_ProgressLine] = None,
 ) -> Any:
     timeout = _timeout_seconds(args)
+    if line is not None:
+        line.server = spec.name
     params = dict(params, server=spec.name, timeoutMs=int(timeout * 1000))
     if not spec.keep_alive:
-        return _run_ephemeral(spec, method, params, timeout, line)
+        return _run_ephemeral(spec, method, params, line)
     notices: List[str] = []
     try:
         # The idle budget catches a hung daemon; the overall one a daemon whose progress frames
@@ -6113,6 +6475,8 @@ def _via_daemon_or_ephemeral(
             idle_timeout=_DEFAULT_IDLE_BUDGET,
             notices=notices,
             overall_timeout=timeout + _CLIENT_DEADLINE_GRACE,
+            # A server the daemon has to start first gets its start-up budget before the call's.
+            start_budget=spec.startup_timeout_ms / 1000.0,
             on_progress=line.show if line else None,
         )
     finally:
@@ -6491,11 +6855,15 @@ def cmd_call(args: Any) -> int:
     typed, raw = _parse_call_args(args.pairs, args.args)
     cfg = _load(args)
     spec = _server_spec(cfg, server)
+    if not spec.allows_tool(tool):
+        raise ConfigError(spec.tool_refusal(tool))
     stall = args.stall_timeout if args.stall_timeout and args.stall_timeout > 0 else None
     # The daemon types the pairs itself with its cached tool list: one request, no extra trip.
     params: Dict[str, Any] = {"tool": tool, "args": typed}
     if raw:
         params["rawArgs"] = raw
+    if spec.env_refs:  # so the daemon can say when it runs the server with other values
+        params["envHashes"] = {var: env_hash(value) for var, value in spec.env_refs.items()}
     if stall:
         params["stallTimeoutMs"] = int(stall * 1000)
     line = _ProgressLine(args.progress or _stderr_is_tty())
@@ -6515,22 +6883,93 @@ def cmd_call(args: Any) -> int:
     return 1 if result.get("isError") else 0
 
 
+def schema_type_text(prop: Any) -> str:
+    """A JSON Schema property's type as people read it: ``string[]``, ``"a" | "b"``,
+    ``number`` (integers too, as mcporter writes them), ``string | null``, else ``unknown``."""
+    if not isinstance(prop, dict):
+        return "unknown"
+    if isinstance(prop.get("enum"), list) and prop["enum"]:
+        return " | ".join(json.dumps(v, ensure_ascii=False) for v in prop["enum"])
+    if "const" in prop:
+        return json.dumps(prop["const"], ensure_ascii=False)
+    kind = prop.get("type")
+    if isinstance(kind, list) and kind:
+        return _union_text([dict(prop, type=k) for k in kind])
+    for key in ("anyOf", "oneOf"):
+        if isinstance(prop.get(key), list) and prop[key]:
+            return _union_text(prop[key])
+    if kind in ("integer", "number"):
+        return "number"
+    if kind in ("string", "boolean", "null"):
+        return str(kind)
+    if kind == "array":
+        item = schema_type_text(prop.get("items")) if "items" in prop else "unknown"
+        return f"({item})[]" if " | " in item else f"{item}[]"
+    if kind == "object" or (kind is None and isinstance(prop.get("properties"), dict)):
+        return "object"
+    return "unknown"
+
+
+def _union_text(members: List[Any]) -> str:
+    return " | ".join(dict.fromkeys(schema_type_text(m) for m in members))
+
+
 def _describe_params(schema: Any) -> str:
+    """``name: type`` for each required parameter, ``name?: type`` for each optional one."""
     props = (schema or {}).get("properties") or {} if isinstance(schema, dict) else {}
-    required = set((schema or {}).get("required") or []) if isinstance(schema, dict) else set()
-    out = []
-    for name, prop in props.items():
-        kind = prop.get("type", "any") if isinstance(prop, dict) else "any"
-        out.append(
-            f"{name}{'' if name in required else '?'}: {kind if isinstance(kind, str) else '|'.join(kind)}"
-        )
-    return ", ".join(out)
+    required = (schema or {}).get("required") or [] if isinstance(schema, dict) else []
+    required = set(r for r in required if isinstance(r, str)) if isinstance(required, list) else set()
+    if not isinstance(props, dict):
+        return ""
+    return ", ".join(
+        f"{name}{'' if name in required else '?'}: {schema_type_text(prop)}" for name, prop in props.items()
+    )
+
+
+_INSTRUCTIONS_CHARS = 500  # list shows a server's instructions on one line, clipped like mcporter
+
+
+def _instructions_line(text: str) -> str:
+    flat = " ".join(str(text).split())
+    if len(flat) > _INSTRUCTIONS_CHARS:
+        flat = flat[: _INSTRUCTIONS_CHARS - 1] + "…"
+    return f"Instructions: {flat}" if flat else ""
+
+
+def _source_record(spec: ServerSpec) -> Dict[str, Any]:
+    """mcporter's ``source``: where a server is defined (a config layer, or an imported file)."""
+    return {
+        "kind": "local" if spec.source.endswith(("mcporter.json", "mcporter.jsonc")) else "import",
+        "path": spec.source,
+    }
+
+
+def _transport(spec: ServerSpec) -> str:
+    import shlex
+
+    return f"HTTP {spec.url}" if spec.url else f"STDIO {shlex.join(spec.command)}"
+
+
+def _server_tools(cfg: Config, args: Any, spec: ServerSpec) -> Tuple[List[Dict[str, Any]], str]:
+    """(the tools its filters let through, its instructions), via the daemon or ephemerally."""
+    got = _via_daemon_or_ephemeral(
+        cfg, args, spec, "listTools", {"includeSchema": True, "includeServerInfo": True}
+    )
+    if isinstance(got, list):  # a daemon of an older version: tools only
+        got = {"tools": got}
+    got = got if isinstance(got, dict) else {}
+    tools = [
+        t for t in got.get("tools") or [] if isinstance(t, dict) and spec.allows_tool(str(t.get("name")))
+    ]
+    return tools, str(got.get("instructions") or "")
 
 
 def cmd_list(args: Any) -> int:
     import shlex
 
     cfg = _load(args)
+    if not args.server and getattr(args, "status", False):
+        return _list_status(cfg, args, list(cfg.servers.values()))
     if not args.server:
         rows: List[Dict[str, Any]] = [
             {
@@ -6550,11 +6989,32 @@ def cmd_list(args: Any) -> int:
             command = shlex.join(r["command"]).replace("\n", "\\n")  # one line per server
             print(f"{r['name']}: {mode} ({r['why']}) — {command or r['url']}  [{r['source']}]")
         return 0
+    if getattr(args, "status", False):
+        if args.server not in cfg.servers:
+            _server_spec(cfg, args.server)  # the unknown-server error
+        return _list_status(cfg, args, [cfg.servers[args.server]])
     spec = _server_spec(cfg, args.server)
-    tools = _via_daemon_or_ephemeral(cfg, args, spec, "listTools", {"includeSchema": True})
+    began = time.monotonic()
+    tools, instructions = _server_tools(cfg, args, spec)
     if args.json:
-        _print_json(tools if args.schema else [{k: t.get(k) for k in ("name", "description")} for t in tools])
+        _print_json(
+            {
+                "mode": "server",
+                "name": spec.name,
+                "status": "ok",
+                "durationMs": int((time.monotonic() - began) * 1000),
+                **({"instructions": instructions} if instructions else {}),
+                "transport": _transport(spec),
+                "source": _source_record(spec),
+                "tools": [
+                    {k: t[k] for k in ("name", "description", "inputSchema", "outputSchema") if k in t}
+                    for t in tools
+                ],
+            }
+        )
         return 0
+    if instructions:
+        print(_instructions_line(instructions))
     for t in tools:
         desc = (t.get("description") or "").strip().splitlines()
         print(
@@ -6564,6 +7024,62 @@ def cmd_list(args: Any) -> int:
         if args.schema:
             print("    " + json.dumps(t.get("inputSchema") or {}, indent=2).replace("\n", "\n    "))
     return 0
+
+
+_LIST_STATUS_WORKERS = 4  # servers list --status spawns at once (kept ones go through the daemon)
+
+
+def _probe_server(cfg: Config, args: Any, spec: ServerSpec) -> Dict[str, Any]:
+    """One server's row for ``list --status``: mcporter's entry (name, status, durationMs,
+    transport, source, tools or error)."""
+    began = time.monotonic()
+    row: Dict[str, Any] = {"name": spec.name}
+    try:
+        if spec.url:
+            row.update(status="unsupported", error="HTTP server: this tool runs stdio servers only")
+        else:
+            tools, _ = _server_tools(cfg, args, _server_spec(cfg, spec.name))
+            row.update(status="ok", tools=[{k: t.get(k) for k in ("name", "description")} for t in tools])
+    except DaemonError as exc:
+        down = exc.exit_code != 2  # a configuration or usage error is no server being down
+        row.update(
+            status="offline" if down else "error",
+            error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+        )
+    row["durationMs"] = int((time.monotonic() - began) * 1000)
+    row.update(transport=_transport(spec), source=_source_record(spec), keepAlive=spec.keep_alive)
+    return row
+
+
+def list_status_exit(rows: List[Dict[str, Any]], exit_code: bool) -> int:
+    """``--exit-code``: 1 when a server that can run here is down (an HTTP entry, which this
+    tool does not run, is no failure of the server)."""
+    return 1 if exit_code and any(r.get("status") not in ("ok", "unsupported") for r in rows) else 0
+
+
+def _list_status(cfg: Config, args: Any, specs: List[ServerSpec]) -> int:
+    """Probe every server: kept ones through the daemon, the others spawned, a few at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=_LIST_STATUS_WORKERS) as pool:
+        rows = list(pool.map(lambda s: _probe_server(cfg, args, s), specs))
+    counts: Dict[str, int] = {}
+    for r in rows:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    if args.json:
+        _print_json({"mode": "list", "counts": counts, "servers": rows})
+    else:
+        for r in rows:
+            if r["status"] == "ok":
+                n = len(r["tools"])
+                what = f"{n} tool{'' if n == 1 else 's'}"
+            else:
+                what = f"{r['status']}: {r['error']}"
+            mode = "keep-alive" if r["keepAlive"] else "ephemeral"
+            print(f"- {r['name']} ({what}, {r['durationMs'] / 1000:.1f}s) {mode}  [{r['source']['path']}]")
+        summary = "; ".join(f"{n} {k if k != 'ok' else 'healthy'}" for k, n in sorted(counts.items()))
+        print(f"Listed {len(rows)} server{'' if len(rows) == 1 else 's'} ({summary or 'none'}).")
+    return list_status_exit(rows, getattr(args, "exit_code", False))
 
 
 def cmd_resources(args: Any) -> int:
@@ -6742,6 +7258,9 @@ def _doctor_config(found: _Findings, args: Any) -> Optional[Config]:
         return None
     for path, data in cfg.layers:
         found.ok(f"config layer {path}: {'read' if data is not None else 'absent'}")
+        for _verdict, _target, why, fix in _config_path_risks(path) if data is not None else []:
+            found.warn(why, f"another user in that group could make it run their command: {fix}")
+    _doctor_import_plan(found, cfg)
     for imported in cfg.imports:
         names = ", ".join(sorted(imported.entries)) or "no servers"
         line = f"import {imported.kind} {imported.path}: {names}"
@@ -6759,10 +7278,44 @@ def _doctor_config(found: _Findings, args: Any) -> Optional[Config]:
     return cfg
 
 
+def _doctor_import_plan(found: _Findings, cfg: Config) -> None:
+    """Which editor files each config layer reads: imports are per layer, as in mcporter, so
+    ``"imports": []`` in one layer does not stop another layer (or no layer) from importing."""
+    for source, order in import_plan(cfg.layers):
+        if not order:
+            found.ok(f'imports of {source}: off ("imports": [])')
+            continue
+        home = os.path.expanduser("~")
+        files = [
+            p
+            for kind in order
+            for p in import_candidates(kind, cfg.root, home, dict(os.environ), sys.platform)
+            if os.path.isfile(p)
+        ]
+        found.ok(
+            f"imports of {source}: {', '.join(order)}; reads {', '.join(files) or 'no file (none exist)'}"
+        )
+
+
 def _doctor_servers(found: _Findings, cfg: Config) -> None:
     import shutil
 
     for name, spec in cfg.servers.items():
+        for key in spec.unknown_keys:
+            found.warn(
+                f"server '{name}' ({spec.source}): unknown key '{key}' is ignored",
+                "check its spelling (e.g. allowedTools, blockedTools, startupTimeoutMs, lifecycle)",
+            )
+        if spec.problem:
+            found.fail(spec.problem, "set the variable, or give a default")
+            continue
+        if spec.allowed_tools is not None or spec.blocked_tools:
+            rule = (
+                f"only {', '.join(sorted(spec.allowed_tools)) or 'no tool'} (allowedTools)"
+                if spec.allowed_tools is not None
+                else f"all but {', '.join(sorted(spec.blocked_tools))} (blockedTools)"
+            )
+            found.ok(f"server '{name}': tools listed and called: {rule}")
         if spec.url:
             found.warn(f"server '{name}' is HTTP ({spec.url})", "this tool runs stdio servers only")
             continue
@@ -6967,6 +7520,8 @@ def _build_parser() -> Any:
     sp.add_argument("server", nargs="?")
     sp.add_argument("--json", action="store_true")
     sp.add_argument("--schema", action="store_true", help="include full input schemas")
+    sp.add_argument("--status", action="store_true", help="probe each server: tool count, health, time")
+    sp.add_argument("--exit-code", action="store_true", help="with --status: exit 1 when a server is down")
     sp.add_argument("--timeout", type=float)
     sp.set_defaults(func=cmd_list)
     sp = sub.add_parser("resources", help="list a server's resources, or read one")

@@ -4110,6 +4110,254 @@ def test_extract_import_entries_table(doc, kind, path, expected):
     assert sorted(_import_module().extract_import_entries(doc, kind, path, "/r")) == expected
 
 
+# -- tool filters, ${VAR} everywhere, start-up budget, config ownership, per-layer imports --
+
+
+def slow_demo_entry(h, delay, **extra):
+    """The demo server behind a shell that waits ``delay`` seconds first: a slow start-up."""
+    demo = h.demo_server_entry()
+    script = f'sleep {delay}; exec "$0" "$@"'
+    entry = {"command": "sh", "args": ["-c", script, demo["command"]] + demo["args"]}
+    entry.update(extra)
+    return entry
+
+
+@pytest.mark.parametrize(
+    "allowed, blocked, tool, expected",
+    [
+        (None, None, "anything", True),
+        (None, ["delete_file"], "delete_file", False),
+        (None, ["delete_file"], "read_file", True),
+        (["read_file"], None, "read_file", True),
+        (["read_file"], None, "delete_file", False),
+        ([], None, "read_file", False),  # an empty allow-list allows nothing, as in mcporter
+        (None, ["Read_File"], "read_file", True),  # exact names
+    ],
+)
+def test_allows_tool_table(allowed, blocked, tool, expected):
+    m = _import_module()
+    entry = {"command": "x"}
+    if allowed is not None:
+        entry["allowedTools"] = allowed
+    if blocked is not None:
+        entry["blocked_tools"] = blocked  # mcporter's snake_case spelling is read too
+    spec = m._parse_server("s", entry, "/c.json", "/", {})
+    assert spec.allows_tool(tool) is expected
+    assert bool(spec.tool_refusal(tool)) is (not expected)
+
+
+@pytest.mark.parametrize("lifecycle", ["keep-alive", "ephemeral"])
+def test_blocked_and_allowed_tools_are_hidden_and_refused(h, lifecycle):
+    entry = ops_demo_entry(h, lifecycle)
+    h.write_config({"mcpServers": {"demo": dict(entry, blockedTools=["counter", "sleep"])}})
+    listed = ops_ok(h.run("list", "demo"))
+    assert "demo.echo(" in listed and "demo.counter(" not in listed and "demo.sleep(" not in listed, listed
+    names = [t["name"] for t in json.loads(ops_ok(h.run("list", "demo", "--json")))["tools"]]
+    assert "counter" not in names and "echo" in names, names
+    r = h.run("call", "demo.counter")
+    assert_prompt_error(r, 2, "counter", "blockedTools", str(h.cfg))
+    if lifecycle == "keep-alive":
+        # Any client of the daemon is refused too, and the server never sees the call: a
+        # 5 s sleep would answer after 5 s, the refusal comes at once.
+        assert call_ok(h, "demo.echo", "text=warm") == "warm"
+        began = time.monotonic()
+        resp = raw_request(
+            h.socket_path, "callTool", {"server": "demo", "tool": "sleep", "args": {"seconds": 5}}
+        )[0]
+        assert resp["ok"] is False and "blockedTools" in resp["error"]["message"], resp
+        assert time.monotonic() - began < 2.0
+        listed = raw_request(h.socket_path, "listTools", {"server": "demo"})[0]["result"]
+        assert "counter" not in [t["name"] for t in listed], listed
+    h.write_config({"mcpServers": {"demo": dict(entry, allowedTools=["echo"])}})
+    assert [t["name"] for t in json.loads(ops_ok(h.run("list", "demo", "--json")))["tools"]] == ["echo"]
+    assert_prompt_error(h.run("call", "demo.pid"), 2, "pid", "allowedTools")
+    assert call_ok(h, "demo.echo", "text=ok") == "ok"
+
+
+def test_allowed_and_blocked_tools_together_is_a_config_error(h):
+    entry = dict(h.demo_server_entry(), allowedTools=["echo"], blockedTools=["pid"])
+    h.write_config({"mcpServers": {"demo": entry}})
+    r = h.run("call", "demo.echo", "text=x")
+    assert_prompt_error(r, 2, str(h.cfg), "allowedTools or blockedTools, not both")
+    assert h.daemon_pids() == set()
+
+
+@pytest.mark.parametrize(
+    "value, environ, expected, missing",
+    [
+        ("${A}", {"A": "1"}, "1", []),
+        ("x-${A}-${B}", {"A": "1", "B": "2"}, "x-1-2", []),
+        ("${A:-dflt}", {}, "dflt", []),
+        ("${A:-dflt}", {"A": ""}, "dflt", []),  # empty takes the default, as in mcporter
+        ("${A}", {"A": ""}, "", []),  # set but empty: empty, not an error
+        ("${A}", {}, "", ["A"]),  # unset, no default: named
+        ("${input:token}", {}, "${input:token}", []),  # VS Code's syntax is not a variable
+        ("${A", {"A": "1"}, "${A", []),
+        ("$A ${A}", {"A": "1"}, "$A 1", []),
+    ],
+)
+def test_expand_placeholders_table(value, environ, expected, missing):
+    got_missing, refs = [], {}
+    assert _import_module()._expand_placeholders(value, environ, refs, got_missing) == expected
+    assert got_missing == missing
+
+
+def test_placeholders_expand_in_command_args_and_cwd(h):
+    work = h.tmp / "work dir"
+    work.mkdir()
+    entry = dict(h.demo_server_entry())
+    entry["command"] = "${MD_PY}"
+    entry["args"] = entry["args"][:-1] + ["${MD_TAG}", "${MD_UNSET:-fallback}"]
+    entry["cwd"] = "${MD_WORK}"
+    h.write_config({"mcpServers": {"demo": entry}})
+    env = dict(MD_PY=sys.executable, MD_TAG=h.tag, MD_WORK=str(work))
+    r = h.run("call", "demo.pid", **env)
+    assert r.rc == 0, r
+    pid = int(r.out)
+    argv = proc_cmdline(pid)
+    assert argv[0] == sys.executable and argv[-2:] == [h.tag, "fallback"], argv
+    assert os.readlink(f"/proc/{pid}/cwd") == str(work)
+    # A variable that is unset and has no default: a config error naming it, not an empty
+    # argument, and only for the server that uses it.
+    assert h.run("stop").rc == 0
+    r = h.run("call", "demo.pid", MD_PY=sys.executable, MD_WORK=str(work))
+    assert_prompt_error(r, 2, "MD_TAG", "not set", str(h.cfg))
+    assert h.daemon_pids() == set(), "no daemon starts for a server that cannot run"
+    h.write_config({"mcpServers": {"demo": entry, "other": ops_demo_entry(h, "ephemeral")}})
+    assert call_ok(h, "other.echo", "text=unaffected") == "unaffected"
+    r, findings = ops_doctor(h, env=ops_env(h, MD_PY=sys.executable))
+    ops_finding(findings, "FAIL", "MD_TAG", "not set")
+
+
+def test_doctor_names_unknown_server_keys(h):
+    entry = dict(
+        h.demo_server_entry(), blockTools=["x"], startupTimeoutMs=90000, description="known to mcporter"
+    )
+    h.write_config({"mcpServers": {"demo": entry}})
+    r, findings = ops_doctor(h)
+    ops_finding(findings, "warn", "'blockTools'", "demo")
+    assert not [ln for ln in findings if "'startupTimeoutMs'" in ln], findings
+    assert not [ln for ln in findings if "'description'" in ln], findings
+
+
+@pytest.mark.parametrize("lifecycle", ["keep-alive", "ephemeral"])
+def test_startup_timeout_ms_is_the_start_budget(h, lifecycle):
+    assert _import_module().ServerSpec("x", "c").startup_timeout_ms == 60_000, "mcporter's default"
+    slow = slow_demo_entry(h, 1.5, lifecycle=lifecycle, startupTimeoutMs=500)
+    h.write_config({"mcpServers": {"slow": slow}})
+    r = h.run("call", "slow.counter")
+    assert r.rc == 1 and "timed out after 0.5s" in r.err, r
+    assert r.elapsed < 4, r
+    h.write_config({"mcpServers": {"slow": dict(slow, startupTimeoutMs=20_000)}})
+    r = h.run("call", "slow.counter", "--progress")
+    assert r.rc == 0 and r.out.strip() == "1", r
+    # The progress line counts the seconds while the server starts, then is erased.
+    assert "starting 'slow' (1 s)…" in r.err, repr(r.err)
+    assert r.err.endswith("\r\x1b[K") or r.err.rstrip("\n").endswith("\r\x1b[K"), repr(r.err)
+
+
+def test_kept_server_start_is_not_counted_in_the_call_timeout(h):
+    """A first start (an npx download) longer than the call's timeout plus the client's grace:
+    the daemon reports the start, and the client waits for it within startupTimeoutMs."""
+    slow = slow_demo_entry(h, 4.5, lifecycle="keep-alive", startupTimeoutMs=30_000)
+    h.write_config({"mcpServers": {"slow": slow}})
+    r = h.run("call", "slow.counter", MCPORTER_DAEMON_TIMEOUT_MS=1000)
+    assert r.rc == 0 and r.out.strip() == "1", r
+    assert r.elapsed > 4.5, r
+
+
+def test_startup_timeout_ms_must_be_positive(h):
+    h.write_config({"mcpServers": {"demo": dict(h.demo_server_entry(), startupTimeoutMs=0)}})
+    assert_prompt_error(h.run("call", "demo.pid"), 2, "startupTimeoutMs", str(h.cfg))
+
+
+@pytest.mark.parametrize(
+    "mode, owner, is_dir, verdict",
+    [
+        (0o100644, 1000, False, ""),
+        (0o100644, 0, False, ""),  # root's file: fine for anyone
+        (0o100666, 1000, False, "refuse"),
+        (0o100664, 1000, False, "warn"),
+        (0o100644, 2000, False, "refuse"),
+        (0o040777, 1000, True, "refuse"),
+        (0o041777, 0, True, ""),  # /tmp: sticky, nobody else can replace a file in it
+        (0o040775, 1000, True, "warn"),
+    ],
+)
+def test_config_path_risk_table(mode, owner, is_dir, verdict):
+    assert _import_module().config_path_risk(mode, owner, 1000, is_dir)[0] == verdict
+
+
+def assert_config_refused(h, needle, fix):
+    for args in (("call", "demo.pid"), ("list",), ("start",)):
+        r = h.run(*args)
+        assert_prompt_error(r, 2, needle, fix)
+    assert h.daemon_pids() == set()
+
+
+def test_world_writable_config_or_dir_is_refused(h):
+    cfg_dir = h.tmp / "cfgdir"
+    cfg_dir.mkdir(mode=0o755)
+    h.cfg = cfg_dir / "mcporter.json"
+    h.write_config()
+    os.chmod(str(h.cfg), 0o666)
+    assert_config_refused(h, str(h.cfg), f"chmod go-w {h.cfg}")
+    os.chmod(str(h.cfg), 0o644)
+    os.chmod(str(cfg_dir), 0o777)
+    assert_config_refused(h, str(cfg_dir), f"chmod go-w {cfg_dir}")
+    os.chmod(str(cfg_dir), 0o775)  # group-writable: many systems default to umask 002
+    os.chmod(str(h.cfg), 0o664)
+    assert call_ok(h, "demo.echo", "text=ok") == "ok"
+    r, findings = ops_doctor(h)
+    ops_finding(findings, "warn", str(h.cfg), "group")
+    ops_finding(findings, "warn", str(cfg_dir), "group")
+
+
+def test_config_owned_by_another_user_is_refused(h):
+    if os.geteuid() != 0:
+        pytest.skip("chown to another user needs root")
+    os.chown(str(h.cfg), 65534, 65534)
+    assert_config_refused(h, str(h.cfg), "uid 65534")
+    os.chown(str(h.cfg), 0, 0)
+    assert call_ok(h, "demo.echo", "text=ok") == "ok"
+
+
+def test_home_layer_ownership_is_checked_too(h):
+    home_cfg = write_json(ops_home(h) / ".mcporter" / "mcporter.json", {"mcpServers": {}})
+    root = ops_root_project(h)
+    os.chmod(str(home_cfg), 0o646)
+    r = h.run("list", env=ops_env(h), config=False, cwd=root)
+    assert_prompt_error(r, 2, str(home_cfg), "chmod go-w")
+
+
+def test_imports_are_per_config_layer(h):
+    """As mcporter: each layer reads imports by its own "imports"; "imports": [] in the
+    project does not stop a home config without the key from importing."""
+    home_cfg = write_json(ops_home(h) / ".mcporter" / "mcporter.json", {"mcpServers": {}})
+    root = ops_root_project(h, data={"imports": [], "mcpServers": {"demo": h.demo_server_entry()}})
+    cursor = write_json(root / ".cursor" / "mcp.json", {"mcpServers": {"cur": demo_import_entry(h)}})
+
+    def names():
+        r = h.run("list", "--json", env=ops_env(h), config=False, cwd=root)
+        return sorted(row["name"] for row in json.loads(ops_ok(r)))
+
+    assert names() == ["cur", "demo"], "the home layer still imports"
+    r = h.run("doctor", env=ops_env(h), config=False, cwd=root)
+    ops_finding(r.out.splitlines(), "ok", f"imports of {home_cfg}", "cursor", str(cursor))
+    ops_finding(r.out.splitlines(), "ok", f"imports of {h.cfg}: off")
+    write_json(home_cfg, {"imports": [], "mcpServers": {}})
+    assert names() == ["demo"], "both layers off: nothing imported"
+    write_json(h.cfg, {"mcpServers": {"demo": h.demo_server_entry()}})
+    assert names() == ["cur", "demo"], "the project layer imports by default"
+
+
+def test_no_config_error_names_root_and_env(h):
+    sub = h.tmp / "project" / "src"
+    sub.mkdir(parents=True)
+    r = h.run("call", "demo.pid", env=ops_env(h), config=False, cwd=sub)
+    assert_prompt_error(r, 2, "unknown server 'demo'", "--root", "MCPORTER_CONFIG", "current directory")
+
+
 # ##########################################################################################
 # MCP stdio client: one spawned server, JSON-RPC over its stdin/stdout, answered promptly.
 # ##########################################################################################
@@ -5001,7 +5249,9 @@ def test_schema_cache_is_per_server_process_and_follows_list_changed(h):
     assert call_ok(h, "t.show", "value=6") == '"6"'
     assert call_ok(h, "t.lists") == "1", "a warm call must not list the tools again"
     r = h.run("list", "t", "--json", "--schema")
-    assert r.rc == 0 and json.loads(r.out)[0]["inputSchema"]["properties"]["value"] == {"type": "string"}, r
+    assert r.rc == 0 and json.loads(r.out)["tools"][0]["inputSchema"]["properties"]["value"] == {
+        "type": "string"
+    }, r
     assert call_ok(h, "t.lists") == "1", "listTools is answered from the same cache"
     # The server changes its schema without saying so: the cache still holds the old one.
     kind_file.write_text("number")
@@ -5545,6 +5795,44 @@ def test_operation_timeout_table(wire, timeout_ms, expected):
     md = _import_module()
     seconds = getattr(md, expected) if isinstance(expected, str) else expected
     assert md._OPERATIONS[wire].seconds({"timeoutMs": timeout_ms}) == seconds
+
+
+@pytest.mark.parametrize(
+    "started_with, caller, expected",
+    [
+        ({"TOKEN": "a"}, {"TOKEN": "a"}, []),
+        ({"TOKEN": "a"}, {"TOKEN": "b"}, ["TOKEN"]),
+        ({"TOKEN": "a"}, {"TOKEN": None}, ["TOKEN"]),  # the caller has it unset
+        ({"TOKEN": None}, {"TOKEN": "a"}, ["TOKEN"]),
+        ({"TOKEN": None}, {"TOKEN": None}, []),
+        ({"TOKEN": "a"}, {}, []),  # an older client (or mcporter) reports nothing
+        ({"A": "1", "B": "2"}, {"A": "x", "B": "2", "C": "3"}, ["A"]),
+    ],
+)
+def test_env_drift_table(started_with, caller, expected):
+    m = _import_module()
+    hashed = {k: v if k not in caller or v is None else m.env_hash(v) for k, v in caller.items()}
+    assert m.env_drift(started_with, hashed) == expected
+
+
+def test_caller_with_another_env_value_is_told_once_not_restarted(h):
+    entry = dict(h.demo_server_entry(), env={"MD_TOKEN": "${MD_TOKEN}", "MD_MODE": "${MD_MODE:-x}"})
+    h.write_config({"mcpServers": {"demo": entry}})
+    r = h.run("call", "demo.pid", MD_TOKEN="first")
+    assert r.rc == 0 and r.err == "", r
+    pid = int(r.out)
+    r = h.run("call", "demo.pid", MD_TOKEN="second")
+    assert r.rc == 0 and int(r.out) == pid, "the call is served by the same server process"
+    lines = r.err.splitlines()
+    assert len(lines) == 1 and "MD_TOKEN" in lines[0] and "restart" in lines[0], r
+    assert "second" not in r.err and "first" not in r.err, "values are never shown"
+    r = h.run("call", "demo.pid", MD_TOKEN="first")
+    assert r.rc == 0 and r.err == "", "the same values: nothing to say"
+    r = h.run("call", "demo.pid", MD_TOKEN="first", MD_MODE="y")
+    assert "MD_MODE" in r.err and "MD_TOKEN" not in r.err, r
+    assert ops_ok(h.run("restart", MD_TOKEN="second"))
+    r = h.run("call", "demo.pid", MD_TOKEN="second")
+    assert r.rc == 0 and r.err == "" and int(r.out) != pid, r
 
 
 # ##########################################################################################
@@ -6162,34 +6450,119 @@ def test_list_servers_with_keep_alive_and_why(h):
     assert not h.meta_path.exists()
 
 
-def test_list_server_tools(h):
+@pytest.mark.parametrize("lifecycle", ["keep-alive", "ephemeral"])
+def test_list_server_tools(h, lifecycle):
+    h.write_config({"mcpServers": {"demo": ops_demo_entry(h, lifecycle)}})
     lines = ops_ok(h.run("list", "demo", env=ops_env(h))).splitlines()
     assert lines == [
+        "Instructions: A demo server: counter counts calls in this process.",
         "demo.counter() — Add one to a counter kept in this server process.",
         "demo.pid() — Return this server's process id.",
         "demo.echo(text: string) — Return the given text.",
         "demo.sleep(seconds: number) — Sleep for the given seconds, then answer.",
         "demo.fail() — Return a tool error (isError).",
-        "demo.typed(text?: string, count?: integer, ratio?: number, flag?: boolean, tags?: array, meta?: object,"
-        " mode?: string, note?: string|null) — Return the arguments as JSON, to show how each was typed.",
+        "demo.typed(text?: string, count?: number, ratio?: number, flag?: boolean, tags?: string[],"
+        ' meta?: object, mode?: "fast" | "slow", note?: string | null) — Return the arguments as JSON,'
+        " to show how each was typed.",
         "demo.media() — Return text, an image and an audio clip.",
         "demo.links() — Return resource links and embedded resources (text and blob).",
         "demo.structured() — Return structuredContent and no text.",
-        "demo.progress(steps?: integer, delay?: number) — Take steps of delay seconds each, reporting progress"
+        "demo.progress(steps?: number, delay?: number) — Take steps of delay seconds each, reporting progress"
         " when asked for it.",
     ], lines
     schema_out = ops_ok(h.run("list", "demo", "--schema", env=ops_env(h)))
-    assert schema_out.splitlines()[0] == lines[0]
+    assert schema_out.splitlines()[:2] == lines[:2]
     assert '"required": [' in schema_out and '"seconds"' in schema_out, schema_out
-    plain = json.loads(ops_ok(h.run("list", "demo", "--json", env=ops_env(h))))
-    assert plain[2] == {"name": "echo", "description": "Return the given text."}, plain
-    full = json.loads(ops_ok(h.run("list", "demo", "--json", "--schema", env=ops_env(h))))
-    echo = [t for t in full if t["name"] == "echo"][0]
-    assert echo["inputSchema"] == {
-        "type": "object",
-        "properties": {"text": {"type": "string"}},
-        "required": ["text"],
+    # mcporter's object: the server, its status, and each tool with its schemas.
+    data = json.loads(ops_ok(h.run("list", "demo", "--json", env=ops_env(h))))
+    assert {k: data[k] for k in ("mode", "name", "status")} == {
+        "mode": "server",
+        "name": "demo",
+        "status": "ok",
     }
+    assert data["instructions"] == "A demo server: counter counts calls in this process."
+    assert data["source"] == {"kind": "local", "path": str(h.cfg)} and data["transport"].startswith("STDIO ")
+    assert isinstance(data["durationMs"], int)
+    echo = [t for t in data["tools"] if t["name"] == "echo"][0]
+    assert echo == {
+        "name": "echo",
+        "description": "Return the given text.",
+        "inputSchema": {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]},
+    }, echo
+
+
+@pytest.mark.parametrize(
+    "prop, text",
+    [
+        ({"type": "string"}, "string"),
+        ({"type": "integer"}, "number"),
+        ({"type": "number"}, "number"),
+        ({"type": "boolean"}, "boolean"),
+        ({"type": "array", "items": {"type": "string"}}, "string[]"),
+        ({"type": "array", "items": {"type": "object", "properties": {}}}, "object[]"),
+        ({"type": "array"}, "unknown[]"),
+        ({"type": "array", "items": {"enum": ["a", "b"]}}, '("a" | "b")[]'),
+        ({"type": "string", "enum": ["a", "b"]}, '"a" | "b"'),
+        ({"type": ["string", "null"]}, "string | null"),
+        ({"anyOf": [{"type": "integer"}, {"type": "null"}]}, "number | null"),
+        ({"anyOf": [{"type": "integer"}, {"type": "number"}]}, "number"),
+        ({"const": "x"}, '"x"'),
+        ({"type": "object"}, "object"),
+        ({"properties": {"a": {}}}, "object"),
+        ({}, "unknown"),
+        ({"type": "weird"}, "unknown"),
+        ("not a schema", "unknown"),
+    ],
+)
+def test_schema_type_text_table(prop, text):
+    assert _import_module().schema_type_text(prop) == text
+
+
+def test_list_status_probes_every_server(h):
+    broken = {"command": sys.executable, "args": ["-c", "import sys; sys.exit(3)"]}
+    servers = {
+        "demo": ops_demo_entry(h),
+        "eph": dict(ops_demo_entry(h, "ephemeral"), blockedTools=["fail"]),
+        "broken": broken,
+        "web": {"url": "http://127.0.0.1:9/mcp"},
+    }
+    h.write_config({"mcpServers": servers})
+    r = h.run("list", "--status", env=ops_env(h))
+    assert r.rc == 0, r
+    rows = {ln.split(" ")[1]: ln for ln in r.out.splitlines() if ln.startswith("- ")}
+    assert "(10 tools, " in rows["demo"] and "keep-alive" in rows["demo"], rows
+    assert "(9 tools, " in rows["eph"], "a blocked tool is not counted"
+    assert "offline: " in rows["broken"] and "exit" in rows["broken"], rows
+    assert "unsupported" in rows["web"], rows
+    assert r.out.splitlines()[-1].startswith("Listed 4 servers ("), r
+    assert ops_status(h)["running"], "kept servers are probed through the daemon"
+    r = h.run("list", "--status", "--exit-code", "--json", env=ops_env(h))
+    assert r.rc == 1, "--exit-code fails when a server is down"
+    data = json.loads(r.out)
+    assert data["mode"] == "list" and data["counts"] == {"ok": 2, "offline": 1, "unsupported": 1}, data
+    by_name = {row["name"]: row for row in data["servers"]}
+    assert by_name["demo"]["status"] == "ok" and len(by_name["demo"]["tools"]) == 10
+    assert isinstance(by_name["broken"]["durationMs"], int) and by_name["broken"]["error"]
+    del servers["broken"]
+    h.write_config({"mcpServers": servers})
+    assert h.run("list", "--status", "--exit-code", env=ops_env(h)).rc == 0, "all up (HTTP is not run here)"
+    r = h.run("list", "eph", "--status", "--exit-code", env=ops_env(h))
+    assert r.rc == 0 and "(9 tools, " in r.out, r
+
+
+@pytest.mark.parametrize(
+    "statuses, exit_code, expected",
+    [
+        (["ok", "ok"], True, 0),
+        (["ok", "offline"], True, 1),
+        (["ok", "error"], True, 1),
+        (["ok", "unsupported"], True, 0),
+        (["offline"], False, 0),
+    ],
+)
+def test_list_status_exit_table(statuses, exit_code, expected):
+    rows = [{"status": s} for s in statuses]
+    assert _import_module().list_status_exit(rows, exit_code) == expected
 
 
 def test_call_ephemeral_server_starts_no_daemon(h):
@@ -6774,9 +7147,13 @@ def real_call(h, *args, **kw):
 
 
 def list_json(h, server, schema=False):
+    """The tools of ``list SERVER --json`` (mcporter's object, schemas always included)."""
     r = h.run("list", server, "--json", *(["--schema"] if schema else []))
     assert r.rc == 0, r
-    return json.loads(r.out)
+    data = json.loads(r.out)
+    assert data["mode"] == "server" and data["name"] == server and data["status"] == "ok", data
+    assert all("inputSchema" in t for t in data["tools"]), data
+    return data["tools"]
 
 
 def daemon_log_text(h):
@@ -6851,12 +7228,11 @@ def test_real_memory_server_keeps_its_graph_across_cli_calls(h, npm_servers):
 
     r = h.run("list", "memory")
     assert r.rc == 0, r
-    assert "memory.create_entities(entities: array)" in r.out, r
+    assert "memory.create_entities(entities: object[])" in r.out, r
     assert "memory.read_graph()" in r.out, r
     tools = list_json(h, "memory")
     names = [t["name"] for t in tools]
     assert {"create_entities", "read_graph", "search_nodes"} <= set(names), names
-    assert all(set(t) <= {"name", "description"} for t in tools), tools
     schemas = {t["name"]: t for t in list_json(h, "memory", schema=True)}
     assert "entities" in schemas["create_entities"]["inputSchema"]["properties"], schemas["create_entities"]
 
