@@ -132,6 +132,18 @@ _MAX_PENDING_BYTES = 64 * 1024 * 1024  # all half-read requests together, so abu
 
 _MAX_CONNECTIONS = 512
 
+# Past the cap, one thread reads each connection's request line (control requests are small)
+# and answers `status` and `stop` as always, anything else `busy`; past this many more, the
+# accept path answers `busy` at once. Neither is ever a silent close: a prober takes that for
+# death.
+_MAX_OVERFLOW = 512
+
+_OVERFLOW_READ_DEADLINE = 2.0  # a connection past the cap must send its request within this
+
+_SMALL_REQUEST_BYTES = 16 * 1024  # a request this small (every control request) is always read
+
+_BUSY_RETRY_MAX = 0.25  # a client answered `busy` tries again after at most this long
+
 _SPARE_WORKERS = 4  # idle threads kept to serve the next connections without a thread start
 
 _REQUEST_READ_DEADLINE = 10.0  # a client must deliver its request line within this
@@ -172,6 +184,9 @@ _PROBE_LIVE = "live"  # answers for this socket path, its pid alive
 _PROBE_STOPPING = "stopping"  # answers "shutting down" with a live pid
 _PROBE_SILENT = "silent"  # no answer within the probe timeout: maybe only slow
 _PROBE_SILENT_TWICE = "silent-twice"  # the second, longer probe got no answer either
+_PROBE_BUSY = "busy"  # answered `busy`: at its caps, so alive but slow
+_PROBE_CLOSED = "closed"  # accepted and closed without a word (an older daemon at its cap does)
+_PROBE_BUSY_TWICE = "busy-twice"  # a second probe after busy or closed got no answer either
 _PROBE_DEAD = "dead"  # refused, no socket, an error answer, another path, or a dead pid
 
 # The bind guard's plans (``plan_takeover``); the daemon log names the one taken ("bound …").
@@ -180,6 +195,7 @@ _PLAN_STOP_THEN_BIND = "stop-then-bind"
 _PLAN_WAIT_THEN_BIND = "wait-then-bind"
 _PLAN_TERMINATE_THEN_BIND = "terminate-then-bind"
 _PLAN_PROBE_AGAIN = "probe-again"
+_PLAN_LEAVE = "leave"  # alive but busy: neither bind nor terminate; report it as the daemon
 _PLAN_BIND = "bind"
 
 # What to do once a stop has waited out its time (``plan_stop_escalation``).
@@ -253,6 +269,15 @@ class TransportError(DaemonError, ConnectionError):
 class _NotDelivered(TransportError):
     """The request never reached a daemon (refused, no socket, send failed): safe to send again.
     Any other TransportError came after the request was sent, when its handler may have run."""
+
+
+class _HungUp(TransportError):
+    """The daemon accepted the connection and closed it without a frame. A prober must not
+    read that as death: an older daemon at its connection cap does exactly this."""
+
+
+class _HungUpUnread(_NotDelivered, _HungUp):
+    """Closed (or reset) before it read the request: never delivered, and a hang-up."""
 
 
 class DaemonStartError(DaemonError):
@@ -751,14 +776,18 @@ def _send_and_receive(
     try:
         sock.sendall(encode_frame(request))
     except OSError as exc:
-        # The daemon reads only whole lines, so a request not all sent never ran.
-        raise _NotDelivered(f"cannot send to {socket_path}: {exc.strerror or exc}") from None
+        # The daemon reads only whole lines, so a request not all sent never ran. A daemon
+        # past all its caps answers `busy` at once and closes: that answer is the news.
+        early = _answer_before_request(sock)
+        if early is not None:
+            return early
+        raise _HungUpUnread(f"cannot send to {socket_path}: {exc.strerror or exc}") from None
     try:
         while True:
             line = _read_line(sock, _MAX_REQUEST_BYTES * 4, buf, deadline, idle_timeout)
             if line is None:
                 if not buf.strip():
-                    raise TransportError(f"daemon at {socket_path} closed the connection without answering")
+                    raise _HungUp(f"daemon at {socket_path} closed the connection without answering")
                 # mcporter's own daemon ends its last frame with EOF instead of a newline.
                 line, buf[:] = bytes(buf), b""
             frames += 1
@@ -791,9 +820,20 @@ def _send_and_receive(
         # A reset, not EOF, before any frame: the kernel resets a connection whose peer closed
         # with our bytes unread (a listener closed with it still queued, a daemon killed before
         # it read the line), so the request never reached a handler.
-        raise _NotDelivered(f"daemon at {socket_path} closed without reading the request") from None
+        raise _HungUpUnread(f"daemon at {socket_path} closed without reading the request") from None
     except OSError as exc:
         raise TransportError(f"connection to {socket_path} failed: {exc.strerror or exc}") from None
+
+
+def _answer_before_request(sock: socket.socket) -> Optional[Dict[str, Any]]:
+    """An error frame the daemon sent before it closed without reading our request, if any."""
+    try:
+        sock.setblocking(False)
+        data = sock.recv(_RECV_CHUNK)
+        frame = json.loads(data.split(b"\n", 1)[0]) if data else None
+    except (OSError, ValueError, RecursionError):
+        return None
+    return frame if isinstance(frame, dict) and frame.get("ok") is False else None
 
 
 def _report_quietly(on_progress: Callable[[Dict[str, Any]], None], update: Dict[str, Any]) -> None:
@@ -1493,16 +1533,21 @@ def probe_live_daemon(socket_path: str, timeout: float) -> ProbeResult:
         response = exchange(socket_path, _builtin_request("status", "probe"), timeout)
     except DaemonTimeout:
         return ProbeResult(_PROBE_SILENT, detail=f"no answer within {timeout:g}s")
+    except _HungUp as exc:
+        return ProbeResult(_PROBE_CLOSED, detail=str(exc))
     except TransportError as exc:
         return ProbeResult(_PROBE_DEAD, detail=str(exc))
     status = response.get("result") if response.get("ok") else None
     if not isinstance(status, dict):
         error: Dict[str, Any] = response["error"] if isinstance(response.get("error"), dict) else {}
         pid = error.get("pid")
+        named = {"pid": pid, "pidStartTime": error.get("pidStartTime")} if _is_pid(pid) else {}
+        if error.get("code") == "busy":
+            # Whoever answers is alive, at its caps: slow, never dead.
+            return ProbeResult(_PROBE_BUSY, named, detail="busy")
         if error.get("code") == "shutting_down" and _is_pid(pid) and pid_alive(pid):
             # Still closing its servers: it owns them until its pid is gone (stop is a barrier).
-            stopping = {"pid": pid, "pidStartTime": error.get("pidStartTime")}
-            return ProbeResult(_PROBE_STOPPING, stopping, detail="shutting down")
+            return ProbeResult(_PROBE_STOPPING, named, detail="shutting down")
         return ProbeResult(_PROBE_DEAD, detail="answered with an error")
     if status.get("socketPath") != socket_path:
         return ProbeResult(_PROBE_DEAD, detail="answers for another socket path")
@@ -1516,8 +1561,10 @@ def plan_takeover(probe: str, fresh: bool, owner_ours: bool, owner_stopped: bool
     """The bind guard's decision, free of I/O.
 
     ``probe`` is "live", "stopping" (answers "shutting down"), "silent" (first probe timed
-    out), "silent-twice" (the longer second probe too) or "dead". Returns "reconcile",
-    "stop-then-bind", "wait-then-bind", "terminate-then-bind", "probe-again" or "bind".
+    out), "silent-twice" (the longer second probe too), "busy" (answered busy), "closed"
+    (accepted, then closed without a word), "busy-twice" (a second probe after busy or
+    closed got no answer either) or "dead". Returns "reconcile", "stop-then-bind",
+    "wait-then-bind", "terminate-then-bind", "probe-again", "leave" or "bind".
     """
     if owner_ours and owner_stopped:
         return _PLAN_TERMINATE_THEN_BIND  # the OS says it is stopped: hung, whatever it answers
@@ -1525,9 +1572,12 @@ def plan_takeover(probe: str, fresh: bool, owner_ours: bool, owner_stopped: bool
         return _PLAN_WAIT_THEN_BIND  # its servers are still closing: never two copies at once
     if probe == _PROBE_LIVE:
         return _PLAN_RECONCILE if fresh else _PLAN_STOP_THEN_BIND
-    if probe == _PROBE_SILENT:
+    if probe in (_PROBE_SILENT, _PROBE_BUSY) or (probe == _PROBE_CLOSED and owner_ours):
         # A timeout alone is no proof of a hang: a busy or loaded daemon is slow (mypy #18008).
+        # Nor is a busy answer, or a bare close from the pid the record names alive.
         return _PLAN_PROBE_AGAIN
+    if probe == _PROBE_BUSY_TWICE:
+        return _PLAN_LEAVE  # alive but slow: only a stop or silence on both probes proves a hang
     if owner_ours:
         return _PLAN_TERMINATE_THEN_BIND  # hung (silent twice) or unreachable: ours, so end it
     return _PLAN_BIND
@@ -1535,8 +1585,9 @@ def plan_takeover(probe: str, fresh: bool, owner_ours: bool, owner_stopped: bool
 
 class _TakeoverFacts:
     """What the bind guard knows before it acts: the recorded owner, what the socket answered,
-    and the plan ``plan_takeover`` makes of them. A silent socket is probed a second, longer
-    time before the plan is final, since a timeout alone proves no hang."""
+    and the plan ``plan_takeover`` makes of them. A silent, busy or bare-closing socket is
+    probed a second, longer time before the plan is final, since a timeout alone proves no
+    hang (and a busy answer proves life)."""
 
     __slots__ = ("recorded", "owner_ours", "owner_stopped", "probe", "kind", "plan")
 
@@ -1554,10 +1605,10 @@ class _TakeoverFacts:
         socket_path = paths.socket
         facts = cls(RecordedDaemon.read(paths.metadata))
         if not facts.owner_stopped:  # a stopped owner is known hung: a probe could only time out
-            facts.heard(probe_live_daemon(socket_path, probe_timeout), _PROBE_SILENT)
+            facts.heard(probe_live_daemon(socket_path, probe_timeout))
         facts.decide(fingerprint)
         if facts.plan == _PLAN_PROBE_AGAIN:
-            facts.heard(probe_live_daemon(socket_path, max(3 * probe_timeout, 1.0)), _PROBE_SILENT_TWICE)
+            facts.heard(probe_live_daemon(socket_path, max(3 * probe_timeout, 1.0)), second=True)
             facts.look_at_owner()  # it may have exited, or been stopped, meanwhile
             facts.decide(fingerprint)
         return facts
@@ -1568,10 +1619,15 @@ class _TakeoverFacts:
         self.owner_ours = recorded is not None and recorded.is_ours()
         self.owner_stopped = recorded is not None and self.owner_ours and recorded.is_stopped()
 
-    def heard(self, probe: ProbeResult, silent_kind: str) -> None:
-        """Record a probe; a silent one counts as ``silent_kind`` (the second is silent-twice)."""
+    def heard(self, probe: ProbeResult, second: bool = False) -> None:
+        """Record a probe. The second one, when it gets no answer either, is "silent-twice"
+        after a silent first (a hang) and otherwise "busy-twice" (busy or closed showed life)."""
+        kind = probe.kind
+        if second and kind in (_PROBE_SILENT, _PROBE_BUSY, _PROBE_CLOSED):
+            both_silent = kind == _PROBE_SILENT and self.kind == _PROBE_SILENT
+            kind = _PROBE_SILENT_TWICE if both_silent else _PROBE_BUSY_TWICE
         self.probe = probe
-        self.kind = silent_kind if probe.kind == _PROBE_SILENT else probe.kind
+        self.kind = kind
 
     def decide(self, fingerprint: str) -> None:
         """The plan for these facts (``fresh``: the live answer carries our fingerprint)."""
@@ -1665,6 +1721,77 @@ def record_is_live(
     return start is not None and str(start) == meta["pidStartTime"] and state not in ("Z", "T", "t")
 
 
+class _OwnerLock:
+    """Held by a serving host for its whole life: an exclusive ``flock`` on its own file
+    (``daemon-<key>.owner``), which names the holder (pid and start time). So whoever owns the
+    socket can be found without the metadata (torn, removed), and only while it lives: the
+    kernel drops the lock when it dies.
+
+    Its own file, never the bind lock's: starters take that one during every takeover, and a
+    life-long lock on it would shut them out. ``flock``, not ``fcntl`` locks: those belong to
+    the process, so a look from inside the same process (a vendoring program that also runs a
+    client) would release it. The file is never unlinked, as every lock file."""
+
+    __slots__ = ("path", "fd")
+
+    def __init__(self, paths: DaemonPaths) -> None:
+        self.path = _owner_lock_path(paths)
+        self.fd: Optional[int] = None
+
+    def take(self, start_time: Optional[str]) -> bool:
+        """Take it without waiting (a daemon that lost its socket may still hold it): True
+        once held."""
+        if self.fd is not None:
+            return True
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()} {start_time or ''}\n".encode(), 0)
+        except OSError:
+            os.close(fd)
+            return False
+        self.fd = fd
+        return True
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            os.close(fd)  # closing drops the flock
+
+
+def _owner_lock_path(paths: DaemonPaths) -> str:
+    return os.path.join(paths.base_dir, f"daemon-{paths.key}.owner")
+
+
+def _socket_owner(paths: DaemonPaths) -> Optional[RecordedDaemon]:
+    """The daemon holding the owner lock (see ``_OwnerLock``), as a record of its identity
+    when it is verified ours (alive with the start time it wrote); else None. For when the
+    metadata is torn or gone: whoever holds the lock serves, or served, this socket."""
+    try:
+        fd = os.open(_owner_lock_path(paths), os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.pread(fd, 128, 0).decode("ascii", "replace")  # held: it names its holder
+        else:
+            return None  # nobody holds it (closing the fd drops our look)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    fields = text.split()
+    if len(fields) != 2 or not fields[0].isdigit():
+        return None
+    owner = RecordedDaemon.from_record(
+        {"pid": int(fields[0]), "pidStartTime": fields[1], "socketPath": paths.socket, "servers": {}}
+    )
+    return owner if owner is not None and owner.is_ours() else None
+
+
 class DaemonHost:
     """A singleton daemon: bind guard, then serve ``method -> handler`` until told to stop.
 
@@ -1723,6 +1850,9 @@ class DaemonHost:
         self._listener = _Listener()
         self._load = _Load()
         self._state = _RunState()
+        self._overflow = _Overflow(self)
+        self._owner = _OwnerLock(paths)
+        self._status_extra_seen: Dict[str, Any] = {}
 
     @property
     def pid(self) -> int:
@@ -1837,14 +1967,19 @@ class DaemonHost:
                 return False
             return True  # the client gave up (ECONNABORTED) or a spurious wake-up
         admitted = self._load.admit(conn)
-        if admitted is not None:
-            return admitted
-        try:
-            threading.Thread(target=self._worker, args=(conn,), daemon=True).start()
-        except RuntimeError:  # no thread to be had: refuse this one, keep serving
-            conn.close()
-            self._load.closed()
-            return False
+        if admitted == "overflow":
+            self._overflow.add(conn)
+        elif admitted == "full":
+            _answer_and_close(
+                conn, self._busy_frame(None, f"{_MAX_CONNECTIONS + _MAX_OVERFLOW} connections open")
+            )
+        elif admitted == "worker":
+            try:
+                threading.Thread(target=self._worker, args=(conn,), daemon=True).start()
+            except RuntimeError:  # no thread to be had: refuse this one (never silently), keep serving
+                self._load.closed()
+                _answer_and_close(conn, self._busy_frame(None, "no thread to serve it"))
+                return False
         return True
 
     def _worker(self, conn: socket.socket) -> None:
@@ -1875,6 +2010,8 @@ class DaemonHost:
             # Removed or replaced: nobody can reach us any more, so we must not linger.
             self.request_stop(_STOP_SOCKET_LOST)
             return
+        if self._owner.fd is None:
+            self._take_owner_lock()
         self._record.sync()
         if self.on_tick:
             try:
@@ -1882,6 +2019,14 @@ class DaemonHost:
             except Exception as exc:  # a housekeeping bug must not kill the daemon
                 self.log.event(f"housekeeping error: {exc!r}")
         self._maybe_idle_out()
+
+    def _take_owner_lock(self) -> None:
+        """Hold the owner lock from now on; a predecessor that lost its socket may hold it
+        still (housekeeping tries again until it is gone)."""
+        try:
+            self._owner.take(self._record.current().get("pidStartTime"))
+        except OSError as exc:
+            self.log.event(f"cannot take the owner lock {self._owner.path}: {exc.strerror or exc}")
 
     def _maybe_idle_out(self) -> None:
         """Idle shutdown re-checks activity under the bind lock, so a starter that just
@@ -1900,6 +2045,13 @@ class DaemonHost:
     # -- built-in methods --------------------------------------------------------------------
 
     def _builtin_status(self, params: Dict[str, Any], ctx: RequestContext) -> Dict[str, Any]:
+        extra = self.status_extra() if self.status_extra else {}
+        self._status_extra_seen = extra
+        return self._status_answer(extra)
+
+    def _status_answer(self, extra: Dict[str, Any]) -> Dict[str, Any]:
+        """The ``status`` result with ``extra`` merged in. Past the connection cap it is built
+        from the last ``status_extra`` seen: the overflow thread must not wait on a hook."""
         status = {
             "pid": self.pid,
             "protocolVersion": DAEMON_PROTOCOL_VERSION,
@@ -1909,10 +2061,16 @@ class DaemonHost:
             "fingerprint": self.fingerprint,
             "servers": [],
         }
-        if self.status_extra:
-            status.update(self.status_extra())
+        status.update(extra)
         status["metadata"] = self._record.current()  # lets a starter reconcile the file exactly
         return status
+
+    def _busy_frame(self, rid: Any, why: str) -> Dict[str, Any]:
+        # Past a cap, never a silent close: a prober takes that for death. The pid and start
+        # time say who is busy, so nobody mistakes it for a hang (or for another daemon).
+        frame = _error_frame(rid, f"daemon busy ({why}); try again shortly", "busy")
+        frame["error"].update(pid=self.pid, pidStartTime=self._record.current().get("pidStartTime"))
+        return frame
 
     def _shutting_down_frame(self, rid: Any) -> Dict[str, Any]:
         # The pid and start time let a starter or a second `stop` wait for this very
@@ -1970,6 +2128,7 @@ class DaemonHost:
                         lock.release()
             except OSError as exc:
                 self.log.event(f"cannot remove state files: {exc}")
+        self._owner.release()  # last: until here, this process still owns the socket
         self.log.event("daemon exited")
 
     def _release_files(self) -> None:
@@ -2097,6 +2256,7 @@ class _Load:
     __slots__ = (
         "lock",
         "connections",
+        "overflow",
         "spare_workers",
         "handoff",
         "pending_bytes",
@@ -2111,6 +2271,7 @@ class _Load:
 
         self.lock = threading.Lock()
         self.connections = 0
+        self.overflow = 0  # connections past the cap, read on the overflow thread
         self.spare_workers = 0
         self.handoff: queue.SimpleQueue[socket.socket] = queue.SimpleQueue()  # for spare workers
         self.pending_bytes = 0
@@ -2124,23 +2285,30 @@ class _Load:
     def idle_for(self) -> float:
         return time.monotonic() - self.last_activity
 
-    def admit(self, conn: socket.socket) -> Optional[bool]:
-        """Count a new connection: None when it needs a new worker thread; else it was
-        closed (too many) or handed to a spare worker, and True (keep accepting)."""
+    def admit(self, conn: socket.socket) -> str:
+        """Count a new connection: "worker" when it needs a new worker thread, "handed" when
+        a spare worker took it, "overflow" past the cap (the overflow thread reads it), "full"
+        past that too (to be answered `busy` at once)."""
         with self.lock:
             if self.connections >= _MAX_CONNECTIONS:
-                conn.close()
-                return True
+                if self.overflow >= _MAX_OVERFLOW:
+                    return "full"
+                self.overflow += 1
+                return "overflow"
             self.connections += 1
             if self.spare_workers:  # a waiting worker is cheaper than a new thread
                 self.spare_workers -= 1
                 self.handoff.put(conn)
-                return True
-        return None
+                return "handed"
+        return "worker"
 
     def closed(self) -> None:
         with self.lock:
             self.connections -= 1
+
+    def overflow_closed(self) -> None:
+        with self.lock:
+            self.overflow -= 1
 
     def become_spare(self, stopping: bool) -> bool:
         """Whether a worker that served its connection should wait for the next one."""
@@ -2150,10 +2318,12 @@ class _Load:
             self.spare_workers += 1
             return True
 
-    def reserve(self, nbytes: int) -> None:
-        """Count ``nbytes`` more of a half-read request; _Busy past the cap for all of them."""
+    def reserve(self, nbytes: int, held: int) -> None:
+        """Count ``nbytes`` more of a half-read request that holds ``held`` already; _Busy past
+        the cap for all of them, unless the request is still small (control requests are):
+        those are bounded by the connection cap and must always be read."""
         with self.lock:
-            if self.pending_bytes + nbytes > _MAX_PENDING_BYTES:
+            if self.pending_bytes + nbytes > _MAX_PENDING_BYTES and held + nbytes > _SMALL_REQUEST_BYTES:
                 raise _Busy()
             self.pending_bytes += nbytes
 
@@ -2182,6 +2352,160 @@ class _Load:
         deadline = time.monotonic() + timeout
         while self.active and time.monotonic() < deadline:
             time.sleep(0.01)
+
+
+class _Overflow:
+    """Connections past the cap, all on one thread (a selector, no thread each): each gets
+    ``_OVERFLOW_READ_DEADLINE`` to send a small request line. ``status`` and ``stop`` are
+    answered as always (status from the last hook data seen), anything else gets ``busy``;
+    a connection that sends nothing in time gets ``busy`` too. Never a silent close."""
+
+    __slots__ = ("host", "queue", "lock", "wake_r", "wake_w", "thread")
+
+    def __init__(self, host: DaemonHost) -> None:
+        import queue
+        import threading
+
+        self.host = host
+        self.queue: queue.SimpleQueue[socket.socket] = queue.SimpleQueue()
+        self.lock = threading.Lock()
+        self.wake_r: Optional[socket.socket] = None
+        self.wake_w: Optional[socket.socket] = None
+        self.thread: Optional[threading.Thread] = None
+
+    def add(self, conn: socket.socket) -> None:
+        """Hand over a connection past the cap (on the accept thread: never blocks)."""
+        import threading
+
+        with self.lock:
+            if self.thread is None:
+                try:
+                    self.wake_r, self.wake_w = socket.socketpair()
+                    self.wake_r.setblocking(False)
+                    self.wake_w.setblocking(False)
+                    thread = threading.Thread(target=self._run, name="overflow", daemon=True)
+                    thread.start()
+                except (OSError, RuntimeError):  # out of fds or threads: answer at once instead
+                    self.wake_r = self.wake_w = None
+                    self.host._load.overflow_closed()
+                    _answer_and_close(conn, self.host._busy_frame(None, "out of resources"))
+                    return
+                self.thread = thread
+        self.queue.put(conn)
+        try:
+            assert self.wake_w is not None
+            self.wake_w.send(b"x")
+        except OSError:
+            pass  # a full wake socket is awake already
+
+    def _run(self) -> None:
+        import selectors
+
+        assert self.wake_r is not None
+        sel = selectors.DefaultSelector()  # epoll/kqueue: these fds are past FD_SETSIZE
+        sel.register(self.wake_r, selectors.EVENT_READ)
+        reading: Dict[socket.socket, Tuple[float, bytearray]] = {}
+        while reading or not self.host._state.drained.is_set():
+            now = time.monotonic()
+            for conn, (deadline, buf) in list(reading.items()):
+                if now >= deadline:
+                    self._finish(sel, reading, conn, bytes(buf) if _is_json(buf) else None)
+            wait = min((d for d, _ in reading.values()), default=now + _SOCKET_CHECK_INTERVAL) - now
+            for key, _ in sel.select(max(wait, 0.0)):
+                if key.fileobj is self.wake_r:
+                    self._take_new(sel, reading)
+                    continue
+                conn = key.fileobj  # type: ignore[assignment]
+                self._read(sel, reading, conn)
+        with self.lock:  # the host is done: a host run again starts afresh
+            sel.close()
+            for end in (self.wake_r, self.wake_w):
+                if end is not None:
+                    end.close()
+            self.wake_r = self.wake_w = self.thread = None
+
+    def _take_new(self, sel: Any, reading: Dict[socket.socket, Tuple[float, bytearray]]) -> None:
+        import queue
+        import selectors
+
+        assert self.wake_r is not None
+        try:
+            self.wake_r.recv(4096)
+        except OSError:
+            pass
+        while True:
+            try:
+                conn = self.queue.get_nowait()
+            except queue.Empty:
+                return
+            conn.setblocking(False)
+            reading[conn] = (time.monotonic() + _OVERFLOW_READ_DEADLINE, bytearray())
+            sel.register(conn, selectors.EVENT_READ)
+
+    def _read(
+        self, sel: Any, reading: Dict[socket.socket, Tuple[float, bytearray]], conn: socket.socket
+    ) -> None:
+        buf = reading[conn][1]
+        try:
+            chunk = conn.recv(_SMALL_REQUEST_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            chunk = b""
+        nl = chunk.find(b"\n")
+        if nl >= 0:
+            self._finish(sel, reading, conn, bytes(buf) + chunk[:nl])
+        elif not chunk:  # the caller closed its side: answer a whole request, if it sent one
+            self._finish(sel, reading, conn, bytes(buf) if _is_json(buf) else b"", gone=not buf.strip())
+        elif len(buf) + len(chunk) > _SMALL_REQUEST_BYTES:
+            self._finish(sel, reading, conn, None)  # no control request is this large
+        else:
+            buf += chunk
+
+    def _finish(
+        self,
+        sel: Any,
+        reading: Dict[socket.socket, Tuple[float, bytearray]],
+        conn: socket.socket,
+        line: Optional[bytes],
+        gone: bool = False,
+    ) -> None:
+        """Answer ``line`` (None: nothing usable arrived, so `busy`) and let the connection go."""
+        del reading[conn]
+        sel.unregister(conn)
+        try:
+            if not gone:
+                self._answer(conn, line)
+        except Exception as exc:  # bad input must never stop this thread
+            self.host.log.event(f"connection error: {exc!r}")
+        finally:
+            conn.close()
+            self.host._load.overflow_closed()
+
+    def _answer(self, conn: socket.socket, line: Optional[bytes]) -> None:
+        host = self.host
+        why = f"{_MAX_CONNECTIONS} connections open"
+        if line is None:
+            _answer_and_close(conn, host._busy_frame(None, why))
+            return
+        request, error = _parse_request(line)
+        if error is not None:
+            _answer_and_close(conn, error)
+            return
+        assert request is not None
+        rid, method = request["id"], request["method"]
+        host.touch()
+        if host._state.reason is not None:
+            _answer_and_close(conn, host._shutting_down_frame(rid))
+        elif method == "stop":
+            conn.setblocking(True)
+            host._handle_stop(conn, rid)
+        elif method == "status":
+            _answer_and_close(
+                conn, {"id": rid, "ok": True, "result": host._status_answer(host._status_extra_seen)}
+            )
+        else:
+            _answer_and_close(conn, host._busy_frame(rid, why))
 
 
 class _MetadataRecord:
@@ -2293,9 +2617,15 @@ class _Takeover:
             if facts.plan == _PLAN_RECONCILE:
                 self._reconcile(facts.probe.status, facts.recorded)
                 return facts.probe.pid
+            if facts.plan == _PLAN_LEAVE:
+                # Busy, not hung: it keeps its socket and servers; callers wait for room.
+                pid = facts.probe.pid or (facts.recorded.pid if facts.recorded is not None else 0)
+                self.log.event(f"daemon pid {pid or '?'} is busy ({facts.probe.detail}); leaving it be")
+                return pid
             self._clear_the_way(facts)
             self._reap_recorded_servers(facts.recorded)
             host._listener.bind(host.paths.socket)
+            host._take_owner_lock()
             host._record.write()
             self.log.event(f"bound {host.paths.socket} (plan: {facts.plan})")
         return None
@@ -2322,6 +2652,7 @@ class _Takeover:
         if (
             recorded is None
             or recorded.pid != wanted["pid"]
+            or recorded.start_time != wanted.get("pidStartTime")  # else no client verifies it
             or recorded.socket_path != self.host.paths.socket
         ):
             write_metadata(self.host.paths.metadata, wanted)
@@ -2411,7 +2742,7 @@ class _Connection:
             _send_frame(self.conn, _error_frame(None, too_large, "request_too_large"))
             return
         except _Busy:
-            _send_frame(self.conn, _error_frame(None, "daemon busy: too much pending input", "busy"))
+            _send_frame(self.conn, self.host._busy_frame(None, "too much pending input"))
             return
         except (socket.timeout, OSError):
             return  # silent, slow or vanished client: just drop it
@@ -2447,7 +2778,7 @@ class _Connection:
                 nl = chunk.find(b"\n")  # only the new bytes: rescanning buf would be quadratic
                 if nl >= 0:
                     return bytes(buf) + chunk[:nl]
-                load.reserve(len(chunk))
+                load.reserve(len(chunk), len(buf))
                 buf += chunk
                 tail = chunk.rstrip()
                 ends_object = tail.endswith(b"}") if tail else ends_object
@@ -2565,6 +2896,26 @@ def _send_frame(conn: socket.socket, frame: Dict[str, Any]) -> bool:
         return True
     except OSError:
         return False
+
+
+def _answer_and_close(conn: socket.socket, frame: Dict[str, Any]) -> None:
+    """Answer a connection we do not serve, without blocking (a fresh connection's send buffer
+    holds a small frame), and close it. Input already waiting is read first, so the close
+    does not reset the connection before the caller reads the answer."""
+    try:
+        conn.setblocking(False)
+        try:
+            conn.recv(_SMALL_REQUEST_BYTES)
+        except OSError:
+            pass
+        data = encode_answer(frame)
+        sent = 0
+        while sent < len(data):
+            sent += conn.send(data[sent:])
+    except OSError:
+        pass  # it went away, or will not read: nothing more to do for it
+    finally:
+        conn.close()
 
 
 class _Exchange:
@@ -2691,12 +3042,12 @@ class DaemonClient:
 
     # -- verification ------------------------------------------------------------------------
 
-    def verified_status(self) -> Optional[Dict[str, Any]]:
+    def verified_status(self, timeout: Optional[float] = None) -> Optional[Dict[str, Any]]:
         """The daemon's status when metadata, pid identity and its own answer all agree.
 
         The result carries ``fresh``: whether its fingerprint is ours. None when unverified.
-        UnsafePathError when the state directory fails the safety checks: its record could
-        have been planted by anyone.
+        ``timeout`` is for the answer (default: the probe timeout). UnsafePathError when the
+        state directory fails the safety checks: its record could have been planted by anyone.
         """
         if not self.paths.check():
             return None  # no state directory, so no record
@@ -2706,7 +3057,7 @@ class DaemonClient:
         facts = recorded.process_facts()
         if not record_is_live(recorded.record, self.paths.socket, facts):
             return None  # dead, reused, or stopped: no round trip needed to know
-        return self._fresh_if_matches(recorded, self._ask_status(), facts)
+        return self._fresh_if_matches(recorded, self._ask_status(timeout), facts)
 
     def serving_status(self) -> Optional[Dict[str, Any]]:
         """``verified_status``, or else the daemon answering on the socket when its answer
@@ -2739,9 +3090,10 @@ class DaemonClient:
         status["fresh"] = status.get("fingerprint") == self.fingerprint
         return status
 
-    def _ask_status(self) -> Optional[Dict[str, Any]]:
+    def _ask_status(self, timeout: Optional[float] = None) -> Optional[Dict[str, Any]]:
+        request = _builtin_request("status", "status")
         try:
-            response = exchange(self.paths.socket, _builtin_request("status", "status"), self.probe_timeout)
+            response = exchange(self.paths.socket, request, timeout or self.probe_timeout)
         except DaemonError:
             return None
         status = response.get("result") if response.get("ok") else None
@@ -2762,6 +3114,16 @@ class DaemonClient:
     # -- launching -----------------------------------------------------------------------------
 
     def _launch_and_wait(self) -> Tuple[Dict[str, Any], bool]:
+        began = time.monotonic()
+        while True:
+            proc, offset = self._launch()
+            ready = self._wait_ready(proc, offset, began)
+            if ready is not None:
+                return ready
+            # The child found another daemon serving, which then went away before it could be
+            # verified: the request was never sent, so launching again is safe.
+
+    def _launch(self) -> Tuple[subprocess.Popen, int]:
         import subprocess
 
         log_fd = os.open(self.paths.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -2781,10 +3143,12 @@ class DaemonClient:
             raise DaemonStartError(f"cannot launch daemon ({self.launch_argv[0]}): {exc.strerror}") from None
         finally:
             os.close(log_fd)
-        return self._wait_ready(proc, offset)
+        return proc, offset
 
-    def _wait_ready(self, proc: subprocess.Popen, log_offset: int) -> Tuple[Dict[str, Any], bool]:
-        began = time.monotonic()
+    def _wait_ready(
+        self, proc: subprocess.Popen, log_offset: int, began: float
+    ) -> Optional[Tuple[Dict[str, Any], bool]]:
+        """(status, whether we started it) once verified ready; None to launch again."""
         step, said_slow = 0.01, False
         while True:
             status = self.verified_status()
@@ -2795,9 +3159,20 @@ class DaemonClient:
                 return status, status["pid"] == proc.pid  # another pid: a twin, adopted
             code = proc.poll()
             if code is not None:
-                status = self.verified_status()  # it may have found (and reconciled) a twin
-                # Exit 0 is the child's verdict that the live twin serves the config as it
-                # read it, which may be newer than ours.
+                twin = _twin_named(self._log_lines(log_offset, proc.pid)) if code == 0 else None
+                if twin is not None:
+                    # The child's verdict: daemon ``twin`` serves the config as it read it
+                    # (maybe newer than ours). Our request was never sent, so use that one.
+                    status = self._adopt(twin, began)
+                    if status is not None:
+                        return status, False
+                    if pid_alive(twin):
+                        raise DaemonTimeout(
+                            f"daemon (pid {twin}) serves the socket but could not be verified within "
+                            f"{self.start_timeout:g}s (busy, or its metadata {self.paths.metadata} is damaged)"
+                        )
+                    return None  # it went away meanwhile: launch again
+                status = self.verified_status()
                 if status and (status["fresh"] or code == 0):
                     return status, False
                 error = DaemonStartError(self._startup_error(log_offset, code, proc.pid))
@@ -2816,23 +3191,44 @@ class DaemonClient:
             time.sleep(step)
             step = min(step * 1.5, 0.05)
 
-    def _log_tail(self, offset: int, pid: int, lines: int = 3) -> str:
-        """The last ``lines`` lines ``pid`` wrote since ``offset``: other daemons append to
-        the same log, and their lines must never pass for the child's own error."""
+    def _adopt(self, twin: int, began: float) -> Optional[Dict[str, Any]]:
+        """The status of daemon ``twin`` once verified, polled while it lives and the start
+        budget lasts; the child just heard it answer, so a slow answer is waited for."""
+        patient = max(3 * self.probe_timeout, 1.0)  # as the bind guard's second probe
+        step = 0.01
+        while True:
+            status = self.verified_status(patient)
+            if status is not None:
+                return status
+            if not pid_alive(twin) or time.monotonic() - began > self.start_timeout:
+                return None
+            time.sleep(step)
+            step = min(step * 2, 0.1)
+
+    def _log_lines(self, offset: int, pid: int) -> List[str]:
+        """The lines ``pid`` wrote since ``offset``: other daemons append to the same log, and
+        their lines must never pass for the child's own."""
         try:
             with open(self.paths.log, "rb") as fh:
                 fh.seek(offset)
                 text = fh.read(1 << 20).decode("utf-8", "replace")
         except OSError:
-            return ""
-        kept = [ln.strip() for ln in text.splitlines() if _log_line_pid(ln) == pid]
-        return " | ".join(kept[-lines:])
+            return []
+        return [ln.strip() for ln in text.splitlines() if _log_line_pid(ln) == pid]
+
+    def _log_tail(self, offset: int, pid: int, lines: int = 3) -> str:
+        """The last ``lines`` lines ``pid`` wrote since ``offset``."""
+        return " | ".join(self._log_lines(offset, pid)[-lines:])
 
     def _startup_error(self, offset: int, code: int, pid: int) -> str:
-        tail = self._log_tail(offset, pid, lines=1)
-        if tail:
-            return f"daemon failed to start: {_strip_log_prefix(tail, self.paths.app.name)}"
-        return f"daemon exited with code {code} before it was ready (log: {self.paths.log})"
+        name = self.paths.app.name
+        said = [_strip_log_prefix(line, name) for line in self._log_lines(offset, pid)]
+        text = launch_failure_text(
+            pid, code, any(_is_bound_line(line) for line in said), said[-1] if said else ""
+        )
+        if not said:
+            text += f" (log: {self.paths.log})"
+        return f"daemon failed to start: {text}"
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -2855,24 +3251,38 @@ class DaemonClient:
         A server's progress, relayed in the daemon's progress frames, goes to ``on_progress``.
 
         A delivered request runs at most once: it is sent again (after ``ensure``) only when it
-        never reached a daemon, or was answered ``shutting_down`` (its handler never ran).
+        never reached a daemon, or was answered ``shutting_down`` (its handler never ran). A
+        ``busy`` answer (the daemon at its caps; the handler never ran either) is sent again
+        after a short pause, for as long as the request's own time allows.
         """
         if auto_start:
             self.ensure()
         send = (method, params, idle_timeout, progress_ms, overall_timeout, on_progress, start_budget)
+        until = time.monotonic() + (overall_timeout or idle_timeout)
         try:
-            response = self._send(*send)
+            response = self._send_while_busy(send, until)
         except _NotDelivered:
             if not auto_start:
                 raise
             self.ensure()
-            response = self._send(*send)
+            response = self._send_while_busy(send, until)
         if auto_start and (response.get("error") or {}).get("code") == "shutting_down":
             self.ensure()
-            response = self._send(*send)
+            response = self._send_while_busy(send, until)
         if notices is not None:
             notices.extend(str(n) for n in response.get("notices") or [])
         return result_or_raise(response, self.paths.app.usage_codes)
+
+    def _send_while_busy(self, send: Tuple[Any, ...], until: float) -> Dict[str, Any]:
+        """``_send``, again after a pause while the daemon answers ``busy``, until ``until``."""
+        pause = 0.01
+        while True:
+            response = self._send(*send)
+            busy = (response.get("error") or {}).get("code") == "busy"
+            if not busy or time.monotonic() + pause > until:
+                return response
+            time.sleep(pause)
+            pause = min(pause * 2, _BUSY_RETRY_MAX)
 
     def _send(
         self,
@@ -2917,6 +3327,13 @@ class DaemonClient:
         # a pid ours (§7), so it is what allows a terminate later.
         recorded = RecordedDaemon.read(self.paths.metadata)
         recorded_ours = recorded is not None and recorded.is_ours()
+        if not recorded_ours:
+            # Torn or gone: the socket's owner still holds its owner lock, which names it (and
+            # is proved ours the same way, pid + start time). "No daemon running" must never
+            # be said of a process that holds the socket (one SIGSTOPped, say).
+            owner = _socket_owner(self.paths)
+            if owner is not None:
+                recorded, recorded_ours = owner, True
         probe = probe_live_daemon(self.paths.socket, min(self.probe_timeout, timeout))
         pid = stop_target(probe.kind, probe.pid, recorded.pid if recorded else None, recorded_ours)
         if pid is None:
@@ -2927,7 +3344,8 @@ class DaemonClient:
             return max(deadline - time.monotonic(), 0.0)
 
         ask = None
-        if probe.kind in (_PROBE_LIVE, _PROBE_SILENT):  # silent may only be slow: ask, then wait it out
+        if probe.kind in (_PROBE_LIVE, _PROBE_SILENT, _PROBE_BUSY, _PROBE_CLOSED):
+            # Silent, busy or closed may only be slow: ask, then wait it out.
             answer_s = max(left(), 0.05)
             ask = (answer_s, min(answer_s, self.probe_timeout))
         plan = _stop_then_escalate(self.paths.socket, pid, recorded, probe.kind, _StopPolicy(ask, left))
@@ -2975,11 +3393,53 @@ class DaemonClient:
 
 
 def stop_target(kind: str, answered: Optional[int], recorded: Any, recorded_ours: bool) -> Optional[int]:
-    """Which pid a ``stop`` waits for: the one that answered (live or stopping), else the
-    metadata's pid when it is verified ours (silent, or its socket is gone); else none."""
-    if kind in (_PROBE_LIVE, _PROBE_STOPPING):
+    """Which pid a ``stop`` waits for: the one that answered (live, stopping, or busy naming
+    itself), else the metadata's pid when it is verified ours (silent, or its socket is gone);
+    else none."""
+    if kind in (_PROBE_LIVE, _PROBE_STOPPING) or (kind == _PROBE_BUSY and answered is not None):
         return answered
     return recorded if recorded_ours else None
+
+
+def launch_failure_text(pid: int, code: int, bound: bool, last_line: str) -> str:
+    """What to say of a launched daemon that exited (``code``; negative: killed by that
+    signal) before it was ready, free of I/O. ``bound``: its log says it bound the socket;
+    ``last_line``: its last log line. Its own error line is quoted as it is; a death says
+    what ended it, and when."""
+    if code < 0:
+        import signal
+
+        try:
+            name = f" ({signal.Signals(-code).name})"
+        except ValueError:
+            name = ""
+        how = f"was killed by signal {-code}{name}"
+    else:
+        how = f"exited with code {code}"
+    if bound:
+        said = "" if not last_line or _is_bound_line(last_line) else f"; its last log line: {last_line}"
+        return f"the launched daemon (pid {pid}) {how} right after binding{said}"
+    if last_line and code > 0:
+        return last_line  # its own error, e.g. a config it cannot read
+    return f"the launched daemon (pid {pid}) {how} before it was ready" + (
+        f"; its last log line: {last_line}" if last_line else ""
+    )
+
+
+def _is_bound_line(message: str) -> bool:
+    return message.startswith("bound ") and "(plan: " in message
+
+
+def _twin_named(messages: List[str]) -> Optional[int]:
+    """The pid in a launched host's "daemon already running (pid N)" (its verdict that N
+    serves), read from its own log lines."""
+    for line in reversed(messages):
+        text = _strip_log_prefix(line, "")
+        head = "daemon already running (pid "
+        if text.startswith(head):
+            digits = text[len(head) :].split(")", 1)[0]
+            return int(digits) if digits.isdigit() and int(digits) > 0 else None
+    return None
 
 
 def _reap_in_background(proc: subprocess.Popen) -> None:
@@ -4958,12 +5418,19 @@ def _in_enum(value: Any, allowed: List[Any]) -> bool:
     return any(_same_json(value, v) for v in allowed)
 
 
+def _array_of_strings(prop: Any) -> bool:
+    """Whether a property is an array whose items are strings (a bare value is then one item)."""
+    items = prop.get("items") if isinstance(prop, dict) else None
+    return "array" in _schema_types(prop) and "string" in _schema_types(items)
+
+
 def coerce_argument(name: str, raw: str, prop: Any) -> Any:
     """The value to send for ``name=raw`` given the property's schema (None: no schema).
 
     A ``string`` property (also in a list such as ["string", "null"]) takes the text as
     written; other types are parsed, and text that does not parse is a UsageError naming the
-    parameter and the type; a value outside an ``enum`` is a UsageError naming the choices."""
+    parameter and the type; a value outside an ``enum`` is a UsageError naming the choices.
+    A bare value (not a JSON array) for an array of strings is sent as a one-item array."""
     types = _schema_types(prop)
     known = [k for k in types if k == "string" or k in _EXPECTED]
     allowed = prop.get("enum") if isinstance(prop, dict) and isinstance(prop.get("enum"), list) else None
@@ -4977,6 +5444,8 @@ def coerce_argument(name: str, raw: str, prop: Any) -> Any:
             if ok:
                 break
         else:
+            if _array_of_strings(prop) and not raw.lstrip().startswith("["):
+                return [raw]
             shown = raw if len(raw) <= 40 else raw[:37] + "..."
             expected = " or ".join(_EXPECTED[k] for k in known)
             raise UsageError(f"parameter '{name}' expects {expected}, got {shown!r}")
@@ -5000,20 +5469,116 @@ def tool_input_schema(tools: List[Any], tool: str) -> Optional[Dict[str, Any]]:
     return None
 
 
+def suggest_names(name: str, known: Iterable[str], limit: int = 3) -> List[str]:
+    """Up to ``limit`` of ``known`` closest to ``name`` (a typo, other case, ``-`` for ``_``),
+    best first. Suggestions only: nothing is ever run under a name the user did not write."""
+    import difflib
+
+    def norm(text: str) -> str:
+        return text.lower().replace("-", "_")
+
+    by_norm: Dict[str, List[str]] = {}
+    for candidate in known:
+        by_norm.setdefault(norm(candidate), []).append(candidate)
+    out: List[str] = list(by_norm.get(norm(name), []))
+    matcher = difflib.SequenceMatcher()
+    matcher.set_seq2(norm(name))
+    scored = []
+    for i, key in enumerate(by_norm):  # difflib's own ranking, ties in the order given
+        matcher.set_seq1(key)
+        if matcher.real_quick_ratio() >= 0.6 and matcher.quick_ratio() >= 0.6 and matcher.ratio() >= 0.6:
+            scored.append((-matcher.ratio(), i, key))
+    for _, _, key in sorted(scored):
+        out += [c for c in by_norm[key] if c not in out]
+    return [c for c in out if c != name][:limit]
+
+
+def _did_you_mean(name: str, known: Iterable[str]) -> str:
+    """`` (did you mean: a, b?)`` for the names closest to ``name``; empty when none is close."""
+    close = suggest_names(name, known)
+    return f" (did you mean: {', '.join(close)}?)" if close else ""
+
+
+def _flag_name(prop: str) -> str:
+    """The flag mcporter derives from a property name: ``dryRun`` and ``dry_run`` are ``dry-run``."""
+    spelled = "".join("-" + c.lower() if c.isupper() else "-" if c == "_" else c for c in prop)
+    return "-".join(part for part in spelled.split("-") if part)
+
+
+def name_arguments(
+    raw: Dict[str, str],
+    flags: Dict[str, str],
+    positional: List[str],
+    input_schema: Any,
+    tool: str,
+    given: Iterable[str] = (),
+) -> Dict[str, str]:
+    """Every command-line form as ``{property: text}``: ``key=value`` pairs as written, then
+    ``--flag value`` matched to a property (``--dry-run`` is ``dryRun`` or ``dry_run``; a flag
+    the schema lacks is a UsageError), then positional values in the schema's property order,
+    skipping properties already named (``given``: those of ``--args``)."""
+    props = input_schema.get("properties") if isinstance(input_schema, dict) else None
+    props = props if isinstance(props, dict) else {}
+    named = dict(raw)
+    by_flag: Dict[str, str] = {}
+    for prop in props:
+        by_flag.setdefault(prop, prop)
+        by_flag.setdefault(_flag_name(prop), prop)
+    for flag, value in flags.items():
+        prop = by_flag.get(flag) or by_flag.get(_flag_name(flag))
+        if prop is None:
+            flags_known = [_flag_name(p) for p in props]
+            hint = _did_you_mean(flag, flags_known) or (
+                f" (its flags: {', '.join('--' + f for f in flags_known)})" if props else ""
+            )
+            raise UsageError(f"tool '{tool}' has no parameter --{flag}{hint}")
+        named[prop] = value
+    if positional:
+        taken = set(named) | set(given)
+        free = [p for p in props if p not in taken]
+        if len(positional) > len(free):
+            order = ", ".join(free) or "none"
+            raise UsageError(
+                f"{len(positional)} positional value(s) for tool '{tool}', but its unnamed parameters "
+                f"in order are: {order}; name the values (key=value)"
+            )
+        named.update(zip(free, positional))
+    return named
+
+
+def _check_tool_known(tools: List[Any], tool: str) -> None:
+    """An unknown tool is a UsageError naming the closest ones: it is never auto-corrected."""
+    names: List[str] = [t["name"] for t in tools if isinstance(t, dict) and isinstance(t.get("name"), str)]
+    if names and tool not in names:
+        raise UsageError(f"unknown tool '{tool}'{_did_you_mean(tool, names) or ' (see: list SERVER)'}")
+
+
 def call_arguments(
-    typed: Dict[str, Any], raw: Dict[str, str], tool: str, list_tools: Callable[[], List[Any]]
+    typed: Dict[str, Any],
+    raw: Dict[str, str],
+    tool: str,
+    list_tools: Callable[[], List[Any]],
+    flags: Optional[Dict[str, str]] = None,
+    positional: Optional[List[str]] = None,
 ) -> Dict[str, Any]:
-    """``typed`` (from ``--args``) with the ``key=value`` pairs coerced on top; the tool list is
-    asked for only when there are pairs to coerce."""
-    if not raw:
-        return typed
+    """``typed`` (from ``--args``) with the command line's forms (``key=value`` pairs,
+    ``--flag value``, positional values) named and coerced on top, by the tool's schema.
+
+    The tool list (cached by the daemon) is always read: an unknown tool is refused with the
+    closest names before anything runs. A server that answers tools/list with an error has
+    no schemas: pairs are then typed as before, and flags or positional values are refused."""
     try:
         tools = list_tools()
     except McpError as exc:
         if exc.rpc_code is None:
             raise
         tools = []  # it answered tools/list with an error: no schemas, values typed as before
-    return dict(typed, **coerce_arguments(raw, tool_input_schema(tools, tool)))
+    _check_tool_known(tools, tool)
+    if not raw and not flags and not positional:
+        return typed
+    schema = tool_input_schema(tools, tool)
+    named = name_arguments(raw, flags or {}, positional or [], schema, tool, typed)
+    return dict(typed, **coerce_arguments(named, schema))
 
 
 # ##########################################################################################
@@ -5089,7 +5654,13 @@ _PER_REQUEST = "per-request"  # each MCP request it sends (each page of a list) 
 _START = "start"  # the new server's spawn and handshake
 _CLOSE = "close"  # the close's grace steps: half of it each, never more than a normal close
 
-_JSON_KINDS: Dict[str, Any] = {"string": str, "object": dict, "number": (int, float), "boolean": bool}
+_JSON_KINDS: Dict[str, Any] = {
+    "string": str,
+    "object": dict,
+    "array": list,
+    "number": (int, float),
+    "boolean": bool,
+}
 
 
 class _Param:
@@ -5107,11 +5678,8 @@ class _Param:
         """The value in ``params`` (None when absent and optional); HandlerError when mistyped."""
         value = _param(params, self.name, _JSON_KINDS[self.kind], self.what, self.required)
         wanted = _JSON_KINDS.get(self.values or "")
-        if (
-            value is not None
-            and wanted is not None
-            and not all(isinstance(v, wanted) for v in value.values())
-        ):
+        items = value.values() if isinstance(value, dict) else value
+        if value is not None and wanted is not None and not all(isinstance(v, wanted) for v in items):
             raise HandlerError(f"param '{self.name}' must be {self.what}", "bad_request")
         return value
 
@@ -5189,9 +5757,13 @@ class _Operation:
 
 
 def _call_tool(client: McpStdioClient, args: Dict[str, Any], opts: _CallOptions) -> Any:
-    """``rawArgs`` (text pairs from a command line) are typed by the tool's cached schema."""
+    """``rawArgs`` (text pairs from a command line), ``rawFlags`` and ``rawPositional`` are
+    named and typed by the tool's cached schema."""
     typed, raw, tool = args["args"] or {}, args["rawArgs"] or {}, args["tool"]
-    full = call_arguments(typed, raw, tool, lambda: client.tools(_CallOptions(opts.timeout)))
+    flags, positional = args["rawFlags"] or {}, args["rawPositional"] or []
+    full = call_arguments(
+        typed, raw, tool, lambda: client.tools(_CallOptions(opts.timeout)), flags, positional
+    )
     return client.call_tool(tool, full, opts)
 
 
@@ -5229,6 +5801,8 @@ _OPERATIONS: Dict[str, _Operation] = {
                 _Param("tool", "string", "a tool name", required=True),
                 _Param("args", "object", "an object"),
                 _Param("rawArgs", "object", "an object of strings", values="string"),
+                _Param("rawFlags", "object", "an object of strings", values="string"),
+                _Param("rawPositional", "array", "a list of strings", values="string"),
                 _Param("stallTimeoutMs", "number", "a number of milliseconds"),
                 # The caller's values of the server's ${VAR}s, hashed (env_hash): the daemon
                 # says when it runs the server with others.
@@ -6261,10 +6835,10 @@ def _nothing_to_keep_warm(cfg: Config) -> Optional[str]:
 def _server_spec(cfg: Config, name: str) -> ServerSpec:
     spec = cfg.servers.get(name)
     if spec is None:
-        known = ", ".join(sorted(cfg.servers)) or "none"
-        raise ConfigError(
-            f"unknown server '{name}' in {cfg.path} (configured: {known})" + _no_config_hint(cfg)
+        hint = (
+            _did_you_mean(name, cfg.servers) or f" (configured: {', '.join(sorted(cfg.servers)) or 'none'})"
         )
+        raise ConfigError(f"unknown server '{name}' in {cfg.path}{hint}" + _no_config_hint(cfg))
     if spec.url is not None:
         raise ConfigError(
             f"server '{name}' is an HTTP server ({spec.url}); this tool runs stdio servers only"
@@ -6287,9 +6861,14 @@ def _no_config_hint(cfg: Config) -> str:
 
 
 def _timeout_seconds(args: Any) -> float:
+    """``--timeout``, else (for ``call``) ``MCPORTER_CALL_TIMEOUT`` as mcporter reads it, else
+    ``MCPORTER_DAEMON_TIMEOUT_MS``; all in milliseconds."""
     if getattr(args, "timeout", None):
         return float(args.timeout)
-    return _env_seconds("MCPORTER_DAEMON_TIMEOUT_MS", _DEFAULT_CALL_TIMEOUT)
+    default = _env_seconds("MCPORTER_DAEMON_TIMEOUT_MS", _DEFAULT_CALL_TIMEOUT)
+    if getattr(args, "command", None) == "call":
+        return _env_seconds("MCPORTER_CALL_TIMEOUT", default)
+    return default
 
 
 def _print_json(value: Any) -> None:
@@ -6353,12 +6932,12 @@ class _ProgressLine:
     _CLEAR = "\r\x1b[K"
 
     def __init__(self, enabled: bool, server: str = "") -> None:
-        import threading
+        import _thread  # not threading: a warm call through the daemon needs no thread
 
         self.enabled = enabled
         self.server = server
         self.shown = ""
-        self.lock = threading.Lock()
+        self.lock = _thread.allocate_lock()
         self.starting_since: Optional[float] = None
 
     def show(self, update: Dict[str, Any]) -> None:
@@ -6419,14 +6998,56 @@ def _run_ephemeral(
     opts = op.options(args, on_progress=line.show if line else None)
     run = op.run
     assert run is not None
-    client = McpStdioClient(
-        spec.name, spec.command, env=spec.env, cwd=spec.cwd, log=lambda line: None, source=spec.source
-    )
-    _start_showing(client, spec, line)
-    try:
-        return op.shown(spec, run(client, args, opts))
-    finally:
-        client.close()
+    with _ended_by_signals():
+        client = McpStdioClient(
+            spec.name, spec.command, env=spec.env, cwd=spec.cwd, log=lambda line: None, source=spec.source
+        )
+        _start_showing(client, spec, line)
+        try:
+            return op.shown(spec, run(client, args, opts))
+        finally:
+            client.close()
+
+
+class _Terminated(BaseException):
+    """SIGTERM or SIGHUP arrived: unwinds like Ctrl-C, so the server's group is ended on the
+    way out; ``main`` then exits 128 + the signal number, as a shell reports the death."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+class _ended_by_signals:
+    """While an ephemeral server runs, SIGTERM (``timeout 5 …``) and SIGHUP (a closed terminal)
+    raise ``_Terminated`` instead of killing this process with the server left running. An
+    ignored signal (``nohup``) stays ignored."""
+
+    def __enter__(self) -> None:
+        import signal
+        import threading
+
+        self.saved: Dict[int, Any] = {}
+        if threading.current_thread() is not threading.main_thread():
+            return  # only the main thread may set handlers (a vendored caller's thread)
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            if signal.getsignal(sig) == signal.SIG_DFL:
+                self.saved[sig] = signal.signal(sig, _raise_terminated)
+
+    def __exit__(self, *exc: Any) -> None:
+        import signal
+
+        for sig, handler in self.saved.items():
+            signal.signal(sig, handler)
+
+
+def _raise_terminated(signum: int, _frame: Any) -> None:
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # once: a second signal must not cut the cleanup
+        if signal.getsignal(sig) is _raise_terminated:
+            signal.signal(sig, signal.SIG_IGN)
+    raise _Terminated(signum)
 
 
 def _start_showing(client: McpStdioClient, spec: ServerSpec, line: Optional[_ProgressLine]) -> None:
@@ -6583,12 +7204,20 @@ def cmd_status(args: Any) -> int:
             "servers",
         ):
             out[key] = status.get(key)
+    foreign = _foreign_daemon(client) if status is None else None
+    if foreign:
+        out["foreignDaemon"] = foreign
     if args.json:
         _print_json(out)
-        return 0
+        return _STATUS_RUNNING if out["running"] else _STATUS_NOT_RUNNING
     if not out["running"]:
-        print(f"not running (config {cfg.path})")
-        return 0
+        if foreign:
+            print(
+                f"not running: a daemon that is not ours ({foreign}) serves this config (config {cfg.path})"
+            )
+        else:
+            print(f"not running (config {cfg.path})")
+        return _STATUS_NOT_RUNNING
     started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(out["startedAt"] / 1000))
     print(
         f"running (pid {out['pid']}), {'fresh' if out['fresh'] else 'stale: config changed'}, since {started}"
@@ -6597,7 +7226,25 @@ def cmd_status(args: Any) -> int:
     for s in out["servers"] or []:
         state = f"connected (pid {s.get('pid')})" if s.get("connected") else "idle"
         print(f"  - {s.get('name')}: {state}{_health_text(s.get('health'))}")
-    return 0
+    return _STATUS_RUNNING
+
+
+# ``status`` exits as LSB init scripts and ``systemctl status`` do, so scripts can ask.
+_STATUS_RUNNING = 0
+_STATUS_NOT_RUNNING = 3
+
+
+def _foreign_daemon(client: DaemonClient) -> Optional[str]:
+    """Who else answers on our socket for this config (mcporter's own daemon, say), in
+    words; None when nothing live does. Only asked once our own daemon did not verify."""
+    recorded = RecordedDaemon.read(client.paths.metadata)
+    if recorded is not None and recorded.is_ours():
+        return None  # ours, but hung or stopping: asking again would only wait once more
+    probe = probe_live_daemon(client.paths.socket, client.probe_timeout)
+    if probe.kind != _PROBE_LIVE:
+        return None
+    who = "mcporter's daemon" if "fingerprint" not in probe.status else "another daemon"
+    return f"{who}, pid {probe.pid}, protocol {probe.status.get('protocolVersion', '?')}"
 
 
 def _health_text(health: Any) -> str:
@@ -6667,30 +7314,245 @@ def _pair_value(key: str, value: str) -> str:
         raise UsageError(f"argument '{key}': {path} is not UTF-8 text") from None
 
 
-def _parse_call_args(pairs: List[str], args_json: Optional[str]) -> Tuple[Dict[str, Any], Dict[str, str]]:
-    """(``--args`` as given, ``key=value`` pairs as text): the pairs are typed later, by the
-    tool's schema, where the tool list is at hand. ``--args -`` reads the object from stdin."""
-    typed: Dict[str, Any] = {}
-    if args_json:
-        text = sys.stdin.read() if args_json == "-" else args_json
-        where = "stdin (--args -)" if args_json == "-" else "--args"
+def _args_json(args_json: Optional[str]) -> Dict[str, Any]:
+    """``--args`` as given (typed as written); ``--args -`` reads the object from stdin."""
+    if not args_json:
+        return {}
+    text = sys.stdin.read() if args_json == "-" else args_json
+    where = "stdin (--args -)" if args_json == "-" else "--args"
+    try:
+        parsed = json.loads(text)
+    except ValueError as exc:
+        raise UsageError(f"{where} is not valid JSON: {exc}") from None
+    if not isinstance(parsed, dict):
+        raise UsageError(f"{where} must be a JSON object")
+    return parsed
+
+
+class _CallForms:
+    """A call's arguments as the command line wrote them, before the tool's schema names and
+    types them: ``key=value`` pairs, ``--flag value`` flags, and positional values."""
+
+    __slots__ = ("pairs", "flags", "positional")
+
+    def __init__(self) -> None:
+        self.pairs: Dict[str, str] = {}
+        self.flags: Dict[str, str] = {}
+        self.positional: List[str] = []
+
+    def as_tuple(self) -> Tuple[Dict[str, str], Dict[str, str], List[str]]:
+        return self.pairs, self.flags, self.positional
+
+
+def _is_key(text: str) -> bool:
+    return bool(text) and not text[0].isdigit() and all(c.isalnum() or c in "_-." for c in text)
+
+
+def _split_pair(word: str) -> Optional[Tuple[str, str]]:
+    """``key=value``, ``key:value`` or ``key: value`` as (key, value); None for a positional
+    value. The first of ``=`` and ``:`` separates; a URL (``http://…``) stays a value."""
+    cut = min((i for i in (word.find("="), word.find(":")) if i > 0), default=-1)
+    if cut < 0 or not _is_key(word[:cut]):
+        return None
+    value = word[cut + 1 :]
+    if word[cut] == ":":
+        if value.startswith("//"):
+            return None
+        value = value.lstrip(" ")
+    return word[:cut], value
+
+
+def _literal_end(text: str, i: int) -> int:
+    """Where the argument starting at ``text[i]`` ends: the next top-level comma (or the end),
+    past quoted strings and bracketed JSON."""
+    depth, quote = 0, ""
+    while i < len(text):
+        c = text[i]
+        if quote:
+            if c == "\\":
+                i += 1
+            elif c == quote:
+                quote = ""
+        elif c in "\"'":
+            quote = c
+        elif c in "[{(":
+            depth += 1
+        elif c in "]})":
+            depth -= 1
+        elif c == "," and depth == 0:
+            return i
+        i += 1
+    if quote or depth:
+        raise UsageError(f"unbalanced {'quote' if quote else 'brackets'} in the call's arguments: {text!r}")
+    return i
+
+
+def _unquote(text: str) -> str:
+    """A quoted literal's text (JSON escapes in double quotes; ``\\'`` in single quotes);
+    anything else as written."""
+    if len(text) >= 2 and text[0] == text[-1] == '"':
         try:
-            parsed = json.loads(text)
-        except ValueError as exc:
-            raise UsageError(f"{where} is not valid JSON: {exc}") from None
-        if not isinstance(parsed, dict):
-            raise UsageError(f"{where} must be a JSON object")
-        typed.update(parsed)
-    raw: Dict[str, str] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise UsageError(f"argument '{pair}' is not key=value")
-        raw[key] = _pair_value(key, value)
-    return typed, raw
+            return str(json.loads(text))
+        except ValueError:
+            raise UsageError(f"bad string literal {text}") from None
+    if len(text) >= 2 and text[0] == text[-1] == "'":
+        return text[1:-1].replace("\\'", "'").replace("\\\\", "\\")
+    return text
 
 
-def _split_target(target: str) -> Tuple[str, str]:
+def _parse_call_expression(text: str, forms: _CallForms) -> str:
+    """``server.tool(a: 1, b: "x", 3)``: the target, with its arguments added to ``forms``
+    (``name: value`` or ``name=value`` pairs, else positional values; quotes only group)."""
+    target, _, rest = text.partition("(")
+    body = rest.rstrip()
+    if not body.endswith(")"):
+        raise UsageError(f"'{text}': the function-call form needs a closing ')'")
+    body = body[:-1]
+    i = 0
+    while i < len(body):
+        end = _literal_end(body, i)
+        item = body[i:end].strip()
+        i = end + 1
+        if not item:
+            if end < len(body):
+                raise UsageError(f"'{text}': an empty argument between commas")
+            continue
+        pair = None if item[0] in "\"'[{" else _split_pair(item)
+        if pair is None:
+            forms.positional.append(_unquote(item))
+        else:
+            forms.pairs[pair[0]] = _unquote(pair[1].strip())
+    return target.strip()
+
+
+# call's own options: flag -> (attribute, takes a value, metavar, help). Any other ``--flag``
+# names a tool parameter. One table for the parser and for ``call --help``.
+_CALL_OPTIONS: Dict[str, Tuple[str, bool, Optional[str], str]] = {
+    "--args": ("args", True, "JSON", "arguments as a JSON object ('-' reads it from stdin)"),
+    "--timeout": (
+        "timeout",
+        True,
+        "DURATION",
+        "500ms, 30s, 2m; a bare number is ms (default 60s, or MCPORTER_CALL_TIMEOUT ms)",
+    ),
+    "--stall-timeout": (
+        "stall_timeout",
+        True,
+        "DURATION",
+        "fail when the server sends nothing (no answer, no progress) for this long; "
+        "progress restarts it, never past --timeout",
+    ),
+    "--output": ("output", True, "FORMAT", "text (default), markdown, json (the structured value), raw"),
+    "--json": ("json", False, None, "print the whole result as JSON (= --output raw)"),
+    "--save-images": ("save_images", True, "DIR", "write image and audio blocks to files in DIR"),
+    "--progress": ("progress", False, None, "show server progress on stderr also when it is not a TTY"),
+}
+_OUTPUT_FORMATS = ("text", "markdown", "json", "raw")
+
+
+class _Namespace:
+    """The parsed command line (argparse's Namespace, without importing argparse)."""
+
+    def __init__(self, **values: Any) -> None:
+        self.__dict__.update(values)
+
+
+def parse_call_line(words: List[str]) -> Any:
+    """``call``'s command line, options and arguments in any order: the options as attributes,
+    ``target`` (SERVER.TOOL as written) and ``forms`` (a _CallForms). ``--`` ends the options."""
+    ns: Any = _Namespace(
+        **{dest: (False if not takes else None) for dest, takes, _, _ in _CALL_OPTIONS.values()}
+    )
+    forms = _CallForms()
+    target: Optional[str] = None
+    i, options = 0, True
+    while i < len(words):
+        word = words[i]
+        i += 1
+        if options and word == "--":
+            options = False
+            continue
+        if options and word.startswith("--") and len(word) > 2:
+            flag, eq, inline = word.partition("=")
+            option = _CALL_OPTIONS.get(flag)
+            if option is not None and not option[1]:
+                if eq:
+                    raise UsageError(f"{flag} takes no value")
+                setattr(ns, option[0], True)
+                continue
+            if not eq:
+                if i >= len(words):
+                    raise UsageError(f"{flag} needs a value")
+                inline, i = words[i], i + 1
+            if option is not None:
+                setattr(ns, option[0], inline)
+            else:
+                forms.flags[flag[2:]] = inline
+            continue
+        if target is None:
+            target = word
+            if "(" in word and not word.rstrip().endswith(")"):
+                while i < len(words) and not target.rstrip().endswith(")"):  # split by the shell
+                    target, i = target + " " + words[i], i + 1
+            if "(" in target:
+                target = _parse_call_expression(target, forms)
+            continue
+        pair = _split_pair(word)
+        if pair is not None and pair[1] == "" and word.endswith(":") and i < len(words):
+            pair, i = (pair[0], words[i]), i + 1  # key: value, as two words
+        if pair is None:
+            forms.positional.append(word)
+        else:
+            forms.pairs[pair[0]] = _pair_value(pair[0], pair[1])
+    if target is None:
+        raise UsageError("call needs SERVER.TOOL")
+    ns.target, ns.forms = target, forms
+    ns.timeout = parse_duration(ns.timeout, "--timeout") if ns.timeout is not None else None
+    if ns.stall_timeout is not None:
+        ns.stall_timeout = parse_duration(ns.stall_timeout, "--stall-timeout")
+    if ns.output is not None and ns.output not in _OUTPUT_FORMATS:
+        raise UsageError(f"--output {ns.output}: choose one of {', '.join(_OUTPUT_FORMATS)}")
+    ns.json = ns.json or ns.output in ("json", "raw")  # an error then prints as JSON too
+    return ns
+
+
+# Longest first: "ms" must not read as "m" followed by junk.
+_DURATION_UNITS = (("ms", 0.001), ("s", 1.0), ("m", 60.0), ("h", 3600.0))
+_AMBIGUOUS_BELOW_MS = 100  # a bare 5 was seconds before mcporter's milliseconds
+
+
+def parse_duration(text: str, flag: str = "--timeout") -> float:
+    """Seconds, from mcporter's spelling: ``500ms``, ``30s``, ``2m`` (and ``1h``); a bare
+    number is milliseconds. A bare number below 100 is refused as ambiguous, with the fix."""
+    word = text.strip().lower()
+    scale = None
+    for unit, factor in _DURATION_UNITS:
+        if word.endswith(unit):
+            word, scale = word[: -len(unit)].strip(), factor
+            break
+    try:
+        value = float(word)
+    except ValueError:
+        value = -1.0
+    if not (0 <= value < float("inf")) or not word[:1].isdigit() and not word.startswith("."):
+        raise UsageError(f"{flag} {text}: not a duration (write 500ms, 30s or 2m)")
+    if scale is None:
+        if 0 < value < _AMBIGUOUS_BELOW_MS:
+            raise UsageError(f"{flag} {text}: write {text.strip()}s or {_number(value * 1000)}")
+        scale = 0.001
+    return value * scale
+
+
+def resolve_target(target: str, servers: Iterable[str]) -> Tuple[str, str]:
+    """(server, tool) of ``SERVER.TOOL``: the configured name followed by a dot (server names
+    may hold dots). Two configured names that both fit are ambiguous: a UsageError naming
+    both readings. No configured name fits: the text before the first dot."""
+    fits = sorted((n for n in servers if target.startswith(n + ".") and len(target) > len(n) + 1), key=len)
+    if len(fits) > 1:
+        readings = ", or ".join(f"server '{n}' tool '{target[len(n) + 1 :]}'" for n in reversed(fits))
+        raise UsageError(f"'{target}' is ambiguous: {readings}; rename one server in the config")
+    if fits:
+        return fits[0], target[len(fits[0]) + 1 :]
     server, dot, tool = target.partition(".")
     if not dot or not server or not tool:
         raise UsageError(f"'{target}' is not SERVER.TOOL")
@@ -6850,18 +7712,90 @@ def resource_bytes(result: Dict[str, Any]) -> bytes:
     return bytes(out)
 
 
+def json_view(result: Dict[str, Any]) -> Any:
+    """``--output json``, as mcporter: ``structuredContent``, else the text content parsed as
+    JSON (one value, or a list when each of several blocks parses), else the whole result."""
+    if result.get("structuredContent") is not None:
+        return result["structuredContent"]
+    blocks = result.get("content")
+    texts = [
+        b["text"]
+        for b in (blocks if isinstance(blocks, list) else [])
+        if isinstance(b, dict) and b.get("type") == "text" and isinstance(b.get("text"), str)
+    ]
+    parsed = []
+    for text in texts:
+        try:
+            parsed.append(json.loads(text))
+        except ValueError:
+            return result
+    if len(parsed) == 1:
+        return parsed[0]
+    return parsed if parsed else result
+
+
+def _markdown_lines(result: Dict[str, Any], saved: Optional[Dict[int, str]] = None) -> List[str]:
+    """``--output markdown``: each block for reading, as Markdown (media as images or links,
+    embedded resources and structured content fenced)."""
+    saved = saved or {}
+    blocks = result.get("content")
+    if not isinstance(blocks, list):
+        return content_lines(result, saved)  # a broken shape: what the server sent, never nothing
+    out: List[str] = []
+    has_text = False
+    for i, item in enumerate(blocks):
+        if not isinstance(item, dict) or "type" not in item:
+            out.extend(content_lines({"content": [item]}))
+            continue
+        kind = item.get("type")
+        has_text = has_text or kind == "text"
+        if kind in ("image", "audio") and i in saved:
+            out.append(f"![{kind}]({saved[i]})" if kind == "image" else f"[{kind}]({saved[i]})")
+        elif kind == "resource_link":
+            out.append(f"[{item.get('name') or item.get('uri')}]({item.get('uri')})")
+        elif kind == "resource" and isinstance((item.get("resource") or {}).get("text"), str):
+            res = item["resource"]
+            out.append(f"**{res.get('uri')}**\n```\n{res['text'].rstrip()}\n```")
+        elif kind == "text":
+            out.append(str(item.get("text", "")))
+        else:
+            out.append(f"*{_block_text(item)}*")
+    if not has_text and result.get("structuredContent") is not None:
+        out.append(
+            "```json\n" + json.dumps(result["structuredContent"], indent=2, ensure_ascii=False) + "\n```"
+        )
+    return out
+
+
+def _print_result(result: Dict[str, Any], output: str, saved: Dict[int, str]) -> None:
+    if output in ("raw", "json"):
+        _print_json(result if output == "raw" else json_view(result))
+        for path in saved.values():
+            print(f"[mcporter] saved {path}", file=sys.stderr)
+        return
+    lines = _markdown_lines(result, saved) if output == "markdown" else content_lines(result, saved)
+    if lines:
+        print(_printable(("\n\n" if output == "markdown" else "\n").join(lines)))
+
+
 def cmd_call(args: Any) -> int:
-    server, tool = _split_target(args.target)
-    typed, raw = _parse_call_args(args.pairs, args.args)
+    forms: _CallForms = args.forms
+    typed = _args_json(args.args)
     cfg = _load(args)
+    server, tool = resolve_target(args.target, cfg.servers)
     spec = _server_spec(cfg, server)
     if not spec.allows_tool(tool):
         raise ConfigError(spec.tool_refusal(tool))
     stall = args.stall_timeout if args.stall_timeout and args.stall_timeout > 0 else None
-    # The daemon types the pairs itself with its cached tool list: one request, no extra trip.
+    raw, flags, positional = forms.as_tuple()
+    # The daemon names and types the forms itself with its cached tool list: one request.
     params: Dict[str, Any] = {"tool": tool, "args": typed}
     if raw:
         params["rawArgs"] = raw
+    if flags:
+        params["rawFlags"] = flags
+    if positional:
+        params["rawPositional"] = positional
     if spec.env_refs:  # so the daemon can say when it runs the server with other values
         params["envHashes"] = {var: env_hash(value) for var, value in spec.env_refs.items()}
     if stall:
@@ -6872,14 +7806,7 @@ def cmd_call(args: Any) -> int:
     finally:
         line.erase()  # before any result or error line, which would otherwise overwrite it
     saved = save_media(result, args.save_images, tool) if args.save_images else {}
-    if args.json:
-        _print_json(result)
-        for path in saved.values():
-            print(f"[mcporter] saved {path}", file=sys.stderr)
-    else:
-        lines = content_lines(result, saved)
-        if lines:
-            print(_printable("\n".join(lines)))
+    _print_result(result, args.output or ("raw" if args.json else "text"), saved)
     return 1 if result.get("isError") else 0
 
 
@@ -7463,93 +8390,213 @@ def _demo_cleanup(paths: DaemonPaths) -> None:
 # -- parsing ----------------------------------------------------------------------------------
 
 
-def _build_parser() -> Any:
+def _parser(prog: str, description: str) -> Any:
     import argparse
 
     class Parser(argparse.ArgumentParser):
         def error(self, message: str) -> Any:  # one clear line, exit 2
             raise UsageError(f"{message} (see {_PROG} --help)")
 
-    p = Parser(prog=_PROG, description="Keep MCP stdio servers warm behind one daemon per config.")
-    p.add_argument("--config", help="config file (default: discovered as mcporter does)")
-    p.add_argument("--root", help="project root holding config/mcporter.json (default: cwd)")
-    p.add_argument("--version", action="version", version=f"{_PROG} {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    return Parser(prog=prog, description=description)
 
-    def start_flags(sp: Any) -> None:
-        sp.add_argument("--foreground", action="store_true", help="run the daemon in this process")
-        sp.add_argument("--log", action="store_true", help="trace every call in the log")
-        sp.add_argument("--log-file", help="log to this file (0600, rotated at 10 MB)")
-        sp.add_argument("--log-servers", help="trace calls of these servers (CSV)")
 
-    sp = sub.add_parser("start", help="start the daemon (detached unless --foreground)")
-    start_flags(sp)
+def _duration(flag: str) -> Callable[[str], float]:
+    return lambda text: parse_duration(text, flag)
+
+
+def _start_args(sp: Any) -> None:
+    sp.add_argument("--foreground", action="store_true", help="run the daemon in this process")
+    sp.add_argument("--log", action="store_true", help="trace every call in the log")
+    sp.add_argument("--log-file", help="log to this file (0600, rotated at 10 MB)")
+    sp.add_argument("--log-servers", help="trace calls of these servers (CSV)")
     sp.set_defaults(func=cmd_start)
-    sp = sub.add_parser("restart", help="stop, then start; or restart one kept SERVER inside the daemon")
+
+
+def _restart_args(sp: Any) -> None:
     sp.add_argument("server", nargs="?", metavar="SERVER", help="restart just this kept server")
-    start_flags(sp)
+    _start_args(sp)
     sp.set_defaults(func=cmd_restart)
-    sp = sub.add_parser("close", help="close one kept SERVER inside the daemon")
+
+
+def _close_args(sp: Any) -> None:
     sp.add_argument("server", metavar="SERVER")
     sp.set_defaults(func=cmd_close)
-    sp = sub.add_parser("stop", help="stop the daemon and its servers")
-    sp.add_argument("--timeout", type=float, default=_STOP_WAIT, help="seconds before signals (default 5)")
+
+
+def _stop_args(sp: Any) -> None:
+    sp.add_argument(
+        "--timeout",
+        type=_duration("--timeout"),
+        default=_STOP_WAIT,
+        metavar="DURATION",
+        help="wait this long (500ms, 30s, 2m; a bare number is ms) before signals (default 5s)",
+    )
     sp.set_defaults(func=cmd_stop)
-    sp = sub.add_parser("status", help="is a verified daemon running?")
+
+
+def _status_args(sp: Any) -> None:
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_status)
-    sp = sub.add_parser("call", help="call SERVER.TOOL [key=value ...]")
-    sp.add_argument("target", metavar="SERVER.TOOL")
-    sp.add_argument("pairs", nargs="*", metavar="key=value")
-    sp.add_argument("--args", help="arguments as a JSON object ('-' reads it from stdin)")
-    sp.add_argument("--timeout", type=float, help="seconds (default 60, or MCPORTER_DAEMON_TIMEOUT_MS)")
-    sp.add_argument("--json", action="store_true", help="print the whole result as JSON")
-    sp.add_argument("--save-images", metavar="DIR", help="write image and audio blocks to files in DIR")
+
+
+def _call_args(sp: Any) -> None:
+    """For ``call --help`` only: ``parse_call_line`` reads call's command line."""
+    sp.add_argument("target", metavar="SERVER.TOOL", help="or the whole call: 'SERVER.TOOL(a: 1, b: \"x\")'")
     sp.add_argument(
-        "--progress", action="store_true", help="show server progress on stderr also when it is not a TTY"
+        "forms",
+        nargs="*",
+        metavar="ARG",
+        help="key=value, key:value, 'key: value', --key value, --key=value, or a positional value "
+        "(in the schema's order); options and arguments mix in any order",
     )
-    sp.add_argument(
-        "--stall-timeout",
-        type=float,
-        metavar="SECONDS",
-        help="fail when the server sends nothing (no answer, no progress) for this long; "
-        "progress restarts it, never past --timeout",
-    )
-    sp.set_defaults(func=cmd_call)
-    sp = sub.add_parser("list", help="list servers, or one server's tools")
+    for flag, (_dest, takes, metavar, text) in _CALL_OPTIONS.items():
+        if takes:
+            sp.add_argument(flag, metavar=metavar, help=text)
+        else:
+            sp.add_argument(flag, action="store_true", help=text)
+
+
+def _output_arg(sp: Any) -> None:
+    sp.add_argument("--output", choices=_OUTPUT_FORMATS, help="json or raw: as --json")
+
+
+def _list_args(sp: Any) -> None:
     sp.add_argument("server", nargs="?")
     sp.add_argument("--json", action="store_true")
+    _output_arg(sp)
     sp.add_argument("--schema", action="store_true", help="include full input schemas")
     sp.add_argument("--status", action="store_true", help="probe each server: tool count, health, time")
     sp.add_argument("--exit-code", action="store_true", help="with --status: exit 1 when a server is down")
-    sp.add_argument("--timeout", type=float)
+    sp.add_argument("--timeout", type=_duration("--timeout"), metavar="DURATION")
     sp.set_defaults(func=cmd_list)
-    sp = sub.add_parser("resources", help="list a server's resources, or read one")
+
+
+def _resources_args(sp: Any) -> None:
     sp.add_argument("server")
     sp.add_argument("uri", nargs="?")
     sp.add_argument("--templates", action="store_true", help="list resource templates")
     sp.add_argument("--json", action="store_true")
     sp.add_argument(
-        "-o", "--output", metavar="FILE", help="write the resource read to FILE (text, or a blob decoded)"
+        "-o",
+        "--output",
+        metavar="FILE|FORMAT",
+        help="write the resource read to FILE (text, or a blob decoded); json or raw: as --json",
     )
-    sp.add_argument("--timeout", type=float)
+    sp.add_argument("--timeout", type=_duration("--timeout"), metavar="DURATION")
     sp.set_defaults(func=cmd_resources)
-    sp = sub.add_parser("prompts", help="list a server's prompts, or get one")
+
+
+def _prompts_args(sp: Any) -> None:
     sp.add_argument("server", metavar="SERVER")
     sp.add_argument("name", nargs="?", metavar="NAME")
     sp.add_argument("pairs", nargs="*", metavar="key=value")
     sp.add_argument("--json", action="store_true", help="print the whole result as JSON")
-    sp.add_argument("--timeout", type=float)
+    sp.add_argument("--timeout", type=_duration("--timeout"), metavar="DURATION")
     sp.set_defaults(func=cmd_prompts)
-    sp = sub.add_parser("demo", help="a self-contained tour on the built-in demo server")
+
+
+def _demo_args(sp: Any) -> None:
     sp.set_defaults(func=cmd_demo)
-    sp = sub.add_parser("doctor", help="check the environment and explain what it finds")
+
+
+def _doctor_args(sp: Any) -> None:
     sp.set_defaults(func=cmd_doctor)
-    sp = sub.add_parser("service", help="print a launchd plist or systemd user unit")
+
+
+def _service_args(sp: Any) -> None:
     sp.add_argument("kind", choices=["launchd", "systemd"])
     sp.add_argument("--label", help="launchd label (default com.mcporter.daemon.<key>)")
     sp.set_defaults(func=cmd_service)
+
+
+# Each command: the function that declares its arguments, and its line in --help. Only the
+# command being run gets a parser built (the whole tree costs milliseconds on every call).
+_COMMANDS: Dict[str, Tuple[Callable[[Any], None], str]] = {
+    "start": (_start_args, "start the daemon (detached unless --foreground)"),
+    "restart": (_restart_args, "stop, then start; or restart one kept SERVER inside the daemon"),
+    "close": (_close_args, "close one kept SERVER inside the daemon"),
+    "stop": (_stop_args, "stop the daemon and its servers"),
+    "status": (_status_args, "is a verified daemon running? (exit 0 yes, 3 no)"),
+    "call": (_call_args, "call SERVER.TOOL [ARGS ...]"),
+    "list": (_list_args, "list servers, or one server's tools"),
+    "resources": (_resources_args, "list a server's resources, or read one (alias: resource)"),
+    "prompts": (_prompts_args, "list a server's prompts, or get one"),
+    "demo": (_demo_args, "a self-contained tour on the built-in demo server"),
+    "doctor": (_doctor_args, "check the environment and explain what it finds"),
+    "service": (_service_args, "print a launchd plist or systemd user unit"),
+}
+_ALIASES = {"resource": "resources"}
+_DAEMON_VERBS = ("start", "stop", "status", "restart")  # ``daemon VERB``: mcporter's spelling
+
+
+def _build_parser() -> Any:
+    """The whole tree, for ``--help`` and ``--version``."""
+    p = _parser(_PROG, "Keep MCP stdio servers warm behind one daemon per config.")
+    p.add_argument("--config", help="config file (default: discovered as mcporter does)")
+    p.add_argument("--root", help="project root holding config/mcporter.json (default: cwd)")
+    p.add_argument("--version", action="version", version=f"{_PROG} {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=type(p))
+    for name, (declare, text) in _COMMANDS.items():
+        declare(sub.add_parser(name, help=text))
+    sub.add_parser("daemon", help="daemon start|stop|status|restart: the commands above")
     return p
+
+
+def _command_word(words: List[str]) -> Tuple[str, List[str]]:
+    """(command, its arguments): aliases and ``daemon VERB`` resolved."""
+    word, rest = words[0], words[1:]
+    if word == "daemon":
+        if rest[:1] in (["-h"], ["--help"]):
+            _build_parser().parse_args(["--help"])  # prints the commands, exits 0
+        if not rest or rest[0] not in _DAEMON_VERBS:
+            raise UsageError(f"daemon takes one of: {', '.join(_DAEMON_VERBS)} (see {_PROG} --help)")
+        word, rest = rest[0], rest[1:]
+    word = _ALIASES.get(word, word)
+    if word not in _COMMANDS:
+        known = list(_COMMANDS) + list(_ALIASES) + ["daemon"]
+        raise UsageError(f"unknown command '{word}'{_did_you_mean(word, known)} (see {_PROG} --help)")
+    return word, rest
+
+
+def _parse_command_line(argv: List[str]) -> Any:
+    """The parsed command line: the global options, then one command's own parser (``call``'s
+    is hand-written, so options and tool arguments mix in any order)."""
+    found: Dict[str, Optional[str]] = {"config": None, "root": None}
+    i = 0
+    while i < len(argv) and argv[i].startswith("-"):
+        flag, eq, value = argv[i].partition("=")
+        if flag not in ("--config", "--root"):
+            return _build_parser().parse_args(argv)  # help, version, or its usage error
+        if not eq:
+            if i + 1 >= len(argv):
+                raise UsageError(f"{flag} needs a value (see {_PROG} --help)")
+            value, i = argv[i + 1], i + 1
+        found[flag[2:]] = value
+        i += 1
+    if i >= len(argv):
+        raise UsageError(f"a command is required (see {_PROG} --help)")
+    command, rest = _command_word(argv[i:])
+    declare, text = _COMMANDS[command]
+    wants_help = any(w in ("-h", "--help") for w in rest[: rest.index("--") if "--" in rest else None])
+    if command == "call" and not wants_help:
+        args = parse_call_line(rest)
+        args.func = cmd_call
+    else:
+        parser = _parser(f"{_PROG} {command}", text)
+        declare(parser)
+        args = parser.parse_args(rest)
+        _output_as_json(args)
+    args.command, args.config, args.root = command, found["config"], found["root"]
+    return args
+
+
+def _output_as_json(args: Any) -> None:
+    """``--output json|raw`` on ``list`` and ``resources`` is their ``--json``; ``text`` and
+    ``markdown`` their default (a resources ``-o`` that names no format is a file)."""
+    output = getattr(args, "output", None)
+    if output in _OUTPUT_FORMATS:
+        args.json = bool(getattr(args, "json", False) or output in ("json", "raw"))
+        args.output = None
 
 
 def _host_line(text: str) -> str:
@@ -7580,9 +8627,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if argv[:1] == ["_demo-server"]:
             # Internal, so kept out of the parser (and out of its "choose from" list).
             return _demo_server_main()
-        args = _build_parser().parse_args(argv)
-        if not getattr(args, "func", None):
-            raise UsageError("a command is required")
+        args = _parse_command_line(argv)
         code = int(args.func(args) or 0)
         sys.stdout.flush()  # here, not at exit: a closed pipe must surface where it is handled
         return code
@@ -7596,6 +8641,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         line = f"{_PROG}: {exc}"
         print(_host_line(line) if as_host else line, file=sys.stderr)
         return exc.exit_code
+    except _Terminated as exc:
+        try:  # after SIGHUP the terminal may be gone
+            print(f"{_PROG}: terminated by signal {exc.signum}", file=sys.stderr)
+        except OSError:
+            pass
+        return 128 + exc.signum
     except KeyboardInterrupt:
         # One line, and 130 as a shell reports SIGINT. A daemon call is cancelled at its server
         # when our socket closes at exit; an ephemeral one was cancelled on the way out.
