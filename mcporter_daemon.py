@@ -9,9 +9,8 @@ A single-file, standard-library-only port of mcporter's keep-alive daemon (openc
 
 from __future__ import annotations
 
-import json
+import _socket  # the client's connect, send and receive; ``socket`` is for the host (below)
 import os
-import socket
 import sys
 import time
 
@@ -48,6 +47,26 @@ if TYPE_CHECKING:  # typing costs import time on the CLI's hot path; annotations
         Tuple,
         TypeGuard,
     )
+
+if TYPE_CHECKING:
+    import json
+    import socket
+else:
+
+    class _LazyModule:
+        """A module imported on first use. A warm ``call`` needs neither ``json`` (it imports
+        ``re`` and compiles patterns) nor ``socket`` (it builds enums): milliseconds each."""
+
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def __getattr__(self, attr: str) -> Any:
+            module = __import__(self.name)
+            globals()[self.name] = module  # later lookups skip this proxy
+            return getattr(module, attr)
+
+    json = _LazyModule("json")
+    socket = _LazyModule("socket")
 
 __version__ = "0.1.0"
 
@@ -293,7 +312,7 @@ class RemoteError(DaemonError):
 
 
 def _require_posix() -> None:
-    if fcntl is None or not hasattr(socket, "AF_UNIX"):
+    if fcntl is None or not hasattr(_socket, "AF_UNIX"):
         raise DaemonError("this program needs a POSIX system (fcntl and AF_UNIX sockets)")
 
 
@@ -572,6 +591,16 @@ class DaemonPaths:
 
 
 _SCRIPT_DIGEST: List[str] = []
+_SCRIPT_FILE: List[List[int]] = []  # the identity of the file hashed, when safe to vouch for
+# A file changed this recently may change again within one tick of its filesystem's clock and
+# keep its ctime (1 s on some filesystems; git calls such an index entry "racily clean").
+_SCRIPT_RACY_SECONDS = 2.0
+
+
+def _file_identity(st: os.stat_result) -> List[int]:
+    """What changes whenever a file's bytes do: ctime is set by the kernel on every write and
+    cannot be set back by its owner (git's index trusts it the same way)."""
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
 def _script_version() -> str:
@@ -579,11 +608,35 @@ def _script_version() -> str:
     if not _SCRIPT_DIGEST:
         try:
             with open(os.path.abspath(__file__), "rb") as fh:
+                now = time.time_ns()
+                before = _file_identity(os.fstat(fh.fileno()))
                 digest = _sha256(fh.read()).hexdigest()[:12]
+                if before == _file_identity(os.fstat(fh.fileno())) and (
+                    before[4] < now - int(_SCRIPT_RACY_SECONDS * 1e9)
+                ):
+                    _SCRIPT_FILE.append(before)
         except OSError:
             digest = "unknown"
         _SCRIPT_DIGEST.append(f"{__version__}+{digest}")
     return _SCRIPT_DIGEST[0]
+
+
+def _adopt_script_version(record: Any) -> bool:
+    """Take a daemon's recorded ``scriptVersion`` as this script's own, without hashing it,
+    when the record's ``scriptFile`` is this file's identity now: the daemon hashed these very
+    bytes. ``record`` must come from a checked state directory. True when adopted."""
+    if _SCRIPT_DIGEST or not isinstance(record, dict):
+        return False
+    version, identity = record.get("scriptVersion"), record.get("scriptFile")
+    if not isinstance(version, str) or not version.startswith(f"{__version__}+") or not identity:
+        return False
+    try:
+        if identity != _file_identity(os.stat(os.path.abspath(__file__))):
+            return False
+    except OSError:
+        return False
+    _SCRIPT_DIGEST.append(version)
+    return True
 
 
 # ##########################################################################################
@@ -591,9 +644,66 @@ def _script_version() -> str:
 # ##########################################################################################
 
 
+try:  # json's C half: what json.loads and json.dumps run, without the patterns json compiles
+    import _json
+except ImportError:  # pragma: no cover - a build without the accelerator
+    _json = None  # type: ignore[assignment]
+
+
+class _JsonDefaults:
+    """The settings ``json.loads`` gives its C scanner by default (the scanner reads these)."""
+
+    strict = True
+    object_hook = None
+    object_pairs_hook = None
+    parse_float = float
+    parse_int = int
+    parse_constant = {"-Infinity": float("-inf"), "Infinity": float("inf"), "NaN": float("nan")}.__getitem__
+
+
+_JSON_SCAN: Any = getattr(_json, "make_scanner", None)
+_JSON_SCAN = _JSON_SCAN and _JSON_SCAN(_JsonDefaults())
+_JSON_ENCODER: Any = getattr(_json, "make_encoder", None)
+_JSON_ASCII: Any = getattr(_json, "encode_basestring_ascii", None)
+
+
+def _json_loads(data: Any) -> Any:
+    """``json.loads(data)``: the same C scanner json.loads runs, called directly, so the hot
+    path need not import json. Anything it does not take whole (errors included) goes to
+    json.loads itself, which gives the value or the error json always gives."""
+    if _JSON_SCAN:
+        try:
+            text = data.decode("utf-8", "surrogatepass") if isinstance(data, (bytes, bytearray)) else data
+            text = text.strip(" \t\n\r")  # JSON's white space, as json.loads skips it
+            value, end = _JSON_SCAN(text, 0)
+            if end == len(text):
+                return value
+        except Exception:
+            pass
+    return json.loads(data)
+
+
+def _unencodable(value: Any) -> Any:
+    raise TypeError(type(value).__name__)
+
+
+def _json_compact(obj: Any) -> str:
+    """``json.dumps(obj, separators=(",", ":"), ensure_ascii=True)`` through the same C
+    encoder, called directly; on any error json.dumps runs, to raise exactly its error."""
+    if _JSON_ENCODER and _JSON_ASCII:
+        try:
+            # (markers for the circular check, default, string encoder, indent, the
+            # separators, sort_keys, skipkeys, allow_nan): json.dumps's own arguments
+            encode = _JSON_ENCODER({}, _unencodable, _JSON_ASCII, None, ":", ",", False, False, True)
+            return "".join(encode(obj, 0))
+        except Exception:
+            pass
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=True)
+
+
 def encode_frame(obj: Dict[str, Any]) -> bytes:
     # ASCII-safe: a lone surrogate (JS servers cut strings mid-pair) has no UTF-8 encoding.
-    return (json.dumps(obj, separators=(",", ":"), ensure_ascii=True) + "\n").encode("ascii")
+    return (_json_compact(obj) + "\n").encode("ascii")
 
 
 def encode_answer_pieces(frame: Dict[str, Any]) -> Iterable[bytes]:
@@ -678,7 +788,7 @@ class _FrameTooLarge(Exception):
 
 
 def _read_line(
-    sock: socket.socket,
+    sock: _socket.socket,
     limit: int,
     buf: bytearray,
     deadline: Optional[float] = None,
@@ -702,7 +812,7 @@ def _read_line(
         if deadline is not None:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise socket.timeout("request line deadline passed")
+                raise _socket.timeout("request line deadline passed")
             sock.settimeout(min(left, idle) if idle else left)
         chunk = sock.recv(_RECV_CHUNK if len(buf) < _RECV_CHUNK else _RECV_CHUNK * 16)
         if not chunk:
@@ -728,11 +838,11 @@ def exchange(
     work waits for its backend to start (phase "starting"). _NotDelivered when the request
     never reached a daemon.
     """
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         try:
             _connect(sock, socket_path, connect_timeout or idle_timeout)
-        except socket.timeout:
+        except _socket.timeout:
             raise DaemonTimeout(f"daemon at {socket_path} did not accept a connection") from None
         except OSError as exc:
             raise _NotDelivered(f"cannot connect to {socket_path}: {exc.strerror or exc}") from None
@@ -745,7 +855,7 @@ def exchange(
         sock.close()
 
 
-def _connect(sock: socket.socket, path: str, timeout: float) -> None:
+def _connect(sock: _socket.socket, path: str, timeout: float) -> None:
     """Connect within ``timeout``. A full listen queue answers EAGAIN at once on a socket with
     a timeout; wait for room instead, since the queue drains as the daemon accepts."""
     deadline = time.monotonic() + timeout
@@ -757,13 +867,13 @@ def _connect(sock: socket.socket, path: str, timeout: float) -> None:
             return
         except BlockingIOError:
             if time.monotonic() >= deadline:
-                raise socket.timeout("listen queue stayed full") from None
+                raise _socket.timeout("listen queue stayed full") from None
             time.sleep(delay)
             delay = min(delay * 2, 0.02)
 
 
 def _send_and_receive(
-    sock: socket.socket,
+    sock: _socket.socket,
     socket_path: str,
     request: Dict[str, Any],
     idle_timeout: float,
@@ -791,7 +901,7 @@ def _send_and_receive(
                 # mcporter's own daemon ends its last frame with EOF instead of a newline.
                 line, buf[:] = bytes(buf), b""
             frames += 1
-            frame = json.loads(line)
+            frame = _json_loads(line)
             if isinstance(frame, dict) and frame.get("type") == "progress":
                 update = progress_update(frame.get("progress"))
                 if update is not None and update.get("phase") == "starting" and deadline is not None:
@@ -802,7 +912,7 @@ def _send_and_receive(
             if not isinstance(frame, dict) or "ok" not in frame:
                 raise TransportError(f"daemon at {socket_path} sent a malformed frame")
             return frame
-    except socket.timeout:
+    except _socket.timeout:
         if deadline is not None and time.monotonic() >= deadline:
             raise DaemonTimeout(
                 f"no answer from the daemon at {socket_path} within the call's time limit (still working)"
@@ -825,12 +935,12 @@ def _send_and_receive(
         raise TransportError(f"connection to {socket_path} failed: {exc.strerror or exc}") from None
 
 
-def _answer_before_request(sock: socket.socket) -> Optional[Dict[str, Any]]:
+def _answer_before_request(sock: _socket.socket) -> Optional[Dict[str, Any]]:
     """An error frame the daemon sent before it closed without reading our request, if any."""
     try:
         sock.setblocking(False)
         data = sock.recv(_RECV_CHUNK)
-        frame = json.loads(data.split(b"\n", 1)[0]) if data else None
+        frame = _json_loads(data.split(b"\n", 1)[0]) if data else None
     except (OSError, ValueError, RecursionError):
         return None
     return frame if isinstance(frame, dict) and frame.get("ok") is False else None
@@ -925,7 +1035,7 @@ def read_metadata(path: str) -> Optional[Dict[str, Any]]:
     """The metadata at ``path``; unreadable, torn, corrupt or malformed metadata reads as absent."""
     try:
         with open(path, "rb") as fh:
-            data = json.loads(fh.read())
+            data = _json_loads(fh.read())
     except (OSError, ValueError):
         return None
     return validate_metadata(data)
@@ -2547,6 +2657,8 @@ class _MetadataRecord:
             "scriptVersion": _script_version(),
             "servers": {},
         }
+        if _SCRIPT_FILE:  # lets a client take scriptVersion without hashing the same file
+            data["scriptFile"] = _SCRIPT_FILE[0]
         if host.metadata_extra:
             data.update(host.metadata_extra())
         if generation == self.generation:  # not marked dirty while we built it
@@ -3650,7 +3762,7 @@ def parse_jsonc(text: str, source: str) -> Any:
     try:
         # Plain JSON first: the C parser takes a 2 MB ~/.claude.json in milliseconds, where
         # stripping comments in Python first costs half a second on every call.
-        return json.loads(text)
+        return _json_loads(text)
     except ValueError:
         pass
     try:
@@ -3925,12 +4037,22 @@ def _parse_lifecycle(spec: ServerSpec, raw: Any, where: str) -> Optional[bool]:
     return mode == "keep-alive"
 
 
-def _parse_command(spec: ServerSpec, entry: Dict[str, Any], where: str, environ: Dict[str, str]) -> None:
-    import shlex
+def _split_command(command: str) -> List[str]:
+    """``shlex.split``: split like a shell would, but never run one. Without quotes or
+    backslashes that is a split at shlex's white space, which spares a call importing shlex
+    (and the regular expressions it compiles)."""
+    if any(c in command for c in "'\"\\"):
+        import shlex
 
+        return shlex.split(command)
+    spaced = command.replace("\t", " ").replace("\r", " ").replace("\n", " ")
+    return [word for word in spaced.split(" ") if word]
+
+
+def _parse_command(spec: ServerSpec, entry: Dict[str, Any], where: str, environ: Dict[str, str]) -> None:
     command = entry.get("command")
     if isinstance(command, str):
-        argv = shlex.split(command)  # split like a shell would, but never run one
+        argv = _split_command(command)
     elif isinstance(command, list) and all(isinstance(p, str) for p in command):
         argv = list(command)
     else:
@@ -6810,11 +6932,20 @@ def _log_flags(args: Any) -> List[str]:
 
 def _client(cfg: Config, args: Any) -> DaemonClient:
     paths = DaemonPaths.for_config(cfg.path)
+    _adopt_recorded_script_version(paths)  # before the fingerprint: spares hashing this file
     log_file = getattr(args, "log_file", None) or os.environ.get("MCPORTER_DAEMON_LOG_PATH") or paths.log
     argv = _script_argv() + _config_flags(cfg) + ["start", "--foreground", "--log-file", log_file]
     return DaemonClient(
         paths, cfg.fingerprint(), argv + _log_flags(args), env=_child_env(paths), cwd=cfg.root
     )
+
+
+def _adopt_recorded_script_version(paths: DaemonPaths) -> None:
+    try:
+        if paths.check():  # a record from an unsafe directory could vouch for anything
+            _adopt_script_version(read_metadata(paths.metadata))
+    except UnsafePathError:
+        pass  # said by the client's own verification, where it always was
 
 
 def _load(args: Any) -> Config:

@@ -1283,6 +1283,93 @@ def test_read_only_state_dir_is_named_in_one_line(h):
         shutil.rmtree(str(top), ignore_errors=True)
 
 
+def _module_copy(path, name):
+    """The module as it would be loaded from ``path``: its own globals (digest caches included)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, str(path))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules[name]
+    return module
+
+
+def test_recorded_script_version_is_adopted_only_for_the_file_the_daemon_hashed(tmp_path):
+    """A client may take the daemon's recorded script digest instead of hashing the script
+    only while the file's identity (device, inode, size, mtime, ctime) is the one hashed."""
+    script = tmp_path / "mcporter_daemon.py"
+    shutil.copy(str(MODULE_PATH), str(script))
+    daemon = _module_copy(script, "md_daemon_side")
+    daemon._SCRIPT_RACY_SECONDS = 3600.0  # the file was just written: never vouched for
+    version = daemon._script_version()
+    assert daemon._SCRIPT_FILE == []
+    daemon._SCRIPT_DIGEST.clear()
+    daemon._SCRIPT_RACY_SECONDS = 0.05
+    wait_until(lambda: time.time_ns() - script.stat().st_ctime_ns > 0.2e9, 5, message="ctime to age")
+    assert daemon._script_version() == version
+    st = script.stat()
+    assert [[st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]] == daemon._SCRIPT_FILE
+    record = {"scriptVersion": version, "scriptFile": daemon._SCRIPT_FILE[0]}
+
+    for wrong in (
+        {"scriptVersion": version},
+        {"scriptVersion": "9.9.9+" + version.split("+")[1], "scriptFile": record["scriptFile"]},
+        {"scriptVersion": version, "scriptFile": record["scriptFile"][:4] + [1]},
+        None,
+    ):
+        other = _module_copy(script, "md_client_wrong")
+        assert other._adopt_script_version(wrong) is False, wrong
+        assert other._SCRIPT_DIGEST == []
+    client = _module_copy(script, "md_client_same")
+    assert client._adopt_script_version(record) is True
+    assert client._script_version() == version
+
+    # The same size and the mtime put back: only the ctime tells, and it does.
+    client = _module_copy(script, "md_client_edited")
+    data = script.read_bytes()
+    edited = data.replace(b"# A file changed this recently", b"# a file changed this recently", 1)
+    assert len(edited) == len(data) and edited != data
+    script.write_bytes(edited)
+    os.utime(str(script), ns=(st.st_atime_ns, st.st_mtime_ns))
+    after = script.stat()
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (st.st_ino, st.st_size, st.st_mtime_ns)
+    assert client._adopt_script_version(record) is False
+    assert client._script_version() != version
+
+
+def test_edited_script_keeping_size_and_mtime_still_makes_the_daemon_stale(h):
+    """A warm call skips hashing the script when the daemon's record vouches for the file;
+    an edit that keeps its size and puts its mtime back still makes the next call replace
+    the daemon, as any edit of the script does."""
+    md = _import_module()
+    script = h.tmp / "copy" / "mcporter_daemon.py"
+    script.parent.mkdir()
+    shutil.copy(str(MODULE_PATH), str(script))
+    argv = [sys.executable, str(script), "--config", str(h.cfg)]
+    margin = md._SCRIPT_RACY_SECONDS * 1e9 + 0.2e9  # a file changed just now is not vouched for
+    wait_until(lambda: time.time_ns() - script.stat().st_ctime_ns > margin, 10, message="ctime to age")
+    r = h.run("call", "demo.counter", argv=argv)
+    assert r.rc == 0 and r.out.strip() == "1", r
+    first, st = h.meta(), script.stat()
+    assert first["scriptFile"] == [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+    r = h.run("call", "demo.counter", argv=argv)
+    assert r.rc == 0 and r.out.strip() == "2" and h.meta()["pid"] == first["pid"], r
+
+    data = script.read_bytes()
+    edited = data.replace(b"# A file changed this recently", b"# a file changed this recently", 1)
+    assert len(edited) == len(data) and edited != data
+    script.write_bytes(edited)
+    os.utime(str(script), ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (script.stat().st_size, script.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    r = h.run("call", "demo.counter", argv=argv)
+    assert r.rc == 0 and r.out.strip() == "1", r  # a new daemon, so a new demo server
+    second = h.meta()
+    assert second["pid"] != first["pid"] and second["scriptVersion"] != first["scriptVersion"]
+
+
 # ##########################################################################################
 # Wire protocol: newline-delimited JSON frames, one request per connection (mcporter v2).
 # ##########################################################################################
@@ -1520,6 +1607,90 @@ def test_lone_surrogate_result_is_answered_once(h):
 )
 def test_progress_update_table(params, expected):
     assert _import_module().progress_update(params) == expected
+
+
+# Each: text json.loads reads (or refuses); ``_json_loads`` must read it (or refuse it) alike.
+JSON_LOADS_CASES = [
+    '{"a": [1, 2.5, -3e2, true, false, null], "b": {"c": "d"}}',
+    '  \t\r\n{"x": 1}\n ',
+    '"\\ud800 lone surrogate"',
+    "[NaN, Infinity, -Infinity]",
+    "123456789012345678901234567890",
+    '{"k": "\u00e9\u4e2d"}',
+    b'{"id": "b", "ok": true, "result": {"pid": 12}}',
+    b'\xef\xbb\xbf{"bom": 1}',
+    '\ufeff{"bom": 1}',
+    "",
+    "{",
+    '{"a": 1} {"b": 2}',
+    '{"a": 1,}',
+    "[1, 2",
+    b"\xff\xfe",
+    '"\x01 control"',
+    "0" * 5000,
+]
+
+
+@pytest.mark.parametrize("text", JSON_LOADS_CASES)
+def test_json_fast_path_reads_as_json_loads(text):
+    md = _import_module()
+    try:
+        expected = ("value", json.loads(text))
+    except ValueError as exc:
+        expected = ("error", type(exc), str(exc))
+    try:
+        got = ("value", md._json_loads(text))
+    except ValueError as exc:
+        got = ("error", type(exc), str(exc))
+    assert repr(got) == repr(expected)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"id": "1", "method": "callTool", "params": {"tool": "t", "args": {"s": "\u00e9\ud800", "n": 1.5}}},
+        [float("nan"), float("inf"), 10**30, True, None, 'x\n"y'],
+        "just a string",
+        {1: "int key", 2.5: "float key", None: "null key", False: "bool key"},
+        {"bad": object()},
+        {"bad": {"deeper": {1, 2}}},
+        {(1, 2): "tuple key"},
+    ],
+)
+def test_json_fast_path_writes_as_json_dumps(value):
+    md = _import_module()
+    try:
+        expected = ("text", json.dumps(value, separators=(",", ":"), ensure_ascii=True))
+    except (TypeError, ValueError) as exc:
+        expected = ("error", type(exc), str(exc))
+    try:
+        got = ("text", md._json_compact(value))
+    except (TypeError, ValueError) as exc:
+        got = ("error", type(exc), str(exc))
+    assert got == expected
+
+
+def test_json_fast_path_refuses_a_circular_value_as_json_does():
+    md = _import_module()
+    loop = []
+    loop.append(loop)
+    with pytest.raises(ValueError, match="Circular reference"):
+        md._json_compact({"a": loop})
+
+
+def test_warm_call_imports_neither_json_nor_socket(h):
+    """The hot path runs json's and socket's C halves directly: importing the Python halves
+    (json compiles patterns through re, socket builds enums) costs milliseconds per call."""
+    call_ok(h, "demo.counter")
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import mcporter_daemon as md; "
+        "sys.argv[1:2] = []; rc = md.main(sys.argv[1:]); "
+        "print(sorted(m for m in ('json', 're', 'socket', 'shlex', 'enum') if m in sys.modules), "
+        "file=sys.stderr); sys.exit(rc)"
+    )
+    r = h.run("--config", h.cfg, "call", "demo.counter", argv=[sys.executable, "-S", "-c", code, HERE])
+    assert r.rc == 0 and r.out.strip() == "2", r
+    assert r.err.strip().splitlines()[-1] == "[]", r
 
 
 # ##########################################################################################
@@ -4628,6 +4799,30 @@ def test_no_config_error_names_root_and_env(h):
     sub.mkdir(parents=True)
     r = h.run("call", "demo.pid", env=ops_env(h), config=False, cwd=sub)
     assert_prompt_error(r, 2, "unknown server 'demo'", "--root", "MCPORTER_CONFIG", "current directory")
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "npx -y pkg",
+        "  a\tb\r\nc  ",
+        "",
+        "a\x0bb c",
+        "x\u00a0y z",
+        'a "b c"',
+        "a 'b c' d",
+        "a\\ b",
+        "a#b c",
+        "é ü",
+    ],
+)
+def test_string_command_splits_as_shlex_does(command):
+    """A string ``command`` is split like a shell would (shlex); the quick split for text
+    without quotes or backslashes must agree with it."""
+    import shlex
+
+    md = _import_module()
+    assert md._split_command(command) == shlex.split(command)
 
 
 # ##########################################################################################
