@@ -828,9 +828,11 @@ def exchange(
     overall_timeout: Optional[float] = None,
     on_progress: Optional[Callable[[Dict[str, Any]], None]] = None,
     start_budget: float = 0.0,
+    on_socket: Optional[Callable[[_socket.socket], None]] = None,
 ) -> Dict[str, Any]:
     """Send one request, return the response frame; a server's progress in a progress frame
-    goes to ``on_progress``.
+    goes to ``on_progress``. ``on_socket`` gets the connection first (to cut it from another
+    thread with ``shutdown``: the daemon hears its caller gone and cancels the work).
 
     ``idle_timeout`` is an idle budget: every frame (progress included) resets it, so a long
     call stays alive while a silent (hung) daemon still trips it. ``overall_timeout`` bounds
@@ -840,6 +842,8 @@ def exchange(
     """
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
+        if on_socket is not None:
+            on_socket(sock)
         try:
             _connect(sock, socket_path, connect_timeout or idle_timeout)
         except _socket.timeout:
@@ -3356,11 +3360,13 @@ class DaemonClient:
         overall_timeout: Optional[float] = None,
         on_progress: Optional[Callable[[Dict[str, Any]], None]] = None,
         start_budget: float = 0.0,
+        on_socket: Optional[Callable[[_socket.socket], None]] = None,
     ) -> Any:
         """Send one request to a verified fresh daemon (starting it if allowed). Raises
         RemoteError for ``ok: false``, DaemonTimeout past ``overall_timeout`` (progress or not;
         plus ``start_budget`` when the daemon reports a start, see ``exchange``).
-        A server's progress, relayed in the daemon's progress frames, goes to ``on_progress``.
+        A server's progress, relayed in the daemon's progress frames, goes to ``on_progress``;
+        ``on_socket`` gets each connection (see ``exchange``).
 
         A delivered request runs at most once: it is sent again (after ``ensure``) only when it
         never reached a daemon, or was answered ``shutting_down`` (its handler never ran). A
@@ -3369,7 +3375,16 @@ class DaemonClient:
         """
         if auto_start:
             self.ensure()
-        send = (method, params, idle_timeout, progress_ms, overall_timeout, on_progress, start_budget)
+        send = (
+            method,
+            params,
+            idle_timeout,
+            progress_ms,
+            overall_timeout,
+            on_progress,
+            start_budget,
+            on_socket,
+        )
         until = time.monotonic() + (overall_timeout or idle_timeout)
         try:
             response = self._send_while_busy(send, until)
@@ -3405,6 +3420,7 @@ class DaemonClient:
         overall: Optional[float] = None,
         on_progress: Optional[Callable[[Dict[str, Any]], None]] = None,
         start_budget: float = 0.0,
+        on_socket: Optional[Callable[[_socket.socket], None]] = None,
     ) -> Dict[str, Any]:
         req: Dict[str, Any] = {
             "id": f"{os.getpid()}-{time.monotonic_ns()}",
@@ -3422,6 +3438,7 @@ class DaemonClient:
             overall_timeout=overall,
             on_progress=on_progress,
             start_budget=start_budget,
+            on_socket=on_socket,
         )
 
     # -- stopping ------------------------------------------------------------------------------
@@ -3599,6 +3616,9 @@ __all__ += [
     "parse_jsonc",
     "McpStdioClient",
     "McpKeepAliveService",
+    "ServeBridge",
+    "serve_name",
+    "parse_serve_name",
     # -- the CLI --
     "main",
 ]
@@ -3877,7 +3897,16 @@ class ServerSpec:
 class Config:
     """The merged configuration and everything that identifies it."""
 
-    __slots__ = ("path", "layers", "explicit", "servers", "daemon_idle_timeout_ms", "root", "imports")
+    __slots__ = (
+        "path",
+        "layers",
+        "explicit",
+        "servers",
+        "daemon_idle_timeout_ms",
+        "root",
+        "imports",
+        "looping",
+    )
 
     def __init__(self, path: str, layers: List[Tuple[str, Optional[bytes]]], explicit: bool):
         self.path = path  # the config path that names the daemon
@@ -3887,6 +3916,7 @@ class Config:
         self.daemon_idle_timeout_ms: Optional[int] = None
         self.root = ""
         self.imports: List[Any] = []  # _ImportedFile: editor configs that were read
+        self.looping: Dict[str, str] = {}  # servers that run our own `serve`: name -> source
 
     def keep_alive_servers(self) -> List[str]:
         """Names of the servers the daemon keeps running."""
@@ -4456,6 +4486,31 @@ class _ImportedFile:
         return (f"import:{self.kind}:{self.path}", json.dumps(self.entries, sort_keys=True).encode())
 
 
+_OUR_COMMAND_NAMES = ("mcporter_daemon.py", "mcporter-daemon", "mcporter_daemon")
+
+
+def runs_serve_bridge(argv: List[str]) -> bool:
+    """Whether a server command runs this tool's own ``serve`` (an editor config that
+    registers the bridge, imported): started by the daemon, it would bridge to itself.
+
+    Looks through a shell's ``-c`` string too: a word naming this script (by name, as a
+    console script, ``-m mcporter_daemon``, or its own path) followed later by ``serve``."""
+    words = [w for arg in argv for w in arg.split()]
+    here = os.path.realpath(__file__)
+    for i, word in enumerate(words):
+        ours = os.path.basename(word) in _OUR_COMMAND_NAMES or (
+            word == "-m" and i + 1 < len(words) and words[i + 1] == "mcporter_daemon"
+        )
+        if not ours and word.endswith(".py"):  # a renamed copy of this script
+            try:
+                ours = os.path.realpath(word) == here
+            except (OSError, ValueError):
+                ours = False
+        if ours and "serve" in words[i + 1 :]:
+            return True
+    return False
+
+
 def read_imports(order: List[str], root: str, environ: Dict[str, str]) -> List[_ImportedFile]:
     home = os.path.expanduser("~")
     found = []
@@ -4484,6 +4539,9 @@ def load_config(config: Optional[str] = None, root: Optional[str] = None) -> Con
                     spec = _parse_server(name, entry, imported.path, os.path.dirname(imported.path), environ)
                 except ConfigError:
                     continue
+                if runs_serve_bridge(spec.command):
+                    cfg.looping.setdefault(name, imported.path)
+                    continue
                 if not spec.problem:
                     cfg.servers[name] = spec
     for source, doc in docs:
@@ -4494,6 +4552,8 @@ def load_config(config: Optional[str] = None, root: Optional[str] = None) -> Con
         for name, entry in servers.items():
             cfg.servers.pop(name, None)  # a config entry takes an import's place and its order
             cfg.servers[name] = _parse_server(name, entry, source, base_dir, environ)
+            if runs_serve_bridge(cfg.servers[name].command):
+                cfg.looping[name] = cfg.servers.pop(name).source
         idle = _parse_idle_ms(doc, source)
         if idle is not None:
             cfg.daemon_idle_timeout_ms = idle
@@ -5032,6 +5092,7 @@ class _JsonRpcChannel:
         elif "method" in msg:
             if msg["method"] == "notifications/message":
                 self.log(_server_log_line(msg.get("params")))
+                self.on_notification(msg["method"], msg.get("params"))  # for watchEvents too
             elif msg["method"] == "notifications/progress":
                 self._progress(msg.get("params"))
             else:
@@ -5302,6 +5363,10 @@ class McpStdioClient:
     """A spawned MCP stdio server: handshake, requests with timeouts, prompt answers to its
     own requests, and a shutdown that always ends the process group."""
 
+    # Called (method, params) for the server's notifications but progress; the keep-alive
+    # service sets it to pass list changes and log messages on to ``watchEvents`` callers.
+    on_server_notification: Optional[Callable[[str, Any], None]] = None
+
     def __init__(
         self,
         name: str,
@@ -5370,6 +5435,8 @@ class McpStdioClient:
     def _notified(self, method: str, params: Any) -> None:
         if method == "notifications/tools/list_changed":
             self.tools_stale = True
+        if self.on_server_notification is not None:
+            self.on_server_notification(method, params)
 
     def request(
         self, method: str, params: Optional[Dict[str, Any]] = None, opts: Optional[_CallOptions] = None
@@ -5890,6 +5957,8 @@ def _call_tool(client: McpStdioClient, args: Dict[str, Any], opts: _CallOptions)
 
 
 def _list_tools(client: McpStdioClient, args: Dict[str, Any], opts: _CallOptions) -> Any:
+    if args["full"]:  # each tool as the server wrote it (annotations, title, icons): the bridge
+        return [t for t in client.tools(opts) if isinstance(t, dict)]
     keep = (
         ("name", "description", "inputSchema", "outputSchema")
         if args["includeSchema"]
@@ -5940,6 +6009,7 @@ _OPERATIONS: Dict[str, _Operation] = {
             (
                 _Param("includeSchema", "boolean", "true or false"),
                 _Param("includeServerInfo", "boolean", "true or false"),
+                _Param("full", "boolean", "true or false"),
             ),
             "tools/list",
             _PER_REQUEST,
@@ -6055,6 +6125,8 @@ class _KeptServer:
     ``life`` is held while its server starts or closes, so one copy runs at a time; ``fields``
     (never held across I/O) guards the fields and the health record."""
 
+    heard: Optional[Callable[[str, Any], None]] = None  # its notifications, for watchEvents
+
     def __init__(self, spec: ServerSpec, log: DaemonLog, changed: Callable[[], None]) -> None:
         import threading
 
@@ -6117,6 +6189,7 @@ class _KeptServer:
             log=lambda line: self.log.event(f"[{name}] {line}"),
             source=spec.source,
         )
+        client.on_server_notification = self.heard
         with self.fields:
             self.starting = client
         try:
@@ -6132,6 +6205,8 @@ class _KeptServer:
             client.close(grace=_RETIRED_CLOSE_GRACE)
             self._refuse_if_stopping()
         self.log.event(f"server '{name}' started (pid {client.pid})")
+        if self.heard is not None:
+            self.heard(_STARTED_EVENT, {"pid": client.pid})  # a bridge sees a restart at once
         return client
 
     def _install(self, client: McpStdioClient) -> bool:
@@ -6382,6 +6457,9 @@ class McpKeepAliveService:
             for name, spec in config.servers.items()
             if spec.keep_alive and spec.url is None
         }
+        self.events = _ServerEvents()
+        for name, kept in self._servers.items():
+            kept.heard = self.events.listener(name)
 
     def attach(self, host: DaemonHost) -> DaemonHost:
         """Bind to the host that serves these handlers (for metadata updates)."""
@@ -6393,8 +6471,11 @@ class McpKeepAliveService:
             self.host.mark_metadata_dirty()
 
     def handlers(self) -> Dict[str, Callable[[Dict[str, Any], RequestContext], Any]]:
-        """The wire methods this service answers (``_OPERATIONS``), for ``DaemonHost``."""
-        return {wire: self._handler(op) for wire, op in _OPERATIONS.items()}
+        """The wire methods this service answers (``_OPERATIONS``, and ``watchEvents``, which
+        is about every server and no MCP request), for ``DaemonHost``."""
+        handlers = {wire: self._handler(op) for wire, op in _OPERATIONS.items()}
+        handlers["watchEvents"] = self.watch_events
+        return handlers
 
     def _handler(self, op: _Operation) -> Callable[[Dict[str, Any], RequestContext], Any]:
         return lambda params, ctx: self.handle(op, params, ctx)
@@ -6443,6 +6524,25 @@ class McpKeepAliveService:
         except UsageError as exc:
             raise HandlerError(str(exc), "invalid_arguments") from None
 
+    def watch_events(self, params: Dict[str, Any], ctx: RequestContext) -> Any:
+        """``watchEvents``: what kept servers announced after event ``since`` (list changes,
+        log messages, starts), waiting up to ``timeoutMs`` for the first, and each running
+        server's pid, so a bridge also sees restarts. Without ``since``: at once, the count."""
+        since = _param(params, "since", int, "an event number", required=False)
+        ms = _param(params, "timeoutMs", (int, float), "a number of milliseconds", required=False)
+        wait = min(ms / 1000.0 if ms and ms > 0 else _WATCH_EVENTS_MAX_WAIT, _WATCH_EVENTS_MAX_WAIT)
+        stop = lambda: ctx.cancelled.is_set() or self._host_stopping()  # noqa: E731
+        seq, events, missed = self.events.wait(since, wait if since is not None else 0.0, stop)
+        if self._host_stopping():
+            raise HandlerError("daemon is stopping", "daemon_stopped")
+        servers = {name: kept.status()["pid"] for name, kept in self._servers.items()}
+        return {"seq": seq, "missed": missed, "events": events, "servers": servers}
+
+    def _host_stopping(self) -> bool:
+        # The host answers requests "shutting down" once its reason is set; an events wait
+        # must end then too, or it would hold the stop back for its whole wait.
+        return getattr(getattr(self.host, "_state", None), "reason", None) is not None
+
     # -- host hooks ----------------------------------------------------------------------------
 
     def tick(self) -> None:
@@ -6463,6 +6563,7 @@ class McpKeepAliveService:
         its handshake: a half-started server must not outlive the daemon."""
         import threading
 
+        self.events.close()  # a bridge waiting for events hears the stop now
         threads = [
             threading.Thread(target=kept.end, args=(client, "daemon shutdown"), daemon=True)
             for kept in self._servers.values()
@@ -6506,6 +6607,1117 @@ def _layer_record(path: str, data: Optional[bytes]) -> Dict[str, Any]:
         mtime_ms = None
     digest = _sha256(data).hexdigest() if data is not None else None
     return {"path": path, "mtimeMs": mtime_ms, "sha256": digest}
+
+
+# -- server events: what kept servers announce, for bridges (``watchEvents``) ---------------------
+
+_EVENTS_KEPT = 256  # a bridge that falls further behind is told it missed some
+
+_EVENT_TEXT_LIMIT = 64 * 1024  # a log message's data past this is cut (it is kept in memory)
+
+_WATCH_EVENTS_MAX_WAIT = 30.0
+
+_EVENTS_WAIT_SLICE = 0.1  # a waiting watchEvents looks this often whether its caller left
+
+_LIST_CHANGED = {
+    "notifications/tools/list_changed": "tools",
+    "notifications/resources/list_changed": "resources",
+    "notifications/prompts/list_changed": "prompts",
+}
+
+
+_STARTED_EVENT = "mcporter-daemon/started"  # not MCP: the daemon's own word for a server start
+
+
+def server_event(server: str, method: str, params: Any) -> Optional[Dict[str, Any]]:
+    """The event a server's notification makes for bridges, or None: list changes and log
+    messages (a message's data cut to a bounded size), and the daemon's own start events."""
+    if method == _STARTED_EVENT:
+        return {"server": server, "type": "started", "pid": (params or {}).get("pid")}
+    if method in _LIST_CHANGED:
+        return {"server": server, "type": "listChanged", "list": _LIST_CHANGED[method]}
+    if method != "notifications/message" or not isinstance(params, dict):
+        return None
+    data = params.get("data")
+    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=True, default=str)
+    if len(text) > _EVENT_TEXT_LIMIT:
+        data = text[:_EVENT_TEXT_LIMIT] + "… (cut)"
+    return {"server": server, "type": "message", "level": params.get("level"), "data": data}
+
+
+class _ServerEvents:
+    """Server events, numbered from 1, the last ``_EVENTS_KEPT`` kept; waiters wake on each."""
+
+    def __init__(self) -> None:
+        import collections
+        import threading
+
+        self._cond = threading.Condition()
+        self._seq = 0
+        self._kept: Any = collections.deque(maxlen=_EVENTS_KEPT)
+        self._closed = False
+
+    def listener(self, server: str) -> Callable[[str, Any], None]:
+        """A server client's ``on_notification``: its events go here."""
+
+        def heard(method: str, params: Any) -> None:
+            event = server_event(server, method, params)
+            if event is not None:
+                self.add(event)
+
+        return heard
+
+    def add(self, event: Dict[str, Any]) -> None:
+        with self._cond:
+            self._seq += 1
+            self._kept.append(dict(event, seq=self._seq))
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def wait(
+        self, since: Optional[int], timeout: float, stop: Callable[[], bool]
+    ) -> Tuple[int, List[Dict[str, Any]], bool]:
+        """(latest number, events after ``since``, whether some of them are no longer kept),
+        waiting up to ``timeout`` for one. A ``since`` this process never gave (None, or past
+        its count: another daemon's) gets the count and no events."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while since is not None and self._seq == since and not self._closed and not stop():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(min(left, _EVENTS_WAIT_SLICE))
+            if since is None or since > self._seq:
+                return self._seq, [], False
+            events = [e for e in self._kept if e["seq"] > since]
+            missed = (events[0]["seq"] if events else self._seq + 1) > since + 1
+            return self._seq, events, missed
+
+
+# ##########################################################################################
+# serve: the editor bridge. One stdio MCP server that re-exports the kept servers, every
+# request through the daemon: names, aggregated lists, calls, list changes, progress, cancels.
+# ##########################################################################################
+
+_SERVE_NAME_LIMIT = 64  # Claude and OpenAI refuse longer tool names
+
+_SERVE_HASH_CHARS = 10  # a shortened name ends with this much of a hash of the whole one
+
+_SERVE_NAME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-")
+
+_SERVE_ESCAPED = "_x"  # an escaped name part starts so; a plain one never starts with "_"
+
+_SERVE_URI_PREFIX = "mcporter-daemon://kept/"  # a URI two servers list: prefix, server, URI
+
+_SERVE_LIST_WAIT = 15.0  # a list is answered without a server still starting; list_changed follows
+
+_SERVE_WATCH_WAIT = 1.0  # one watchEvents wait: a server restart shows within it
+
+_SERVE_CONFIG_CHECK = 0.5  # the config files are looked at this often (an edit adds or removes servers)
+
+_SERVE_CONFIG_REREAD = 10.0  # ... and read again at least this often, changed or not
+
+_SERVE_DAEMON_POLL = 0.5  # with no daemon running, look this often whether one came
+
+_SERVE_RETRY_FIRST = 2.0  # a server that could not start is listed again after this, doubling
+
+_SERVE_RETRY_MAX = 60.0
+
+_SERVE_PROGRESS_MS = 50  # the daemon's progress cadence for an editor that asked for progress
+
+_SERVE_LOG_LEVELS = ("debug", "info", "notice", "warning", "error", "critical", "alert", "emergency")
+
+# The editor's lists: the MCP method (its daemon operation comes from the table of
+# operations) and the key of the items in the daemon's answer.
+_SERVE_LISTS = {
+    "tools": ("tools/list", None),
+    "resources": ("resources/list", "resources"),
+    "templates": ("resources/templates/list", "resourceTemplates"),
+    "prompts": ("prompts/list", "prompts"),
+}
+
+_SERVE_LIST_NOTIFICATIONS = (
+    "notifications/tools/list_changed",
+    "notifications/resources/list_changed",
+    "notifications/prompts/list_changed",
+)
+
+
+def _wire_method(mcp_method: str) -> str:
+    """The daemon method that runs an MCP method, from the one table of operations."""
+    for op in _OPERATIONS.values():
+        if op.mcp == mcp_method:
+            return op.wire
+    raise KeyError(mcp_method)
+
+
+def _plain_name_part(part: str) -> bool:
+    return (
+        bool(part)
+        and part[0] != "_"
+        and part[-1] != "_"
+        and "__" not in part
+        and all(c in _SERVE_NAME_CHARS or c == "_" for c in part)
+    )
+
+
+def _escape_name_part(part: str) -> str:
+    """``part`` as it is when plain; else ``_x`` and the part with every character outside
+    ``[A-Za-z0-9-]`` written ``_<hex>-``. Neither form holds ``__`` or ends with ``_``, so
+    the first ``__`` of a name always separates the server from the tool."""
+    if _plain_name_part(part):
+        return part
+    return _SERVE_ESCAPED + "".join(c if c in _SERVE_NAME_CHARS else f"_{ord(c):x}-" for c in part)
+
+
+def _unescape_name_part(part: str) -> Optional[str]:
+    """The inverse of ``_escape_name_part``; None for text it never writes."""
+    if not part.startswith(_SERVE_ESCAPED):
+        return part if _plain_name_part(part) else None
+    body, out, i = part[len(_SERVE_ESCAPED) :], [], 0
+    while i < len(body):
+        if body[i] != "_":
+            out.append(body[i])
+            i += 1
+            continue
+        end = body.find("-", i + 1)
+        digits = body[i + 1 : end] if end > i else ""
+        if not digits or len(digits) > 6 or any(d not in "0123456789abcdef" for d in digits):
+            return None
+        if int(digits, 16) > 0x10FFFF:
+            return None
+        out.append(chr(int(digits, 16)))
+        i = end + 1
+    text = "".join(out)
+    return text if _escape_name_part(text) == part else None  # one spelling per name
+
+
+def serve_name(server: str, name: str) -> str:
+    """How ``serve`` exports a server's tool or prompt: ``server__name`` (mcporter's, mcp-hub's
+    and metamcp's convention), only ``[A-Za-z0-9_-]``, each part escaped reversibly when it
+    needs it, and over 64 characters cut with a stable hash of the whole name at the end."""
+    full = _escape_name_part(server) + "__" + _escape_name_part(name)
+    if len(full) <= _SERVE_NAME_LIMIT:
+        return full
+    digest = _sha256(f"{server}\0{name}".encode("utf-8", "surrogatepass")).hexdigest()[:_SERVE_HASH_CHARS]
+    return full[: _SERVE_NAME_LIMIT - len(digest) - 2].rstrip("_") + "__" + digest
+
+
+def parse_serve_name(name: str) -> Optional[Tuple[str, str]]:
+    """(server, tool) of a name ``serve_name`` wrote without cutting it, else None (a cut name
+    is found in the bridge's map of the names it listed)."""
+    cut = name.find("__")
+    if cut <= 0:
+        return None
+    server, item = _unescape_name_part(name[:cut]), _unescape_name_part(name[cut + 2 :])
+    if server is None or item is None or serve_name(server, item) != name:
+        return None
+    return server, item
+
+
+def wrap_resource_uri(server: str, uri: str) -> str:
+    """A URI that two bridged servers both list, exported naming the server (reversibly)."""
+    from urllib.parse import quote
+
+    return (
+        _SERVE_URI_PREFIX
+        + quote(server, safe="", errors="surrogatepass")
+        + "/"
+        + quote(uri, safe="", errors="surrogatepass")
+    )
+
+
+def unwrap_resource_uri(uri: str) -> Optional[Tuple[str, str]]:
+    """(server, URI) of a ``wrap_resource_uri`` URI, else None."""
+    from urllib.parse import unquote
+
+    if not uri.startswith(_SERVE_URI_PREFIX):
+        return None
+    server, sep, rest = uri[len(_SERVE_URI_PREFIX) :].partition("/")
+    if not sep or not server:
+        return None
+    return unquote(server, errors="surrogatepass"), unquote(rest, errors="surrogatepass")
+
+
+def uri_template_matches(template: str, uri: str) -> bool:
+    """Whether ``uri`` can be an expansion of the RFC 6570 ``template``: its literal text as
+    written, a simple ``{var}`` any text within one path segment, other expressions
+    (``{+var}``, ``{?q}``, ``{/p}``, …) any text."""
+    import re
+
+    pattern, i = [], 0
+    while True:
+        start = template.find("{", i)
+        end = template.find("}", start) if start >= 0 else -1
+        if end < 0:
+            pattern.append(re.escape(template[i:]))
+            break
+        pattern.append(re.escape(template[i:start]))
+        operator = template[start + 1 : start + 2]
+        pattern.append(".*" if operator and operator in "+#/.;?&" else "[^/?#]*")
+        i = end + 1
+    return re.fullmatch("".join(pattern), uri, re.DOTALL) is not None
+
+
+def export_named(
+    lists: Dict[str, List[Any]], bare: bool, allows: Optional[Callable[[str, str], bool]] = None
+) -> Tuple[List[Dict[str, Any]], Dict[str, Tuple[str, str]]]:
+    """Tools or prompts of each server as the editor sees them, and the map from each exported
+    name back to (server, name). Names are ``serve_name``'s (the servers' own with ``bare``),
+    descriptions start with ``[server] ``, everything else passes unchanged. ``allows(server,
+    name)`` filters; a name met twice keeps its first owner."""
+    exported: List[Dict[str, Any]] = []
+    names: Dict[str, Tuple[str, str]] = {}
+    for server, items in lists.items():
+        for item in items:
+            if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+                continue
+            own = item["name"]
+            if allows is not None and not allows(server, own):
+                continue
+            name = own if bare else serve_name(server, own)
+            if name in names:
+                continue
+            names[name] = (server, own)
+            entry = dict(item, name=name)
+            if not bare:
+                described = item.get("description")
+                entry["description"] = f"[{server}] {described}" if described else f"[{server}]"
+            exported.append(entry)
+    return exported, names
+
+
+def export_resources(
+    lists: Dict[str, List[Any]], bare: bool
+) -> Tuple[List[Dict[str, Any]], Dict[str, Tuple[str, str]]]:
+    """Resources of each server as the editor sees them, and the route of each exported URI:
+    (server, the server's URI). A URI only one server lists passes unchanged; one that two
+    list is wrapped for each (``wrap_resource_uri``). Names start with ``server__``."""
+    owners: Dict[str, List[str]] = {}
+    for server, items in lists.items():
+        for item in items:
+            if isinstance(item, dict) and isinstance(item.get("uri"), str):
+                found = owners.setdefault(item["uri"], [])
+                if server not in found:
+                    found.append(server)
+    exported: List[Dict[str, Any]] = []
+    routes: Dict[str, Tuple[str, str]] = {}
+    for server, items in lists.items():
+        for item in items:
+            if not isinstance(item, dict) or not isinstance(item.get("uri"), str):
+                continue
+            uri = item["uri"]
+            shown = wrap_resource_uri(server, uri) if len(owners[uri]) > 1 else uri
+            if shown in routes:
+                continue
+            routes[shown] = (server, uri)
+            entry = dict(item, uri=shown)
+            if not bare:
+                entry["name"] = f"{server}__{item.get('name') or uri}"
+            exported.append(entry)
+    return exported, routes
+
+
+def export_templates(
+    lists: Dict[str, List[Any]], bare: bool
+) -> Tuple[List[Dict[str, Any]], List[Tuple[str, str]]]:
+    """Resource templates of each server (names start with ``server__``, templates unchanged),
+    and (server, template) pairs for routing reads."""
+    exported: List[Dict[str, Any]] = []
+    routes: List[Tuple[str, str]] = []
+    for server, items in lists.items():
+        for item in items:
+            if not isinstance(item, dict) or not isinstance(item.get("uriTemplate"), str):
+                continue
+            routes.append((server, item["uriTemplate"]))
+            entry = dict(item)
+            if not bare:
+                entry["name"] = f"{server}__{item.get('name') or item['uriTemplate']}"
+            exported.append(entry)
+    return exported, routes
+
+
+def route_resource(
+    uri: str, routes: Dict[str, Tuple[str, str]], templates: List[Tuple[str, str]], servers: List[str]
+) -> Tuple[str, str]:
+    """(server, the server's URI) for a ``resources/read``: a wrapped URI names its server; a
+    listed one goes where it was listed; else the one server with a matching template, or
+    the only server bridged. Otherwise _ServeError naming the candidates, or that none has it."""
+    wrapped = unwrap_resource_uri(uri)
+    if wrapped is not None:
+        if wrapped[0] not in servers:
+            raise _ServeError(-32602, f"resource {uri} names server '{wrapped[0]}', which is not bridged")
+        return wrapped
+    if uri in routes:
+        return routes[uri]
+    candidates = sorted({server for server, template in templates if uri_template_matches(template, uri)})
+    if len(candidates) == 1:
+        return candidates[0], uri
+    if candidates:
+        raise _ServeError(
+            -32602, f"resource {uri} matches the templates of several servers: {', '.join(candidates)}"
+        )
+    if len(servers) == 1:
+        return servers[0], uri
+    raise _ServeError(-32002, f"no bridged server lists resource {uri} or a template that matches it")
+
+
+class _ServeError(Exception):
+    """A JSON-RPC error answer of the bridge (code, message, data)."""
+
+    def __init__(self, code: int, message: str, data: Any = None) -> None:
+        super().__init__(message)
+        self.code, self.data = code, data
+
+
+def _rpc_error_of(exc: BaseException) -> Dict[str, Any]:
+    """The JSON-RPC error for a failed request: the server's own code and data when it answered
+    with an error, else -32603 with the one line naming the cause."""
+    if isinstance(exc, _ServeError):
+        error: Dict[str, Any] = {"code": exc.code, "message": str(exc)}
+        if exc.data is not None:
+            error["data"] = exc.data
+        return error
+    if isinstance(exc, DaemonError):
+        code = exc.rpc_code if isinstance(exc.rpc_code, int) and not isinstance(exc.rpc_code, bool) else None
+        error = {"code": -32603 if code is None else code, "message": str(exc)}
+        if code is not None and exc.data is not None:
+            error["data"] = exc.data
+        return error
+    return {"code": -32603, "message": f"internal error: {type(exc).__name__}: {exc}"}
+
+
+# -- talking to the daemon: a connection the editor's cancel can cut ------------------------------
+
+
+class _DaemonCall:
+    """One request of the bridge to the daemon (``DaemonClient.request``, at most once). The
+    editor's ``notifications/cancelled`` cuts its connection; the daemon hears its caller gone
+    and cancels the call at the server."""
+
+    __slots__ = ("sock", "cancelled", "lock")
+
+    def __init__(self) -> None:
+        import threading
+
+        self.sock: Optional[_socket.socket] = None
+        self.cancelled = False
+        self.lock = threading.Lock()
+
+    def on_socket(self, sock: _socket.socket) -> None:
+        """``DaemonClient.request``'s hook: each connection it makes, before it is used."""
+        with self.lock:
+            if self.cancelled:  # not sent (again) once the editor cancelled
+                raise DaemonError("cancelled by the editor", code="cancelled")
+            self.sock = sock
+
+    def cancel(self) -> None:
+        with self.lock:
+            self.cancelled = True
+            sock = self.sock
+        if sock is not None:
+            try:
+                sock.shutdown(_socket.SHUT_RDWR)  # not close(): the reader still uses the fd
+            except OSError:
+                pass  # closed already: the request was over
+
+
+# -- the bridge ---------------------------------------------------------------------------------
+
+
+class _ServeLists:
+    """The servers' lists as last fetched, one fetch per server and list at a time. A fetch that
+    outlives the editor's wait is "late": ``done`` says so, and the bridge sends list_changed."""
+
+    def __init__(self, fetch: Callable[[str, str], List[Any]], done: Callable[..., None]) -> None:
+        import threading
+
+        self._fetch = fetch
+        self._done = done
+        self._lock = threading.Lock()
+        self._last: Dict[Tuple[str, str], List[Any]] = {}
+        self._running: Dict[Tuple[str, str], Any] = {}  # (kind, server) -> threading.Event
+        self._late: set = set()
+        self._threading = threading
+
+    def gather(self, kind: str, servers: List[str], wait: float) -> Dict[str, List[Any]]:
+        """Each server's list: fetched now, waiting up to ``wait`` for each; a server that has not
+        answered by then has its last list (if any) and is late."""
+        events = [(server, self.start(kind, server)) for server in servers]
+        deadline = time.monotonic() + wait
+        for _, event in events:
+            event.wait(max(0.0, deadline - time.monotonic()))
+        out = {}
+        with self._lock:
+            for server, event in events:
+                if not event.is_set():
+                    self._late.add((kind, server))
+                if (kind, server) in self._last:
+                    out[server] = self._last[(kind, server)]
+        return out
+
+    def start(self, kind: str, server: str) -> Any:
+        with self._lock:
+            event = self._running.get((kind, server))
+            if event is not None:
+                return event
+            event = self._running[(kind, server)] = self._threading.Event()
+        self._threading.Thread(target=self._run, args=(kind, server, event), daemon=True).start()
+        return event
+
+    def forget(self, keep: List[str]) -> None:
+        """Drop the lists of servers no longer bridged."""
+        with self._lock:
+            for key in [k for k in self._last if k[1] not in keep]:
+                del self._last[key]
+
+    def _run(self, kind: str, server: str, event: Any) -> None:
+        items: Optional[List[Any]] = None
+        error: Optional[BaseException] = None
+        try:
+            items = self._fetch(kind, server)
+        except Exception as exc:
+            error = exc
+        with self._lock:
+            del self._running[(kind, server)]
+            late = (kind, server) in self._late
+            self._late.discard((kind, server))
+            if items is not None:
+                self._last[(kind, server)] = items
+            else:
+                self._last.pop((kind, server), None)  # its tools would only fail: not listed
+        event.set()
+        self._done(kind, server, items, error, late)
+
+
+class ServeBridge:
+    """``serve``: one editor's MCP session over stdin/stdout, every request through the daemon.
+
+    ``load()`` reads the config; ``client_for(config)`` makes the DaemonClient that auto-starts
+    and verifies the daemon. ``only`` narrows the servers (``--servers``); ``bare`` exports the
+    one server's tools under their own names; ``timeout`` is a call's (seconds)."""
+
+    def __init__(
+        self,
+        load: Callable[[], Config],
+        client_for: Callable[[Config], DaemonClient],
+        only: Optional[List[str]] = None,
+        bare: bool = False,
+        timeout: float = _DEFAULT_CALL_TIMEOUT,
+        out_fd: int = 1,
+    ) -> None:
+        import threading
+
+        self._load = load
+        self._client_for = client_for
+        self.only = list(only) if only else None
+        self.bare = bare
+        self.timeout = timeout
+        self._out_fd = out_fd
+        self._lock = threading.Lock()  # the config, client and maps below
+        self._write_lock = threading.Lock()
+        self._threading = threading
+        self.cfg = load()
+        self._fingerprint = self.cfg.fingerprint()
+        self.client = client_for(self.cfg)
+        self._check_selection()
+        self._names: Dict[str, Dict[str, Tuple[str, str]]] = {"tools": {}, "prompts": {}}
+        self._resource_routes: Dict[str, Tuple[str, str]] = {}
+        self._template_routes: List[Tuple[str, str]] = []
+        self._inflight: Dict[str, _DaemonCall] = {}
+        self._failed: Dict[str, List[Any]] = {}  # server -> [reason, next retry (monotonic), backoff]
+        self._lists = _ServeLists(self._fetch, self._fetched)
+        self._initialized = threading.Event()
+        self._stopping = threading.Event()
+        self._level: Optional[int] = None  # the editor's logging/setLevel, as an index
+
+    def attach_output(self, fd: int) -> None:
+        """Write the protocol to ``fd`` (``serve`` keeps stdout's fd for it, away from prints)."""
+        self._out_fd = fd
+
+    # -- which servers ---------------------------------------------------------------------------
+
+    def served(self) -> List[str]:
+        """The servers bridged now: the config's kept stdio servers (``--servers`` narrows)."""
+        cfg = self.cfg
+        names = [n for n in cfg.keep_alive_servers() if cfg.servers[n].url is None]
+        return [n for n in names if n in self.only] if self.only is not None else names
+
+    def _check_selection(self) -> None:
+        """``--servers`` must name kept servers, and ``--bare`` exactly one: a usage error at start."""
+        cfg = self.cfg
+        for name in self.only or []:
+            if name in cfg.looping:
+                raise ConfigError(
+                    f"server '{name}' ({cfg.looping[name]}) runs this tool's own serve; not bridged"
+                )
+            spec = cfg.servers.get(name)
+            if spec is None:
+                known = ", ".join(sorted(cfg.servers)) or "none"
+                raise ConfigError(f"unknown server '{name}' in --servers (configured: {known})")
+            if not spec.keep_alive or spec.url is not None:
+                why = "an HTTP server" if spec.url else f"not kept alive ({spec.keep_alive_reason})"
+                raise ConfigError(f"server '{name}' is {why}; serve bridges the daemon's kept servers only")
+        if self.bare and len(self.served()) != 1:
+            raise UsageError(
+                f"--bare needs exactly one server, not {len(self.served())} (name it with --servers NAME)"
+            )
+
+    def _allows(self, server: str, tool: str) -> bool:
+        """The server's ``allowedTools``/``blockedTools`` (the daemon applies them too)."""
+        spec = self.cfg.servers.get(server)
+        return spec is None or spec.allows_tool(tool)
+
+    def instructions(self) -> str:
+        servers = self.served()
+        named = ", ".join(servers) if servers else "none yet (no keep-alive server is configured)"
+        how = (
+            "their own names"
+            if self.bare
+            else "server__tool names (prompts the same; resource names start with server__)"
+        )
+        return (
+            f"Tools, resources and prompts of the MCP servers that mcporter-daemon keeps running for "
+            f"{self.cfg.path}: {named}. They are exported under {how}. The servers and their state "
+            "are shared with every other editor and script using the daemon, and outlive this session."
+        )
+
+    # -- the session -------------------------------------------------------------------------------
+
+    def run(self, in_fd: int = 0) -> int:
+        """Serve until stdin ends (or SIGTERM); the daemon is left as it is."""
+        import signal
+
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(0))  # quietly; in-flight calls are cancelled
+        signal.signal(signal.SIGINT, lambda *_: os._exit(0))
+        _serve_log(
+            f"serving {len(self.served())} kept server(s) of {self.cfg.path}: {', '.join(self.served())}"
+        )
+        self._threading.Thread(target=self._watch, name="serve-watch", daemon=True).start()
+        for line in _read_lines(in_fd):
+            if line.strip():
+                self._receive(line)
+        self._stopping.set()
+        return 0
+
+    def _receive(self, line: str) -> None:
+        try:
+            msg = json.loads(line)
+        except (ValueError, RecursionError):
+            self._send({"jsonrpc": "2.0", "id": None, "error": {"code": -32700, "message": "parse error"}})
+            return
+        for one in msg if isinstance(msg, list) else [msg]:
+            if not isinstance(one, dict):
+                self._send(
+                    {"jsonrpc": "2.0", "id": None, "error": {"code": -32600, "message": "invalid request"}}
+                )
+            elif isinstance(one.get("method"), str) and "id" in one:
+                self._request(one)
+            elif isinstance(one.get("method"), str):
+                self._notification(one["method"], one.get("params"))
+            # else: an answer to a request of ours; the bridge sends none
+
+    def _notification(self, method: str, params: Any) -> None:
+        params = params if isinstance(params, dict) else {}
+        if method == "notifications/initialized":
+            self._initialized.set()
+        elif method == "notifications/cancelled":
+            call = self._inflight.get(json.dumps(params.get("requestId")))
+            if call is not None:
+                call.cancel()
+
+    def _request(self, msg: Dict[str, Any]) -> None:
+        rid, method = msg["id"], msg["method"]
+        raw = msg.get("params")
+        params: Dict[str, Any] = raw if isinstance(raw, dict) else {}
+        quick = {"initialize": self._initialize, "ping": lambda p: {}, "logging/setLevel": self._set_level}
+        slow = {
+            "tools/list": self._tools_list,
+            "tools/call": self._tools_call,
+            "resources/list": self._resources_list,
+            "resources/templates/list": self._templates_list,
+            "resources/read": self._resources_read,
+            "prompts/list": self._prompts_list,
+            "prompts/get": self._prompts_get,
+        }
+        if method not in ("initialize", "ping"):
+            self._initialized.set()  # a client that skipped notifications/initialized is past it
+        if method in quick:
+            self._answer(rid, lambda: quick[method](params), None)
+        elif method in slow:
+            call = _DaemonCall()
+            self._inflight[json.dumps(rid)] = call
+            handler = slow[method]
+            self._threading.Thread(
+                target=self._answer, args=(rid, lambda: handler(params, call), call), daemon=True
+            ).start()
+        else:
+            self._send(
+                {
+                    "jsonrpc": "2.0",
+                    "id": rid,
+                    "error": {"code": -32601, "message": f"method not found: {method}"},
+                }
+            )
+
+    def _answer(self, rid: Any, work: Callable[[], Any], call: Optional[_DaemonCall]) -> None:
+        """Run one request and send its one answer; none for a request the editor cancelled."""
+        try:
+            frame: Dict[str, Any] = {"jsonrpc": "2.0", "id": rid, "result": work()}
+        except Exception as exc:
+            frame = {"jsonrpc": "2.0", "id": rid, "error": _rpc_error_of(exc)}
+        finally:
+            if call is not None:
+                self._inflight.pop(json.dumps(rid), None)
+        if call is None or not call.cancelled:
+            large = _looks_large(frame)
+            self._send(frame)
+            if large:  # an editor session lasts hours: give a large result's memory back now
+                del frame
+                _release_freed_memory()
+
+    def _initialize(self, params: Dict[str, Any]) -> Dict[str, Any]:
+        asked = str(params.get("protocolVersion") or "")
+        version = asked if _MCP_OLDEST_VERSION <= asked <= MCP_PROTOCOL_VERSION else MCP_PROTOCOL_VERSION
+        # Warm up meanwhile: the daemon and the servers start while the editor finishes its
+        # handshake, so its first tools/list finds them running.
+        self._threading.Thread(target=self._gather, args=("tools",), daemon=True).start()
+        changed = {"listChanged": True}
+        return {
+            "protocolVersion": version,
+            "capabilities": {"tools": changed, "resources": changed, "prompts": changed, "logging": {}},
+            "serverInfo": {"name": _PROG, "version": __version__},
+            "instructions": self.instructions(),
+        }
+
+    def _set_level(self, params: Dict[str, Any]) -> Dict[str, Any]:
+        level = params.get("level")
+        if level not in _SERVE_LOG_LEVELS:
+            raise _ServeError(-32602, f"unknown log level {level!r} (one of: {', '.join(_SERVE_LOG_LEVELS)})")
+        self._level = _SERVE_LOG_LEVELS.index(str(level))
+        return {}
+
+    # -- output --------------------------------------------------------------------------------------
+
+    def _send(self, frame: Dict[str, Any]) -> None:
+        """One frame on stdout, whole (a 50 MiB result in pieces, never a second full copy);
+        a frame that cannot be encoded becomes an error answer. An editor gone: exit quietly."""
+        try:
+            pieces: Iterable[bytes] = _jsonrpc_pieces(frame) if _looks_large(frame) else [encode_frame(frame)]
+        except (TypeError, ValueError, RecursionError) as exc:
+            error = {"code": -32603, "message": f"the result cannot be sent as JSON ({type(exc).__name__})"}
+            pieces = [encode_frame({"jsonrpc": "2.0", "id": frame.get("id"), "error": error})]
+        with self._write_lock:
+            try:
+                for piece in pieces:
+                    view = memoryview(piece)
+                    while view:
+                        view = view[os.write(self._out_fd, view) :]
+            except OSError:
+                os._exit(0)  # the editor closed our stdout: nobody is left to answer
+
+    def _notify(self, method: str, params: Optional[Dict[str, Any]] = None) -> None:
+        frame: Dict[str, Any] = {"jsonrpc": "2.0", "method": method}
+        if params is not None:
+            frame["params"] = params
+        self._send(frame)
+
+    def _log_to_editor(self, level: str, server: str, data: Any) -> None:
+        """``notifications/message`` with the server as logger, at or above the editor's level."""
+        level = level if level in _SERVE_LOG_LEVELS else "info"
+        rank = _SERVE_LOG_LEVELS.index(level)
+        if self._initialized.is_set() and (self._level is None or rank >= self._level):
+            self._notify("notifications/message", {"level": level, "logger": server, "data": data})
+
+    def lists_changed(self, why: str, lists: Tuple[str, ...] = _SERVE_LIST_NOTIFICATIONS) -> None:
+        """Tell the editor to list again (only once it finished its handshake)."""
+        _serve_log(f"lists changed: {why}")
+        if self._initialized.is_set():
+            for method in lists:
+                self._notify(method)
+
+    # -- lists -----------------------------------------------------------------------------------------
+
+    def _fetch(self, kind: str, server: str) -> List[Any]:
+        """One server's list from the daemon (its cache for tools, every page followed). A
+        server that answers the list with an error has none (it lacks resources, say)."""
+        mcp_method, key = _SERVE_LISTS[kind]
+        method = _wire_method(mcp_method)
+        params: Dict[str, Any] = {"server": server, "timeoutMs": int(self.timeout * 1000)}
+        if kind == "tools":
+            params.update(includeSchema=True, full=True)
+        overall = self.timeout + _CLIENT_DEADLINE_GRACE
+        try:
+            result = self.client.request(method, params, overall_timeout=overall)
+        except RemoteError as exc:
+            if kind != "tools" and exc.rpc_code is not None:
+                return []
+            raise
+        items = result.get(key) if key and isinstance(result, dict) else result
+        return list(items) if isinstance(items, list) else []
+
+    def _fetched(
+        self, kind: str, server: str, items: Optional[List[Any]], error: Optional[BaseException], late: bool
+    ) -> None:
+        """After a fetch: log a server that cannot start (once per reason) and retry it later;
+        announce a server that came back, or a list that arrived after the editor's answer."""
+        if kind != "tools":
+            if late and items is not None:
+                self.lists_changed(f"{kind} of '{server}' arrived", (_serve_notification(kind),))
+            return
+        with self._lock:
+            failed = self._failed.get(server)
+            if error is not None:
+                reason = str(error) or type(error).__name__
+                backoff = min(failed[2] * 2, _SERVE_RETRY_MAX) if failed else _SERVE_RETRY_FIRST
+                self._failed[server] = [reason, time.monotonic() + backoff, backoff]
+            else:
+                self._failed.pop(server, None)
+        if error is not None:
+            if not failed or failed[0] != str(error):
+                _serve_log(f"server '{server}' cannot be listed: {error}")
+                self._log_to_editor("error", server, f"cannot be listed: {error}")
+        elif failed:
+            self.lists_changed(f"server '{server}' is back")
+        elif late:
+            self.lists_changed(f"tools of '{server}' arrived")
+
+    def _gather(self, kind: str) -> Dict[str, List[Any]]:
+        return self._lists.gather(kind, self.served(), _SERVE_LIST_WAIT)
+
+    def _tools_list(self, params: Dict[str, Any], call: _DaemonCall) -> Dict[str, Any]:
+        tools, names = export_named(self._gather("tools"), self.bare, self._allows)
+        with self._lock:
+            self._names["tools"] = names
+        return {"tools": tools}
+
+    def _prompts_list(self, params: Dict[str, Any], call: _DaemonCall) -> Dict[str, Any]:
+        prompts, names = export_named(self._gather("prompts"), self.bare)
+        with self._lock:
+            self._names["prompts"] = names
+        return {"prompts": prompts}
+
+    def _resources_list(self, params: Dict[str, Any], call: _DaemonCall) -> Dict[str, Any]:
+        resources, routes = export_resources(self._gather("resources"), self.bare)
+        with self._lock:
+            self._resource_routes = routes
+        return {"resources": resources}
+
+    def _templates_list(self, params: Dict[str, Any], call: _DaemonCall) -> Dict[str, Any]:
+        templates, routes = export_templates(self._gather("templates"), self.bare)
+        with self._lock:
+            self._template_routes = routes
+        return {"resourceTemplates": templates}
+
+    def _resolve(self, kind: str, name: str) -> Tuple[str, str]:
+        """(server, its own name) for an exported tool or prompt name: from the last list, else
+        from a new one (a name the editor knew from before); a name of a server that could not
+        be listed just now goes to that server, which says what it thinks of it."""
+        served = self.served()
+        with self._lock:
+            hit = self._names[kind].get(name)
+        if hit is not None and hit[0] in served:
+            return hit
+        listed = self._gather(kind)
+        with self._lock:
+            self._names[kind] = export_named(listed, self.bare, self._allows if kind == "tools" else None)[1]
+            hit = self._names[kind].get(name)
+        if hit is not None:
+            return hit
+        parsed = (served[0], name) if self.bare and served else parse_serve_name(name)
+        if parsed is not None and parsed[0] in served:
+            spec = self.cfg.servers.get(parsed[0])
+            if kind == "tools" and spec is not None and not spec.allows_tool(parsed[1]):
+                raise _ServeError(-32602, spec.tool_refusal(parsed[1]))  # not listed, and why
+            if parsed[0] not in listed:
+                return parsed
+        what = "tool" if kind == "tools" else "prompt"
+        raise _ServeError(-32602, f"unknown {what} '{name}' (bridged servers: {', '.join(served) or 'none'})")
+
+    # -- calls ---------------------------------------------------------------------------------------
+
+    def _tools_call(self, params: Dict[str, Any], call: _DaemonCall) -> Any:
+        name, args = params.get("name"), params.get("arguments")
+        if not isinstance(name, str) or not isinstance(args, (dict, type(None))):
+            raise _ServeError(-32602, "tools/call needs a string 'name' and an object 'arguments'")
+        server, tool = self._resolve("tools", name)
+        spec = self.cfg.servers.get(server)
+        if spec is not None and not spec.allows_tool(tool):
+            raise _ServeError(-32602, spec.tool_refusal(tool))
+        wire = {"server": server, "tool": tool, "args": args or {}, "timeoutMs": int(self.timeout * 1000)}
+        return self._forward(server, "tools/call", wire, params, call)
+
+    def _prompts_get(self, params: Dict[str, Any], call: _DaemonCall) -> Any:
+        name, args = params.get("name"), params.get("arguments")
+        if not isinstance(name, str) or not isinstance(args, (dict, type(None))):
+            raise _ServeError(-32602, "prompts/get needs a string 'name' and an object 'arguments'")
+        server, prompt = self._resolve("prompts", name)
+        wire = {"server": server, "name": prompt, "args": args or {}, "timeoutMs": int(self.timeout * 1000)}
+        return self._forward(server, "prompts/get", wire, params, call)
+
+    def _resources_read(self, params: Dict[str, Any], call: _DaemonCall) -> Any:
+        uri = params.get("uri")
+        if not isinstance(uri, str):
+            raise _ServeError(-32602, "resources/read needs a string 'uri'")
+        served = self.served()
+        with self._lock:
+            routes, templates = self._resource_routes, self._template_routes
+        if uri not in routes and unwrap_resource_uri(uri) is None and len(served) > 1:
+            # Not listed yet by this session: list, so a URI two servers share is not guessed.
+            self._resources_list({}, call)
+            if not templates:
+                self._templates_list({}, call)
+            with self._lock:
+                routes, templates = self._resource_routes, self._template_routes
+        server, own = route_resource(uri, routes, templates, served)
+        wire = {"server": server, "uri": own, "timeoutMs": int(self.timeout * 1000)}
+        result = self._forward(server, "resources/read", wire, params, call)
+        if own != uri and isinstance(result, dict) and isinstance(result.get("contents"), list):
+            for content in result["contents"]:  # the editor asked by the wrapped URI: answer so
+                if isinstance(content, dict) and content.get("uri") == own:
+                    content["uri"] = uri
+        return result
+
+    def _forward(
+        self, server: str, mcp_method: str, wire: Dict[str, Any], params: Dict[str, Any], call: _DaemonCall
+    ) -> Any:
+        """One MCP request of the editor, as the daemon operation that runs it: its progress
+        under the editor's token, the server's notices (a declined elicitation) as log
+        messages, and the result whole."""
+        meta = params.get("_meta")
+        token = meta.get("progressToken") if isinstance(meta, dict) else None
+        on_progress = self._progress_to(token) if isinstance(token, (str, int)) else None
+        notices: List[str] = []
+        try:
+            return self.client.request(
+                _wire_method(mcp_method),
+                wire,
+                progress_ms=_SERVE_PROGRESS_MS if on_progress else _CLIENT_PROGRESS_MS,
+                notices=notices,
+                overall_timeout=self.timeout + _CLIENT_DEADLINE_GRACE,
+                on_progress=on_progress,
+                on_socket=call.on_socket,
+            )
+        finally:
+            for notice in notices:
+                self._log_to_editor("warning", server, str(notice))
+
+    def _progress_to(self, token: Any) -> Callable[[Dict[str, Any]], None]:
+        """Server progress to the editor under its own token; each daemon progress frame repeats
+        the latest report, so only a new one is sent."""
+        last: List[Any] = [None]
+
+        def forward(update: Dict[str, Any]) -> None:
+            if update != last[0]:
+                last[0] = update
+                self._notify("notifications/progress", dict(update, progressToken=token))
+
+        return forward
+
+    # -- watching: server events, restarts, config edits, the daemon itself -------------------------
+
+    def _watch(self) -> None:
+        """Until stdin ends: the daemon's server events (list changes, log messages) and server
+        pids, long-polled; the config, re-read; servers that could not start, retried."""
+        watch = _ServeWatch()
+        next_config = time.monotonic() + _SERVE_CONFIG_CHECK
+        files, reread = _config_files_state(self.cfg), time.monotonic() + _SERVE_CONFIG_REREAD
+        while not self._stopping.is_set():
+            if time.monotonic() >= next_config:
+                next_config = time.monotonic() + _SERVE_CONFIG_CHECK
+                # A stat of each file first: reading a 2 MB ~/.claude.json twice a second is not.
+                now_files = _config_files_state(self.cfg)
+                if now_files != files or time.monotonic() >= reread:
+                    self._check_config()
+                    files, reread = _config_files_state(self.cfg), time.monotonic() + _SERVE_CONFIG_REREAD
+            self._retry_failed()
+            try:
+                self._watch_once(watch)
+            except Exception as exc:  # the watcher must outlive anything underneath
+                _serve_log(f"watching the daemon failed: {type(exc).__name__}: {exc}")
+                watch.daemon = None
+                self._stopping.wait(_SERVE_DAEMON_POLL)
+
+    def _watch_once(self, watch: _ServeWatch) -> None:
+        client = self.client
+        if watch.daemon is None:
+            status = client.verified_status()  # never starts one: a stopped daemon stays stopped
+            if status is None or not status.get("fresh"):
+                self._stopping.wait(_SERVE_DAEMON_POLL)
+                return
+            why = watch.found_daemon(int(status["pid"]))
+            if why:
+                self.lists_changed(why)
+        params = {"since": watch.seq, "timeoutMs": int(_SERVE_WATCH_WAIT * 1000)}
+        try:
+            result = client.request(
+                "watchEvents",
+                params,
+                idle_timeout=_SERVE_WATCH_WAIT + _DEFAULT_IDLE_BUDGET,
+                progress_ms=None,
+                auto_start=False,  # never starts one: a stopped daemon stays stopped
+            )
+        except RemoteError as exc:
+            if exc.code == "unknown_method":  # a daemon without events: its pids show restarts
+                self._stopping.wait(_SERVE_WATCH_WAIT)
+                result = {"seq": None, "events": [], "servers": _status_pids(client.verified_status())}
+            else:  # stopping: its successor is announced when seen
+                watch.lost_daemon(announced=True)
+                self._stopping.wait(_SERVE_DAEMON_POLL)
+                return
+        except DaemonError as exc:
+            why = watch.lost_daemon(announced=False)
+            _serve_log(f"daemon connection lost: {exc}")
+            if why:
+                self.lists_changed(why)
+            return
+        self._on_events(watch, result if isinstance(result, dict) else {})
+
+    def _on_events(self, watch: _ServeWatch, result: Dict[str, Any]) -> None:
+        served = self.served()
+        if result.get("missed") and not watch.replay:
+            self.lists_changed("missed some server events")
+        for event in result.get("events") or []:
+            server = event.get("server") if isinstance(event, dict) else None
+            if server not in served:
+                continue
+            if event.get("type") == "listChanged" and event.get("list") in ("tools", "resources", "prompts"):
+                kind = str(event["list"])
+                self.lists_changed(f"server '{server}' changed its {kind}", (_serve_notification(kind),))
+            elif event.get("type") == "message" and not watch.replay:
+                self._log_to_editor(str(event.get("level") or "info"), str(server), event.get("data"))
+            elif event.get("type") == "started":
+                restarted = watch.note_pids({server: event.get("pid")}, served)
+                if restarted:
+                    self.lists_changed(f"server '{server}' restarted")
+        seq = result.get("seq")
+        watch.seq = seq if isinstance(seq, int) and not isinstance(seq, bool) else None
+        watch.replay = False
+        restarted = watch.note_pids(result.get("servers"), served)
+        if restarted:
+            self.lists_changed(f"server(s) restarted: {', '.join(restarted)}")
+
+    def _check_config(self) -> None:
+        """A config edit (a server added or removed, any change that replaces the daemon):
+        read it again, talk to the daemon of the new config, and tell the editor."""
+        try:
+            cfg = self._load()
+            fingerprint = cfg.fingerprint()
+        except DaemonError as exc:  # mid-save, say: keep the config we have
+            _serve_log(f"config not read again: {exc}")
+            return
+        if fingerprint == self._fingerprint:
+            return
+        client = self._client_for(cfg)
+        with self._lock:
+            before = self.served()
+            self.cfg, self._fingerprint, self.client = cfg, fingerprint, client
+            after = self.served()
+        self._lists.forget(after)
+        added = ", ".join(s for s in after if s not in before) or "none"
+        removed = ", ".join(s for s in before if s not in after) or "none"
+        self.lists_changed(f"config changed (servers added: {added}; removed: {removed})")
+
+    def _retry_failed(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            due = [s for s, (_, at, _) in self._failed.items() if at <= now]
+            for server in due:
+                self._failed[server][1] = now + self._failed[server][2]  # the next, unless it works
+        served = self.served()
+        for server in due:
+            if server in served:
+                self._lists.start("tools", server)
+
+
+class _ServeWatch:
+    """What the watcher knows of the daemon: its pid, the last event number, each server's pid.
+
+    A daemon that went away unannounced (killed) and a different daemon appearing both mean
+    the lists may have changed; so does a server with a new pid (restarted)."""
+
+    def __init__(self) -> None:
+        self.daemon: Optional[int] = None
+        self.last_daemon: Optional[int] = None
+        self.seq: Optional[int] = None
+        self.replay = False
+        self.pids: Dict[str, int] = {}
+
+    def found_daemon(self, pid: int) -> str:
+        # From its first event: a server may have changed its list between the daemon's start
+        # and this first look. Its older log messages are not this session's (``replay``).
+        self.daemon, self.seq, self.replay = pid, 0, True
+        before, self.last_daemon = self.last_daemon, pid
+        if before is not None and before != pid:
+            self.pids = {}
+            return f"daemon replaced (pid {before} -> {pid})"
+        return ""
+
+    def lost_daemon(self, announced: bool) -> str:
+        pid, self.daemon, self.seq = self.daemon, None, None
+        if pid is None or announced:
+            return ""
+        self.pids = {}
+        return f"daemon (pid {pid}) went away"
+
+    def note_pids(self, servers: Any, served: List[str]) -> List[str]:
+        """The servers whose process changed since the last look (restarted)."""
+        restarted = []
+        for name, pid in (servers or {}).items() if isinstance(servers, dict) else []:
+            if not isinstance(pid, int) or isinstance(pid, bool):
+                continue
+            before, self.pids[name] = self.pids.get(name), pid
+            if before is not None and before != pid and name in served:
+                restarted.append(name)
+        return restarted
+
+
+def _config_files_state(cfg: Config) -> List[Any]:
+    """(path, mtime, size, inode) of every file the config is read from or could be: its
+    layers and each editor config an import would read (a new one counts)."""
+    home = os.path.expanduser("~")
+    paths = [path for path, _ in cfg.layers]
+    for kind in IMPORT_KINDS:
+        paths += import_candidates(kind, cfg.root, home, dict(os.environ), sys.platform)
+    state: List[Any] = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+            state.append((path, st.st_mtime_ns, st.st_size, st.st_ino))
+        except OSError:
+            state.append((path, None))
+    return state
+
+
+def _status_pids(status: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    servers = (status or {}).get("servers") or []
+    return {str(s.get("name")): s.get("pid") for s in servers if isinstance(s, dict)}
+
+
+def _serve_notification(kind: str) -> str:
+    return f"notifications/{'resources' if kind == 'templates' else kind}/list_changed"
+
+
+def _jsonrpc_pieces(frame: Dict[str, Any]) -> Iterable[bytes]:
+    """A large frame as ASCII-safe JSON and a newline, in pieces of ``_SEND_CHUNK``, encoded
+    as they are written (it came from JSON, so it encodes)."""
+    encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True)
+    for chunk in encoder.iterencode(frame):
+        for i in range(0, len(chunk), _SEND_CHUNK):
+            yield chunk[i : i + _SEND_CHUNK].encode("ascii")
+    yield b"\n"
+
+
+def _serve_log(text: str) -> None:
+    """A diagnostic line: stderr only (stdout carries nothing but protocol)."""
+    try:
+        print(f"{_PROG} serve: {text}", file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
 
 
 # ##########################################################################################
@@ -8255,6 +9467,25 @@ def cmd_prompts(args: Any) -> int:
     return 0
 
 
+def cmd_serve(args: Any) -> int:
+    """``serve``: the stdio MCP bridge editors register (see ServeBridge). stdout carries only
+    protocol: the protocol keeps a copy of fd 1, and fd 1 itself points at stderr from now on."""
+    if __name__ == "__main__" and __spec__ is None and not sys.flags.dont_write_bytecode:
+        # Run as a script, the module was compiled for this run, and the compiler's memory
+        # stays with the process: 35 MiB, against 12 from cached bytecode. A bridge lives as
+        # long as the editor, so it runs again, same pid and pipes, through an import.
+        argv = _script_argv()
+        if "-c" in argv:
+            os.execv(argv[0], argv + sys.argv[1:])
+    only = [s.strip() for s in (args.servers or "").split(",") if s.strip()] or None
+    timeout = _env_seconds("MCPORTER_CALL_TIMEOUT", _timeout_seconds(args))  # a tool call's, as `call`
+    bridge = ServeBridge(lambda: _load(args), lambda cfg: _client(cfg, args), only, args.bare, timeout)
+    protocol_out = os.dup(1)
+    os.dup2(2, 1)
+    bridge.attach_output(protocol_out)
+    return bridge.run()
+
+
 def cmd_service(args: Any) -> int:
     cfg = _load(args)
     paths = DaemonPaths.for_config(cfg.path)
@@ -8328,6 +9559,11 @@ def _doctor_config(found: _Findings, args: Any) -> Optional[Config]:
             found.warn(f"{line} ({imported.note})", "fix the file, or ignore it if it is not an MCP config")
         else:
             found.ok(line)
+    for name, source in cfg.looping.items():
+        found.ok(
+            f"server '{name}' in {source} runs this tool's own `serve`: never imported or started "
+            "(the daemon would start a bridge to itself); editors run it"
+        )
     found.ok(f"daemon named by {cfg.path}")
     if not cfg.keep_alive_servers():
         found.warn(
@@ -8626,6 +9862,12 @@ def _prompts_args(sp: Any) -> None:
     sp.set_defaults(func=cmd_prompts)
 
 
+def _serve_args(sp: Any) -> None:
+    sp.add_argument("--servers", metavar="A,B", help="bridge only these kept servers")
+    sp.add_argument("--bare", action="store_true", help="one server's tools under their own names")
+    sp.set_defaults(func=cmd_serve)
+
+
 def _demo_args(sp: Any) -> None:
     sp.set_defaults(func=cmd_demo)
 
@@ -8652,6 +9894,7 @@ _COMMANDS: Dict[str, Tuple[Callable[[Any], None], str]] = {
     "list": (_list_args, "list servers, or one server's tools"),
     "resources": (_resources_args, "list a server's resources, or read one (alias: resource)"),
     "prompts": (_prompts_args, "list a server's prompts, or get one"),
+    "serve": (_serve_args, "a stdio MCP server for editors, re-exporting the kept servers"),
     "demo": (_demo_args, "a self-contained tour on the built-in demo server"),
     "doctor": (_doctor_args, "check the environment and explain what it finds"),
     "service": (_service_args, "print a launchd plist or systemd user unit"),

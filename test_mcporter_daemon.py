@@ -34,6 +34,7 @@ import plistlib
 import py_compile
 import random
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -6417,6 +6418,893 @@ def test_caller_with_another_env_value_is_told_once_not_restarted(h):
 # ##########################################################################################
 
 
+# -- names, URIs and routes: the bridge's pure decisions --
+
+# (server, tool, exported name): plain names as they are; anything else escaped reversibly
+# (``_x`` then ``_<hex>-`` per character outside [A-Za-z0-9-]); long names cut with a hash.
+SERVE_NAME_TABLE = [
+    ("demo", "counter", "demo__counter"),
+    ("chrome-devtools", "take_snapshot", "chrome-devtools__take_snapshot"),
+    ("fs", "read.file", "fs___xread_2e-file"),
+    ("a.b", "x", "_xa_2e-b__x"),
+    ("srv", "a__b", "srv___xa_5f-_5f-b"),
+    ("srv", "_private", "srv___x_5f-private"),
+    ("srv", "trailing_", "srv___xtrailing_5f-"),
+    ("srv", "_xfoo", "srv___x_5f-xfoo"),
+    ("my server", "hello world", "_xmy_20-server___xhello_20-world"),
+    ("srv", "café/ünï", "srv___xcaf_e9-_2f-_fc-n_ef-"),
+    ("srv", "emoji😀", "srv___xemoji_1f600-"),
+    ("srv", "", "srv___x"),
+    ("srv", "-dash-", "srv__-dash-"),
+    ("s", "t" * 61, "s__" + "t" * 61),  # exactly 64: kept whole
+]
+
+SERVE_LONG_PAIRS = [
+    ("s", "t" * 62),
+    ("server-" * 10, "tool"),
+    ("x", "ä" * 40),
+    ("srv", "a" * 50 + "_" + "b" * 20),
+]
+
+
+def test_serve_names_are_escaped_bounded_and_round_trip():
+    md = _import_module()
+    valid = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+    for server, tool, expected in SERVE_NAME_TABLE:
+        name = md.serve_name(server, tool)
+        assert name == expected, (server, tool, name)
+        assert valid.match(name), name
+        assert md.parse_serve_name(name) == (server, tool), name
+    for server, tool in SERVE_LONG_PAIRS:
+        name = md.serve_name(server, tool)
+        assert valid.match(name) and len(name) <= 64, name
+        assert name == md.serve_name(server, tool), "the hash suffix is stable"
+        assert md.parse_serve_name(name) != (server, tool)  # a cut name is found in the map
+    # No two pairs share a name, and the bridge's map takes every name (cut ones too) back.
+    pairs = [(s, t) for s, t, _ in SERVE_NAME_TABLE] + SERVE_LONG_PAIRS + [("srv", "a_b"), ("srv_a", "b")]
+    lists = {}
+    for server, tool in pairs:
+        lists.setdefault(server, []).append({"name": tool, "description": "d", "inputSchema": {}})
+    tools, names = md.export_named(lists, bare=False)
+    assert len(tools) == len(pairs) == len(names)
+    assert {names[t["name"]] for t in tools} == set(pairs)
+    assert all(t["description"] == f"[{names[t['name']][0]}] d" for t in tools)
+    # Text the escaper never writes is refused, not guessed.
+    for junk in ("demo", "__x", "a___b", "a__b__c", "a__b_", "a___xb", "a___x_zz-", "a___x_41-", "_y__b"):
+        assert md.parse_serve_name(junk) is None, junk
+
+
+def test_serve_exports_pass_schemas_through_and_filter():
+    md = _import_module()
+    tool = {
+        "name": "hello",
+        "title": "Hello",
+        "description": "Say hello.",
+        "inputSchema": {"type": "object", "properties": {"who": {"type": "string"}}},
+        "outputSchema": {"type": "object"},
+        "annotations": {"readOnlyHint": True},
+    }
+    tools, names = md.export_named(
+        {"a": [tool, {"name": "secret"}], "b": [dict(tool, description="")]}, False
+    )
+    assert [t["name"] for t in tools] == ["a__hello", "a__secret", "b__hello"]
+    assert tools[0] == dict(tool, name="a__hello", description="[a] Say hello.")
+    assert tools[2]["description"] == "[b]"
+    tools, names = md.export_named({"a": [tool, {"name": "secret"}]}, False, lambda s, t: t != "secret")
+    assert [t["name"] for t in tools] == ["a__hello"] and names == {"a__hello": ("a", "hello")}
+    tools, names = md.export_named({"a": [tool]}, True)
+    assert tools == [tool] and names == {"hello": ("a", "hello")}
+
+
+def test_serve_resource_uris_and_routes():
+    md = _import_module()
+    for server, uri in [("a", "file:///x y"), ("we ird/", "demo://c?q=1#f"), ("a", "")]:
+        wrapped = md.wrap_resource_uri(server, uri)
+        assert wrapped.startswith("mcporter-daemon://kept/") and " " not in wrapped
+        assert md.unwrap_resource_uri(wrapped) == (server, uri)
+    assert md.unwrap_resource_uri("demo://counter") is None
+    for template, uri, matches in [
+        ("demo://echo/{text}", "demo://echo/hi", True),
+        ("demo://echo/{text}", "demo://echo/a/b", False),
+        ("demo://echo/{+path}", "demo://echo/a/b", True),
+        ("file:///{path}.txt", "file:///notes.txt", True),
+        ("file:///{path}.txt", "file:///notes.md", False),
+        ("db://{table}{?limit}", "db://users?limit=3", True),
+        ("x.y://{a}", "xzy://b", False),  # literal text is literal, dots included
+    ]:
+        assert md.uri_template_matches(template, uri) is matches, (template, uri)
+    resources, routes = md.export_resources(
+        {
+            "a": [{"uri": "demo://c", "name": "c"}, {"uri": "a://only"}],
+            "b": [{"uri": "demo://c", "name": "c"}],
+        },
+        bare=False,
+    )
+    shown = {r["uri"]: r["name"] for r in resources}
+    assert shown == {
+        md.wrap_resource_uri("a", "demo://c"): "a__c",
+        "a://only": "a__a://only",
+        md.wrap_resource_uri("b", "demo://c"): "b__c",
+    }
+    templates = [("a", "demo://echo/{t}"), ("b", "demo://echo/{t}"), ("b", "b://{x}")]
+    route = md.route_resource
+    assert route("a://only", routes, templates, ["a", "b"]) == ("a", "a://only")
+    assert route(md.wrap_resource_uri("b", "demo://c"), routes, templates, ["a", "b"]) == ("b", "demo://c")
+    assert route("b://thing", routes, templates, ["a", "b"]) == ("b", "b://thing")
+    assert route("zz://x", routes, [], ["a"]) == ("a", "zz://x")
+    with pytest.raises(md._ServeError, match="several servers: a, b"):
+        route("demo://echo/hi", routes, templates, ["a", "b"])
+    with pytest.raises(md._ServeError, match="no bridged server"):
+        route("zz://x", routes, templates, ["a", "b"])
+    with pytest.raises(md._ServeError, match="not bridged"):
+        route(md.wrap_resource_uri("c", "x://y"), routes, templates, ["a", "b"])
+
+
+def test_loop_guard_recognises_commands_that_run_serve():
+    md = _import_module()
+    for argv, loops in [
+        (["python3", "/opt/mcporter_daemon.py", "serve"], True),
+        (["python3", "/opt/mcporter_daemon.py", "--config", "x.json", "serve", "--servers", "a"], True),
+        (["mcporter-daemon", "serve"], True),
+        (["python3", "-m", "mcporter_daemon", "serve"], True),
+        (["sh", "-c", "exec python3 ~/bin/mcporter_daemon.py serve --bare"], True),
+        (["python3", str(MODULE_PATH.resolve()), "serve"], True),
+        (["python3", "/opt/mcporter_daemon.py", "_demo-server"], False),
+        (["python3", "/opt/mcporter_daemon.py", "call", "serve.tool"], False),
+        (["npx", "mcporter", "serve"], False),
+        (["python3", "server.py", "serve"], False),
+        (["uvx", "some-mcp", "--mode", "serve"], False),
+    ]:
+        assert md.runs_serve_bridge(argv) is loops, argv
+
+
+def test_server_events_for_bridges():
+    md = _import_module()
+    assert md.server_event("a", "notifications/tools/list_changed", None) == {
+        "server": "a",
+        "type": "listChanged",
+        "list": "tools",
+    }
+    assert md.server_event("a", "notifications/prompts/list_changed", {})["list"] == "prompts"
+    assert md.server_event("a", "notifications/message", {"level": "error", "data": {"x": 1}}) == {
+        "server": "a",
+        "type": "message",
+        "level": "error",
+        "data": {"x": 1},
+    }
+    cut = md.server_event("a", "notifications/message", {"level": "info", "data": "x" * 100_000})
+    assert len(cut["data"]) < 70_000 and cut["data"].endswith("(cut)")
+    assert md.server_event("a", "notifications/progress", {"progress": 1}) is None
+    events = md._ServerEvents()
+    seq, got, missed = events.wait(None, 0, lambda: False)
+    assert (seq, got, missed) == (0, [], False)
+    events.add({"server": "a", "type": "message"})
+    seq, got, missed = events.wait(0, 5, lambda: False)
+    assert seq == 1 and [e["seq"] for e in got] == [1] and not missed
+    started = time.monotonic()
+    assert events.wait(1, 0.2, lambda: False) == (1, [], False)
+    assert time.monotonic() - started < 2
+    for _ in range(300):
+        events.add({"server": "a", "type": "message"})
+    seq, got, missed = events.wait(1, 0, lambda: False)
+    assert seq == 301 and missed and len(got) == 256
+
+
+# -- the bridge as an editor drives it --
+
+# A stdlib MCP server for the bridge tests. Tools with a title, annotations and an output schema
+# (passed through as written), names that need escaping, one past 64 characters; `grow` adds a
+# tool and announces list_changed; `shout` logs two messages mid-call; `blob` returns `kib` KiB
+# of text as structuredContent.
+SERVE_TEST_SERVER = r"""
+import json, sys
+
+TOOLS = [
+    {"name": "hello", "title": "Hello", "description": "Say hello.",
+     "inputSchema": {"type": "object", "properties": {"who": {"type": "string"}}},
+     "outputSchema": {"type": "object", "properties": {"greeting": {"type": "string"}}},
+     "annotations": {"readOnlyHint": True, "idempotentHint": True}},
+    {"name": "read.file/x", "inputSchema": {"type": "object"}},
+    {"name": "a__b", "inputSchema": {"type": "object"}},
+    {"name": "long_" + "n" * 70, "inputSchema": {"type": "object"}},
+    {"name": "grow", "inputSchema": {"type": "object"}},
+    {"name": "shout", "inputSchema": {"type": "object"}},
+    {"name": "blob", "inputSchema": {"type": "object", "properties": {"kib": {"type": "integer"}}}},
+]
+grown = []
+
+
+def send(obj):
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+for line in sys.stdin:
+    msg = json.loads(line)
+    if "id" not in msg or "method" not in msg:
+        continue
+    method, params = msg["method"], msg.get("params") or {}
+    if method == "initialize":
+        result = {"protocolVersion": params.get("protocolVersion"), "serverInfo": {"name": "t", "version": "1"},
+                  "capabilities": {"tools": {"listChanged": True}, "logging": {}}}
+    elif method == "tools/list":
+        result = {"tools": TOOLS + grown}
+    elif method == "tools/call":
+        name, args = params.get("name"), params.get("arguments") or {}
+        if name == "grow":
+            grown.append({"name": "grown_%d" % len(grown), "inputSchema": {"type": "object"}})
+            send({"jsonrpc": "2.0", "method": "notifications/tools/list_changed"})
+        if name == "shout":
+            send({"jsonrpc": "2.0", "method": "notifications/message",
+                  "params": {"level": "warning", "logger": "db", "data": "pool is 90% full"}})
+            send({"jsonrpc": "2.0", "method": "notifications/message", "params": {"level": "debug", "data": "noise"}})
+        if name == "blob":
+            size = int(args.get("kib", 1)) * 1024
+            text = ("ABCDEFGHIJKLMNOPQRSTUVWXYZ" * (size // 26 + 1))[:size]
+            result = {"content": [], "structuredContent": {"size": len(text), "text": text}}
+        elif name == "hello":
+            greeting = "hello " + str(args.get("who", "you"))
+            result = {"content": [{"type": "text", "text": greeting}], "structuredContent": {"greeting": greeting}}
+        else:
+            result = {"content": [{"type": "text", "text": "called " + str(name)}]}
+    else:
+        send({"jsonrpc": "2.0", "id": msg["id"], "error": {"code": -32601, "message": "no " + method}})
+        continue
+    send({"jsonrpc": "2.0", "id": msg["id"], "result": result})
+"""
+
+
+def serve_test_entry(h):
+    script = h.tmp / "serve_test_server.py"
+    script.write_text(SERVE_TEST_SERVER)
+    return {"command": sys.executable, "args": [str(script), h.tag], "lifecycle": "keep-alive"}
+
+
+class ServeSession:
+    """A ``serve`` process driven as an editor drives it: JSON-RPC lines on its stdin; every
+    line it writes on stdout is kept, parsed (anything that is not JSON-RPC fails the test)."""
+
+    def __init__(self, h, *args, env=None, argv=None):
+        self.h = h
+        argv = argv or h.argv("serve", *args)
+        self.err_path = h.tmp / f"serve-{uuid.uuid4().hex[:6]}.err"
+        self.err_file = open(str(self.err_path), "w+")  # noqa: SIM115 - closed in close()
+        self.p = spawn(
+            [str(a) for a in argv], env or h.env(), h.tmp, subprocess.PIPE, self.err_file, subprocess.PIPE
+        )
+        h.popens.append(self.p)
+        h.track(self.p.pid)
+        self.lines = []  # every stdout line, parsed
+        self.junk = []
+        self.cond = threading.Condition()
+        self.next_id = 1
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for raw in self.p.stdout:
+            try:
+                msg = json.loads(raw)
+                assert isinstance(msg, dict) and msg.get("jsonrpc") == "2.0"
+            except (ValueError, AssertionError):
+                msg = None
+            with self.cond:
+                if msg is None:
+                    self.junk.append(raw)
+                else:
+                    self.lines.append(msg)
+                self.cond.notify_all()
+
+    def send(self, obj):
+        self.p.stdin.write((json.dumps(obj) + "\n").encode())
+        self.p.stdin.flush()
+
+    def start(self, method, params=None):
+        rid = self.next_id
+        self.next_id += 1
+        frame = {"jsonrpc": "2.0", "id": rid, "method": method}
+        if params is not None:
+            frame["params"] = params
+        self.send(frame)
+        return rid
+
+    def answer(self, rid, timeout=30):
+        return self.wait(
+            lambda m: m.get("id") == rid and ("result" in m or "error" in m), timeout, f"answer {rid}"
+        )
+
+    def request(self, method, params=None, timeout=30):
+        """The result of one request; AssertionError on an error answer."""
+        msg = self.answer(self.start(method, params), timeout)
+        assert "result" in msg, msg
+        return msg["result"]
+
+    def notify(self, method, params=None):
+        frame = {"jsonrpc": "2.0", "method": method}
+        if params is not None:
+            frame["params"] = params
+        self.send(frame)
+
+    def mark(self):
+        with self.cond:
+            return len(self.lines)
+
+    def wait(self, predicate, timeout, what, since=0):
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                for msg in self.lines[since:]:
+                    if predicate(msg):
+                        return msg
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"serve: no {what} within {timeout}s; got {self.lines[since:]!r}")
+                self.cond.wait(left)
+
+    def notifications(self, method, since=0):
+        with self.cond:
+            return [m for m in self.lines[since:] if m.get("method") == method and "id" not in m]
+
+    def initialize(self, version="2025-06-18"):
+        result = self.request(
+            "initialize",
+            {
+                "protocolVersion": version,
+                "capabilities": {},
+                "clientInfo": {"name": "test-editor", "version": "1"},
+            },
+        )
+        self.notify("notifications/initialized")
+        return result
+
+    def tool_names(self):
+        return [t["name"] for t in self.request("tools/list")["tools"]]
+
+    def call(self, name, args=None, timeout=30, **params):
+        return self.request("tools/call", dict(params, name=name, arguments=args or {}), timeout=timeout)
+
+    def stderr(self):
+        return read_file(self.err_path)
+
+    def close(self, timeout=10):
+        """End the session as an editor does (stdin closed); the exit code."""
+        self.p.stdin.close()
+        rc = self.p.wait(timeout=timeout)
+        self.err_file.close()
+        assert not self.junk, f"serve wrote non-protocol lines on stdout: {self.junk!r}"
+        return rc
+
+
+def serve_text(result):
+    return "".join(c.get("text", "") for c in result.get("content") or [])
+
+
+def test_serve_handshake_calls_and_state_shared_with_cli_and_bridges(h):
+    """One editor session: handshake, tools with their names and schemas, calls; the counter
+    lives in the daemon's server and continues through the CLI, a second editor at once, and
+    a new bridge after this one exits (which leaves the daemon running)."""
+    ops_config(h, {"other": serve_test_entry(h)})
+    s = ServeSession(h)
+    init = s.initialize("2024-11-05")
+    assert init["protocolVersion"] == "2024-11-05"
+    assert init["capabilities"]["tools"] == {"listChanged": True}
+    assert init["capabilities"]["resources"] == {"listChanged": True}
+    assert init["capabilities"]["prompts"] == {"listChanged": True}
+    assert init["serverInfo"]["name"] == "mcporter-daemon"
+    assert "demo" in init["instructions"] and "other" in init["instructions"], init
+    assert s.request("ping") == {}
+    tools = {t["name"]: t for t in s.request("tools/list")["tools"]}
+    assert tools["demo__counter"]["description"] == "[demo] Add one to a counter kept in this server process."
+    assert tools["demo__echo"]["inputSchema"]["required"] == ["text"]
+    hello = tools["other__hello"]
+    assert hello["title"] == "Hello" and hello["annotations"] == {
+        "readOnlyHint": True,
+        "idempotentHint": True,
+    }
+    assert hello["outputSchema"]["properties"]["greeting"] == {"type": "string"}
+    assert {"other___xread_2e-file_2f-x", "other___xa_5f-_5f-b"} <= set(tools), sorted(tools)
+    long_name = [n for n in tools if n.startswith("other__long_")]
+    assert len(long_name) == 1 and len(long_name[0]) == 64, sorted(tools)
+    assert all(re.match(r"^[A-Za-z0-9_-]{1,64}$", n) for n in tools), sorted(tools)
+    # Escaped and cut names reach the right tool; the result arrives whole.
+    assert serve_text(s.call("other___xa_5f-_5f-b")) == "called a__b"
+    assert serve_text(s.call(long_name[0])) == "called long_" + "n" * 70
+    result = s.call("other__hello", {"who": "bridge"})
+    assert result["structuredContent"] == {"greeting": "hello bridge"}, result
+    assert serve_text(s.call("demo__counter")) == "1"
+    assert call_ok(h, "demo.counter") == "2"
+    # A second editor at the same time: its own session and ids, the same servers.
+    s2 = ServeSession(h)
+    s2.initialize()
+    slow = s.start("tools/call", {"name": "demo__sleep", "arguments": {"seconds": 0.5}})
+    assert serve_text(s2.call("demo__counter")) == "3"
+    assert serve_text(s.answer(slow)["result"]) == "slept 0.5"
+    daemon = running_status(h)["pid"]
+    assert s.close() == 0 and s2.close() == 0
+    assert running_status(h)["pid"] == daemon, "the bridge left the daemon alone"
+    s3 = ServeSession(h)
+    init = s3.initialize("2099-01-01")  # a version it does not know: it offers its newest
+    assert init["protocolVersion"] == "2025-11-25"
+    assert serve_text(s3.call("demo__counter")) == "4"
+    s3.p.send_signal(signal.SIGTERM)  # as an editor ends it: quietly, the daemon left alone
+    assert s3.p.wait(timeout=10) == 0
+    assert "Traceback" not in s3.stderr() and not s3.junk
+    assert running_status(h)["pid"] == daemon
+    assert call_ok(h, "demo.counter") == "5"
+    err = s.stderr()
+    assert "demo" in err, err  # diagnostics go to stderr
+
+
+def test_serve_unknown_tool_and_bad_input_are_errors_not_crashes(h):
+    s = ServeSession(h)
+    s.initialize()
+    msg = s.answer(s.start("tools/call", {"name": "demo__nope", "arguments": {}}))
+    assert msg["error"]["code"] == -32602 and "unknown tool" in msg["error"]["message"], msg
+    msg = s.answer(s.start("tools/call", {"name": "nobody__x", "arguments": {}}))
+    assert "unknown tool" in msg["error"]["message"], msg
+    msg = s.answer(s.start("no/such/method"))
+    assert msg["error"]["code"] == -32601, msg
+    s.p.stdin.write(b"this is not json\n")
+    s.p.stdin.flush()
+    s.wait(lambda m: (m.get("error") or {}).get("code") == -32700, 10, "parse error")
+    assert serve_text(s.call("demo__echo", {"text": "still here"})) == "still here"
+    assert s.close() == 0
+
+
+def test_serve_flags_select_servers_and_bare_names(h):
+    ops_config(h, {"other": serve_test_entry(h)})
+    s = ServeSession(h, "--servers", "other", "--bare")
+    s.initialize()
+    names = s.tool_names()
+    assert "hello" in names and "a__b" in names and not any(n.startswith("demo") for n in names), names
+    assert serve_text(s.call("a__b")) == "called a__b"
+    assert s.close() == 0
+    s = ServeSession(h, "--servers", "demo")
+    s.initialize()
+    assert all(n.startswith("demo__") for n in s.tool_names())
+    assert s.close() == 0
+    for args, expected in [
+        (["--bare"], "--bare needs exactly one server"),
+        (["--servers", "nope"], "unknown server 'nope'"),
+    ]:
+        r = h.run("serve", *args, timeout=20)
+        assert r.rc == 2 and r.out == "" and expected in r.err, r
+        assert len(r.err.strip().splitlines()) == 1, r
+    # allowedTools / blockedTools apply as in `call`: not listed, refused without asking.
+    ops_config(h, {"demo": dict(h.demo_server_entry(), blockedTools=["counter", "sleep"])})
+    s = ServeSession(h)
+    s.initialize()
+    names = s.tool_names()
+    assert "demo__echo" in names and "demo__counter" not in names and "demo__sleep" not in names, names
+    msg = s.answer(s.start("tools/call", {"name": "demo__counter", "arguments": {}}))
+    assert msg["error"]["code"] == -32602 and "blockedTools" in msg["error"]["message"], msg
+    assert s.close() == 0
+
+
+def test_serve_server_that_cannot_start_and_config_edits(h):
+    """Servers that cannot start are listed without (their reasons logged to the editor and
+    stderr) and do not hold up the others; one that comes back is announced (list_changed)
+    and listed; adding a server to the config sends list_changed within 2 s."""
+    ready = h.tmp / "ready"
+    late_code = (
+        "import os, sys, runpy\n"
+        "if not os.path.exists(sys.argv[1]):\n"
+        "    sys.exit('not ready yet')\n"
+        "sys.argv = ['mcporter_daemon.py', '_demo-server']\n"
+        f"runpy.run_path({str(MODULE_PATH)!r}, run_name='__main__')\n"
+    )
+    late = {
+        "command": sys.executable,
+        "args": ["-c", late_code, str(ready), h.tag],
+        "lifecycle": "keep-alive",
+    }
+    ops_config(
+        h, {"broken": {"command": str(h.tmp / "no-such-server"), "lifecycle": "keep-alive"}, "late": late}
+    )
+    s = ServeSession(h)
+    s.initialize()
+    began = time.monotonic()
+    names = s.tool_names()
+    assert "demo__counter" in names and not any(n.startswith(("broken", "late")) for n in names), names
+    assert time.monotonic() - began < 5
+    logged = s.wait(lambda m: (m.get("params") or {}).get("logger") == "broken", 10, "log message")
+    assert logged["method"] == "notifications/message" and logged["params"]["level"] == "error", logged
+    assert "command not found" in logged["params"]["data"], logged
+    logged = s.wait(lambda m: (m.get("params") or {}).get("logger") == "late", 10, "log message")
+    assert "not ready yet" in logged["params"]["data"], logged
+    wait_until(lambda: "command not found" in s.stderr(), 5, message="the reason on stderr")
+    mark = s.mark()
+    ready.touch()
+    s.wait(lambda m: m.get("method") == "notifications/tools/list_changed", 15, "list_changed", since=mark)
+    assert "late__counter" in s.tool_names()
+    mark = s.mark()
+    ops_config(h, {"added": serve_test_entry(h)})
+    edited = time.monotonic()
+    s.wait(lambda m: m.get("method") == "notifications/tools/list_changed", 10, "list_changed", since=mark)
+    assert time.monotonic() - edited < 2 + 0.5, "list_changed within 2 s of the edit"
+    names = s.tool_names()
+    assert (
+        "added__hello" in names
+        and "demo__counter" in names
+        and not any(n.startswith("broken") for n in names)
+    )
+    assert serve_text(s.call("added__hello", {"who": "new"})) == "hello new"
+    assert s.close() == 0
+
+
+def test_serve_list_changed_after_restarts_crashes_and_daemon_kill(h):
+    """list_changed within 2 s of: the server's own, `restart SERVER`, a crashed server coming
+    back, the daemon SIGKILLed (the next call starts another and works), and its replacement."""
+    ops_config(h, {"other": serve_test_entry(h)})
+    s = ServeSession(h)
+    s.initialize()
+    assert serve_text(s.call("demo__counter")) == "1"
+    assert "other__hello" in s.tool_names()
+
+    def expect_list_changed(mark, what):
+        began = time.monotonic()
+        s.wait(lambda m: m.get("method") == "notifications/tools/list_changed", 10, what, since=mark)
+        return time.monotonic() - began
+
+    mark = s.mark()
+    s.call("other__grow")  # the server announces its own change
+    assert expect_list_changed(mark, "list_changed from the server") < 2
+    assert "other__grown_0" in s.tool_names()
+
+    mark = s.mark()
+    r = h.run("restart", "demo")
+    assert r.rc == 0, r
+    assert expect_list_changed(mark, "list_changed after restart SERVER") < 2 + 0.5
+    assert serve_text(s.call("demo__counter")) == "1", "a new server process"
+
+    mark = s.mark()
+    crashed = server_pid(running_status(h), "demo")
+    os.kill(crashed, signal.SIGKILL)
+    wait_until(lambda: server_pid(h.status(), "demo") != crashed, 5, message="the daemon to see the crash")
+    assert serve_text(s.call("demo__counter")) == "1", "the next call restarts it"
+    assert expect_list_changed(mark, "list_changed after a crash") < 2 + 0.5
+
+    daemon = running_status(h)["pid"]
+    mark = s.mark()
+    long_call = {
+        "name": "demo__progress",
+        "arguments": {"steps": 300, "delay": 0.1},
+        "_meta": {"progressToken": 1},
+    }
+    inflight = s.start("tools/call", long_call)
+    s.wait(lambda m: m.get("method") == "notifications/progress", 10, "progress: in the daemon", since=mark)
+    os.kill(daemon, signal.SIGKILL)
+    killed = time.monotonic()
+    msg = s.answer(inflight, timeout=10)
+    assert "error" in msg and "daemon" in msg["error"]["message"], msg
+    s.wait(lambda m: m.get("method") == "notifications/tools/list_changed", 10, "list_changed", since=mark)
+    assert time.monotonic() - killed < 2 + 0.5
+    assert serve_text(s.call("demo__counter")) == "1", "the next call starts a new daemon"
+    assert running_status(h)["pid"] != daemon
+    assert s.close() == 0
+
+
+def test_serve_progress_cancel_and_server_messages(h):
+    """Progress reaches the editor under its token; the editor's cancel reaches the server as
+    notifications/cancelled within 1 s (no answer follows); the server's log messages come
+    with the server as logger, filtered by the editor's logging/setLevel; a large result
+    arrives whole."""
+    cancel_log = h.tmp / "cancels.jsonl"
+    ops_config(h, {"other": serve_test_entry(h)})
+    s = ServeSession(h, env=h.env(MCPORTER_DEMO_CANCEL_LOG=str(cancel_log)))
+    s.initialize()
+    mark = s.mark()
+    result = s.call("demo__progress", {"steps": 3, "delay": 0.2}, _meta={"progressToken": "tok-1"})
+    assert serve_text(result) == "done 3 steps"
+    progress = s.notifications("notifications/progress", since=mark)
+    assert progress and all(p["params"]["progressToken"] == "tok-1" for p in progress), progress
+    assert progress[-1]["params"]["progress"] <= 3 and progress[-1]["params"]["total"] == 3
+
+    mark = s.mark()
+    long_call = {
+        "name": "demo__progress",
+        "arguments": {"steps": 300, "delay": 0.1},
+        "_meta": {"progressToken": 7},
+    }
+    rid = s.start("tools/call", long_call)
+    s.wait(lambda m: m.get("method") == "notifications/progress", 10, "progress: at the server", since=mark)
+    s.notify("notifications/cancelled", {"requestId": rid, "reason": "user pressed stop"})
+    cancelled_at = time.time()
+    wait_until(
+        lambda: cancel_log.exists() and cancel_log.read_text().strip(), 5, message="the server's cancel"
+    )
+    arrived = json.loads(cancel_log.read_text().splitlines()[0])["at"]
+    assert arrived - cancelled_at < 1.0, f"cancel reached the server after {arrived - cancelled_at:.2f}s"
+    assert serve_text(s.call("demo__echo", {"text": "after"})) == "after"
+    assert not [m for m in s.lines if m.get("id") == rid], "a cancelled request gets no answer"
+
+    mark = s.mark()
+    assert s.request("logging/setLevel", {"level": "info"}) == {}
+    s.call("other__shout")
+    msg = s.wait(lambda m: m.get("method") == "notifications/message", 10, "server message", since=mark)
+    assert msg["params"] == {"level": "warning", "logger": "other", "data": "pool is 90% full"}, msg
+    s.call("other__hello")  # the debug line, filtered, never arrives (it was sent before this)
+    assert all(m["params"]["level"] != "debug" for m in s.notifications("notifications/message", since=mark))
+
+    big = s.call("other__blob", {"kib": 3 * 1024}, timeout=60)
+    assert big["structuredContent"]["size"] == 3 * 1024 * 1024
+    assert big["structuredContent"]["text"][:52] == "ABCDEFGHIJKLMNOPQRSTUVWXYZ" * 2
+    assert s.close() == 0
+
+
+def test_serve_call_timeout_cancels_and_keeps_the_server(h):
+    """A call past its timeout fails with one error; its server is told to cancel and is
+    kept (the same process answers the next call)."""
+    cancel_log = h.tmp / "cancels.jsonl"
+    s = ServeSession(
+        h, env=h.env(MCPORTER_DAEMON_TIMEOUT_MS="1500", MCPORTER_DEMO_CANCEL_LOG=str(cancel_log))
+    )
+    s.initialize()
+    before = serve_text(s.call("demo__pid"))
+    msg = s.answer(s.start("tools/call", {"name": "demo__sleep", "arguments": {"seconds": 30}}), timeout=15)
+    assert "timed out" in msg["error"]["message"], msg
+    wait_until(
+        lambda: cancel_log.exists() and cancel_log.read_text().strip(), 5, message="the server's cancel"
+    )
+    assert serve_text(s.call("demo__pid")) == before
+    assert s.close() == 0
+
+
+def test_serve_resources_templates_and_prompts(h):
+    ops_config(h, {"twin": h.demo_server_entry()})
+    s = ServeSession(h)
+    s.initialize()
+    resources = s.request("resources/list")["resources"]
+    by_name = {r["name"]: r["uri"] for r in resources}
+    assert set(by_name) == {"demo__counter", "twin__counter"}, resources
+    assert by_name["demo__counter"] != by_name["twin__counter"], "a URI both list is wrapped per server"
+    assert serve_text(s.call("twin__counter")) == "1"
+    read = s.request("resources/read", {"uri": by_name["twin__counter"]})
+    assert read["contents"][0]["text"] == "1" and read["contents"][0]["uri"] == by_name["twin__counter"], read
+    assert s.request("resources/read", {"uri": by_name["demo__counter"]})["contents"][0]["text"] == "0"
+    templates = s.request("resources/templates/list")["resourceTemplates"]
+    assert {t["name"] for t in templates} == {
+        "demo__echo",
+        "demo__counter-as",
+        "twin__echo",
+        "twin__counter-as",
+    }
+    msg = s.answer(s.start("resources/read", {"uri": "demo://echo/hi"}))
+    assert "several servers: demo, twin" in msg["error"]["message"], msg
+    prompts = {p["name"]: p for p in s.request("prompts/list")["prompts"]}
+    assert {"demo__greet", "twin__counter-report"} <= set(prompts), prompts
+    got = s.request("prompts/get", {"name": "twin__greet", "arguments": {"name": "Ada"}})
+    assert got["messages"][0]["content"]["text"] == "Write a casual greeting for Ada.", got
+    assert s.close() == 0
+    # One server bridged: a URI matching its template passes unchanged.
+    s = ServeSession(h, "--servers", "demo")
+    s.initialize()
+    assert s.request("resources/read", {"uri": "demo://echo/hi"})["contents"][0]["text"] == "hi"
+    assert s.request("resources/list")["resources"][0]["uri"] == "demo://counter"
+    assert s.close() == 0
+
+
+def test_serve_loop_guard_cursor_config_that_lists_serve_itself(h):
+    """Cursor's mcp.json registers the bridge; imported, that entry would make the daemon start
+    a bridge to itself. It is never imported or started, and doctor says why."""
+    cursor = h.tmp / ".cursor"
+    cursor.mkdir()
+    bridge_entry = {"command": sys.executable, "args": [str(MODULE_PATH), "serve"]}
+    other = dict(h.demo_server_entry())
+    other.pop("lifecycle")
+    (cursor / "mcp.json").write_text(json.dumps({"mcpServers": {"kept": bridge_entry, "cursor-demo": other}}))
+    env = h.env(MCPORTER_KEEPALIVE="kept,cursor-demo")  # asked to keep it: refused all the same
+    r = h.run("list", env=env)  # the project root is the cwd: .cursor/mcp.json is imported
+    assert r.rc == 0 and "cursor-demo" in r.out and "kept" not in r.out.replace("keep-alive", ""), r
+    r = h.run("doctor", env=env)
+    assert "server 'kept'" in r.out and "own `serve`" in r.out and "never imported or started" in r.out, r
+    r = h.run("serve", "--servers", "kept", env=env, timeout=20)
+    assert r.rc == 2 and "runs this tool's own serve" in r.err, r
+    s = ServeSession(h, env=env)
+    s.initialize()
+    names = s.tool_names()
+    assert "cursor-demo__counter" in names and not any(n.startswith("kept__") for n in names), names
+    served = [srv["name"] for srv in running_status(h)["servers"]]
+    assert "kept" not in served and "cursor-demo" in served, served
+    assert s.close() == 0
+
+
+# -- real clients: the MCP Python SDK (1.x and 2.x), mcporter 0.12.3, the MCP inspector CLI --
+
+# An SDK ClientSession over stdio to `serve` (argv: the bridge's command as JSON): lists, calls,
+# reads a resource, gets a prompt, gets progress, has an elicitation declined, cancels a long
+# call, and calls again. Prints what it saw as one JSON object.
+SERVE_SDK_CLIENT = r"""
+import importlib.metadata as metadata
+import json
+import os
+import sys
+import time
+
+import anyio
+import mcp.types as types
+from mcp import ClientSession, StdioServerParameters
+from mcp.client.stdio import stdio_client
+
+V1 = metadata.version("mcp").startswith("1.")
+
+
+def dump(model):
+    return model.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+def text(result):
+    return "".join(getattr(c, "text", "") for c in result.content)
+
+
+async def main():
+    argv = json.loads(sys.argv[1])
+    out = {"version": metadata.version("mcp"), "progress": [], "logs": []}
+    server = StdioServerParameters(command=argv[0], args=argv[1:], env=dict(os.environ))
+
+    async def on_log(params):
+        out["logs"].append(dump(params))
+
+    async with stdio_client(server) as (read, write):
+        async with ClientSession(read, write, logging_callback=on_log) as session:
+            out["init"] = dump(await session.initialize())
+            out["tools"] = [t.name for t in (await session.list_tools()).tools]
+            out["counter"] = text(await session.call_tool("demo__counter", {}))
+            resources = (await session.list_resources()).resources
+            out["resources"] = [str(r.uri) for r in resources]
+            out["read"] = dump(await session.read_resource(resources[0].uri))["contents"][0]["text"]
+            prompt = await session.get_prompt("demo__greet", {"name": "Ada"})
+            out["prompt"] = dump(prompt)["messages"][0]["content"]["text"]
+
+            async def progress(value, total, message):
+                out["progress"].append(value)
+
+            done = await session.call_tool("demo__progress", {"steps": 3, "delay": 0.2}, progress_callback=progress)
+            out["progressResult"] = text(done)
+            out["ask"] = text(await session.call_tool("fast__ask", {}))
+
+            # A long call cancelled once its progress shows it running: 2.x sends
+            # notifications/cancelled itself when its wait ends; with 1.x the client sends it.
+            started = anyio.Event()
+
+            async def first_progress(value, total, message):
+                started.set()
+
+            long_args = {"steps": 300, "delay": 0.1}
+            if V1:
+                rid = session._request_id
+                async with anyio.create_task_group() as tg:
+
+                    async def long_call():
+                        await session.call_tool("demo__progress", long_args, progress_callback=first_progress)
+
+                    tg.start_soon(long_call)
+                    await started.wait()
+                    params = types.CancelledNotificationParams(requestId=rid, reason="user pressed stop")
+                    note = types.CancelledNotification(method="notifications/cancelled", params=params)
+                    out["cancelledAt"] = time.time()
+                    await session.send_notification(types.ClientNotification(note))
+                    tg.cancel_scope.cancel()
+            else:
+                try:
+                    await session.call_tool(
+                        "demo__progress", long_args, read_timeout_seconds=1.0, progress_callback=first_progress
+                    )
+                except Exception as exc:
+                    out["cancelledAt"] = time.time()
+                    out["cancelError"] = type(exc).__name__
+            out["after"] = text(await session.call_tool("demo__echo", {"text": "after"}))
+    print(json.dumps(out))
+
+
+anyio.run(main)
+"""
+
+
+def test_serve_real_sdk_client(h, mcp_sdk):
+    cancel_log = h.tmp / "cancels.jsonl"
+    ops_config(h, {"fast": fastmcp_entry(h, mcp_sdk, FASTMCP_SERVER)})
+    client = h.tmp / "sdk_client.py"
+    client.write_text(SERVE_SDK_CLIENT)
+    env = h.env(MCPORTER_DEMO_CANCEL_LOG=str(cancel_log))
+    r = h.run(
+        client, json.dumps([str(a) for a in h.argv("serve")]), argv=[mcp_sdk.python], env=env, timeout=120
+    )
+    assert r.rc == 0, r
+    out = json.loads(r.out.strip().splitlines()[-1])
+    assert out["init"]["serverInfo"]["name"] == "mcporter-daemon", out
+    assert out["init"]["capabilities"]["tools"] == {"listChanged": True}, out
+    assert "demo__counter" in out["tools"] and "fast__filler_59" in out["tools"], out["tools"]
+    assert out["counter"] == "1"
+    assert out["resources"] == ["demo://counter"] and out["read"] == "1", out
+    assert out["prompt"] == "Write a casual greeting for Ada.", out
+    assert out["progressResult"] == "done 3 steps" and out["progress"] and out["progress"][-1] <= 3, out
+    assert out["ask"] == "elicitation: decline", out
+    assert any(m["logger"] == "fast" and "declined" in str(m["data"]) for m in out["logs"]), out["logs"]
+    arrived = json.loads(cancel_log.read_text().splitlines()[0])["at"]
+    assert arrived - out["cancelledAt"] < 1.0, (
+        f"cancel reached the server {arrived - out['cancelledAt']:.2f}s later"
+    )
+    assert out["after"] == "after", out
+    # The state is the daemon's: the CLI sees the counter the editor moved.
+    assert call_ok(h, "demo.counter") == "2"
+
+
+def test_serve_real_mcporter_client(h, mcporter_cli):
+    """mcporter 0.12.3's ad-hoc stdio server: `list` and `call` through the bridge."""
+    bridge = " ".join(shlex.quote(str(a)) for a in h.argv("serve"))
+    env = h.env(HOME=str(h.home))
+    r = h.run("list", "--stdio", bridge, argv=mcporter_cli.argv, env=env, timeout=60)
+    assert r.rc == 0, r
+    assert "function demo__counter()" in r.out and "function demo__echo(text: string)" in r.out, r
+    r = h.run("call", "--stdio", bridge, "demo__counter", argv=mcporter_cli.argv, env=env, timeout=60)
+    assert r.rc == 0 and r.out.strip() == "1", r
+    r = h.run(
+        "call", "--stdio", bridge, "demo__echo", "text=through mcporter", argv=mcporter_cli.argv, env=env
+    )
+    assert r.rc == 0 and r.out.strip() == "through mcporter", r
+    assert call_ok(h, "demo.counter") == "2"
+
+
+INSPECTOR_VERSION = "1.0.3"
+
+
+@pytest.fixture(scope="session")
+def inspector_cli():
+    """@modelcontextprotocol/inspector-cli from npm, pinned."""
+    node, npm = require_node()
+    package = f"@modelcontextprotocol/inspector-cli@{INSPECTOR_VERSION}"
+
+    def install(dest):
+        return run_install(
+            f"npm install {package}",
+            [npm, "install", "--prefix", dest, "--no-audit", "--no-fund", "--loglevel=error", package],
+            dest,
+        )
+
+    def check(dest):
+        version = npm_package_version(dest, "@modelcontextprotocol/inspector-cli")
+        return {"inspector-cli": version} if version == INSPECTOR_VERSION else None
+
+    cached_install("inspector", install, check)
+    build = (
+        real_cache_dir() / "inspector" / "node_modules" / "@modelcontextprotocol" / "inspector-cli" / "build"
+    )
+    return types.SimpleNamespace(argv=[node, str(build / "cli.js")], cwd=build)
+
+
+def test_serve_real_inspector_cli(h, inspector_cli):
+    """The MCP inspector's CLI mode against the bridge: tools/list and tools/call."""
+    # It reads its package.json by a cwd-relative test, so it runs from its build folder. Its
+    # stdio servers get only -e variables (and a default set), so the bridge's come that way;
+    # the config too, as its own --config would take ours.
+    keep = {
+        "MCPORTER_CONFIG": str(h.cfg),
+        "MCPORTER_DAEMON_DIR": str(h.state_dir),
+        "HOME": str(h.home),
+        MARKER_VAR: h.tag,
+    }
+    flags = [f for k, v in keep.items() for f in ("-e", f"{k}={v}")]
+    base = inspector_cli.argv + ["--cli"] + flags + [sys.executable, str(MODULE_PATH), "serve"]
+    r = h.run("--method", "tools/list", argv=base, cwd=inspector_cli.cwd, timeout=60)
+    assert r.rc == 0, r
+    listed = json.loads(r.out[r.out.index("{") :])
+    assert "demo__counter" in [t["name"] for t in listed["tools"]], listed
+    r = h.run(
+        "--method",
+        "tools/call",
+        "--tool-name",
+        "demo__echo",
+        "--tool-arg",
+        "text=inspected",
+        argv=base,
+        cwd=inspector_cli.cwd,
+        timeout=60,
+    )
+    assert r.rc == 0, r
+    assert json.loads(r.out[r.out.index("{") :])["content"][0]["text"] == "inspected", r
+    assert call_ok(h, "demo.echo", "text=cli") == "cli"
+
+
 # ##########################################################################################
 # Demo MCP server: the module run as a tiny stateful MCP stdio server (``_demo-server``).
 # ##########################################################################################
@@ -7594,6 +8482,9 @@ REAL_CACHE_VAR = "MCPORTER_DAEMON_TEST_CACHE"
 INSTALL_TIMEOUT = 600.0
 
 
+MCPORTER_VERSION = "0.12.3"  # the mcporter release the tests compare against
+
+
 # Runs a command in a session of its own, so a timed-out install can be ended
 # with everything it started (one process group), not just its first process.
 _SETSID_EXEC = "import os, sys; os.setsid(); os.execvp(sys.argv[1], sys.argv[1:])"
@@ -7918,23 +8809,15 @@ def npm_servers():
 
 @pytest.fixture(scope="session")
 def mcporter_cli():
-    """The mcporter CLI from npm (the TypeScript original), run with node."""
+    """The mcporter CLI from npm (the TypeScript original), run with node; pinned, so a new
+    release cannot change what these tests compare against."""
     node, npm = require_node()
+    package = f"mcporter@{MCPORTER_VERSION}"
 
     def install(dest):
-        # @latest: npm would otherwise pick an older release whose `engines` fits this node.
         return run_install(
-            "npm install mcporter@latest",
-            [
-                npm,
-                "install",
-                "--prefix",
-                dest,
-                "--no-audit",
-                "--no-fund",
-                "--loglevel=error",
-                "mcporter@latest",
-            ],
+            f"npm install {package}",
+            [npm, "install", "--prefix", dest, "--no-audit", "--no-fund", "--loglevel=error", package],
             dest,
         )
 
@@ -7946,8 +8829,8 @@ def mcporter_cli():
             node_version = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=60)
         except (OSError, subprocess.TimeoutExpired):
             return None
-        if not version or version not in out.stdout:
-            return None
+        if version != MCPORTER_VERSION or version not in out.stdout:
+            return None  # a cache of another release is installed again
         return {"mcporter": version, "node": node_version.stdout.strip()}
 
     versions = cached_install("mcporter", install, check)
@@ -10346,3 +11229,60 @@ def test_benchmark(h, monkeypatch):
     for name, result, target in rows:
         print(f"{name.ljust(width)}  {result.ljust(34)}  {target}")
     assert errors == 0
+
+
+def bench_serve(h, md, n=300):
+    """A warm tools/call through a running bridge against the same call sent straight to the
+    daemon by one process (DaemonClient.request: verify, then one request); tools/list over
+    three kept servers from the daemon's cache; a 50 MiB structuredContent result through
+    the bridge; the bridge's RSS after all that."""
+    ops_config(h, {"two": h.demo_server_entry(), "big": serve_test_entry(h)})
+    client = md._client(md.load_config(str(h.cfg)), types.SimpleNamespace())
+    s = ServeSession(h)
+    s.initialize()
+    assert len(s.tool_names()) > 20  # every server started, lists cached
+    for _ in range(20):
+        s.call("demo__counter")
+        client.request("callTool", {"server": "demo", "tool": "counter"})
+    direct, bridged = [], []
+    for _ in range(n):  # interleaved: the machine's noise falls on both alike
+        direct += bench_times(lambda: client.request("callTool", {"server": "demo", "tool": "counter"}), 1)
+        bridged += bench_times(lambda: s.call("demo__counter"), 1)
+    listed = bench_times(lambda: s.request("tools/list"), 100)
+    rss_before = vm_status_kib(s.p.pid, "VmRSS")
+    s.call("big__blob", {"kib": 50 * 1024}, timeout=120)  # the server makes it once, untimed
+    large = bench_times(lambda: s.call("big__blob", {"kib": 50 * 1024}, timeout=120), 2)
+    rss, hwm = vm_status_kib(s.p.pid, "VmRSS"), vm_status_kib(s.p.pid, "VmHWM")
+    s.call("demo__counter")
+    rss_after = vm_status_kib(s.p.pid, "VmRSS")
+    assert s.close() == 0
+    h.write_config()
+    return direct, bridged, listed, large, (rss_before, rss, hwm, rss_after)
+
+
+@pytest.mark.bench
+def test_benchmark_serve(h, monkeypatch):
+    md = _import_module()
+    monkeypatch.setenv("MCPORTER_DAEMON_DIR", str(h.state_dir))
+    # As after any first run on a user's machine: a bridge runs from cached bytecode.
+    monkeypatch.delenv("PYTHONDONTWRITEBYTECODE", raising=False)
+    py_compile.compile(str(MODULE_PATH), doraise=True)
+    direct, bridged, listed, large, (rss_before, rss, hwm, rss_after) = bench_serve(h, md)
+    added = statistics.median(bridged) - statistics.median(direct)
+    rows = [
+        ("warm call straight to the daemon (one process)", bench_ms(direct), ""),
+        ("warm tools/call through the serve bridge", bench_ms(bridged), ""),
+        ("added by the bridge (median)", f"{added * 1000:.2f} ms", "≤ 2 ms"),
+        ("tools/list, 3 kept servers, from the cache", bench_ms(listed), "≤ 20 ms"),
+        ("50 MiB structuredContent through the bridge", f"{statistics.median(large):.2f} s", "whole"),
+        (
+            "bridge RSS warm / peak (50 MiB) / after it",
+            f"{rss_before / 1024:.1f} / {hwm / 1024:.0f} / {rss_after / 1024:.1f} MiB",
+            "",
+        ),
+    ]
+    width = max(len(r[0]) for r in rows)
+    print(f"\n\nmcporter_daemon serve benchmark, {time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores\n")
+    print(f"{'measurement'.ljust(width)}  {'result'.ljust(34)}  target")
+    for name, result, target in rows:
+        print(f"{name.ljust(width)}  {result.ljust(34)}  {target}")
