@@ -42,7 +42,7 @@ Where each invariant (README, "Invariants") is kept:
   13 one copy of a server: _KeptServer.live_client (its life lock), _Takeover._wait_for_stopping
   14 every wait has a deadline: exchange, _JsonRpcChannel._write_until, call_expiry
   15 paths are bytes: DaemonPaths.for_config, config_fingerprint (os.fsencode)
-  16 warm state is kept: plan_takeover (busy, or silent once, is not hung), after_ping,
+  16 warm state is kept: plan_takeover (busy, or silent once, is not hung), ping_verdict,
      nohup in DaemonHost._install_signal_handlers
   17 no other user gets in: ensure_private_dir, _refuse_unsafe_config
 """
@@ -3733,6 +3733,10 @@ _STDERR_LINE_CHARS = 300
 
 _STDERR_EOF_WAIT = 0.3  # for a dying server's last stderr lines (a grandchild may hold the pipe)
 
+_STDERR_LINE_CAP = 64 * 1024  # a longer stderr line is logged cut (a newline-free flood stays bounded)
+
+_STDERR_READ = 64 * 1024
+
 _MCP_CLOSE_GRACE = _wait(2.0, 1.0)  # stdin closed, then SIGTERM, then SIGKILL, this far apart
 # A close's every step: exit wait, SIGTERM grace, SIGKILL wait, reap (McpStdioClient._end_group).
 _MCP_CLOSE_WORST = 4 * _MCP_CLOSE_GRACE + 0.5
@@ -3754,6 +3758,34 @@ _PING_TIMEOUT = _wait(5.0, 2.0)  # two missed in a row restart a server: never s
 _PING_FAILURES_TO_RESTART = 2  # one lost ping may be a hiccup; two in a row is a wedged server
 
 _WEDGED_CLOSE_GRACE = _wait(1.0, 0.5)  # it stopped answering: shorter grace steps than a normal close
+
+_TEST_CLOCK_VAR = "MCPORTER_DAEMON_TEST_CLOCK_FILE"  # private: tests step the daemon's wall clock
+
+
+def _mono_ms() -> int:
+    """Now on the monotonic clock, in ms: what intervals (idle close, pings) are measured on,
+    so no step of the wall clock (NTP, a suspend, a user) stretches or shrinks them."""
+    return int(time.monotonic() * 1000)
+
+
+def _install_test_clock() -> None:
+    """For tests only: when MCPORTER_DAEMON_TEST_CLOCK_FILE names a file, this process's
+    ``time.time()`` is offset by the seconds written in it (read at each call), so a test can
+    step the wall clock inside a running daemon and see that no interval depends on it."""
+    path = os.environ.get(_TEST_CLOCK_VAR)
+    if not path:
+        return
+    real = time.time
+
+    def stepped() -> float:
+        try:
+            with open(path) as fh:
+                return real() + float(fh.read().strip() or 0)
+        except (OSError, ValueError):
+            return real()
+
+    time.time = stepped
+
 
 _MALLOC_MMAP_VAR = "MALLOC_MMAP_THRESHOLD_"  # glibc reads it at start-up
 _MALLOC_SET_BY_US = "MCPORTER_DAEMON_MALLOC_TUNED"
@@ -4720,6 +4752,15 @@ def _server_log_line(params: Any) -> str:
     )
 
 
+def _cwd_problem(name: str, cwd: Optional[str], source: Optional[str]) -> str:
+    """Why server ``name`` cannot start in ``cwd`` ("" when it can): a missing directory makes
+    the spawn fail like a missing command, which would name the wrong thing."""
+    if cwd is None or os.path.isdir(cwd):
+        return ""
+    what = "is not a directory" if os.path.exists(cwd) else "does not exist"
+    return f"working directory {cwd} {what} (server '{name}'{f', from {source}' if source else ''})"
+
+
 def _read_lines(fd: int) -> Iterable[str]:
     """The lines of a pipe, decoded (invalid UTF-8 replaced), until EOF.
 
@@ -4753,6 +4794,83 @@ def _read_lines(fd: int) -> Iterable[str]:
         buf += chunk
 
 
+def _stderr_lines(fd: int) -> Iterable[str]:
+    """A server's stderr as lines until EOF, blank ones left out: split at ``\\n`` and at
+    ``\\r`` (a progress bar redraws its line with ``\\r`` and may never end one).
+
+    Memory stays bounded whatever the server writes: a line past _STDERR_LINE_CAP bytes is
+    handed out cut and marked, and the rest of it is dropped up to its end."""
+    pending = b""
+    dropping = False  # inside the rest of a line already handed out cut
+    while True:
+        try:
+            chunk = os.read(fd, _STDERR_READ)
+        except OSError:
+            chunk = b""
+        if not chunk:
+            break
+        parts = (pending + chunk).replace(b"\r", b"\n").split(b"\n")
+        pending = parts.pop()
+        for part in parts:
+            if not dropping and part.strip():
+                yield part.decode("utf-8", "replace")
+            dropping = False
+        if len(pending) >= _STDERR_LINE_CAP:
+            if not dropping:
+                cut = pending[:_STDERR_LINE_CAP].decode("utf-8", "replace")
+                yield f"{cut} … (truncated: the line ran past {_STDERR_LINE_CAP // 1024} KiB)"
+            dropping, pending = True, b""
+    if pending.strip() and not dropping:
+        yield pending.decode("utf-8", "replace")
+
+
+def _parse_messages(text: str) -> Tuple[List[Dict[str, Any]], str]:
+    """The JSON-RPC messages on one stdout line (one object, or each object of a batch
+    array), and what was wrong with the line for the log ("" when nothing was)."""
+    if not text.strip():
+        return [], ""
+    try:
+        parsed = json.loads(text)  # a trailing \r\n is white space to JSON
+    except RecursionError:  # not a ValueError: nested past the parser's recursion limit
+        return [], "skipped stdout line nested too deeply to parse"
+    except ValueError:
+        return [], "skipped non-JSON stdout line"
+    items = parsed if isinstance(parsed, list) else [parsed]
+    messages = [m for m in items if isinstance(m, dict)]
+    if not items or len(messages) < len(items):
+        return messages, "skipped non-object stdout message"
+    return messages, ""
+
+
+def _exit_words(code: Optional[int]) -> str:
+    """``exit code 3``, or ``killed by signal 9 (SIGKILL)`` for a negative code."""
+    if code is None or code >= 0:
+        return f"exit code {code}"
+    import signal
+
+    try:
+        name = f" ({signal.Signals(-code).name})"
+    except ValueError:
+        name = ""
+    return f"killed by signal {-code}{name}"
+
+
+# Where a server's own request may name the client request it belongs to (``params._meta``).
+_RELATED_REQUEST_KEYS = ("io.modelcontextprotocol/related-request-id", "relatedRequestId", "progressToken")
+
+
+def notice_owner(params: Any, callers: List[int]) -> Optional[int]:
+    """Which in-flight caller's request a server request (an elicitation) belongs to: the one
+    it names in ``_meta`` (our progress token is the request id), else the only caller in
+    flight; None when it cannot be told, and then nobody is shown it."""
+    meta = params.get("_meta") if isinstance(params, dict) else None
+    refs = [meta.get(key) for key in _RELATED_REQUEST_KEYS] if isinstance(meta, dict) else []
+    for ref in refs:
+        if ref is not None and not isinstance(ref, bool):
+            return ref if ref in callers else None
+    return callers[0] if len(callers) == 1 else None
+
+
 # -- the server process ---------------------------------------------------------------------
 
 
@@ -4779,8 +4897,11 @@ class _ServerProcess:
     def pid(self) -> Optional[int]:
         return self.proc.pid if self.proc else None
 
-    def spawn(self, argv: List[str], env: Optional[Dict[str, str]], cwd: Optional[str]) -> None:
-        """Start the server (never through a shell) in its own process group; drain its stderr."""
+    def spawn(
+        self, argv: List[str], env: Optional[Dict[str, str]], cwd: Optional[str], source: Optional[str] = None
+    ) -> None:
+        """Start the server (never through a shell) in its own process group; drain its stderr.
+        ``source``: the config file that defines it, named when its working directory is missing."""
         import subprocess
 
         full_env = dict(os.environ)
@@ -4798,11 +4919,15 @@ class _ServerProcess:
                 start_new_session=True,  # own process group: the shutdown can end its children
                 close_fds=True,
             )
-        except FileNotFoundError:
-            raise McpError(
-                f"server '{self.name}': command not found: {argv[0]}", "command_not_found"
-            ) from None
         except OSError as exc:
+            # A missing cwd fails like a missing command (ENOENT): name the directory instead.
+            problem = _cwd_problem(self.name, cwd, source)
+            if problem:
+                raise McpError(problem, "command_not_found") from None
+            if isinstance(exc, FileNotFoundError):
+                raise McpError(
+                    f"server '{self.name}': command not found: {argv[0]}", "command_not_found"
+                ) from None
             raise McpError(
                 f"server '{self.name}': cannot run {argv[0]}: {exc.strerror}", "command_not_found"
             ) from None
@@ -4881,14 +5006,21 @@ class _ServerProcess:
         self.exited.set()
 
     def _drain_stderr(self) -> None:
-        # Always drained: a full stderr pipe would block the server mid-call.
+        # Always drained, whatever happens here: a full stderr pipe would block the server mid-call.
         assert self.proc is not None and self.proc.stderr is not None
-        for raw in iter(self.proc.stderr.readline, b""):
-            line = raw.decode("utf-8", "replace").rstrip("\r\n")
-            if line.strip():
+        fd = self.proc.stderr.fileno()
+        try:
+            for line in _stderr_lines(fd):
                 # The last few lines say why a server died ("API_KEY not set"), bounded.
                 self.stderr_lines = (self.stderr_lines + [line[:_STDERR_LINE_CHARS]])[-_STDERR_TAIL_LINES:]
-            self.log(line)
+                self.log(line)
+        except Exception as exc:
+            self.log(f"(stderr no longer logged: {exc!r})")
+            try:
+                while os.read(fd, _STDERR_READ):
+                    pass
+            except OSError:
+                pass
 
     def stderr_tail(self, wait: float = 0.0) -> str:
         """The server's last stderr lines, joined; ``wait`` lets the drain reach EOF first (a
@@ -4899,11 +5031,14 @@ class _ServerProcess:
         return " | ".join(self.stderr_lines)
 
     def exit_reason(self) -> str:
-        """Why calls to a server whose output ended fail: its exit code and last stderr lines."""
+        """Why calls to a server whose output ended fail: its exit code (or signal) and last
+        stderr lines, however fast it died."""
         tail = self.stderr_tail(wait=_STDERR_EOF_WAIT)
         self.exited.wait(_STDERR_EOF_WAIT)  # stdout closes a moment before the exit shows
         code = self.exit_code if self.leader_exited() else None
-        why = "exited" + (f" (exit code {code})" if code is not None else "")
+        why = (
+            "exited" if code is None else f"exited ({_exit_words(code)})" if code >= 0 else _exit_words(code)
+        )
         return why + (f"; stderr: {tail}" if tail else "")
 
     def close_stdin(self) -> None:
@@ -4978,8 +5113,9 @@ class _JsonRpcChannel:
         self.state_lock = threading.Lock()  # the pending table, the ids, the notice sinks
         self.pending: Dict[int, _Pending] = {}
         self.next_id = 1
-        self.notices: List[List[str]] = []  # one list per in-flight caller that wants notices
+        self.notices: Dict[int, List[str]] = {}  # by request id: in-flight callers that want notices
         self.broken = ""  # why the stream to the server can no longer be trusted
+        self.answered_at: Optional[float] = None  # (monotonic) the server's last answer, late ones too
 
     def open(self) -> None:
         """Start reading the spawned server's stdout."""
@@ -4989,32 +5125,47 @@ class _JsonRpcChannel:
         """Running, its stream intact, and its leader not exited (checked without reaping)."""
         return self.process.proc is not None and not self.broken and not self.process.leader_exited()
 
+    def down_reason(self) -> str:
+        """Why a server that is not alive is not: its broken stream, or how it exited (code or
+        signal, last stderr lines), however fast that was."""
+        if self.broken:
+            return self.broken
+        return self.process.exit_reason() if self.process.proc is not None else "not started"
+
     # -- reading -----------------------------------------------------------------------------
 
     def _read_stdout(self) -> None:
+        """Read and dispatch until stdout ends, then say so: however the reading ends, the
+        server never goes on looking healthy with nobody reading its answers."""
         proc = self.process.proc
         assert proc is not None and proc.stdout is not None
-        for text in _read_lines(proc.stdout.fileno()):
-            msg = self._parse_line(text)
-            del text  # one copy of a large line at a time: the text goes before dispatching
-            if msg is not None:
-                self._dispatch(msg)
-            del msg  # ...and the message before the next (maybe long) wait for a line
-        self.fail_pending()
-
-    def _parse_line(self, text: str) -> Optional[Dict[str, Any]]:
-        """A JSON object from one stdout line; blank lines are skipped, junk is logged."""
-        if not text.strip():
-            return None
+        why = "closed its stdout"
         try:
-            msg = json.loads(text)  # a trailing \r\n is white space to JSON
-        except ValueError:
-            self.log(f"(skipped non-JSON stdout line: {text[:200].strip()})")
-            return None
-        if not isinstance(msg, dict):
-            self.log(f"(skipped non-object stdout message: {text[:200].strip()})")
-            return None
-        return msg
+            for text in _read_lines(proc.stdout.fileno()):
+                messages, junk = _parse_messages(text)  # each element of a batch, in order
+                if junk:
+                    self.log(f"({junk}: {text[:200].strip()})")
+                del text  # one copy of a large line at a time: the text goes before dispatching
+                messages.reverse()
+                while messages:  # ...and each message before the next (maybe long) wait
+                    self._dispatch_one(messages.pop())
+        except Exception as exc:
+            why = f"stdout could not be read ({exc!r})"
+        self._output_ended(why)
+
+    def _output_ended(self, why: str) -> None:
+        """Nothing more can arrive. A server that exits closes stdout a moment before its exit
+        shows: its calls fail with how it exited. One that lives on without stdout is broken."""
+        if self.process.closing or self.process.exited.wait(_STDERR_EOF_WAIT):
+            self.fail_pending()
+        else:
+            self._break(f"{why} while still running")
+
+    def _dispatch_one(self, msg: Dict[str, Any]) -> None:
+        try:
+            self._dispatch(msg)
+        except Exception as exc:  # a message nested too deep to log, say: skip it, read on
+            self.log(f"(skipped a stdout message it could not handle: {exc!r})")
 
     def _dispatch(self, msg: Dict[str, Any]) -> None:
         """Tell messages apart by shape; servers number their own requests from 0 too."""
@@ -5029,6 +5180,7 @@ class _JsonRpcChannel:
             else:
                 self.on_notification(msg["method"], msg.get("params"))
         elif "id" in msg and ("result" in msg or "error" in msg):
+            self.answered_at = time.monotonic()  # a late answer too: the server is alive
             with self.state_lock:
                 pending = self.pending.pop(msg["id"], None) if isinstance(msg["id"], int) else None
             if pending is not None:  # a late answer to a timed-out request is ignored
@@ -5060,12 +5212,15 @@ class _JsonRpcChannel:
             self.send({"jsonrpc": "2.0", "id": msg["id"], "result": {}})
         elif method == "elicitation/create":
             self.send({"jsonrpc": "2.0", "id": msg["id"], "result": {"action": "decline"}})
-            prompt = (msg.get("params") or {}).get("message") if isinstance(msg.get("params"), dict) else None
-            self._add_notice(
+            params = msg.get("params")
+            prompt = params.get("message") if isinstance(params, dict) else None
+            text = (
                 f"server '{self.name}' asked for input"
                 + (f" ({str(prompt)[:120]})" if prompt else "")
                 + "; declined (not interactive)"
             )
+            self.log(f"({text})")
+            self._add_notice(text, params)
         else:
             self.send(
                 {
@@ -5075,10 +5230,13 @@ class _JsonRpcChannel:
                 }
             )
 
-    def _add_notice(self, text: str) -> None:
+    def _add_notice(self, text: str, params: Any) -> None:
+        """Only the caller the server's request can be attributed to is told: its question may
+        be private to that caller's work."""
         with self.state_lock:
-            for sink in self.notices:
-                sink.append(text)
+            owner = notice_owner(params, list(self.notices))
+            if owner is not None:
+                self.notices[owner].append(text)
 
     def fail_pending(self, why: str = "") -> None:
         """Answer every pending request with an error: ``why``, or how the server exited."""
@@ -5180,7 +5338,7 @@ class _JsonRpcChannel:
         """
         deadline = time.monotonic() + opts.timeout
         if not self.alive():
-            raise McpError(f"server '{self.name}' is not running", "server_exited")
+            raise McpError(f"server '{self.name}': {self.down_reason()}", "server_exited")
         if opts.cancelled is not None and opts.cancelled.is_set():
             raise McpError(f"server '{self.name}': {method} cancelled (the caller went away)", "cancelled")
         pending = _Pending(opts.on_progress)
@@ -5189,7 +5347,7 @@ class _JsonRpcChannel:
             self.next_id += 1
             self.pending[rid] = pending
             if opts.notices is not None:
-                self.notices.append(opts.notices)
+                self.notices[rid] = opts.notices
         msg: Dict[str, Any] = {"jsonrpc": "2.0", "id": rid, "method": method}
         msg["params"] = _with_progress_token(params, rid)
         try:
@@ -5206,7 +5364,7 @@ class _JsonRpcChannel:
         finally:
             if opts.notices is not None:
                 with self.state_lock:
-                    self.notices = [n for n in self.notices if n is not opts.notices]
+                    self.notices.pop(rid, None)
         response = pending.response or {}
         if "error" in response:
             raise _answered_error(self.name, response)
@@ -5225,8 +5383,12 @@ class _JsonRpcChannel:
             return
         with self.state_lock:
             self.pending.pop(rid, None)
-        if self.process.leader_exited():
-            raise McpError(f"server '{self.name}' exited", "server_exited")
+        # Cut off before its deadline: its input is closed (EPIPE), most often as it exits.
+        cut_off = time.monotonic() < deadline and not self.process.closing
+        if cut_off and not self.process.exited.wait(_STDERR_EOF_WAIT):
+            self._break("closed its stdin while still running")
+        if not self.alive():
+            raise McpError(f"server '{self.name}': {self.down_reason()}", "server_exited")
         raise McpError(
             f"server '{self.name}': {method} timed out after {opts.timeout:g}s "
             f"(the server is not reading its input)",
@@ -5294,11 +5456,13 @@ class McpStdioClient:
         env: Optional[Dict[str, str]] = None,
         cwd: Optional[str] = None,
         log: Optional[Callable[[str], None]] = None,
+        source: Optional[str] = None,
     ) -> None:
         self.name = name
         self.argv = list(argv)
         self.env = env
         self.cwd = cwd
+        self.source = source  # the config file that defines the server, for its errors
         log = log or (lambda line: None)
         self._process = _ServerProcess(name, log)
         self._channel = _JsonRpcChannel(name, self._process, log, self._notified, self.close)
@@ -5320,9 +5484,14 @@ class McpStdioClient:
         """The server's last stderr lines, joined (``wait``: for the drain to reach EOF)."""
         return self._process.stderr_tail(wait)
 
+    def answered_since(self, when: Optional[float]) -> bool:
+        """Whether the server answered anything (a late answer too) after ``when`` (monotonic)."""
+        heard = self._channel.answered_at
+        return when is not None and heard is not None and heard > when
+
     def start(self, timeout: float = _MCP_START_TIMEOUT) -> McpStdioClient:
         """Spawn the server (never through a shell) and complete the MCP handshake."""
-        self._process.spawn(self.argv, self.env, self.cwd)
+        self._process.spawn(self.argv, self.env, self.cwd, self.source)
         self._channel.open()
         self._process.watch(self._channel.fail_pending)
         try:
@@ -5733,6 +5902,22 @@ def after_ping(failures: int, ok: bool) -> Tuple[int, bool]:
     return failures + 1, failures + 1 >= _PING_FAILURES_TO_RESTART
 
 
+def ping_verdict(
+    failures: int, ok: bool, answered_before: bool, stopped: bool, heard_since_last_miss: bool
+) -> Tuple[int, str]:
+    """(consecutive misses after this ping, what it means): "ok"; "unsupported" when a server
+    that never answered a ping misses one (no evidence either way: it is not restarted and
+    no longer pinged, as some working servers ignore ping), unless the OS reports it stopped;
+    else "miss", or "restart" at the second miss in a row. Any answer since the last miss
+    (a late one too) shows it alive, and breaks the run."""
+    if ok:
+        return 0, "ok"
+    if not (answered_before or stopped):
+        return failures, "unsupported"
+    failures, restart = after_ping(0 if heard_since_last_miss else failures, False)
+    return failures, "restart" if restart else "miss"
+
+
 # -- the table of operations ------------------------------------------------------------------
 
 # How a caller's ``timeoutMs`` applies to an operation (``_Operation.timeout``).
@@ -5969,7 +6154,9 @@ def _param(params: Dict[str, Any], key: str, kind: Any, what: str, required: boo
 
 
 class _Health:
-    """A kept server's health record, as ``status`` shows it (guarded by its server's lock)."""
+    """A kept server's health record, as ``status`` shows it (guarded by its server's lock).
+    Times shown are wall-clock ms; ``quiet_since`` and ``missed_at`` are monotonic, as every
+    interval is measured."""
 
     __slots__ = (
         "started_at",
@@ -5979,6 +6166,10 @@ class _Health:
         "last_ping_ok",
         "last_error",
         "restarts",
+        "quiet_since",
+        "answered",
+        "unsupported",
+        "missed_at",
     )
 
     def __init__(self) -> None:
@@ -5989,12 +6180,22 @@ class _Health:
         self.last_ping_ok: Optional[bool] = None
         self.last_error: Optional[str] = None
         self.restarts = 0
+        self.new_process()
+
+    def new_process(self) -> None:
+        """A new server process starts with a clean record: nothing known of its pings yet."""
+        self.failures = 0
+        self.quiet_since: Optional[int] = _mono_ms()  # started, used, or pinged (monotonic ms)
+        self.answered = False  # it answered a ping: from now on a missed one is evidence
+        self.unsupported = False  # it never answered its first: no longer pinged
+        self.missed_at: Optional[float] = None  # (monotonic) when the last missed ping went out
 
     def record(self) -> Dict[str, Any]:
         return {
             "lastPingAt": self.last_ping_at,
             "lastPingOk": self.last_ping_ok,
             "pingFailures": self.failures,
+            "pingUnsupported": self.unsupported,
             "lastError": self.last_error,
             "restarts": self.restarts,
         }
@@ -6019,7 +6220,8 @@ class _KeptServer:
         self.client: Optional[McpStdioClient] = None
         self.starting: Optional[McpStdioClient] = None  # mid-handshake: shutdown must end it too
         self.stopping = False  # the daemon is shutting down: no server starts after it
-        self.last_used: Optional[int] = None
+        self.last_used: Optional[int] = None  # wall-clock ms, shown
+        self.used_at: Optional[int] = None  # the same moment on the monotonic clock, for idle close
         self.in_use = 0  # requests running on it: never idle while any is
         self.health = _Health()
 
@@ -6066,7 +6268,8 @@ class _KeptServer:
             spec.command,
             env=spec.env,
             cwd=spec.cwd,
-            log=lambda line: self.log.write(f"[{name}] {line}"),
+            log=lambda line: self.log.event(f"[{name}] {line}"),
+            source=spec.source,
         )
         client.on_server_notification = self.heard
         with self.fields:
@@ -6094,7 +6297,7 @@ class _KeptServer:
                 return False
             self.client = client
             self.health.started_at = _now_ms()
-            self.health.failures = 0  # a new process starts with a clean record
+            self.health.new_process()
             return True
 
     def _refuse_if_stopping(self) -> None:
@@ -6117,6 +6320,7 @@ class _KeptServer:
             with self.fields:
                 self.in_use -= 1
                 self.last_used = _now_ms()  # idle time counts from the end of the last use
+                self.used_at = self.health.quiet_since = _mono_ms()
         self._trace(method, began, "ok")
         return result
 
@@ -6197,8 +6401,8 @@ class _KeptServer:
             self.client is not None,
             self.starting is not None,
             self.in_use,
-            self.last_used,
-            _now_ms(),
+            self.used_at,
+            _mono_ms(),
         )
 
     # -- health: pings and restarts --------------------------------------------------------------
@@ -6208,49 +6412,58 @@ class _KeptServer:
         with self.fields:
             client, health = self.client, self.health
             busy = health.pinging or self.starting is not None or self.in_use > 0 or self.life.locked()
-            alive = client is not None and client.alive()
+            alive = client is not None and client.alive() and not health.unsupported
             if not ping_due(
-                self.spec.health_check_ms, alive, busy, health.failures, self._last_active(), _now_ms()
+                self.spec.health_check_ms, alive, busy, health.failures, health.quiet_since, _mono_ms()
             ):
                 return None
             health.pinging = True
             return client
 
-    def _last_active(self) -> Optional[int]:
-        """When this server last did anything: started, served a call, or answered a ping."""
-        times = [
-            t for t in (self.health.started_at, self.last_used, self.health.last_ping_at) if t is not None
-        ]
-        return max(times) if times else None
-
     def check_health(self, client: McpStdioClient) -> None:
         """Ping ``client``; restart it after too many failed pings in a row."""
+        sent = time.monotonic()
         try:
-            why = self._record_ping(client, _ping_error(client))
+            why = self._record_ping(client, _ping_error(client), sent)
             if why is not None:
                 self._restart_wedged(client, why)
         finally:
             with self.fields:
                 self.health.pinging = False
 
-    def _record_ping(self, client: McpStdioClient, error: Optional[str]) -> Optional[str]:
+    def _record_ping(self, client: McpStdioClient, error: Optional[str], sent: float) -> Optional[str]:
         """Note a ping's outcome in the health record; returns why to restart the server, or None."""
+        stopped = error is not None and client.pid is not None and process_stopped(client.pid)
         with self.fields:
             if self.client is not client:
                 return None  # closed or replaced while the ping was out: its result says nothing
             health = self.health
             health.last_ping_at = _now_ms()
+            health.quiet_since = _mono_ms()
             health.last_ping_ok = error is None
-            health.failures, restart = after_ping(health.failures, error is None)
+            late = client.answered_since(health.missed_at)
+            health.failures, verdict = ping_verdict(
+                health.failures, error is None, health.answered, stopped, late
+            )
             failures = health.failures
-            if error is not None:
+            if verdict == "ok":
+                health.answered = True
+            elif verdict == "unsupported":
+                health.unsupported = True
+            else:
+                health.missed_at = sent
                 health.last_error = f"ping failed: {error}"
-        if error is None:
+        if verdict == "unsupported":
+            self.log.event(
+                f"server '{self.name}' (pid {client.pid}) has not answered a ping since it started: "
+                "taken as not supporting ping; no longer pinged, never restarted for it"
+            )
+        if verdict in ("ok", "unsupported"):
             return None
         self.log.event(
             f"ping of server '{self.name}' (pid {client.pid}) failed ({failures} in a row): {error}"
         )
-        return f"failed {failures} pings in a row (last: {error})" if restart else None
+        return f"failed {failures} pings in a row (last: {error})" if verdict == "restart" else None
 
     def _restart_wedged(self, client: McpStdioClient, why: str) -> None:
         try:
@@ -6317,6 +6530,7 @@ class McpKeepAliveService:
     """Keeps the config's keep-alive servers running inside a ``DaemonHost``."""
 
     def __init__(self, config: Config, log: DaemonLog) -> None:
+        _install_test_clock()
         self.config = config
         self.log = log
         self.host: Optional[DaemonHost] = None
@@ -8238,7 +8452,9 @@ def _run_ephemeral(
     run = op.run
     assert run is not None
     with _ended_by_signals():
-        client = McpStdioClient(spec.name, spec.command, env=spec.env, cwd=spec.cwd, log=lambda line: None)
+        client = McpStdioClient(
+            spec.name, spec.command, env=spec.env, cwd=spec.cwd, log=lambda line: None, source=spec.source
+        )
         _start_showing(client, spec, line)
         try:
             return op.shown(spec, run(client, args, opts))
@@ -8489,7 +8705,9 @@ def _health_text(health: Any) -> str:
     if not isinstance(health, dict):
         return ""
     at = health.get("lastPingAt")
-    if isinstance(at, (int, float)):
+    if health.get("pingUnsupported"):
+        ping = "ping unsupported"
+    elif isinstance(at, (int, float)):
         when = time.strftime("%H:%M:%S", time.localtime(at / 1000))
         ping = f"last ping {when} {'ok' if health.get('lastPingOk') else 'failed'}"
     else:
@@ -8848,17 +9066,25 @@ def _block_text(item: Dict[str, Any]) -> str:
 
 def content_lines(result: Dict[str, Any], saved: Optional[Dict[int, str]] = None) -> List[str]:
     """What ``call`` prints for a result: one entry per content block (a saved one as the path
-    it went to), then ``structuredContent`` as JSON when no block was text."""
+    it went to), then ``structuredContent`` as JSON when no block was text.
+
+    A server that breaks the shape still shows what it sent, never nothing: a bare block or
+    value as ``content`` is one block, an entry that is no block is shown as text or JSON, and
+    a result without ``content`` (or ``structuredContent``) is shown whole."""
     saved = saved or {}
     blocks = result.get("content")
     out: List[str] = []
     has_text = False
-    for i, item in enumerate(blocks if isinstance(blocks, list) else []):
-        if isinstance(item, dict):
+    for i, item in enumerate(blocks if isinstance(blocks, list) else [] if blocks is None else [blocks]):
+        if isinstance(item, dict) and "type" in item:
             has_text = has_text or item.get("type") == "text"
             out.append(saved[i] if i in saved else _block_text(item))
+        elif item is not None:
+            out.append(item if isinstance(item, str) else json.dumps(item, indent=2, ensure_ascii=False))
     if not has_text and result.get("structuredContent") is not None:
         out.append(json.dumps(result["structuredContent"], indent=2, ensure_ascii=False))
+    elif blocks is None and not out:
+        out.append(json.dumps(result, indent=2, ensure_ascii=False))
     return out
 
 
@@ -8966,10 +9192,13 @@ def _markdown_lines(result: Dict[str, Any], saved: Optional[Dict[int, str]] = No
     embedded resources and structured content fenced)."""
     saved = saved or {}
     blocks = result.get("content")
+    if not isinstance(blocks, list):
+        return content_lines(result, saved)  # a broken shape: what the server sent, never nothing
     out: List[str] = []
     has_text = False
-    for i, item in enumerate(blocks if isinstance(blocks, list) else []):
-        if not isinstance(item, dict):
+    for i, item in enumerate(blocks):
+        if not isinstance(item, dict) or "type" not in item:
+            out.extend(content_lines({"content": [item]}))
             continue
         kind = item.get("type")
         has_text = has_text or kind == "text"
@@ -9495,6 +9724,10 @@ def _doctor_servers(found: _Findings, cfg: Config) -> None:
             found.warn(f"server '{name}' is HTTP ({spec.url})", "this tool runs stdio servers only")
             continue
         mode = "keep-alive" if spec.keep_alive else "ephemeral"
+        unusable_cwd = _cwd_problem(name, spec.cwd, spec.source)
+        if unusable_cwd:
+            found.fail(unusable_cwd, 'create it, or fix the server\'s "cwd" in the config')
+            continue
         path = (spec.env or {}).get("PATH") or os.environ.get("PATH")
         exe = spec.command[0]
         resolved = (

@@ -2576,9 +2576,9 @@ def test_log_servers_flag_traces_only_chosen_servers(h):
     assert traced_servers(lines) == ["demo", "demo"], lines
     assert any(pid == daemon and msg.startswith("bound ") for pid, msg in events), lines
     assert (daemon, "shutting down: stop request") in events, lines
-    # Each MCP server's stderr reaches the log under its name.
-    assert f"[demo] demo MCP server ready (pid {demo})" in lines, lines
-    assert f"[other] demo MCP server ready (pid {other})" in lines, lines
+    # Each MCP server's stderr reaches the log under its name, stamped like every line.
+    assert (daemon, f"[demo] demo MCP server ready (pid {demo})") in events, lines
+    assert (daemon, f"[other] demo MCP server ready (pid {other})") in events, lines
     assert file_mode(log) == 0o600
 
 
@@ -2607,7 +2607,9 @@ def test_log_environment_variables(h):
     assert Path(st["logPath"]) == custom
     lines = log_lines(custom)
     assert traced_servers(lines) == ["other"], lines
-    assert f"[demo] demo MCP server ready (pid {server_pid(st, 'demo')})" in lines, lines
+    assert (st["pid"], f"[demo] demo MCP server ready (pid {server_pid(st, 'demo')})") in log_events(lines), (
+        lines
+    )
     assert file_mode(custom) == 0o600
 
 
@@ -2625,7 +2627,7 @@ def test_log_env_verbose_foreground_logs_to_stderr(h):
     lines = wait_until(traced, 5, message="a call trace on the foreground daemon's stderr")
     events = log_events(lines)
     assert any(pid == fg.pid and msg.startswith("bound ") for pid, msg in events), lines
-    assert f"[demo] demo MCP server ready (pid {server})" in lines, lines
+    assert (fg.pid, f"[demo] demo MCP server ready (pid {server})") in events, lines
     assert not h.path("log").exists() or "callTool" not in h.path("log").read_text()
     fg.send_signal(signal.SIGTERM)
     assert wait_exit(fg, 10) == 0
@@ -2700,7 +2702,7 @@ def test_daemon_log_rotates_under_a_real_daemon(h):
     assert log.stat().st_size <= LOG_BOUND
     assert file_mode(log) == 0o600 and file_mode(old) == 0o600
     server = server_pid(h.status(), "chatty")
-    assert f"[chatty] demo MCP server ready (pid {server})" in log_lines(log)
+    assert (daemon, f"[chatty] demo MCP server ready (pid {server})") in log_events(log_lines(log))
     # The detached daemon's own stderr follows the rotation (tracebacks land in the live log).
     assert os.readlink(f"/proc/{daemon}/fd/2") == str(log)
     h.run("stop").ok()
@@ -4866,36 +4868,86 @@ def test_jsonrpc_error_keeps_code_and_data_and_names_the_server_once(h, lifecycl
     assert line.count("server 't'") == 1, line
 
 
-# A small MCP stdio server that misbehaves on purpose. argv: tag, mode, runs file.
-# mode "deaf" stops reading stdin once it has listed its tools; tools: pid, echo, die (exits while a
-# grandchild, tagged, holds its stdout), lone (a lone surrogate in the text; counts its runs).
+# A small MCP stdio server that misbehaves on purpose: the one builder of the tests' hostile
+# servers. argv: tag, mode, runs file; it notes what it saw ("ping", "pong", "held", ...) in
+# ``<runs>.events``. Modes: "normal"; "deaf" stops reading stdin once it has listed its tools;
+# "batch" sends each answer inside a JSON-RPC batch, between a log notification and a ping of
+# its own; "ignore-ping" never answers ping; "late-ping" answers its first ping at once and each
+# later one after $LATE_PING_S seconds. Tools: pid; echo (its arguments as JSON: the default);
+# die (exits while a grandchild, tagged, holds its stdout); lone (a lone surrogate in the text;
+# counts its runs); nest (lines nested ``depths`` levels deep before its answer); close_stdout
+# (closes stdout and lives on, the call unanswered); close_stdout_soon (answers, then does the
+# same); flood (``mib`` MiB of ``piece`` repeated on stderr, the piece once for 0, then
+# answers); raw (answers with ``result`` as the whole result); hold (answered once an ``ask``
+# is); ask (asks for input, with a related-request reference when ``ref`` names one, and
+# answers once the client has).
 MISBEHAVING_SERVER = r"""
-import json, os, subprocess, sys, time
+import json, os, subprocess, sys, threading, time
 
 mode, runs, tag = sys.argv[1], sys.argv[2], sys.argv[3]
+out_lock = threading.Lock()
+pings, held, asking = 0, [], {}
 
 
 def send(obj):
-    sys.stdout.write(json.dumps(obj) + "\n")  # ensure_ascii: "\ud83d" stays an escape
-    sys.stdout.flush()
+    if mode == "batch" and "result" in obj:
+        log = {"jsonrpc": "2.0", "method": "notifications/message", "params": {"level": "info", "data": "batched"}}
+        obj = [log, obj, {"jsonrpc": "2.0", "id": "srv-ping", "method": "ping"}]
+    with out_lock:
+        sys.stdout.write(json.dumps(obj) + "\n")  # ensure_ascii: "\ud83d" stays an escape
+        sys.stdout.flush()
+
+
+def answer(rid, result):
+    send({"jsonrpc": "2.0", "id": rid, "result": result})
+
+
+def text(rid, value):
+    answer(rid, {"content": [{"type": "text", "text": value}]})
+
+
+def note(event):
+    with open(runs + ".events", "a") as f:
+        f.write(event + "\n")
+
+
+def live_on_without_stdout():
+    os.close(1)
+    note("stdout closed")
+    time.sleep(300)
 
 
 for line in sys.stdin:
     msg = json.loads(line)
     if "id" not in msg:
         continue
-    method, params = msg.get("method"), msg.get("params") or {}
+    rid, method, params = msg["id"], msg.get("method"), msg.get("params") or {}
+    if method is None:  # the client's answer to a request of ours
+        note("pong" if rid == "srv-ping" else "answered")
+        if rid in asking:
+            text(asking.pop(rid), json.dumps(msg.get("result")))
+            for other in held:
+                text(other, "released")
+            held.clear()
+        continue
     if method == "initialize":
-        send({"jsonrpc": "2.0", "id": msg["id"], "result": {
-            "protocolVersion": params.get("protocolVersion"), "capabilities": {"tools": {}},
-            "serverInfo": {"name": "misbehaving", "version": "1"}}})
+        answer(rid, {"protocolVersion": params.get("protocolVersion"), "capabilities": {"tools": {}},
+                     "serverInfo": {"name": "misbehaving", "version": "1"}})
         continue
     if method == "tools/list":
-        send({"jsonrpc": "2.0", "id": msg["id"], "result": {"tools": []}})
+        answer(rid, {"tools": []})
         if mode == "deaf":
             time.sleep(3600)  # never reads stdin again (after the daemon cached its tool list)
         continue
-    name = params.get("name")
+    if method == "ping":
+        pings += 1
+        note("ping")
+        if mode == "late-ping" and pings > 1:
+            threading.Timer(float(os.environ["LATE_PING_S"]), answer, (rid, {})).start()
+        elif mode != "ignore-ping":
+            answer(rid, {})
+        continue
+    name, args = params.get("name"), params.get("arguments") or {}
     if name == "die":
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)", tag])
         with open(runs, "w") as f:
@@ -4904,8 +4956,43 @@ for line in sys.stdin:
     if name == "lone":
         with open(runs, "a") as f:
             f.write("ran\n")
-    text = {"pid": str(os.getpid()), "lone": "cut \ud83d here"}.get(name, json.dumps(params.get("arguments")))
-    send({"jsonrpc": "2.0", "id": msg["id"], "result": {"content": [{"type": "text", "text": text}]}})
+    if name == "nest":
+        for depth in args["depths"]:
+            data = "[" * depth + "]" * depth
+            with out_lock:
+                sys.stdout.write('{"jsonrpc": "2.0", "method": "notifications/message", "params": '
+                                 '{"level": "info", "data": ' + data + '}}\n')
+    elif name == "close_stdout":
+        live_on_without_stdout()
+    elif name == "flood":
+        unit = args.get("piece", "x").encode()
+        block = unit * max(1, 65536 // len(unit))
+        left = int(float(args.get("mib", 0)) * 1024 * 1024) or len(unit)  # mib 0: the piece once
+        while left > 0:
+            left -= sys.stderr.buffer.write(block[:left])
+        sys.stderr.flush()
+    elif name == "raw":
+        answer(rid, args["result"])
+        continue
+    elif name == "hold":
+        held.append(rid)
+        note("held")
+        continue
+    elif name == "ask":
+        ask = {"message": args.get("question", "What is your password?"),
+               "requestedSchema": {"type": "object", "properties": {"password": {"type": "string"}}}}
+        ref = args.get("ref")
+        if ref == "token":
+            ask["_meta"] = {"progressToken": params["_meta"]["progressToken"]}
+        elif ref == "id":
+            ask["_meta"] = {"io.modelcontextprotocol/related-request-id": rid}
+        asking["ask-" + str(rid)] = rid
+        send({"jsonrpc": "2.0", "id": "ask-" + str(rid), "method": "elicitation/create", "params": ask})
+        continue
+    value = {"pid": str(os.getpid()), "lone": "cut \ud83d here"}.get(name, json.dumps(params.get("arguments")))
+    text(rid, value)
+    if name == "close_stdout_soon":
+        live_on_without_stdout()
 """
 
 
@@ -5086,6 +5173,106 @@ def test_server_that_dies_at_start_is_reported_with_its_stderr(h, lifecycle):
     assert "exited (exit code 3)" in err and "fatal: API_KEY not set" in err, err
     assert err.count("server 'dying'") == 1, f"doubled prefix: {err}"
     assert r.elapsed < 5, r
+
+
+@pytest.mark.parametrize("lifecycle", ["keep-alive", "ephemeral"])
+def test_server_that_dies_at_once_is_reported_with_its_exit_and_stderr_every_time(h, lifecycle):
+    """However fast a server dies (a shell wrapper that refuses to start, /bin/false), the error
+    names its exit code and its last stderr lines, kept or not; this used to race."""
+    wrapper = "echo 'fatal: GITHUB_TOKEN is not set' >&2; exit 3"
+    h.configure(
+        {
+            "gh": {"command": "/bin/sh", "args": ["-c", wrapper, h.tag], "lifecycle": lifecycle},
+            "no": {"command": "/bin/false", "args": [h.tag], "lifecycle": lifecycle},
+        },
+    )
+    for _ in range(8):
+        line = one_error_line(h.run("call", "gh.search"), 1, "exit code 3", "fatal: GITHUB_TOKEN is not set")
+        assert line.count("server 'gh'") == 1 and "not running" not in line, line
+        line = one_error_line(h.run("call", "no.anything"), 1, "server 'no'", "exit code 1")
+        assert "not running" not in line, line
+    assert call_ok(h, "demo.counter") == "1"
+
+
+@pytest.mark.parametrize("lifecycle", ["keep-alive", "ephemeral"])
+def test_missing_server_cwd_is_named_with_its_config_and_checked_by_doctor(h, lifecycle):
+    missing = h.tmp / "no-such-dir"
+    h.configure({"gone": dict(h.demo_server_entry(lifecycle), cwd=str(missing))})
+    r = h.run("call", "gone.counter", env=h.env())
+    assert_prompt_error(r, 2, f"working directory {missing} does not exist", "server 'gone'", f"from {h.cfg}")
+    assert "not found" not in r.err, r
+    _, findings = h.doctor()
+    finding(findings, "FAIL", "server 'gone'", f"working directory {missing} does not exist")
+    finding(findings, "ok    ", "server 'demo'")
+    missing.mkdir()
+    _, findings = h.doctor()
+    assert not [ln for ln in findings if ln.startswith("FAIL")], findings
+    assert call_ok(h, "gone.counter") == "1"
+
+
+@pytest.mark.parametrize(
+    "params, callers, owner",
+    [
+        ({"message": "?"}, [7], 7),  # one caller in flight: the question can only be its
+        ({"message": "?"}, [7, 8], None),  # two, and nothing says whose: nobody's
+        ({"message": "?"}, [], None),
+        ({"_meta": {"io.modelcontextprotocol/related-request-id": 8}}, [7, 8], 8),
+        ({"_meta": {"relatedRequestId": 7}}, [7, 8], 7),
+        ({"_meta": {"progressToken": 8}}, [7, 8], 8),  # our progress token is the request id
+        ({"_meta": {"relatedRequestId": 9}}, [7], None),  # names a request no caller waits for
+        ({"_meta": {"relatedRequestId": True}}, [7], 7),  # a bool names nothing
+        (None, [7], 7),
+    ],
+)
+def test_notice_owner_table(params, callers, owner):
+    assert _import_module().notice_owner(params, callers) == owner
+
+
+@pytest.mark.parametrize(
+    "line, count, complaint",
+    [
+        ('{"jsonrpc": "2.0", "id": 1, "result": {}}\r', 1, ""),
+        ('[{"jsonrpc": "2.0", "id": 1, "result": {}}, {"jsonrpc": "2.0", "method": "x"}]', 2, ""),
+        ('[{"id": 1, "result": {}}, 5]', 1, "non-object"),
+        ("[]", 0, "non-object"),
+        ("5", 0, "non-object"),
+        ("Server starting on stdio", 0, "non-JSON"),
+        pytest.param("[" * 100_000 + "]" * 100_000, 0, "nested too deeply", id="nested-100000-deep"),
+        ("   ", 0, ""),
+    ],
+)
+def test_parse_messages_table(line, count, complaint):
+    messages, why = _import_module()._parse_messages(line)
+    assert len(messages) == count and all(isinstance(m, dict) for m in messages)
+    assert (complaint in why) if complaint else why == "", why
+
+
+@pytest.mark.parametrize(
+    "code, words",
+    [(3, "exit code 3"), (0, "exit code 0"), (-9, "killed by signal 9 (SIGKILL)"), (-15, "(SIGTERM)")],
+)
+def test_exit_words_table(code, words):
+    assert words in _import_module()._exit_words(code)
+
+
+def test_stderr_lines_split_at_cr_and_lf_and_cap_a_long_line():
+    md = _import_module()
+    cap = md._STDERR_LINE_CAP
+    r, w = os.pipe()
+    data = b"a\r\nb\rc\n\n" + b"x" * (3 * cap + 5) + b"\ntail\xff"
+
+    def write():
+        with os.fdopen(w, "wb") as f:
+            f.write(data)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    with os.fdopen(r, "rb") as f:
+        lines = list(md._stderr_lines(f.fileno()))
+    writer.join()
+    assert lines[:3] == ["a", "b", "c"], lines[:3]
+    assert lines[3].startswith("x" * cap) and "truncated" in lines[3] and len(lines[3]) < cap + 100
+    assert lines[4:] == ["tail\ufffd"], [ln[:50] for ln in lines]
 
 
 def test_server_log_notifications_reach_the_daemon_log(h):
@@ -5945,6 +6132,24 @@ def test_ping_due_table(interval_ms, alive, busy, failures, last_active, now, du
 )
 def test_after_ping_table(failures, ok, expected):
     assert _import_module().after_ping(failures, ok) == expected
+
+
+@pytest.mark.parametrize(
+    "failures, ok, answered_before, stopped, heard_since, expected",
+    [
+        (0, True, False, False, False, (0, "ok")),
+        (1, True, True, False, False, (0, "ok")),
+        (0, False, False, False, False, (0, "unsupported")),  # never answered: no evidence either way
+        (0, False, False, True, False, (1, "miss")),  # ...unless the OS reports it stopped
+        (1, False, False, True, False, (2, "restart")),
+        (0, False, True, False, False, (1, "miss")),  # answered before: a miss counts
+        (1, False, True, False, False, (2, "restart")),  # two in a row
+        (1, False, True, False, True, (1, "miss")),  # a late answer since broke the run
+    ],
+)
+def test_ping_verdict_table(failures, ok, answered_before, stopped, heard_since, expected):
+    md = _import_module()
+    assert md.ping_verdict(failures, ok, answered_before, stopped, heard_since) == expected
 
 
 @pytest.mark.parametrize("idle_ms", [None, 0, 1000])
@@ -9272,6 +9477,190 @@ def test_our_foreground_daemon_replaces_live_mcporter_daemon(hx, mcporter_cli):
 # -- hostile MCP servers: nesting, closed stdout, stderr floods, batches, ignored pings --
 
 
+def hostile_entry(h, name, mode="normal", **lifecycle):
+    """The misbehaving server as a kept server ``name`` (``lifecycle`` keys: idleTimeoutMs,
+    healthCheckMs); returns the file where it notes what it saw."""
+    runs = h.tmp / f"runs-{name}"
+    entry = misbehaving_entry(h, mode, runs=runs)
+    if lifecycle:
+        entry["lifecycle"] = dict(lifecycle, mode="keep-alive")
+    return entry, Path(f"{runs}.events")
+
+
+def noted(events, what):
+    """How often the misbehaving server noted ``what`` (one event a line)."""
+    try:
+        return events.read_text().splitlines().count(what)
+    except FileNotFoundError:
+        return 0
+
+
+def server_log_lines(h, name):
+    return [ln for ln in log_lines(h.path("log")) if f"[{name}] " in ln]
+
+
+def test_deeply_nested_stdout_line_is_skipped_and_the_reader_lives_on(h):
+    """A line nested past the JSON parser's recursion limit raises RecursionError, not
+    ValueError: it is logged and skipped like any junk, and the call is answered."""
+    entry, _ = hostile_entry(h, "deep")
+    h.configure({"deep": entry})
+    server = int(call_ok(h, "deep.pid"))
+    depths = {"depths": [100_000, 900]}
+    r = h.run("call", "--timeout", "5s", "deep.nest", "--args", json.dumps(depths), timeout=30)
+    assert r.rc == 0 and json.loads(r.out) == depths, r
+    assert int(call_ok(h, "deep.pid")) == server, "the server was replaced"
+    assert server_status(h, "deep")["connected"] is True
+    skipped = [ln for ln in server_log_lines(h, "deep") if "skipped" in ln]
+    assert skipped and len(skipped[0]) < 1000, server_log_lines(h, "deep")[-5:]
+
+
+@pytest.mark.parametrize("when", ["during a call", "while idle"])
+def test_server_that_closes_stdout_and_lives_on_is_ended_and_replaced(h, when):
+    entry, events = hostile_entry(h, "mute")
+    h.configure({"mute": entry})
+    first = int(call_ok(h, "mute.pid"))
+    if when == "during a call":
+        r = h.run("call", "--timeout", "20s", "mute.close_stdout", timeout=40)
+        one_error_line(r, 1, "server 'mute'", "closed its stdout")
+        assert r.elapsed < 5, f"the call waited {r.elapsed:.1f}s for a server without stdout"
+    else:
+        assert call_ok(h, "mute.close_stdout_soon") == "{}"
+    assert noted(events, "stdout closed") == 1
+    wait_until(lambda: not pid_alive(first), 5, message=f"server {first} without stdout to be ended")
+    assert server_status(h, "mute")["connected"] is False
+    second = int(call_ok(h, "mute.pid"))
+    assert second != first
+    assert call_ok(h, "demo.counter") == "1"
+
+
+def test_stderr_without_newlines_is_split_capped_and_stamped(h):
+    entry, _ = hostile_entry(h, "loud")
+    h.configure({"loud": entry})
+    call_ok(h, "loud.pid")
+    daemon = running_status(h)["pid"]
+    rss_before = vm_rss_kib(daemon)
+    # A progress bar as tqdm draws it, then 32 MiB with no line break at all, then one line.
+    for flood in ({"mib": 0.01, "piece": "progress 50%\r"}, {"mib": 32}, {"mib": 0, "piece": "\ndone\n"}):
+        r = h.run("call", "loud.flood", "--args", json.dumps(flood), timeout=60)
+        assert r.rc == 0, r
+
+    def flood_logged():
+        lines = server_log_lines(h, "loud")
+        return any(ln.endswith("[loud] done") for ln in lines) and lines
+
+    lines = wait_until(flood_logged, 10, message="the line after the flood in the log")
+    grown = vm_rss_kib(daemon) - rss_before
+    print(f"\ndaemon RSS {rss_before} KiB before, grew {grown} KiB over 32 MiB of newline-free stderr")
+    for line in lines:
+        m = LOG_STAMP.match(line)
+        assert m and int(m.group(2)) == daemon, f"server stderr line without time and pid: {line[:200]}"
+    assert sum(ln.endswith("[loud] progress 50%") for ln in lines) > 100, lines[:3]
+    assert max(len(ln) for ln in lines) < 64 * 1024 + 200, "a stderr line was not capped"
+    truncated = [ln for ln in lines if "truncated" in ln]
+    assert len(truncated) == 1 and "x" * 60_000 in truncated[0], [ln[:200] for ln in lines[-4:]]
+    assert grown < 16 * 1024, f"daemon RSS grew {grown} KiB over 32 MiB of stderr"
+    assert pid_alive(daemon) and running_status(h)["pid"] == daemon
+
+
+@pytest.mark.bench
+def test_bench_daemon_rss_under_a_newline_free_stderr_flood(h):
+    entry, _ = hostile_entry(h, "loud")
+    h.configure({"loud": entry})
+    call_ok(h, "loud.pid")
+    daemon = running_status(h)["pid"]
+    before = vm_rss_kib(daemon)
+    t0 = time.monotonic()
+    r = h.run("call", "--timeout", "120s", "loud.flood", "--args", json.dumps({"mib": 150}), timeout=150)
+    assert r.rc == 0, r
+    after = vm_rss_kib(daemon)
+    print(
+        f"\ndaemon RSS after 150 MiB of newline-free stderr: {before} KiB before, {after} KiB after "
+        f"(+{after - before} KiB), {time.monotonic() - t0:.1f} s"
+    )
+
+
+def test_batched_answers_are_dispatched_element_by_element(h):
+    entry, events = hostile_entry(h, "batch", "batch")
+    h.configure({"batch": entry})
+    r = h.run("call", "--timeout", "5s", "batch.echo", "text=in a batch", timeout=30)
+    assert r.rc == 0 and json.loads(r.out) == {"text": "in a batch"}, r
+    # The server's own ping inside a batch is answered, and its log notification logged.
+    wait_until(lambda: noted(events, "pong") >= 2, 5, message="the server's batched ping answered")
+    assert any(ln.endswith("[batch] (info) batched") for ln in server_log_lines(h, "batch"))
+    assert call_ok(h, "batch.echo", "n=2") == '{"n": 2}'
+
+
+def test_ping_is_evidence_only_for_a_server_that_has_answered_one(h):
+    """A server that never answers ping is not restarted (its state would be lost every 40 s):
+    status says ``ping unsupported`` and it is pinged no more. One whose answers come late is
+    alive: a late answer breaks the run of misses."""
+    timeout = _import_module()._PING_TIMEOUT
+    mute, mute_events = hostile_entry(h, "mute", "ignore-ping", healthCheckMs=200)
+    late, late_events = hostile_entry(h, "late", "late-ping", healthCheckMs=200)
+    late["env"] = {"LATE_PING_S": str(timeout * 1.4)}
+    h.configure({"mute": mute, "late": late})
+    pids = {name: int(call_ok(h, f"{name}.pid")) for name in ("mute", "late")}
+
+    def unsupported():
+        s = server_status(h, "mute")
+        return s["health"].get("pingUnsupported") and s
+
+    s = wait_until(unsupported, timeout + 10, interval=0.1, message="mute to be marked ping unsupported")
+    assert s["connected"] and s["pid"] == pids["mute"], s
+    # Two late pings in a row would have restarted it by the time its fourth goes out.
+    wait_until(lambda: noted(late_events, "ping") >= 4, 4 * timeout + 10, message="a fourth ping of late")
+    for name in ("mute", "late"):
+        s = server_status(h, name)
+        assert s["pid"] == pids[name] and s["health"]["restarts"] == 0, s
+        assert int(call_ok(h, f"{name}.pid")) == pids[name]
+    assert noted(mute_events, "ping") == 1, "a server that never answered a ping was pinged again"
+    line = [ln for ln in h.run("status", env=h.env()).ok().splitlines() if ln.startswith("  - mute:")]
+    assert line and "ping unsupported" in line[0], line
+
+
+def test_elicitation_notice_reaches_only_the_caller_it_belongs_to(h):
+    entry, events = hostile_entry(h, "ask")
+    h.configure({"ask": entry})
+    # One call in flight: the question can only be its.
+    r = h.run("call", "ask.ask", "question=Which branch?")
+    assert r.rc == 0 and "asked for input (Which branch?)" in r.err, r
+
+    def ask_beside_a_held_call(*pairs):
+        held = noted(events, "held")
+        holder = h.popen("call", "ask.hold")
+        wait_until(lambda: noted(events, "held") > held, 10, message="the held call to reach the server")
+        r = h.run("call", "ask.ask", *pairs)
+        assert r.rc == 0, r
+        assert holder.wait(timeout=20) == 0, read_file(holder.err_path)
+        return r.err, read_file(holder.err_path)
+
+    # Two in flight and nothing says whose question it is: nobody's; the log has it.
+    asker, holder = ask_beside_a_held_call("question=What is your password?")
+    assert "asked for input" not in asker and "asked for input" not in holder, (asker, holder)
+    assert any("What is your password?" in ln for ln in log_lines(h.path("log")))
+    # Two in flight, and the question names its request: only that caller sees it.
+    for ref in ("token", "id"):
+        asker, holder = ask_beside_a_held_call(f"ref={ref}", "question=Deploy now?")
+        assert "asked for input (Deploy now?)" in asker and "Deploy" not in holder, (ref, asker, holder)
+
+
+def test_result_whose_content_is_not_a_list_prints_something(h):
+    entry, _ = hostile_entry(h, "odd")
+    h.configure({"odd": entry})
+    for result, shown in (
+        ({"content": {"type": "text", "text": "one bare block"}}, "one bare block"),
+        ({"content": "a bare string"}, "a bare string"),
+        ({"content": {"rows": 3}}, '"rows": 3'),
+        ({"content": 42}, "42"),
+        ({"content": ["before", {"type": "text", "text": "after"}]}, ("before", "after")),
+        ({"answer": "no content at all"}, '"answer": "no content at all"'),
+    ):
+        for output in ("text", "markdown"):
+            r = h.run("call", "odd.raw", "--output", output, "--args", json.dumps({"result": result}))
+            needles = shown if isinstance(shown, tuple) else (shown,)
+            assert r.rc == 0 and all(n in r.out for n in needles) and r.err == "", (result, r)
+
+
 # -- hostile clients and load: connection floods, the caps, slow readers --
 
 
@@ -9520,6 +9909,37 @@ def test_stop_and_status_refuse_an_unsafe_state_dir_before_reading_its_record(h,
 
 
 # -- hostile clocks and signals: clock steps, hangups, nohup --
+
+
+def test_wall_clock_steps_neither_close_a_server_early_nor_stop_its_pings(h):
+    """Idle close and pings measure with a monotonic clock: a +2 h step of the daemon's wall
+    clock closes no server used a moment ago, and a -1 h step stops neither."""
+    offset = h.tmp / "clock-offset"
+    write_flag(offset, "0")
+    idle_ms = 5000
+    entry, events = hostile_entry(h, "s", idleTimeoutMs=idle_ms, healthCheckMs=200)
+    h.configure({"s": entry})
+    env = h.env(MCPORTER_DAEMON_TEST_CLOCK_FILE=offset)
+    server = int(h.run("call", "s.pid", env=env).ok())
+
+    write_flag(offset, str(2 * 3600))
+    pings = noted(events, "ping")
+    wait_until(
+        lambda: noted(events, "ping") >= pings + 2 or not pid_alive(server),
+        10,
+        message="two pings after +2 h",
+    )
+    assert pid_alive(server), "a +2 h clock step closed a server used a moment ago"
+    assert int(h.run("call", "s.pid", env=env).ok()) == server
+    used = time.monotonic()
+
+    write_flag(offset, str(-3600))
+    pings = noted(events, "ping")
+    wait_until(lambda: noted(events, "ping") > pings, 10, message="a ping after a -1 h step")
+    wait_until(lambda: not pid_alive(server), idle_ms / 1000 + 5, message="the idle close after a -1 h step")
+    closed_after = time.monotonic() - used
+    assert closed_after > idle_ms / 1000 - 0.5, f"closed {closed_after:.1f}s after its last use"
+    assert f"closing server 's' (pid {server}): idle" in read_file(h.path("log"))
 
 
 # ##########################################################################################
