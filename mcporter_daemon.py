@@ -2,9 +2,49 @@
 """Keep MCP stdio servers warm across CLI calls: one daemon per config, behind a Unix socket.
 
 A single-file, standard-library-only port of mcporter's keep-alive daemon (openclaw/mcporter,
-``src/daemon/``, wire protocol v2). Run ``python3 mcporter_daemon.py demo`` for a tour, or
-``--help`` for the commands. The lifecycle core (paths, locks, metadata, process identity,
-``DaemonHost``, ``DaemonClient``) has no MCP in it and may be vendored on its own.
+``src/daemon/``, wire protocol v2). ``python3 mcporter_daemon.py demo`` gives a tour, ``--help``
+the commands. Each section below opens with a banner saying what it owns. In file order:
+
+  The vendorable core (no MCP in it; ``__all__`` above the marker line is its API):
+    constants and errors -> paths (DaemonApp, DaemonPaths) -> wire protocol (frames, exchange)
+    -> metadata and locks (FileLock) -> process identity (is_our_pid, the ps/proc seam)
+    -> daemon host (DaemonHost, _Takeover, _Connection) -> daemon client (DaemonClient).
+  ---- the marker line ----
+  MCP: constants -> config and imports (load_config) -> stdio client (_ServerProcess,
+    _JsonRpcChannel, McpStdioClient) -> tool arguments -> keep-alive service (_OPERATIONS,
+    _KeptServer, McpKeepAliveService) -> serve, the editor bridge (ServeBridge) -> demo
+    server -> service files -> CLI, main() last.
+
+One warm ``call demo.counter``. The CLI process: main -> _parse_command_line (one command's
+parser) -> cmd_call (load_config, resolve_target, the arguments as text) ->
+_via_daemon_or_ephemeral -> DaemonClient.request -> ensure (verified_status) -> _send ->
+exchange: one JSON line out, progress frames and one answer back. The daemon:
+_accept -> _worker -> _Connection.handle -> _read_request -> _dispatch -> _run_handler (the
+work on its own thread; progress frames; _CallerWatch) -> McpKeepAliveService.handle
+(_OPERATIONS["callTool"]: read, check) -> _KeptServer.use -> live_client -> _call_tool
+-> McpStdioClient.call_tool -> _JsonRpcChannel.request (send with a deadline, _wait_answer,
+answered by the reader thread's _dispatch) -> _Exchange.answer. Back in the CLI:
+result_or_raise -> _print_result -> stdout.
+
+Where each invariant (README, "Invariants") is kept:
+   1 one daemon: DaemonClient.ensure (spawn lock, re-check), _Takeover.run (bind lock)
+   2 verified peer: DaemonClient.verified_status, status_matches, record_is_live
+   3 hands off the living: plan_takeover, _Takeover._reconcile
+   4 hung is replaced: _TakeoverFacts.gather (two probes), RecordedDaemon.terminate
+   5 stale stops first: _Takeover._stop_before_rebind
+   6 a torn record is no record: validate_metadata, write_metadata, _MetadataRecord.sync
+   7 clean only your own: DaemonHost._release_files, remove_metadata_if_owned
+   8 no socket, no daemon: DaemonHost._housekeeping (_Listener.owns_path)
+   9 errors at once: load_config, DaemonClient._wait_ready, McpStdioClient.start
+  10 bad input is contained: _Connection._read_request, _parse_request, _Load.admit
+  11 no shell: _ServerProcess.spawn (an argument list), McpKeepAliveService._server
+  12 at most once, exactly one answer: DaemonClient.request, _Exchange.answer
+  13 one copy of a server: _KeptServer.live_client (its life lock), _Takeover._wait_for_stopping
+  14 every wait has a deadline: exchange, _JsonRpcChannel._write_until, call_expiry
+  15 paths are bytes: DaemonPaths.for_config, config_fingerprint (os.fsencode)
+  16 warm state is kept: plan_takeover (busy, or silent once, is not hung), ping_verdict,
+     nohup in DaemonHost._install_signal_handlers
+  17 no other user gets in: ensure_private_dir, _refuse_unsafe_config
 """
 
 from __future__ import annotations
@@ -1500,7 +1540,7 @@ def terminate_daemon_tree(
 
 class RecordedDaemon:
     """A daemon as its metadata records it, read once and validated: pid, start time, socket
-    path and servers. What it ends, it ends only while verified ours (§7)."""
+    path and servers. It ends a process only while pid and start time prove it ours."""
 
     __slots__ = ("record", "pid", "start_time", "socket_path", "servers")
 
@@ -1845,7 +1885,7 @@ def status_matches(
     socket_path: str,
     proc_facts: Tuple[Optional[str], Optional[str]],
 ) -> bool:
-    """Whether a ``status`` answer comes from the daemon a record names (§9), free of I/O.
+    """Whether a ``status`` answer comes from the daemon a record names (verified peer); no I/O.
 
     ``meta`` is a validated record or None; ``status`` the answer's result (None when there
     was no answer yet); ``proc_facts`` the (start time, state) the OS reports now for the
@@ -2819,7 +2859,7 @@ class _Takeover:
 
         def say(plan: str) -> None:
             if plan == _ESCALATE_REFUSE:
-                # Only the metadata's pid + start time proves it ours (§7); a daemon we cannot
+                # Only the metadata's pid + start time proves it ours (verified peer); a daemon we cannot
                 # verify is left alone. It loses its socket now and exits when it notices.
                 self.log.event(
                     f"stale daemon pid {pid} did not exit and cannot be verified; rebinding anyway"
@@ -3495,7 +3535,7 @@ class DaemonClient:
         deadline = time.monotonic() + timeout
         self.paths.check()
         # Read before the stop: a stopping daemon removes its file, and only the record proves
-        # a pid ours (§7), so it is what allows a terminate later.
+        # a pid ours (verified peer), so it is what allows a terminate later.
         recorded = RecordedDaemon.read(self.paths.metadata)
         recorded_ours = recorded is not None and recorded.is_ours()
         if not recorded_ours:
@@ -3529,7 +3569,7 @@ class DaemonClient:
         if plan == _ESCALATE_STILL_STOPPING:
             raise DaemonTimeout(f"daemon (pid {pid}) is still shutting down after {timeout:g}s")
         if plan == _ESCALATE_REFUSE:
-            # Signals only with proof (§7): the record read before the stop names this very
+            # Signals only with proof (verified peer): the record read before the stop names this very
             # process (a stopping daemon removes the file, so it had to be read first).
             raise DaemonError(
                 f"daemon (pid {pid}) did not stop within {timeout:g}s and cannot be verified as ours; "

@@ -3142,17 +3142,17 @@ def test_half_closed_caller_is_answered_and_a_closed_one_cancelled(h):
 #   owner_ours / owner_stopped: the metadata's pid is alive with the recorded start time, and
 #          the OS reports it stopped (state T). The bind guard asks for "stopped" only of an
 #          owner that is ours; a "stopped" owner that is not ours must be ignored all the same,
-#          since nothing is ever signalled on a pid that is not ours (SPEC §7).
+#          since nothing is ever signalled on a pid that is not ours (verified peer).
 PLAN_TAKEOVER_TABLE = [
     # probe, fresh, owner_ours, owner_stopped, plan
-    ("live", False, False, False, "stop-then-bind"),  # a live stale daemon is stopped before rebind (§8.3)
+    ("live", False, False, False, "stop-then-bind"),  # stale stops first: stopped before rebind
     ("live", False, False, True, "stop-then-bind"),  # "stopped" of a pid not ours changes nothing
     ("live", False, True, False, "stop-then-bind"),
     # Live, but the owner is ours and stopped (only after a second probe: a stopped owner is not
     # probed). It is hung "whatever it answers": the answer came before the stop, or from another
     # daemon; the decision is not told which, and ends the stopped owner either way.
     ("live", False, True, True, "terminate-then-bind"),
-    ("live", True, False, False, "reconcile"),  # live and fresh: keep it, fix the metadata (§8.2)
+    ("live", True, False, False, "reconcile"),  # hands off the living: keep it, fix the metadata
     ("live", True, False, True, "reconcile"),  # "stopped" of a pid not ours changes nothing
     ("live", True, True, False, "reconcile"),
     ("live", True, True, True, "terminate-then-bind"),  # stopped beats a fresh answer, as above
@@ -3177,7 +3177,7 @@ PLAN_TAKEOVER_TABLE = [
     ("silent", True, True, False, "probe-again"),
     ("silent", True, True, True, "terminate-then-bind"),
     # Silent twice: hung. End it when it is ours; an owner we cannot verify is left alone and
-    # only its socket file is replaced (it exits when it notices, §8).
+    # only its socket file is replaced (it exits when it notices: no socket, no daemon).
     ("silent-twice", False, False, False, "bind"),
     ("silent-twice", False, False, True, "bind"),
     ("silent-twice", False, True, False, "terminate-then-bind"),
@@ -7654,6 +7654,123 @@ def test_ci_runs_the_readme_test_command():
     assert command in ci_lines, f".ci/run does not run the README's command: {command}"
 
 
+def readme_section(heading):
+    """The text under the README's ``## heading``, up to the next ``## `` heading."""
+    return (HERE / "README.md").read_text().split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def readme_quick_start():
+    """The quick start as a user follows it: the ```sh block that writes the config, and the
+    ```console block's commands, each with the lines the README shows it printing."""
+    section = readme_section("Quick start")
+    setup = re.search(r"```sh\n(.*?)```", section, re.S)
+    console = re.search(r"```console\n(.*?)```", section, re.S)
+    assert setup and console, "the quick start has a ```sh block and then a ```console block"
+    steps = []
+    for line in console.group(1).splitlines():
+        if line.startswith("$ "):
+            steps.append((line[2:], []))
+        else:
+            steps[-1][1].append(line)
+    return setup.group(1), steps
+
+
+def quick_start_shape(line):
+    """A printed line with what differs between runs (pids, times, paths) blanked out."""
+    line = re.sub(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", "TIME", line)
+    line = re.sub(r"/.*$", "PATH", line)  # a path ends its line (and may hold spaces)
+    return re.sub(r"pid \d+", "pid N", line)
+
+
+def test_readme_quick_start_runs_as_written(h, tmp_path):
+    """The quick start needs nothing but Python, and what it shows is what a user sees: the
+    demo server's count rises across separate CLI processes, `status` shows the same server
+    pid, and after `stop` the count starts over (the state lived only in that process).
+
+    Every pid the README shows must stand for one real pid throughout, and different ones for
+    different pids: so the server's pid really stayed the same, and the second daemon is new."""
+    setup, steps = readme_quick_start()
+    work = tmp_path / "my project"
+    work.mkdir()
+    shutil.copy(str(MODULE_PATH), str(work / "mcporter_daemon.py"))
+    bin_dir = tmp_path / "bin"  # `python3` in the README is the interpreter running the tests
+    bin_dir.mkdir()
+    (bin_dir / "python3").symlink_to(sys.executable)
+    env = h.env(PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+    r = h.run(argv=["bash", "-euc", setup], env=env, cwd=work)
+    assert r.rc == 0, r
+    assert len(steps) >= 6, steps
+    real_of = {}
+    for command, shown in steps:
+        r = h.run(argv=["bash", "-c", command], env=env, cwd=work)
+        assert r.rc == 0, (command, r)
+        printed = (r.out + r.err).rstrip("\n").splitlines()
+        assert [quick_start_shape(x) for x in printed] == [quick_start_shape(x) for x in shown], (command, r)
+        for shown_line, line in zip(shown, printed):
+            for readme_pid, pid in zip(re.findall(r"pid (\d+)", shown_line), re.findall(r"pid (\d+)", line)):
+                assert real_of.setdefault(readme_pid, pid) == pid, (
+                    f"{command}: the README shows pid {readme_pid} again, but it is {pid} now, "
+                    f"not {real_of[readme_pid]}"
+                )
+    assert len(set(real_of.values())) == len(real_of), f"README pids stand for the same pid: {real_of}"
+
+
+def help_text(*words):
+    r = subprocess.run(
+        [sys.executable, str(MODULE_PATH), *words, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT,
+        env=dict(os.environ, COLUMNS="100"),
+    )
+    assert r.returncode == 0, r
+    return r.stdout
+
+
+def help_subcommands(text):
+    """The subcommands a top-level ``--help`` lists: indented lines of a name, then (after two
+    or more spaces) what it does."""
+    return re.findall(r"^ {2,}([a-z][\w-]*)(?: \([\w, -]+\))? {2,}\S", text, re.M)
+
+
+def help_flags(text):
+    return set(re.findall(r"(?<![\w-])(--?[A-Za-z][\w-]*)", text)) - {"-h", "--help"}
+
+
+def readme_command_rows(commands, name):
+    """The Commands table's rows for subcommand ``name``: its first cell names it."""
+    rows = [ln for ln in commands.splitlines() if ln.startswith("| `")]
+    return [
+        row for row in rows if re.search(rf"(^\| |/ )`{re.escape(name)}[ `]", row.split("` |", 1)[0] + "`")
+    ]
+
+
+def test_readme_commands_name_every_subcommand_and_flag_help_shows():
+    """Every subcommand `--help` lists has a row in the README's Commands table, and that row
+    names every flag the subcommand's own `--help` shows; the top-level flags are in the
+    section too (a user reading it sees all there is)."""
+    commands = readme_section("Commands")
+    top = help_text()
+    subcommands = help_subcommands(top)
+    assert {"start", "stop", "call", "list", "doctor"} <= set(subcommands), top
+    missing = []
+    for flag in sorted(help_flags(top)):
+        if not re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", commands):
+            missing.append(flag)
+    for name in subcommands:
+        rows = "\n".join(readme_command_rows(commands, name))
+        if not rows:
+            missing.append(f"a row for `{name}`")
+            continue
+        text = help_text(name)
+        if text == top:  # `daemon --help`: the commands it aliases, already checked above
+            continue
+        for flag in sorted(help_flags(text)):
+            if not re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", rows):
+                missing.append(f"{name} {flag}")
+    assert not missing, f"--help shows these, the README's Commands table does not: {missing}"
+
+
 @pytest.mark.parametrize(
     "args, named",
     [
@@ -8412,7 +8529,7 @@ def test_status_exits_3_when_not_running_and_names_a_foreign_daemon(h):
 # as external processes; nothing from them is imported here. Where the machine
 # cannot install them (no node/npm, no venv/pip, no registry) the tests skip
 # with the reason, unless MCPORTER_DAEMON_TEST_REAL_SERVERS=require (CI), where
-# that is a failure.
+# that is a failure; MCPORTER_DAEMON_TEST_REAL_SERVERS=off skips them without a try.
 REAL_SERVERS_VAR = "MCPORTER_DAEMON_TEST_REAL_SERVERS"
 
 
@@ -8668,7 +8785,10 @@ def cached_install(name, install, check):
     ``install(dest)`` returns None or an error line; ``check(dest)`` returns the
     installed versions (a dict) or None when the install is unusable. A folder
     without its completion marker (an interrupted install) is redone.
+    ``MCPORTER_DAEMON_TEST_REAL_SERVERS=off`` skips these tests without fetching anything.
     """
+    if os.environ.get(REAL_SERVERS_VAR) == "off":
+        pytest.skip(f"{REAL_SERVERS_VAR}=off: real servers and mcporter are not fetched")
     cache = real_cache_dir()
     try:
         cache.mkdir(parents=True, exist_ok=True)
@@ -9841,16 +9961,16 @@ def test_wall_clock_steps_neither_close_a_server_early_nor_stop_its_pings(h):
 # so its sequence of steps replays exactly from the seed; the interleaving of the workers'
 # steps, and so what a step finds (which pid it kills), does not.
 #
-# Invariants (SPEC §11), from /proc and sock_diag, checked after every step and every 0.1 s by
-# a monitor thread; each is a violation once seen continuously for longer than its tolerance:
-#   two-servers           two live copies of the MCP server (§11.13)            > 0.5 s (7 s *)
+# Invariants (README, "Invariants"), from /proc and sock_diag, checked after every step and every
+# 0.1 s by a monitor thread; each is a violation once seen continuously for longer than its tolerance:
+#   two-servers           two live copies of the MCP server (one copy)  > 0.5 s (7 s *)
 #   two-serving-daemons   two daemons of this config listening on the path name > 7 s
 #   unreachable-daemon    the one listening daemon is not where the path leads  > 7 s
 #   orphan-server         an MCP server whose parent is no daemon of this config > 3 s
 #   daemon-not-serving    a daemon process that neither serves nor exits        > 30 s
 #   (* when one copy is run by a daemon that a step cut off from its path or SIGSTOPped: a
 #   successor that cannot see it, its metadata damaged too, binds beside it, and it ends its
-#   servers only when it notices, §11.8)
+#   servers only when it notices: no socket, no daemon)
 # A daemon *serves* while it holds a listening socket bound to the path's name; one that has
 # closed its listener to stop does not. Per step: no stuck caller (a CLI step over 30 s), no
 # crash (an "unexpected error" or traceback), `status` exits 0, `start`/`stop`/`restart` exit
@@ -9863,7 +9983,8 @@ def test_wall_clock_steps_neither_close_a_server_early_nor_stop_its_pings(h):
 # and no two calls see the same one. Settle points (every MCPORTER_CHAOS_SETTLE_EVERY steps
 # the workers pause) are strict once a quiet system had up to 30 s: no stopped daemon, no
 # daemon but the one serving where the path leads, at most one MCP server and it that
-# daemon's child, the metadata naming that daemon (§11.6), and `status --json` agreeing.
+# daemon's child, the metadata naming that daemon (a torn record is no record), and
+# `status --json` agreeing.
 # At the end, `stop` must leave no daemon, no MCP server, no socket and no metadata.
 # After a violation the soak ends the offending orphan or stray, so later checks stay
 # meaningful, and goes on; the test fails at the end with every violation found.
@@ -9884,11 +10005,11 @@ CHAOS_TWO_SERVERS_S = 0.5  # two live copies of the MCP server: only while one i
 #                            but CHAOS_UNREACHABLE_S when one is run by a daemon that a step made
 #                            unreachable (socket file removed) or SIGSTOPped: a successor that
 #                            cannot verify it (metadata damaged too) binds beside it, and it
-#                            ends its servers when it notices (§11.8)
+#                            ends its servers when it notices (no socket, no daemon)
 CHAOS_TWO_SERVING_S = 7.0  # a second listening daemon: only while it notices that it lost
 
 
-#                            its socket path (§11.8: 5 s) or while it is closing to stop
+#                            its socket path (no socket, no daemon: 5 s) or while it is closing to stop
 CHAOS_UNREACHABLE_S = 7.0  # the one listening daemon is not the one at the path (same bound)
 
 
@@ -10261,7 +10382,7 @@ class Chaos:
             problems.append(
                 (
                     "one-daemon",
-                    f"daemons {snap.describe(snap.daemons)}; only the one serving may remain (§11.1)",
+                    f"daemons {snap.describe(snap.daemons)}; only the one serving may remain (one daemon)",
                 )
             )
         if len(snap.servers) > 1:
@@ -10588,8 +10709,9 @@ class Chaos:
         return self._command(label, "start")
 
     def step_stop(self, label, u):
-        """Stop is a barrier (§8): it returns once the daemon is gone, and it never says that no
-        daemon runs while one serves at the path from before it began to after it returned."""
+        """Stop is a barrier (one copy of a server): it returns once the daemon is gone, and it
+        never says that no daemon runs while one serves at the path from before it began to
+        after it returned."""
         before = ChaosSnapshot(self.h)
         serving_before = {pid: before.daemons[pid].start for pid in before.reachable}
         r, t0, t1 = self.timed(label, "stop")
