@@ -1055,11 +1055,26 @@ def nobody_python():
     pytest.skip("no Python that uid 65534 can run our module with: " + "; ".join(tried))
 
 
+def nobody_cli(home):
+    """The CLI as uid 65534, from that user's cached bytecode of a copy of the module in
+    ``home`` (a directory it owns), as an installed command runs: a timed run then measures
+    the tool, not a compile of the whole file under the suite's load."""
+    py = nobody_python()
+    copy = os.path.join(str(home), "mcporter_daemon.py")
+    shutil.copy(str(MODULE_PATH), copy)
+    os.chown(copy, NOBODY_UID, NOBODY_UID)
+    launcher = f"import sys; sys.path.insert(0, {str(home)!r}); import mcporter_daemon; sys.exit(mcporter_daemon.main())"
+    argv = [sys.executable, "-c", AS_NOBODY, py, "-c", launcher]
+    env = dict(os.environ, HOME=str(home))
+    done = subprocess.run(argv + ["--version"], capture_output=True, text=True, timeout=30, env=env)
+    assert done.returncode == 0 and os.path.isdir(os.path.join(str(home), "__pycache__")), done
+    return argv
+
+
 def run_as_nobody_with_long_dir(h, fallback):
     """``call`` as uid 65534 with a 150-byte MCPORTER_DAEMON_DIR, after making the fallback
     socket dir /tmp/mcporter-65534 unusable (``fallback``: "file", "dir-0777", or "symlink" to
     a private directory of uid 65534, which would pass every check made through the link)."""
-    py = nobody_python()
     fb = f"/tmp/mcporter-{NOBODY_UID}"
     if os.path.lexists(fb):
         pytest.skip(f"{fb} exists already; not ours to change")
@@ -1090,18 +1105,7 @@ def run_as_nobody_with_long_dir(h, fallback):
         made_fb = True
         key = hashlib.sha1(cfg.encode()).hexdigest()[:12]
         preferred = os.path.join(long_dir, f"daemon-{key}.sock")
-        argv = [
-            sys.executable,
-            "-c",
-            AS_NOBODY,
-            py,
-            MODULE_PATH,
-            "--config",
-            cfg,
-            "call",
-            "demo.echo",
-            "text=x",
-        ]
+        argv = nobody_cli(long_dir) + ["--config", cfg, "call", "demo.echo", "text=x"]
         r = h.run(argv=argv, env=h.env(MCPORTER_DAEMON_DIR=long_dir, HOME=long_dir), cwd=long_dir)
         return r, preferred, fb
     finally:
@@ -1273,7 +1277,7 @@ def test_read_only_state_dir_is_named_in_one_line(h):
         if os.getuid() == 0:  # root writes anywhere: the directory is read-only for its owner
             for path in (top, state, cfg):
                 os.chown(str(path), NOBODY_UID, NOBODY_UID)
-            argv = [sys.executable, "-c", AS_NOBODY, nobody_python(), MODULE_PATH, "--config", cfg]
+            argv = nobody_cli(top) + ["--config", cfg]
         os.chmod(str(state), 0o500)
         env = h.env(MCPORTER_DAEMON_DIR=str(state), HOME=str(top))
         for words in (["call", "demo.echo", "text=x"], ["start"]):
