@@ -65,6 +65,13 @@ os.environ.setdefault("DAEMON_TEST_WAIT_SCALE", "0.1")
 # even where a sandbox sets PYTHONDONTWRITEBYTECODE.
 os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 
+# Processes the tests launch start with Ctrl-C's default meaning, as from a user's shell. A
+# suite run from a background job (bash ignores SIGINT there) or in a pytest-xdist worker may
+# itself ignore SIGINT, and an ignored signal stays ignored across exec: the tests of what
+# Ctrl-C does would then test nothing.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 HERE = Path(__file__).resolve().parent
 MODULE_PATH = HERE / "mcporter_daemon.py"
 # The CLI as the tests run it: main() through an import and without site-packages, as the module
