@@ -1978,6 +1978,40 @@ def _socket_owner(paths: DaemonPaths) -> Optional[RecordedDaemon]:
     return owner if owner is not None and owner.is_ours() else None
 
 
+class _Hooks:
+    """The embedding program's hooks (see ``DaemonHost``), and what ``status_extra`` last
+    returned: past the connection cap, ``status`` is answered from it, since the overflow
+    thread must not wait on a hook."""
+
+    __slots__ = ("status_extra", "metadata_extra", "on_tick", "on_shutdown", "status_extra_seen")
+
+    def __init__(
+        self,
+        status_extra: Optional[Callable[[], Dict[str, Any]]],
+        metadata_extra: Optional[Callable[[], Dict[str, Any]]],
+        on_tick: Optional[Callable[[], None]],
+        on_shutdown: Optional[Callable[[], None]],
+    ) -> None:
+        self.status_extra = status_extra
+        self.metadata_extra = metadata_extra
+        self.on_tick = on_tick
+        self.on_shutdown = on_shutdown
+        self.status_extra_seen: Dict[str, Any] = {}
+
+
+class _Hook:
+    """A ``DaemonHost`` hook as a plain attribute (settable until ``run``), kept in its ``_Hooks``."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, host: Optional[DaemonHost], owner: Optional[type] = None) -> Any:
+        return self if host is None else getattr(host._hooks, self.name)
+
+    def __set__(self, host: DaemonHost, value: Any) -> None:
+        setattr(host._hooks, self.name, value)
+
+
 class DaemonHost:
     """A singleton daemon: bind guard, then serve ``method -> handler`` until told to stop.
 
@@ -2003,8 +2037,13 @@ class DaemonHost:
     The state lives with its owners: ``_Takeover`` (the bind guard, run once), ``_Listener``
     (the socket and wake pipe), ``_Load`` (connections and requests in flight),
     ``_MetadataRecord`` (the record and its rewrites), ``_RunState`` (why and how it stops);
-    each connection is served by a ``_Connection``.
+    each connection is served by a ``_Connection``; the hooks are kept together in ``_Hooks``.
     """
+
+    status_extra = _Hook()
+    metadata_extra = _Hook()
+    on_tick = _Hook()
+    on_shutdown = _Hook()
 
     def __init__(
         self,
@@ -2024,10 +2063,7 @@ class DaemonHost:
         self.fingerprint = fingerprint
         self.handlers = dict(handlers or {})
         self.idle_timeout = idle_timeout
-        self.status_extra = status_extra
-        self.metadata_extra = metadata_extra
-        self.on_tick = on_tick
-        self.on_shutdown = on_shutdown
+        self._hooks = _Hooks(status_extra, metadata_extra, on_tick, on_shutdown)
         self.log = log or DaemonLog()
         self.probe_timeout = probe_timeout or paths.app.env_seconds(
             "PROBE_TIMEOUT_MS", _DEFAULT_PROBE_TIMEOUT
@@ -2038,7 +2074,6 @@ class DaemonHost:
         self._state = _RunState()
         self._overflow = _Overflow(self)
         self._owner = _OwnerLock(paths)
-        self._status_extra_seen: Dict[str, Any] = {}
 
     @property
     def pid(self) -> int:
@@ -2201,9 +2236,10 @@ class DaemonHost:
         if self._owner.fd is None:
             self._take_owner_lock()
         self._record.sync()
-        if self.on_tick:
+        hooks = self._hooks
+        if hooks.on_tick:
             try:
-                self.on_tick()
+                hooks.on_tick()
             except Exception as exc:  # a housekeeping bug must not kill the daemon
                 self.log.event(f"housekeeping error: {exc!r}")
         self._maybe_idle_out()
@@ -2233,8 +2269,9 @@ class DaemonHost:
     # -- built-in methods --------------------------------------------------------------------
 
     def _builtin_status(self, params: Dict[str, Any], ctx: RequestContext) -> Dict[str, Any]:
-        extra = self.status_extra() if self.status_extra else {}
-        self._status_extra_seen = extra
+        hooks = self._hooks
+        extra = hooks.status_extra() if hooks.status_extra else {}
+        hooks.status_extra_seen = extra
         return self._status_answer(extra)
 
     def _status_answer(self, extra: Dict[str, Any]) -> Dict[str, Any]:
@@ -2282,9 +2319,10 @@ class DaemonHost:
         try:
             self.log.event(f"shutting down: {self._state.reason}")
             self._load.wait_idle(_DRAIN_WAIT)
-            if self.on_shutdown:
+            on_shutdown = self._hooks.on_shutdown
+            if on_shutdown:
                 try:
-                    self.on_shutdown()
+                    on_shutdown()
                 except Exception as exc:
                     self.log.event(f"shutdown hook failed: {exc!r}")
             self._load.wait_idle(_DRAIN_AFTER_CLOSE)
@@ -2690,7 +2728,7 @@ class _Overflow:
             host._handle_stop(conn, rid)
         elif method == "status":
             _answer_and_close(
-                conn, {"id": rid, "ok": True, "result": host._status_answer(host._status_extra_seen)}
+                conn, {"id": rid, "ok": True, "result": host._status_answer(host._hooks.status_extra_seen)}
             )
         else:
             _answer_and_close(conn, host._busy_frame(rid, why))
@@ -2737,8 +2775,9 @@ class _MetadataRecord:
         }
         if _SCRIPT_FILE:  # lets a client take scriptVersion without hashing the same file
             data["scriptFile"] = _SCRIPT_FILE[0]
-        if host.metadata_extra:
-            data.update(host.metadata_extra())
+        metadata_extra = host._hooks.metadata_extra
+        if metadata_extra:
+            data.update(metadata_extra())
         if generation == self.generation:  # not marked dirty while we built it
             self.cache = data
         return data
