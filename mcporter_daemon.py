@@ -2035,7 +2035,7 @@ class DaemonHost:
       close what the handlers keep open. Meanwhile requests are answered "shutting down".
 
     The state lives with its owners: ``_Takeover`` (the bind guard, run once), ``_Listener``
-    (the socket and wake pipe), ``_Load`` (connections and requests in flight),
+    (the socket, its owner lock and the wake pipe), ``_Load`` (connections and requests in flight),
     ``_MetadataRecord`` (the record and its rewrites), ``_RunState`` (why and how it stops);
     each connection is served by a ``_Connection``; the hooks are kept together in ``_Hooks``.
     """
@@ -2069,11 +2069,10 @@ class DaemonHost:
             "PROBE_TIMEOUT_MS", _DEFAULT_PROBE_TIMEOUT
         )
         self._record = _MetadataRecord(self)
-        self._listener = _Listener()
+        self._listener = _Listener(paths)
         self._load = _Load()
         self._state = _RunState()
         self._overflow = _Overflow(self)
-        self._owner = _OwnerLock(paths)
 
     @property
     def pid(self) -> int:
@@ -2233,7 +2232,7 @@ class DaemonHost:
             # Removed or replaced: nobody can reach us any more, so we must not linger.
             self.request_stop(_STOP_SOCKET_LOST)
             return
-        if self._owner.fd is None:
+        if self._listener.owner.fd is None:
             self._take_owner_lock()
         self._record.sync()
         hooks = self._hooks
@@ -2247,10 +2246,11 @@ class DaemonHost:
     def _take_owner_lock(self) -> None:
         """Hold the owner lock from now on; a predecessor that lost its socket may hold it
         still (housekeeping tries again until it is gone)."""
+        owner = self._listener.owner
         try:
-            self._owner.take(self._record.current().get("pidStartTime"))
+            owner.take(self._record.current().get("pidStartTime"))
         except OSError as exc:
-            self.log.event(f"cannot take the owner lock {self._owner.path}: {exc.strerror or exc}")
+            self.log.event(f"cannot take the owner lock {owner.path}: {exc.strerror or exc}")
 
     def _maybe_idle_out(self) -> None:
         """Idle shutdown re-checks activity under the bind lock, so a starter that just
@@ -2354,7 +2354,7 @@ class DaemonHost:
                         lock.release()
             except OSError as exc:
                 self.log.event(f"cannot remove state files: {exc}")
-        self._owner.release()  # last: until here, this process still owns the socket
+        self._listener.owner.release()  # last: until here, this process still owns the socket
         self.log.event("daemon exited")
 
     def _release_files(self) -> None:
@@ -2384,14 +2384,16 @@ class _RunState:
 
 
 class _Listener:
-    """The bound socket, its identity as bound (to tell whether the path is still ours), and
-    the wake pipe that interrupts the serving loop's wait."""
+    """The bound socket, its identity as bound (to tell whether the path is still ours), the
+    owner lock held while this process owns the socket (taken after the bind, released after
+    the close), and the wake pipe that interrupts the serving loop's wait."""
 
-    __slots__ = ("sock", "sock_id", "wake_r", "wake_w")
+    __slots__ = ("sock", "sock_id", "owner", "wake_r", "wake_w")
 
-    def __init__(self) -> None:
+    def __init__(self, paths: DaemonPaths) -> None:
         self.sock: Optional[socket.socket] = None
         self.sock_id: Optional[Tuple[int, int]] = None
+        self.owner = _OwnerLock(paths)
         self.wake_r, self.wake_w = -1, -1
 
     def bind(self, path: str) -> None:
