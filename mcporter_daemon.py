@@ -2035,9 +2035,10 @@ class DaemonHost:
       close what the handlers keep open. Meanwhile requests are answered "shutting down".
 
     The state lives with its owners: ``_Takeover`` (the bind guard, run once), ``_Listener``
-    (the socket, its owner lock and the wake pipe), ``_Load`` (connections and requests in flight),
-    ``_MetadataRecord`` (the record and its rewrites), ``_RunState`` (why and how it stops);
-    each connection is served by a ``_Connection``; the hooks are kept together in ``_Hooks``.
+    (the socket, its owner lock and the wake pipe), ``_Load`` (connections and requests in
+    flight, and the ``_Overflow`` reader past the cap), ``_MetadataRecord`` (the record and its
+    rewrites), ``_RunState`` (why and how it stops), ``_Hooks`` (the hooks above); each
+    connection is served by a ``_Connection``.
     """
 
     status_extra = _Hook()
@@ -2070,9 +2071,8 @@ class DaemonHost:
         )
         self._record = _MetadataRecord(self)
         self._listener = _Listener(paths)
-        self._load = _Load()
+        self._load = _Load(_Overflow(self))
         self._state = _RunState()
-        self._overflow = _Overflow(self)
 
     @property
     def pid(self) -> int:
@@ -2190,7 +2190,7 @@ class DaemonHost:
             return True  # the client gave up (ECONNABORTED) or a spurious wake-up
         admitted = self._load.admit(conn)
         if admitted == "overflow":
-            self._overflow.add(conn)
+            self._load.overflow_reader.add(conn)
         elif admitted == "full":
             _answer_and_close(
                 conn, self._busy_frame(None, f"{_MAX_CONNECTIONS + _MAX_OVERFLOW} connections open")
@@ -2479,12 +2479,14 @@ class _Listener:
 class _Load:
     """What the accept loop and the connections count together, under one lock: open
     connections, spare workers waiting for the next one, half-read request bytes (capped in
-    all), requests in flight (each owed one answer) and when anything last happened."""
+    all), requests in flight (each owed one answer) and when anything last happened. The
+    connections past the cap are counted here too, and read by its ``overflow_reader``."""
 
     __slots__ = (
         "lock",
         "connections",
         "overflow",
+        "overflow_reader",
         "spare_workers",
         "handoff",
         "pending_bytes",
@@ -2493,13 +2495,14 @@ class _Load:
         "last_activity",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, overflow_reader: _Overflow) -> None:
         import queue
         import threading
 
         self.lock = threading.Lock()
         self.connections = 0
         self.overflow = 0  # connections past the cap, read on the overflow thread
+        self.overflow_reader = overflow_reader
         self.spare_workers = 0
         self.handoff: queue.SimpleQueue[socket.socket] = queue.SimpleQueue()  # for spare workers
         self.pending_bytes = 0
