@@ -1978,6 +1978,40 @@ def _socket_owner(paths: DaemonPaths) -> Optional[RecordedDaemon]:
     return owner if owner is not None and owner.is_ours() else None
 
 
+class _Hooks:
+    """The embedding program's hooks (see ``DaemonHost``), and what ``status_extra`` last
+    returned: past the connection cap, ``status`` is answered from it, since the overflow
+    thread must not wait on a hook."""
+
+    __slots__ = ("status_extra", "metadata_extra", "on_tick", "on_shutdown", "status_extra_seen")
+
+    def __init__(
+        self,
+        status_extra: Optional[Callable[[], Dict[str, Any]]],
+        metadata_extra: Optional[Callable[[], Dict[str, Any]]],
+        on_tick: Optional[Callable[[], None]],
+        on_shutdown: Optional[Callable[[], None]],
+    ) -> None:
+        self.status_extra = status_extra
+        self.metadata_extra = metadata_extra
+        self.on_tick = on_tick
+        self.on_shutdown = on_shutdown
+        self.status_extra_seen: Dict[str, Any] = {}
+
+
+class _Hook:
+    """A ``DaemonHost`` hook as a plain attribute (settable until ``run``), kept in its ``_Hooks``."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, host: Optional[DaemonHost], owner: Optional[type] = None) -> Any:
+        return self if host is None else getattr(host._hooks, self.name)
+
+    def __set__(self, host: DaemonHost, value: Any) -> None:
+        setattr(host._hooks, self.name, value)
+
+
 class DaemonHost:
     """A singleton daemon: bind guard, then serve ``method -> handler`` until told to stop.
 
@@ -2001,10 +2035,16 @@ class DaemonHost:
       close what the handlers keep open. Meanwhile requests are answered "shutting down".
 
     The state lives with its owners: ``_Takeover`` (the bind guard, run once), ``_Listener``
-    (the socket and wake pipe), ``_Load`` (connections and requests in flight),
-    ``_MetadataRecord`` (the record and its rewrites), ``_RunState`` (why and how it stops);
-    each connection is served by a ``_Connection``.
+    (the socket, its owner lock and the wake pipe), ``_Load`` (connections and requests in
+    flight, and the ``_Overflow`` reader past the cap), ``_MetadataRecord`` (the record and its
+    rewrites), ``_RunState`` (why and how it stops), ``_Hooks`` (the hooks above); each
+    connection is served by a ``_Connection``.
     """
+
+    status_extra = _Hook()
+    metadata_extra = _Hook()
+    on_tick = _Hook()
+    on_shutdown = _Hook()
 
     def __init__(
         self,
@@ -2024,21 +2064,15 @@ class DaemonHost:
         self.fingerprint = fingerprint
         self.handlers = dict(handlers or {})
         self.idle_timeout = idle_timeout
-        self.status_extra = status_extra
-        self.metadata_extra = metadata_extra
-        self.on_tick = on_tick
-        self.on_shutdown = on_shutdown
+        self._hooks = _Hooks(status_extra, metadata_extra, on_tick, on_shutdown)
         self.log = log or DaemonLog()
         self.probe_timeout = probe_timeout or paths.app.env_seconds(
             "PROBE_TIMEOUT_MS", _DEFAULT_PROBE_TIMEOUT
         )
         self._record = _MetadataRecord(self)
-        self._listener = _Listener()
-        self._load = _Load()
+        self._listener = _Listener(paths)
+        self._load = _Load(_Overflow(self))
         self._state = _RunState()
-        self._overflow = _Overflow(self)
-        self._owner = _OwnerLock(paths)
-        self._status_extra_seen: Dict[str, Any] = {}
 
     @property
     def pid(self) -> int:
@@ -2156,7 +2190,7 @@ class DaemonHost:
             return True  # the client gave up (ECONNABORTED) or a spurious wake-up
         admitted = self._load.admit(conn)
         if admitted == "overflow":
-            self._overflow.add(conn)
+            self._load.overflow_reader.add(conn)
         elif admitted == "full":
             _answer_and_close(
                 conn, self._busy_frame(None, f"{_MAX_CONNECTIONS + _MAX_OVERFLOW} connections open")
@@ -2198,12 +2232,13 @@ class DaemonHost:
             # Removed or replaced: nobody can reach us any more, so we must not linger.
             self.request_stop(_STOP_SOCKET_LOST)
             return
-        if self._owner.fd is None:
+        if self._listener.owner.fd is None:
             self._take_owner_lock()
         self._record.sync()
-        if self.on_tick:
+        hooks = self._hooks
+        if hooks.on_tick:
             try:
-                self.on_tick()
+                hooks.on_tick()
             except Exception as exc:  # a housekeeping bug must not kill the daemon
                 self.log.event(f"housekeeping error: {exc!r}")
         self._maybe_idle_out()
@@ -2211,10 +2246,11 @@ class DaemonHost:
     def _take_owner_lock(self) -> None:
         """Hold the owner lock from now on; a predecessor that lost its socket may hold it
         still (housekeeping tries again until it is gone)."""
+        owner = self._listener.owner
         try:
-            self._owner.take(self._record.current().get("pidStartTime"))
+            owner.take(self._record.current().get("pidStartTime"))
         except OSError as exc:
-            self.log.event(f"cannot take the owner lock {self._owner.path}: {exc.strerror or exc}")
+            self.log.event(f"cannot take the owner lock {owner.path}: {exc.strerror or exc}")
 
     def _maybe_idle_out(self) -> None:
         """Idle shutdown re-checks activity under the bind lock, so a starter that just
@@ -2233,8 +2269,9 @@ class DaemonHost:
     # -- built-in methods --------------------------------------------------------------------
 
     def _builtin_status(self, params: Dict[str, Any], ctx: RequestContext) -> Dict[str, Any]:
-        extra = self.status_extra() if self.status_extra else {}
-        self._status_extra_seen = extra
+        hooks = self._hooks
+        extra = hooks.status_extra() if hooks.status_extra else {}
+        hooks.status_extra_seen = extra
         return self._status_answer(extra)
 
     def _status_answer(self, extra: Dict[str, Any]) -> Dict[str, Any]:
@@ -2282,9 +2319,10 @@ class DaemonHost:
         try:
             self.log.event(f"shutting down: {self._state.reason}")
             self._load.wait_idle(_DRAIN_WAIT)
-            if self.on_shutdown:
+            on_shutdown = self._hooks.on_shutdown
+            if on_shutdown:
                 try:
-                    self.on_shutdown()
+                    on_shutdown()
                 except Exception as exc:
                     self.log.event(f"shutdown hook failed: {exc!r}")
             self._load.wait_idle(_DRAIN_AFTER_CLOSE)
@@ -2316,7 +2354,7 @@ class DaemonHost:
                         lock.release()
             except OSError as exc:
                 self.log.event(f"cannot remove state files: {exc}")
-        self._owner.release()  # last: until here, this process still owns the socket
+        self._listener.owner.release()  # last: until here, this process still owns the socket
         self.log.event("daemon exited")
 
     def _release_files(self) -> None:
@@ -2346,14 +2384,16 @@ class _RunState:
 
 
 class _Listener:
-    """The bound socket, its identity as bound (to tell whether the path is still ours), and
-    the wake pipe that interrupts the serving loop's wait."""
+    """The bound socket, its identity as bound (to tell whether the path is still ours), the
+    owner lock held while this process owns the socket (taken after the bind, released after
+    the close), and the wake pipe that interrupts the serving loop's wait."""
 
-    __slots__ = ("sock", "sock_id", "wake_r", "wake_w")
+    __slots__ = ("sock", "sock_id", "owner", "wake_r", "wake_w")
 
-    def __init__(self) -> None:
+    def __init__(self, paths: DaemonPaths) -> None:
         self.sock: Optional[socket.socket] = None
         self.sock_id: Optional[Tuple[int, int]] = None
+        self.owner = _OwnerLock(paths)
         self.wake_r, self.wake_w = -1, -1
 
     def bind(self, path: str) -> None:
@@ -2439,12 +2479,14 @@ class _Listener:
 class _Load:
     """What the accept loop and the connections count together, under one lock: open
     connections, spare workers waiting for the next one, half-read request bytes (capped in
-    all), requests in flight (each owed one answer) and when anything last happened."""
+    all), requests in flight (each owed one answer) and when anything last happened. The
+    connections past the cap are counted here too, and read by its ``overflow_reader``."""
 
     __slots__ = (
         "lock",
         "connections",
         "overflow",
+        "overflow_reader",
         "spare_workers",
         "handoff",
         "pending_bytes",
@@ -2453,13 +2495,14 @@ class _Load:
         "last_activity",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, overflow_reader: _Overflow) -> None:
         import queue
         import threading
 
         self.lock = threading.Lock()
         self.connections = 0
         self.overflow = 0  # connections past the cap, read on the overflow thread
+        self.overflow_reader = overflow_reader
         self.spare_workers = 0
         self.handoff: queue.SimpleQueue[socket.socket] = queue.SimpleQueue()  # for spare workers
         self.pending_bytes = 0
@@ -2690,7 +2733,7 @@ class _Overflow:
             host._handle_stop(conn, rid)
         elif method == "status":
             _answer_and_close(
-                conn, {"id": rid, "ok": True, "result": host._status_answer(host._status_extra_seen)}
+                conn, {"id": rid, "ok": True, "result": host._status_answer(host._hooks.status_extra_seen)}
             )
         else:
             _answer_and_close(conn, host._busy_frame(rid, why))
@@ -2737,8 +2780,9 @@ class _MetadataRecord:
         }
         if _SCRIPT_FILE:  # lets a client take scriptVersion without hashing the same file
             data["scriptFile"] = _SCRIPT_FILE[0]
-        if host.metadata_extra:
-            data.update(host.metadata_extra())
+        metadata_extra = host._hooks.metadata_extra
+        if metadata_extra:
+            data.update(metadata_extra())
         if generation == self.generation:  # not marked dirty while we built it
             self.cache = data
         return data
