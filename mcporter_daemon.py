@@ -6827,6 +6827,14 @@ class _ServerEvents:
 # ##########################################################################################
 # serve: the editor bridge. One stdio MCP server that re-exports the kept servers, every
 # request through the daemon: names, aggregated lists, calls, list changes, progress, cancels.
+# ServeBridge reads the editor's requests and runs each; the state is split by owner:
+#   _ServeTarget    which servers, through which daemon: config, fingerprint, client, flags
+#   _EditorSession  the editor's end: output fd and write lock, handshake done, log level
+#   _ServeExports   exported names -> (server, name), resource URI and template routes
+#   _InflightCalls  the editor's requests at the daemon, by id (what a cancel cuts)
+#   _ServeLists     each server's last list and the one fetch running per list
+#   _ServeRetries   servers that did not start: reason, next retry, backoff
+#   _ServeWatcher   the watcher thread: daemon events and pids, config edits -> list_changed
 # ##########################################################################################
 
 _SERVE_NAME_LIMIT = 64  # Claude and OpenAI refuse longer tool names
@@ -7220,21 +7228,133 @@ class _ServeLists:
         self._done(kind, server, items, error, late)
 
 
-class ServeBridge:
-    """``serve``: one editor's MCP session over stdin/stdout, every request through the daemon.
+class _EditorSession:
+    """The editor's end of the session: the fd the protocol goes out on and its write lock,
+    whether the handshake is over, and the editor's logging level. Every frame to the editor
+    goes out through ``send``, whole and one at a time."""
 
-    ``load()`` reads the config; ``client_for(config)`` makes the DaemonClient that auto-starts
-    and verifies the daemon. ``only`` narrows the servers (``--servers``); ``bare`` exports the
-    one server's tools under their own names; ``timeout`` is a call's (seconds)."""
+    def __init__(self, out_fd: int) -> None:
+        import threading
+
+        self.out_fd = out_fd
+        self._write_lock = threading.Lock()
+        self.initialized = threading.Event()
+        self._level: Optional[int] = None  # the editor's logging/setLevel, as an index
+
+    def set_level(self, params: Dict[str, Any]) -> Dict[str, Any]:
+        level = params.get("level")
+        if level not in _SERVE_LOG_LEVELS:
+            raise _ServeError(-32602, f"unknown log level {level!r} (one of: {', '.join(_SERVE_LOG_LEVELS)})")
+        self._level = _SERVE_LOG_LEVELS.index(str(level))
+        return {}
+
+    def send(self, frame: Dict[str, Any]) -> None:
+        """One frame on stdout, whole (a 50 MiB result in pieces, never a second full copy);
+        a frame that cannot be encoded becomes an error answer. An editor gone: exit quietly."""
+        try:
+            pieces: Iterable[bytes] = _jsonrpc_pieces(frame) if _looks_large(frame) else [encode_frame(frame)]
+        except (TypeError, ValueError, RecursionError) as exc:
+            error = {"code": -32603, "message": f"the result cannot be sent as JSON ({type(exc).__name__})"}
+            pieces = [encode_frame({"jsonrpc": "2.0", "id": frame.get("id"), "error": error})]
+        with self._write_lock:
+            try:
+                for piece in pieces:
+                    view = memoryview(piece)
+                    while view:
+                        view = view[os.write(self.out_fd, view) :]
+            except OSError:
+                os._exit(0)  # the editor closed our stdout: nobody is left to answer
+
+    def notify(self, method: str, params: Optional[Dict[str, Any]] = None) -> None:
+        frame: Dict[str, Any] = {"jsonrpc": "2.0", "method": method}
+        if params is not None:
+            frame["params"] = params
+        self.send(frame)
+
+    def log(self, level: str, server: str, data: Any) -> None:
+        """``notifications/message`` with the server as logger, at or above the editor's level."""
+        level = level if level in _SERVE_LOG_LEVELS else "info"
+        if self.initialized.is_set() and _editor_wants_log(level, self._level):
+            self.notify("notifications/message", {"level": level, "logger": server, "data": data})
+
+    def lists_changed(self, why: str, lists: Tuple[str, ...] = _SERVE_LIST_NOTIFICATIONS) -> None:
+        """Tell the editor to list again (only once it finished its handshake)."""
+        _serve_log(f"lists changed: {why}")
+        if self.initialized.is_set():
+            for method in lists:
+                self.notify(method)
+
+
+def _editor_wants_log(level: str, threshold: Optional[int]) -> bool:
+    """A message at ``level`` reaches the editor: no level set yet, or at or above the one set."""
+    return threshold is None or _SERVE_LOG_LEVELS.index(level) >= threshold
+
+
+class _ServeExports:
+    """What this session exported, as last listed: each exported tool and prompt name's
+    (server, own name), each listed resource URI's (server, URI), and the (server, template)
+    pairs that route a read no list named."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self._lock = threading.Lock()
+        self._names: Dict[str, Dict[str, Tuple[str, str]]] = {"tools": {}, "prompts": {}}
+        self._resource_routes: Dict[str, Tuple[str, str]] = {}
+        self._template_routes: List[Tuple[str, str]] = []
+
+    def named(self, kind: str, name: str) -> Optional[Tuple[str, str]]:
+        with self._lock:
+            return self._names[kind].get(name)
+
+    def set_names(self, kind: str, names: Dict[str, Tuple[str, str]]) -> None:
+        with self._lock:
+            self._names[kind] = names
+
+    def set_resource_routes(self, routes: Dict[str, Tuple[str, str]]) -> None:
+        with self._lock:
+            self._resource_routes = routes
+
+    def set_template_routes(self, routes: List[Tuple[str, str]]) -> None:
+        with self._lock:
+            self._template_routes = routes
+
+    def routes(self) -> Tuple[Dict[str, Tuple[str, str]], List[Tuple[str, str]]]:
+        with self._lock:
+            return self._resource_routes, self._template_routes
+
+
+class _InflightCalls:
+    """The editor's requests now at the daemon, by JSON-RPC id: what its
+    ``notifications/cancelled`` cuts."""
+
+    def __init__(self) -> None:
+        self._calls: Dict[str, _DaemonCall] = {}
+
+    def start(self, rid: Any) -> _DaemonCall:
+        call = self._calls[json.dumps(rid)] = _DaemonCall()
+        return call
+
+    def cancel(self, rid: Any) -> None:
+        call = self._calls.get(json.dumps(rid))
+        if call is not None:
+            call.cancel()
+
+    def finish(self, rid: Any) -> None:
+        self._calls.pop(json.dumps(rid), None)
+
+
+class _ServeTarget:
+    """Which servers are bridged, and through which daemon: the config as last read and its
+    fingerprint, the DaemonClient for it, ``--servers`` and ``--bare``. A config edit swaps
+    config, fingerprint and client together, under one lock."""
 
     def __init__(
         self,
         load: Callable[[], Config],
         client_for: Callable[[Config], DaemonClient],
-        only: Optional[List[str]] = None,
-        bare: bool = False,
-        timeout: float = _DEFAULT_CALL_TIMEOUT,
-        out_fd: int = 1,
+        only: Optional[List[str]],
+        bare: bool,
     ) -> None:
         import threading
 
@@ -7242,30 +7362,11 @@ class ServeBridge:
         self._client_for = client_for
         self.only = list(only) if only else None
         self.bare = bare
-        self.timeout = timeout
-        self._out_fd = out_fd
-        self._lock = threading.Lock()  # the config, client and maps below
-        self._write_lock = threading.Lock()
-        self._threading = threading
+        self._lock = threading.Lock()
         self.cfg = load()
         self._fingerprint = self.cfg.fingerprint()
         self.client = client_for(self.cfg)
         self._check_selection()
-        self._names: Dict[str, Dict[str, Tuple[str, str]]] = {"tools": {}, "prompts": {}}
-        self._resource_routes: Dict[str, Tuple[str, str]] = {}
-        self._template_routes: List[Tuple[str, str]] = []
-        self._inflight: Dict[str, _DaemonCall] = {}
-        self._failed: Dict[str, List[Any]] = {}  # server -> [reason, next retry (monotonic), backoff]
-        self._lists = _ServeLists(self._fetch, self._fetched)
-        self._initialized = threading.Event()
-        self._stopping = threading.Event()
-        self._level: Optional[int] = None  # the editor's logging/setLevel, as an index
-
-    def attach_output(self, fd: int) -> None:
-        """Write the protocol to ``fd`` (``serve`` keeps stdout's fd for it, away from prints)."""
-        self._out_fd = fd
-
-    # -- which servers ---------------------------------------------------------------------------
 
     def served(self) -> List[str]:
         """The servers bridged now: the config's kept stdio servers (``--servers`` narrows)."""
@@ -7293,7 +7394,7 @@ class ServeBridge:
                 f"--bare needs exactly one server, not {len(self.served())} (name it with --servers NAME)"
             )
 
-    def _allows(self, server: str, tool: str) -> bool:
+    def allows(self, server: str, tool: str) -> bool:
         """The server's ``allowedTools``/``blockedTools`` (the daemon applies them too)."""
         spec = self.cfg.servers.get(server)
         return spec is None or spec.allows_tool(tool)
@@ -7312,6 +7413,124 @@ class ServeBridge:
             "are shared with every other editor and script using the daemon, and outlive this session."
         )
 
+    def reload(self) -> Optional[Tuple[List[str], List[str]]]:
+        """Read the config again; if it changed, talk to the daemon of the new one and give the
+        servers bridged (before, after). None if unchanged or unreadable (mid-save, say)."""
+        try:
+            cfg = self._load()
+            fingerprint = cfg.fingerprint()
+        except DaemonError as exc:  # mid-save, say: keep the config we have
+            _serve_log(f"config not read again: {exc}")
+            return None
+        if fingerprint == self._fingerprint:
+            return None
+        client = self._client_for(cfg)
+        with self._lock:
+            before = self.served()
+            self.cfg, self._fingerprint, self.client = cfg, fingerprint, client
+            after = self.served()
+        return before, after
+
+
+def _config_change_text(before: List[str], after: List[str]) -> str:
+    """What a config edit did to the bridged servers, for the log."""
+    added = ", ".join(s for s in after if s not in before) or "none"
+    removed = ", ".join(s for s in before if s not in after) or "none"
+    return f"config changed (servers added: {added}; removed: {removed})"
+
+
+class _ServeRetries:
+    """Servers whose tools could not be listed (they did not start): the reason last logged,
+    when to list them again, and the backoff, doubling to ``_SERVE_RETRY_MAX``."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self._lock = threading.Lock()
+        self._failed: Dict[str, List[Any]] = {}  # server -> [reason, next retry (monotonic), backoff]
+
+    def note(self, server: str, error: Optional[BaseException]) -> Optional[List[Any]]:
+        """Record a listing's outcome (an error, or none: it worked); the entry it had before."""
+        with self._lock:
+            failed = self._failed.get(server)
+            if error is not None:
+                reason = str(error) or type(error).__name__
+                backoff = min(failed[2] * 2, _SERVE_RETRY_MAX) if failed else _SERVE_RETRY_FIRST
+                self._failed[server] = [reason, time.monotonic() + backoff, backoff]
+            else:
+                self._failed.pop(server, None)
+        return failed
+
+    def due(self) -> List[str]:
+        """The servers to list again now; each is next due a backoff later, unless it works."""
+        now = time.monotonic()
+        with self._lock:
+            due = [s for s, (_, at, _) in self._failed.items() if at <= now]
+            for server in due:
+                self._failed[server][1] = now + self._failed[server][2]
+        return due
+
+
+class ServeBridge:
+    """``serve``: one editor's MCP session over stdin/stdout, every request through the daemon.
+
+    ``load()`` reads the config; ``client_for(config)`` makes the DaemonClient that auto-starts
+    and verifies the daemon. ``only`` narrows the servers (``--servers``); ``bare`` exports the
+    one server's tools under their own names; ``timeout`` is a call's (seconds). The state
+    lives in the parts the section's banner names; the bridge dispatches and forwards."""
+
+    def __init__(
+        self,
+        load: Callable[[], Config],
+        client_for: Callable[[Config], DaemonClient],
+        only: Optional[List[str]] = None,
+        bare: bool = False,
+        timeout: float = _DEFAULT_CALL_TIMEOUT,
+        out_fd: int = 1,
+    ) -> None:
+        import threading
+
+        self._threading = threading
+        self.timeout = timeout
+        self._target = _ServeTarget(load, client_for, only, bare)
+        self._editor = _EditorSession(out_fd)
+        self._exports = _ServeExports()
+        self._inflight = _InflightCalls()
+        self._retries = _ServeRetries()
+        self._lists = _ServeLists(self._fetch, self._fetched)
+        self._watcher = _ServeWatcher(self._target, self._editor, self._lists, self._retries)
+
+    @property
+    def cfg(self) -> Config:
+        return self._target.cfg
+
+    @property
+    def client(self) -> DaemonClient:
+        return self._target.client
+
+    @property
+    def only(self) -> Optional[List[str]]:
+        return self._target.only
+
+    @property
+    def bare(self) -> bool:
+        return self._target.bare
+
+    def attach_output(self, fd: int) -> None:
+        """Write the protocol to ``fd`` (``serve`` keeps stdout's fd for it, away from prints)."""
+        self._editor.out_fd = fd
+
+    def served(self) -> List[str]:
+        """The servers bridged now: the config's kept stdio servers (``--servers`` narrows)."""
+        return self._target.served()
+
+    def instructions(self) -> str:
+        return self._target.instructions()
+
+    def lists_changed(self, why: str, lists: Tuple[str, ...] = _SERVE_LIST_NOTIFICATIONS) -> None:
+        """Tell the editor to list again (only once it finished its handshake)."""
+        self._editor.lists_changed(why, lists)
+
     # -- the session -------------------------------------------------------------------------------
 
     def run(self, in_fd: int = 0) -> int:
@@ -7323,22 +7542,24 @@ class ServeBridge:
         _serve_log(
             f"serving {len(self.served())} kept server(s) of {self.cfg.path}: {', '.join(self.served())}"
         )
-        self._threading.Thread(target=self._watch, name="serve-watch", daemon=True).start()
+        self._threading.Thread(target=self._watcher.run, name="serve-watch", daemon=True).start()
         for line in _read_lines(in_fd):
             if line.strip():
                 self._receive(line)
-        self._stopping.set()
+        self._watcher.stop()
         return 0
 
     def _receive(self, line: str) -> None:
         try:
             msg = json.loads(line)
         except (ValueError, RecursionError):
-            self._send({"jsonrpc": "2.0", "id": None, "error": {"code": -32700, "message": "parse error"}})
+            self._editor.send(
+                {"jsonrpc": "2.0", "id": None, "error": {"code": -32700, "message": "parse error"}}
+            )
             return
         for one in msg if isinstance(msg, list) else [msg]:
             if not isinstance(one, dict):
-                self._send(
+                self._editor.send(
                     {"jsonrpc": "2.0", "id": None, "error": {"code": -32600, "message": "invalid request"}}
                 )
             elif isinstance(one.get("method"), str) and "id" in one:
@@ -7350,17 +7571,19 @@ class ServeBridge:
     def _notification(self, method: str, params: Any) -> None:
         params = params if isinstance(params, dict) else {}
         if method == "notifications/initialized":
-            self._initialized.set()
+            self._editor.initialized.set()
         elif method == "notifications/cancelled":
-            call = self._inflight.get(json.dumps(params.get("requestId")))
-            if call is not None:
-                call.cancel()
+            self._inflight.cancel(params.get("requestId"))
 
     def _request(self, msg: Dict[str, Any]) -> None:
         rid, method = msg["id"], msg["method"]
         raw = msg.get("params")
         params: Dict[str, Any] = raw if isinstance(raw, dict) else {}
-        quick = {"initialize": self._initialize, "ping": lambda p: {}, "logging/setLevel": self._set_level}
+        quick = {
+            "initialize": self._initialize,
+            "ping": lambda p: {},
+            "logging/setLevel": self._editor.set_level,
+        }
         slow = {
             "tools/list": self._tools_list,
             "tools/call": self._tools_call,
@@ -7371,18 +7594,17 @@ class ServeBridge:
             "prompts/get": self._prompts_get,
         }
         if method not in ("initialize", "ping"):
-            self._initialized.set()  # a client that skipped notifications/initialized is past it
+            self._editor.initialized.set()  # a client that skipped notifications/initialized is past it
         if method in quick:
             self._answer(rid, lambda: quick[method](params), None)
         elif method in slow:
-            call = _DaemonCall()
-            self._inflight[json.dumps(rid)] = call
+            call = self._inflight.start(rid)
             handler = slow[method]
             self._threading.Thread(
                 target=self._answer, args=(rid, lambda: handler(params, call), call), daemon=True
             ).start()
         else:
-            self._send(
+            self._editor.send(
                 {
                     "jsonrpc": "2.0",
                     "id": rid,
@@ -7398,10 +7620,10 @@ class ServeBridge:
             frame = {"jsonrpc": "2.0", "id": rid, "error": _rpc_error_of(exc)}
         finally:
             if call is not None:
-                self._inflight.pop(json.dumps(rid), None)
+                self._inflight.finish(rid)
         if call is None or not call.cancelled:
             large = _looks_large(frame)
-            self._send(frame)
+            self._editor.send(frame)
             if large:  # an editor session lasts hours: give a large result's memory back now
                 del frame
                 _release_freed_memory()
@@ -7419,52 +7641,6 @@ class ServeBridge:
             "serverInfo": {"name": _PROG, "version": __version__},
             "instructions": self.instructions(),
         }
-
-    def _set_level(self, params: Dict[str, Any]) -> Dict[str, Any]:
-        level = params.get("level")
-        if level not in _SERVE_LOG_LEVELS:
-            raise _ServeError(-32602, f"unknown log level {level!r} (one of: {', '.join(_SERVE_LOG_LEVELS)})")
-        self._level = _SERVE_LOG_LEVELS.index(str(level))
-        return {}
-
-    # -- output --------------------------------------------------------------------------------------
-
-    def _send(self, frame: Dict[str, Any]) -> None:
-        """One frame on stdout, whole (a 50 MiB result in pieces, never a second full copy);
-        a frame that cannot be encoded becomes an error answer. An editor gone: exit quietly."""
-        try:
-            pieces: Iterable[bytes] = _jsonrpc_pieces(frame) if _looks_large(frame) else [encode_frame(frame)]
-        except (TypeError, ValueError, RecursionError) as exc:
-            error = {"code": -32603, "message": f"the result cannot be sent as JSON ({type(exc).__name__})"}
-            pieces = [encode_frame({"jsonrpc": "2.0", "id": frame.get("id"), "error": error})]
-        with self._write_lock:
-            try:
-                for piece in pieces:
-                    view = memoryview(piece)
-                    while view:
-                        view = view[os.write(self._out_fd, view) :]
-            except OSError:
-                os._exit(0)  # the editor closed our stdout: nobody is left to answer
-
-    def _notify(self, method: str, params: Optional[Dict[str, Any]] = None) -> None:
-        frame: Dict[str, Any] = {"jsonrpc": "2.0", "method": method}
-        if params is not None:
-            frame["params"] = params
-        self._send(frame)
-
-    def _log_to_editor(self, level: str, server: str, data: Any) -> None:
-        """``notifications/message`` with the server as logger, at or above the editor's level."""
-        level = level if level in _SERVE_LOG_LEVELS else "info"
-        rank = _SERVE_LOG_LEVELS.index(level)
-        if self._initialized.is_set() and (self._level is None or rank >= self._level):
-            self._notify("notifications/message", {"level": level, "logger": server, "data": data})
-
-    def lists_changed(self, why: str, lists: Tuple[str, ...] = _SERVE_LIST_NOTIFICATIONS) -> None:
-        """Tell the editor to list again (only once it finished its handshake)."""
-        _serve_log(f"lists changed: {why}")
-        if self._initialized.is_set():
-            for method in lists:
-                self._notify(method)
 
     # -- lists -----------------------------------------------------------------------------------------
 
@@ -7495,18 +7671,11 @@ class ServeBridge:
             if late and items is not None:
                 self.lists_changed(f"{kind} of '{server}' arrived", (_serve_notification(kind),))
             return
-        with self._lock:
-            failed = self._failed.get(server)
-            if error is not None:
-                reason = str(error) or type(error).__name__
-                backoff = min(failed[2] * 2, _SERVE_RETRY_MAX) if failed else _SERVE_RETRY_FIRST
-                self._failed[server] = [reason, time.monotonic() + backoff, backoff]
-            else:
-                self._failed.pop(server, None)
+        failed = self._retries.note(server, error)
         if error is not None:
             if not failed or failed[0] != str(error):
                 _serve_log(f"server '{server}' cannot be listed: {error}")
-                self._log_to_editor("error", server, f"cannot be listed: {error}")
+                self._editor.log("error", server, f"cannot be listed: {error}")
         elif failed:
             self.lists_changed(f"server '{server}' is back")
         elif late:
@@ -7516,27 +7685,23 @@ class ServeBridge:
         return self._lists.gather(kind, self.served(), _SERVE_LIST_WAIT)
 
     def _tools_list(self, params: Dict[str, Any], call: _DaemonCall) -> Dict[str, Any]:
-        tools, names = export_named(self._gather("tools"), self.bare, self._allows)
-        with self._lock:
-            self._names["tools"] = names
+        tools, names = export_named(self._gather("tools"), self.bare, self._target.allows)
+        self._exports.set_names("tools", names)
         return {"tools": tools}
 
     def _prompts_list(self, params: Dict[str, Any], call: _DaemonCall) -> Dict[str, Any]:
         prompts, names = export_named(self._gather("prompts"), self.bare)
-        with self._lock:
-            self._names["prompts"] = names
+        self._exports.set_names("prompts", names)
         return {"prompts": prompts}
 
     def _resources_list(self, params: Dict[str, Any], call: _DaemonCall) -> Dict[str, Any]:
         resources, routes = export_resources(self._gather("resources"), self.bare)
-        with self._lock:
-            self._resource_routes = routes
+        self._exports.set_resource_routes(routes)
         return {"resources": resources}
 
     def _templates_list(self, params: Dict[str, Any], call: _DaemonCall) -> Dict[str, Any]:
         templates, routes = export_templates(self._gather("templates"), self.bare)
-        with self._lock:
-            self._template_routes = routes
+        self._exports.set_template_routes(routes)
         return {"resourceTemplates": templates}
 
     def _resolve(self, kind: str, name: str) -> Tuple[str, str]:
@@ -7544,14 +7709,13 @@ class ServeBridge:
         from a new one (a name the editor knew from before); a name of a server that could not
         be listed just now goes to that server, which says what it thinks of it."""
         served = self.served()
-        with self._lock:
-            hit = self._names[kind].get(name)
+        hit = self._exports.named(kind, name)
         if hit is not None and hit[0] in served:
             return hit
         listed = self._gather(kind)
-        with self._lock:
-            self._names[kind] = export_named(listed, self.bare, self._allows if kind == "tools" else None)[1]
-            hit = self._names[kind].get(name)
+        names = export_named(listed, self.bare, self._target.allows if kind == "tools" else None)[1]
+        self._exports.set_names(kind, names)
+        hit = names.get(name)
         if hit is not None:
             return hit
         parsed = (served[0], name) if self.bare and served else parse_serve_name(name)
@@ -7590,15 +7754,13 @@ class ServeBridge:
         if not isinstance(uri, str):
             raise _ServeError(-32602, "resources/read needs a string 'uri'")
         served = self.served()
-        with self._lock:
-            routes, templates = self._resource_routes, self._template_routes
+        routes, templates = self._exports.routes()
         if uri not in routes and unwrap_resource_uri(uri) is None and len(served) > 1:
             # Not listed yet by this session: list, so a URI two servers share is not guessed.
             self._resources_list({}, call)
             if not templates:
                 self._templates_list({}, call)
-            with self._lock:
-                routes, templates = self._resource_routes, self._template_routes
+            routes, templates = self._exports.routes()
         server, own = route_resource(uri, routes, templates, served)
         wire = {"server": server, "uri": own, "timeoutMs": int(self.timeout * 1000)}
         result = self._forward(server, "resources/read", wire, params, call)
@@ -7630,7 +7792,7 @@ class ServeBridge:
             )
         finally:
             for notice in notices:
-                self._log_to_editor("warning", server, str(notice))
+                self._editor.log("warning", server, str(notice))
 
     def _progress_to(self, token: Any) -> Callable[[Dict[str, Any]], None]:
         """Server progress to the editor under its own token; each daemon progress frame repeats
@@ -7640,26 +7802,46 @@ class ServeBridge:
         def forward(update: Dict[str, Any]) -> None:
             if update != last[0]:
                 last[0] = update
-                self._notify("notifications/progress", dict(update, progressToken=token))
+                self._editor.notify("notifications/progress", dict(update, progressToken=token))
 
         return forward
 
-    # -- watching: server events, restarts, config edits, the daemon itself -------------------------
 
-    def _watch(self) -> None:
-        """Until stdin ends: the daemon's server events (list changes, log messages) and server
-        pids, long-polled; the config, re-read; servers that could not start, retried."""
+# -- watching: server events, restarts, config edits, the daemon itself -------------------------
+
+
+class _ServeWatcher:
+    """The watcher thread, until stdin ends: the daemon's server events (list changes, log
+    messages) and server pids, long-polled; the config, re-read; servers that could not
+    start, listed again. Each change it sees becomes list_changed to the editor."""
+
+    def __init__(
+        self, target: _ServeTarget, editor: _EditorSession, lists: _ServeLists, retries: _ServeRetries
+    ) -> None:
+        import threading
+
+        self._target = target
+        self._editor = editor
+        self._lists = lists
+        self._retries = retries
+        self._stopping = threading.Event()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def run(self) -> None:
         watch = _ServeWatch()
         next_config = time.monotonic() + _SERVE_CONFIG_CHECK
-        files, reread = _config_files_state(self.cfg), time.monotonic() + _SERVE_CONFIG_REREAD
+        files, reread = _config_files_state(self._target.cfg), time.monotonic() + _SERVE_CONFIG_REREAD
         while not self._stopping.is_set():
             if time.monotonic() >= next_config:
                 next_config = time.monotonic() + _SERVE_CONFIG_CHECK
                 # A stat of each file first: reading a 2 MB ~/.claude.json twice a second is not.
-                now_files = _config_files_state(self.cfg)
+                now_files = _config_files_state(self._target.cfg)
                 if now_files != files or time.monotonic() >= reread:
                     self._check_config()
-                    files, reread = _config_files_state(self.cfg), time.monotonic() + _SERVE_CONFIG_REREAD
+                    files = _config_files_state(self._target.cfg)
+                    reread = time.monotonic() + _SERVE_CONFIG_REREAD
             self._retry_failed()
             try:
                 self._watch_once(watch)
@@ -7669,7 +7851,7 @@ class ServeBridge:
                 self._stopping.wait(_SERVE_DAEMON_POLL)
 
     def _watch_once(self, watch: _ServeWatch) -> None:
-        client = self.client
+        client = self._target.client
         if watch.daemon is None:
             status = client.verified_status()  # never starts one: a stopped daemon stays stopped
             if status is None or not status.get("fresh"):
@@ -7677,7 +7859,7 @@ class ServeBridge:
                 return
             why = watch.found_daemon(int(status["pid"]))
             if why:
-                self.lists_changed(why)
+                self._editor.lists_changed(why)
         params = {"since": watch.seq, "timeoutMs": int(_SERVE_WATCH_WAIT * 1000)}
         try:
             result = client.request(
@@ -7699,62 +7881,49 @@ class ServeBridge:
             why = watch.lost_daemon(announced=False)
             _serve_log(f"daemon connection lost: {exc}")
             if why:
-                self.lists_changed(why)
+                self._editor.lists_changed(why)
             return
         self._on_events(watch, result if isinstance(result, dict) else {})
 
     def _on_events(self, watch: _ServeWatch, result: Dict[str, Any]) -> None:
-        served = self.served()
+        served = self._target.served()
         if result.get("missed") and not watch.replay:
-            self.lists_changed("missed some server events")
+            self._editor.lists_changed("missed some server events")
         for event in result.get("events") or []:
             server = event.get("server") if isinstance(event, dict) else None
             if server not in served:
                 continue
             if event.get("type") == "listChanged" and event.get("list") in ("tools", "resources", "prompts"):
                 kind = str(event["list"])
-                self.lists_changed(f"server '{server}' changed its {kind}", (_serve_notification(kind),))
+                self._editor.lists_changed(
+                    f"server '{server}' changed its {kind}", (_serve_notification(kind),)
+                )
             elif event.get("type") == "message" and not watch.replay:
-                self._log_to_editor(str(event.get("level") or "info"), str(server), event.get("data"))
+                self._editor.log(str(event.get("level") or "info"), str(server), event.get("data"))
             elif event.get("type") == "started":
                 restarted = watch.note_pids({server: event.get("pid")}, served)
                 if restarted:
-                    self.lists_changed(f"server '{server}' restarted")
+                    self._editor.lists_changed(f"server '{server}' restarted")
         seq = result.get("seq")
         watch.seq = seq if isinstance(seq, int) and not isinstance(seq, bool) else None
         watch.replay = False
         restarted = watch.note_pids(result.get("servers"), served)
         if restarted:
-            self.lists_changed(f"server(s) restarted: {', '.join(restarted)}")
+            self._editor.lists_changed(f"server(s) restarted: {', '.join(restarted)}")
 
     def _check_config(self) -> None:
         """A config edit (a server added or removed, any change that replaces the daemon):
         read it again, talk to the daemon of the new config, and tell the editor."""
-        try:
-            cfg = self._load()
-            fingerprint = cfg.fingerprint()
-        except DaemonError as exc:  # mid-save, say: keep the config we have
-            _serve_log(f"config not read again: {exc}")
+        change = self._target.reload()
+        if change is None:
             return
-        if fingerprint == self._fingerprint:
-            return
-        client = self._client_for(cfg)
-        with self._lock:
-            before = self.served()
-            self.cfg, self._fingerprint, self.client = cfg, fingerprint, client
-            after = self.served()
+        before, after = change
         self._lists.forget(after)
-        added = ", ".join(s for s in after if s not in before) or "none"
-        removed = ", ".join(s for s in before if s not in after) or "none"
-        self.lists_changed(f"config changed (servers added: {added}; removed: {removed})")
+        self._editor.lists_changed(_config_change_text(before, after))
 
     def _retry_failed(self) -> None:
-        now = time.monotonic()
-        with self._lock:
-            due = [s for s, (_, at, _) in self._failed.items() if at <= now]
-            for server in due:
-                self._failed[server][1] = now + self._failed[server][2]  # the next, unless it works
-        served = self.served()
+        due = self._retries.due()
+        served = self._target.served()
         for server in due:
             if server in served:
                 self._lists.start("tools", server)

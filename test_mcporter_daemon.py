@@ -6507,6 +6507,29 @@ def test_serve_resource_uris_and_routes():
         route(md.wrap_resource_uri("c", "x://y"), routes, templates, ["a", "b"])
 
 
+def test_serve_log_threshold_config_change_and_retry_backoff():
+    md = _import_module()
+    for level, threshold, wanted in [
+        ("debug", None, True),  # no logging/setLevel yet: everything
+        ("warning", md._SERVE_LOG_LEVELS.index("warning"), True),
+        ("info", md._SERVE_LOG_LEVELS.index("warning"), False),
+        ("emergency", md._SERVE_LOG_LEVELS.index("error"), True),
+    ]:
+        assert md._editor_wants_log(level, threshold) is wanted, (level, threshold)
+    assert md._config_change_text(["a", "b"], ["b", "c"]) == "config changed (servers added: c; removed: a)"
+    assert md._config_change_text(["a"], ["a"]) == "config changed (servers added: none; removed: none)"
+    retries = md._ServeRetries()
+    assert retries.note("s", RuntimeError("down")) is None  # the first failure: logged
+    entries = [retries.note("s", RuntimeError("down")) for _ in range(12)]
+    assert entries[0][0] == "down" and entries[0][2] == md._SERVE_RETRY_FIRST
+    assert entries[1][2] == 2 * md._SERVE_RETRY_FIRST, "the backoff doubles"
+    assert entries[-1][2] == md._SERVE_RETRY_MAX, "up to its cap"
+    assert retries.due() == [], "not listed again before the backoff"
+    assert retries.note("s", RuntimeError(""))[0] == "down"
+    assert retries.note("s", None)[0] == "RuntimeError", "an empty message is named by its type"
+    assert retries.note("s", None) is None  # listed fine: forgotten
+
+
 def test_loop_guard_recognises_commands_that_run_serve():
     md = _import_module()
     for argv, loops in [
