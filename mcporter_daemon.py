@@ -8269,7 +8269,9 @@ def _demo_answer(msg: Dict[str, Any], state: Dict[str, Any]) -> Optional[Dict[st
 
 
 def _demo_server_main() -> int:
-    """Serve MCP on stdin/stdout; each request on its own thread so ``sleep`` blocks nothing."""
+    """Serve MCP on stdin/stdout; each tool call on its own thread so ``sleep`` blocks nothing.
+    Every other request is answered at once on the reading thread, so a second thread in the
+    process is always a tool call (how tests know their call is running)."""
     import threading
 
     write_lock = threading.Lock()
@@ -8301,8 +8303,10 @@ def _demo_server_main() -> int:
             msg = json.loads(line)
         except ValueError:
             continue
-        if isinstance(msg, dict) and "id" in msg and "method" in msg:
+        if isinstance(msg, dict) and "id" in msg and msg.get("method") == "tools/call":
             threading.Thread(target=reply, args=(msg,), daemon=True).start()
+        elif isinstance(msg, dict) and "id" in msg and "method" in msg:
+            reply(msg)
         elif isinstance(msg, dict):
             _demo_record_cancel(msg)
     return 0

@@ -6207,7 +6207,8 @@ def kill_caller(h, how, lifecycle):
     proc = h.popen("call", "demo.sleep", "seconds=2")
     if lifecycle == "ephemeral":
         server = wait_until(lambda: h.server_pids(), 10, message="the ephemeral server to run").pop()
-    # The demo server runs each request on a thread of its own: a second thread is our call.
+    # The demo server runs each tool call on a thread of its own (and nothing else): a second
+    # thread is our call, not the tool list an ephemeral call reads first.
     wait_until(lambda: thread_count(server) >= 2, 10, message="the server to run the call")
     went = time.time()
     os.kill(proc.pid, {"sigkill": signal.SIGKILL, "sigterm": signal.SIGTERM, "sigint": signal.SIGINT}[how])
