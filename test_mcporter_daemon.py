@@ -7234,18 +7234,11 @@ def inspector_cli():
     node, npm = require_node()
     package = f"@modelcontextprotocol/inspector-cli@{INSPECTOR_VERSION}"
 
-    def install(dest):
-        return run_install(
-            f"npm install {package}",
-            [npm, "install", "--prefix", dest, "--no-audit", "--no-fund", "--loglevel=error", package],
-            dest,
-        )
-
     def check(dest):
         version = npm_package_version(dest, "@modelcontextprotocol/inspector-cli")
         return {"inspector-cli": version} if version == INSPECTOR_VERSION else None
 
-    cached_install("inspector", install, check)
+    cached_install("inspector", npm_installer(npm, [package]), check)
     build = (
         real_cache_dir() / "inspector" / "node_modules" / "@modelcontextprotocol" / "inspector-cli" / "build"
     )
@@ -8814,6 +8807,19 @@ def run_install(what, argv, cwd, timeout=INSTALL_TIMEOUT):
     return None
 
 
+def npm_installer(npm, packages):
+    """How ``cached_install`` puts npm ``packages`` (name@version specs) into its folder."""
+
+    def install(dest):
+        return run_install(
+            "npm install " + " ".join(packages),
+            [npm, "install", "--prefix", dest, "--no-audit", "--no-fund", "--loglevel=error", *packages],
+            dest,
+        )
+
+    return install
+
+
 def cached_install(name, install, check):
     """Install into ``<cache>/<name>`` once, under a lock shared by concurrent test runs.
 
@@ -8878,18 +8884,11 @@ def npm_servers():
     node, npm = require_node()
     packages = ["@modelcontextprotocol/server-memory", "@modelcontextprotocol/server-everything"]
 
-    def install(dest):
-        return run_install(
-            "npm install " + " ".join(packages),
-            [npm, "install", "--prefix", dest, "--no-audit", "--no-fund", "--loglevel=error"] + packages,
-            dest,
-        )
-
     def check(dest):
         versions = {p: npm_package_version(dest, p) for p in packages}
         return versions if all(versions.values()) else None
 
-    versions = cached_install("npm", install, check)
+    versions = cached_install("npm", npm_installer(npm, packages), check)
     prefix = real_cache_dir() / "npm"
     pkg = prefix / "node_modules" / "@modelcontextprotocol"
     return types.SimpleNamespace(
@@ -8909,13 +8908,6 @@ def mcporter_cli():
     node, npm = require_node()
     package = f"mcporter@{MCPORTER_VERSION}"
 
-    def install(dest):
-        return run_install(
-            f"npm install {package}",
-            [npm, "install", "--prefix", dest, "--no-audit", "--no-fund", "--loglevel=error", package],
-            dest,
-        )
-
     def check(dest):
         cli = dest / "node_modules" / "mcporter" / "dist" / "cli.js"
         version = npm_package_version(dest, "mcporter")
@@ -8928,7 +8920,7 @@ def mcporter_cli():
             return None  # a cache of another release is installed again
         return {"mcporter": version, "node": node_version.stdout.strip()}
 
-    versions = cached_install("mcporter", install, check)
+    versions = cached_install("mcporter", npm_installer(npm, [package]), check)
     cli = real_cache_dir() / "mcporter" / "node_modules" / "mcporter" / "dist" / "cli.js"
     return types.SimpleNamespace(argv=[node, str(cli)], versions=versions)
 
