@@ -1832,6 +1832,20 @@ def start_bystander(h):
     return proc, sig_log, proc_stat(proc.pid).start
 
 
+def bystander_record(h, entry):
+    """A daemon record (as written by a daemon of another fingerprint) whose pid, and each of
+    whose servers, is ``entry`` (a bystander's pid, with or without a start time)."""
+    return dict(
+        entry,
+        protocolVersion=2,
+        socketPath=str(h.socket_path),
+        configPath=str(h.cfg),
+        fingerprint="0" * 32,
+        startedAt=int(time.time() * 1000),
+        servers={"demo": dict(entry)},
+    )
+
+
 def assert_bystander_untouched(proc, sig_log, start):
     now = proc_stat(proc.pid)
     assert now is not None and now.state not in ("Z", "X", "T", "t") and now.start == start, now
@@ -2030,16 +2044,7 @@ def test_foreign_pid_in_metadata_is_never_signalled(h, start_time):
         entry = {"pid": bystander.pid}
         if start_time == "wrong":
             entry["pidStartTime"] = str(before.start + 1)
-        meta = dict(
-            entry,
-            protocolVersion=2,
-            socketPath=str(h.socket_path),
-            configPath=str(h.cfg),
-            fingerprint="0" * 32,
-            startedAt=int(time.time() * 1000),
-            servers={"demo": dict(entry)},
-        )
-        h.meta_path.write_text(json.dumps(meta))
+        h.meta_path.write_text(json.dumps(bystander_record(h, entry)))
         if h.socket_path.exists():
             h.socket_path.unlink()
         stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # a dead socket file: refused
@@ -9909,29 +9914,14 @@ def test_stop_and_status_refuse_an_unsafe_state_dir_before_reading_its_record(h,
     else:
         os.chmod(str(h.state_dir), 0o777)
         needle = "0777"
-    sig_log = h.tmp / "bystander.signals"
-    script = h.tmp / "bystander.py"
-    script.write_text(BYSTANDER_SCRIPT)
-    bystander = h.popen_argv([sys.executable, script, sig_log], h.env())
-    wait_until(sig_log.exists, 10, message="bystander to install its signal handlers")
-    before = proc_stat(bystander.pid)
-    entry = {"pid": bystander.pid, "pidStartTime": str(before.start)}
-    record = dict(
-        entry,
-        protocolVersion=2,
-        socketPath=str(h.socket_path),
-        configPath=str(h.cfg),
-        fingerprint="0" * 32,
-        startedAt=int(time.time() * 1000),
-        servers={"demo": dict(entry)},
-    )
+    bystander, sig_log, start = start_bystander(h)
+    record = bystander_record(h, {"pid": bystander.pid, "pidStartTime": str(start)})
     h.meta_path.write_text(json.dumps(record))
     for words in (["stop"], ["status"], ["status", "--json"]):
         r = h.run(*words)
         assert_prompt_error(r, 2, str(h.state_dir), needle)
-    now = proc_stat(bystander.pid)
-    assert now is not None and now.start == before.start and bystander.poll() is None
-    assert sig_log.read_text() == "", f"the bystander was signalled: {sig_log.read_text()!r}"
+    assert bystander.poll() is None
+    assert_bystander_untouched(bystander, sig_log, start)
     assert json.loads(h.meta_path.read_text()) == record, "the planted record was changed"
 
 
