@@ -8499,7 +8499,8 @@ def test_ephemeral_call_ended_by_a_signal_ends_its_server(h, sig):
     h.configure({"eph": h.demo_server_entry("ephemeral")})
     p = h.popen("call", "eph.sleep", "seconds=60")
     server = wait_until(lambda: next(iter(h.server_pids()), None), 20, message="the ephemeral server")
-    time.sleep(0.3)  # not a settle wait: lets the call reach the server (the signal may land anywhere)
+    # A second thread in the demo server is the tool call: the signal lands mid-call.
+    wait_until(lambda: thread_count(server) >= 2, 20, message="the server to run the call")
     p.send_signal(sig)
     wait_until(lambda: not pid_alive(server), 10, message=f"ephemeral server {server} to be ended")
     assert wait_exit(p, 15) == 128 + sig, read_file(p.err_path)
