@@ -54,11 +54,6 @@ import os
 import sys
 import time
 
-try:  # POSIX only; on Windows the module imports and every command says why it cannot run.
-    import fcntl
-except ImportError:  # pragma: no cover - exercised on Windows only
-    fcntl = None  # type: ignore[assignment]
-
 # The builtin hash modules; hashlib would load OpenSSL (about 4 MB RSS and 2 ms per start) for
 # two hashes of a few kilobytes. Builds without them fall back to hashlib.
 try:
@@ -89,13 +84,15 @@ if TYPE_CHECKING:  # typing costs import time on the CLI's hot path; annotations
     )
 
 if TYPE_CHECKING:
+    import fcntl
     import json
     import socket
 else:
 
     class _LazyModule:
         """A module imported on first use. A warm ``call`` needs neither ``json`` (it imports
-        ``re`` and compiles patterns) nor ``socket`` (it builds enums): milliseconds each."""
+        ``re`` and compiles patterns) nor ``socket`` (it builds enums): milliseconds each; nor
+        ``fcntl``, whose locks guard only starting and stopping (a shared library to load)."""
 
         def __init__(self, name: str) -> None:
             self.name = name
@@ -105,6 +102,7 @@ else:
             globals()[self.name] = module  # later lookups skip this proxy
             return getattr(module, attr)
 
+    fcntl = _LazyModule("fcntl")  # POSIX only: on Windows every command says why it cannot run
     json = _LazyModule("json")
     socket = _LazyModule("socket")
 
@@ -384,7 +382,7 @@ class RemoteError(DaemonError):
 
 
 def _require_posix() -> None:
-    if fcntl is None or not hasattr(_socket, "AF_UNIX"):
+    if os.name != "posix" or not hasattr(_socket, "AF_UNIX"):
         raise DaemonError("this program needs a POSIX system (fcntl and AF_UNIX sockets)")
 
 
@@ -4571,6 +4569,11 @@ def _env_string(value: Any) -> Optional[str]:
     return None
 
 
+def _without_bom(data: bytes) -> bytes:
+    """What the ``utf-8-sig`` codec would decode, without importing it on every call."""
+    return data[3:] if data.startswith(b"\xef\xbb\xbf") else data
+
+
 def _read_import_file(path: str, kind: str, root: str) -> Tuple[Optional[Dict[str, Dict[str, Any]]], str]:
     """(entries or None when absent, a note). Unparsable files count as empty, as in mcporter."""
     try:
@@ -4578,7 +4581,7 @@ def _read_import_file(path: str, kind: str, root: str) -> Tuple[Optional[Dict[st
             data = fh.read()
     except OSError:  # absent, a directory, unreadable: nothing to import from it
         return None, ""
-    text = data.decode("utf-8-sig", "replace")
+    text = _without_bom(data).decode("utf-8", "replace")
     if not text.strip():
         return {}, ""
     if path.endswith(".toml"):
@@ -4688,7 +4691,7 @@ def load_config(config: Optional[str] = None, root: Optional[str] = None) -> Con
 
 def _parse_layer(source: str, data: bytes) -> Dict[str, Any]:
     try:
-        text = data.decode("utf-8-sig")
+        text = _without_bom(data).decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError(f"{source}: config is not valid UTF-8") from None
     doc = parse_jsonc(text, source) if text.strip() else {}

@@ -4357,6 +4357,22 @@ def test_imports_read_each_editor_format(h):
     assert f"[{files['vs']}]" in text, text
 
 
+def test_config_and_imports_with_a_byte_order_mark_are_read(h):
+    """Editors on Windows save JSON with a UTF-8 byte order mark: the config and an imported
+    file read as without it; a mark alone is an empty file, and bad UTF-8 is still refused."""
+    data = h.config_data()
+    h.cfg.write_bytes(b"\xef\xbb\xbf" + json.dumps(data).encode())
+    write_json(h.tmp / ".cursor" / "mcp.json", {"mcpServers": {"cur": demo_import_entry(h)}})
+    cursor = h.tmp / ".cursor" / "mcp.json"
+    cursor.write_bytes(b"\xef\xbb\xbf" + cursor.read_bytes())
+    assert sorted(list_rows(h)) == ["cur", "demo"]
+    cursor.write_bytes(b"\xef\xbb\xbf")
+    assert sorted(list_rows(h)) == ["demo"]
+    h.cfg.write_bytes(b"\xef\xbb\xbf" + json.dumps(data).encode()[:-1] + b"\xff}")
+    r = h.run("list", env=h.env())
+    assert r.rc == 2 and "not valid UTF-8" in r.err, r
+
+
 def test_imports_precedence_and_switches(h):
     home, root = h.home, h.tmp
     write_json(
