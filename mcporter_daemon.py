@@ -662,6 +662,7 @@ class DaemonPaths:
 
 _SCRIPT_DIGEST: List[str] = []
 _SCRIPT_FILE: List[List[int]] = []  # the identity of the file hashed, when safe to vouch for
+_SCRIPT_OTHER: List[List[int]] = []  # an identity found to hold other bytes than ours
 # A file changed this recently may change again within one tick of its filesystem's clock and
 # keep its ctime (1 s on some filesystems; git calls such an index entry "racily clean").
 _SCRIPT_RACY_SECONDS = 2.0
@@ -673,22 +674,53 @@ def _file_identity(st: os.stat_result) -> List[int]:
     return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
+def _hash_script() -> Tuple[str, Optional[List[int]]]:
+    """(this file's digest, its identity when safe to vouch for: unchanged while it was read,
+    and not changed so recently that it could change again unseen). OSError when unreadable."""
+    with open(os.path.abspath(__file__), "rb") as fh:
+        now = time.time_ns()
+        before = _file_identity(os.fstat(fh.fileno()))
+        digest = _sha256(fh.read()).hexdigest()[:12]
+        settled = before == _file_identity(os.fstat(fh.fileno())) and (
+            before[4] < now - int(_SCRIPT_RACY_SECONDS * 1e9)
+        )
+    return digest, before if settled else None
+
+
 def _script_version() -> str:
     """``__version__`` plus a digest of this file, so an edited script is a new identity."""
     if not _SCRIPT_DIGEST:
         try:
-            with open(os.path.abspath(__file__), "rb") as fh:
-                now = time.time_ns()
-                before = _file_identity(os.fstat(fh.fileno()))
-                digest = _sha256(fh.read()).hexdigest()[:12]
-                if before == _file_identity(os.fstat(fh.fileno())) and (
-                    before[4] < now - int(_SCRIPT_RACY_SECONDS * 1e9)
-                ):
-                    _SCRIPT_FILE.append(before)
+            digest, identity = _hash_script()
         except OSError:
-            digest = "unknown"
+            digest, identity = "unknown", None
+        if identity is not None:
+            _SCRIPT_FILE.append(identity)
         _SCRIPT_DIGEST.append(f"{__version__}+{digest}")
     return _SCRIPT_DIGEST[0]
+
+
+def _vouch_for_script_now() -> bool:
+    """True when this file can now be vouched for, and was not when it was hashed: a daemon
+    started within seconds of an edit or a copy (the usual way to upgrade) would otherwise
+    make every client hash the file for that daemon's whole life. Hashes again only once the
+    file has settled, and only while its identity is one not yet seen to differ."""
+    if _SCRIPT_FILE or not _SCRIPT_DIGEST or _SCRIPT_DIGEST[0].endswith("+unknown"):
+        return False
+    try:
+        identity = _file_identity(os.stat(os.path.abspath(__file__)))
+        if identity in _SCRIPT_OTHER or identity[4] >= time.time_ns() - int(_SCRIPT_RACY_SECONDS * 1e9):
+            return False
+        digest, settled = _hash_script()
+    except OSError:
+        return False
+    if settled is None:
+        return False
+    if _SCRIPT_DIGEST[0] != f"{__version__}+{digest}":
+        _SCRIPT_OTHER.append(settled)  # edited since we started: never vouch, hash it no more
+        return False
+    _SCRIPT_FILE.append(settled)
+    return True
 
 
 def _adopt_script_version(record: Any) -> bool:
@@ -2232,6 +2264,8 @@ class DaemonHost:
             return
         if self._listener.owner.fd is None:
             self._take_owner_lock()
+        if _vouch_for_script_now():
+            self._record.mark_dirty()
         self._record.sync()
         hooks = self._hooks
         if hooks.on_tick:

@@ -1356,6 +1356,61 @@ def test_recorded_script_version_is_adopted_only_for_the_file_the_daemon_hashed(
     assert client._script_version() != version
 
 
+def test_script_hashed_while_racy_is_vouched_for_once_settled_and_an_edit_never(tmp_path):
+    """A daemon that hashed its file within seconds of a write (an upgrade by copy, then a
+    call) vouches for it later, once the file has settled and still holds those bytes; a
+    file edited meanwhile is never vouched for, and is not hashed again each tick."""
+    script = tmp_path / "mcporter_daemon.py"
+    shutil.copy(str(MODULE_PATH), str(script))
+    daemon = _module_copy(script, "md_daemon_racy")
+    daemon._SCRIPT_RACY_SECONDS = 3600.0  # as if hashed the moment after the copy
+    version = daemon._script_version()
+    assert daemon._SCRIPT_FILE == [] and daemon._vouch_for_script_now() is False
+    daemon._SCRIPT_RACY_SECONDS = 0.3
+    wait_until(lambda: time.time_ns() - script.stat().st_ctime_ns > 0.5e9, 5, message="ctime to age")
+    assert daemon._vouch_for_script_now() is True
+    st = script.stat()
+    assert [[st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]] == daemon._SCRIPT_FILE
+    assert daemon._script_version() == version and daemon._vouch_for_script_now() is False
+
+    edited = _module_copy(script, "md_daemon_edited")
+    edited._SCRIPT_RACY_SECONDS = 3600.0
+    edited._script_version()
+    script.write_bytes(script.read_bytes() + b"# edited\n")
+    assert edited._vouch_for_script_now() is False  # still racy
+    edited._SCRIPT_RACY_SECONDS = 0.3
+    wait_until(lambda: time.time_ns() - script.stat().st_ctime_ns > 0.5e9, 5, message="ctime to age")
+    hashed = []
+    real_hash = edited._hash_script
+    edited._hash_script = lambda: hashed.append(1) or real_hash()
+    assert [edited._vouch_for_script_now() for _ in range(3)] == [False] * 3
+    assert edited._SCRIPT_FILE == [] and len(hashed) == 1
+
+
+def test_daemon_started_right_after_an_upgrade_lets_later_calls_skip_hashing(h):
+    """The usual upgrade: copy the new script, call at once. The daemon it starts could not
+    vouch for a file written that moment; it does so once the file settles, so the calls that
+    follow take its digest instead of hashing the script themselves, from the same daemon."""
+    md = _import_module()
+    script = h.tmp / "copy" / "mcporter_daemon.py"
+    script.parent.mkdir()
+    shutil.copy(str(MODULE_PATH), str(script))
+    argv = [sys.executable, str(script), "--config", str(h.cfg)]
+    r = h.run("call", "demo.counter", argv=argv)
+    assert r.rc == 0 and r.out.strip() == "1", r
+    first = h.meta()
+    assert "scriptFile" not in first  # written just now: not yet safe to vouch for
+    st = script.stat()
+    identity = [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+    wait_until(
+        lambda: (h.meta() or {}).get("scriptFile") == identity,
+        md._SCRIPT_RACY_SECONDS + 5,
+        message="the daemon to vouch for its settled script",
+    )
+    r = h.run("call", "demo.counter", argv=argv)
+    assert r.rc == 0 and r.out.strip() == "2" and h.meta()["pid"] == first["pid"], r
+
+
 def test_edited_script_keeping_size_and_mtime_still_makes_the_daemon_stale(h):
     """A warm call skips hashing the script when the daemon's record vouches for the file;
     an edit that keeps its size and puts its mtime back still makes the next call replace
