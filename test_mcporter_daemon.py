@@ -77,12 +77,14 @@ MODULE_PATH = HERE / "mcporter_daemon.py"
 # The CLI as the tests run it: main() through an import and without site-packages, as the module
 # launches its own daemon (``_script_argv``): the bytecode cache serves it, where a script run by
 # path compiles the whole file first, and a crowded site-packages (.pth files) costs tens of ms
-# per start. The tests of the script form itself run MODULE_PATH.
+# per start. The tests of the script form itself run MODULE_PATH. It ends as the command does
+# (``_exit_without_teardown``), so every CLI test checks that quick exit too.
 CLI_ARGV = [
     sys.executable,
     "-S",
     "-c",
-    f"import sys; sys.path.insert(0, {str(HERE)!r}); from mcporter_daemon import main; sys.exit(main())",
+    f"import sys; sys.path.insert(0, {str(HERE)!r}); import mcporter_daemon as m; "
+    "m._exit_without_teardown(m.main())",
 ]
 CLI_TIMEOUT = 45.0  # the client gives up on a slow start after 45 s itself
 MARKER_VAR = "MCPORTER_DAEMON_TEST_MARKER"
@@ -8291,6 +8293,41 @@ def test_output_into_a_closed_pipe_ends_quietly(h, args):
     assert err == b"", err
 
 
+def _console_script_target():
+    """The installed command's ``module:function``, as pyproject.toml declares it."""
+    text = (HERE / "pyproject.toml").read_text()
+    found = re.search(r'^mcporter-daemon = "(\w+):(\w+)"$', text, re.M)
+    assert found, "pyproject.toml declares no mcporter-daemon command"
+    return found.groups()
+
+
+@pytest.mark.parametrize("form", ["-m", "installed command"])
+def test_quick_exit_keeps_output_exit_code_and_atexit_callbacks(h, form):
+    """The command ends without the interpreter's teardown, yet as an ordinary exit would:
+    all of a big result on stdout, its exit code, and atexit callbacks run once (what they
+    print, unflushed, included). Both entries: ``python3 -m`` and the installed command,
+    run through a wrapper like the one pip writes."""
+    module, function = _console_script_target()
+    hook = (
+        f"import atexit, sys; sys.path.insert(0, {str(HERE)!r}); "
+        "atexit.register(lambda: print('atexit ran', end='')); "
+        "atexit.register(lambda: print('atexit ran too', file=sys.stderr, end=''))\n"
+    )
+    if form == "-m":
+        code = hook + f"import runpy; runpy.run_module({module!r}, run_name='__main__', alter_sys=True)"
+    else:
+        code = hook + f"from {module} import {function}\nsys.exit({function}())"
+    argv = [sys.executable, "-c", code, "--config", h.cfg]
+    env = {k: v for k, v in h.env().items() if k != "PYTHONUNBUFFERED"}  # stdout a buffered pipe
+    text = "x" * 100000
+    r = h.run("call", "demo.echo", f"text={text}", argv=argv, env=env)
+    assert r.rc == 0 and r.out == text + "\natexit ran" and r.err == "atexit ran too", (r.rc, r.err)
+    r = h.run("call", "nope.tool", argv=argv, env=env)
+    assert r.rc == 2 and r.out == "atexit ran" and r.err.count("atexit ran too") == 1, r
+    r = h.run("call", "demo.fail", argv=argv, env=env)
+    assert r.rc == 1 and r.out.endswith("atexit ran") and r.err.endswith("atexit ran too"), r
+
+
 @pytest.mark.parametrize("lifecycle", ["keep-alive", "ephemeral"])
 def test_call_shows_progress_as_one_erased_line_on_a_tty(h, lifecycle):
     h.write_config({"mcpServers": {"demo": dict(h.demo_server_entry(), lifecycle=lifecycle)}})
@@ -9629,7 +9666,8 @@ def test_server_that_closes_stdout_and_lives_on_is_ended_and_replaced(h, when):
         assert r.elapsed < 5, f"the call waited {r.elapsed:.1f}s for a server without stdout"
     else:
         assert call_ok(h, "mute.close_stdout_soon") == "{}"
-    assert noted(events, "stdout closed") == 1
+    # It closes stdout after its answer is on the way: the caller may hear it first.
+    wait_until(lambda: noted(events, "stdout closed") == 1, 5, message="the server to close its stdout")
     wait_until(lambda: not pid_alive(first), 5, message=f"server {first} without stdout to be ended")
     assert server_status(h, "mute")["connected"] is False
     second = int(call_ok(h, "mute.pid"))
