@@ -701,15 +701,17 @@ def _script_version() -> str:
 
 
 def _vouch_for_script_now() -> bool:
-    """True when this file can now be vouched for, and was not when it was hashed: a daemon
-    started within seconds of an edit or a copy (the usual way to upgrade) would otherwise
-    make every client hash the file for that daemon's whole life. Hashes again only once the
-    file has settled, and only while its identity is one not yet seen to differ."""
-    if _SCRIPT_FILE or not _SCRIPT_DIGEST or _SCRIPT_DIGEST[0].endswith("+unknown"):
+    """True when the record is to name this file's identity anew. Without it every client
+    would hash the file for the daemon's whole life: after a start within seconds of a write
+    (an upgrade by copy, then a call), or once the file is rewritten with the same bytes (a
+    reinstall, a checkout). A host calls it each tick: a ``stat``, and a hash only for a
+    settled identity not yet seen (one holding other bytes is remembered, never vouched for)."""
+    if not _SCRIPT_DIGEST or _SCRIPT_DIGEST[0].endswith("+unknown"):
         return False
     try:
         identity = _file_identity(os.stat(os.path.abspath(__file__)))
-        if identity in _SCRIPT_OTHER or identity[4] >= time.time_ns() - int(_SCRIPT_RACY_SECONDS * 1e9):
+        seen = identity in _SCRIPT_FILE or identity in _SCRIPT_OTHER
+        if seen or identity[4] >= time.time_ns() - int(_SCRIPT_RACY_SECONDS * 1e9):
             return False
         digest, settled = _hash_script()
     except OSError:
@@ -717,9 +719,9 @@ def _vouch_for_script_now() -> bool:
     if settled is None:
         return False
     if _SCRIPT_DIGEST[0] != f"{__version__}+{digest}":
-        _SCRIPT_OTHER.append(settled)  # edited since we started: never vouch, hash it no more
+        _SCRIPT_OTHER[:] = [settled]  # other bytes than we run: clients will see it is stale
         return False
-    _SCRIPT_FILE.append(settled)
+    _SCRIPT_FILE[:] = [settled]
     return True
 
 

@@ -1360,8 +1360,9 @@ def test_recorded_script_version_is_adopted_only_for_the_file_the_daemon_hashed(
 
 def test_script_hashed_while_racy_is_vouched_for_once_settled_and_an_edit_never(tmp_path):
     """A daemon that hashed its file within seconds of a write (an upgrade by copy, then a
-    call) vouches for it later, once the file has settled and still holds those bytes; a
-    file edited meanwhile is never vouched for, and is not hashed again each tick."""
+    call) vouches for it later, once the file has settled and still holds those bytes, as it
+    does for the file rewritten with the same bytes; a file edited meanwhile is never vouched
+    for, and is not hashed again each tick."""
     script = tmp_path / "mcporter_daemon.py"
     shutil.copy(str(MODULE_PATH), str(script))
     daemon = _module_copy(script, "md_daemon_racy")
@@ -1374,6 +1375,14 @@ def test_script_hashed_while_racy_is_vouched_for_once_settled_and_an_edit_never(
     st = script.stat()
     assert [[st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]] == daemon._SCRIPT_FILE
     assert daemon._script_version() == version and daemon._vouch_for_script_now() is False
+
+    # Rewritten with the same bytes (a reinstall): a new identity, vouched for once settled.
+    script.write_bytes(script.read_bytes())
+    assert daemon._vouch_for_script_now() is False  # racy still
+    wait_until(lambda: time.time_ns() - script.stat().st_ctime_ns > 0.5e9, 5, message="ctime to age")
+    assert daemon._vouch_for_script_now() is True
+    st = script.stat()
+    assert [[st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]] == daemon._SCRIPT_FILE
 
     edited = _module_copy(script, "md_daemon_edited")
     edited._SCRIPT_RACY_SECONDS = 3600.0
@@ -1389,10 +1398,11 @@ def test_script_hashed_while_racy_is_vouched_for_once_settled_and_an_edit_never(
     assert edited._SCRIPT_FILE == [] and len(hashed) == 1
 
 
-def test_daemon_started_right_after_an_upgrade_lets_later_calls_skip_hashing(h):
+def test_daemon_vouches_for_its_script_after_an_upgrade_and_a_same_bytes_rewrite(h):
     """The usual upgrade: copy the new script, call at once. The daemon it starts could not
     vouch for a file written that moment; it does so once the file settles, so the calls that
-    follow take its digest instead of hashing the script themselves, from the same daemon."""
+    follow take its digest instead of hashing the script themselves, from the same daemon.
+    The same after a reinstall of the same bytes."""
     md = _import_module()
     script = h.tmp / "copy" / "mcporter_daemon.py"
     script.parent.mkdir()
@@ -1411,6 +1421,19 @@ def test_daemon_started_right_after_an_upgrade_lets_later_calls_skip_hashing(h):
     )
     r = h.run("call", "demo.counter", argv=argv)
     assert r.rc == 0 and r.out.strip() == "2" and h.meta()["pid"] == first["pid"], r
+
+    # A reinstall of the same version rewrites the same bytes: the daemon stays, and vouches
+    # for the new file once it settles.
+    script.write_bytes(script.read_bytes())
+    st = script.stat()
+    identity = [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+    wait_until(
+        lambda: (h.meta() or {}).get("scriptFile") == identity,
+        md._SCRIPT_RACY_SECONDS + 5,
+        message="the daemon to vouch for its rewritten script",
+    )
+    r = h.run("call", "demo.counter", argv=argv)
+    assert r.rc == 0 and r.out.strip() == "3" and h.meta()["pid"] == first["pid"], r
 
 
 def test_edited_script_keeping_size_and_mtime_still_makes_the_daemon_stale(h):
