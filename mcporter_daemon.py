@@ -24,7 +24,7 @@ work on its own thread; progress frames; _CallerWatch) -> McpKeepAliveService.ha
 (_OPERATIONS["callTool"]: read, check) -> _KeptServer.use -> live_client -> _call_tool
 -> McpStdioClient.call_tool -> _JsonRpcChannel.request (send with a deadline, _wait_answer,
 answered by the reader thread's _dispatch) -> _Exchange.answer. Back in the CLI:
-result_or_raise -> _print_result -> stdout.
+result_or_raise -> _print_result -> stdout -> _exit_without_teardown.
 
 Where each invariant (README, "Invariants") is kept:
    1 one daemon: DaemonClient.ensure (spawn lock, re-check), _Takeover.run (bind lock)
