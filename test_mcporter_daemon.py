@@ -11271,7 +11271,7 @@ def bench_over_floor(cli, name=""):
     """The median of the pairs' differences and ratios: a call over its floor, run in turn."""
     pairs = list(zip(cli["warm_module" + name], cli["floor" + name]))
     over = statistics.median(a - b for a, b in pairs) * 1000
-    return f"+{over:.1f} ms ({statistics.median(a / b for a, b in pairs):.2f}×, pairs)"
+    return f"{over:+.1f} ms ({statistics.median(a / b for a, b in pairs):.2f}×, pairs)"
 
 
 def bench_first_launch_rss(h):
