@@ -2462,6 +2462,18 @@ def wait_slow_host_serving(h, pid):
     wait_until(answers, 20, message=f"slow host {pid} to serve")
 
 
+def stop_slow_host(h, proc):
+    """Ask slow host ``proc`` to stop; a failure says what the host said and whether it lives."""
+    try:
+        resp, _, _ = raw_request(slow_host_socket(h), "stop", {}, idle=5.0)
+    except (OSError, EOFError) as exc:
+        raise AssertionError(
+            f"stop: {exc!r}; host {proc.pid} exit {proc.poll()}; its stderr: {read_file(proc.err_path)}"
+        ) from exc
+    assert resp.get("ok") is True, resp
+    wait_until(lambda: proc.poll() is not None, 10, message=f"slow host {proc.pid} to stop")
+
+
 def test_alive_daemon_missing_one_probe_is_not_replaced(h):
     first, flag = start_slow_host(h)
     wait_slow_host_serving(h, first.pid)
@@ -2495,9 +2507,7 @@ def test_alive_daemon_missing_one_probe_is_not_replaced(h):
     resp, _, _ = raw_request(sock, "echo", {"text": "still here"}, idle=5.0)
     assert resp.get("ok") is True and resp["result"] == {"pid": first.pid, "text": "still here"}, resp
 
-    resp, _, _ = raw_request(sock, "stop", {}, idle=5.0)
-    assert resp.get("ok") is True, resp
-    wait_until(lambda: first.poll() is not None, 10, message="slow host to stop")
+    stop_slow_host(h, first)
     assert first.returncode == 0, read_file(first.err_path)
 
 
@@ -2517,9 +2527,7 @@ def test_daemon_silent_on_both_probes_is_replaced(h):
     assert second.poll() is None, read_file(second.err_path)
     meta = json.loads((h.state_dir / "daemon-slowhost.json").read_text())
     assert meta["pid"] == second.pid, meta
-    resp, _, _ = raw_request(slow_host_socket(h), "stop", {}, idle=5.0)
-    assert resp.get("ok") is True, resp
-    wait_until(lambda: second.poll() is not None, 10, message="replacement host to stop")
+    stop_slow_host(h, second)
 
 
 HANG_UP_LISTENER = """\
@@ -4104,8 +4112,7 @@ def test_client_uses_the_daemon_its_launched_child_found_serving(h):
     assert r.rc == 0 and json.loads(r.out) == {"pid": first.pid, "text": "hi"}, r
     assert first.poll() is None
     os.unlink(str(flag))
-    resp, _, _ = raw_request(slow_host_socket(h), "stop", {}, idle=5.0)
-    assert resp.get("ok") is True, resp
+    stop_slow_host(h, first)
 
 
 def test_call_is_served_when_the_record_names_its_daemon_with_a_wrong_start_time(h):
