@@ -1315,6 +1315,19 @@ def _module_copy(path, name):
     return module
 
 
+def file_identity(path):
+    """What the module vouches for a file by: device, inode, size, mtime and ctime."""
+    st = path.stat()
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def wait_settled(path, seconds):
+    """Until ``path`` was last changed more than ``seconds`` ago (its ctime)."""
+    wait_until(
+        lambda: time.time_ns() - path.stat().st_ctime_ns > seconds * 1e9, seconds + 5, message="ctime to age"
+    )
+
+
 def test_recorded_script_version_is_adopted_only_for_the_file_the_daemon_hashed(tmp_path):
     """A client may take the daemon's recorded script digest instead of hashing the script
     only while the file's identity (device, inode, size, mtime, ctime) is the one hashed."""
@@ -1326,10 +1339,10 @@ def test_recorded_script_version_is_adopted_only_for_the_file_the_daemon_hashed(
     assert daemon._SCRIPT_FILE == []
     daemon._SCRIPT_DIGEST.clear()
     daemon._SCRIPT_RACY_SECONDS = 0.05
-    wait_until(lambda: time.time_ns() - script.stat().st_ctime_ns > 0.2e9, 5, message="ctime to age")
+    wait_settled(script, 0.2)
     assert daemon._script_version() == version
     st = script.stat()
-    assert [[st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]] == daemon._SCRIPT_FILE
+    assert [file_identity(script)] == daemon._SCRIPT_FILE
     record = {"scriptVersion": version, "scriptFile": daemon._SCRIPT_FILE[0]}
 
     for wrong in (
@@ -1370,19 +1383,17 @@ def test_script_hashed_while_racy_is_vouched_for_once_settled_and_an_edit_never(
     version = daemon._script_version()
     assert daemon._SCRIPT_FILE == [] and daemon._vouch_for_script_now() is False
     daemon._SCRIPT_RACY_SECONDS = 0.3
-    wait_until(lambda: time.time_ns() - script.stat().st_ctime_ns > 0.5e9, 5, message="ctime to age")
+    wait_settled(script, 0.5)
     assert daemon._vouch_for_script_now() is True
-    st = script.stat()
-    assert [[st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]] == daemon._SCRIPT_FILE
+    assert [file_identity(script)] == daemon._SCRIPT_FILE
     assert daemon._script_version() == version and daemon._vouch_for_script_now() is False
 
     # Rewritten with the same bytes (a reinstall): a new identity, vouched for once settled.
     script.write_bytes(script.read_bytes())
     assert daemon._vouch_for_script_now() is False  # racy still
-    wait_until(lambda: time.time_ns() - script.stat().st_ctime_ns > 0.5e9, 5, message="ctime to age")
+    wait_settled(script, 0.5)
     assert daemon._vouch_for_script_now() is True
-    st = script.stat()
-    assert [[st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]] == daemon._SCRIPT_FILE
+    assert [file_identity(script)] == daemon._SCRIPT_FILE
 
     edited = _module_copy(script, "md_daemon_edited")
     edited._SCRIPT_RACY_SECONDS = 3600.0
@@ -1390,7 +1401,7 @@ def test_script_hashed_while_racy_is_vouched_for_once_settled_and_an_edit_never(
     script.write_bytes(script.read_bytes() + b"# edited\n")
     assert edited._vouch_for_script_now() is False  # still racy
     edited._SCRIPT_RACY_SECONDS = 0.3
-    wait_until(lambda: time.time_ns() - script.stat().st_ctime_ns > 0.5e9, 5, message="ctime to age")
+    wait_settled(script, 0.5)
     hashed = []
     real_hash = edited._hash_script
     edited._hash_script = lambda: hashed.append(1) or real_hash()
@@ -1412,28 +1423,18 @@ def test_daemon_vouches_for_its_script_after_an_upgrade_and_a_same_bytes_rewrite
     assert r.rc == 0 and r.out.strip() == "1", r
     first = h.meta()
     assert "scriptFile" not in first  # written just now: not yet safe to vouch for
-    st = script.stat()
-    identity = [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
-    wait_until(
-        lambda: (h.meta() or {}).get("scriptFile") == identity,
-        md._SCRIPT_RACY_SECONDS + 5,
-        message="the daemon to vouch for its settled script",
-    )
-    r = h.run("call", "demo.counter", argv=argv)
-    assert r.rc == 0 and r.out.strip() == "2" and h.meta()["pid"] == first["pid"], r
-
-    # A reinstall of the same version rewrites the same bytes: the daemon stays, and vouches
-    # for the new file once it settles.
-    script.write_bytes(script.read_bytes())
-    st = script.stat()
-    identity = [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
-    wait_until(
-        lambda: (h.meta() or {}).get("scriptFile") == identity,
-        md._SCRIPT_RACY_SECONDS + 5,
-        message="the daemon to vouch for its rewritten script",
-    )
-    r = h.run("call", "demo.counter", argv=argv)
-    assert r.rc == 0 and r.out.strip() == "3" and h.meta()["pid"] == first["pid"], r
+    # Then a reinstall of the same version, which rewrites the same bytes: the daemon stays.
+    for count, rewrite in [(2, False), (3, True)]:
+        if rewrite:
+            script.write_bytes(script.read_bytes())
+        identity = file_identity(script)
+        wait_until(
+            lambda i=identity: (h.meta() or {}).get("scriptFile") == i,
+            md._SCRIPT_RACY_SECONDS + 5,
+            message=f"the daemon to vouch for its script (rewritten: {rewrite})",
+        )
+        r = h.run("call", "demo.counter", argv=argv)
+        assert r.rc == 0 and r.out.strip() == str(count) and h.meta()["pid"] == first["pid"], r
 
 
 def test_edited_script_keeping_size_and_mtime_still_makes_the_daemon_stale(h):
@@ -1445,12 +1446,11 @@ def test_edited_script_keeping_size_and_mtime_still_makes_the_daemon_stale(h):
     script.parent.mkdir()
     shutil.copy(str(MODULE_PATH), str(script))
     argv = [sys.executable, str(script), "--config", str(h.cfg)]
-    margin = md._SCRIPT_RACY_SECONDS * 1e9 + 0.2e9  # a file changed just now is not vouched for
-    wait_until(lambda: time.time_ns() - script.stat().st_ctime_ns > margin, 10, message="ctime to age")
+    wait_settled(script, md._SCRIPT_RACY_SECONDS + 0.2)  # one changed just now is not vouched for
     r = h.run("call", "demo.counter", argv=argv)
     assert r.rc == 0 and r.out.strip() == "1", r
     first, st = h.meta(), script.stat()
-    assert first["scriptFile"] == [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+    assert first["scriptFile"] == file_identity(script)
     r = h.run("call", "demo.counter", argv=argv)
     assert r.rc == 0 and r.out.strip() == "2" and h.meta()["pid"] == first["pid"], r
 
