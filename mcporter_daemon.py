@@ -2339,10 +2339,20 @@ class DaemonHost:
         return frame
 
     def _handle_stop(self, conn: socket.socket, rid: Any) -> None:
-        # Metadata goes before the answer, so no later caller trusts a dying daemon (dmypy).
-        self._state.reason = _STOP_REQUEST
-        self._record.remove()
-        _send_frame(conn, {"id": rid, "ok": True, "result": True})
+        # Owed before the daemon is marked stopping (exactly one answer): the serving loop may
+        # see the mark at once and wind down, and work in flight is what the wind-down waits
+        # for and what the last step answers. Uncounted, this answer died with the process
+        # whenever this thread lost the race to it.
+        done = {"id": rid, "ok": True, "result": True}
+        ex = _Exchange(conn, rid, if_stopped=done)
+        self._load.begin(ex)
+        try:
+            # Metadata goes before the answer, so no later caller trusts a dying daemon (dmypy).
+            self._state.reason = _STOP_REQUEST
+            self._record.remove()
+            ex.answer(done)
+        finally:
+            self._load.end(ex)
         self.request_stop(_STOP_REQUEST)
 
     # -- shutdown ----------------------------------------------------------------------------
@@ -2374,7 +2384,8 @@ class DaemonHost:
         self._listener.close()
         reason = self._state.reason
         for ex in self._load.take_owed():
-            ex.answer(_error_frame(ex.rid, f"daemon stopped ({reason}) before it finished", "daemon_stopped"))
+            stopped = _error_frame(ex.rid, f"daemon stopped ({reason}) before it finished", "daemon_stopped")
+            ex.answer(ex.if_stopped or stopped)
         if reason == _STOP_REQUEST:
             self._release_files()  # no lock: a stopper inside the bind guard waits for our exit
         else:
@@ -3196,17 +3207,19 @@ def _answer_and_close(conn: socket.socket, frame: Dict[str, Any]) -> None:
 
 class _Exchange:
     """One request's connection: progress frames and exactly one answer, whoever sends it
-    (its handler, or shutdown for a handler that never returned)."""
+    (its handler, or shutdown for a handler that never returned: ``if_stopped``, else an
+    error saying the daemon stopped first)."""
 
-    __slots__ = ("conn", "rid", "lock", "answered")
+    __slots__ = ("conn", "rid", "lock", "answered", "if_stopped")
 
-    def __init__(self, conn: socket.socket, rid: Any) -> None:
+    def __init__(self, conn: socket.socket, rid: Any, if_stopped: Optional[Dict[str, Any]] = None) -> None:
         import threading
 
         self.conn = conn
         self.rid = rid
         self.lock = threading.Lock()
         self.answered = False
+        self.if_stopped = if_stopped
 
     def progress(self, frame: bytes) -> bool:
         with self.lock:

@@ -2530,6 +2530,71 @@ def test_daemon_silent_on_both_probes_is_replaced(h):
     stop_slow_host(h, second)
 
 
+STOP_RACE_HOST = """\
+import os, sys, time
+sys.path.insert(0, {here!r})
+import mcporter_daemon
+
+base, flag = sys.argv[1], sys.argv[2]
+paths = mcporter_daemon.DaemonPaths.for_key("stoprace", base)
+real_remove = mcporter_daemon.remove_metadata_if_owned
+stalled = []
+
+
+def stalling_remove(path, pid):
+    # Once the flag exists, the first removal of the record (the stop's own) stalls, as on a
+    # slow disk, while the serving loop sees the daemon marked stopping and winds down.
+    if os.path.exists(flag) and not stalled:
+        stalled.append(1)
+        time.sleep(float(open(flag).read()))
+    return real_remove(path, pid)
+
+
+mcporter_daemon.remove_metadata_if_owned = stalling_remove
+sys.exit(mcporter_daemon.DaemonHost(paths, "fp-1", {{"echo": lambda params, ctx: os.getpid()}}).run())
+"""
+
+
+def test_stop_is_answered_even_when_the_daemon_winds_down_before_its_thread_answers(h):
+    """``stop`` marks the daemon stopping, removes its record, then answers. When the thread
+    serving it is slow to answer (descheduled, a slow disk), the serving loop may see the mark
+    first and finish: the answer must still go out, exactly once, before the process ends.
+    (Seen in CI: a busy machine, the stop's caller got a closed connection and no answer.)"""
+    md = _import_module()
+    script = h.tmp / "stop_race_host.py"
+    script.write_text(STOP_RACE_HOST.format(here=str(HERE)))
+    flag = h.tmp / "stall.flag"
+    host = h.popen_argv([sys.executable, script, h.state_dir, flag], h.env())
+    sock = h.state_dir / "daemon-stoprace.sock"
+
+    def answers():
+        try:
+            return raw_request(sock, "echo", {}, idle=5.0)[0].get("result") == host.pid
+        except (OSError, EOFError):
+            return False
+
+    wait_until(answers, 20, message="the host to serve")
+    stall = md._DRAIN_WAIT + md._DRAIN_AFTER_CLOSE + 2.0  # past the whole wind-down
+    write_flag(flag, str(stall))
+    t0 = time.monotonic()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(stall + 10)
+        s.connect(str(sock))
+        s.sendall(b'{"id": "s1", "method": "stop", "params": {}, "protocolVersion": 2}\n')
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    lines = [json.loads(line) for line in data.splitlines() if line.strip()]
+    assert lines == [{"id": "s1", "ok": True, "result": True}], (data, read_file(host.err_path))
+    wait_until(lambda: host.poll() is not None, stall + 10, message="the host to exit")
+    assert host.returncode == 0, read_file(host.err_path)
+    assert time.monotonic() - t0 < stall, "the answer waited for the stalled thread"
+    assert not (h.state_dir / "daemon-stoprace.json").exists()
+
+
 HANG_UP_LISTENER = """\
 import socket, sys
 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
