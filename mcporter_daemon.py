@@ -2386,6 +2386,10 @@ class DaemonHost:
         for ex in self._load.take_owed():
             stopped = _error_frame(ex.rid, f"daemon stopped ({reason}) before it finished", "daemon_stopped")
             ex.answer(ex.if_stopped or stopped)
+        # Connections taken in but not yet answered (their threads about to say "shutting
+        # down") would close unanswered when the process ends; that answer lets a caller send
+        # again safely, a closed connection does not. Bounded: a silent client holds nobody.
+        self._load.wait_closed(_DRAIN_AFTER_CLOSE)
         if reason == _STOP_REQUEST:
             self._release_files()  # no lock: a stopper inside the bind guard waits for our exit
         else:
@@ -2627,6 +2631,12 @@ class _Load:
     def wait_idle(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while self.active and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def wait_closed(self, timeout: float) -> None:
+        """Until every connection taken in (the overflow's too) is answered and closed."""
+        deadline = time.monotonic() + timeout
+        while (self.connections or self.overflow) and time.monotonic() < deadline:
             time.sleep(0.01)
 
 

@@ -2531,14 +2531,15 @@ def test_daemon_silent_on_both_probes_is_replaced(h):
 
 
 STOP_RACE_HOST = """\
-import os, sys, time
+import os, sys, threading, time
 sys.path.insert(0, {here!r})
 import mcporter_daemon
 
-base, flag = sys.argv[1], sys.argv[2]
+base, flag, late = sys.argv[1], sys.argv[2], sys.argv[3] == "late"
 paths = mcporter_daemon.DaemonPaths.for_key("stoprace", base)
 real_remove = mcporter_daemon.remove_metadata_if_owned
-stalled = []
+real_frame = mcporter_daemon.DaemonHost._shutting_down_frame
+stalled, removed = [], threading.Event()
 
 
 def stalling_remove(path, pid):
@@ -2547,10 +2548,21 @@ def stalling_remove(path, pid):
     if os.path.exists(flag) and not stalled:
         stalled.append(1)
         time.sleep(float(open(flag).read()))
+        removed.set()
     return real_remove(path, pid)
 
 
+def late_frame(self, rid):
+    # "late": a thread about to answer "shutting down" is descheduled until just after the
+    # stop was answered, when the daemon takes its last steps.
+    if late and os.path.exists(flag):
+        removed.wait(30)
+        time.sleep(0.1)
+    return real_frame(self, rid)
+
+
 mcporter_daemon.remove_metadata_if_owned = stalling_remove
+mcporter_daemon.DaemonHost._shutting_down_frame = late_frame
 sys.exit(mcporter_daemon.DaemonHost(paths, "fp-1", {{"echo": lambda params, ctx: os.getpid()}}).run())
 """
 
@@ -2564,7 +2576,7 @@ def test_stop_is_answered_even_when_the_daemon_winds_down_before_its_thread_answ
     script = h.tmp / "stop_race_host.py"
     script.write_text(STOP_RACE_HOST.format(here=str(HERE)))
     flag = h.tmp / "stall.flag"
-    host = h.popen_argv([sys.executable, script, h.state_dir, flag], h.env())
+    host = h.popen_argv([sys.executable, script, h.state_dir, flag, "-"], h.env())
     sock = h.state_dir / "daemon-stoprace.sock"
 
     def answers():
@@ -2593,6 +2605,33 @@ def test_stop_is_answered_even_when_the_daemon_winds_down_before_its_thread_answ
     assert host.returncode == 0, read_file(host.err_path)
     assert time.monotonic() - t0 < stall, "the answer waited for the stalled thread"
     assert not (h.state_dir / "daemon-stoprace.json").exists()
+
+
+def test_requests_taken_in_while_stopping_are_answered_before_the_daemon_exits(h):
+    """A request that reaches a stopping daemon is answered "shutting down", so its caller can
+    send it again to the next daemon. One whose thread answers only as the daemon takes its
+    last steps must still get that answer, not a connection closed by the exit."""
+    md = _import_module()
+    script = h.tmp / "stop_race_host.py"
+    script.write_text(STOP_RACE_HOST.format(here=str(HERE)))
+    flag = h.tmp / "stall.flag"
+    host = h.popen_argv([sys.executable, script, h.state_dir, flag, "late"], h.env())
+    sock = h.state_dir / "daemon-stoprace.sock"
+    wait_until(lambda: sock.exists(), 20, message="the host to bind")
+    assert raw_request(sock, "echo", {}, idle=5.0)[0].get("result") == host.pid
+    write_flag(flag, "1.0")  # the stop's record removal stalls a second: the daemon is stopping
+    stopped = []
+    stopper = threading.Thread(target=lambda: stopped.append(raw_request(sock, "stop", {}, idle=10.0)[0]))
+    stopper.start()
+    try:
+        wait_until(lambda: "shutting down: stop request" in read_file(host.err_path), 10, message="wind-down")
+        late, _, _ = raw_request(sock, "echo", {}, idle=10.0)
+    finally:
+        stopper.join(15)
+    assert late.get("ok") is False and late["error"]["code"] == "shutting_down", late
+    assert stopped == [{"id": stopped[0]["id"], "ok": True, "result": True}], stopped
+    wait_until(lambda: host.poll() is not None, md._DRAIN_WAIT + 10, message="the host to exit")
+    assert host.returncode == 0, read_file(host.err_path)
 
 
 HANG_UP_LISTENER = """\
