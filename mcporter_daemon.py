@@ -38,7 +38,8 @@ Where each invariant (README, "Invariants") is kept:
    9 errors at once: load_config, DaemonClient._wait_ready, McpStdioClient.start
   10 bad input is contained: _Connection._read_request, _parse_request, _Load.admit
   11 no shell: _ServerProcess.spawn (an argument list), McpKeepAliveService._server
-  12 at most once, exactly one answer: DaemonClient.request, _Exchange.answer
+  12 at most once, exactly one answer: DaemonClient.request, _Exchange.answer,
+     DaemonHost._handle_stop and _finish (nothing taken in is left unanswered at exit)
   13 one copy of a server: _KeptServer.live_client (its life lock), _Takeover._wait_for_stopping
   14 every wait has a deadline: exchange, _JsonRpcChannel._write_until, call_expiry
   15 paths are bytes: DaemonPaths.for_config, config_fingerprint (os.fsencode)
