@@ -11352,13 +11352,14 @@ def bench_cli_calls(h, md):
     bench_run_ok(bare, env, HERE)  # warm the bytecode cache first
     rows = {"bare": bench_times(lambda: bench_run_ok(bare, env, HERE), 30)}
 
-    def cold():
+    def cold(argv):
         bench_stop(h, md)
         t0 = time.perf_counter()
-        bench_run_ok(argv_script, env, HERE)
+        bench_run_ok(argv, env, HERE)
         return time.perf_counter() - t0
 
-    rows["cold"] = [cold() for _ in range(30)]
+    rows["cold"] = [cold(argv_script) for _ in range(30)]
+    rows["cold_module"] = [cold(argv_module) for _ in range(30)]
     rows["warm_script"] = bench_times(lambda: bench_run_ok(argv_script, env, HERE), 30)
     # The call and its floor in turn, so a machine that speeds up or slows down during the run
     # moves both alike: the row over the floor is the median of the pairs' differences.
@@ -11554,6 +11555,11 @@ def test_benchmark(h, monkeypatch):
     rows = [
         ("MCP server start-up alone (spawn + initialize)", bench_ms(server), "(not ours)"),
         ("cold call, CLI process, no daemon running", bench_ms(cli["cold"]), "≤ 300 ms + server start-up"),
+        (
+            "the same cold call through `python3 -m`",
+            bench_ms(cli["cold_module"]),
+            "(no compile: cached bytecode)",
+        ),
         ("warm call, `python3 mcporter_daemon.py call`", bench_ms(cli["warm_script"]), ""),
         ("warm call, `python3 -m mcporter_daemon call`", bench_ms(cli["warm_module"]), ""),
         ('bare `python3 -c "import mcporter_daemon"`', bench_ms(cli["bare"]), ""),
