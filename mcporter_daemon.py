@@ -811,9 +811,10 @@ def encode_frame(obj: Dict[str, Any]) -> bytes:
     return (_json_compact(obj) + "\n").encode("ascii")
 
 
-def encode_answer_pieces(frame: Dict[str, Any]) -> Iterable[bytes]:
-    """``encode_answer`` in pieces of at most about ``_SEND_CHUNK`` bytes (newline included)."""
-    if not _looks_large(frame):
+def encode_answer_pieces(frame: Dict[str, Any], large: Optional[bool] = None) -> Iterable[bytes]:
+    """``encode_answer`` in pieces of at most about ``_SEND_CHUNK`` bytes (newline included);
+    ``large``: ``_looks_large(frame)`` when the caller has asked already."""
+    if not (_looks_large(frame) if large is None else large):
         yield encode_answer(frame)
         return
     encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True)
@@ -830,15 +831,22 @@ def encode_answer_pieces(frame: Dict[str, Any]) -> Iterable[bytes]:
 
 def _looks_large(frame: Any, depth: int = 8) -> bool:
     """Whether an answer is worth streaming (and its memory returning): any string in it
-    longer than a send piece, wherever a handler put it (bounded depth: cheap to ask)."""
-    if isinstance(frame, str):
-        return len(frame) > _SEND_CHUNK
-    if depth <= 0:
-        return False
-    if isinstance(frame, dict):
-        return any(_looks_large(v, depth - 1) for v in frame.values())
-    if isinstance(frame, list):
-        return any(_looks_large(v, depth - 1) for v in frame)
+    longer than a send piece, wherever a handler put it (bounded depth: cheap to ask). Level
+    by level, without recursion: every answer is asked, `status` (40-odd values) included."""
+    level = [frame]
+    for _ in range(depth + 1):
+        deeper: List[Any] = []
+        for item in level:
+            if isinstance(item, str):
+                if len(item) > _SEND_CHUNK:
+                    return True
+            elif isinstance(item, dict):
+                deeper.extend(item.values())
+            elif isinstance(item, list):
+                deeper.extend(item)
+        if not deeper:
+            return False
+        level = deeper
     return False
 
 
@@ -3095,18 +3103,20 @@ class _Connection:
         ctx = RequestContext(method)
         ex = _Exchange(self.conn, rid)
         host._load.begin(ex)
-        try:
+        try:  # in flight until answered: a stopping daemon waits for the answer to go out
             frame = self._run_handler(ex, handler, request["params"], ctx, cadence)
+            reason = host._state.reason
+            if reason is not None and not frame.get("ok"):
+                # Its server was closed under it: say why, once, so the caller does not retry.
+                frame = _error_frame(
+                    rid, f"daemon stopped ({reason}) before {method} finished", "daemon_stopped"
+                )
+            if ctx.notices:
+                frame["notices"] = ctx.notices
+            self.large = _looks_large(frame)
+            ex.answer(frame, self.large)
         finally:
             host._load.end(ex)
-        reason = host._state.reason
-        if reason is not None and not frame.get("ok"):
-            # Its server was closed under it: say why, once, so the caller does not retry.
-            frame = _error_frame(rid, f"daemon stopped ({reason}) before {method} finished", "daemon_stopped")
-        if ctx.notices:
-            frame["notices"] = ctx.notices
-        self.large = _looks_large(frame)
-        ex.answer(frame)
 
     def _run_handler(
         self,
@@ -3184,12 +3194,12 @@ def _release_freed_memory() -> None:
     trim(0)
 
 
-def _send_frame(conn: socket.socket, frame: Dict[str, Any]) -> bool:
+def _send_frame(conn: socket.socket, frame: Dict[str, Any], large: Optional[bool] = None) -> bool:
     """Send one answer frame, encoded as it goes: a 50 MiB result costs no second full
     copy, and a slow reader gets time per chunk rather than 5 s for the whole frame."""
     try:
         conn.settimeout(_SEND_IDLE)
-        for piece in encode_answer_pieces(frame):
+        for piece in encode_answer_pieces(frame, large):
             conn.sendall(piece)
         return True
     except OSError:
@@ -3242,12 +3252,12 @@ class _Exchange:
             except OSError:
                 return False
 
-    def answer(self, frame: Dict[str, Any]) -> bool:
+    def answer(self, frame: Dict[str, Any], large: Optional[bool] = None) -> bool:
         with self.lock:
             if self.answered:
                 return False
             self.answered = True
-            return _send_frame(self.conn, frame)
+            return _send_frame(self.conn, frame, large)
 
 
 def progress_frame(rid: Any, progress: Optional[Dict[str, Any]]) -> Dict[str, Any]:

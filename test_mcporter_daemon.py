@@ -1728,6 +1728,47 @@ JSON_LOADS_CASES = [
 ]
 
 
+def _nested(value, levels, kind=list):
+    for _ in range(levels):
+        value = [value] if kind is list else {"k": value}
+    return value
+
+
+@pytest.mark.parametrize(
+    "make, large",
+    [
+        (lambda big: {"id": "1", "ok": True, "result": {"pid": 1}}, False),
+        (lambda big: "x" * 10, False),
+        (lambda big: big, True),
+        (lambda big: {"result": {"content": [{"type": "image", "data": big}]}}, True),
+        (lambda big: {"a": [1, 2.5, None, True], "b": {"c": big[:-1]}}, False),  # exactly a piece
+        (lambda big: [{"k": "small"}] * 50 + [{"k": big}], True),  # after many small values
+        (lambda big: _nested(big, 8), True),  # the deepest level still looked at
+        (lambda big: _nested(big, 8, dict), True),
+        (lambda big: _nested(big, 9), False),  # past the bound: not looked at (cheap to ask)
+        (lambda big: {big: "a large key is never streamed"}, False),
+        (lambda big: (big,), False),  # only what a JSON handler builds: dicts, lists, strings
+    ],
+    ids=[
+        "small-frame",
+        "small-str",
+        "big-str",
+        "image",
+        "one-piece",
+        "late",
+        "depth-8",
+        "depth-8-dict",
+        "depth-9",
+        "key",
+        "tuple",
+    ],
+)
+def test_looks_large_table(make, large):
+    """Which answers are streamed in pieces (and their memory handed back afterwards)."""
+    md = _import_module()
+    assert md._looks_large(make("x" * (md._SEND_CHUNK + 1))) is large
+
+
 @pytest.mark.parametrize("text", JSON_LOADS_CASES)
 def test_json_fast_path_reads_as_json_loads(text):
     md = _import_module()
@@ -5589,6 +5630,44 @@ def test_slow_reader_still_gets_a_large_answer_whole(h):
     assert took > send_idle, (
         f"the read took only {took:.1f}s; the test must outlast the {send_idle} s send limit"
     )
+
+
+def test_answer_being_sent_when_a_stop_comes_goes_out_whole(h):
+    """A call already answered, its large answer still going out to a slow reader, when a
+    ``stop`` arrives: the daemon stops, but only once that answer is out, whole. (The answer
+    counted as work in flight only until it started to go out; a stop could end the process
+    halfway through it.)"""
+    md = _import_module()
+    wind_down = md._DRAIN_WAIT + md._DRAIN_AFTER_CLOSE
+    kib = int((wind_down + 1.5) / 0.01 * 16 * 3 / 4)  # paced as below: outlasts the wind-down
+    h.configure({"big": diag_entry(h, "blob")})
+    assert call_ok(h, "big.blob", "kib=1")
+    daemon = h.meta()["pid"]
+    req = {
+        "id": "slow",
+        "method": "callTool",
+        "params": {"server": "big", "tool": "blob", "args": {"kib": kib}},
+    }
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    s.settimeout(30)
+    stopped = []
+    try:
+        s.connect(str(h.socket_path))
+        s.sendall((json.dumps(req) + "\n").encode())
+        chunks = [s.recv(16 * 1024)]  # the answer has begun to go out
+        stopped.append(raw_request(h.socket_path, "stop", {}, idle=10.0)[0])
+        while chunks[-1]:
+            time.sleep(0.01)  # a slow reader
+            chunks.append(s.recv(16 * 1024))
+    finally:
+        s.close()
+    data = b"".join(chunks)
+    assert stopped[0].get("ok") is True, stopped
+    assert data.endswith(b"\n"), f"answer cut off after {len(data)} bytes"
+    frame = json.loads(data)
+    assert frame["ok"] is True and len(frame["result"]["content"][0]["data"]) == 4 * ((kib * 1024 + 2) // 3)
+    wait_until(lambda: not pid_alive(daemon), 10, message="the daemon to exit")
 
 
 CLEAR_LINE = "\r\x1b[K"
