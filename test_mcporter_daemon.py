@@ -5593,14 +5593,15 @@ def test_large_result_arrives_intact(h, how):
     assert call_ok(h, "big.blob", "kib=1") == f"[image image/png, {1024} bytes]"
 
 
-def test_slow_reader_still_gets_a_large_answer_whole(h):
-    """A caller that takes its time reading a large answer (a busy machine, a slow pipe) gets
-    all of it: the daemon bounds how long no byte moves, not the whole transfer."""
-    send_idle = _import_module()._SEND_IDLE
-    # Large enough that the paced read below (16 KiB per 10 ms at most) outlasts the send limit.
-    kib = int(1.25 * send_idle / 0.01 * 16 * 3 / 4)
-    h.configure({"big": diag_entry(h, "blob")})
-    assert call_ok(h, "big.blob", "kib=1")  # the daemon and its server run
+def paced_kib(seconds):
+    """A blob size (KiB) whose base64 answer, read as ``slow_read_blob`` reads, takes ``seconds``."""
+    return int(seconds / 0.01 * 16 * 3 / 4)
+
+
+def slow_read_blob(h, kib, on_first_bytes=lambda: None):
+    """Call ``big.blob`` for ``kib`` KiB on a socket with a small receive buffer and read the
+    answer as a slow reader does (16 KiB per 10 ms at most); ``on_first_bytes`` runs once the
+    answer has begun to arrive. Returns (every byte until the daemon closed, seconds taken)."""
     req = {
         "id": "slow",
         "method": "callTool",
@@ -5612,21 +5613,33 @@ def test_slow_reader_still_gets_a_large_answer_whole(h):
     try:
         s.connect(str(h.socket_path))
         s.sendall((json.dumps(req) + "\n").encode())
-        chunks, began = [], time.monotonic()
-        while True:
-            chunk = s.recv(16 * 1024)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            time.sleep(0.01)  # a slow reader: paces the transfer over more than the send limit
+        began = time.monotonic()
+        chunks = [s.recv(16 * 1024)]
+        on_first_bytes()
+        while chunks[-1]:
+            time.sleep(0.01)  # a slow reader
+            chunks.append(s.recv(16 * 1024))
     finally:
         s.close()
-    took = time.monotonic() - began
-    data = b"".join(chunks)
+    return b"".join(chunks), time.monotonic() - began
+
+
+def assert_whole_blob(data, kib, took):
     assert data.endswith(b"\n"), f"answer cut off after {len(data)} bytes and {took:.1f}s"
     frame = json.loads(data)
     assert frame["ok"] is True, frame.get("error")
     assert len(frame["result"]["content"][0]["data"]) == 4 * ((kib * 1024 + 2) // 3)  # base64 length
+
+
+def test_slow_reader_still_gets_a_large_answer_whole(h):
+    """A caller that takes its time reading a large answer (a busy machine, a slow pipe) gets
+    all of it: the daemon bounds how long no byte moves, not the whole transfer."""
+    send_idle = _import_module()._SEND_IDLE
+    kib = paced_kib(1.25 * send_idle)  # the paced read outlasts the send limit
+    h.configure({"big": diag_entry(h, "blob")})
+    assert call_ok(h, "big.blob", "kib=1")  # the daemon and its server run
+    data, took = slow_read_blob(h, kib)
+    assert_whole_blob(data, kib, took)
     assert took > send_idle, (
         f"the read took only {took:.1f}s; the test must outlast the {send_idle} s send limit"
     )
@@ -5638,35 +5651,16 @@ def test_answer_being_sent_when_a_stop_comes_goes_out_whole(h):
     counted as work in flight only until it started to go out; a stop could end the process
     halfway through it.)"""
     md = _import_module()
-    wind_down = md._DRAIN_WAIT + md._DRAIN_AFTER_CLOSE
-    kib = int((wind_down + 1.5) / 0.01 * 16 * 3 / 4)  # paced as below: outlasts the wind-down
+    kib = paced_kib(md._DRAIN_WAIT + md._DRAIN_AFTER_CLOSE + 1.5)  # outlasts the wind-down
     h.configure({"big": diag_entry(h, "blob")})
     assert call_ok(h, "big.blob", "kib=1")
     daemon = h.meta()["pid"]
-    req = {
-        "id": "slow",
-        "method": "callTool",
-        "params": {"server": "big", "tool": "blob", "args": {"kib": kib}},
-    }
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-    s.settimeout(30)
     stopped = []
-    try:
-        s.connect(str(h.socket_path))
-        s.sendall((json.dumps(req) + "\n").encode())
-        chunks = [s.recv(16 * 1024)]  # the answer has begun to go out
-        stopped.append(raw_request(h.socket_path, "stop", {}, idle=10.0)[0])
-        while chunks[-1]:
-            time.sleep(0.01)  # a slow reader
-            chunks.append(s.recv(16 * 1024))
-    finally:
-        s.close()
-    data = b"".join(chunks)
+    data, took = slow_read_blob(
+        h, kib, lambda: stopped.append(raw_request(h.socket_path, "stop", {}, idle=10.0)[0])
+    )
     assert stopped[0].get("ok") is True, stopped
-    assert data.endswith(b"\n"), f"answer cut off after {len(data)} bytes"
-    frame = json.loads(data)
-    assert frame["ok"] is True and len(frame["result"]["content"][0]["data"]) == 4 * ((kib * 1024 + 2) // 3)
+    assert_whole_blob(data, kib, took)
     wait_until(lambda: not pid_alive(daemon), 10, message="the daemon to exit")
 
 
