@@ -7196,6 +7196,19 @@ def test_serve_server_that_cannot_start_and_config_edits(h):
     assert s.close() == 0
 
 
+def start_long_progress_call(s, token, mark, what):
+    """A 30-second ``demo__progress`` call through the bridge, under progress ``token``; its
+    request id, once its first progress has arrived after ``mark``."""
+    call = {
+        "name": "demo__progress",
+        "arguments": {"steps": 300, "delay": 0.1},
+        "_meta": {"progressToken": token},
+    }
+    rid = s.start("tools/call", call)
+    s.wait(lambda m: m.get("method") == "notifications/progress", 10, what, since=mark)
+    return rid
+
+
 def test_serve_list_changed_after_restarts_crashes_and_daemon_kill(h):
     """list_changed within 2 s of: the server's own, `restart SERVER`, a crashed server coming
     back, the daemon SIGKILLed (the next call starts another and works), and its replacement."""
@@ -7230,13 +7243,7 @@ def test_serve_list_changed_after_restarts_crashes_and_daemon_kill(h):
 
     daemon = running_status(h)["pid"]
     mark = s.mark()
-    long_call = {
-        "name": "demo__progress",
-        "arguments": {"steps": 300, "delay": 0.1},
-        "_meta": {"progressToken": 1},
-    }
-    inflight = s.start("tools/call", long_call)
-    s.wait(lambda m: m.get("method") == "notifications/progress", 10, "progress: in the daemon", since=mark)
+    inflight = start_long_progress_call(s, 1, mark, "progress: in the daemon")
     os.kill(daemon, signal.SIGKILL)
     killed = time.monotonic()
     msg = s.answer(inflight, timeout=10)
@@ -7265,13 +7272,7 @@ def test_serve_progress_cancel_and_server_messages(h):
     assert progress[-1]["params"]["progress"] <= 3 and progress[-1]["params"]["total"] == 3
 
     mark = s.mark()
-    long_call = {
-        "name": "demo__progress",
-        "arguments": {"steps": 300, "delay": 0.1},
-        "_meta": {"progressToken": 7},
-    }
-    rid = s.start("tools/call", long_call)
-    s.wait(lambda m: m.get("method") == "notifications/progress", 10, "progress: at the server", since=mark)
+    rid = start_long_progress_call(s, 7, mark, "progress: at the server")
     s.notify("notifications/cancelled", {"requestId": rid, "reason": "user pressed stop"})
     cancelled_at = time.time()
     wait_until(
