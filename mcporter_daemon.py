@@ -2392,9 +2392,12 @@ class DaemonHost:
             self._wind_down()
         self._listener.close()
         reason = self._state.reason
+        # An answer already going out (a large one, to a slow reader) gets this long, all of
+        # them together, to finish: a reader taking a few bytes now and then holds no exit.
+        until = time.monotonic() + _SEND_IDLE
         for ex in self._load.take_owed():
             stopped = _error_frame(ex.rid, f"daemon stopped ({reason}) before it finished", "daemon_stopped")
-            ex.answer(ex.if_stopped or stopped)
+            ex.answer(ex.if_stopped or stopped, wait=max(0.0, until - time.monotonic()))
         # Connections taken in but not yet answered (their threads about to say "shutting
         # down") would close unanswered when the process ends; that answer lets a caller send
         # again safely, a closed connection does not. Bounded: a silent client holds nobody.
@@ -3252,12 +3255,18 @@ class _Exchange:
             except OSError:
                 return False
 
-    def answer(self, frame: Dict[str, Any], large: Optional[bool] = None) -> bool:
-        with self.lock:
+    def answer(self, frame: Dict[str, Any], large: Optional[bool] = None, wait: float = -1) -> bool:
+        """Send ``frame`` unless answered already; False then, or when another answer still
+        going out holds the exchange past ``wait`` seconds (-1: as long as it takes)."""
+        if not self.lock.acquire(timeout=wait):
+            return False
+        try:
             if self.answered:
                 return False
             self.answered = True
             return _send_frame(self.conn, frame, large)
+        finally:
+            self.lock.release()
 
 
 def progress_frame(rid: Any, progress: Optional[Dict[str, Any]]) -> Dict[str, Any]:

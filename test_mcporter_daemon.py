@@ -5598,10 +5598,10 @@ def paced_kib(seconds):
     return int(seconds / 0.01 * 16 * 3 / 4)
 
 
-def slow_read_blob(h, kib, on_first_bytes=lambda: None):
+def slow_read_blob(h, kib, on_first_bytes=lambda: None, pause=0.01):
     """Call ``big.blob`` for ``kib`` KiB on a socket with a small receive buffer and read the
-    answer as a slow reader does (16 KiB per 10 ms at most); ``on_first_bytes`` runs once the
-    answer has begun to arrive. Returns (every byte until the daemon closed, seconds taken)."""
+    answer as a slow reader does (16 KiB per ``pause`` at most); ``on_first_bytes`` runs once
+    the answer has begun to arrive. Returns (every byte until the daemon closed, seconds taken)."""
     req = {
         "id": "slow",
         "method": "callTool",
@@ -5617,7 +5617,7 @@ def slow_read_blob(h, kib, on_first_bytes=lambda: None):
         chunks = [s.recv(16 * 1024)]
         on_first_bytes()
         while chunks[-1]:
-            time.sleep(0.01)  # a slow reader
+            time.sleep(pause)  # a slow reader
             chunks.append(s.recv(16 * 1024))
     finally:
         s.close()
@@ -5661,6 +5661,31 @@ def test_answer_being_sent_when_a_stop_comes_goes_out_whole(h):
     )
     assert stopped[0].get("ok") is True, stopped
     assert_whole_blob(data, kib, took)
+    wait_until(lambda: not pid_alive(daemon), 10, message="the daemon to exit")
+
+
+def test_reader_trickling_an_answer_does_not_hold_a_stopping_daemon(h):
+    """The other side of the test above: a reader just fast enough that no piece of its answer
+    ever times out (each 1 MiB piece has the send limit to go out, ``sendall``'s own budget)
+    gets a bounded time once a stop has come; then the daemon exits, answer finished or not.
+    Stopping has a deadline."""
+    md = _import_module()
+    h.configure({"big": diag_entry(h, "blob")})
+    assert call_ok(h, "big.blob", "kib=1")
+    daemon = h.meta()["pid"]
+    stopped = []
+
+    def stop():
+        stopped.append((time.monotonic(), raw_request(h.socket_path, "stop", {}, idle=10.0)[0]))
+
+    # 12 MiB of base64 at 16 KiB per 30 ms (about 0.5 MB/s, a piece in 2 s) takes 23 s whole.
+    kib = 9000
+    data, _ = slow_read_blob(h, kib, stop, pause=0.03)
+    closed = time.monotonic()
+    assert stopped[0][1].get("ok") is True, stopped
+    bound = md._DRAIN_WAIT + 2 * md._DRAIN_AFTER_CLOSE + md._SEND_IDLE
+    assert closed - stopped[0][0] < bound + 3, f"the stopping daemon held on {closed - stopped[0][0]:.1f}s"
+    assert len(data) < 4 * kib * 1024 // 3, "the whole answer went out: the reader was not slow enough"
     wait_until(lambda: not pid_alive(daemon), 10, message="the daemon to exit")
 
 
