@@ -675,6 +675,12 @@ def _file_identity(st: os.stat_result) -> List[int]:
     return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
+def _changed_lately(identity: List[int], now_ns: int) -> bool:
+    """Whether a file (its ``_file_identity``) changed too recently to vouch for: its ctime
+    is within the racy window of ``now_ns``."""
+    return identity[4] >= now_ns - int(_SCRIPT_RACY_SECONDS * 1e9)
+
+
 def _hash_script() -> Tuple[str, Optional[List[int]]]:
     """(this file's digest, its identity when safe to vouch for: unchanged while it was read,
     and not changed so recently that it could change again unseen). OSError when unreadable."""
@@ -682,9 +688,7 @@ def _hash_script() -> Tuple[str, Optional[List[int]]]:
         now = time.time_ns()
         before = _file_identity(os.fstat(fh.fileno()))
         digest = _sha256(fh.read()).hexdigest()[:12]
-        settled = before == _file_identity(os.fstat(fh.fileno())) and (
-            before[4] < now - int(_SCRIPT_RACY_SECONDS * 1e9)
-        )
+        settled = before == _file_identity(os.fstat(fh.fileno())) and not _changed_lately(before, now)
     return digest, before if settled else None
 
 
@@ -712,7 +716,7 @@ def _vouch_for_script_now() -> bool:
     try:
         identity = _file_identity(os.stat(os.path.abspath(__file__)))
         seen = identity in _SCRIPT_FILE or identity in _SCRIPT_OTHER
-        if seen or identity[4] >= time.time_ns() - int(_SCRIPT_RACY_SECONDS * 1e9):
+        if seen or _changed_lately(identity, time.time_ns()):
             return False
         digest, settled = _hash_script()
     except OSError:
